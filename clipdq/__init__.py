@@ -1,0 +1,1 @@
+"""clipdq: check product catalogs against their own images."""

@@ -1,0 +1,128 @@
+"""The ``clipdq`` console script.
+
+Commands that write something print its location (folder or URI) as the last line of standard
+output, and fail with a one-line reason and a non-zero exit status.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import sys
+from pathlib import Path
+
+os.environ.setdefault("PREFECT_LOGGING_EXTRA_LOGGERS", "clipdq")  # library logs show in Prefect runs
+
+log = logging.getLogger("clipdq")
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="clipdq", description="Check product catalogs against their images.")
+    commands = parser.add_subparsers(dest="command", required=True)
+
+    demo = commands.add_parser("demo", help="build sample data and a demo model if missing, then audit")
+    demo.add_argument("--data-dir", default="sample_data", help="where the sample catalog and model live")
+    demo.add_argument("--output", default="reports", help="folder or s3:// prefix for the reports")
+    demo.add_argument("--max-minutes", type=float, default=3.0, help="training budget for the demo model")
+
+    audit = commands.add_parser("audit", help="audit a catalog against its images")
+    audit.add_argument("--catalog", required=True, help="Parquet file, local or s3://")
+    audit.add_argument("--spec", required=True, help="spec YAML, local or s3://")
+    audit.add_argument("--model", required=True, help="model folder, s3:// prefix or Hugging Face hub id")
+    audit.add_argument("--output", required=True, help="folder or s3:// prefix for run folders")
+    audit.add_argument("--batch-size", type=int, default=256)
+
+    finetune = commands.add_parser("finetune", help="fine-tune a CLIP on labeled products")
+    finetune.add_argument("--catalog", required=True, help="labeled products, Parquet, local or s3://")
+    finetune.add_argument("--spec", required=True)
+    finetune.add_argument("--output", required=True, help="model folder or s3:// prefix to write")
+    finetune.add_argument("--base-model", help="start from this CLIP (folder, s3:// or hub id); "
+                          "default: a new one of --arch")
+    finetune.add_argument("--arch", default="tiny", choices=["tiny", "vit-b-32"])
+    finetune.add_argument("--max-minutes", type=float, help="training time budget")
+    finetune.add_argument("--epochs", type=int, default=60)
+    finetune.add_argument("--seed", type=int, default=0)
+
+    init = commands.add_parser("init-model", help="a randomly initialised CLIP with a tokenizer for the spec")
+    init.add_argument("--spec", required=True)
+    init.add_argument("--arch", default="tiny", choices=["tiny", "vit-b-32"])
+    init.add_argument("--output", required=True)
+    init.add_argument("--seed", type=int, default=0)
+    return parser
+
+
+def run_audit(catalog: str, spec: str, model: str, output: str, batch_size: int = 256) -> str:
+    from flows.audit import audit_catalog
+
+    return audit_catalog(catalog, spec, model, output, batch_size=batch_size)
+
+
+def run_finetune(args: argparse.Namespace) -> str:
+    from flows.finetune import finetune_model
+
+    return finetune_model(args.catalog, args.spec, args.output, base_model=args.base_model, arch=args.arch,
+                          max_minutes=args.max_minutes, epochs=args.epochs, seed=args.seed)
+
+
+def run_init_model(args: argparse.Namespace) -> str:
+    from clipdq import model, storage
+    from clipdq.spec import parse_spec
+
+    spec = parse_spec(storage.read_bytes(args.spec).decode())
+    return model.save_model(model.init_model(spec, args.arch, seed=args.seed), args.output)
+
+
+def run_demo(args: argparse.Namespace) -> str:
+    from clipdq import storage
+    from clipdq.sample_data import generate
+
+    data = Path(args.data_dir)
+    catalog, spec, model = data / "catalog.parquet", data / "spec.yaml", data / "model"
+    if not catalog.exists():
+        print(f"[1/3] generating the sample catalog in {data}/", flush=True)
+        generate(data)
+    else:
+        print(f"[1/3] sample catalog found in {data}/", flush=True)
+    if not (model / "config.json").exists():
+        print(f"[2/3] training the demo model (up to {args.max_minutes:g} min) into {model}/", flush=True)
+        run_finetune(argparse.Namespace(catalog=str(data / "labeled.parquet"), spec=str(spec), output=str(model),
+                                        base_model=None, arch="tiny", max_minutes=args.max_minutes, epochs=60,
+                                        seed=0))
+    else:
+        print(f"[2/3] demo model found in {model}/", flush=True)
+    print("[3/3] auditing the sample catalog", flush=True)
+    folder = run_audit(str(catalog), str(spec), str(model), args.output)
+    summary = json.loads(storage.read_bytes(storage.join(folder, "summary.json")))
+    t = summary["totals"]
+    print(f"\n{summary['products']} products audited: {t['conflict']} conflicts, {t['gap']} gaps with a suggestion, "
+          f"{t['invalid_value']} invalid values, {t['image_error']} image errors, {t['uncertain']} uncertain.")
+    print(f"Report: {storage.join(folder, 'report.html')}")
+    return folder
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(logging.Formatter("%(asctime)s %(name)s: %(message)s"))
+    log.addHandler(handler)
+    log.setLevel(logging.INFO)
+    commands = {
+        "demo": run_demo,
+        "audit": lambda a: run_audit(a.catalog, a.spec, a.model, a.output, a.batch_size),
+        "finetune": run_finetune,
+        "init-model": run_init_model,
+    }
+    try:
+        location = commands[args.command](args)
+    except Exception as error:  # noqa: BLE001 - the CLI's contract: one line, non-zero exit
+        log.debug("failed", exc_info=True)
+        print(f"clipdq {args.command}: error: {type(error).__name__}: {error}".splitlines()[0], file=sys.stderr)
+        return 1
+    print(location)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,121 @@
+"""Catalog values against image predictions: one finding per product and attribute (polars only)."""
+
+from __future__ import annotations
+
+import polars as pl
+
+from clipdq.predict import Calibration
+from clipdq.spec import Spec
+
+STATUSES = ("match", "conflict", "gap", "uncertain", "invalid_value", "image_error")
+
+FINDINGS_SCHEMA = {
+    "product_id": pl.String,
+    "attribute": pl.String,
+    "existing_value": pl.String,
+    "predicted_value": pl.String,
+    "confidence": pl.Float64,
+    "status": pl.String,
+    "detail": pl.String,
+}
+
+PREDICTIONS_SCHEMA = {
+    "product_id": pl.String,
+    "attribute": pl.String,
+    "predicted_value": pl.String,  # null when the image failed
+    "confidence": pl.Float64,
+    "image_error": pl.String,  # why the image failed, null when it loaded
+}
+
+
+def _long_catalog(catalog: pl.DataFrame, spec: Spec) -> pl.DataFrame:
+    """(product_id, attribute, existing_value) for every attribute that applies to a product.
+
+    An attribute applies unless an ``applies_to`` column holds a value outside its list; a
+    missing attribute column counts as all values missing.
+    """
+    parts = []
+    for attribute in spec.attributes:
+        applies = pl.lit(True)
+        for column, allowed in attribute.applies_to.items():
+            applies = applies & (pl.col(column).is_null() | pl.col(column).is_in(list(allowed)))
+        existing = pl.col(attribute.name) if attribute.name in catalog.columns else pl.lit(None)
+        parts.append(
+            catalog.filter(applies).select(
+                pl.col(spec.id_column).cast(pl.String).alias("product_id"),
+                pl.lit(attribute.name).alias("attribute"),
+                existing.cast(pl.String).alias("existing_value"),
+            )
+        )
+    return pl.concat(parts)
+
+
+def _vocabulary(spec: Spec) -> pl.DataFrame:
+    """(attribute, normalized spelling, canonical value) for values and synonyms."""
+    rows = [(a.name, spelling, value) for a in spec.attributes for spelling, value in a.lookup().items()]
+    return pl.DataFrame(rows, schema=["attribute", "normalized", "canonical"], orient="row")
+
+
+def _thresholds(calibration: dict[str, Calibration]) -> pl.DataFrame:
+    rows = [(name, c.gap_threshold, c.conflict_threshold) for name, c in calibration.items()]
+    return pl.DataFrame(rows, schema=["attribute", "gap_threshold", "conflict_threshold"], orient="row")
+
+
+def _p(column: str) -> pl.Expr:
+    return pl.col(column).round(3).cast(pl.String)
+
+
+def compare(
+    catalog: pl.DataFrame, predictions: pl.DataFrame, *, spec: Spec, calibration: dict[str, Calibration]
+) -> pl.DataFrame:
+    """Findings with the columns of FINDINGS_SCHEMA, one row per product and applicable attribute.
+
+    ``predictions`` has the columns of PREDICTIONS_SCHEMA for the same products.
+    """
+    normalized = pl.col("existing_value").str.to_lowercase().str.split(" ").list.eval(
+        pl.element().filter(pl.element() != "")).list.join(" ")
+    frame = (
+        _long_catalog(catalog, spec)
+        .with_columns(normalized.alias("normalized"))
+        .join(_vocabulary(spec), on=["attribute", "normalized"], how="left")
+        .join(predictions, on=["product_id", "attribute"], how="left")
+        .join(_thresholds(calibration), on="attribute", how="left")
+    )
+    missing = pl.col("existing_value").is_null() | (pl.col("normalized") == "")
+    no_prediction = pl.col("predicted_value").is_null()
+    status = (
+        pl.when(missing & pl.col("image_error").is_not_null()).then(pl.lit("image_error"))
+        .when(missing & no_prediction).then(pl.lit("uncertain"))
+        .when(missing & (pl.col("confidence") >= pl.col("gap_threshold"))).then(pl.lit("gap"))
+        .when(missing).then(pl.lit("uncertain"))
+        .when(pl.col("canonical").is_null()).then(pl.lit("invalid_value"))
+        .when(pl.col("image_error").is_not_null() | no_prediction).then(pl.lit("image_error"))
+        .when(pl.col("predicted_value") == pl.col("canonical")).then(pl.lit("match"))
+        .when(pl.col("confidence") >= pl.col("conflict_threshold")).then(pl.lit("conflict"))
+        .otherwise(pl.lit("uncertain"))
+    )
+    detail = (
+        pl.when(pl.col("status") == "image_error")
+        .then(pl.coalesce("image_error", pl.lit("no prediction for this product")))
+        .when(pl.col("status") == "invalid_value")
+        .then(pl.format("'{}' is not a known {} value", "existing_value", "attribute"))
+        .when(pl.col("status") == "gap")
+        .then(pl.format("missing; the image shows '{}' (p={})", "predicted_value", _p("confidence")))
+        .when(pl.col("status") == "conflict")
+        .then(pl.format("catalog says '{}', the image shows '{}' (p={})", "canonical", "predicted_value",
+                        _p("confidence")))
+        .when((pl.col("status") == "uncertain") & missing)
+        .then(pl.format("missing; best guess '{}' (p={}) is below {}", "predicted_value", _p("confidence"),
+                        _p("gap_threshold")))
+        .when(pl.col("status") == "uncertain")
+        .then(pl.format("the image suggests '{}' (p={}), below {} to flag", "predicted_value", _p("confidence"),
+                        _p("conflict_threshold")))
+        .when(pl.col("normalized") != pl.col("canonical"))
+        .then(pl.format("'{}' read as '{}'", "existing_value", "canonical"))
+    )
+    return (
+        frame.with_columns(status.alias("status"))
+        .with_columns(detail.alias("detail"))
+        .select(list(FINDINGS_SCHEMA))
+        .cast(FINDINGS_SCHEMA)
+    )

@@ -1,0 +1,224 @@
+"""CLIP models: the only module that imports transformers.
+
+A model folder is Hugging Face ``save_pretrained`` output (safetensors, tokenizer, image
+processor) plus ``clipdq.json``, which carries what an audit needs beyond the weights
+(spec fingerprint, training metrics, calibration).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import re
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+import transformers
+from transformers import AutoImageProcessor, AutoTokenizer, CLIPConfig, CLIPImageProcessor, CLIPModel, CLIPTokenizer
+
+from clipdq import storage
+from clipdq.images import PixelSpec
+from clipdq.spec import Spec
+
+log = logging.getLogger(__name__)
+transformers.logging.set_verbosity_error()  # load reports and progress bars are noise in batch runs
+transformers.logging.disable_progress_bar()
+
+META_FILE = "clipdq.json"
+ARCHS = ("tiny", "vit-b-32")
+_WORD = re.compile(r"[^\W\d_]+|\d|[^\s\w]+|_")  # CLIP's pre-tokenizer, in stdlib regex terms
+
+
+@dataclass
+class Clip:
+    model: CLIPModel
+    tokenizer: CLIPTokenizer
+    pixels: PixelSpec
+    source: str
+    meta: dict = field(default_factory=dict)  # contents of clipdq.json, empty for plain checkpoints
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.model.parameters()).device
+
+    def fingerprint(self) -> str:
+        """Identifies the weights (for caches and reports): the saved metadata's hash or the source."""
+        return self.meta.get("fingerprint") or hashlib.sha256(self.source.encode()).hexdigest()[:16]
+
+
+def _bytes_to_unicode() -> dict[int, str]:
+    """GPT-2/CLIP byte-level alphabet: every byte maps to a printable character."""
+    keep = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
+    chars, extra = {}, 0
+    for byte in range(256):
+        if byte in keep:
+            chars[byte] = chr(byte)
+        else:
+            chars[byte] = chr(256 + extra)
+            extra += 1
+    return chars
+
+
+def build_tokenizer(texts: list[str]) -> CLIPTokenizer:
+    """A CLIP BPE tokenizer whose merges spell each word of ``texts`` as one token.
+
+    Any other text still tokenizes, byte by byte, so the tokenizer is complete.
+    """
+    alphabet = _bytes_to_unicode()
+    vocab: dict[str, int] = {"<|startoftext|>": 0, "<|endoftext|>": 1}
+    for char in alphabet.values():
+        vocab.setdefault(char, len(vocab))
+        vocab.setdefault(char + "</w>", len(vocab))
+    merges: list[tuple[str, str]] = []
+    words = sorted({w for text in texts for w in _WORD.findall(text.lower())})
+    for word in words:
+        symbols = [alphabet[b] for b in word.encode()]
+        symbols[-1] += "</w>"
+        merged = symbols[0]
+        for symbol in symbols[1:]:
+            if (merged, symbol) not in merges:
+                merges.append((merged, symbol))
+            merged += symbol
+            vocab.setdefault(merged, len(vocab))
+    return CLIPTokenizer(vocab=vocab, merges=merges, model_max_length=32)
+
+
+def _config(arch: str, vocab_size: int, bos: int, eos: int) -> CLIPConfig:
+    text = {"vocab_size": vocab_size, "bos_token_id": bos, "eos_token_id": eos, "pad_token_id": eos}
+    if arch == "tiny":  # trains from scratch on CPU in minutes
+        text |= {"hidden_size": 128, "intermediate_size": 512, "num_hidden_layers": 2,
+                 "num_attention_heads": 4, "max_position_embeddings": 32}
+        vision = {"hidden_size": 128, "intermediate_size": 512, "num_hidden_layers": 3,
+                  "num_attention_heads": 4, "image_size": 32, "patch_size": 8}
+        return CLIPConfig(text_config=text, vision_config=vision, projection_dim=128)
+    if arch == "vit-b-32":  # CLIPConfig's defaults are ViT-B/32
+        return CLIPConfig(text_config=text | {"max_position_embeddings": 77}, vision_config={}, projection_dim=512)
+    raise ValueError(f"unknown arch {arch!r}; choose one of {ARCHS}")
+
+
+def init_model(spec: Spec, arch: str = "tiny", *, seed: int = 0) -> Clip:
+    """A randomly initialised CLIP of the given shape with a tokenizer for the spec's captions."""
+    captions = [c for a in spec.attributes for v in a.values for c in a.captions(v)]
+    tokenizer = build_tokenizer(captions)
+    config = _config(arch, len(tokenizer), tokenizer.bos_token_id, tokenizer.eos_token_id)
+    torch.manual_seed(seed)
+    model = CLIPModel(config).eval()
+    size = config.vision_config.image_size
+    processor = CLIPImageProcessor(size={"shortest_edge": size}, crop_size={"height": size, "width": size})
+    meta = {"arch": arch, "spec_fingerprint": spec.fingerprint(), "trained": False}
+    return Clip(model, tokenizer, _pixel_spec(processor), source=f"init:{arch}", meta=meta)
+
+
+def _pixel_spec(processor) -> PixelSpec:
+    size = processor.size
+    resize = size.get("shortest_edge") or min(size.get("height", 0), size.get("width", 0))
+    crop = processor.crop_size or {"height": resize}
+    return PixelSpec(int(resize), int(crop["height"]), tuple(processor.image_mean), tuple(processor.image_std))
+
+
+def save_model(clip: Clip, folder: str) -> str:
+    """Save in Hugging Face format plus clipdq.json, to a local folder or an s3:// prefix."""
+    if storage.is_s3(folder):
+        with tempfile.TemporaryDirectory() as tmp:
+            save_model(clip, tmp)
+            storage.upload_folder(Path(tmp), folder)
+        return folder
+    path = Path(folder)
+    clip.model.save_pretrained(path, safe_serialization=True)
+    clip.tokenizer.save_pretrained(path)
+    CLIPImageProcessor(
+        size={"shortest_edge": clip.pixels.resize},
+        crop_size={"height": clip.pixels.crop, "width": clip.pixels.crop},
+        image_mean=list(clip.pixels.mean),
+        image_std=list(clip.pixels.std),
+    ).save_pretrained(path)
+    weights = (path / "model.safetensors").read_bytes()
+    clip.meta["fingerprint"] = hashlib.sha256(weights).hexdigest()[:16]
+    (path / META_FILE).write_text(json.dumps(clip.meta, indent=2))
+    return folder
+
+
+def _local_folder(uri: str) -> str:
+    """A local folder for an s3:// prefix (downloaded once into a cache), else the uri as given."""
+    if not storage.is_s3(uri):
+        return uri
+    cache = Path.home() / ".cache" / "clipdq" / "models" / hashlib.sha256(uri.encode()).hexdigest()[:16]
+    if not (cache / "config.json").exists():
+        log.info("downloading model %s to %s", uri, cache)
+        storage.download_folder(uri, cache)
+    return str(cache)
+
+
+def load_model(uri: str, *, device: str | None = None) -> Clip:
+    """Load a CLIP from a Hugging Face hub id, a local folder or an s3:// prefix."""
+    folder = _local_folder(uri)
+    model = CLIPModel.from_pretrained(folder).eval()
+    tokenizer = AutoTokenizer.from_pretrained(folder)
+    processor = AutoImageProcessor.from_pretrained(folder)
+    meta_path = Path(folder, META_FILE)
+    meta = json.loads(meta_path.read_text()) if meta_path.exists() else {}
+    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    return Clip(model.to(device), tokenizer, _pixel_spec(processor), source=uri, meta=meta)
+
+
+def image_features(model: CLIPModel, pixel_values: torch.Tensor) -> torch.Tensor:
+    """L2-normalised image embeddings, shape (n, d); differentiable."""
+    out = model.get_image_features(pixel_values=pixel_values)
+    return torch.nn.functional.normalize(getattr(out, "pooler_output", out), dim=-1)
+
+
+def tokenize(clip: Clip, texts: list[str]) -> dict[str, torch.Tensor]:
+    return dict(clip.tokenizer(texts, padding=True, truncation=True, return_tensors="pt").to(clip.device))
+
+
+def text_features(clip: Clip, tokens: dict[str, torch.Tensor]) -> torch.Tensor:
+    """L2-normalised text embeddings of tokenized texts, shape (n, d); differentiable."""
+    out = clip.model.get_text_features(input_ids=tokens["input_ids"], attention_mask=tokens["attention_mask"])
+    return torch.nn.functional.normalize(getattr(out, "pooler_output", out), dim=-1)
+
+
+class Captions:
+    """Every caption of every attribute value, tokenized once; embeds them all in one pass."""
+
+    def __init__(self, clip: Clip, spec: Spec):
+        texts, self.owner = [], []  # owner[i]: (attribute, value index) of caption i
+        for attribute in spec.attributes:
+            for index, value in enumerate(attribute.values):
+                for caption in attribute.captions(value):
+                    texts.append(caption)
+                    self.owner.append((attribute.name, index))
+        self.spec, self.tokens = spec, tokenize(clip, texts)
+
+    def value_embeddings(self, clip: Clip) -> dict[str, torch.Tensor]:
+        """Per attribute, (k, d): the normalised mean embedding of each value's captions."""
+        features = text_features(clip, self.tokens)
+        out = {}
+        for attribute in self.spec.attributes:
+            rows = [features[[i for i, o in enumerate(self.owner) if o == (attribute.name, k)]].mean(0)
+                    for k in range(len(attribute.values))]
+            out[attribute.name] = torch.nn.functional.normalize(torch.stack(rows), dim=-1)
+        return out
+
+
+def logit_scale(clip: Clip) -> float:
+    return float(clip.model.logit_scale.detach().exp().clamp(max=100.0))
+
+
+@torch.inference_mode()
+def embed_images(clip: Clip, pixel_values: np.ndarray, *, batch_size: int = 64) -> np.ndarray:
+    """Image embeddings for an (n, 3, h, w) float32 array, as (n, d) float32."""
+    chunks = [
+        image_features(clip.model, torch.from_numpy(pixel_values[i : i + batch_size]).to(clip.device)).float().cpu()
+        for i in range(0, len(pixel_values), batch_size)
+    ]
+    return torch.cat(chunks).numpy() if chunks else np.zeros((0, clip.model.config.projection_dim), np.float32)
+
+
+@torch.inference_mode()
+def embed_captions(clip: Clip, spec: Spec) -> dict[str, np.ndarray]:
+    """Per attribute, one embedding per value: the normalised mean over its caption templates."""
+    return {k: v.float().cpu().numpy() for k, v in Captions(clip, spec).value_embeddings(clip).items()}

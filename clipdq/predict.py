@@ -1,0 +1,106 @@
+"""Embeddings in, per-attribute probabilities and flag thresholds out (numpy only).
+
+Vocabulary of argument names: ``image_emb`` (n, d) and ``value_emb`` (k, d) are L2-normalised
+embeddings, ``logits`` and ``pred_probs`` are (n, k), ``labels`` are (n,) value indices.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+
+import numpy as np
+
+TEMPERATURES = np.exp(np.linspace(np.log(0.05), np.log(20.0), 161))
+MIN_SUPPORT = 10  # fewest validation rows a threshold may be estimated from
+
+
+@dataclass(frozen=True)
+class Calibration:
+    """How one attribute's scores become trusted flags."""
+
+    temperature: float = 1.0  # divides the logits; > 1 softens over-confident models
+    gap_threshold: float = 0.9  # least confidence for a suggested value to fill a gap
+    conflict_threshold: float = 0.99  # least confidence to flag a catalog value as wrong
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def logits_for(image_emb: np.ndarray, value_emb: np.ndarray, *, scale: float) -> np.ndarray:
+    """Scaled cosine similarities, (n, k)."""
+    return scale * image_emb @ value_emb.T
+
+
+def softmax(logits: np.ndarray, *, temperature: float = 1.0) -> np.ndarray:
+    z = logits / temperature
+    z = z - z.max(axis=1, keepdims=True)
+    e = np.exp(z)
+    return e / e.sum(axis=1, keepdims=True)
+
+
+def fit_temperature(logits: np.ndarray, labels: np.ndarray) -> float:
+    """The temperature minimising validation negative log-likelihood (grid search, robust)."""
+    rows = np.arange(len(labels))
+
+    def nll(t: float) -> float:
+        return -np.log(softmax(logits, temperature=t)[rows, labels] + 1e-12).mean()
+
+    return float(min(TEMPERATURES, key=nll))
+
+
+def required_accuracy(target_precision: float, error_rate: float) -> float:
+    """Model accuracy needed so that conflict flags are right ``target_precision`` of the time.
+
+    With a share ``error_rate`` of wrong catalog values, a flag raised at model accuracy ``a`` is
+    right with probability e*a / (e*a + (1-e)*(1-a)); solving for ``a`` gives this bound.
+    """
+    p, e = target_precision, error_rate
+    return p * (1 - e) / (p * (1 - e) + e * (1 - p))
+
+
+def threshold_for_accuracy(confidence: np.ndarray, correct: np.ndarray, required: float) -> float:
+    """Smallest confidence above which validation accuracy reaches ``required``.
+
+    Only thresholds with at least MIN_SUPPORT rows above them count; returns 1.0 (never flag)
+    when no threshold qualifies.
+    """
+    order = np.argsort(-confidence)
+    conf, hits = confidence[order], correct[order].astype(float)
+    accuracy = np.cumsum(hits) / np.arange(1, len(hits) + 1)
+    ok = (accuracy >= required) & (np.arange(1, len(hits) + 1) >= MIN_SUPPORT)
+    if not ok.any():
+        return 1.0
+    return float(conf[np.flatnonzero(ok).max()])
+
+
+def calibrate(logits: np.ndarray, labels: np.ndarray, *, target_precision: float, error_rate: float) -> Calibration:
+    """Fit a temperature, then thresholds meeting the target on validation and in theory.
+
+    Each threshold is the larger of the empirical one (validation accuracy) and the one a
+    perfectly calibrated model would need, so a small validation set cannot set it too low.
+    """
+    temperature = fit_temperature(logits, labels)
+    probs = softmax(logits, temperature=temperature)
+    confidence, correct = probs.max(axis=1), probs.argmax(axis=1) == labels
+    conflict_needed = required_accuracy(target_precision, error_rate)
+    return Calibration(
+        temperature=temperature,
+        gap_threshold=max(threshold_for_accuracy(confidence, correct, target_precision), target_precision),
+        conflict_threshold=max(threshold_for_accuracy(confidence, correct, conflict_needed), conflict_needed),
+    )
+
+
+def default_calibration(target_precision: float, error_rate: float) -> Calibration:
+    """Thresholds for a model without validation data: trust its probabilities as they are."""
+    return Calibration(1.0, target_precision, required_accuracy(target_precision, error_rate))
+
+
+def expected_calibration_error(pred_probs: np.ndarray, labels: np.ndarray, *, bins: int = 10) -> float:
+    """Mean |confidence - accuracy| over equal-width confidence bins, weighted by bin size."""
+    confidence = pred_probs.max(axis=1)
+    correct = pred_probs.argmax(axis=1) == labels
+    edges = np.linspace(0, 1, bins + 1)
+    which = np.clip(np.digitize(confidence, edges[1:-1]), 0, bins - 1)
+    gaps = [abs(confidence[which == b].mean() - correct[which == b].mean()) * (which == b).mean()
+            for b in range(bins) if (which == b).any()]
+    return float(sum(gaps))

@@ -1,0 +1,94 @@
+"""Findings in; summary JSON, an HTML report and a published run folder out."""
+
+from __future__ import annotations
+
+import base64
+import io
+import json
+import uuid
+from datetime import datetime, timezone
+
+import jinja2
+import polars as pl
+
+from clipdq import storage
+from clipdq.compare import STATUSES
+
+TOP_N = 12  # findings shown with thumbnails, per section
+_TEMPLATES = jinja2.Environment(loader=jinja2.PackageLoader("clipdq", "templates"), autoescape=True)
+
+
+def new_run(output: str, *, now: datetime | None = None) -> tuple[str, str]:
+    """(run_id, run folder) as ``<output>/run_date=YYYY-MM-DD/run_id=<id>``."""
+    now = now or datetime.now(timezone.utc)
+    run_id = f"{now:%Y%m%dT%H%M%SZ}-{uuid.uuid4().hex[:6]}"
+    return run_id, storage.join(output, f"run_date={now:%Y-%m-%d}", f"run_id={run_id}")
+
+
+def counts(findings: pl.DataFrame) -> pl.DataFrame:
+    """One row per attribute, one column per status, zeros included."""
+    wide = findings.pivot(on="status", index="attribute", values="product_id", aggregate_function="len")
+    missing = [pl.lit(0, pl.UInt32).alias(s) for s in STATUSES if s not in wide.columns]
+    return wide.with_columns(missing).select("attribute", *STATUSES).fill_null(0).sort("attribute")
+
+
+def summarize(findings: pl.DataFrame, *, products: int, run: dict, validation: dict) -> dict:
+    """Summary JSON: what was checked, with what, and how many findings of each kind."""
+    by_attribute = counts(findings)
+    return {
+        **run,
+        "products": products,
+        "products_reported": findings["product_id"].n_unique(),
+        "findings": findings.height,
+        "totals": {s: int(by_attribute[s].sum()) for s in STATUSES},
+        "by_attribute": by_attribute.to_dicts(),
+        "warnings": validation.get("warnings", []),
+        "expectations": validation.get("expectations", []),
+    }
+
+
+def top_findings(findings: pl.DataFrame, status: str, n: int = TOP_N) -> pl.DataFrame:
+    return findings.filter(pl.col("status") == status).sort("confidence", descending=True).head(n)
+
+
+def render_html(findings: pl.DataFrame, summary: dict, thumbnails: dict[str, bytes | None]) -> str:
+    """A self-contained page: counts, then the most confident conflicts and gaps with images."""
+    def rows(status: str) -> list[dict]:
+        out = top_findings(findings, status).to_dicts()
+        for row in out:
+            jpeg = thumbnails.get(row["product_id"])
+            row["thumbnail"] = base64.b64encode(jpeg).decode() if jpeg else None
+        return out
+
+    sections = [
+        {"title": "Most confident conflicts", "rows": rows("conflict")},
+        {"title": "Most confident gaps, with suggested values", "rows": rows("gap")},
+        {"title": "Invalid values", "rows": rows("invalid_value")},
+        {"title": "Image errors", "rows": rows("image_error")},
+    ]
+    template = _TEMPLATES.get_template("report.html.j2")
+    return template.render(summary=summary, statuses=STATUSES, sections=sections)
+
+
+def markdown(summary: dict, folder: str) -> str:
+    """Short run summary for a Prefect markdown artifact."""
+    t = summary["totals"]
+    return (
+        f"# clipdq audit {summary['run_id']}\n\n"
+        f"Report: `{storage.join(folder, 'report.html')}`\n\n"
+        f"{summary['products']} products: **{t['conflict']} conflicts**, **{t['gap']} gaps** with a suggested "
+        f"value, {t['invalid_value']} invalid values, {t['image_error']} image errors, {t['uncertain']} uncertain."
+    )
+
+
+def publish_run(folder: str, findings: pl.DataFrame, summary: dict, html: str) -> str:
+    """Write findings, summary and report, then the manifest that marks the run complete."""
+    parquet = io.BytesIO()
+    findings.write_parquet(parquet)
+    files = {
+        "findings.parquet": parquet.getvalue(),
+        "summary.json": json.dumps(summary, indent=2, default=str).encode(),
+        "report.html": html.encode(),
+    }
+    meta = {"run_id": summary["run_id"], "rows": findings.height, "totals": summary["totals"]}
+    return storage.publish(folder, files, meta=meta)

@@ -1,0 +1,107 @@
+"""The attribute spec: which catalog columns to audit, their vocabularies and synonyms."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import dataclass, field
+from typing import Any
+
+import yaml
+
+
+class SpecError(ValueError):
+    """The spec file is malformed."""
+
+
+def normalize_value(value: str) -> str:
+    """Canonical form used to compare values: lower case, single spaces, trimmed."""
+    return " ".join(value.lower().split())
+
+
+@dataclass(frozen=True)
+class Attribute:
+    name: str
+    values: tuple[str, ...]  # the vocabulary, in the order the model scores them
+    synonyms: dict[str, tuple[str, ...]] = field(default_factory=dict)  # value -> other spellings
+    applies_to: dict[str, tuple[str, ...]] = field(default_factory=dict)  # column -> allowed values
+    prompts: tuple[str, ...] = ("{}",)  # caption templates; "{}" alone is a label-only caption
+
+    def lookup(self) -> dict[str, str]:
+        """Normalized spelling (value or synonym) -> canonical vocabulary value."""
+        table = {normalize_value(v): v for v in self.values}
+        for value, others in self.synonyms.items():
+            table.update({normalize_value(o): value for o in others})
+        return table
+
+    def captions(self, value: str) -> list[str]:
+        return [template.format(value) for template in self.prompts]
+
+
+@dataclass(frozen=True)
+class Spec:
+    attributes: tuple[Attribute, ...]
+    id_column: str = "product_id"
+    image_column: str = "image"
+    target_precision: float = 0.9  # flags should be right at least this often
+    expected_error_rate: float = 0.1  # prior share of wrong catalog values, sets the conflict bar
+
+    @property
+    def names(self) -> list[str]:
+        return [a.name for a in self.attributes]
+
+    def attribute(self, name: str) -> Attribute:
+        for attribute in self.attributes:
+            if attribute.name == name:
+                return attribute
+        raise KeyError(name)
+
+    def fingerprint(self) -> str:
+        """Hash of what a model depends on: attribute names, values and prompts."""
+        payload = [[a.name, list(a.values), list(a.prompts)] for a in self.attributes]
+        return hashlib.sha256(json.dumps(payload).encode()).hexdigest()[:16]
+
+
+def _strings(raw: Any, where: str) -> tuple[str, ...]:
+    if isinstance(raw, str):
+        raw = [raw]
+    if not isinstance(raw, list) or not all(isinstance(v, str) for v in raw):
+        raise SpecError(f"{where} must be a list of strings, got {raw!r}")
+    return tuple(raw)
+
+
+def _attribute(name: str, raw: Any) -> Attribute:
+    if not isinstance(raw, dict) or "values" not in raw:
+        raise SpecError(f"attribute {name!r} needs a 'values' list")
+    values = _strings(raw["values"], f"attributes.{name}.values")
+    if len(values) < 2 or len({normalize_value(v) for v in values}) != len(values):
+        raise SpecError(f"attributes.{name}.values needs at least two distinct values")
+    synonyms = {k: _strings(v, f"attributes.{name}.synonyms.{k}") for k, v in (raw.get("synonyms") or {}).items()}
+    unknown = set(synonyms) - set(values)
+    if unknown:
+        raise SpecError(f"attributes.{name}.synonyms names values not in its vocabulary: {sorted(unknown)}")
+    applies_to = {k: _strings(v, f"attributes.{name}.applies_to.{k}") for k, v in (raw.get("applies_to") or {}).items()}
+    prompts = _strings(raw.get("prompts", ["{}"]), f"attributes.{name}.prompts")
+    if not all("{}" in p for p in prompts):
+        raise SpecError(f"attributes.{name}.prompts must each contain '{{}}'")
+    return Attribute(name, values, synonyms, applies_to, prompts)
+
+
+def parse_spec(text: str) -> Spec:
+    """Parse spec YAML text; raises SpecError with the offending key on bad input."""
+    try:
+        raw = yaml.safe_load(text)
+    except yaml.YAMLError as error:
+        raise SpecError(f"spec is not valid YAML: {error}") from error
+    if not isinstance(raw, dict) or not isinstance(raw.get("attributes"), dict) or not raw["attributes"]:
+        raise SpecError("spec needs an 'attributes' mapping with at least one attribute")
+    target = float(raw.get("target_precision", 0.9))
+    if not 0.5 <= target < 1.0:
+        raise SpecError(f"target_precision must be in [0.5, 1), got {target}")
+    return Spec(
+        attributes=tuple(_attribute(str(k), v) for k, v in raw["attributes"].items()),
+        id_column=str(raw.get("id_column", "product_id")),
+        image_column=str(raw.get("image_column", "image")),
+        target_precision=target,
+        expected_error_rate=float(raw.get("expected_error_rate", 0.1)),
+    )

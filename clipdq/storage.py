@@ -1,0 +1,121 @@
+"""The one place that knows local paths from ``s3://`` URIs; atomic publishing of run folders.
+
+S3 goes through boto3, which honours the usual AWS variables (``AWS_ENDPOINT_URL`` for an
+S3-compatible server, credentials, region).
+"""
+
+from __future__ import annotations
+
+import functools
+import hashlib
+import json
+import os
+import tempfile
+from pathlib import Path
+
+import boto3
+from botocore.config import Config
+
+MANIFEST = "manifest.json"
+
+
+def is_s3(uri: str) -> bool:
+    return uri.startswith("s3://")
+
+
+def split_s3(uri: str) -> tuple[str, str]:
+    bucket, _, key = uri.removeprefix("s3://").partition("/")
+    if not bucket:
+        raise ValueError(f"not an s3 URI: {uri!r}")
+    return bucket, key
+
+
+def join(base: str, *parts: str) -> str:
+    """Join path parts onto a local folder or an s3:// prefix."""
+    if is_s3(base):
+        return "/".join([base.rstrip("/"), *(p.strip("/") for p in parts)])
+    return str(Path(base, *parts))
+
+
+def parent(uri: str) -> str:
+    """The folder (or prefix) holding a file."""
+    if is_s3(uri):
+        return uri.rsplit("/", 1)[0]
+    return str(Path(uri).resolve().parent)
+
+
+@functools.cache
+def s3_client():
+    return boto3.client("s3", config=Config(retries={"mode": "standard", "max_attempts": 5}))
+
+
+def read_bytes(uri: str) -> bytes:
+    if is_s3(uri):
+        bucket, key = split_s3(uri)
+        return s3_client().get_object(Bucket=bucket, Key=key)["Body"].read()
+    return Path(uri).read_bytes()
+
+
+def exists(uri: str) -> bool:
+    if is_s3(uri):
+        bucket, key = split_s3(uri)
+        try:
+            s3_client().head_object(Bucket=bucket, Key=key)
+        except s3_client().exceptions.ClientError as error:
+            if error.response["Error"]["Code"] in ("404", "NoSuchKey", "NotFound"):
+                return False
+            raise
+        return True
+    return Path(uri).exists()
+
+
+def write_bytes(uri: str, data: bytes) -> None:
+    """Write a whole object; a local file is renamed into place, so readers never see half."""
+    if is_s3(uri):
+        bucket, key = split_s3(uri)
+        s3_client().put_object(Bucket=bucket, Key=key, Body=data)
+        return
+    path = Path(uri)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.NamedTemporaryFile(dir=path.parent, prefix=f".{path.name}.", delete=False) as tmp:
+        tmp.write(data)
+    os.replace(tmp.name, path)
+
+
+def list_files(prefix: str) -> list[str]:
+    """Relative names of all files under a folder or s3:// prefix."""
+    if is_s3(prefix):
+        bucket, key = split_s3(prefix.rstrip("/") + "/")
+        pages = s3_client().get_paginator("list_objects_v2").paginate(Bucket=bucket, Prefix=key)
+        return sorted(obj["Key"][len(key):] for page in pages for obj in page.get("Contents", []))
+    root = Path(prefix)
+    return sorted(str(p.relative_to(root)) for p in root.rglob("*") if p.is_file())
+
+
+def download_folder(prefix: str, dest: Path) -> Path:
+    """Copy every file under an s3:// prefix into a local folder."""
+    for name in list_files(prefix):
+        target = dest / name
+        target.parent.mkdir(parents=True, exist_ok=True)
+        target.write_bytes(read_bytes(join(prefix, name)))
+    return dest
+
+
+def upload_folder(folder: Path, prefix: str) -> None:
+    for name in list_files(str(folder)):
+        write_bytes(join(prefix, name), (folder / name).read_bytes())
+
+
+def publish(folder: str, files: dict[str, bytes], *, meta: dict | None = None) -> str:
+    """Write a run's files, then ``manifest.json`` last: its presence marks the run complete.
+
+    A crash before the manifest leaves files but no manifest, which readers treat as incomplete.
+    Returns the manifest's URI.
+    """
+    listing = {}
+    for name, data in files.items():
+        write_bytes(join(folder, name), data)
+        listing[name] = {"bytes": len(data), "sha256": hashlib.sha256(data).hexdigest()}
+    manifest = json.dumps({**(meta or {}), "files": listing}, indent=2).encode()
+    write_bytes(join(folder, MANIFEST), manifest)
+    return join(folder, MANIFEST)

@@ -1,0 +1,54 @@
+"""Prefect flow: fine-tune a CLIP model on a retailer's labeled products."""
+
+from __future__ import annotations
+
+from prefect import flow, get_run_logger, task
+from prefect.artifacts import create_table_artifact
+from prefect.cache_policies import NO_CACHE
+
+from clipdq import catalog, model, storage, train
+from clipdq.spec import parse_spec
+
+
+@task(retries=2, retry_delay_seconds=5, cache_policy=NO_CACHE)
+def load_base_model(spec_text: str, base_model: str | None, arch: str) -> model.Clip:
+    if base_model:
+        return model.load_model(base_model)
+    return model.init_model(parse_spec(spec_text), arch)
+
+
+@task(cache_policy=NO_CACHE)
+def fit(clip: model.Clip, catalog_uri: str, spec_text: str, config: train.TrainConfig) -> model.Clip:
+    frame = catalog.read_catalog(catalog_uri)
+    spec = parse_spec(spec_text)
+    catalog.check_schema(frame, spec)
+    return train.finetune(clip, frame, spec, base=storage.parent(catalog_uri), config=config)
+
+
+@task(retries=2, retry_delay_seconds=5, cache_policy=NO_CACHE)
+def save(clip: model.Clip, output_uri: str) -> str:
+    return model.save_model(clip, output_uri)
+
+
+@flow(name="clipdq-finetune", log_prints=True)
+def finetune_model(
+    catalog_uri: str,
+    spec_uri: str,
+    output_uri: str,
+    base_model: str | None = None,
+    arch: str = "tiny",
+    max_minutes: float | None = None,
+    epochs: int = 60,
+    seed: int = 0,
+) -> str:
+    """Train on labeled products; returns the saved model folder (with metrics and calibration)."""
+    spec_text = storage.read_bytes(spec_uri).decode()
+    clip = load_base_model(spec_text, base_model, arch)
+    config = train.TrainConfig(epochs=epochs, max_minutes=max_minutes, seed=seed,
+                               lr=5e-4 if clip.meta.get("arch") else 1e-5)
+    clip = fit(clip, catalog_uri, spec_text, config)
+    save(clip, output_uri)
+    rows = [{"attribute": k, **v} for k, v in clip.meta["metrics"].items()]
+    create_table_artifact(key="clipdq-finetune-metrics", table=rows, description=f"Validation metrics, {output_uri}")
+    get_run_logger().info("model saved to %s", output_uri)
+    return output_uri
