@@ -14,6 +14,7 @@ import sys
 from pathlib import Path
 
 os.environ.setdefault("PREFECT_LOGGING_EXTRA_LOGGERS", "clipdq")  # library logs show in Prefect runs
+os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")  # no telemetry from batch jobs
 
 log = logging.getLogger("clipdq")
 
@@ -42,7 +43,7 @@ def _parser() -> argparse.ArgumentParser:
                           "default: a new one of --arch")
     finetune.add_argument("--arch", default="tiny", choices=["tiny", "vit-b-32"])
     finetune.add_argument("--max-minutes", type=float, help="training time budget")
-    finetune.add_argument("--epochs", type=int, default=60)
+    finetune.add_argument("--epochs", type=int, default=100)
     finetune.add_argument("--seed", type=int, default=0)
 
     init = commands.add_parser("init-model", help="a randomly initialised CLIP with a tokenizer for the spec")
@@ -88,7 +89,7 @@ def run_demo(args: argparse.Namespace) -> str:
     if not (model / "config.json").exists():
         print(f"[2/3] training the demo model (up to {args.max_minutes:g} min) into {model}/", flush=True)
         run_finetune(argparse.Namespace(catalog=str(data / "labeled.parquet"), spec=str(spec), output=str(model),
-                                        base_model=None, arch="tiny", max_minutes=args.max_minutes, epochs=60,
+                                        base_model=None, arch="tiny", max_minutes=args.max_minutes, epochs=100,
                                         seed=0))
     else:
         print(f"[2/3] demo model found in {model}/", flush=True)
@@ -104,10 +105,7 @@ def run_demo(args: argparse.Namespace) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
-    handler = logging.StreamHandler(sys.stderr)
-    handler.setFormatter(logging.Formatter("%(asctime)s %(name)s: %(message)s"))
-    log.addHandler(handler)
-    log.setLevel(logging.INFO)
+    log.setLevel(logging.INFO)  # Prefect's console handler shows these inside flows
     commands = {
         "demo": run_demo,
         "audit": lambda a: run_audit(a.catalog, a.spec, a.model, a.output, a.batch_size),

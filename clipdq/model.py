@@ -18,15 +18,16 @@ from pathlib import Path
 import numpy as np
 import torch
 import transformers
-from transformers import AutoImageProcessor, AutoTokenizer, CLIPConfig, CLIPImageProcessor, CLIPModel, CLIPTokenizer
 
-from clipdq import storage
-from clipdq.images import PixelSpec
-from clipdq.spec import Spec
+transformers.logging.set_verbosity_error()  # load reports and backend notices are noise in batch runs
+transformers.logging.disable_progress_bar()
+from transformers import AutoImageProcessor, AutoTokenizer, CLIPConfig, CLIPImageProcessor, CLIPModel, CLIPTokenizer  # noqa: E402
+
+from clipdq import storage  # noqa: E402
+from clipdq.images import PixelSpec  # noqa: E402
+from clipdq.spec import Spec  # noqa: E402
 
 log = logging.getLogger(__name__)
-transformers.logging.set_verbosity_error()  # load reports and progress bars are noise in batch runs
-transformers.logging.disable_progress_bar()
 
 META_FILE = "clipdq.json"
 ARCHS = ("tiny", "vit-b-32")

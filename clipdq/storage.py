@@ -79,6 +79,7 @@ def write_bytes(uri: str, data: bytes) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.NamedTemporaryFile(dir=path.parent, prefix=f".{path.name}.", delete=False) as tmp:
         tmp.write(data)
+    os.chmod(tmp.name, 0o644)  # temporary files are private; published files are not
     os.replace(tmp.name, path)
 
 

@@ -23,14 +23,15 @@ log = logging.getLogger(__name__)
 
 @dataclass
 class TrainConfig:
-    epochs: int = 60  # upper bound; early stopping usually ends sooner
+    epochs: int = 100  # upper bound; early stopping or max_minutes may end sooner
     batch_size: int = 32
-    lr: float = 5e-4  # AdamW peak learning rate (from-scratch models; lower it for pretrained ones)
+    lr: float = 1e-3  # AdamW peak learning rate for models trained from scratch; ~1e-5 for pretrained
     weight_decay: float = 0.05
     warmup_epochs: int = 2  # linear warm-up, then cosine decay
     val_fraction: float = 0.2  # share of labeled products held out for checkpointing and calibration
-    patience: int = 10  # epochs without a better validation loss before stopping
+    patience: int = 15  # epochs without a better validation loss before stopping
     max_minutes: float | None = None  # wall-clock budget; the best checkpoint so far is kept
+    spread_steps: int = 100  # text-only steps pushing each attribute's value captions apart (new models)
     augment: bool = True  # random crop, flip and brightness on training images
     seed: int = 0
 
@@ -113,6 +114,25 @@ def _schedule(step: int, *, warmup: int, total: int) -> float:
     return 0.5 * (1 + np.cos(np.pi * min(1.0, (step - warmup) / max(1, total - warmup))))
 
 
+def spread_captions(clip: model.Clip, captions: model.Captions, *, steps: int, lr: float) -> float:
+    """Push apart the caption embeddings of each attribute's values; returns the final max cosine.
+
+    A text tower trained from scratch starts with near-identical embeddings for captions that
+    share words ("lid", "no lid": cosine ~0.95), which stalls learning of those attributes.
+    """
+    text = [p for n, p in clip.model.named_parameters() if n.startswith(("text_model.", "text_projection."))]
+    optimizer = torch.optim.AdamW(text, lr=lr)
+    worst = 1.0
+    for _ in range(steps):
+        sims = [emb @ emb.T - 2 * torch.eye(len(emb)) for emb in captions.value_embeddings(clip).values()]
+        loss = torch.stack([torch.logsumexp(10 * s.flatten(), 0) for s in sims]).mean()
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+        worst = max(float(s.detach().max()) for s in sims)
+    return worst
+
+
 def fit(clip: model.Clip, data: LabeledSet, spec: Spec, config: TrainConfig) -> dict:
     """Train in place; restores the lowest-validation-loss weights and returns training metrics."""
     torch.manual_seed(config.seed)
@@ -120,6 +140,9 @@ def fit(clip: model.Clip, data: LabeledSet, spec: Spec, config: TrainConfig) -> 
     captions = model.Captions(clip, spec)
     train_idx, val_idx = split_indices(len(data.pixels), config.val_fraction, config.seed)
     steps_per_epoch = max(1, len(train_idx) // config.batch_size)
+    if config.spread_steps:
+        cosine = spread_captions(clip, captions, steps=config.spread_steps, lr=config.lr)
+        log.info("value captions spread apart: max cosine within an attribute %.2f", cosine)
     optimizer = torch.optim.AdamW(clip.model.parameters(), lr=config.lr, weight_decay=config.weight_decay)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: _schedule(
         s, warmup=config.warmup_epochs * steps_per_epoch, total=config.epochs * steps_per_epoch))
@@ -139,9 +162,9 @@ def fit(clip: model.Clip, data: LabeledSet, spec: Spec, config: TrainConfig) -> 
             optimizer.step()
             scheduler.step()
         val_loss, _ = evaluate(clip, data, val_idx, captions)
-        history.append({"epoch": epoch, "train_loss": float(loss), "val_loss": val_loss})
+        history.append({"epoch": epoch, "train_loss": loss.item(), "val_loss": val_loss})
         minutes = (time.monotonic() - started) / 60
-        log.info("epoch %d: train loss %.3f, val loss %.3f (%.1f min)", epoch, float(loss), val_loss, minutes)
+        log.info("epoch %d: train loss %.3f, val loss %.3f (%.1f min)", epoch, loss.item(), val_loss, minutes)
         if val_loss < best["val_loss"]:
             best = {"val_loss": val_loss, "epoch": epoch, "state": copy.deepcopy(clip.model.state_dict())}
         if epoch - best["epoch"] >= config.patience or (config.max_minutes and minutes >= config.max_minutes):

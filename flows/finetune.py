@@ -38,14 +38,15 @@ def finetune_model(
     base_model: str | None = None,
     arch: str = "tiny",
     max_minutes: float | None = None,
-    epochs: int = 60,
+    epochs: int = 100,
     seed: int = 0,
 ) -> str:
     """Train on labeled products; returns the saved model folder (with metrics and calibration)."""
     spec_text = storage.read_bytes(spec_uri).decode()
     clip = load_base_model(spec_text, base_model, arch)
-    config = train.TrainConfig(epochs=epochs, max_minutes=max_minutes, seed=seed,
-                               lr=5e-4 if clip.meta.get("arch") else 1e-5)
+    config = train.TrainConfig(epochs=epochs, max_minutes=max_minutes, seed=seed)
+    if base_model:  # pretrained towers: gentle updates, captions already apart
+        config.lr, config.spread_steps = 1e-5, 0
     clip = fit(clip, catalog_uri, spec_text, config)
     save(clip, output_uri)
     rows = [{"attribute": k, **v} for k, v in clip.meta["metrics"].items()]

@@ -1,0 +1,123 @@
+"""Shared fixtures: a tiny generated sample, a tiny trained model, a moto S3 server and a
+Prefect test harness. Everything expensive is built once per session."""
+
+from __future__ import annotations
+
+import uuid
+from pathlib import Path
+
+import pytest
+
+from clipdq import model, sample_data, storage, train
+from clipdq.catalog import read_catalog
+from clipdq.spec import Spec, parse_spec
+
+N_LABELED = 60
+N_CATALOG = 40
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    config.addinivalue_line(
+        "markers",
+        "subprocess: runs the clipdq console script in a child process (about 30 s each); "
+        "part of the default run, deselect with -m 'not subprocess'",
+    )
+
+
+# --------------------------------------------------------------------------- sample data and models
+
+
+@pytest.fixture(scope="session")
+def sample_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The generated sample (spec, labeled and catalog Parquet, images, ground truth), small."""
+    return sample_data.generate(tmp_path_factory.mktemp("sample"), n_labeled=N_LABELED, n_catalog=N_CATALOG)
+
+
+@pytest.fixture(scope="session")
+def spec(sample_dir: Path) -> Spec:
+    return parse_spec((sample_dir / "spec.yaml").read_text())
+
+
+@pytest.fixture(scope="session")
+def init_model_dir(tmp_path_factory: pytest.TempPathFactory, spec: Spec) -> Path:
+    """A saved, untrained tiny CLIP for the sample spec."""
+    folder = tmp_path_factory.mktemp("init-model")
+    model.save_model(model.init_model(spec, "tiny", seed=0), str(folder))
+    return folder
+
+
+@pytest.fixture(scope="session")
+def trained_model_dir(tmp_path_factory: pytest.TempPathFactory, sample_dir: Path, spec: Spec) -> Path:
+    """A tiny CLIP fine-tuned for two epochs on the sample's labeled products, saved."""
+    clip = model.init_model(spec, "tiny", seed=0)
+    labeled = read_catalog(str(sample_dir / "labeled.parquet"))
+    train.finetune(clip, labeled, spec, base=str(sample_dir), config=train.TrainConfig(epochs=2))
+    folder = tmp_path_factory.mktemp("trained-model")
+    model.save_model(clip, str(folder))
+    return folder
+
+
+# --------------------------------------------------------------------------- S3 (moto in server mode)
+
+
+@pytest.fixture(scope="session")
+def moto_endpoint() -> str:
+    from moto.server import ThreadedMotoServer
+
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
+    server.start()
+    try:
+        yield f"http://127.0.0.1:{server._server.server_port}"
+    finally:
+        server.stop()
+
+
+@pytest.fixture
+def s3_bucket(moto_endpoint: str, monkeypatch: pytest.MonkeyPatch) -> str:
+    """A fresh bucket on the moto server, as ``s3://<bucket>``, with boto3 pointed at it."""
+    monkeypatch.setenv("AWS_ENDPOINT_URL", moto_endpoint)
+    monkeypatch.setenv("AWS_ACCESS_KEY_ID", "testing")
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "testing")
+    monkeypatch.setenv("AWS_DEFAULT_REGION", "us-east-1")
+    for name in ("AWS_PROFILE", "AWS_SESSION_TOKEN", "AWS_SECURITY_TOKEN"):
+        monkeypatch.delenv(name, raising=False)
+    storage.s3_client.cache_clear()
+    bucket = f"clipdq-test-{uuid.uuid4().hex[:12]}"
+    storage.s3_client().create_bucket(Bucket=bucket)
+    yield f"s3://{bucket}"
+    storage.s3_client.cache_clear()
+
+
+@pytest.fixture
+def isolated_home(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """HOME in a temporary folder, so the s3 model download cache (~/.cache/clipdq) starts empty."""
+    home = tmp_path / "home"
+    home.mkdir()
+    monkeypatch.setenv("HOME", str(home))
+    return home
+
+
+# --------------------------------------------------------------------------- Prefect
+
+
+@pytest.fixture(scope="session")
+def prefect_harness(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A temporary Prefect server and database for the session's flow runs.
+
+    Task results go to a temporary folder, not the shared cache under ~/.prefect; the setting is
+    applied both to the environment and to Prefect's already-loaded settings before the harness.
+    """
+    from prefect.settings import (
+        PREFECT_RESULTS_LOCAL_STORAGE_PATH,
+        PREFECT_SERVER_ANALYTICS_ENABLED,
+        temporary_settings,
+    )
+    from prefect.testing.utilities import prefect_test_harness
+
+    results = tmp_path_factory.mktemp("prefect-results")
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("PREFECT_RESULTS_LOCAL_STORAGE_PATH", str(results))
+        patch.setenv("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+        with temporary_settings({PREFECT_RESULTS_LOCAL_STORAGE_PATH: results, PREFECT_SERVER_ANALYTICS_ENABLED: False}):
+            with prefect_test_harness(server_startup_timeout=120):
+                yield results

@@ -1,0 +1,152 @@
+"""Probabilities, temperature scaling, flag thresholds and calibration error (numpy only)."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from clipdq import predict
+
+
+def flag_precision(accuracy: float, error_rate: float) -> float:
+    """Share of conflict flags that are right, for a model of this accuracy (the docstring's model)."""
+    return error_rate * accuracy / (error_rate * accuracy + (1 - error_rate) * (1 - accuracy))
+
+
+def sample_labels(rng: np.random.Generator, probs: np.ndarray) -> np.ndarray:
+    """One label per row drawn from that row's distribution."""
+    cumulative = probs.cumsum(axis=1)
+    return (rng.random((len(probs), 1)) > cumulative).sum(axis=1).clip(max=probs.shape[1] - 1)
+
+
+def calibrated_probs(rng: np.random.Generator, n: int, *, k: int = 3, overconfidence: float = 0.0):
+    """(pred_probs, labels): the top class is right with probability confidence - overconfidence."""
+    confidence = rng.uniform(1 / k + 0.05, 1.0, n)
+    predicted = rng.integers(0, k, n)
+    probs = np.tile(((1 - confidence) / (k - 1))[:, None], (1, k))
+    probs[np.arange(n), predicted] = confidence
+    right = rng.random(n) < np.clip(confidence - overconfidence, 0, 1)
+    other = (predicted + rng.integers(1, k, n)) % k
+    return probs, np.where(right, predicted, other)
+
+
+def test_softmax_rows_are_distributions_even_for_huge_logits():
+    rng = np.random.default_rng(0)
+    logits = rng.normal(0, 50, (200, 7))
+    logits[0] = [1000.0, -1000, 0, 0, 0, 0, 0]
+
+    probs = predict.softmax(logits)
+
+    assert np.isfinite(probs).all()
+    np.testing.assert_allclose(probs.sum(axis=1), 1.0, rtol=1e-12)
+    assert (probs >= 0).all()
+    np.testing.assert_array_equal(probs.argmax(axis=1), logits.argmax(axis=1))
+
+
+def test_higher_temperature_flattens_the_distribution():
+    logits = np.random.default_rng(1).normal(0, 3, (100, 5))
+
+    sharp = predict.softmax(logits, temperature=0.5).max(axis=1)
+    plain = predict.softmax(logits).max(axis=1)
+    soft = predict.softmax(logits, temperature=4.0).max(axis=1)
+
+    assert (sharp >= plain).all() and (plain >= soft).all()
+    np.testing.assert_allclose(predict.softmax(logits, temperature=2.0), predict.softmax(logits / 2.0))
+
+
+@pytest.mark.parametrize("true_temperature", [0.3, 1.0, 2.5, 8.0])
+def test_fit_temperature_recovers_the_temperature_of_a_calibrated_model(true_temperature):
+    rng = np.random.default_rng(42)
+    logits = rng.normal(0, 4.0, (6000, 5))
+    labels = sample_labels(rng, predict.softmax(logits, temperature=true_temperature))
+
+    fitted = predict.fit_temperature(logits, labels)
+
+    assert fitted == pytest.approx(true_temperature, rel=0.15)
+
+
+def test_required_accuracy_matches_the_formula_and_gives_the_target_precision():
+    needed = predict.required_accuracy(0.9, 0.1)
+
+    assert needed == pytest.approx(0.9 * 0.9 / (0.9 * 0.9 + 0.1 * 0.1))
+    assert flag_precision(needed, 0.1) == pytest.approx(0.9)
+    assert flag_precision(needed - 0.01, 0.1) < 0.9  # and no lower accuracy would do
+
+
+def test_required_accuracy_rises_with_the_target_and_falls_with_the_error_rate():
+    assert predict.required_accuracy(0.95, 0.1) > predict.required_accuracy(0.9, 0.1)
+    assert predict.required_accuracy(0.9, 0.3) < predict.required_accuracy(0.9, 0.1)
+    assert predict.required_accuracy(0.9, 0.5) == pytest.approx(0.9)  # coin-flip prior: accuracy = precision
+
+
+def brute_force_threshold(confidence: np.ndarray, correct: np.ndarray, required: float) -> float:
+    """The smallest observed confidence whose rows at or above it are accurate enough, with support."""
+    for cut in np.sort(confidence):
+        above = confidence >= cut
+        if above.sum() >= predict.MIN_SUPPORT and correct[above].mean() >= required:
+            return float(cut)
+    return 1.0
+
+
+def test_threshold_for_accuracy_picks_the_lowest_cut_that_stays_accurate():
+    # 20 rows, most confident first: 12 right, 1 wrong, 3 right, then 4 wrong.
+    confidence = np.linspace(0.99, 0.61, 20)
+    correct = np.array([1] * 12 + [0] + [1] * 3 + [0] * 4, dtype=bool)
+    shuffle = np.random.default_rng(3).permutation(20)  # the function must not rely on input order
+
+    cut = predict.threshold_for_accuracy(confidence[shuffle], correct[shuffle], 0.9)
+
+    assert cut == confidence[15]  # 15/16 right at or above it; 15/17 below the next one
+    assert correct[confidence >= cut].mean() >= 0.9
+    assert correct[confidence >= confidence[16]].mean() < 0.9
+    assert cut == brute_force_threshold(confidence, correct, 0.9)
+
+
+def test_threshold_for_accuracy_agrees_with_brute_force_on_random_data():
+    rng = np.random.default_rng(7)
+    for _ in range(20):
+        confidence = rng.uniform(0.3, 1.0, 60)
+        correct = rng.random(60) < confidence
+        for required in (0.7, 0.85, 0.95):
+            assert predict.threshold_for_accuracy(confidence, correct, required) == brute_force_threshold(
+                confidence, correct, required
+            )
+
+
+def test_threshold_for_accuracy_is_one_when_no_cut_qualifies():
+    confidence = np.linspace(0.99, 0.5, 30)
+    mostly_wrong = np.arange(30) % 3 == 0
+    assert predict.threshold_for_accuracy(confidence, mostly_wrong, 0.9) == 1.0
+
+    too_few = np.linspace(0.99, 0.9, predict.MIN_SUPPORT - 1)
+    assert predict.threshold_for_accuracy(too_few, np.ones_like(too_few, dtype=bool), 0.5) == 1.0
+
+
+def test_expected_calibration_error_is_small_for_a_calibrated_model():
+    probs, labels = calibrated_probs(np.random.default_rng(0), 50_000)
+
+    assert predict.expected_calibration_error(probs, labels) < 0.01
+
+
+def test_expected_calibration_error_measures_overconfidence():
+    probs, labels = calibrated_probs(np.random.default_rng(0), 50_000, overconfidence=0.25)
+
+    # in every bin accuracy is 0.25 below confidence, so the weighted mean gap is 0.25
+    assert predict.expected_calibration_error(probs, labels) == pytest.approx(0.25, abs=0.02)
+
+
+def test_calibrate_keeps_thresholds_at_least_at_the_theoretical_bars():
+    rng = np.random.default_rng(5)
+    logits = rng.normal(0, 4.0, (400, 4))
+    labels = sample_labels(rng, predict.softmax(logits, temperature=2.0))
+
+    calibration = predict.calibrate(logits, labels, target_precision=0.9, error_rate=0.1)
+
+    assert calibration.temperature == pytest.approx(2.0, rel=0.3)
+    assert 0.9 <= calibration.gap_threshold <= 1.0
+    assert predict.required_accuracy(0.9, 0.1) <= calibration.conflict_threshold <= 1.0
+    assert calibration.to_dict() == {
+        "temperature": calibration.temperature,
+        "gap_threshold": calibration.gap_threshold,
+        "conflict_threshold": calibration.conflict_threshold,
+    }

@@ -1,0 +1,134 @@
+"""Fine-tuning: labels, splits, best-checkpoint selection, metrics and calibration."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import polars as pl
+import pytest
+
+from clipdq import audit, model, predict, train
+from clipdq.catalog import read_catalog
+from clipdq.spec import Spec, parse_spec
+
+
+@pytest.fixture(scope="module")
+def labeled(sample_dir: Path, spec: Spec) -> train.LabeledSet:
+    pixels = model.init_model(spec).pixels
+    return train.load_labeled(read_catalog(str(sample_dir / "labeled.parquet")), spec, base=str(sample_dir),
+                              pixel_spec=pixels)
+
+
+@pytest.fixture(scope="module")
+def trained_meta(trained_model_dir: Path) -> dict:
+    return json.loads((trained_model_dir / model.META_FILE).read_text())
+
+
+def test_encode_labels_maps_spellings_and_marks_unknowns():
+    spec = parse_spec("""\
+attributes:
+  color:
+    values: [red, blue]
+    synonyms: {red: [rood, Crimson]}
+  size:
+    values: [small, large]
+""")
+    frame = pl.DataFrame({"color": ["red", " ROOD ", "crimson", "Blue", None, "purple", "", "red\tblue"]})
+
+    labels = train.encode_labels(frame, spec)
+
+    red, blue = spec.attribute("color").values.index("red"), spec.attribute("color").values.index("blue")
+    assert labels["color"].tolist() == [red, red, red, blue, -1, -1, -1, -1]
+    assert labels["size"].tolist() == [-1] * frame.height  # no column: every label unknown
+    assert labels["color"].dtype == np.int64
+
+
+@pytest.mark.parametrize(("n", "fraction"), [(60, 0.2), (7, 0.2), (2, 0.5), (100, 0.01)])
+def test_split_indices_are_disjoint_and_cover_every_row(n, fraction):
+    train_idx, val_idx = train.split_indices(n, fraction, seed=0)
+
+    assert set(train_idx).isdisjoint(val_idx)
+    assert sorted([*train_idx, *val_idx]) == list(range(n))
+    assert len(val_idx) == max(1, round(n * fraction))
+
+
+def test_split_indices_depend_on_the_seed_only():
+    first, again, other = (train.split_indices(50, 0.2, seed=s) for s in (1, 1, 2))
+
+    np.testing.assert_array_equal(first[1], again[1])
+    assert not np.array_equal(first[1], other[1])
+
+
+def test_load_labeled_reads_every_sample_image(labeled, sample_dir, spec):
+    rows = pl.read_parquet(sample_dir / "labeled.parquet").height
+
+    assert labeled.dropped == 0
+    assert labeled.pixels.shape[0] == rows
+    assert set(labeled.labels) == set(spec.names)
+    assert all(len(v) == rows for v in labeled.labels.values())
+
+
+def test_two_epoch_fit_keeps_the_best_validation_epoch(trained_meta):
+    training = trained_meta["training"]
+    losses = [epoch["val_loss"] for epoch in training["history"]]
+
+    assert trained_meta["trained"] is True
+    assert training["epochs_run"] == len(losses) == 2
+    assert training["best_epoch"] == int(np.argmin(losses))
+    assert training["best_val_loss"] == pytest.approx(min(losses))
+    assert training["train_rows"] + training["val_rows"] == training["labeled_rows"]
+
+
+def test_fit_writes_metrics_and_calibration_for_every_attribute(trained_meta, spec):
+    assert set(trained_meta["metrics"]) == set(spec.names)
+    assert set(trained_meta["calibration"]) == set(spec.names)
+    conflict_bar = predict.required_accuracy(spec.target_precision, spec.expected_error_rate)
+    for name in spec.names:
+        metrics, calibration = trained_meta["metrics"][name], trained_meta["calibration"][name]
+        assert metrics["val_rows"] >= 2
+        assert 0.0 <= metrics["val_accuracy"] <= 1.0
+        assert 0.0 <= metrics["ece_before"] <= 1.0 and 0.0 <= metrics["ece_after"] <= 1.0
+        assert predict.TEMPERATURES[0] <= calibration["temperature"] <= predict.TEMPERATURES[-1]
+        assert spec.target_precision <= calibration["gap_threshold"] <= 1.0
+        assert conflict_bar <= calibration["conflict_threshold"] <= 1.0
+    assert trained_meta["spec_fingerprint"] == spec.fingerprint()
+
+
+def test_the_audit_uses_a_models_calibration_only_for_its_own_spec(trained_model_dir, spec):
+    clip = model.load_model(str(trained_model_dir), device="cpu")
+    other_spec = parse_spec("attributes:\n  color:\n    values: [red, blue, green, yellow, black, white, grey]\n")
+
+    own = audit.calibration_for(clip, spec)
+    other = audit.calibration_for(clip, other_spec)
+
+    assert {k: v.to_dict() for k, v in own.items()} == clip.meta["calibration"]
+    default = predict.default_calibration(other_spec.target_precision, other_spec.expected_error_rate)
+    assert other == {"color": default}
+
+
+def test_fit_restores_the_weights_of_the_best_epoch(labeled, spec):
+    # a learning rate far too high makes later epochs worse than the first
+    clip = model.init_model(spec, seed=0)
+    config = train.TrainConfig(epochs=3, lr=0.1, warmup_epochs=1, patience=10)
+
+    result = train.fit(clip, labeled, spec, config)
+
+    losses = [epoch["val_loss"] for epoch in result["history"]]
+    assert result["best_epoch"] == int(np.argmin(losses))
+    assert result["best_epoch"] < len(losses) - 1, "setup: the last epoch should not be the best"
+    restored_loss, _ = train.evaluate(clip, labeled, result["val_idx"], model.Captions(clip, spec))
+    assert restored_loss == pytest.approx(losses[result["best_epoch"]], rel=1e-4)
+    assert restored_loss != pytest.approx(losses[-1], rel=1e-4)
+
+
+def test_fit_stops_after_patience_epochs_without_improvement(labeled, spec):
+    clip = model.init_model(spec, seed=0)
+    config = train.TrainConfig(epochs=8, lr=0.1, warmup_epochs=1, patience=1)
+
+    result = train.fit(clip, labeled, spec, config)
+
+    assert result["epochs_run"] < config.epochs
+    assert result["epochs_run"] == result["best_epoch"] + 1 + config.patience
+    assert len(result["history"]) == result["epochs_run"]
