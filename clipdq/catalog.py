@@ -28,7 +28,7 @@ def read_catalog(uri: str) -> pl.DataFrame:
         return pl.read_parquet(source)
     except FileNotFoundError as error:
         raise CatalogError(f"catalog not found: {uri}") from error
-    except pl.exceptions.ComputeError as error:
+    except (pl.exceptions.PolarsError, OSError) as error:
         raise CatalogError(f"catalog is not readable Parquet: {uri}: {error}") from error
 
 
@@ -41,7 +41,7 @@ def check_schema(catalog: pl.DataFrame, spec: Spec) -> list[str]:
     warnings = [f"catalog has no column {name!r}: every value counts as missing"
                 for name in spec.names if name not in catalog.columns]
     for name in spec.names:
-        if name in catalog.columns and catalog.schema[name] != pl.String:
+        if name in catalog.columns and catalog.schema[name] not in (pl.String, pl.Null):
             raise CatalogError(f"attribute column {name!r} must hold strings, not {catalog.schema[name]}")
     return warnings
 

@@ -61,6 +61,11 @@ def _thresholds(calibration: dict[str, Calibration]) -> pl.DataFrame:
     return pl.DataFrame(rows, schema=["attribute", "gap_threshold", "conflict_threshold"], orient="row")
 
 
+def _confident(threshold: str) -> pl.Expr:
+    """Confidence reaches the threshold; a threshold of 1.0 means never (probabilities can round to 1)."""
+    return (pl.col(threshold) < 1.0) & (pl.col("confidence") >= pl.col(threshold))
+
+
 def _p(column: str) -> pl.Expr:
     return pl.col(column).round(3).cast(pl.String)
 
@@ -72,8 +77,7 @@ def compare(
 
     ``predictions`` has the columns of PREDICTIONS_SCHEMA for the same products.
     """
-    normalized = pl.col("existing_value").str.to_lowercase().str.split(" ").list.eval(
-        pl.element().filter(pl.element() != "")).list.join(" ")
+    normalized = pl.col("existing_value").str.replace_all(r"\s+", " ").str.strip_chars().str.to_lowercase()
     frame = (
         _long_catalog(catalog, spec)
         .with_columns(normalized.alias("normalized"))
@@ -86,12 +90,12 @@ def compare(
     status = (
         pl.when(missing & pl.col("image_error").is_not_null()).then(pl.lit("image_error"))
         .when(missing & no_prediction).then(pl.lit("uncertain"))
-        .when(missing & (pl.col("confidence") >= pl.col("gap_threshold"))).then(pl.lit("gap"))
+        .when(missing & _confident("gap_threshold")).then(pl.lit("gap"))
         .when(missing).then(pl.lit("uncertain"))
         .when(pl.col("canonical").is_null()).then(pl.lit("invalid_value"))
         .when(pl.col("image_error").is_not_null() | no_prediction).then(pl.lit("image_error"))
         .when(pl.col("predicted_value") == pl.col("canonical")).then(pl.lit("match"))
-        .when(pl.col("confidence") >= pl.col("conflict_threshold")).then(pl.lit("conflict"))
+        .when(_confident("conflict_threshold")).then(pl.lit("conflict"))
         .otherwise(pl.lit("uncertain"))
     )
     detail = (

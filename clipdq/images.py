@@ -37,6 +37,10 @@ class LoadedImages:
     errors: list[str | None]  # (n,) why each image failed, None where it loaded
 
 
+class MissingImage(ValueError):
+    """The catalog row names no image."""
+
+
 class _NoRedirect(urllib.request.HTTPRedirectHandler):
     def redirect_request(self, *args, **kwargs):
         return None  # a redirect could point at an internal address: refuse it
@@ -71,7 +75,7 @@ def resolve(ref: str, base: str) -> str:
 def fetch(ref: str | bytes | None, base: str) -> bytes:
     """Image bytes for a catalog cell: raw bytes as they are, else read from path, s3 or URL."""
     if ref is None or ref == "" or ref == b"":
-        raise ValueError("no image given")
+        raise MissingImage("no image given in the catalog")
     if isinstance(ref, bytes):
         return ref
     uri = resolve(ref, base)
@@ -105,8 +109,9 @@ def decode(data: bytes, *, min_side: int) -> Image.Image:
 def to_pixels(image: Image.Image, spec: PixelSpec) -> np.ndarray:
     """Resize the shortest edge (bicubic), centre-crop and normalise, as CLIP's processor does."""
     width, height = image.size
-    scale = spec.resize / min(width, height)
-    size = (max(spec.crop, round(width * scale)), max(spec.crop, round(height * scale)))
+    short, long = sorted((width, height))
+    long = int(spec.resize * long / short)  # truncated, as transformers does
+    size = (spec.resize, long) if width <= height else (long, spec.resize)
     image = image.resize(size, Image.Resampling.BICUBIC)
     left, top = (size[0] - spec.crop) // 2, (size[1] - spec.crop) // 2
     image = image.crop((left, top, left + spec.crop, top + spec.crop))
@@ -120,6 +125,8 @@ def _load_one(ref: str | bytes | None, base: str, spec: PixelSpec) -> np.ndarray
         return to_pixels(decode(fetch(ref, base), min_side=spec.resize), spec)
     except FileNotFoundError:
         return "image file not found"
+    except MissingImage as error:
+        return str(error)
     except DECODE_ERRORS as error:
         return f"unreadable image: {type(error).__name__}: {error}"[:300]
     except Exception as error:  # noqa: BLE001 - storage errors (S3, HTTP) become a per-image status

@@ -64,6 +64,16 @@ def _bytes_to_unicode() -> dict[int, str]:
     return chars
 
 
+def _apply_merges(symbols: list[str], ranks: dict[tuple[str, str], int]) -> list[str]:
+    """BPE as the tokenizer runs it: repeatedly merge the adjacent pair of lowest rank."""
+    while len(symbols) > 1:
+        rank, i = min((ranks.get(pair, len(ranks)), i) for i, pair in enumerate(zip(symbols, symbols[1:])))
+        if rank == len(ranks):
+            break
+        symbols = [*symbols[:i], symbols[i] + symbols[i + 1], *symbols[i + 2:]]
+    return symbols
+
+
 def build_tokenizer(texts: list[str]) -> CLIPTokenizer:
     """A CLIP BPE tokenizer whose merges spell each word of ``texts`` as one token.
 
@@ -74,17 +84,16 @@ def build_tokenizer(texts: list[str]) -> CLIPTokenizer:
     for char in alphabet.values():
         vocab.setdefault(char, len(vocab))
         vocab.setdefault(char + "</w>", len(vocab))
-    merges: list[tuple[str, str]] = []
-    words = sorted({w for text in texts for w in _WORD.findall(text.lower())})
-    for word in words:
+    ranks: dict[tuple[str, str], int] = {}
+    for word in sorted({w for text in texts for w in _WORD.findall(text.lower())}):
         symbols = [alphabet[b] for b in word.encode()]
         symbols[-1] += "</w>"
-        merged = symbols[0]
-        for symbol in symbols[1:]:
-            if (merged, symbol) not in merges:
-                merges.append((merged, symbol))
-            merged += symbol
-            vocab.setdefault(merged, len(vocab))
+        pieces = _apply_merges(symbols, ranks)
+        while len(pieces) > 1:  # a new merge ranks last, so it never changes earlier words
+            ranks[(pieces[0], pieces[1])] = len(ranks)
+            vocab.setdefault(pieces[0] + pieces[1], len(vocab))
+            pieces = _apply_merges(pieces, ranks)
+    merges = sorted(ranks, key=ranks.get)
     return CLIPTokenizer(vocab=vocab, merges=merges, model_max_length=32)
 
 
@@ -144,13 +153,20 @@ def save_model(clip: Clip, folder: str) -> str:
 
 
 def _local_folder(uri: str) -> str:
-    """A local folder for an s3:// prefix (downloaded once into a cache), else the uri as given."""
+    """A local folder for an s3:// prefix, else the uri as given.
+
+    Downloads are cached by the prefix's content signature, so a model re-saved under the same
+    prefix is fetched again; a download lands in a temporary folder renamed into place when whole.
+    """
     if not storage.is_s3(uri):
         return uri
-    cache = Path.home() / ".cache" / "clipdq" / "models" / hashlib.sha256(uri.encode()).hexdigest()[:16]
-    if not (cache / "config.json").exists():
+    cache = Path.home() / ".cache" / "clipdq" / "models" / storage.signature(uri)
+    if not cache.exists():
         log.info("downloading model %s to %s", uri, cache)
-        storage.download_folder(uri, cache)
+        cache.parent.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryDirectory(dir=cache.parent) as tmp:
+            storage.download_folder(uri, Path(tmp) / "model")
+            (Path(tmp) / "model").rename(cache)
     return str(cache)
 
 

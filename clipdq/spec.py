@@ -70,20 +70,34 @@ def _strings(raw: Any, where: str) -> tuple[str, ...]:
     return tuple(raw)
 
 
+def _mapping(raw: Any, where: str) -> dict[str, tuple[str, ...]]:
+    if raw is None:
+        return {}
+    if not isinstance(raw, dict):
+        raise SpecError(f"{where} must be a mapping, got {raw!r}")
+    return {str(k): _strings(v, f"{where}.{k}") for k, v in raw.items()}
+
+
+def _number(raw: Any, where: str) -> float:
+    if isinstance(raw, bool) or not isinstance(raw, int | float):
+        raise SpecError(f"{where} must be a number, got {raw!r}")
+    return float(raw)
+
+
 def _attribute(name: str, raw: Any) -> Attribute:
     if not isinstance(raw, dict) or "values" not in raw:
         raise SpecError(f"attribute {name!r} needs a 'values' list")
     values = _strings(raw["values"], f"attributes.{name}.values")
     if len(values) < 2 or len({normalize_value(v) for v in values}) != len(values):
         raise SpecError(f"attributes.{name}.values needs at least two distinct values")
-    synonyms = {k: _strings(v, f"attributes.{name}.synonyms.{k}") for k, v in (raw.get("synonyms") or {}).items()}
+    synonyms = _mapping(raw.get("synonyms"), f"attributes.{name}.synonyms")
     unknown = set(synonyms) - set(values)
     if unknown:
         raise SpecError(f"attributes.{name}.synonyms names values not in its vocabulary: {sorted(unknown)}")
-    applies_to = {k: _strings(v, f"attributes.{name}.applies_to.{k}") for k, v in (raw.get("applies_to") or {}).items()}
+    applies_to = _mapping(raw.get("applies_to"), f"attributes.{name}.applies_to")
     prompts = _strings(raw.get("prompts", ["{}"]), f"attributes.{name}.prompts")
-    if not all("{}" in p for p in prompts):
-        raise SpecError(f"attributes.{name}.prompts must each contain '{{}}'")
+    if not all(p.count("{}") == 1 and p.count("{") == 1 for p in prompts):
+        raise SpecError(f"attributes.{name}.prompts must each contain '{{}}' exactly once and no other braces")
     return Attribute(name, values, synonyms, applies_to, prompts)
 
 
@@ -95,7 +109,7 @@ def parse_spec(text: str) -> Spec:
         raise SpecError(f"spec is not valid YAML: {error}") from error
     if not isinstance(raw, dict) or not isinstance(raw.get("attributes"), dict) or not raw["attributes"]:
         raise SpecError("spec needs an 'attributes' mapping with at least one attribute")
-    target = float(raw.get("target_precision", 0.9))
+    target = _number(raw.get("target_precision", 0.9), "target_precision")
     if not 0.5 <= target < 1.0:
         raise SpecError(f"target_precision must be in [0.5, 1), got {target}")
     return Spec(
@@ -103,5 +117,5 @@ def parse_spec(text: str) -> Spec:
         id_column=str(raw.get("id_column", "product_id")),
         image_column=str(raw.get("image_column", "image")),
         target_precision=target,
-        expected_error_rate=float(raw.get("expected_error_rate", 0.1)),
+        expected_error_rate=_number(raw.get("expected_error_rate", 0.1), "expected_error_rate"),
     )

@@ -52,7 +52,10 @@ def s3_client():
 def read_bytes(uri: str) -> bytes:
     if is_s3(uri):
         bucket, key = split_s3(uri)
-        return s3_client().get_object(Bucket=bucket, Key=key)["Body"].read()
+        try:
+            return s3_client().get_object(Bucket=bucket, Key=key)["Body"].read()
+        except s3_client().exceptions.NoSuchKey as error:
+            raise FileNotFoundError(f"no such object: {uri}") from error
     return Path(uri).read_bytes()
 
 
@@ -78,9 +81,14 @@ def write_bytes(uri: str, data: bytes) -> None:
     path = Path(uri)
     path.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.NamedTemporaryFile(dir=path.parent, prefix=f".{path.name}.", delete=False) as tmp:
-        tmp.write(data)
-    os.chmod(tmp.name, 0o644)  # temporary files are private; published files are not
-    os.replace(tmp.name, path)
+        try:
+            tmp.write(data)
+            tmp.close()
+            os.chmod(tmp.name, 0o644)  # temporary files are private; published files are not
+            os.replace(tmp.name, path)
+        except BaseException:
+            os.unlink(tmp.name)
+            raise
 
 
 def list_files(prefix: str) -> list[str]:
@@ -91,6 +99,17 @@ def list_files(prefix: str) -> list[str]:
         return sorted(obj["Key"][len(key):] for page in pages for obj in page.get("Contents", []))
     root = Path(prefix)
     return sorted(str(p.relative_to(root)) for p in root.rglob("*") if p.is_file())
+
+
+def signature(prefix: str) -> str:
+    """Changes whenever a file under the folder or prefix is added, removed or rewritten."""
+    if is_s3(prefix):
+        bucket, key = split_s3(prefix.rstrip("/") + "/")
+        pages = s3_client().get_paginator("list_objects_v2").paginate(Bucket=bucket, Prefix=key)
+        entries = sorted((o["Key"], o["ETag"], o["Size"]) for page in pages for o in page.get("Contents", []))
+    else:
+        entries = sorted((str(p), p.stat().st_size, p.stat().st_mtime_ns) for p in Path(prefix).rglob("*"))
+    return hashlib.sha256(json.dumps(entries).encode()).hexdigest()[:16]
 
 
 def download_folder(prefix: str, dest: Path) -> Path:

@@ -12,14 +12,16 @@ from prefect.cache_policies import NO_CACHE
 from clipdq import audit, catalog, images, model, report, storage
 from clipdq.compare import compare
 from clipdq.spec import Spec, parse_spec
+from flows.retries import IO_RETRIES
 
 
-@task(retries=2, retry_delay_seconds=5)
+
+@task(**IO_RETRIES)
 def load_spec(uri: str) -> Spec:
     return parse_spec(storage.read_bytes(uri).decode())
 
 
-@task(retries=2, retry_delay_seconds=5, cache_policy=NO_CACHE)
+@task(**IO_RETRIES, cache_policy=NO_CACHE)
 def load_catalog(uri: str) -> pl.DataFrame:
     return catalog.read_catalog(uri)
 
@@ -29,7 +31,7 @@ def validate_catalog(frame: pl.DataFrame, spec: Spec) -> dict:
     return catalog.validate(frame, spec)
 
 
-@task(retries=2, retry_delay_seconds=5, cache_policy=NO_CACHE)
+@task(**IO_RETRIES, cache_policy=NO_CACHE)
 def load_model(uri: str) -> model.Clip:
     return model.load_model(uri)
 
@@ -39,7 +41,7 @@ def score(rows: pl.DataFrame, clip: model.Clip, spec: Spec, value_emb: dict, cal
     return audit.score_batch(rows, clip=clip, spec=spec, value_emb=value_emb, calibration=calibration, base=base)
 
 
-@task(retries=2, retry_delay_seconds=5, cache_policy=NO_CACHE)
+@task(**IO_RETRIES, cache_policy=NO_CACHE)
 def publish(folder: str, findings: pl.DataFrame, summary: dict, frame: pl.DataFrame, spec: Spec, base: str) -> str:
     shown = pl.concat([report.top_findings(findings, s) for s in ("conflict", "gap", "invalid_value")])
     refs = dict(frame.select(pl.col(spec.id_column).cast(pl.String), spec.image_column).iter_rows())

@@ -8,9 +8,10 @@ from prefect.cache_policies import NO_CACHE
 
 from clipdq import catalog, model, storage, train
 from clipdq.spec import parse_spec
+from flows.retries import IO_RETRIES
 
 
-@task(retries=2, retry_delay_seconds=5, cache_policy=NO_CACHE)
+@task(**IO_RETRIES, cache_policy=NO_CACHE)
 def load_base_model(spec_text: str, base_model: str | None, arch: str) -> model.Clip:
     if base_model:
         return model.load_model(base_model)
@@ -25,7 +26,7 @@ def fit(clip: model.Clip, catalog_uri: str, spec_text: str, config: train.TrainC
     return train.finetune(clip, frame, spec, base=storage.parent(catalog_uri), config=config)
 
 
-@task(retries=2, retry_delay_seconds=5, cache_policy=NO_CACHE)
+@task(**IO_RETRIES, cache_policy=NO_CACHE)
 def save(clip: model.Clip, output_uri: str) -> str:
     return model.save_model(clip, output_uri)
 

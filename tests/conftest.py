@@ -19,8 +19,8 @@ N_CATALOG = 40
 def pytest_configure(config: pytest.Config) -> None:
     config.addinivalue_line(
         "markers",
-        "subprocess: runs the clipdq console script in a child process (about 30 s each); "
-        "part of the default run, deselect with -m 'not subprocess'",
+        "subprocess: runs the clipdq console script in a child process (up to ~30 s each when it "
+        "starts Prefect); part of the default run, deselect with -m 'not subprocess'",
     )
 
 
@@ -108,16 +108,21 @@ def prefect_harness(tmp_path_factory: pytest.TempPathFactory) -> Path:
     applied both to the environment and to Prefect's already-loaded settings before the harness.
     """
     from prefect.settings import (
+        PREFECT_MEMO_STORE_PATH,
         PREFECT_RESULTS_LOCAL_STORAGE_PATH,
         PREFECT_SERVER_ANALYTICS_ENABLED,
         temporary_settings,
     )
     from prefect.testing.utilities import prefect_test_harness
 
-    results = tmp_path_factory.mktemp("prefect-results")
+    home = tmp_path_factory.mktemp("prefect")
+    settings = {
+        PREFECT_RESULTS_LOCAL_STORAGE_PATH: home / "results",
+        PREFECT_MEMO_STORE_PATH: home / "memo_store.toml",
+        PREFECT_SERVER_ANALYTICS_ENABLED: False,  # no telemetry calls from a machine without network
+    }
     with pytest.MonkeyPatch.context() as patch:
-        patch.setenv("PREFECT_RESULTS_LOCAL_STORAGE_PATH", str(results))
-        patch.setenv("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
-        with temporary_settings({PREFECT_RESULTS_LOCAL_STORAGE_PATH: results, PREFECT_SERVER_ANALYTICS_ENABLED: False}):
-            with prefect_test_harness(server_startup_timeout=120):
-                yield results
+        for setting, value in settings.items():
+            patch.setenv(setting.name, str(value).lower() if isinstance(value, bool) else str(value))
+        with temporary_settings(settings), prefect_test_harness(server_startup_timeout=120):
+            yield home / "results"

@@ -61,11 +61,6 @@ def test_missing_local_file_is_a_catalog_error(tmp_path):
         catalog.read_catalog(str(tmp_path / "nope.parquet"))
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="catalog.read_catalog only catches FileNotFoundError; a missing S3 key raises botocore's NoSuchKey "
-    "(storage.read_bytes could translate it to FileNotFoundError)",
-)
 def test_missing_s3_object_is_a_catalog_error(s3_bucket):
     with pytest.raises(CatalogError, match="catalog not found"):
         catalog.read_catalog(f"{s3_bucket}/nope.parquet")
@@ -141,11 +136,6 @@ def test_duplicate_id_error_names_the_duplicates():
         catalog.validate(good_catalog(sku=["a1", "a2", "a1"]), SPEC)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="catalog.check_schema rejects an attribute column of dtype Null (a column with no values yet, as "
-    "Parquet stores it), although a missing column is accepted as all-missing: accept pl.Null too",
-)
 def test_an_attribute_column_without_any_value_counts_as_missing(tmp_path):
     path = tmp_path / "catalog.parquet"
     good_catalog(color=[None, None, None]).write_parquet(path)

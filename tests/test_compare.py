@@ -173,12 +173,6 @@ def test_findings_round_trip_through_parquet_exactly(findings, tmp_path):
     assert_frame_equal(pl.read_parquet(path), findings)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="compare.py normalizes existing values by splitting on ' ' only, while spec.normalize_value (and "
-    "train.encode_labels) split on any whitespace: tabs, newlines and no-break spaces make valid values "
-    "invalid_value",
-)
 @pytest.mark.parametrize("spelling", ["red\t", "\nred", "red\u00a0"])
 def test_any_whitespace_around_a_value_is_ignored(spelling):
     catalog = pl.DataFrame({"product_id": ["p"], "image": ["p.jpg"], "color": [spelling]})
@@ -192,11 +186,6 @@ def test_any_whitespace_around_a_value_is_ignored(spelling):
     assert result["status"].to_list() == ["match"]
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="predict.threshold_for_accuracy returns 1.0 to mean 'never flag', but compare.py flags with "
-    "confidence >= threshold, and float32 softmax confidences reach exactly 1.0 (logit gap > ~17)",
-)
 def test_threshold_of_one_never_flags_even_a_certain_prediction():
     catalog = pl.DataFrame({"product_id": ["conflict", "gap"], "image": ["a", "b"], "color": ["blue", None]})
     predictions = pl.DataFrame(

@@ -191,11 +191,8 @@ def clip_processor_pixels(processor, image: Image.Image) -> np.ndarray:
         (33, 250),
         (517, 311),
         (45, 32),
-        pytest.param((640, 480), marks=pytest.mark.xfail(
-            strict=True, reason="images.to_pixels rounds the long side (round(640*32/480)=43) where transformers "
-            "truncates (int(...)=42): the crop shifts; every 4:3 photo differs, also at 224 px")),
-        pytest.param((97, 61), marks=pytest.mark.xfail(
-            strict=True, reason="images.to_pixels rounds the resized long side, transformers truncates it")),
+        (640, 480),
+        (97, 61),
     ],
     ids=lambda s: f"{s[0]}x{s[1]}",
 )

@@ -89,27 +89,16 @@ def test_fingerprint_changes_with_vocabulary_but_not_with_synonyms():
             spec_with("values: [x, y]\nprompts: ['{} and {}']\n"),
             "attributes.a.prompts",
             id="prompt-with-two-slots",
-            marks=pytest.mark.xfail(
-                strict=True,
-                reason="spec.py _attribute only checks that '{}' occurs; '{} and {}' passes parsing and "
-                "Attribute.captions() later raises IndexError",
-            ),
         ),
         pytest.param(
             spec_with("values: [x, y]\n", header="target_precision: high\n"),
             "target_precision",
             id="target-not-a-number",
-            marks=pytest.mark.xfail(
-                strict=True, reason="spec.py parse_spec: float('high') raises a bare ValueError, not SpecError"
-            ),
         ),
         pytest.param(
             spec_with("values: [x, y]\nsynonyms: [ex]\n"),
             "attributes.a.synonyms",
             id="synonyms-not-a-mapping",
-            marks=pytest.mark.xfail(
-                strict=True, reason="spec.py _attribute calls .items() on synonyms: AttributeError, not SpecError"
-            ),
         ),
     ],
 )

@@ -6,8 +6,6 @@ import hashlib
 import json
 import os
 import stat
-from pathlib import Path
-
 import pytest
 
 from clipdq import storage
@@ -131,11 +129,6 @@ def test_local_write_leaves_no_temporary_files(tmp_path):
     assert [p.name for p in (tmp_path / "out").iterdir()] == ["data.bin"]
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="storage.write_bytes renames a NamedTemporaryFile into place without removing it when the rename "
-    "(or the write) fails: a '.<name>.xxxx' file is left behind",
-)
 def test_failed_local_write_leaves_no_temporary_files(tmp_path):
     (tmp_path / "taken").mkdir()  # a folder where the file should go: the rename fails
 
@@ -145,16 +138,13 @@ def test_failed_local_write_leaves_no_temporary_files(tmp_path):
     assert [p.name for p in tmp_path.iterdir()] == ["taken"]
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="storage.write_bytes keeps NamedTemporaryFile's 0600 mode: published reports are unreadable to "
-    "other users, unlike files written with open() under the process umask",
-)
-def test_local_write_uses_the_usual_file_permissions(tmp_path):
-    umask = os.umask(0)
-    os.umask(umask)
-    storage.write_bytes(str(tmp_path / "report.html"), b"<html>")
-    (tmp_path / "plain.html").write_bytes(b"<html>")
+def test_local_write_gives_published_files_the_usual_permissions(tmp_path):
+    previous = os.umask(0o022)
+    try:
+        storage.write_bytes(str(tmp_path / "report.html"), b"<html>")
+        (tmp_path / "plain.html").write_bytes(b"<html>")
+    finally:
+        os.umask(previous)
 
     mode = stat.S_IMODE(os.stat(tmp_path / "report.html").st_mode)
-    assert mode == stat.S_IMODE(os.stat(tmp_path / "plain.html").st_mode) == 0o666 & ~umask
+    assert mode == stat.S_IMODE(os.stat(tmp_path / "plain.html").st_mode) == 0o644  # not a temp file's 0600

@@ -1,0 +1,125 @@
+"""The ``clipdq`` console script, run as a real child process.
+
+Commands that run a flow start Prefect's temporary server (no PREFECT_API_URL), so each takes
+about half a minute. All are marked ``subprocess``; they stay in the default run.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import polars as pl
+import pytest
+
+from clipdq import model
+
+pytestmark = pytest.mark.subprocess
+
+ERROR_PREFIX = "clipdq {command}: error: "
+
+
+@pytest.fixture(scope="module")
+def cli_env(tmp_path_factory: pytest.TempPathFactory) -> dict[str, str]:
+    """The inherited environment with a private Prefect home and result storage, and no API URL."""
+    prefect_home = tmp_path_factory.mktemp("cli-prefect")
+    env = {k: v for k, v in os.environ.items() if k not in ("PREFECT_API_URL", "PREFECT_PROFILE")}
+    env.update(
+        PREFECT_HOME=str(prefect_home),
+        PREFECT_RESULTS_LOCAL_STORAGE_PATH=str(prefect_home / "results"),
+        PREFECT_SERVER_ANALYTICS_ENABLED="false",
+    )
+    return env
+
+
+def clipdq(env: dict[str, str], *args: str, cwd: Path) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "clipdq.cli", *args], env=env, cwd=cwd, capture_output=True,
+                          text=True, timeout=300)
+
+
+def last_line(text: str) -> str:
+    lines = text.strip().splitlines()
+    return lines[-1] if lines else ""
+
+
+def reason_lines(result: subprocess.CompletedProcess, command: str) -> list[str]:
+    prefix = ERROR_PREFIX.format(command=command)
+    return [line for line in result.stderr.splitlines() if line.startswith(prefix)]
+
+
+def test_init_model_prints_the_folder_it_wrote(cli_env, sample_dir, tmp_path):
+    output = tmp_path / "init-model"
+
+    result = clipdq(cli_env, "init-model", "--spec", str(sample_dir / "spec.yaml"), "--output", str(output),
+                    cwd=tmp_path)
+
+    assert result.returncode == 0, result.stderr
+    assert last_line(result.stdout) == str(output)
+    clip = model.load_model(str(output), device="cpu")
+    assert clip.meta["arch"] == "tiny" and clip.meta["trained"] is False
+
+
+def test_init_model_with_bad_yaml_fails_with_a_one_line_reason(cli_env, tmp_path):
+    spec = tmp_path / "spec.yaml"
+    spec.write_text("attributes: [unclosed\n")
+
+    result = clipdq(cli_env, "init-model", "--spec", str(spec), "--output", str(tmp_path / "m"), cwd=tmp_path)
+
+    assert result.returncode != 0
+    assert result.stdout == ""
+    assert "Traceback" not in result.stderr
+    assert last_line(result.stderr).startswith("clipdq init-model: error: SpecError: spec is not valid YAML")
+    assert not (tmp_path / "m").exists()
+
+
+@pytest.fixture(scope="module")
+def finetuned(cli_env, sample_dir, tmp_path_factory) -> tuple[subprocess.CompletedProcess, Path]:
+    """One ``clipdq finetune --epochs 1`` on the small labeled sample."""
+    output = tmp_path_factory.mktemp("cli-finetune") / "model"
+    result = clipdq(cli_env, "finetune", "--catalog", str(sample_dir / "labeled.parquet"),
+                    "--spec", str(sample_dir / "spec.yaml"), "--output", str(output), "--epochs", "1",
+                    cwd=output.parent)
+    return result, output
+
+
+def test_finetune_prints_the_model_folder_it_wrote(finetuned, spec):
+    result, output = finetuned
+
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert last_line(result.stdout) == str(output)
+    clip = model.load_model(str(output), device="cpu")
+    assert clip.meta["training"]["epochs_run"] == 1
+    assert set(clip.meta["metrics"]) == set(spec.names)
+
+
+def test_audit_prints_the_run_folder_it_wrote(finetuned, cli_env, sample_dir, tmp_path):
+    _, model_dir = finetuned
+    output = tmp_path / "reports"
+
+    result = clipdq(cli_env, "audit", "--catalog", str(sample_dir / "catalog.parquet"),
+                    "--spec", str(sample_dir / "spec.yaml"), "--model", str(model_dir), "--output", str(output),
+                    cwd=tmp_path)
+
+    assert result.returncode == 0, result.stderr[-3000:]
+    folder = Path(last_line(result.stdout))
+    assert folder.parent.parent == output
+    assert folder.parent.name.startswith("run_date=") and folder.name.startswith("run_id=")
+    assert (folder / "manifest.json").is_file()
+    findings = pl.read_parquet(folder / "findings.parquet")
+    assert findings.height == pl.read_parquet(sample_dir / "ground_truth.parquet").height
+
+
+def test_audit_of_a_missing_catalog_fails_with_a_one_line_reason(cli_env, sample_dir, tmp_path):
+    missing = tmp_path / "no-such-catalog.parquet"
+
+    result = clipdq(cli_env, "audit", "--catalog", str(missing), "--spec", str(sample_dir / "spec.yaml"),
+                    "--model", "unused-model", "--output", str(tmp_path / "reports"), cwd=tmp_path)
+
+    assert result.returncode != 0
+    assert "run_id=" not in result.stdout
+    reasons = reason_lines(result, "audit")
+    assert len(reasons) == 1, result.stderr[-3000:]
+    assert reasons[0] == f"clipdq audit: error: CatalogError: catalog not found: {missing}"
+    assert not (tmp_path / "reports").exists()

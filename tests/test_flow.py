@@ -1,0 +1,168 @@
+"""The Prefect flows, run for real under a temporary Prefect server, on the generated sample."""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import re
+from datetime import datetime, timedelta, timezone
+from pathlib import Path
+
+import polars as pl
+import pytest
+from prefect.client.orchestration import get_client
+from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterKey
+
+from clipdq import model, storage
+from clipdq.compare import FINDINGS_SCHEMA, STATUSES
+from flows.audit import audit_catalog
+from flows.finetune import finetune_model
+
+RUN_FOLDER = re.compile(r"/run_date=(?P<date>\d{4}-\d{2}-\d{2})/run_id=(?P<run_id>[^/]+)$")
+RUN_FILES = ["findings.parquet", "manifest.json", "report.html", "summary.json"]
+
+
+def read_run(folder: str) -> tuple[pl.DataFrame, dict, str, dict]:
+    """(findings, summary, report html, manifest) of a run folder, local or s3://."""
+    findings = pl.read_parquet(io.BytesIO(storage.read_bytes(storage.join(folder, "findings.parquet"))))
+    summary = json.loads(storage.read_bytes(storage.join(folder, "summary.json")))
+    html = storage.read_bytes(storage.join(folder, "report.html")).decode()
+    manifest = json.loads(storage.read_bytes(storage.join(folder, "manifest.json")))
+    return findings, summary, html, manifest
+
+
+def cells(frame: pl.DataFrame, planted: str | None = None) -> set[tuple[str, str]]:
+    """(product_id, attribute) pairs, optionally of ground-truth rows with this planted error."""
+    if planted is not None:
+        frame = frame.filter(pl.col("planted") == planted)
+    return set(frame.select("product_id", "attribute").iter_rows())
+
+
+def assert_findings_match_ground_truth(findings: pl.DataFrame, truth: pl.DataFrame) -> None:
+    """Every product x applicable attribute reported once; planted errors the model cannot miss are found."""
+    assert dict(findings.schema) == FINDINGS_SCHEMA
+    assert findings.height == truth.height
+    assert cells(findings) == cells(truth)
+    status = {(r["product_id"], r["attribute"]): r["status"] for r in findings.iter_rows(named=True)}
+    assert cells(truth, "image_error"), "the sample plants broken images"
+    assert {status[c] for c in cells(truth, "image_error")} == {"image_error"}
+    assert cells(truth, "invalid_value"), "the sample plants invalid values"
+    assert {status[c] for c in cells(truth, "invalid_value")} == {"invalid_value"}
+    # a missing value is a gap or uncertain; a correct value, however spelled, is never invalid
+    assert {status[c] for c in cells(truth, "gap")} <= {"gap", "uncertain"}
+    assert "invalid_value" not in {status[c] for c in cells(truth, "none")}
+    assert set(status.values()) <= set(STATUSES)
+
+
+def assert_run_folder(folder: str, output: str) -> re.Match:
+    assert folder.startswith(output.rstrip("/") + "/")
+    match = RUN_FOLDER.search(folder)
+    assert match, folder
+    today = datetime.now(timezone.utc).date()
+    assert match["date"] in {str(today), str(today - timedelta(days=1))}
+    assert storage.list_files(folder) == RUN_FILES
+    return match
+
+
+def read_artifacts(key: str) -> list:
+    with get_client(sync_client=True) as client:
+        return client.read_artifacts(artifact_filter=ArtifactFilter(key=ArtifactFilterKey(any_=[key])))
+
+
+@pytest.fixture(scope="module")
+def local_run(prefect_harness, sample_dir: Path, trained_model_dir: Path, tmp_path_factory) -> tuple[str, str]:
+    """(output folder, run folder) of one audit of the sample catalog with the session's tiny model."""
+    output = str(tmp_path_factory.mktemp("reports"))
+    folder = audit_catalog(str(sample_dir / "catalog.parquet"), str(sample_dir / "spec.yaml"),
+                           str(trained_model_dir), output, batch_size=16)
+    return output, folder
+
+
+def test_audit_writes_a_complete_run_folder(local_run):
+    output, folder = local_run
+
+    match = assert_run_folder(folder, output)
+    _, summary, _, manifest = read_run(folder)
+    assert summary["run_id"] == manifest["run_id"] == match["run_id"]
+    for name, entry in manifest["files"].items():
+        data = (Path(folder) / name).read_bytes()
+        assert entry == {"bytes": len(data), "sha256": hashlib.sha256(data).hexdigest()}
+    assert sorted(manifest["files"]) == sorted(set(RUN_FILES) - {"manifest.json"})
+
+
+def test_audit_reports_every_product_and_finds_the_planted_errors(local_run, sample_dir):
+    findings, *_ = read_run(local_run[1])
+
+    assert_findings_match_ground_truth(findings, pl.read_parquet(sample_dir / "ground_truth.parquet"))
+
+
+def test_summary_totals_equal_the_findings(local_run, sample_dir):
+    findings, summary, _, manifest = read_run(local_run[1])
+    catalog_rows = pl.read_parquet(sample_dir / "catalog.parquet").height
+
+    counted = {s: findings.filter(pl.col("status") == s).height for s in STATUSES}
+    assert summary["totals"] == counted == manifest["totals"]
+    assert summary["findings"] == findings.height == sum(counted.values()) == manifest["rows"]
+    assert summary["products"] == summary["products_reported"] == catalog_rows
+    for row in summary["by_attribute"]:
+        of_attribute = findings.filter(pl.col("attribute") == row["attribute"])
+        assert {s: row[s] for s in STATUSES} == {s: of_attribute.filter(pl.col("status") == s).height
+                                                 for s in STATUSES}
+    assert {e["column"] for e in summary["expectations"]} == {"product_id", "image"}
+
+
+def test_report_shows_the_counts(local_run):
+    _, summary, html, _ = read_run(local_run[1])
+    text = " ".join(re.sub(r"<[^>]+>", " ", html).split())
+
+    assert f"{summary['products']} products checked" in text
+    totals = summary["totals"]
+    for phrase in (f"{totals['conflict']} conflicts", f"{totals['gap']} gaps", f"{totals['invalid_value']} invalid",
+                   f"{totals['image_error']} image errors", f"{totals['uncertain']} uncertain"):
+        assert phrase in text
+    assert summary["run_id"] in html
+
+
+def test_audit_publishes_prefect_artifacts(local_run):
+    _, summary, _, _ = read_run(local_run[1])
+
+    reports = [a for a in read_artifacts("clipdq-audit-report") if summary["run_id"] in (a.data or "")]
+    assert len(reports) == 1
+    assert reports[0].type == "markdown"
+    assert storage.join(local_run[1], "report.html") in reports[0].data
+    counts = [a for a in read_artifacts("clipdq-audit-counts") if summary["run_id"] in (a.description or "")]
+    assert len(counts) == 1
+    assert counts[0].type == "table"
+    table = json.loads(counts[0].data) if isinstance(counts[0].data, str) else counts[0].data
+    assert table == summary["by_attribute"]
+
+
+def test_audit_reads_the_catalog_from_s3_and_writes_the_run_to_s3(
+    prefect_harness, sample_dir, trained_model_dir, s3_bucket
+):
+    storage.upload_folder(sample_dir, f"{s3_bucket}/sample")
+    output = f"{s3_bucket}/reports"
+
+    folder = audit_catalog(f"{s3_bucket}/sample/catalog.parquet", f"{s3_bucket}/sample/spec.yaml",
+                           str(trained_model_dir), output)
+
+    assert_run_folder(folder, output)
+    findings, summary, _, _ = read_run(folder)
+    assert_findings_match_ground_truth(findings, pl.read_parquet(sample_dir / "ground_truth.parquet"))
+    assert summary["catalog"] == f"{s3_bucket}/sample/catalog.parquet"
+
+
+def test_finetune_flow_writes_a_loadable_model_with_metrics(prefect_harness, sample_dir, spec, tmp_path):
+    output = str(tmp_path / "model")
+
+    result = finetune_model(str(sample_dir / "labeled.parquet"), str(sample_dir / "spec.yaml"), output, epochs=2)
+
+    assert result == output
+    clip = model.load_model(output, device="cpu")
+    assert clip.meta["trained"] is True
+    assert clip.meta["spec_fingerprint"] == spec.fingerprint()
+    assert 1 <= clip.meta["training"]["epochs_run"] <= 2
+    assert set(clip.meta["metrics"]) == set(clip.meta["calibration"]) == set(spec.names)
+    metrics = [a for a in read_artifacts("clipdq-finetune-metrics") if output in (a.description or "")]
+    assert len(metrics) == 1
