@@ -149,7 +149,32 @@ def save_model(clip: Clip, folder: str) -> str:
     weights = (path / "model.safetensors").read_bytes()
     clip.meta["fingerprint"] = hashlib.sha256(weights).hexdigest()[:16]
     (path / META_FILE).write_text(json.dumps(clip.meta, indent=2))
+    if clip.meta.get("metrics"):
+        (path / "README.md").write_text(model_card(clip.meta))
     return folder
+
+
+def model_card(meta: dict) -> str:
+    """A readable summary of a fine-tuned model: data, training and held-out metrics per attribute."""
+    training = meta.get("training", {})
+    lines = [
+        "# clipdq model", "",
+        f"Fine-tuned for spec `{meta.get('spec_fingerprint')}`, weights `{meta.get('fingerprint')}`.",
+        f"Labeled rows: {training.get('labeled_rows')} (train {training.get('train_rows')}, validation "
+        f"{training.get('val_rows')}, test {training.get('test_rows')}); best epoch {training.get('best_epoch')} "
+        f"of {training.get('epochs_run')}, {training.get('minutes')} min.", "",
+        "| attribute | test accuracy | test macro-F1 | val accuracy | ECE before / after | gap / conflict threshold |",
+        "|---|---|---|---|---|---|",
+    ]
+    for name, m in meta["metrics"].items():
+        c = meta.get("calibration", {}).get(name, {})
+        lines.append(
+            f"| {name} | {m.get('test_accuracy', float('nan')):.3f} | {m.get('test_macro_f1', float('nan')):.3f} "
+            f"| {m.get('val_accuracy', float('nan')):.3f} | {m.get('ece_before', float('nan')):.3f} / "
+            f"{m.get('ece_after', float('nan')):.3f} | {c.get('gap_threshold', float('nan')):.3f} / "
+            f"{c.get('conflict_threshold', float('nan')):.3f} |"
+        )
+    return "\n".join(lines) + "\n"
 
 
 def _local_folder(uri: str) -> str:

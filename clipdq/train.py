@@ -28,7 +28,9 @@ class TrainConfig:
     lr: float = 1e-3  # AdamW peak learning rate for models trained from scratch; ~1e-5 for pretrained
     weight_decay: float = 0.05
     warmup_epochs: int = 2  # linear warm-up, then cosine decay
-    val_fraction: float = 0.2  # share of labeled products held out for checkpointing and calibration
+    val_fraction: float = 0.2  # share of labeled products for checkpointing and calibration
+    test_fraction: float = 0.1  # share held out for the metrics in the model card; 0 to skip
+    balanced: bool = True  # batches cover every attribute value evenly (else plain shuffling)
     patience: int = 15  # epochs without a better validation loss before stopping
     max_minutes: float | None = None  # wall-clock budget; the best checkpoint so far is kept
     spread_steps: int = 100  # text-only steps pushing each attribute's value captions apart (new models)
@@ -66,10 +68,39 @@ def load_labeled(frame: pl.DataFrame, spec: Spec, *, base: str, pixel_spec: imag
     return LabeledSet(torch.from_numpy(loaded.pixels), labels, int((~loaded.ok).sum()))
 
 
-def split_indices(n: int, val_fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
-    order = np.random.default_rng(seed).permutation(n)
-    n_val = max(1, round(n * val_fraction))
-    return np.sort(order[n_val:]), np.sort(order[:n_val])
+def split_indices(
+    labels: dict[str, np.ndarray], *, val_fraction: float, test_fraction: float, seed: int
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(train, val, test) row indices, stratified on the joint labels of all attributes.
+
+    Rows are ordered by their label combination (random within one), then dealt to the splits
+    by a golden-ratio sequence, so every combination is spread over the splits in proportion.
+    Each product is one row, so no image lands on two sides. Validation gets at least one row.
+    """
+    rng = np.random.default_rng(seed)
+    n = len(next(iter(labels.values())))
+    keys = np.stack([labels[name] for name in sorted(labels)] + [rng.random(n)], axis=1)
+    order = np.lexsort(keys.T[::-1])
+    draw = (np.arange(n) * 0.6180339887 + rng.random()) % 1.0
+    split = np.where(draw < test_fraction, 2, np.where(draw < test_fraction + val_fraction, 1, 0))
+    assigned = np.empty(n, dtype=int)
+    assigned[order] = split
+    if not (assigned == 1).any():
+        assigned[order[0]] = 1
+    return tuple(np.flatnonzero(assigned == s) for s in (0, 1, 2))
+
+
+def balanced_batches(
+    labels: dict[str, np.ndarray], rows: np.ndarray, *, batch_size: int, steps: int, rng: np.random.Generator
+):
+    """Batches that cover every value of every attribute evenly: picks rotate over the
+    (attribute, value) pools of the given rows, each pick drawn at random from its pool."""
+    pools = [rows[labels[name][rows] == value] for name in labels for value in np.unique(labels[name][rows])
+             if value >= 0]
+    offset = 0
+    for _ in range(steps):
+        yield np.array([rng.choice(pools[(offset + i) % len(pools)]) for i in range(batch_size)])
+        offset += batch_size
 
 
 def augment(pixels: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
@@ -133,12 +164,22 @@ def spread_captions(clip: model.Clip, captions: model.Captions, *, steps: int, l
     return worst
 
 
+def _epoch_batches(labels, train_idx, config: TrainConfig, steps: int, rng: np.random.Generator):
+    if config.balanced:
+        return balanced_batches(labels, train_idx, batch_size=config.batch_size, steps=steps, rng=rng)
+    order = rng.permutation(train_idx)
+    return (order[s * config.batch_size : (s + 1) * config.batch_size] for s in range(steps))
+
+
 def fit(clip: model.Clip, data: LabeledSet, spec: Spec, config: TrainConfig) -> dict:
     """Train in place; restores the lowest-validation-loss weights and returns training metrics."""
     torch.manual_seed(config.seed)
     generator = torch.Generator().manual_seed(config.seed)
     captions = model.Captions(clip, spec)
-    train_idx, val_idx = split_indices(len(data.pixels), config.val_fraction, config.seed)
+    labels = {k: v.numpy() for k, v in data.labels.items()}
+    train_idx, val_idx, test_idx = split_indices(labels, val_fraction=config.val_fraction,
+                                                 test_fraction=config.test_fraction, seed=config.seed)
+    rng = np.random.default_rng(config.seed)
     steps_per_epoch = max(1, len(train_idx) // config.batch_size)
     if config.spread_steps:
         cosine = spread_captions(clip, captions, steps=config.spread_steps, lr=config.lr)
@@ -150,9 +191,7 @@ def fit(clip: model.Clip, data: LabeledSet, spec: Spec, config: TrainConfig) -> 
     started, history = time.monotonic(), []
     for epoch in range(config.epochs):
         clip.model.train()
-        order = train_idx[torch.randperm(len(train_idx), generator=generator).numpy()]
-        for step in range(steps_per_epoch):
-            rows = order[step * config.batch_size : (step + 1) * config.batch_size]
+        for rows in _epoch_batches(labels, train_idx, config, steps_per_epoch, rng):
             pixels = data.pixels[rows]
             pixels = augment(pixels, generator) if config.augment else pixels
             logits = attribute_logits(clip, model.image_features(clip.model, pixels.to(clip.device)), captions)
@@ -173,7 +212,19 @@ def fit(clip: model.Clip, data: LabeledSet, spec: Spec, config: TrainConfig) -> 
     clip.model.eval()
     return {"best_epoch": best["epoch"], "best_val_loss": best["val_loss"], "epochs_run": len(history),
             "minutes": round((time.monotonic() - started) / 60, 2), "train_rows": len(train_idx),
-            "val_rows": len(val_idx), "history": history, "val_idx": val_idx}
+            "val_rows": len(val_idx), "test_rows": len(test_idx), "history": history,
+            "val_idx": val_idx, "test_idx": test_idx}
+
+
+def macro_f1(labels: np.ndarray, predicted: np.ndarray, k: int) -> float:
+    """Unweighted mean F1 over the values that occur in labels or predictions."""
+    scores = []
+    for value in range(k):
+        tp = np.sum((predicted == value) & (labels == value))
+        support = np.sum(labels == value) + np.sum(predicted == value)
+        if support:
+            scores.append(2 * tp / support)
+    return float(np.mean(scores))
 
 
 def calibrate(clip: model.Clip, data: LabeledSet, val_idx: np.ndarray, spec: Spec) -> tuple[dict, dict]:
@@ -198,12 +249,33 @@ def calibrate(clip: model.Clip, data: LabeledSet, val_idx: np.ndarray, spec: Spe
     return calibration, metrics
 
 
+def held_out_metrics(clip: model.Clip, data: LabeledSet, test_idx: np.ndarray, spec: Spec) -> dict:
+    """Per attribute on held-out rows: accuracy, macro-F1 and the confusion matrix (rows: true value)."""
+    if not len(test_idx):
+        return {}
+    _, logits = evaluate(clip, data, test_idx, model.Captions(clip, spec))
+    out = {}
+    for attribute in spec.attributes:
+        labels = data.labels[attribute.name][test_idx].numpy()
+        known = labels >= 0
+        if not known.any():
+            continue
+        predicted, truth, k = logits[attribute.name][known].argmax(1), labels[known], len(attribute.values)
+        confusion = np.zeros((k, k), dtype=int)
+        np.add.at(confusion, (truth, predicted), 1)
+        out[attribute.name] = {"test_rows": int(known.sum()), "test_accuracy": float((predicted == truth).mean()),
+                               "test_macro_f1": macro_f1(truth, predicted, k), "confusion": confusion.tolist()}
+    return out
+
+
 def finetune(clip: model.Clip, frame: pl.DataFrame, spec: Spec, *, base: str, config: TrainConfig) -> model.Clip:
     """Fine-tune on labeled rows and record metrics and calibration in the model's metadata."""
     data = load_labeled(frame, spec, base=base, pixel_spec=clip.pixels)
     log.info("training on %d labeled products (%d without a readable image)", len(data.pixels), data.dropped)
     result = fit(clip, data, spec, config)
     calibration, metrics = calibrate(clip, data, result.pop("val_idx"), spec)
+    for name, held_out in held_out_metrics(clip, data, result.pop("test_idx"), spec).items():
+        metrics.setdefault(name, {}).update(held_out)
     clip.meta.update({
         "trained": True,
         "spec_fingerprint": spec.fingerprint(),

@@ -46,20 +46,57 @@ attributes:
     assert labels["color"].dtype == np.int64
 
 
-@pytest.mark.parametrize(("n", "fraction"), [(60, 0.2), (7, 0.2), (6, 0.25), (2, 0.5), (100, 0.01)])
-def test_split_indices_are_disjoint_and_cover_every_row(n, fraction):
-    train_idx, val_idx = train.split_indices(n, fraction, seed=0)
+def _labels(n: int, seed: int = 0) -> dict[str, np.ndarray]:
+    rng = np.random.default_rng(seed)
+    return {"color": rng.integers(0, 3, n), "lid": np.where(rng.random(n) < 0.5, rng.integers(0, 2, n), -1)}
 
-    assert set(train_idx).isdisjoint(val_idx)
-    assert sorted([*train_idx, *val_idx]) == list(range(n))
-    assert len(val_idx) == max(1, round(n * fraction))
+
+@pytest.mark.parametrize(("n", "val", "test"), [(600, 0.2, 0.1), (7, 0.2, 0.0), (2, 0.5, 0.0), (100, 0.01, 0.3)])
+def test_split_indices_are_disjoint_cover_every_row_and_keep_proportions(n, val, test):
+    parts = train.split_indices(_labels(n), val_fraction=val, test_fraction=test, seed=0)
+
+    assert sorted(np.concatenate(parts).tolist()) == list(range(n))
+    assert len(parts[1]) >= 1
+    for part, fraction in zip(parts[1:], (val, test)):
+        assert abs(len(part) - n * fraction) <= max(1, 0.02 * n)
+
+
+def test_split_indices_stratify_on_label_combinations():
+    labels = _labels(3000)
+    train_idx, val_idx, test_idx = train.split_indices(labels, val_fraction=0.2, test_fraction=0.1, seed=3)
+    combos = np.stack([labels["color"], labels["lid"]], axis=1)
+    for combo in np.unique(combos, axis=0):
+        rows = np.flatnonzero((combos == combo).all(axis=1))
+        assert abs(np.isin(rows, val_idx).mean() - 0.2) < 0.03
+        assert abs(np.isin(rows, test_idx).mean() - 0.1) < 0.03
 
 
 def test_split_indices_depend_on_the_seed_only():
-    first, again, other = (train.split_indices(50, 0.2, seed=s) for s in (1, 1, 2))
+    first, again, other = (train.split_indices(_labels(50), val_fraction=0.2, test_fraction=0.1, seed=s)
+                           for s in (1, 1, 2))
 
     np.testing.assert_array_equal(first[1], again[1])
     assert not np.array_equal(first[1], other[1])
+
+
+def test_balanced_batches_cover_rare_values_evenly():
+    rng = np.random.default_rng(0)
+    labels = {"color": np.array([0] * 95 + [1] * 5), "lid": np.array([-1] * 50 + [0] * 45 + [1] * 5)}
+    rows = np.arange(100)
+    batches = list(train.balanced_batches(labels, rows, batch_size=40, steps=10, rng=rng))
+
+    picked = np.concatenate(batches)
+    assert all(len(b) == 40 for b in batches)
+    for name in labels:  # 4 (attribute, value) pools: each value is in at least a quarter of the picks
+        for value in (0, 1):
+            assert np.mean(labels[name][picked] == value) >= 0.25
+    assert np.mean(labels["color"][rows] == 1) == 0.05  # versus 5% of the rows, as plain shuffling gives
+
+
+def test_macro_f1_weights_every_value_equally():
+    labels = np.array([0, 0, 0, 0, 1])
+    assert train.macro_f1(labels, np.array([0, 0, 0, 0, 0]), 2) == pytest.approx((8 / 9 + 0) / 2)
+    assert train.macro_f1(labels, labels, 2) == 1.0
 
 
 def test_load_labeled_reads_every_sample_image(labeled, sample_dir, spec):
@@ -79,7 +116,7 @@ def test_two_epoch_fit_keeps_the_best_validation_epoch(trained_meta):
     assert training["epochs_run"] == len(losses) == 2
     assert training["best_epoch"] == int(np.argmin(losses))
     assert training["best_val_loss"] == pytest.approx(min(losses))
-    assert training["train_rows"] + training["val_rows"] == training["labeled_rows"]
+    assert training["train_rows"] + training["val_rows"] + training["test_rows"] == training["labeled_rows"]
 
 
 def test_fit_writes_metrics_and_calibration_for_every_attribute(trained_meta, spec):
@@ -94,7 +131,17 @@ def test_fit_writes_metrics_and_calibration_for_every_attribute(trained_meta, sp
         assert predict.TEMPERATURES[0] <= calibration["temperature"] <= predict.TEMPERATURES[-1]
         assert spec.target_precision <= calibration["gap_threshold"] <= 1.0
         assert conflict_bar <= calibration["conflict_threshold"] <= 1.0
+        k = len(spec.attribute(name).values)
+        assert np.array(metrics["confusion"]).shape == (k, k)
+        assert np.array(metrics["confusion"]).sum() == metrics["test_rows"]
+        assert np.trace(metrics["confusion"]) / metrics["test_rows"] == pytest.approx(metrics["test_accuracy"])
     assert trained_meta["spec_fingerprint"] == spec.fingerprint()
+
+
+def test_the_model_card_lists_every_attribute(trained_model_dir, spec):
+    card = (trained_model_dir / "README.md").read_text()
+
+    assert all(f"| {name} |" in card for name in spec.names)
 
 
 def test_the_audit_uses_a_models_calibration_only_for_its_own_spec(trained_model_dir, spec):
