@@ -26,7 +26,8 @@ def _parser() -> argparse.ArgumentParser:
     demo = commands.add_parser("demo", help="build sample data and a demo model if missing, then audit")
     demo.add_argument("--data-dir", default="sample_data", help="where the sample catalog and model live")
     demo.add_argument("--output", default="reports", help="folder or s3:// prefix for the reports")
-    demo.add_argument("--max-minutes", type=float, default=3.0, help="training budget for the demo model")
+    demo.add_argument("--epochs", type=int, default=150, help="training epochs for the demo model")
+    demo.add_argument("--max-minutes", type=float, default=3.5, help="training time budget for the demo model")
 
     audit = commands.add_parser("audit", help="audit a catalog against its images")
     audit.add_argument("--catalog", required=True, help="Parquet file, local or s3://")
@@ -87,9 +88,11 @@ def run_demo(args: argparse.Namespace) -> str:
     else:
         print(f"[1/3] sample catalog found in {data}/", flush=True)
     if not (model / "config.json").exists():
-        print(f"[2/3] training the demo model (up to {args.max_minutes:g} min) into {model}/", flush=True)
+        print(f"[2/3] training the demo model ({args.epochs} epochs, at most {args.max_minutes:g} min) "
+              f"into {model}/", flush=True)
         run_finetune(argparse.Namespace(catalog=str(data / "labeled.parquet"), spec=str(spec), output=str(model),
-                                        base_model=None, arch="tiny", max_minutes=args.max_minutes, epochs=100,
+                                        base_model=None, arch="tiny", max_minutes=args.max_minutes,
+                                        epochs=args.epochs,
                                         seed=0))
     else:
         print(f"[2/3] demo model found in {model}/", flush=True)

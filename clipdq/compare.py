@@ -58,16 +58,17 @@ def _vocabulary(spec: Spec) -> pl.DataFrame:
 
 def _thresholds(calibration: dict[str, Calibration]) -> pl.DataFrame:
     rows = [(name, c.gap_threshold, c.conflict_threshold) for name, c in calibration.items()]
-    return pl.DataFrame(rows, schema=["attribute", "gap_threshold", "conflict_threshold"], orient="row")
+    schema = {"attribute": pl.String, "gap_threshold": pl.Float64, "conflict_threshold": pl.Float64}
+    return pl.DataFrame(rows, schema=schema, orient="row")
 
 
 def _confident(threshold: str) -> pl.Expr:
-    """Confidence reaches the threshold; a threshold of 1.0 means never (probabilities can round to 1)."""
-    return (pl.col(threshold) < 1.0) & (pl.col("confidence") >= pl.col(threshold))
+    """Confidence reaches the threshold; a null threshold means never."""
+    return pl.col(threshold).is_not_null() & (pl.col("confidence") >= pl.col(threshold))
 
 
 def _p(column: str) -> pl.Expr:
-    return pl.col(column).round(3).cast(pl.String)
+    return pl.col(column).round(3).cast(pl.String).fill_null("never")
 
 
 def compare(
@@ -109,11 +110,11 @@ def compare(
         .then(pl.format("catalog says '{}', the image shows '{}' (p={})", "canonical", "predicted_value",
                         _p("confidence")))
         .when((pl.col("status") == "uncertain") & missing)
-        .then(pl.format("missing; best guess '{}' (p={}) is below {}", "predicted_value", _p("confidence"),
-                        _p("gap_threshold")))
+        .then(pl.format("missing; best guess '{}' (p={}), threshold to suggest: {}", "predicted_value",
+                        _p("confidence"), _p("gap_threshold")))
         .when(pl.col("status") == "uncertain")
-        .then(pl.format("the image suggests '{}' (p={}), below {} to flag", "predicted_value", _p("confidence"),
-                        _p("conflict_threshold")))
+        .then(pl.format("the image suggests '{}' (p={}), threshold to flag: {}", "predicted_value",
+                        _p("confidence"), _p("conflict_threshold")))
         .when(pl.col("normalized") != pl.col("canonical"))
         .then(pl.format("'{}' read as '{}'", "existing_value", "canonical"))
     )

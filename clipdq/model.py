@@ -166,13 +166,16 @@ def model_card(meta: dict) -> str:
         "| attribute | test accuracy | test macro-F1 | val accuracy | ECE before / after | gap / conflict threshold |",
         "|---|---|---|---|---|---|",
     ]
+    def fmt(value: float | None) -> str:
+        return "never" if value is None else f"{value:.3f}"
+
     for name, m in meta["metrics"].items():
         c = meta.get("calibration", {}).get(name, {})
         lines.append(
             f"| {name} | {m.get('test_accuracy', float('nan')):.3f} | {m.get('test_macro_f1', float('nan')):.3f} "
             f"| {m.get('val_accuracy', float('nan')):.3f} | {m.get('ece_before', float('nan')):.3f} / "
-            f"{m.get('ece_after', float('nan')):.3f} | {c.get('gap_threshold', float('nan')):.3f} / "
-            f"{c.get('conflict_threshold', float('nan')):.3f} |"
+            f"{m.get('ece_after', float('nan')):.3f} | {fmt(c.get('gap_threshold'))} / "
+            f"{fmt(c.get('conflict_threshold'))} |"
         )
     return "\n".join(lines) + "\n"
 

@@ -19,8 +19,8 @@ class Calibration:
     """How one attribute's scores become trusted flags."""
 
     temperature: float = 1.0  # divides the logits; > 1 softens over-confident models
-    gap_threshold: float = 0.9  # least confidence for a suggested value to fill a gap
-    conflict_threshold: float = 0.99  # least confidence to flag a catalog value as wrong
+    gap_threshold: float | None = 0.9  # least confidence for a suggested value to fill a gap; None: never
+    conflict_threshold: float | None = 0.99  # least confidence to flag a catalog value as wrong; None: never
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -58,10 +58,10 @@ def required_accuracy(target_precision: float, error_rate: float) -> float:
     return p * (1 - e) / (p * (1 - e) + e * (1 - p))
 
 
-def threshold_for_accuracy(confidence: np.ndarray, correct: np.ndarray, required: float) -> float:
+def threshold_for_accuracy(confidence: np.ndarray, correct: np.ndarray, required: float) -> float | None:
     """Smallest confidence above which validation accuracy reaches ``required``.
 
-    Only thresholds with at least MIN_SUPPORT rows above them count; returns 1.0 (never flag)
+    Only thresholds with at least MIN_SUPPORT rows above them count; returns None (never flag)
     when no threshold qualifies.
     """
     order = np.argsort(-confidence)
@@ -69,7 +69,7 @@ def threshold_for_accuracy(confidence: np.ndarray, correct: np.ndarray, required
     accuracy = np.cumsum(hits) / np.arange(1, len(hits) + 1)
     ok = (accuracy >= required) & (np.arange(1, len(hits) + 1) >= MIN_SUPPORT)
     if not ok.any():
-        return 1.0
+        return None
     return float(conf[np.flatnonzero(ok).max()])
 
 
@@ -83,11 +83,12 @@ def calibrate(logits: np.ndarray, labels: np.ndarray, *, target_precision: float
     probs = softmax(logits, temperature=temperature)
     confidence, correct = probs.max(axis=1), probs.argmax(axis=1) == labels
     conflict_needed = required_accuracy(target_precision, error_rate)
-    return Calibration(
-        temperature=temperature,
-        gap_threshold=max(threshold_for_accuracy(confidence, correct, target_precision), target_precision),
-        conflict_threshold=max(threshold_for_accuracy(confidence, correct, conflict_needed), conflict_needed),
-    )
+
+    def threshold(required: float) -> float | None:
+        empirical = threshold_for_accuracy(confidence, correct, required)
+        return None if empirical is None else max(empirical, required)
+
+    return Calibration(temperature, threshold(target_precision), threshold(conflict_needed))
 
 
 def default_calibration(target_precision: float, error_rate: float) -> Calibration:

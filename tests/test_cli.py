@@ -7,6 +7,7 @@ about half a minute. All are marked ``subprocess``; they stay in the default run
 from __future__ import annotations
 
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -123,3 +124,18 @@ def test_audit_of_a_missing_catalog_fails_with_a_one_line_reason(cli_env, sample
     assert len(reasons) == 1, result.stderr[-3000:]
     assert reasons[0] == f"clipdq audit: error: CatalogError: catalog not found: {missing}"
     assert not (tmp_path / "reports").exists()
+
+
+def test_demo_trains_a_model_audits_and_prints_the_run_folder(cli_env, sample_dir, tmp_path):
+    data = tmp_path / "data"
+    shutil.copytree(sample_dir, data)  # a small sample in place: the demo reuses it rather than generating
+
+    result = clipdq(cli_env, "demo", "--data-dir", str(data), "--output", str(tmp_path / "reports"),
+                    "--epochs", "1", cwd=tmp_path)
+
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "[2/3] training the demo model" in result.stdout
+    folder = Path(last_line(result.stdout))
+    assert (folder / "manifest.json").is_file()
+    assert f"Report: {folder / 'report.html'}" in result.stdout
+    assert (data / "model" / model.META_FILE).is_file()

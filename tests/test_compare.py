@@ -186,15 +186,27 @@ def test_any_whitespace_around_a_value_is_ignored(spelling):
     assert result["status"].to_list() == ["match"]
 
 
-def test_threshold_of_one_never_flags_even_a_certain_prediction():
+def test_a_missing_threshold_never_flags_even_a_certain_prediction():
     catalog = pl.DataFrame({"product_id": ["conflict", "gap"], "image": ["a", "b"], "color": ["blue", None]})
     predictions = pl.DataFrame(
         [("conflict", "color", "red", 1.0, None), ("gap", "color", "red", 1.0, None)],
         schema=PREDICTIONS_SCHEMA, orient="row",
     )
     spec = parse_spec("attributes:\n  color:\n    values: [red, blue]\n")
-    never = Calibration(temperature=1.0, gap_threshold=1.0, conflict_threshold=1.0)
+    never = Calibration(temperature=1.0, gap_threshold=None, conflict_threshold=None)
 
     result = compare(catalog, predictions, spec=spec, calibration={"color": never})
 
     assert result["status"].to_list() == ["uncertain", "uncertain"]
+    assert all("never" in detail for detail in result["detail"].to_list())
+
+
+def test_a_threshold_of_one_flags_predictions_that_round_to_certainty():
+    catalog = pl.DataFrame({"product_id": ["conflict"], "image": ["a"], "color": ["blue"]})
+    predictions = pl.DataFrame([("conflict", "color", "red", 1.0, None)], schema=PREDICTIONS_SCHEMA, orient="row")
+    spec = parse_spec("attributes:\n  color:\n    values: [red, blue]\n")
+    certain_only = Calibration(temperature=1.0, gap_threshold=1.0, conflict_threshold=1.0)
+
+    result = compare(catalog, predictions, spec=spec, calibration={"color": certain_only})
+
+    assert result["status"].to_list() == ["conflict"]

@@ -79,13 +79,13 @@ def test_required_accuracy_rises_with_the_target_and_falls_with_the_error_rate()
     assert predict.required_accuracy(0.9, 0.5) == pytest.approx(0.9)  # coin-flip prior: accuracy = precision
 
 
-def brute_force_threshold(confidence: np.ndarray, correct: np.ndarray, required: float) -> float:
+def brute_force_threshold(confidence: np.ndarray, correct: np.ndarray, required: float) -> float | None:
     """The smallest observed confidence whose rows at or above it are accurate enough, with support."""
     for cut in np.sort(confidence):
         above = confidence >= cut
         if above.sum() >= predict.MIN_SUPPORT and correct[above].mean() >= required:
             return float(cut)
-    return 1.0
+    return None
 
 
 def test_threshold_for_accuracy_picks_the_lowest_cut_that_stays_accurate():
@@ -113,13 +113,13 @@ def test_threshold_for_accuracy_agrees_with_brute_force_on_random_data():
             )
 
 
-def test_threshold_for_accuracy_is_one_when_no_cut_qualifies():
+def test_threshold_for_accuracy_is_none_when_no_cut_qualifies():
     confidence = np.linspace(0.99, 0.5, 30)
     mostly_wrong = np.arange(30) % 3 == 0
-    assert predict.threshold_for_accuracy(confidence, mostly_wrong, 0.9) == 1.0
+    assert predict.threshold_for_accuracy(confidence, mostly_wrong, 0.9) is None
 
     too_few = np.linspace(0.99, 0.9, predict.MIN_SUPPORT - 1)
-    assert predict.threshold_for_accuracy(too_few, np.ones_like(too_few, dtype=bool), 0.5) == 1.0
+    assert predict.threshold_for_accuracy(too_few, np.ones_like(too_few, dtype=bool), 0.5) is None
 
 
 def test_expected_calibration_error_is_small_for_a_calibrated_model():
