@@ -54,15 +54,13 @@ def score_batch(
             predict.logits_for(image_emb, value_emb[attribute.name], scale=scale),
             temperature=calibration[attribute.name].temperature,
         )
-        best = iter(zip(probs.argmax(axis=1), probs.max(axis=1)))
-        values, confidence = [], []
-        for ok in loaded.ok:
-            index, p = next(best) if ok else (None, None)
-            values.append(None if index is None else attribute.values[index])
-            confidence.append(None if p is None else float(p))
+        values = np.full(len(ids), None, dtype=object)
+        values[loaded.ok] = np.array(attribute.values, dtype=object)[probs.argmax(axis=1)]
+        confidence = np.full(len(ids), np.nan)
+        confidence[loaded.ok] = probs.max(axis=1)
         frames.append(pl.DataFrame(
-            {"product_id": ids, "attribute": attribute.name, "predicted_value": values,
-             "confidence": confidence, "image_error": loaded.errors},
+            {"product_id": ids, "attribute": attribute.name, "predicted_value": pl.Series(values, dtype=pl.String),
+             "confidence": pl.Series(confidence).fill_nan(None), "image_error": loaded.errors},
             schema=PREDICTIONS_SCHEMA,
         ))
     return pl.concat(frames)

@@ -48,7 +48,15 @@ def summarize(findings: pl.DataFrame, *, products: int, run: dict, validation: d
 
 
 def top_findings(findings: pl.DataFrame, status: str, n: int = TOP_N) -> pl.DataFrame:
-    return findings.filter(pl.col("status") == status).sort("confidence", descending=True).head(n)
+    """The most confident findings of a status, taking attributes in turn so each is shown."""
+    return (
+        findings.filter(pl.col("status") == status)
+        .sort("confidence", descending=True, nulls_last=True)
+        .with_columns(pl.int_range(pl.len()).over("attribute").alias("turn"))
+        .sort("turn", maintain_order=True)
+        .head(n)
+        .drop("turn")
+    )
 
 
 def render_html(findings: pl.DataFrame, summary: dict, thumbnails: dict[str, bytes | None]) -> str:

@@ -15,7 +15,6 @@ from clipdq.spec import Spec, parse_spec
 from flows.retries import IO_RETRIES
 
 
-
 @task(**IO_RETRIES)
 def load_spec(uri: str) -> Spec:
     return parse_spec(storage.read_bytes(uri).decode())
@@ -62,10 +61,11 @@ def audit_catalog(catalog_uri: str, spec_uri: str, model_uri: str, output_uri: s
     calibration = audit.calibration_for(clip, spec)
     value_emb = model.embed_captions(clip, spec)  # once per run, shared by every batch
     base = storage.parent(catalog_uri)
-    scored = []
+    scored, done = [], 0
     for rows in audit.batches(frame, batch_size):
         scored.append(score(rows, clip, spec, value_emb, calibration, base))
-        logger.info("scored %d/%d products", sum(p["product_id"].n_unique() for p in scored), frame.height)
+        done += rows.height
+        logger.info("scored %d/%d products", done, frame.height)
     findings = compare(frame, pl.concat(scored), spec=spec, calibration=calibration)
     run = {"run_id": run_id, "started_at": started.isoformat(), "catalog": catalog_uri, "model": model_uri,
            "model_fingerprint": clip.fingerprint(), "target_precision": spec.target_precision,

@@ -1,0 +1,59 @@
+"""Summary counts, the HTML report and the published run folder."""
+
+from __future__ import annotations
+
+import json
+
+import polars as pl
+
+from clipdq import report
+from clipdq.compare import FINDINGS_SCHEMA, STATUSES
+
+
+def findings(rows: list[tuple]) -> pl.DataFrame:
+    return pl.DataFrame(rows, schema=FINDINGS_SCHEMA, orient="row")
+
+
+FINDINGS = findings([
+    ("p1", "color", "red", "red", 0.99, "match", None),
+    ("p2", "color", "blue", "red", 0.999, "conflict", "catalog says 'blue'"),
+    ("p3", "color", "blue", "red", 0.998, "conflict", "catalog says 'blue'"),
+    ("p1", "lid", "lid", "no lid", 0.95, "conflict", "catalog says 'lid'"),
+    ("p2", "lid", None, "lid", 0.97, "gap", "missing"),
+    ("<script>alert(1)</script>", "lid", "maybe", "lid", 0.6, "invalid_value", "'maybe' is not known"),
+])
+
+
+def test_counts_have_every_status_per_attribute_zeros_included():
+    counts = report.counts(FINDINGS)
+
+    assert counts.columns == ["attribute", *STATUSES]
+    assert counts.filter(pl.col("attribute") == "color").row(0) == ("color", 1, 2, 0, 0, 0, 0)
+    assert counts.filter(pl.col("attribute") == "lid").row(0) == ("lid", 0, 1, 1, 0, 1, 0)
+
+
+def test_top_findings_take_attributes_in_turn():
+    top = report.top_findings(FINDINGS, "conflict", n=2)
+
+    assert top["attribute"].to_list() == ["color", "lid"]  # not the two color conflicts, though more confident
+
+
+def test_report_html_escapes_catalog_text_and_shows_counts():
+    summary = report.summarize(FINDINGS, products=3, run={"run_id": "r1"}, validation={})
+    html = report.render_html(FINDINGS, summary, thumbnails={})
+
+    assert "<script>alert(1)</script>" not in html
+    assert "&lt;script&gt;" in html
+    assert "3 conflicts" in html and "1 gaps" in html
+
+
+def test_publish_run_writes_every_file_and_the_manifest_last(tmp_path):
+    summary = report.summarize(FINDINGS, products=3, run={"run_id": "r1"}, validation={})
+    _, folder = report.new_run(str(tmp_path))
+
+    manifest = report.publish_run(folder, FINDINGS, summary, "<html></html>")
+
+    written = json.loads(open(manifest).read())
+    assert set(written["files"]) == {"findings.parquet", "summary.json", "report.html"}
+    assert written["rows"] == FINDINGS.height
+    assert pl.read_parquet(f"{folder}/findings.parquet").equals(FINDINGS)
