@@ -68,6 +68,13 @@ def run_finetune(args: argparse.Namespace) -> str:
                           max_minutes=args.max_minutes, epochs=args.epochs, seed=args.seed)
 
 
+def _train_demo_model(data: Path, output: Path, *, epochs: int, max_minutes: float) -> str:
+    from flows.finetune import finetune_model
+
+    return finetune_model(str(data / "labeled.parquet"), str(data / "spec.yaml"), str(output), arch="tiny",
+                          max_minutes=max_minutes, epochs=epochs, seed=0)
+
+
 def run_init_model(args: argparse.Namespace) -> str:
     from clipdq import model, storage
     from clipdq.spec import parse_spec
@@ -87,13 +94,10 @@ def run_demo(args: argparse.Namespace) -> str:
         generate(data)
     else:
         print(f"[1/3] sample catalog found in {data}/", flush=True)
-    if not (model / "config.json").exists():
+    if not (model / "clipdq.json").exists():
         print(f"[2/3] training the demo model ({args.epochs} epochs, at most {args.max_minutes:g} min) "
               f"into {model}/", flush=True)
-        run_finetune(argparse.Namespace(catalog=str(data / "labeled.parquet"), spec=str(spec), output=str(model),
-                                        base_model=None, arch="tiny", max_minutes=args.max_minutes,
-                                        epochs=args.epochs,
-                                        seed=0))
+        _train_demo_model(data, model, epochs=args.epochs, max_minutes=args.max_minutes)
     else:
         print(f"[2/3] demo model found in {model}/", flush=True)
     print("[3/3] auditing the sample catalog", flush=True)

@@ -11,6 +11,7 @@ import hashlib
 import json
 import logging
 import re
+import shutil
 import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -135,22 +136,27 @@ def save_model(clip: Clip, folder: str) -> str:
     if storage.is_s3(folder):
         with tempfile.TemporaryDirectory() as tmp:
             save_model(clip, tmp)
-            storage.upload_folder(Path(tmp), folder)
+            storage.upload_folder(Path(tmp), folder, last=META_FILE)
         return folder
-    path = Path(folder)
-    clip.model.save_pretrained(path, safe_serialization=True)
-    clip.tokenizer.save_pretrained(path)
-    CLIPImageProcessor(
-        size={"shortest_edge": clip.pixels.resize},
-        crop_size={"height": clip.pixels.crop, "width": clip.pixels.crop},
-        image_mean=list(clip.pixels.mean),
-        image_std=list(clip.pixels.std),
-    ).save_pretrained(path)
-    weights = (path / "model.safetensors").read_bytes()
-    clip.meta["fingerprint"] = hashlib.sha256(weights).hexdigest()[:16]
-    (path / META_FILE).write_text(json.dumps(clip.meta, indent=2))
-    if clip.meta.get("metrics"):
-        (path / "README.md").write_text(model_card(clip.meta))
+    target = Path(folder)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=target.parent, prefix=f".{target.name}.") as tmp:
+        path = Path(tmp) / "model"
+        clip.model.save_pretrained(path, safe_serialization=True)
+        clip.tokenizer.save_pretrained(path)
+        CLIPImageProcessor(
+            size={"shortest_edge": clip.pixels.resize},
+            crop_size={"height": clip.pixels.crop, "width": clip.pixels.crop},
+            image_mean=list(clip.pixels.mean),
+            image_std=list(clip.pixels.std),
+        ).save_pretrained(path)
+        clip.meta["fingerprint"] = hashlib.sha256((path / "model.safetensors").read_bytes()).hexdigest()[:16]
+        (path / META_FILE).write_text(json.dumps(clip.meta, indent=2))
+        if clip.meta.get("metrics"):
+            (path / "README.md").write_text(model_card(clip.meta))
+        if target.exists():  # replace a previous model only once the new one is whole
+            shutil.rmtree(target)
+        path.rename(target)
     return folder
 
 

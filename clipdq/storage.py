@@ -121,8 +121,9 @@ def download_folder(prefix: str, dest: Path) -> Path:
     return dest
 
 
-def upload_folder(folder: Path, prefix: str) -> None:
-    for name in list_files(str(folder)):
+def upload_folder(folder: Path, prefix: str, *, last: str | None = None) -> None:
+    """Copy a local folder to an s3:// prefix; the file named ``last`` goes last (a completion marker)."""
+    for name in sorted(list_files(str(folder)), key=lambda name: name == last):
         write_bytes(join(prefix, name), (folder / name).read_bytes())
 
 
