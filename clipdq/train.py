@@ -129,7 +129,9 @@ def batch_loss(logits: dict[str, torch.Tensor], labels: dict[str, torch.Tensor])
 
 
 @torch.inference_mode()
-def evaluate(clip: model.Clip, data: LabeledSet, idx: np.ndarray, captions: model.Captions) -> tuple[float, dict[str, np.ndarray]]:
+def evaluate(
+    clip: model.Clip, data: LabeledSet, idx: np.ndarray, captions: model.Captions
+) -> tuple[float, dict[str, np.ndarray]]:
     """(validation loss, per-attribute logits) over the given rows."""
     clip.model.eval()
     pixels = data.pixels[idx].to(clip.device)
@@ -155,7 +157,8 @@ def spread_captions(clip: model.Clip, captions: model.Captions, *, steps: int, l
     optimizer = torch.optim.AdamW(text, lr=lr)
     worst = 1.0
     for _ in range(steps):
-        sims = [emb @ emb.T - 2 * torch.eye(len(emb)) for emb in captions.value_embeddings(clip).values()]
+        embeddings = captions.value_embeddings(clip).values()
+        sims = [emb @ emb.T - 2 * torch.eye(len(emb), device=emb.device) for emb in embeddings]
         loss = torch.stack([torch.logsumexp(10 * s.flatten(), 0) for s in sims]).mean()
         optimizer.zero_grad()
         loss.backward()
@@ -270,6 +273,8 @@ def held_out_metrics(clip: model.Clip, data: LabeledSet, test_idx: np.ndarray, s
 
 def finetune(clip: model.Clip, frame: pl.DataFrame, spec: Spec, *, base: str, config: TrainConfig) -> model.Clip:
     """Fine-tune on labeled rows and record metrics and calibration in the model's metadata."""
+    if torch.cuda.is_available():
+        clip.model.cuda()
     data = load_labeled(frame, spec, base=base, pixel_spec=clip.pixels)
     log.info("training on %d labeled products (%d without a readable image)", len(data.pixels), data.dropped)
     result = fit(clip, data, spec, config)
