@@ -7,6 +7,7 @@ output, and fail with a one-line reason and a non-zero exit status.
 from __future__ import annotations
 
 import argparse
+import atexit
 import json
 import logging
 import os
@@ -110,6 +111,15 @@ def run_demo(args: argparse.Namespace) -> str:
     return folder
 
 
+_LAST_WORDS: list[str] = []
+
+
+@atexit.register  # registered before Prefect's shutdown handlers, so it runs after them
+def _print_last_words() -> None:
+    for line in _LAST_WORDS:
+        print(line, file=sys.stderr)
+
+
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     log.setLevel(logging.INFO)  # Prefect's console handler shows these inside flows
@@ -123,7 +133,7 @@ def main(argv: list[str] | None = None) -> int:
         location = commands[args.command](args)
     except Exception as error:  # noqa: BLE001 - the CLI's contract: one line, non-zero exit
         log.debug("failed", exc_info=True)
-        print(f"clipdq {args.command}: error: {type(error).__name__}: {error}".splitlines()[0], file=sys.stderr)
+        _LAST_WORDS.append(f"clipdq {args.command}: error: {type(error).__name__}: {error}".splitlines()[0])
         return 1
     print(location)
     return 0

@@ -122,6 +122,7 @@ def test_audit_of_a_missing_catalog_fails_with_a_one_line_reason(cli_env, sample
     assert "run_id=" not in result.stdout
     reasons = reason_lines(result, "audit")
     assert len(reasons) == 1, result.stderr[-3000:]
+    assert last_line(result.stderr) == reasons[0]
     assert reasons[0] == f"clipdq audit: error: CatalogError: catalog not found: {missing}"
     assert not (tmp_path / "reports").exists()
 
