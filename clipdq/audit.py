@@ -29,6 +29,13 @@ def calibration_for(clip: model.Clip, spec: Spec) -> dict[str, Calibration]:
     return {name: Calibration(**fitted[name]) if name in fitted else default for name in spec.names}
 
 
+def value_embeddings_for(clip: model.Clip, spec: Spec) -> dict[str, np.ndarray]:
+    """The model's learned value embeddings where it was trained on this spec, else its captions'."""
+    if clip.value_emb is not None and clip.meta.get("spec_fingerprint") == spec.fingerprint():
+        return clip.value_emb
+    return model.embed_captions(clip, spec)
+
+
 def batches(frame: pl.DataFrame, size: int) -> Iterator[pl.DataFrame]:
     for offset in range(0, frame.height, size):
         yield frame.slice(offset, size)

@@ -47,6 +47,8 @@ def _parser() -> argparse.ArgumentParser:
     finetune.add_argument("--max-minutes", type=float, help="training time budget")
     finetune.add_argument("--epochs", type=int, default=100)
     finetune.add_argument("--seed", type=int, default=0)
+    finetune.add_argument("--mode", default="full", choices=["full", "prototype"],
+                          help="full: fine-tune both towers; prototype: learn value embeddings on frozen images (fast)")
 
     init = commands.add_parser("init-model", help="a randomly initialised CLIP with a tokenizer for the spec")
     init.add_argument("--spec", required=True)
@@ -66,7 +68,7 @@ def run_finetune(args: argparse.Namespace) -> str:
     from flows.finetune import finetune_model
 
     return finetune_model(args.catalog, args.spec, args.output, base_model=args.base_model, arch=args.arch,
-                          max_minutes=args.max_minutes, epochs=args.epochs, seed=args.seed)
+                          max_minutes=args.max_minutes, epochs=args.epochs, seed=args.seed, mode=args.mode)
 
 
 def _train_demo_model(data: Path, output: Path, *, epochs: int, max_minutes: float) -> str:

@@ -17,6 +17,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
+import safetensors.numpy
 import torch
 import transformers
 
@@ -38,6 +39,7 @@ from clipdq.spec import Spec  # noqa: E402
 log = logging.getLogger(__name__)
 
 META_FILE = "clipdq.json"
+VALUE_EMB_FILE = "value_embeddings.safetensors"
 ARCHS = ("tiny", "vit-b-32")
 _WORD = re.compile(r"[^\W\d_]+|\d|[^\s\w]+|_")  # CLIP's pre-tokenizer, in stdlib regex terms
 
@@ -49,6 +51,7 @@ class Clip:
     pixels: PixelSpec
     source: str
     meta: dict = field(default_factory=dict)  # contents of clipdq.json, empty for plain checkpoints
+    value_emb: dict[str, np.ndarray] | None = None  # learned value embeddings (fast mode), else captions
 
     @property
     def device(self) -> torch.device:
@@ -158,6 +161,8 @@ def save_model(clip: Clip, folder: str) -> str:
             image_std=list(clip.pixels.std),
         ).save_pretrained(path)
         clip.meta["fingerprint"] = hashlib.sha256((path / "model.safetensors").read_bytes()).hexdigest()[:16]
+        if clip.value_emb is not None:
+            safetensors.numpy.save_file(clip.value_emb, str(path / VALUE_EMB_FILE))
         (path / META_FILE).write_text(json.dumps(clip.meta, indent=2))
         if clip.meta.get("metrics"):
             (path / "README.md").write_text(model_card(clip.meta))
@@ -219,8 +224,10 @@ def load_model(uri: str, *, device: str | None = None) -> Clip:
     processor = AutoImageProcessor.from_pretrained(folder)
     meta_path = Path(folder, META_FILE)
     meta = json.loads(meta_path.read_text()) if meta_path.exists() else {}
+    value_path = Path(folder, VALUE_EMB_FILE)
+    value_emb = safetensors.numpy.load_file(str(value_path)) if value_path.exists() else None
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
-    return Clip(model.to(device), tokenizer, _pixel_spec(processor), source=uri, meta=meta)
+    return Clip(model.to(device), tokenizer, _pixel_spec(processor), source=uri, meta=meta, value_emb=value_emb)
 
 
 def image_features(model: CLIPModel, pixel_values: torch.Tensor) -> torch.Tensor:

@@ -15,7 +15,7 @@ import polars as pl
 import torch
 import torch.nn.functional as F
 
-from clipdq import images, model, predict
+from clipdq import evaluation, images, model, predict, prototypes
 from clipdq.spec import Spec
 
 log = logging.getLogger(__name__)
@@ -35,6 +35,7 @@ class TrainConfig:
     max_minutes: float | None = None  # wall-clock budget; the best checkpoint so far is kept
     spread_steps: int = 100  # text-only steps pushing each attribute's value captions apart (new models)
     augment: bool = True  # random crop, flip and brightness on training images
+    mode: str = "full"  # "full": train both towers; "prototype": learn value embeddings on frozen images
     seed: int = 0
 
 
@@ -219,68 +220,48 @@ def fit(clip: model.Clip, data: LabeledSet, spec: Spec, config: TrainConfig) -> 
             "val_idx": val_idx, "test_idx": test_idx}
 
 
-def macro_f1(labels: np.ndarray, predicted: np.ndarray, k: int) -> float:
-    """Unweighted mean F1 over the values that occur in labels or predictions."""
-    scores = []
-    for value in range(k):
-        tp = np.sum((predicted == value) & (labels == value))
-        support = np.sum(labels == value) + np.sum(predicted == value)
-        if support:
-            scores.append(2 * tp / support)
-    return float(np.mean(scores))
+def fit_prototypes(clip: model.Clip, data: LabeledSet, spec: Spec, config: TrainConfig) -> dict:
+    """Fast mode: learn value embeddings on frozen image embeddings; sets ``clip.value_emb``."""
+    started = time.monotonic()
+    labels = {name: values.numpy() for name, values in data.labels.items()}
+    train_idx, val_idx, test_idx = split_indices(labels, val_fraction=config.val_fraction,
+                                                 test_fraction=config.test_fraction, seed=config.seed)
+    torch.manual_seed(config.seed)
+    clip.value_emb, result = prototypes.fit(
+        model.embed_images(clip, data.pixels.numpy()), labels, model.embed_captions(clip, spec),
+        train_idx=train_idx, val_idx=val_idx, scale=model.logit_scale(clip))
+    log.info("prototypes: best validation loss %.3f at step %d", result["best_val_loss"], result["best_step"])
+    return result | {"minutes": round((time.monotonic() - started) / 60, 2), "train_rows": len(train_idx),
+                     "val_rows": len(val_idx), "test_rows": len(test_idx), "val_idx": val_idx, "test_idx": test_idx}
 
 
-def calibrate(clip: model.Clip, data: LabeledSet, val_idx: np.ndarray, spec: Spec) -> tuple[dict, dict]:
-    """(calibration, validation metrics) per attribute, from the validation split."""
-    _, logits = evaluate(clip, data, val_idx, model.Captions(clip, spec))
-    calibration, metrics = {}, {}
-    for name, attr_logits in logits.items():
-        labels = data.labels[name][val_idx].numpy()
-        known = labels >= 0
-        if known.sum() < 2:
-            continue
-        fitted = predict.calibrate(attr_logits[known], labels[known], target_precision=spec.target_precision,
-                                   error_rate=spec.expected_error_rate)
-        probs = predict.softmax(attr_logits[known], temperature=fitted.temperature)
-        calibration[name] = fitted.to_dict()
-        metrics[name] = {
-            "val_rows": int(known.sum()),
-            "val_accuracy": float((probs.argmax(1) == labels[known]).mean()),
-            "ece_before": predict.expected_calibration_error(predict.softmax(attr_logits[known]), labels[known]),
-            "ece_after": predict.expected_calibration_error(probs, labels[known]),
-        }
-    return calibration, metrics
+def _labels(data: LabeledSet, idx: np.ndarray) -> dict[str, np.ndarray]:
+    return {name: values[idx].numpy() for name, values in data.labels.items()}
 
 
-def held_out_metrics(clip: model.Clip, data: LabeledSet, test_idx: np.ndarray, spec: Spec) -> dict:
-    """Per attribute on held-out rows: accuracy, macro-F1 and the confusion matrix (rows: true value)."""
-    if not len(test_idx):
-        return {}
-    _, logits = evaluate(clip, data, test_idx, model.Captions(clip, spec))
-    out = {}
-    for attribute in spec.attributes:
-        labels = data.labels[attribute.name][test_idx].numpy()
-        known = labels >= 0
-        if not known.any():
-            continue
-        predicted, truth, k = logits[attribute.name][known].argmax(1), labels[known], len(attribute.values)
-        confusion = np.zeros((k, k), dtype=int)
-        np.add.at(confusion, (truth, predicted), 1)
-        out[attribute.name] = {"test_rows": int(known.sum()), "test_accuracy": float((predicted == truth).mean()),
-                               "test_macro_f1": macro_f1(truth, predicted, k), "confusion": confusion.tolist()}
-    return out
+def _logits(clip: model.Clip, data: LabeledSet, idx: np.ndarray, captions: model.Captions) -> dict[str, np.ndarray]:
+    """Scaled logits of the given rows, with the model's learned value embeddings where it has them."""
+    if clip.value_emb is None:
+        return evaluate(clip, data, idx, captions)[1]
+    image_emb = model.embed_images(clip, data.pixels[idx].numpy())
+    scale = model.logit_scale(clip)
+    return {name: predict.logits_for(image_emb, emb, scale=scale) for name, emb in clip.value_emb.items()}
 
 
 def finetune(clip: model.Clip, frame: pl.DataFrame, spec: Spec, *, base: str, config: TrainConfig) -> model.Clip:
-    """Fine-tune on labeled rows and record metrics and calibration in the model's metadata."""
+    """Train on labeled rows (``config.mode``) and record metrics and calibration in the model's metadata."""
     if torch.cuda.is_available():
         clip.model.cuda()
     data = load_labeled(frame, spec, base=base, pixel_spec=clip.pixels)
     log.info("training on %d labeled products (%d without a readable image)", len(data.pixels), data.dropped)
-    result = fit(clip, data, spec, config)
-    calibration, metrics = calibrate(clip, data, result.pop("val_idx"), spec)
-    for name, held_out in held_out_metrics(clip, data, result.pop("test_idx"), spec).items():
-        metrics.setdefault(name, {}).update(held_out)
+    result = (fit_prototypes if config.mode == "prototype" else fit)(clip, data, spec, config)
+    val_idx, test_idx = result.pop("val_idx"), result.pop("test_idx")
+    captions = model.Captions(clip, spec)
+    calibration, metrics = evaluation.calibrate(_logits(clip, data, val_idx, captions), _labels(data, val_idx), spec)
+    if len(test_idx):
+        logits = _logits(clip, data, test_idx, captions)
+        for name, figures in evaluation.held_out_metrics(logits, _labels(data, test_idx), spec).items():
+            metrics.setdefault(name, {}).update(figures)
     clip.meta.update({
         "trained": True,
         "spec_fingerprint": spec.fingerprint(),

@@ -59,7 +59,7 @@ def audit_catalog(catalog_uri: str, spec_uri: str, model_uri: str, output_uri: s
     validation = validate_catalog(frame, spec)
     clip = load_model(model_uri)
     calibration = audit.calibration_for(clip, spec)
-    value_emb = model.embed_captions(clip, spec)  # once per run, shared by every batch
+    value_emb = audit.value_embeddings_for(clip, spec)  # once per run, shared by every batch
     base = storage.parent(catalog_uri)
     scored, done = [], 0
     for rows in audit.batches(frame, batch_size):

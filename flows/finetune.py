@@ -41,11 +41,16 @@ def finetune_model(
     max_minutes: float | None = None,
     epochs: int = 100,
     seed: int = 0,
+    mode: str = "full",
 ) -> str:
-    """Train on labeled products; returns the saved model folder (with metrics and calibration)."""
+    """Train on labeled products; returns the saved model folder (with metrics and calibration).
+
+    ``mode`` "full" fine-tunes both towers; "prototype" learns only each value's embedding on the
+    frozen image tower, in seconds.
+    """
     spec_text = storage.read_bytes(spec_uri).decode()
     clip = load_base_model(spec_text, base_model, arch)
-    config = train.TrainConfig(epochs=epochs, max_minutes=max_minutes, seed=seed)
+    config = train.TrainConfig(epochs=epochs, max_minutes=max_minutes, seed=seed, mode=mode)
     if base_model:  # pretrained towers: gentle updates, captions already apart
         config.lr, config.spread_steps = 1e-5, 0
     clip = fit(clip, catalog_uri, spec_text, config)

@@ -10,7 +10,7 @@ import numpy as np
 import polars as pl
 import pytest
 
-from clipdq import audit, model, predict, train
+from clipdq import audit, evaluation, model, predict, prototypes, train
 from clipdq.catalog import read_catalog
 from clipdq.spec import Spec, parse_spec
 
@@ -95,8 +95,8 @@ def test_balanced_batches_cover_rare_values_evenly():
 
 def test_macro_f1_weights_every_value_equally():
     labels = np.array([0, 0, 0, 0, 1])
-    assert train.macro_f1(labels, np.array([0, 0, 0, 0, 0]), 2) == pytest.approx((8 / 9 + 0) / 2)
-    assert train.macro_f1(labels, labels, 2) == 1.0
+    assert evaluation.macro_f1(labels, np.array([0, 0, 0, 0, 0]), 2) == pytest.approx((8 / 9 + 0) / 2)
+    assert evaluation.macro_f1(labels, labels, 2) == 1.0
 
 
 def test_load_labeled_reads_every_sample_image(labeled, sample_dir, spec):
@@ -189,3 +189,42 @@ def test_fit_stops_after_patience_epochs_without_improvement(noisy_fits):
         assert result["epochs_run"] == min(config.epochs, result["best_epoch"] + 1 + config.patience)
         assert len(result["history"]) == result["epochs_run"]
     assert any(r["epochs_run"] < r["config"].epochs for r in noisy_fits), "setup: some fit should stop early"
+
+
+def test_prototypes_learn_value_embeddings_that_separate_clusters():
+    rng = np.random.default_rng(0)
+    centers = rng.normal(size=(3, 16))
+    labels = rng.integers(0, 3, 300)
+    image_emb = centers[labels] + 0.3 * rng.normal(size=(300, 16))
+    image_emb /= np.linalg.norm(image_emb, axis=1, keepdims=True)
+    init = rng.normal(size=(3, 16))  # unrelated starting embeddings, as a caption tower might give
+    init /= np.linalg.norm(init, axis=1, keepdims=True)
+    train_idx, val_idx = np.arange(200), np.arange(200, 300)
+
+    learned, summary = prototypes.fit(image_emb.astype(np.float32), {"a": labels}, {"a": init.astype(np.float32)},
+                                      train_idx=train_idx, val_idx=val_idx, scale=20.0)
+
+    def accuracy(emb):
+        return ((image_emb[val_idx] @ emb.T).argmax(1) == labels[val_idx]).mean()
+
+    assert accuracy(init) < 0.7
+    assert accuracy(learned["a"]) > 0.95
+    np.testing.assert_allclose(np.linalg.norm(learned["a"], axis=1), 1.0, rtol=1e-5)
+    assert 0 <= summary["best_step"] < summary["steps_run"]
+
+
+def test_prototype_mode_trains_saves_and_is_used_by_the_audit(labeled, spec, tmp_path):
+    clip = model.init_model(spec, seed=0)
+    result = train.fit_prototypes(clip, labeled, spec, train.TrainConfig(mode="prototype"))
+    clip.meta["spec_fingerprint"] = spec.fingerprint()
+    model.save_model(clip, str(tmp_path / "m"))
+
+    loaded = model.load_model(str(tmp_path / "m"), device="cpu")
+
+    assert result["train_rows"] + result["val_rows"] + result["test_rows"] == len(labeled.pixels)
+    assert set(loaded.value_emb) == set(spec.names)
+    for name, emb in clip.value_emb.items():
+        np.testing.assert_array_equal(loaded.value_emb[name], emb)
+    assert audit.value_embeddings_for(loaded, spec) is loaded.value_emb
+    other = parse_spec("attributes:\n  color:\n    values: [red, blue]\n")
+    assert set(audit.value_embeddings_for(loaded, other)) == {"color"}  # another spec: captions again
