@@ -175,14 +175,19 @@ def _epoch_batches(labels, train_idx, config: TrainConfig, steps: int, rng: np.r
     return (order[s * config.batch_size : (s + 1) * config.batch_size] for s in range(steps))
 
 
+def _split(data: LabeledSet, config: TrainConfig) -> tuple[dict[str, np.ndarray], tuple[np.ndarray, ...]]:
+    labels = {name: values.numpy() for name, values in data.labels.items()}
+    return labels, split_indices(labels, val_fraction=config.val_fraction, test_fraction=config.test_fraction,
+                                 seed=config.seed)
+
+
 def fit(clip: model.Clip, data: LabeledSet, spec: Spec, config: TrainConfig) -> dict:
     """Train in place; restores the lowest-validation-loss weights and returns training metrics."""
     torch.manual_seed(config.seed)
     generator = torch.Generator().manual_seed(config.seed)
+    clip.value_emb = None  # both towers are trained: captions give the value embeddings
     captions = model.Captions(clip, spec)
-    labels = {k: v.numpy() for k, v in data.labels.items()}
-    train_idx, val_idx, test_idx = split_indices(labels, val_fraction=config.val_fraction,
-                                                 test_fraction=config.test_fraction, seed=config.seed)
+    labels, (train_idx, val_idx, test_idx) = _split(data, config)
     rng = np.random.default_rng(config.seed)
     steps_per_epoch = max(1, len(train_idx) // config.batch_size)
     if config.spread_steps:
@@ -223,9 +228,7 @@ def fit(clip: model.Clip, data: LabeledSet, spec: Spec, config: TrainConfig) -> 
 def fit_prototypes(clip: model.Clip, data: LabeledSet, spec: Spec, config: TrainConfig) -> dict:
     """Fast mode: learn value embeddings on frozen image embeddings; sets ``clip.value_emb``."""
     started = time.monotonic()
-    labels = {name: values.numpy() for name, values in data.labels.items()}
-    train_idx, val_idx, test_idx = split_indices(labels, val_fraction=config.val_fraction,
-                                                 test_fraction=config.test_fraction, seed=config.seed)
+    labels, (train_idx, val_idx, test_idx) = _split(data, config)
     torch.manual_seed(config.seed)
     clip.value_emb, result = prototypes.fit(
         model.embed_images(clip, data.pixels.numpy()), labels, model.embed_captions(clip, spec),
