@@ -41,7 +41,7 @@ def check_schema(catalog: pl.DataFrame, spec: Spec) -> list[str]:
     warnings = [f"catalog has no column {name!r}: every value counts as missing"
                 for name in spec.names if name not in catalog.columns]
     for name in spec.names:
-        if name in catalog.columns and catalog.schema[name] not in (pl.String, pl.Null):
+        if name in catalog.columns and not isinstance(catalog.schema[name], pl.String | pl.Null | pl.Categorical | pl.Enum):
             raise CatalogError(f"attribute column {name!r} must hold strings, not {catalog.schema[name]}")
     return warnings
 

@@ -11,7 +11,6 @@ import hashlib
 import json
 import logging
 import re
-import shutil
 import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -160,14 +159,15 @@ def save_model(clip: Clip, folder: str) -> str:
             image_mean=list(clip.pixels.mean),
             image_std=list(clip.pixels.std),
         ).save_pretrained(path)
-        clip.meta["fingerprint"] = hashlib.sha256((path / "model.safetensors").read_bytes()).hexdigest()[:16]
         if clip.value_emb is not None:
             safetensors.numpy.save_file(clip.value_emb, str(path / VALUE_EMB_FILE))
+        weights = [path / "model.safetensors", path / VALUE_EMB_FILE]
+        clip.meta["fingerprint"] = hashlib.sha256(b"".join(p.read_bytes() for p in weights if p.exists())).hexdigest()[:16]
         (path / META_FILE).write_text(json.dumps(clip.meta, indent=2))
         if clip.meta.get("metrics"):
             (path / "README.md").write_text(model_card(clip.meta))
-        if target.exists():  # replace a previous model only once the new one is whole
-            shutil.rmtree(target)
+        if target.exists():  # swap a previous model out only once the new one is whole
+            target.rename(Path(tmp) / "previous")
         path.rename(target)
     return folder
 
@@ -250,23 +250,23 @@ class Captions:
     """Every caption of every attribute value, tokenized once; embeds them all in one pass."""
 
     def __init__(self, clip: Clip, spec: Spec):
-        texts, self.owner = [], []  # owner[i]: (attribute, value index) of caption i
+        texts, self.owners = [], {}  # owners[attribute] @ caption embeddings = mean per value, (k, d)
         for attribute in spec.attributes:
-            for index, value in enumerate(attribute.values):
-                for caption in attribute.captions(value):
-                    texts.append(caption)
-                    self.owner.append((attribute.name, index))
-        self.spec, self.tokens = spec, tokenize(clip, texts)
+            start = len(texts)
+            texts.extend(c for v in attribute.values for c in attribute.captions(v))
+            per_value = len(attribute.prompts)
+            owner = torch.zeros(len(attribute.values), len(texts))
+            for k in range(len(attribute.values)):
+                owner[k, start + k * per_value : start + (k + 1) * per_value] = 1.0 / per_value
+            self.owners[attribute.name] = owner
+        self.tokens = tokenize(clip, texts)
+        self.owners = {k: torch.nn.functional.pad(v, (0, len(texts) - v.shape[1])).to(clip.device)
+                       for k, v in self.owners.items()}
 
     def value_embeddings(self, clip: Clip) -> dict[str, torch.Tensor]:
         """Per attribute, (k, d): the normalised mean embedding of each value's captions."""
         features = text_features(clip, self.tokens)
-        out = {}
-        for attribute in self.spec.attributes:
-            rows = [features[[i for i, o in enumerate(self.owner) if o == (attribute.name, k)]].mean(0)
-                    for k in range(len(attribute.values))]
-            out[attribute.name] = torch.nn.functional.normalize(torch.stack(rows), dim=-1)
-        return out
+        return {name: torch.nn.functional.normalize(owner @ features, dim=-1) for name, owner in self.owners.items()}
 
 
 def logit_scale(clip: Clip) -> float:

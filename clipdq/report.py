@@ -35,14 +35,18 @@ def counts(findings: pl.DataFrame) -> pl.DataFrame:
 def summarize(findings: pl.DataFrame, *, products: int, run: dict, validation: dict) -> dict:
     """Summary JSON: what was checked, with what, and how many findings of each kind."""
     by_attribute = counts(findings)
+    reported = findings["product_id"].n_unique()
+    warnings = list(validation.get("warnings", []))
+    if reported < products:
+        warnings.append(f"{products - reported} products have no attribute that applies to them (applies_to)")
     return {
         **run,
         "products": products,
-        "products_reported": findings["product_id"].n_unique(),
+        "products_reported": reported,
         "findings": findings.height,
         "totals": {s: int(by_attribute[s].sum()) for s in STATUSES},
         "by_attribute": by_attribute.to_dicts(),
-        "warnings": validation.get("warnings", []),
+        "warnings": warnings,
         "expectations": validation.get("expectations", []),
     }
 

@@ -121,9 +121,23 @@ def download_folder(prefix: str, dest: Path) -> Path:
     return dest
 
 
+def delete(uri: str) -> None:
+    if is_s3(uri):
+        bucket, key = split_s3(uri)
+        s3_client().delete_object(Bucket=bucket, Key=key)
+    else:
+        Path(uri).unlink(missing_ok=True)
+
+
 def upload_folder(folder: Path, prefix: str, *, last: str | None = None) -> None:
-    """Copy a local folder to an s3:// prefix; the file named ``last`` goes last (a completion marker)."""
-    for name in sorted(list_files(str(folder)), key=lambda name: name == last):
+    """Make an s3:// prefix hold exactly a local folder's files; ``last`` goes last (a completion marker).
+
+    Files left from an earlier upload are deleted first, so they cannot mix with the new ones.
+    """
+    names = list_files(str(folder))
+    for stale in set(list_files(prefix)) - set(names) | ({last} & set(list_files(prefix))):
+        delete(join(prefix, stale))
+    for name in sorted(names, key=lambda name: name == last):
         write_bytes(join(prefix, name), (folder / name).read_bytes())
 
 

@@ -16,7 +16,7 @@ import torch
 import torch.nn.functional as F
 
 from clipdq import evaluation, images, model, predict, prototypes
-from clipdq.spec import Spec
+from clipdq.spec import Spec, normalize_value
 
 log = logging.getLogger(__name__)
 
@@ -54,8 +54,7 @@ def encode_labels(frame: pl.DataFrame, spec: Spec) -> dict[str, np.ndarray]:
         lookup = attribute.lookup()
         column = frame[attribute.name].to_list() if attribute.name in frame.columns else [None] * frame.height
         labels[attribute.name] = np.array(
-            [index.get(lookup.get(" ".join(str(v).lower().split()), ""), -1) if v is not None else -1
-             for v in column],
+            [index.get(lookup.get(normalize_value(str(v)), ""), -1) if v is not None else -1 for v in column],
             dtype=np.int64,
         )
     return labels
@@ -217,6 +216,8 @@ def fit(clip: model.Clip, data: LabeledSet, spec: Spec, config: TrainConfig) -> 
             best = {"val_loss": val_loss, "epoch": epoch, "state": copy.deepcopy(clip.model.state_dict())}
         if epoch - best["epoch"] >= config.patience or (config.max_minutes and minutes >= config.max_minutes):
             break
+    if best["state"] is None:
+        raise ValueError("validation loss was never finite: check the labels and lower the learning rate")
     clip.model.load_state_dict(best["state"])
     clip.model.eval()
     return {"best_epoch": best["epoch"], "best_val_loss": best["val_loss"], "epochs_run": len(history),

@@ -57,3 +57,10 @@ def test_publish_run_writes_every_file_and_the_manifest_last(tmp_path):
     assert set(written["files"]) == {"findings.parquet", "summary.json", "report.html"}
     assert written["rows"] == FINDINGS.height
     assert pl.read_parquet(f"{folder}/findings.parquet").equals(FINDINGS)
+
+
+def test_summary_warns_about_products_without_any_applicable_attribute():
+    summary = report.summarize(FINDINGS, products=6, run={"run_id": "r1"}, validation={"warnings": []})
+
+    assert summary["products_reported"] == 4
+    assert any("2 products have no attribute" in w for w in summary["warnings"])

@@ -148,3 +148,18 @@ def test_local_write_gives_published_files_the_usual_permissions(tmp_path):
 
     mode = stat.S_IMODE(os.stat(tmp_path / "report.html").st_mode)
     assert mode == stat.S_IMODE(os.stat(tmp_path / "plain.html").st_mode) == 0o644  # not a temp file's 0600
+
+
+def test_upload_folder_replaces_what_the_prefix_held(s3_bucket, tmp_path):
+    first, second = tmp_path / "first", tmp_path / "second"
+    for folder, names in ((first, ["a.bin", "old.bin", "done.json"]), (second, ["a.bin", "done.json"])):
+        folder.mkdir()
+        for name in names:
+            (folder / name).write_bytes(f"{folder.name}:{name}".encode())
+    prefix = f"{s3_bucket}/model"
+
+    storage.upload_folder(first, prefix, last="done.json")
+    storage.upload_folder(second, prefix, last="done.json")
+
+    assert storage.list_files(prefix) == ["a.bin", "done.json"]
+    assert storage.read_bytes(f"{prefix}/a.bin") == b"second:a.bin"
