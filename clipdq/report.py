@@ -63,21 +63,29 @@ def top_findings(findings: pl.DataFrame, status: str, n: int = TOP_N) -> pl.Data
     )
 
 
-def render_html(findings: pl.DataFrame, summary: dict, thumbnails: dict[str, bytes | None]) -> str:
-    """A self-contained page: counts, then the most confident conflicts and gaps with images."""
+SECTIONS = {  # status -> heading of its section in the HTML report
+    "conflict": "Most confident conflicts",
+    "gap": "Most confident gaps, with suggested values",
+    "invalid_value": "Invalid values",
+    "image_error": "Image errors",
+}
+
+
+def featured(findings: pl.DataFrame) -> pl.DataFrame:
+    """The findings the HTML report shows: the top of each section's status."""
+    return pl.concat([top_findings(findings, status) for status in SECTIONS])
+
+
+def render_html(shown: pl.DataFrame, summary: dict, thumbnails: dict[str, bytes | None]) -> str:
+    """A self-contained page: counts, then the ``shown`` findings per section with their images."""
     def rows(status: str) -> list[dict]:
-        out = top_findings(findings, status).to_dicts()
+        out = shown.filter(pl.col("status") == status).to_dicts()
         for row in out:
             jpeg = thumbnails.get(row["product_id"])
             row["thumbnail"] = base64.b64encode(jpeg).decode() if jpeg else None
         return out
 
-    sections = [
-        {"title": "Most confident conflicts", "rows": rows("conflict")},
-        {"title": "Most confident gaps, with suggested values", "rows": rows("gap")},
-        {"title": "Invalid values", "rows": rows("invalid_value")},
-        {"title": "Image errors", "rows": rows("image_error")},
-    ]
+    sections = [{"title": title, "rows": rows(status)} for status, title in SECTIONS.items()]
     template = _TEMPLATES.get_template("report.html.j2")
     return template.render(summary=summary, statuses=STATUSES, sections=sections)
 

@@ -42,10 +42,11 @@ def score(rows: pl.DataFrame, clip: model.Clip, spec: Spec, value_emb: dict, cal
 
 @task(**IO_RETRIES, cache_policy=NO_CACHE)
 def publish(folder: str, findings: pl.DataFrame, summary: dict, frame: pl.DataFrame, spec: Spec, base: str) -> str:
-    shown = pl.concat([report.top_findings(findings, s) for s in ("conflict", "gap", "invalid_value")])
+    shown = report.featured(findings)
     refs = dict(frame.select(pl.col(spec.id_column).cast(pl.String), spec.image_column).iter_rows())
-    thumbs = {pid: images.thumbnail(refs[pid], base) for pid in shown["product_id"].unique().to_list()}
-    return report.publish_run(folder, findings, summary, report.render_html(findings, summary, thumbs))
+    readable = shown.filter(pl.col("status") != "image_error")["product_id"].unique().to_list()
+    thumbs = {pid: images.thumbnail(refs[pid], base) for pid in readable}
+    return report.publish_run(folder, findings, summary, report.render_html(shown, summary, thumbs))
 
 
 @flow(name="clipdq-audit", log_prints=True)

@@ -11,6 +11,13 @@ from clipdq.spec import parse_spec
 from flows.retries import IO_RETRIES
 
 
+@task(**IO_RETRIES)
+def read_spec(uri: str) -> str:
+    text = storage.read_bytes(uri).decode()
+    parse_spec(text)  # fail here, before any training, on a malformed spec
+    return text
+
+
 @task(**IO_RETRIES, cache_policy=NO_CACHE)
 def load_base_model(spec_text: str, base_model: str | None, arch: str) -> model.Clip:
     if base_model:
@@ -48,7 +55,7 @@ def finetune_model(
     ``mode`` "full" fine-tunes both towers; "prototype" learns only each value's embedding on the
     frozen image tower, in seconds.
     """
-    spec_text = storage.read_bytes(spec_uri).decode()
+    spec_text = read_spec(spec_uri)
     clip = load_base_model(spec_text, base_model, arch)
     config = train.TrainConfig(epochs=epochs, max_minutes=max_minutes, seed=seed, mode=mode)
     if base_model:  # pretrained towers: gentle updates, captions already apart
