@@ -36,6 +36,10 @@ def _parser() -> argparse.ArgumentParser:
     audit.add_argument("--model", required=True, help="model folder, s3:// prefix or Hugging Face hub id")
     audit.add_argument("--output", required=True, help="folder or s3:// prefix for run folders")
     audit.add_argument("--batch-size", type=int, default=256)
+    audit.add_argument("--cross-fit", type=int, default=0, metavar="K",
+                       help="audit the model's own training catalog honestly: score each of K folds with --model "
+                       "fine-tuned on the other folds")
+    audit.add_argument("--fold-minutes", type=float, help="training time budget per fold with --cross-fit")
 
     finetune = commands.add_parser("finetune", help="fine-tune a CLIP on labeled products")
     finetune.add_argument("--catalog", required=True, help="labeled products, Parquet, local or s3://")
@@ -58,10 +62,10 @@ def _parser() -> argparse.ArgumentParser:
     return parser
 
 
-def run_audit(catalog: str, spec: str, model: str, output: str, batch_size: int = 256) -> str:
+def run_audit(catalog: str, spec: str, model: str, output: str, **options) -> str:
     from flows.audit import audit_catalog
 
-    return audit_catalog(catalog, spec, model, output, batch_size=batch_size)
+    return audit_catalog(catalog, spec, model, output, **options)
 
 
 def run_finetune(args: argparse.Namespace) -> str:
@@ -127,7 +131,8 @@ def main(argv: list[str] | None = None) -> int:
     log.setLevel(logging.INFO)  # Prefect's console handler shows these inside flows
     commands = {
         "demo": run_demo,
-        "audit": lambda a: run_audit(a.catalog, a.spec, a.model, a.output, a.batch_size),
+        "audit": lambda a: run_audit(a.catalog, a.spec, a.model, a.output, batch_size=a.batch_size,
+                                     cross_fit=a.cross_fit, fold_minutes=a.fold_minutes),
         "finetune": run_finetune,
         "init-model": run_init_model,
     }

@@ -23,15 +23,20 @@ def macro_f1(labels: np.ndarray, predicted: np.ndarray, k: int) -> float:
     return float(np.mean(scores))
 
 
-def calibrate(logits: dict[str, np.ndarray], labels: dict[str, np.ndarray], spec: Spec) -> tuple[dict, dict]:
-    """(calibration, validation metrics) per attribute with at least two known labels."""
+def calibrate(
+    logits: dict[str, np.ndarray], labels: dict[str, np.ndarray], spec: Spec, *, label_noise: float = 0.0
+) -> tuple[dict, dict]:
+    """(calibration, validation metrics) per attribute with at least two known labels.
+
+    ``label_noise``: the share of wrong labels (see ``predict.calibrate``)."""
     calibration, metrics = {}, {}
     for name, attr_logits in logits.items():
         known = labels[name] >= 0
         if known.sum() < 2:
             continue
         x, y = attr_logits[known], labels[name][known]
-        fitted = predict.calibrate(x, y, target_precision=spec.target_precision, error_rate=spec.expected_error_rate)
+        fitted = predict.calibrate(x, y, target_precision=spec.target_precision, error_rate=spec.expected_error_rate,
+                                   label_noise=label_noise)
         probs = predict.softmax(x, temperature=fitted.temperature)
         calibration[name] = fitted.to_dict()
         metrics[name] = {

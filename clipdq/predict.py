@@ -38,12 +38,29 @@ def softmax(logits: np.ndarray, *, temperature: float = 1.0) -> np.ndarray:
     return e / e.sum(axis=1, keepdims=True)
 
 
-def fit_temperature(logits: np.ndarray, labels: np.ndarray) -> float:
-    """The temperature minimising validation negative log-likelihood (grid search, robust)."""
-    rows = np.arange(len(labels))
+def observed_probability(p_true: np.ndarray, *, label_noise: float, k: int) -> np.ndarray:
+    """Chance that a label reads y when the model gives y probability ``p_true`` and a share
+    ``label_noise`` of labels were replaced by another of the ``k`` values at random."""
+    return (1 - label_noise) * p_true + label_noise / (k - 1) * (1 - p_true)
+
+
+def true_accuracy(observed: np.ndarray, *, label_noise: float, k: int) -> np.ndarray:
+    """Accuracy against the true values, from agreement with labels that are ``label_noise`` wrong."""
+    chance = label_noise / (k - 1)
+    return np.clip((observed - chance) / (1 - label_noise - chance), 0.0, 1.0)
+
+
+def fit_temperature(logits: np.ndarray, labels: np.ndarray, *, label_noise: float = 0.0) -> float:
+    """The temperature minimising validation negative log-likelihood (grid search, robust).
+
+    With ``label_noise`` the likelihood is that of the noisy labels, so the fitted probabilities
+    describe the true values (forward loss correction).
+    """
+    rows, k = np.arange(len(labels)), logits.shape[1]
 
     def nll(t: float) -> float:
-        return -np.log(softmax(logits, temperature=t)[rows, labels] + 1e-12).mean()
+        p_true = softmax(logits, temperature=t)[rows, labels]
+        return -np.log(observed_probability(p_true, label_noise=label_noise, k=k) + 1e-12).mean()
 
     return float(min(TEMPERATURES, key=nll))
 
@@ -58,34 +75,42 @@ def required_accuracy(target_precision: float, error_rate: float) -> float:
     return p * (1 - e) / (p * (1 - e) + e * (1 - p))
 
 
-def threshold_for_accuracy(confidence: np.ndarray, correct: np.ndarray, required: float) -> float | None:
+def threshold_for_accuracy(
+    confidence: np.ndarray, correct: np.ndarray, required: float, *, label_noise: float = 0.0, k: int = 2
+) -> float | None:
     """Smallest confidence above which validation accuracy reaches ``required``.
 
-    Only thresholds with at least MIN_SUPPORT rows above them count; returns None (never flag)
-    when no threshold qualifies.
+    ``correct`` is agreement with labels of which a share ``label_noise`` is wrong (among ``k``
+    values); accuracy is estimated against the true values. Only thresholds with at least
+    MIN_SUPPORT rows above them count; returns None (never flag) when no threshold qualifies.
     """
     order = np.argsort(-confidence)
     conf, hits = confidence[order], correct[order].astype(float)
-    accuracy = np.cumsum(hits) / np.arange(1, len(hits) + 1)
+    accuracy = true_accuracy(np.cumsum(hits) / np.arange(1, len(hits) + 1), label_noise=label_noise, k=k)
     ok = (accuracy >= required) & (np.arange(1, len(hits) + 1) >= MIN_SUPPORT)
     if not ok.any():
         return None
     return float(conf[np.flatnonzero(ok).max()])
 
 
-def calibrate(logits: np.ndarray, labels: np.ndarray, *, target_precision: float, error_rate: float) -> Calibration:
+def calibrate(
+    logits: np.ndarray, labels: np.ndarray, *, target_precision: float, error_rate: float, label_noise: float = 0.0
+) -> Calibration:
     """Fit a temperature, then thresholds meeting the target on validation and in theory.
 
     Each threshold is the larger of the empirical one (validation accuracy) and the one a
     perfectly calibrated model would need, so a small validation set cannot set it too low.
+    ``label_noise`` is the share of wrong validation labels (0 for curated labels; the catalog's
+    error rate when the labels come from the catalog being audited).
     """
-    temperature = fit_temperature(logits, labels)
+    noise = {"label_noise": label_noise, "k": logits.shape[1]}
+    temperature = fit_temperature(logits, labels, label_noise=label_noise)
     probs = softmax(logits, temperature=temperature)
     confidence, correct = probs.max(axis=1), probs.argmax(axis=1) == labels
     conflict_needed = required_accuracy(target_precision, error_rate)
 
     def threshold(required: float) -> float | None:
-        empirical = threshold_for_accuracy(confidence, correct, required)
+        empirical = threshold_for_accuracy(confidence, correct, required, **noise)
         return None if empirical is None else max(empirical, required)
 
     return Calibration(temperature, threshold(target_precision), threshold(conflict_needed))

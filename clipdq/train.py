@@ -32,11 +32,27 @@ class TrainConfig:
     test_fraction: float = 0.1  # share held out for the metrics in the model card; 0 to skip
     balanced: bool = True  # batches cover every attribute value evenly (else plain shuffling)
     patience: int = 15  # epochs without a better validation loss before stopping
+    keep_best: bool = True  # restore the lowest-validation-loss epoch; False keeps the last (fixed schedules)
     max_minutes: float | None = None  # wall-clock budget; the best checkpoint so far is kept
     spread_steps: int = 100  # text-only steps pushing each attribute's value captions apart (new models)
     augment: bool = True  # random crop, flip and brightness on training images
     mode: str = "full"  # "full": train both towers; "prototype": learn value embeddings on frozen images
+    label_noise: float = 0.0  # share of wrong labels: 0 for curated ones, the error rate for a catalog's own
     seed: int = 0
+
+
+def config_for(clip: model.Clip, **options) -> TrainConfig:
+    """Defaults that suit the model: a pretrained CLIP gets gentle updates and keeps its captions
+    where they are; a new one (``init_model``) learns fast and first spreads its captions apart."""
+    config = TrainConfig(**options)
+    if clip.meta.get("trained", True) and "lr" not in options:  # plain checkpoints have no metadata
+        config.lr = 1e-5
+    if clip.meta.get("trained", True) and "spread_steps" not in options:
+        config.spread_steps = 0
+    return config
+
+
+Splits = tuple[np.ndarray, np.ndarray, np.ndarray]  # (train, val, test) row indices
 
 
 @dataclass
@@ -68,9 +84,24 @@ def load_labeled(frame: pl.DataFrame, spec: Spec, *, base: str, pixel_spec: imag
     return LabeledSet(torch.from_numpy(loaded.pixels), labels, int((~loaded.ok).sum()))
 
 
+def _stratified_order(labels: dict[str, np.ndarray], rng: np.random.Generator) -> np.ndarray:
+    """Row indices sorted by their label combination over all attributes, random within one."""
+    n = len(next(iter(labels.values())))
+    keys = np.stack([labels[name] for name in sorted(labels)] + [rng.random(n)], axis=1)
+    return np.lexsort(keys.T[::-1])
+
+
+def fold_of(labels: dict[str, np.ndarray], *, k: int, seed: int) -> np.ndarray:
+    """(n,) fold number in 0..k-1 per row, stratified on the joint labels like ``split_indices``."""
+    order = _stratified_order(labels, np.random.default_rng(seed))
+    folds = np.empty(len(order), dtype=int)
+    folds[order] = np.arange(len(order)) % k
+    return folds
+
+
 def split_indices(
     labels: dict[str, np.ndarray], *, val_fraction: float, test_fraction: float, seed: int
-) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+) -> Splits:
     """(train, val, test) row indices, stratified on the joint labels of all attributes.
 
     Rows are ordered by their label combination (random within one), then dealt to the splits
@@ -78,9 +109,8 @@ def split_indices(
     Each product is one row, so no image lands on two sides. Validation gets at least one row.
     """
     rng = np.random.default_rng(seed)
-    n = len(next(iter(labels.values())))
-    keys = np.stack([labels[name] for name in sorted(labels)] + [rng.random(n)], axis=1)
-    order = np.lexsort(keys.T[::-1])
+    order = _stratified_order(labels, rng)
+    n = len(order)
     draw = (np.arange(n) * 0.6180339887 + rng.random()) % 1.0
     split = np.where(draw < test_fraction, 2, np.where(draw < test_fraction + val_fraction, 1, 0))
     assigned = np.empty(n, dtype=int)
@@ -128,6 +158,11 @@ def batch_loss(logits: dict[str, torch.Tensor], labels: dict[str, torch.Tensor])
     return torch.stack(losses).mean()
 
 
+def _autocast(clip: model.Clip):
+    """bf16 mixed precision on CUDA; a no-op on CPU."""
+    return torch.autocast("cuda", dtype=torch.bfloat16, enabled=clip.device.type == "cuda")
+
+
 @torch.inference_mode()
 def evaluate(
     clip: model.Clip, data: LabeledSet, idx: np.ndarray, captions: model.Captions
@@ -135,10 +170,11 @@ def evaluate(
     """(validation loss, per-attribute logits) over the given rows."""
     clip.model.eval()
     pixels = data.pixels[idx].to(clip.device)
-    chunks = [model.image_features(clip.model, pixels[i : i + 256]) for i in range(0, len(pixels), 256)]
-    logits = attribute_logits(clip, torch.cat(chunks), captions)
+    with _autocast(clip):
+        chunks = [model.image_features(clip.model, pixels[i : i + 256]) for i in range(0, len(pixels), 256)]
+        logits = {k: v.float() for k, v in attribute_logits(clip, torch.cat(chunks), captions).items()}
     labels = {k: v[idx].to(clip.device) for k, v in data.labels.items()}
-    return float(batch_loss(logits, labels)), {k: v.float().cpu().numpy() for k, v in logits.items()}
+    return float(batch_loss(logits, labels)), {k: v.cpu().numpy() for k, v in logits.items()}
 
 
 def _schedule(step: int, *, warmup: int, total: int) -> float:
@@ -174,19 +210,22 @@ def _epoch_batches(labels, train_idx, config: TrainConfig, steps: int, rng: np.r
     return (order[s * config.batch_size : (s + 1) * config.batch_size] for s in range(steps))
 
 
-def _split(data: LabeledSet, config: TrainConfig) -> tuple[dict[str, np.ndarray], tuple[np.ndarray, ...]]:
-    labels = {name: values.numpy() for name, values in data.labels.items()}
-    return labels, split_indices(labels, val_fraction=config.val_fraction, test_fraction=config.test_fraction,
-                                 seed=config.seed)
+def label_arrays(data: LabeledSet) -> dict[str, np.ndarray]:
+    return {name: values.numpy() for name, values in data.labels.items()}
 
 
-def fit(clip: model.Clip, data: LabeledSet, spec: Spec, config: TrainConfig) -> dict:
+def default_splits(data: LabeledSet, config: TrainConfig) -> Splits:
+    return split_indices(label_arrays(data), val_fraction=config.val_fraction, test_fraction=config.test_fraction,
+                         seed=config.seed)
+
+
+def fit(clip: model.Clip, data: LabeledSet, spec: Spec, config: TrainConfig, splits: Splits) -> dict:
     """Train in place; restores the lowest-validation-loss weights and returns training metrics."""
     torch.manual_seed(config.seed)
     generator = torch.Generator().manual_seed(config.seed)
     clip.value_emb = None  # both towers are trained: captions give the value embeddings
     captions = model.Captions(clip, spec)
-    labels, (train_idx, val_idx, test_idx) = _split(data, config)
+    labels, (train_idx, val_idx, _) = label_arrays(data), splits
     rng = np.random.default_rng(config.seed)
     steps_per_epoch = max(1, len(train_idx) // config.batch_size)
     if config.spread_steps:
@@ -202,8 +241,11 @@ def fit(clip: model.Clip, data: LabeledSet, spec: Spec, config: TrainConfig) -> 
         for rows in _epoch_batches(labels, train_idx, config, steps_per_epoch, rng):
             pixels = data.pixels[rows]
             pixels = augment(pixels, generator) if config.augment else pixels
-            logits = attribute_logits(clip, model.image_features(clip.model, pixels.to(clip.device)), captions)
-            loss = batch_loss(logits, {k: v[rows].to(clip.device) for k, v in data.labels.items()})
+            with _autocast(clip):
+                image_emb = model.image_features(clip.model, pixels.to(clip.device))
+                logits = attribute_logits(clip, image_emb, captions)
+            loss = batch_loss({k: v.float() for k, v in logits.items()},
+                              {k: v[rows].to(clip.device) for k, v in data.labels.items()})
             optimizer.zero_grad()
             loss.backward()
             optimizer.step()
@@ -218,25 +260,23 @@ def fit(clip: model.Clip, data: LabeledSet, spec: Spec, config: TrainConfig) -> 
             break
     if best["state"] is None:
         raise ValueError("validation loss was never finite: check the labels and lower the learning rate")
-    clip.model.load_state_dict(best["state"])
+    if config.keep_best:
+        clip.model.load_state_dict(best["state"])
     clip.model.eval()
     return {"best_epoch": best["epoch"], "best_val_loss": best["val_loss"], "epochs_run": len(history),
-            "minutes": round((time.monotonic() - started) / 60, 2), "train_rows": len(train_idx),
-            "val_rows": len(val_idx), "test_rows": len(test_idx), "history": history,
-            "val_idx": val_idx, "test_idx": test_idx}
+            "minutes": round((time.monotonic() - started) / 60, 2), "device": clip.device.type, "history": history}
 
 
-def fit_prototypes(clip: model.Clip, data: LabeledSet, spec: Spec, config: TrainConfig) -> dict:
+def fit_prototypes(clip: model.Clip, data: LabeledSet, spec: Spec, config: TrainConfig, splits: Splits) -> dict:
     """Fast mode: learn value embeddings on frozen image embeddings; sets ``clip.value_emb``."""
     started = time.monotonic()
-    labels, (train_idx, val_idx, test_idx) = _split(data, config)
+    train_idx, val_idx, _ = splits
     torch.manual_seed(config.seed)
     clip.value_emb, result = prototypes.fit(
-        model.embed_images(clip, data.pixels.numpy()), labels, model.embed_captions(clip, spec),
+        model.embed_images(clip, data.pixels.numpy()), label_arrays(data), model.embed_captions(clip, spec),
         train_idx=train_idx, val_idx=val_idx, scale=model.logit_scale(clip))
     log.info("prototypes: best validation loss %.3f at step %d", result["best_val_loss"], result["best_step"])
-    return result | {"minutes": round((time.monotonic() - started) / 60, 2), "train_rows": len(train_idx),
-                     "val_rows": len(val_idx), "test_rows": len(test_idx), "val_idx": val_idx, "test_idx": test_idx}
+    return result | {"minutes": round((time.monotonic() - started) / 60, 2), "device": clip.device.type}
 
 
 def _labels(data: LabeledSet, idx: np.ndarray) -> dict[str, np.ndarray]:
@@ -252,26 +292,30 @@ def _logits(clip: model.Clip, data: LabeledSet, idx: np.ndarray, captions: model
     return {name: predict.logits_for(image_emb, emb, scale=scale) for name, emb in clip.value_emb.items()}
 
 
-def finetune(clip: model.Clip, frame: pl.DataFrame, spec: Spec, *, base: str, config: TrainConfig) -> model.Clip:
-    """Train on labeled rows (``config.mode``) and record metrics and calibration in the model's metadata."""
+def train_on(clip: model.Clip, data: LabeledSet, spec: Spec, *, config: TrainConfig, splits: Splits) -> dict:
+    """Train (``config.mode``) on the train rows, calibrate on the validation rows, measure on the
+    test rows; returns the metadata that describes the result (see ``finetune``)."""
     if torch.cuda.is_available():
         clip.model.cuda()
-    data = load_labeled(frame, spec, base=base, pixel_spec=clip.pixels)
-    log.info("training on %d labeled products (%d without a readable image)", len(data.pixels), data.dropped)
-    result = (fit_prototypes if config.mode == "prototype" else fit)(clip, data, spec, config)
-    val_idx, test_idx = result.pop("val_idx"), result.pop("test_idx")
+    train_idx, val_idx, test_idx = splits
+    result = (fit_prototypes if config.mode == "prototype" else fit)(clip, data, spec, config, splits)
     captions = model.Captions(clip, spec)
-    calibration, metrics = evaluation.calibrate(_logits(clip, data, val_idx, captions), _labels(data, val_idx), spec)
+    calibration, metrics = evaluation.calibrate(_logits(clip, data, val_idx, captions), _labels(data, val_idx), spec,
+                                                label_noise=config.label_noise)
     if len(test_idx):
         logits = _logits(clip, data, test_idx, captions)
         for name, figures in evaluation.held_out_metrics(logits, _labels(data, test_idx), spec).items():
             metrics.setdefault(name, {}).update(figures)
-    clip.meta.update({
-        "trained": True,
-        "spec_fingerprint": spec.fingerprint(),
-        "train_config": asdict(config),
-        "training": result | {"labeled_rows": frame.height, "unreadable_images": data.dropped},
-        "metrics": metrics,
-        "calibration": calibration,
-    })
+    sizes = {"train_rows": len(train_idx), "val_rows": len(val_idx), "test_rows": len(test_idx)}
+    return {"training": result | sizes, "metrics": metrics, "calibration": calibration}
+
+
+def finetune(clip: model.Clip, frame: pl.DataFrame, spec: Spec, *, base: str, config: TrainConfig) -> model.Clip:
+    """Train on labeled rows (``config.mode``) and record metrics and calibration in the model's metadata."""
+    data = load_labeled(frame, spec, base=base, pixel_spec=clip.pixels)
+    log.info("training on %d labeled products (%d without a readable image)", len(data.pixels), data.dropped)
+    outcome = train_on(clip, data, spec, config=config, splits=default_splits(data, config))
+    outcome["training"] |= {"labeled_rows": frame.height, "unreadable_images": data.dropped}
+    clip.meta.update({"trained": True, "spec_fingerprint": spec.fingerprint(), "train_config": asdict(config)}
+                     | outcome)
     return clip

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 from datetime import datetime, timezone
 
 import polars as pl
@@ -9,7 +10,7 @@ from prefect import flow, get_run_logger, task
 from prefect.artifacts import create_markdown_artifact, create_table_artifact
 from prefect.cache_policies import NO_CACHE
 
-from clipdq import audit, catalog, images, model, report, storage
+from clipdq import audit, catalog, images, model, report, storage, train
 from clipdq.compare import compare
 from clipdq.spec import Spec, parse_spec
 from flows.retries import IO_RETRIES
@@ -36,6 +37,17 @@ def load_model(uri: str) -> model.Clip:
 
 
 @task(cache_policy=NO_CACHE)
+def train_fold(start: model.Clip, rows: pl.DataFrame, spec: Spec, base: str, fold: int, max_minutes: float | None):
+    """A copy of ``start`` fine-tuned on the catalog rows outside one fold.
+
+    The catalog's labels are as wrong as the spec expects, so calibration allows for that.
+    """
+    clip = copy.deepcopy(start)
+    config = train.config_for(clip, max_minutes=max_minutes, seed=fold, label_noise=spec.expected_error_rate)
+    return train.finetune(clip, rows, spec, base=base, config=config)
+
+
+@task(cache_policy=NO_CACHE)
 def score(rows: pl.DataFrame, clip: model.Clip, spec: Spec, value_emb: dict, calibration: dict, base: str):
     return audit.score_batch(rows, clip=clip, spec=spec, value_emb=value_emb, calibration=calibration, base=base)
 
@@ -49,28 +61,73 @@ def publish(folder: str, findings: pl.DataFrame, summary: dict, frame: pl.DataFr
     return report.publish_run(folder, findings, summary, report.render_html(shown, summary, thumbs))
 
 
+def _findings(frame: pl.DataFrame, clip: model.Clip, spec: Spec, *, base: str, batch_size: int, progress):
+    """(findings, calibration as JSON) of the catalog rows in ``frame``, scored by ``clip``."""
+    calibration = audit.calibration_for(clip, spec)
+    value_emb = audit.value_embeddings_for(clip, spec)  # once per run, shared by every batch
+    scored = []
+    for rows in audit.batches(frame, batch_size):
+        scored.append(score(rows, clip, spec, value_emb, calibration, base))
+        progress(rows.height)
+    findings = compare(frame, pl.concat(scored), spec=spec, calibration=calibration)
+    return findings, {name: c.to_dict() for name, c in calibration.items()}
+
+
+def _cross_fitted(frame: pl.DataFrame, clip: model.Clip, spec: Spec, *, k: int, fold_minutes: float | None,
+                  base: str, batch_size: int, progress):
+    """(findings, one calibration per fold): each fold scored by ``clip`` fine-tuned on the other folds."""
+    folds = pl.Series(train.fold_of(train.encode_labels(frame, spec), k=k, seed=0))
+    parts = []
+    for fold in range(k):
+        get_run_logger().info("cross-fitting: training the model for fold %d of %d", fold + 1, k)
+        fold_clip = train_fold(clip, frame.filter(folds != fold), spec, base, fold, fold_minutes)
+        parts.append(_findings(frame.filter(folds == fold), fold_clip, spec, base=base, batch_size=batch_size,
+                               progress=progress))
+    return pl.concat([findings for findings, _ in parts]), [calibration for _, calibration in parts]
+
+
 @flow(name="clipdq-audit", log_prints=True)
-def audit_catalog(catalog_uri: str, spec_uri: str, model_uri: str, output_uri: str, batch_size: int = 256) -> str:
-    """Audit a catalog; returns the run folder holding findings, summary, report and manifest."""
+def audit_catalog(
+    catalog_uri: str,
+    spec_uri: str,
+    model_uri: str,
+    output_uri: str,
+    batch_size: int = 256,
+    cross_fit: int = 0,
+    fold_minutes: float | None = None,
+) -> str:
+    """Audit a catalog; returns the run folder holding findings, summary, report and manifest.
+
+    ``cross_fit`` K >= 2 audits a catalog that is also the training data honestly: its rows are
+    dealt into K folds, and each fold is scored by a model fine-tuned from ``model_uri`` on the
+    other folds (at most ``fold_minutes`` each), so no row is judged by a model that learned it.
+    The summary's ``calibration`` then lists one calibration per fold.
+    """
+    if cross_fit == 1 or cross_fit < 0:
+        raise ValueError(f"cross_fit must be 0 (off) or at least 2 folds, not {cross_fit}")
     logger = get_run_logger()
     started = datetime.now(timezone.utc)
     run_id, folder = report.new_run(output_uri, now=started)
     spec = load_spec(spec_uri)
     frame = load_catalog(catalog_uri)
     validation = validate_catalog(frame, spec)
-    clip = load_model(model_uri)
-    calibration = audit.calibration_for(clip, spec)
-    value_emb = audit.value_embeddings_for(clip, spec)  # once per run, shared by every batch
     base = storage.parent(catalog_uri)
-    scored, done = [], 0
-    for rows in audit.batches(frame, batch_size):
-        scored.append(score(rows, clip, spec, value_emb, calibration, base))
-        done += rows.height
+    clip = load_model(model_uri)
+    done = 0
+
+    def progress(rows: int) -> None:
+        nonlocal done
+        done += rows
         logger.info("scored %d/%d products", done, frame.height)
-    findings = compare(frame, pl.concat(scored), spec=spec, calibration=calibration)
+
+    if cross_fit:
+        findings, calibration = _cross_fitted(frame, clip, spec, k=cross_fit, fold_minutes=fold_minutes, base=base,
+                                              batch_size=batch_size, progress=progress)
+    else:
+        findings, calibration = _findings(frame, clip, spec, base=base, batch_size=batch_size, progress=progress)
     run = {"run_id": run_id, "started_at": started.isoformat(), "catalog": catalog_uri, "model": model_uri,
            "model_fingerprint": clip.fingerprint(), "target_precision": spec.target_precision,
-           "calibration": {k: v.to_dict() for k, v in calibration.items()}}
+           "cross_fit": cross_fit, "calibration": calibration}
     summary = report.summarize(findings, products=frame.height, run=run, validation=validation)
     publish(folder, findings, summary, frame, spec, base)
     create_table_artifact(key="clipdq-audit-counts", table=summary["by_attribute"],

@@ -57,9 +57,7 @@ def finetune_model(
     """
     spec_text = read_spec(spec_uri)
     clip = load_base_model(spec_text, base_model, arch)
-    config = train.TrainConfig(epochs=epochs, max_minutes=max_minutes, seed=seed, mode=mode)
-    if base_model:  # pretrained towers: gentle updates, captions already apart
-        config.lr, config.spread_steps = 1e-5, 0
+    config = train.config_for(clip, epochs=epochs, max_minutes=max_minutes, seed=seed, mode=mode)
     clip = fit(clip, catalog_uri, spec_text, config)
     save(clip, output_uri)
     rows = [{"attribute": k, **v} for k, v in clip.meta["metrics"].items()]

@@ -150,3 +150,38 @@ def test_calibrate_keeps_thresholds_at_least_at_the_theoretical_bars():
         "gap_threshold": calibration.gap_threshold,
         "conflict_threshold": calibration.conflict_threshold,
     }
+
+
+def corrupt(rng: np.random.Generator, labels: np.ndarray, *, share: float, k: int) -> np.ndarray:
+    """Labels with a ``share`` of them replaced by another value at random."""
+    wrong = rng.random(len(labels)) < share
+    return np.where(wrong, (labels + rng.integers(1, k, len(labels))) % k, labels)
+
+
+def test_true_accuracy_undoes_the_agreement_lost_to_wrong_labels():
+    rng = np.random.default_rng(3)
+    truth = rng.integers(0, 5, 200_000)
+    predicted = np.where(rng.random(len(truth)) < 0.97, truth, (truth + 1) % 5)
+    observed = (predicted == corrupt(rng, truth, share=0.1, k=5)).mean()
+
+    assert observed < 0.9
+    assert predict.true_accuracy(np.array(observed), label_noise=0.1, k=5) == pytest.approx(0.97, abs=0.005)
+    assert predict.true_accuracy(np.array(observed), label_noise=0.0, k=5) == pytest.approx(observed)
+
+
+def test_calibrating_on_noisy_labels_with_their_noise_rate_matches_clean_labels():
+    rng = np.random.default_rng(11)
+    k = 6
+    logits = rng.normal(0, 6.0, (5000, k))
+    clean = sample_labels(rng, predict.softmax(logits, temperature=1.5))
+    noisy = corrupt(rng, clean, share=0.1, k=k)
+
+    naive = predict.calibrate(logits, noisy, target_precision=0.9, error_rate=0.1)
+    aware = predict.calibrate(logits, noisy, target_precision=0.9, error_rate=0.1, label_noise=0.1)
+    reference = predict.calibrate(logits, clean, target_precision=0.9, error_rate=0.1)
+
+    assert naive.temperature > 1.3 * reference.temperature  # wrong labels pass for an unsure model
+    assert naive.conflict_threshold is None  # 90% agreement can never show 98.8% accuracy
+    assert aware.temperature == pytest.approx(reference.temperature, rel=0.1)
+    assert aware.conflict_threshold == pytest.approx(reference.conflict_threshold, abs=0.01)
+    assert aware.gap_threshold == pytest.approx(reference.gap_threshold, abs=0.02)

@@ -166,8 +166,10 @@ def noisy_fits(labeled, spec) -> list[dict]:
     results = []
     for seed in range(4):
         clip = model.init_model(spec, seed=seed)
-        result = train.fit(clip, labeled, spec, dataclasses.replace(config, seed=seed))
-        result["restored_loss"], _ = train.evaluate(clip, labeled, result["val_idx"], model.Captions(clip, spec))
+        seeded = dataclasses.replace(config, seed=seed)
+        splits = train.default_splits(labeled, seeded)
+        result = train.fit(clip, labeled, spec, seeded, splits)
+        result["restored_loss"], _ = train.evaluate(clip, labeled, splits[1], model.Captions(clip, spec))
         result["config"] = dataclasses.replace(config, seed=seed)
         results.append(result)
     return results
@@ -215,13 +217,16 @@ def test_prototypes_learn_value_embeddings_that_separate_clusters():
 
 def test_prototype_mode_trains_saves_and_is_used_by_the_audit(labeled, spec, tmp_path):
     clip = model.init_model(spec, seed=0)
-    result = train.fit_prototypes(clip, labeled, spec, train.TrainConfig(mode="prototype"))
+    config = train.TrainConfig(mode="prototype")
+    outcome = train.train_on(clip, labeled, spec, config=config, splits=train.default_splits(labeled, config))
     clip.meta["spec_fingerprint"] = spec.fingerprint()
     model.save_model(clip, str(tmp_path / "m"))
 
     loaded = model.load_model(str(tmp_path / "m"), device="cpu")
 
-    assert result["train_rows"] + result["val_rows"] + result["test_rows"] == len(labeled.pixels)
+    sizes = outcome["training"]
+    assert sizes["train_rows"] + sizes["val_rows"] + sizes["test_rows"] == len(labeled.pixels)
+    assert set(outcome["calibration"]) == set(spec.names)
     assert set(loaded.value_emb) == set(spec.names)
     for name, emb in clip.value_emb.items():
         np.testing.assert_array_equal(loaded.value_emb[name], emb)

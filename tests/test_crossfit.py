@@ -1,0 +1,89 @@
+"""Cross-fitting: a catalog that is also the training data, audited out of fold."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import polars as pl
+import pytest
+
+from clipdq import model, sample_data, train
+from clipdq.catalog import read_catalog
+from clipdq.spec import parse_spec
+from flows.audit import audit_catalog
+
+COLOR_SPEC = """\
+id_column: product_id
+image_column: image
+target_precision: 0.9
+attributes:
+  color:
+    values: [red, blue, green, yellow, black, white]
+    synonyms: {red: [rood, crimson], blue: [blauw, navy], green: [groen], yellow: [geel], black: [zwart], white: [wit]}
+"""
+
+
+def test_folds_cover_every_row_once_and_spread_each_value_evenly():
+    rng = np.random.default_rng(0)
+    labels = {"color": rng.integers(-1, 4, 203), "lid": rng.integers(0, 2, 203)}
+
+    folds = train.fold_of(labels, k=4, seed=0)
+
+    assert folds.shape == (203,) and set(folds) == {0, 1, 2, 3}
+    assert np.ptp(np.bincount(folds)) <= 1
+    for name, values in labels.items():
+        for value in np.unique(values):
+            counts = np.bincount(folds[values == value], minlength=4)
+            assert np.ptp(counts) <= 2, (name, value, counts)
+    assert not np.array_equal(folds, train.fold_of(labels, k=4, seed=1))
+
+
+@pytest.fixture(scope="module")
+def noisy_catalog(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """400 generated products whose catalog colours are 10% wrong, with a colour-only spec."""
+    folder = sample_data.generate(tmp_path_factory.mktemp("noisy"), n_labeled=0, n_catalog=400, image_size=64)
+    (folder / "color.yaml").write_text(COLOR_SPEC)
+    return folder
+
+
+def planted_conflicts(folder: Path, run: str) -> pl.DataFrame:
+    truth = pl.read_parquet(folder / "ground_truth.parquet").filter(pl.col("attribute") == "color")
+    findings = pl.read_parquet(Path(run) / "findings.parquet")
+    return truth.filter(pl.col("planted") == "conflict").join(findings, on=["product_id", "attribute"])
+
+
+def test_cross_fitting_finds_planted_errors_that_an_in_sample_audit_misses(noisy_catalog, prefect_harness, tmp_path):
+    catalog, spec_path = noisy_catalog / "catalog.parquet", noisy_catalog / "color.yaml"
+    spec = parse_spec(spec_path.read_text())
+    # In sample: a model fitted closely to the very rows it audits (fixed schedule, last weights),
+    # as a large pretrained CLIP is after a few epochs.
+    fitted = model.init_model(spec, seed=0)
+    closely = train.TrainConfig(epochs=60, patience=60, augment=False, keep_best=False)
+    train.finetune(fitted, read_catalog(str(catalog)), spec, base=str(noisy_catalog), config=closely)
+    model.save_model(fitted, str(tmp_path / "in-sample"))
+    model.save_model(model.init_model(spec, seed=0), str(tmp_path / "init"))
+
+    in_sample = audit_catalog(str(catalog), str(spec_path), str(tmp_path / "in-sample"), str(tmp_path / "a"))
+    cross_fit = audit_catalog(str(catalog), str(spec_path), str(tmp_path / "init"), str(tmp_path / "b"), cross_fit=2)
+
+    missed, found = planted_conflicts(noisy_catalog, in_sample), planted_conflicts(noisy_catalog, cross_fit)
+    assert found.height == missed.height > 20
+    sees_truth = pl.col("predicted_value") == pl.col("true_value")
+    assert missed.select(sees_truth.mean()).item() < 0.5  # agrees with errors it learned
+    assert found.select(sees_truth.mean()).item() > 0.8  # each row judged by a model that never saw it
+    assert found.filter(pl.col("status") == "conflict").height > missed.filter(pl.col("status") == "conflict").height
+
+    findings = pl.read_parquet(Path(cross_fit) / "findings.parquet")
+    assert sorted(findings["product_id"]) == sorted(pl.read_parquet(catalog)["product_id"])  # every row, once
+    flagged = findings.filter(pl.col("status") == "conflict")["product_id"]
+    assert set(flagged) <= set(found["product_id"])  # every conflict flag is a planted error
+    summary = json.loads((Path(cross_fit) / "summary.json").read_text())
+    assert summary["cross_fit"] == 2 and len(summary["calibration"]) == 2
+
+
+def test_cross_fit_needs_two_folds(sample_dir, init_model_dir, prefect_harness, tmp_path):
+    with pytest.raises(ValueError, match="at least 2 folds"):
+        audit_catalog(str(sample_dir / "catalog.parquet"), str(sample_dir / "spec.yaml"), str(init_model_dir),
+                      str(tmp_path), cross_fit=1)
