@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import atexit
+import io
 import json
 import logging
 import os
@@ -54,6 +55,17 @@ def _parser() -> argparse.ArgumentParser:
     finetune.add_argument("--mode", default="full", choices=["full", "prototype"],
                           help="full: fine-tune both towers; prototype: learn value embeddings on frozen images (fast)")
 
+    curve = commands.add_parser("learning-curve", help="accuracy against labeled examples per value (table and PNG)")
+    curve.add_argument("--catalog", required=True, help="labeled products, Parquet, local or s3://")
+    curve.add_argument("--spec", required=True)
+    curve.add_argument("--output", required=True, help="folder or s3:// prefix for the table and plot")
+    curve.add_argument("--base-model", help="start each point from this CLIP; default: a new one of --arch")
+    curve.add_argument("--arch", default="tiny", choices=["tiny", "vit-b-32"])
+    curve.add_argument("--mode", default="full", choices=["full", "prototype"])
+    curve.add_argument("--sizes", default="10,30,100,300", help="labeled examples per value, comma-separated")
+    curve.add_argument("--max-minutes", type=float, help="training time budget per point")
+    curve.add_argument("--seed", type=int, default=0)
+
     init = commands.add_parser("init-model", help="a randomly initialised CLIP with a tokenizer for the spec")
     init.add_argument("--spec", required=True)
     init.add_argument("--arch", default="tiny", choices=["tiny", "vit-b-32"])
@@ -88,6 +100,33 @@ def run_init_model(args: argparse.Namespace) -> str:
 
     spec = parse_spec(storage.read_bytes(args.spec).decode())
     return model.save_model(model.init_model(spec, args.arch, seed=args.seed), args.output)
+
+
+def run_learning_curve(args: argparse.Namespace) -> str:
+    from clipdq import catalog, curves, model, storage, train
+    from clipdq.spec import parse_spec
+
+    spec = parse_spec(storage.read_bytes(args.spec).decode())
+    frame = catalog.read_catalog(args.catalog)
+    catalog.check_schema(frame, spec)
+
+    def make_model() -> model.Clip:
+        return model.load_model(args.base_model) if args.base_model else model.init_model(spec, args.arch, seed=args.seed)
+
+    first = make_model()
+    config = train.config_for(first, mode=args.mode, max_minutes=args.max_minutes, seed=args.seed)
+    data = train.load_labeled(frame, spec, base=storage.parent(args.catalog), pixel_spec=first.pixels)
+    sizes = tuple(int(n) for n in args.sizes.split(","))
+    table = curves.learning_curve(make_model, data, spec, config=config, splits=train.default_splits(data, config),
+                                  sizes=sizes)
+    print(curves.markdown(table))
+    csv = io.BytesIO()
+    table.write_csv(csv)
+    storage.write_bytes(storage.join(args.output, "learning_curve.csv"), csv.getvalue())
+    storage.write_bytes(storage.join(args.output, "learning_curve.md"), curves.markdown(table).encode())
+    title = f"{args.mode} training, {args.base_model or args.arch}"
+    storage.write_bytes(storage.join(args.output, "learning_curve.png"), curves.plot_png(table, title=title))
+    return args.output
 
 
 def run_demo(args: argparse.Namespace) -> str:
@@ -135,6 +174,7 @@ def main(argv: list[str] | None = None) -> int:
                                      cross_fit=a.cross_fit, fold_minutes=a.fold_minutes),
         "finetune": run_finetune,
         "init-model": run_init_model,
+        "learning-curve": run_learning_curve,
     }
     try:
         location = commands[args.command](args)

@@ -39,6 +39,14 @@ def spec(sample_dir: Path) -> Spec:
 
 
 @pytest.fixture(scope="session")
+def labeled(sample_dir: Path, spec: Spec) -> train.LabeledSet:
+    """The sample's labeled products, loaded at the tiny model's resolution."""
+    pixels = model.init_model(spec).pixels
+    return train.load_labeled(read_catalog(str(sample_dir / "labeled.parquet")), spec, base=str(sample_dir),
+                              pixel_spec=pixels)
+
+
+@pytest.fixture(scope="session")
 def init_model_dir(tmp_path_factory: pytest.TempPathFactory, spec: Spec) -> Path:
     """A saved, untrained tiny CLIP for the sample spec."""
     folder = tmp_path_factory.mktemp("init-model")

@@ -140,3 +140,16 @@ def test_demo_trains_a_model_audits_and_prints_the_run_folder(cli_env, sample_di
     assert (folder / "manifest.json").is_file()
     assert f"Report: {folder / 'report.html'}" in result.stdout
     assert (data / "model" / model.META_FILE).is_file()
+
+
+def test_learning_curve_writes_table_and_plot(cli_env, sample_dir, tmp_path):
+    result = clipdq(cli_env, "learning-curve", "--catalog", str(sample_dir / "labeled.parquet"), "--spec",
+                    str(sample_dir / "spec.yaml"), "--output", str(tmp_path / "curve"), "--mode", "prototype",
+                    "--sizes", "2,5", cwd=tmp_path)
+
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.splitlines()[-1] == str(tmp_path / "curve")
+    table = pl.read_csv(tmp_path / "curve" / "learning_curve.csv")
+    assert table["per_value"].unique().sort().to_list() == [2, 5]
+    assert (tmp_path / "curve" / "learning_curve.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert "| labeled per value |" in (tmp_path / "curve" / "learning_curve.md").read_text()

@@ -16,13 +16,6 @@ from clipdq.spec import Spec, parse_spec
 
 
 @pytest.fixture(scope="module")
-def labeled(sample_dir: Path, spec: Spec) -> train.LabeledSet:
-    pixels = model.init_model(spec).pixels
-    return train.load_labeled(read_catalog(str(sample_dir / "labeled.parquet")), spec, base=str(sample_dir),
-                              pixel_spec=pixels)
-
-
-@pytest.fixture(scope="module")
 def trained_meta(trained_model_dir: Path) -> dict:
     return json.loads((trained_model_dir / model.META_FILE).read_text())
 
