@@ -283,7 +283,7 @@ def _labels(data: LabeledSet, idx: np.ndarray) -> dict[str, np.ndarray]:
     return {name: values[idx].numpy() for name, values in data.labels.items()}
 
 
-def _logits(clip: model.Clip, data: LabeledSet, idx: np.ndarray, captions: model.Captions) -> dict[str, np.ndarray]:
+def row_logits(clip: model.Clip, data: LabeledSet, idx: np.ndarray, captions: model.Captions) -> dict[str, np.ndarray]:
     """Scaled logits of the given rows, with the model's learned value embeddings where it has them."""
     if clip.value_emb is None:
         return evaluate(clip, data, idx, captions)[1]
@@ -300,10 +300,10 @@ def train_on(clip: model.Clip, data: LabeledSet, spec: Spec, *, config: TrainCon
     train_idx, val_idx, test_idx = splits
     result = (fit_prototypes if config.mode == "prototype" else fit)(clip, data, spec, config, splits)
     captions = model.Captions(clip, spec)
-    calibration, metrics = evaluation.calibrate(_logits(clip, data, val_idx, captions), _labels(data, val_idx), spec,
-                                                label_noise=config.label_noise)
+    calibration, metrics = evaluation.calibrate(row_logits(clip, data, val_idx, captions), _labels(data, val_idx),
+                                                spec, label_noise=config.label_noise)
     if len(test_idx):
-        logits = _logits(clip, data, test_idx, captions)
+        logits = row_logits(clip, data, test_idx, captions)
         for name, figures in evaluation.held_out_metrics(logits, _labels(data, test_idx), spec).items():
             metrics.setdefault(name, {}).update(figures)
     sizes = {"train_rows": len(train_idx), "val_rows": len(val_idx), "test_rows": len(test_idx)}
