@@ -28,13 +28,35 @@ def _share(hits: int, total: int) -> float:
 
 def flag_figures(
     logits: dict[str, np.ndarray], labels: dict[str, np.ndarray], spec: Spec, calibration: dict[str, dict],
-    *, share: float = 0.1, seed: int = 0,
+    *, share: float = 0.1, repeats: int = 10,
 ) -> dict[str, dict]:
-    """Per attribute: conflict precision and recall, gap-suggestion accuracy and recall, with counts."""
+    """Per attribute: conflict precision and recall, gap-suggestion accuracy and recall, with counts,
+    pooled over ``repeats`` independent plantings in the same held-out rows."""
     spec = dataclasses.replace(spec, attributes=tuple(dataclasses.replace(a, applies_to={}) for a in spec.attributes))
+    joined = pl.concat([_planted_audit(logits, labels, spec, calibration, share=share, seed=s) for s in range(repeats)])
+    out = {}
+    for (name,), rows in joined.group_by("attribute", maintain_order=True):
+        flagged, planted = rows.filter(pl.col("status") == "conflict"), rows.filter(pl.col("planted") == "conflict")
+        suggested, gaps = rows.filter(pl.col("status") == "gap"), rows.filter(pl.col("planted") == "gap")
+        out[name] = {
+            "conflict_precision": _share(flagged.filter(pl.col("planted") == "conflict").height, flagged.height),
+            "conflict_recall": _share(planted.filter(pl.col("status") == "conflict").height, planted.height),
+            "flags": flagged.height, "planted": planted.height,
+            "gap_accuracy": _share(suggested.filter(pl.col("predicted_value") == pl.col("true_value")).height,
+                                   suggested.height),
+            "gap_recall": _share(suggested.height, gaps.height), "suggestions": suggested.height, "gaps": gaps.height,
+        }
+    return out
+
+
+def _planted_audit(
+    logits: dict[str, np.ndarray], labels: dict[str, np.ndarray], spec: Spec, calibration: dict[str, dict],
+    *, share: float, seed: int,
+) -> pl.DataFrame:
+    """Findings joined with what was planted, for one random planting of errors and gaps."""
     rng = np.random.default_rng(seed)
     n = len(next(iter(labels.values())))
-    ids = [f"row{i}" for i in range(n)]
+    ids = [f"{seed}-{i}" for i in range(n)]
     columns, predictions, truth = {spec.id_column: ids}, [], []
     for attribute in spec.attributes:
         y, k, values = labels[attribute.name], len(attribute.values), np.array(attribute.values, dtype=object)
@@ -52,20 +74,7 @@ def flag_figures(
                                    "true_value": list(values[y.clip(0)])}))
     findings = compare(pl.DataFrame(columns), pl.concat(predictions), spec=spec,
                        calibration={k: Calibration(**v) for k, v in calibration.items()})
-    joined = findings.join(pl.concat(truth), on=["product_id", "attribute"])
-    out = {}
-    for (name,), rows in joined.group_by("attribute", maintain_order=True):
-        flagged, planted = rows.filter(pl.col("status") == "conflict"), rows.filter(pl.col("planted") == "conflict")
-        suggested, gaps = rows.filter(pl.col("status") == "gap"), rows.filter(pl.col("planted") == "gap")
-        out[name] = {
-            "conflict_precision": _share(flagged.filter(pl.col("planted") == "conflict").height, flagged.height),
-            "conflict_recall": _share(planted.filter(pl.col("status") == "conflict").height, planted.height),
-            "flags": flagged.height, "planted": planted.height,
-            "gap_accuracy": _share(suggested.filter(pl.col("predicted_value") == pl.col("true_value")).height,
-                                   suggested.height),
-            "gap_recall": _share(suggested.height, gaps.height), "suggestions": suggested.height, "gaps": gaps.height,
-        }
-    return out
+    return findings.join(pl.concat(truth), on=["product_id", "attribute"])
 
 
 def pooled(figures: dict[str, dict]) -> dict[str, float]:

@@ -54,6 +54,10 @@ def _parser() -> argparse.ArgumentParser:
     finetune.add_argument("--seed", type=int, default=0)
     finetune.add_argument("--mode", default="full", choices=["full", "prototype"],
                           help="full: fine-tune both towers; prototype: learn value embeddings on frozen images (fast)")
+    finetune.add_argument("--val-fraction", type=float, default=0.2, help="share of products for validation")
+    finetune.add_argument("--test-fraction", type=float, default=0.1, help="share held out for the model card")
+    finetune.add_argument("--label-noise", type=float, default=0.0,
+                          help="share of wrong labels to allow for in calibration (0 for curated labels)")
 
     curve = commands.add_parser("learning-curve", help="accuracy against labeled examples per value (table and PNG)")
     curve.add_argument("--catalog", required=True, help="labeled products, Parquet, local or s3://")
@@ -84,7 +88,9 @@ def run_finetune(args: argparse.Namespace) -> str:
     from flows.finetune import finetune_model
 
     return finetune_model(args.catalog, args.spec, args.output, base_model=args.base_model, arch=args.arch,
-                          max_minutes=args.max_minutes, epochs=args.epochs, seed=args.seed, mode=args.mode)
+                          max_minutes=args.max_minutes, epochs=args.epochs, seed=args.seed, mode=args.mode,
+                          val_fraction=args.val_fraction, test_fraction=args.test_fraction,
+                          label_noise=args.label_noise)
 
 
 def _train_demo_model(data: Path, output: Path, *, epochs: int, max_minutes: float) -> str:

@@ -65,7 +65,8 @@ def learning_curve(
         rows_used = train_idx[np.any([kept[name][train_idx] >= 0 for name in kept], axis=0)]
         log.info("learning curve: %d per value (%d labeled training rows)", n, len(rows_used))
         outcome = train.train_on(make_model(), subset, spec, config=config, splits=(rows_used, val_idx, test_idx))
-        for name, metrics in outcome["metrics"].items():
+        for name in spec.names:
+            metrics = outcome["metrics"].get(name, {})
             rows.append({"per_value": n, "attribute": name, "train_labels": used[name],
                          "test_accuracy": metrics.get("test_accuracy"), "test_macro_f1": metrics.get("test_macro_f1"),
                          "minutes": outcome["training"]["minutes"]})

@@ -195,7 +195,21 @@ def model_card(meta: dict) -> str:
             f"{m.get('ece_after', float('nan')):.3f} | {fmt(c.get('gap_threshold'))} / "
             f"{fmt(c.get('conflict_threshold'))} |"
         )
+    for name, m in meta["metrics"].items():
+        lines += _confusion_table(name, meta.get("values", {}).get(name), m.get("confusion"))
     return "\n".join(lines) + "\n"
+
+
+def _confusion_table(name: str, values: list[str] | None, confusion: list[list[int]] | None) -> list[str]:
+    """A test-split confusion matrix as Markdown (rows: catalog value, columns: predicted)."""
+    if not values or not confusion:
+        return []
+    if len(values) > 12:
+        return ["", f"Confusion matrix of {name}: {len(values)} values, in clipdq.json (`metrics.{name}.confusion`)."]
+    lines = ["", f"Confusion matrix of {name} on the test split (rows: true value, columns: predicted):", "",
+             "| | " + " | ".join(values) + " |", "|---|" + "---|" * len(values)]
+    lines += [f"| **{value}** | " + " | ".join(str(c) for c in row) + " |" for value, row in zip(values, confusion)]
+    return lines
 
 
 def _local_folder(uri: str) -> str:

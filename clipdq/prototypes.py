@@ -20,12 +20,14 @@ def fit(
     train_idx: np.ndarray,
     val_idx: np.ndarray,
     scale: float,
-    steps: int = 300,
+    steps: int = 3000,
+    patience: int = 100,
     lr: float = 0.01,
     weight_decay: float = 0.0,
 ) -> tuple[dict[str, np.ndarray], dict]:
     """(value embeddings per attribute, each (k, d) and L2-normalised; training summary).
 
+    Full-batch AdamW for at most ``steps``, stopping ``patience`` steps after the best validation loss.
     ``image_emb`` is (n, d) normalised; ``labels`` hold value indices with -1 where unknown.
     """
     x = torch.from_numpy(image_emb).float()
@@ -44,6 +46,8 @@ def fit(
 
     best = {"val_loss": float("inf"), "step": -1, "weights": None}
     for step in range(steps):
+        if step - best["step"] > patience:
+            break
         loss = loss_on(train_idx)
         optimizer.zero_grad()
         loss.backward()
@@ -53,4 +57,4 @@ def fit(
         if val_loss < best["val_loss"]:
             best = {"val_loss": val_loss, "step": step,
                     "weights": {k: F.normalize(w.detach(), dim=-1).numpy().copy() for k, w in weights.items()}}
-    return best["weights"], {"best_step": best["step"], "best_val_loss": best["val_loss"], "steps_run": steps}
+    return best["weights"], {"best_step": best["step"], "best_val_loss": best["val_loss"], "steps_run": step + 1}

@@ -40,6 +40,15 @@ class TrainConfig:
     label_noise: float = 0.0  # share of wrong labels: 0 for curated ones, the error rate for a catalog's own
     seed: int = 0
 
+    def __post_init__(self) -> None:
+        if not (0 < self.val_fraction and 0 <= self.test_fraction and self.val_fraction + self.test_fraction < 1):
+            raise ValueError(f"need 0 < val_fraction, 0 <= test_fraction and their sum < 1, not "
+                             f"{self.val_fraction} and {self.test_fraction}")
+        if not 0 <= self.label_noise < 0.5:
+            raise ValueError(f"label_noise must be in [0, 0.5), not {self.label_noise}")
+        if self.mode not in ("full", "prototype"):
+            raise ValueError(f"mode must be 'full' or 'prototype', not {self.mode!r}")
+
 
 def config_for(clip: model.Clip, **options) -> TrainConfig:
     """Defaults that suit the model: a pretrained CLIP gets gentle updates and keeps its captions
@@ -316,6 +325,6 @@ def finetune(clip: model.Clip, frame: pl.DataFrame, spec: Spec, *, base: str, co
     log.info("training on %d labeled products (%d without a readable image)", len(data.pixels), data.dropped)
     outcome = train_on(clip, data, spec, config=config, splits=default_splits(data, config))
     outcome["training"] |= {"labeled_rows": frame.height, "unreadable_images": data.dropped}
-    clip.meta.update({"trained": True, "spec_fingerprint": spec.fingerprint(), "train_config": asdict(config)}
-                     | outcome)
+    clip.meta.update({"trained": True, "spec_fingerprint": spec.fingerprint(), "train_config": asdict(config),
+                      "values": {a.name: list(a.values) for a in spec.attributes}} | outcome)
     return clip

@@ -135,6 +135,12 @@ def test_the_model_card_lists_every_attribute(trained_model_dir, spec):
     card = (trained_model_dir / "README.md").read_text()
 
     assert all(f"| {name} |" in card for name in spec.names)
+    color = spec.attribute("color")
+    header = "| | " + " | ".join(color.values) + " |"
+    assert header in card
+    rows = card.split(header)[1].strip().splitlines()[1 : 1 + len(color.values)]
+    counts = [[int(c) for c in row.strip("| ").split(" | ")[1:]] for row in rows]
+    assert counts == json.loads((trained_model_dir / model.META_FILE).read_text())["metrics"]["color"]["confusion"]
 
 
 def test_the_audit_uses_a_models_calibration_only_for_its_own_spec(trained_model_dir, spec):
@@ -226,3 +232,20 @@ def test_prototype_mode_trains_saves_and_is_used_by_the_audit(labeled, spec, tmp
     assert audit.value_embeddings_for(loaded, spec) is loaded.value_emb
     other = parse_spec("attributes:\n  color:\n    values: [red, blue]\n")
     assert set(audit.value_embeddings_for(loaded, other)) == {"color"}  # another spec: captions again
+
+
+@pytest.mark.parametrize("options", [{"val_fraction": 0.0}, {"val_fraction": 0.8, "test_fraction": 0.2},
+                                     {"test_fraction": -0.1}, {"label_noise": 0.5}, {"mode": "probe"}])
+def test_train_config_rejects_settings_that_cannot_work(options):
+    with pytest.raises(ValueError):
+        train.TrainConfig(**options)
+
+
+def test_config_for_trains_new_models_fast_and_pretrained_ones_gently(spec, trained_model_dir):
+    new = train.config_for(model.init_model(spec), epochs=3)
+    pretrained = train.config_for(model.load_model(str(trained_model_dir), device="cpu"))
+    chosen = train.config_for(model.load_model(str(trained_model_dir), device="cpu"), lr=3e-4)
+
+    assert (new.lr, new.spread_steps, new.epochs) == (1e-3, 100, 3)
+    assert (pretrained.lr, pretrained.spread_steps) == (1e-5, 0)
+    assert chosen.lr == 3e-4
