@@ -22,7 +22,7 @@ from pathlib import Path
 from clipdq import curves, model, sample_data, train
 from clipdq.catalog import read_catalog
 from clipdq.spec import Spec, parse_spec
-from heldout import figures_table, flag_figures, pooled, test_logits
+from heldout import figures_table, flag_figures, held_out_logits, pooled
 
 ROOT = Path(__file__).resolve().parents[1]
 SENTENCES = {
@@ -43,7 +43,7 @@ def run_one(name: str, spec: Spec, data: train.LabeledSet, splits: train.Splits,
     clip = model.init_model(spec, "tiny", seed=0)
     outcome = train.train_on(clip, data, spec, config=config, splits=splits)
     test_labels = {k: v[splits[2]] for k, v in train.label_arrays(data).items()}
-    flags = flag_figures(test_logits(clip, data, spec, splits[2]), test_labels, spec, outcome["calibration"])
+    flags = flag_figures(held_out_logits(clip, data, spec, splits[2]), test_labels, spec, outcome["calibration"])
     t = outcome["training"]
     print(f"{name}: {t['minutes']} min, best epoch/step {t.get('best_epoch', t.get('best_step'))}; "
           f"pooled flags {pooled(flags)}", flush=True)

@@ -18,7 +18,7 @@ from clipdq.predict import Calibration
 from clipdq.spec import Spec
 
 
-def test_logits(clip: model.Clip, data: train.LabeledSet, spec: Spec, rows: np.ndarray) -> dict[str, np.ndarray]:
+def held_out_logits(clip: model.Clip, data: train.LabeledSet, spec: Spec, rows: np.ndarray) -> dict[str, np.ndarray]:
     return train.row_logits(clip, data, rows, model.Captions(clip, spec))
 
 
@@ -33,7 +33,8 @@ def flag_figures(
     """Per attribute: conflict precision and recall, gap-suggestion accuracy and recall, with counts,
     pooled over ``repeats`` independent plantings in the same held-out rows."""
     spec = dataclasses.replace(spec, attributes=tuple(dataclasses.replace(a, applies_to={}) for a in spec.attributes))
-    joined = pl.concat([_planted_audit(logits, labels, spec, calibration, share=share, seed=s) for s in range(repeats)])
+    plantings = [_planted_audit(logits, labels, spec, calibration, share=share, seed=s) for s in range(repeats)]
+    joined = pl.concat(plantings).filter(pl.col("planted") != "unlabeled")  # no truth to score against
     out = {}
     for (name,), rows in joined.group_by("attribute", maintain_order=True):
         flagged, planted = rows.filter(pl.col("status") == "conflict"), rows.filter(pl.col("planted") == "conflict")

@@ -1,4 +1,5 @@
-"""The audit's steps as plain functions: score products in batches, then compare and summarise.
+"""The audit's steps as plain functions: prepare batches of products (fetch, cache, decode) ahead
+of the model, score them, then compare and summarise.
 
 The Prefect flow in ``flows/audit.py`` calls these in order; tests can call them directly.
 """
@@ -6,13 +7,18 @@ The Prefect flow in ``flows/audit.py`` calls these in order; tests can call them
 from __future__ import annotations
 
 import logging
+from collections import deque
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
 
 import numpy as np
 import polars as pl
 
 from clipdq import images, model, predict
+from clipdq.cache import EmbeddingCache, digest
 from clipdq.compare import PREDICTIONS_SCHEMA
+from clipdq.images import PixelSpec
 from clipdq.predict import Calibration
 from clipdq.spec import Spec
 
@@ -41,20 +47,73 @@ def batches(frame: pl.DataFrame, size: int) -> Iterator[pl.DataFrame]:
         yield frame.slice(offset, size)
 
 
+@dataclass
+class Batch:
+    """Catalog rows with their images ready for the model: cached embeddings or decoded pixels."""
+
+    rows: pl.DataFrame
+    errors: list[str | None]  # per row: why its image failed, None where it is usable
+    sha256: list[str | None]  # per row: digest of the image bytes, None where they could not be fetched
+    cached: dict[int, np.ndarray]  # row position -> embedding found in the cache
+    to_embed: np.ndarray  # row positions of ``pixels``
+    pixels: np.ndarray  # (len(to_embed), 3, h, w) float32
+
+
+def prepare_batch(
+    rows: pl.DataFrame, *, spec: Spec, base: str, pixels: PixelSpec, cache: EmbeddingCache | None = None
+) -> Batch:
+    """Fetch the rows' images, take embeddings from the cache where it has them, decode the rest."""
+    fetched = images.fetch_images(rows[spec.image_column].to_list(), base)
+    sha256 = [None if isinstance(data, str) else digest(data) for data in fetched]
+    cached = {}
+    if cache is not None:
+        found = ((i, cache.get(sha)) for i, sha in enumerate(sha256) if sha is not None)
+        cached = {i: embedding for i, embedding in found if embedding is not None}
+    pending = [i for i, data in enumerate(fetched) if not isinstance(data, str) and i not in cached]
+    decoded = images.decode_images([fetched[i] for i in pending], pixels)
+    errors = [data if isinstance(data, str) else None for data in fetched]
+    for i, error in zip(pending, decoded.errors):
+        errors[i] = error
+    return Batch(rows, errors, sha256, cached, np.array(pending, dtype=int)[decoded.ok], decoded.pixels)
+
+
+def embed_batch(batch: Batch, clip: model.Clip, cache: EmbeddingCache | None = None) -> np.ndarray:
+    """(n_usable, d) embeddings of the rows whose image is usable, in row order; new ones are cached."""
+    fresh = model.embed_images(clip, batch.pixels)
+    if cache is not None and len(fresh):
+        cache.add([batch.sha256[i] for i in batch.to_embed], fresh)
+    by_row = dict(batch.cached) | dict(zip(batch.to_embed.tolist(), fresh))
+    usable = [i for i, error in enumerate(batch.errors) if error is None]
+    return np.stack([by_row[i] for i in usable]) if usable else fresh[:0]
+
+
+def prepared_batches(frame: pl.DataFrame, size: int, prepare, *, ahead: int = 2) -> Iterator[Batch]:
+    """``prepare`` applied to each batch of rows in a background thread, up to ``ahead`` batches in
+    advance, so fetching and decoding overlap with the model working on the current batch."""
+    with ThreadPoolExecutor(max_workers=1) as pool:
+        pending: deque = deque()
+        for rows in batches(frame, size):
+            pending.append(pool.submit(prepare, rows))
+            if len(pending) > ahead:
+                yield pending.popleft().result()
+        while pending:
+            yield pending.popleft().result()
+
+
 def score_batch(
-    rows: pl.DataFrame,
+    batch: Batch,
     *,
     clip: model.Clip,
     spec: Spec,
     value_emb: dict[str, np.ndarray],
     calibration: dict[str, Calibration],
-    base: str,
+    cache: EmbeddingCache | None = None,
 ) -> pl.DataFrame:
     """Predictions (PREDICTIONS_SCHEMA) for every row and attribute; failed images keep their error."""
-    loaded = images.load_images(rows[spec.image_column].to_list(), base, clip.pixels)
-    image_emb = model.embed_images(clip, loaded.pixels)
+    image_emb = embed_batch(batch, clip, cache)
+    ok = np.array([error is None for error in batch.errors], dtype=bool)
     scale = model.logit_scale(clip)
-    ids = rows[spec.id_column].cast(pl.String).to_list()
+    ids = batch.rows[spec.id_column].cast(pl.String).to_list()
     frames = []
     for attribute in spec.attributes:
         probs = predict.softmax(
@@ -62,12 +121,13 @@ def score_batch(
             temperature=calibration[attribute.name].temperature,
         )
         values = np.full(len(ids), None, dtype=object)
-        values[loaded.ok] = np.array(attribute.values, dtype=object)[probs.argmax(axis=1)]
+        values[ok] = np.array(attribute.values, dtype=object)[probs.argmax(axis=1)]
+        values = pl.Series(values.tolist(), dtype=pl.String)
         confidence = np.full(len(ids), np.nan)
-        confidence[loaded.ok] = probs.max(axis=1)
+        confidence[ok] = probs.max(axis=1)
         frames.append(pl.DataFrame(
-            {"product_id": ids, "attribute": attribute.name, "predicted_value": pl.Series(values, dtype=pl.String),
-             "confidence": pl.Series(confidence).fill_nan(None), "image_error": loaded.errors},
+            {"product_id": ids, "attribute": attribute.name, "predicted_value": values,
+             "confidence": pl.Series(confidence).fill_nan(None), "image_error": batch.errors},
             schema=PREDICTIONS_SCHEMA,
         ))
     return pl.concat(frames)

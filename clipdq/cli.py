@@ -19,6 +19,7 @@ os.environ.setdefault("PREFECT_LOGGING_EXTRA_LOGGERS", "clipdq")  # library logs
 os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")  # no telemetry from batch jobs
 
 log = logging.getLogger("clipdq")
+GROUP_HELP = "rows with the same value here (product family, photo session) stay on one side of every split"
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -41,6 +42,9 @@ def _parser() -> argparse.ArgumentParser:
                        help="audit the model's own training catalog honestly: score each of K folds with --model "
                        "fine-tuned on the other folds")
     audit.add_argument("--fold-minutes", type=float, help="training time budget per fold with --cross-fit")
+    audit.add_argument("--group-column", help=GROUP_HELP)
+    audit.add_argument("--no-embedding-cache", dest="embedding_cache", action="store_false",
+                       help="embed every image again instead of reusing embeddings kept beside the reports")
 
     finetune = commands.add_parser("finetune", help="fine-tune a CLIP on labeled products")
     finetune.add_argument("--catalog", required=True, help="labeled products, Parquet, local or s3://")
@@ -56,6 +60,7 @@ def _parser() -> argparse.ArgumentParser:
                           help="full: fine-tune both towers; prototype: learn value embeddings on frozen images (fast)")
     finetune.add_argument("--val-fraction", type=float, default=0.2, help="share of products for validation")
     finetune.add_argument("--test-fraction", type=float, default=0.1, help="share held out for the model card")
+    finetune.add_argument("--group-column", help=GROUP_HELP)
     finetune.add_argument("--label-noise", type=float, default=0.0,
                           help="share of wrong labels to allow for in calibration (0 for curated labels)")
 
@@ -68,6 +73,7 @@ def _parser() -> argparse.ArgumentParser:
     curve.add_argument("--mode", default="full", choices=["full", "prototype"])
     curve.add_argument("--sizes", default="10,30,100,300", help="labeled examples per value, comma-separated")
     curve.add_argument("--max-minutes", type=float, help="training time budget per point")
+    curve.add_argument("--group-column", help=GROUP_HELP)
     curve.add_argument("--seed", type=int, default=0)
 
     init = commands.add_parser("init-model", help="a randomly initialised CLIP with a tokenizer for the spec")
@@ -90,7 +96,7 @@ def run_finetune(args: argparse.Namespace) -> str:
     return finetune_model(args.catalog, args.spec, args.output, base_model=args.base_model, arch=args.arch,
                           max_minutes=args.max_minutes, epochs=args.epochs, seed=args.seed, mode=args.mode,
                           val_fraction=args.val_fraction, test_fraction=args.test_fraction,
-                          label_noise=args.label_noise)
+                          label_noise=args.label_noise, group_column=args.group_column)
 
 
 def _train_demo_model(data: Path, output: Path, *, epochs: int, max_minutes: float) -> str:
@@ -120,8 +126,10 @@ def run_learning_curve(args: argparse.Namespace) -> str:
         return model.load_model(args.base_model) if args.base_model else model.init_model(spec, args.arch, seed=args.seed)
 
     first = make_model()
-    config = train.config_for(first, mode=args.mode, max_minutes=args.max_minutes, seed=args.seed)
-    data = train.load_labeled(frame, spec, base=storage.parent(args.catalog), pixel_spec=first.pixels)
+    config = train.config_for(first, mode=args.mode, max_minutes=args.max_minutes, seed=args.seed,
+                              group_column=args.group_column)
+    data = train.load_labeled(frame, spec, base=storage.parent(args.catalog), pixel_spec=first.pixels,
+                              group_column=args.group_column)
     sizes = tuple(int(n) for n in args.sizes.split(","))
     table = curves.learning_curve(make_model, data, spec, config=config, splits=train.default_splits(data, config),
                                   sizes=sizes)
@@ -177,7 +185,8 @@ def main(argv: list[str] | None = None) -> int:
     commands = {
         "demo": run_demo,
         "audit": lambda a: run_audit(a.catalog, a.spec, a.model, a.output, batch_size=a.batch_size,
-                                     cross_fit=a.cross_fit, fold_minutes=a.fold_minutes),
+                                     cross_fit=a.cross_fit, fold_minutes=a.fold_minutes,
+                                     group_column=a.group_column, embedding_cache=a.embedding_cache),
         "finetune": run_finetune,
         "init-model": run_init_model,
         "learning-curve": run_learning_curve,

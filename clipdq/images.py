@@ -11,7 +11,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
 import numpy as np
-from PIL import Image, ImageOps
+from PIL import Image, ImageOps, UnidentifiedImageError
 
 from clipdq import storage
 
@@ -120,27 +120,47 @@ def to_pixels(image: Image.Image, spec: PixelSpec) -> np.ndarray:
     return array.transpose(2, 0, 1)
 
 
-def _load_one(ref: str | bytes | None, base: str, spec: PixelSpec) -> np.ndarray | str:
+def _fetch_one(ref: str | bytes | None, base: str) -> bytes | str:
+    """The image's bytes, or why they could not be fetched."""
     try:
-        return to_pixels(decode(fetch(ref, base), min_side=spec.resize), spec)
+        return fetch(ref, base)
     except FileNotFoundError:
         return "image file not found"
     except MissingImage as error:
         return str(error)
-    except DECODE_ERRORS as error:
-        return f"unreadable image: {type(error).__name__}: {error}"[:300]
     except Exception as error:  # noqa: BLE001 - storage errors (S3, HTTP) become a per-image status
         return f"image fetch failed: {type(error).__name__}: {error}"[:300]
 
 
-def load_images(refs: list, base: str, spec: PixelSpec, *, workers: int = 4) -> LoadedImages:
-    """Fetch, decode and preprocess images in a thread pool; failures become per-image errors."""
+def _pixels_one(data: bytes, spec: PixelSpec) -> np.ndarray | str:
+    """Model-ready pixels of image bytes, or why they could not be decoded."""
+    try:
+        return to_pixels(decode(data, min_side=spec.resize), spec)
+    except UnidentifiedImageError:  # its message names a memory address: keep statuses reproducible
+        return "unreadable image: not a recognised image format"
+    except DECODE_ERRORS as error:
+        return f"unreadable image: {type(error).__name__}: {error}"[:300]
+
+
+def fetch_images(refs: list, base: str, *, workers: int = 4) -> list[bytes | str]:
+    """Bytes per catalog cell, fetched in a thread pool; a string says why one failed."""
     with ThreadPoolExecutor(max_workers=workers) as pool:
-        results = list(pool.map(lambda ref: _load_one(ref, base, spec), refs))
+        return list(pool.map(lambda ref: _fetch_one(ref, base), refs))
+
+
+def decode_images(fetched: list[bytes | str], spec: PixelSpec, *, workers: int = 4) -> LoadedImages:
+    """Decode and preprocess fetched images in a thread pool; earlier failures pass through."""
+    with ThreadPoolExecutor(max_workers=workers) as pool:
+        results = list(pool.map(lambda item: item if isinstance(item, str) else _pixels_one(item, spec), fetched))
     ok = np.array([not isinstance(r, str) for r in results], dtype=bool)
     stacked = [r for r in results if not isinstance(r, str)]
     pixels = np.stack(stacked) if stacked else np.zeros((0, 3, spec.crop, spec.crop), np.float32)
     return LoadedImages(pixels, ok, [r if isinstance(r, str) else None for r in results])
+
+
+def load_images(refs: list, base: str, spec: PixelSpec, *, workers: int = 4) -> LoadedImages:
+    """Fetch, decode and preprocess images; failures become per-image errors."""
+    return decode_images(fetch_images(refs, base, workers=workers), spec, workers=workers)
 
 
 def thumbnail(ref: str | bytes | None, base: str, *, size: int = 96) -> bytes | None:

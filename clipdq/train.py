@@ -8,6 +8,7 @@ from __future__ import annotations
 import copy
 import logging
 import time
+import uuid
 from dataclasses import asdict, dataclass
 
 import numpy as np
@@ -38,6 +39,7 @@ class TrainConfig:
     augment: bool = True  # random crop, flip and brightness on training images
     mode: str = "full"  # "full": train both towers; "prototype": learn value embeddings on frozen images
     label_noise: float = 0.0  # share of wrong labels: 0 for curated ones, the error rate for a catalog's own
+    group_column: str | None = None  # rows sharing its value (product family, photo session) share a split
     seed: int = 0
 
     def __post_init__(self) -> None:
@@ -69,6 +71,7 @@ class LabeledSet:
     pixels: torch.Tensor  # (n, 3, h, w) float32
     labels: dict[str, torch.Tensor]  # attribute -> (n,) value index, -1 where unknown
     dropped: int  # labeled rows without a readable image
+    groups: np.ndarray | None = None  # (n,) group per row: near-duplicates that must share a split
 
 
 def encode_labels(frame: pl.DataFrame, spec: Spec) -> dict[str, np.ndarray]:
@@ -85,12 +88,17 @@ def encode_labels(frame: pl.DataFrame, spec: Spec) -> dict[str, np.ndarray]:
     return labels
 
 
-def load_labeled(frame: pl.DataFrame, spec: Spec, *, base: str, pixel_spec: images.PixelSpec) -> LabeledSet:
+def load_labeled(
+    frame: pl.DataFrame, spec: Spec, *, base: str, pixel_spec: images.PixelSpec, group_column: str | None = None
+) -> LabeledSet:
+    if group_column is not None and group_column not in frame.columns:
+        raise ValueError(f"group column {group_column!r} is not in the labeled catalog")
     loaded = images.load_images(frame[spec.image_column].to_list(), base, pixel_spec)
     if not loaded.ok.any():
         raise ValueError("no labeled image could be read")
     labels = {k: torch.from_numpy(v[loaded.ok]) for k, v in encode_labels(frame, spec).items()}
-    return LabeledSet(torch.from_numpy(loaded.pixels), labels, int((~loaded.ok).sum()))
+    groups = None if group_column is None else frame[group_column].cast(pl.String).fill_null("").to_numpy()[loaded.ok]
+    return LabeledSet(torch.from_numpy(loaded.pixels), labels, int((~loaded.ok).sum()), groups)
 
 
 def _stratified_order(labels: dict[str, np.ndarray], rng: np.random.Generator) -> np.ndarray:
@@ -100,25 +108,40 @@ def _stratified_order(labels: dict[str, np.ndarray], rng: np.random.Generator) -
     return np.lexsort(keys.T[::-1])
 
 
-def fold_of(labels: dict[str, np.ndarray], *, k: int, seed: int) -> np.ndarray:
-    """(n,) fold number in 0..k-1 per row, stratified on the joint labels like ``split_indices``."""
-    order = _stratified_order(labels, np.random.default_rng(seed))
+def _by_group(labels: dict[str, np.ndarray], groups: np.ndarray | None) -> tuple[dict[str, np.ndarray], np.ndarray]:
+    """(labels of each group's first row, group index per row); without groups every row is its own."""
+    if groups is None:
+        n = len(next(iter(labels.values())))
+        return labels, np.arange(n)
+    _, first, inverse = np.unique(groups, return_index=True, return_inverse=True)
+    return {name: values[first] for name, values in labels.items()}, inverse
+
+
+def fold_of(labels: dict[str, np.ndarray], *, k: int, seed: int, groups: np.ndarray | None = None) -> np.ndarray:
+    """(n,) fold number in 0..k-1 per row, stratified on the joint labels like ``split_indices``;
+    rows of one group share a fold."""
+    group_labels, row_group = _by_group(labels, groups)
+    order = _stratified_order(group_labels, np.random.default_rng(seed))
     folds = np.empty(len(order), dtype=int)
     folds[order] = np.arange(len(order)) % k
-    return folds
+    return folds[row_group]
 
 
 def split_indices(
-    labels: dict[str, np.ndarray], *, val_fraction: float, test_fraction: float, seed: int
+    labels: dict[str, np.ndarray], *, val_fraction: float, test_fraction: float, seed: int,
+    groups: np.ndarray | None = None,
 ) -> Splits:
     """(train, val, test) row indices, stratified on the joint labels of all attributes.
 
     Rows are ordered by their label combination (random within one), then dealt to the splits
     by a golden-ratio sequence, so every combination is spread over the splits in proportion.
-    Each product is one row, so no image lands on two sides. Validation gets at least one row.
+    With ``groups``, whole groups are dealt (stratified on their first row), so near-duplicate
+    images of one product family or photo session never land on two sides; without, each row
+    is its own group. Validation gets at least one group.
     """
     rng = np.random.default_rng(seed)
-    order = _stratified_order(labels, rng)
+    group_labels, row_group = _by_group(labels, groups)
+    order = _stratified_order(group_labels, rng)
     n = len(order)
     draw = (np.arange(n) * 0.6180339887 + rng.random()) % 1.0
     split = np.where(draw < test_fraction, 2, np.where(draw < test_fraction + val_fraction, 1, 0))
@@ -126,6 +149,7 @@ def split_indices(
     assigned[order] = split
     if not (assigned == 1).any():
         assigned[order[0]] = 1
+    assigned = assigned[row_group]
     return tuple(np.flatnonzero(assigned == s) for s in (0, 1, 2))
 
 
@@ -225,7 +249,7 @@ def label_arrays(data: LabeledSet) -> dict[str, np.ndarray]:
 
 def default_splits(data: LabeledSet, config: TrainConfig) -> Splits:
     return split_indices(label_arrays(data), val_fraction=config.val_fraction, test_fraction=config.test_fraction,
-                         seed=config.seed)
+                         seed=config.seed, groups=data.groups)
 
 
 def fit(clip: model.Clip, data: LabeledSet, spec: Spec, config: TrainConfig, splits: Splits) -> dict:
@@ -321,10 +345,11 @@ def train_on(clip: model.Clip, data: LabeledSet, spec: Spec, *, config: TrainCon
 
 def finetune(clip: model.Clip, frame: pl.DataFrame, spec: Spec, *, base: str, config: TrainConfig) -> model.Clip:
     """Train on labeled rows (``config.mode``) and record metrics and calibration in the model's metadata."""
-    data = load_labeled(frame, spec, base=base, pixel_spec=clip.pixels)
+    data = load_labeled(frame, spec, base=base, pixel_spec=clip.pixels, group_column=config.group_column)
     log.info("training on %d labeled products (%d without a readable image)", len(data.pixels), data.dropped)
     outcome = train_on(clip, data, spec, config=config, splits=default_splits(data, config))
     outcome["training"] |= {"labeled_rows": frame.height, "unreadable_images": data.dropped}
     clip.meta.update({"trained": True, "spec_fingerprint": spec.fingerprint(), "train_config": asdict(config),
-                      "values": {a.name: list(a.values) for a in spec.attributes}} | outcome)
+                      "values": {a.name: list(a.values) for a in spec.attributes},
+                      "fingerprint": f"unsaved-{uuid.uuid4().hex[:12]}"} | outcome)  # new weights; saving sets it
     return clip

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import functools
 from datetime import datetime, timezone
 
 import polars as pl
@@ -11,6 +12,7 @@ from prefect.artifacts import create_markdown_artifact, create_table_artifact
 from prefect.cache_policies import NO_CACHE
 
 from clipdq import audit, catalog, images, model, report, storage, train
+from clipdq.cache import EmbeddingCache, cache_key
 from clipdq.compare import compare
 from clipdq.spec import Spec, parse_spec
 from flows.retries import IO_RETRIES
@@ -37,19 +39,31 @@ def load_model(uri: str) -> model.Clip:
 
 
 @task(cache_policy=NO_CACHE)
-def train_fold(start: model.Clip, rows: pl.DataFrame, spec: Spec, base: str, fold: int, max_minutes: float | None):
+def train_fold(start: model.Clip, rows: pl.DataFrame, spec: Spec, base: str, fold: int, max_minutes: float | None,
+               group_column: str | None = None):
     """A copy of ``start`` fine-tuned on the catalog rows outside one fold.
 
     The catalog's labels are as wrong as the spec expects, so calibration allows for that.
     """
     clip = copy.deepcopy(start)
-    config = train.config_for(clip, max_minutes=max_minutes, seed=fold, label_noise=spec.expected_error_rate)
+    config = train.config_for(clip, max_minutes=max_minutes, seed=fold, label_noise=spec.expected_error_rate,
+                              group_column=group_column)
     return train.finetune(clip, rows, spec, base=base, config=config)
 
 
+@task(**IO_RETRIES, cache_policy=NO_CACHE)
+def open_cache(output_uri: str, clip: model.Clip) -> EmbeddingCache:
+    return EmbeddingCache(storage.join(output_uri, "_embedding_cache", cache_key(clip.fingerprint(), clip.pixels)))
+
+
+@task(**IO_RETRIES, cache_policy=NO_CACHE)
+def save_cache(cache: EmbeddingCache) -> str | None:
+    return cache.flush()
+
+
 @task(cache_policy=NO_CACHE)
-def score(rows: pl.DataFrame, clip: model.Clip, spec: Spec, value_emb: dict, calibration: dict, base: str):
-    return audit.score_batch(rows, clip=clip, spec=spec, value_emb=value_emb, calibration=calibration, base=base)
+def score(batch: audit.Batch, clip: model.Clip, spec: Spec, value_emb: dict, calibration: dict, cache):
+    return audit.score_batch(batch, clip=clip, spec=spec, value_emb=value_emb, calibration=calibration, cache=cache)
 
 
 @task(**IO_RETRIES, cache_policy=NO_CACHE)
@@ -61,26 +75,32 @@ def publish(folder: str, findings: pl.DataFrame, summary: dict, frame: pl.DataFr
     return report.publish_run(folder, findings, summary, report.render_html(shown, summary, thumbs))
 
 
-def _findings(frame: pl.DataFrame, clip: model.Clip, spec: Spec, *, base: str, batch_size: int, progress):
-    """(findings, calibration as JSON) of the catalog rows in ``frame``, scored by ``clip``."""
+def _findings(frame: pl.DataFrame, clip: model.Clip, spec: Spec, *, base: str, batch_size: int, progress,
+              cache: EmbeddingCache | None = None):
+    """(findings, calibration as JSON) of the catalog rows in ``frame``, scored by ``clip``.
+
+    Images are fetched and decoded in a background thread a few batches ahead of the model.
+    """
     calibration = audit.calibration_for(clip, spec)
     value_emb = audit.value_embeddings_for(clip, spec)  # once per run, shared by every batch
+    prepare = functools.partial(audit.prepare_batch, spec=spec, base=base, pixels=clip.pixels, cache=cache)
     scored = []
-    for rows in audit.batches(frame, batch_size):
-        scored.append(score(rows, clip, spec, value_emb, calibration, base))
-        progress(rows.height)
+    for batch in audit.prepared_batches(frame, batch_size, prepare):
+        scored.append(score(batch, clip, spec, value_emb, calibration, cache))
+        progress(batch)
     findings = compare(frame, pl.concat(scored), spec=spec, calibration=calibration)
     return findings, {name: c.to_dict() for name, c in calibration.items()}
 
 
 def _cross_fitted(frame: pl.DataFrame, clip: model.Clip, spec: Spec, *, k: int, fold_minutes: float | None,
-                  base: str, batch_size: int, progress):
+                  group_column: str | None, base: str, batch_size: int, progress):
     """(findings, one calibration per fold): each fold scored by ``clip`` fine-tuned on the other folds."""
-    folds = pl.Series(train.fold_of(train.encode_labels(frame, spec), k=k, seed=0))
+    groups = None if group_column is None else frame[group_column].cast(pl.String).fill_null("").to_numpy()
+    folds = pl.Series(train.fold_of(train.encode_labels(frame, spec), k=k, seed=0, groups=groups))
     parts = []
     for fold in range(k):
         get_run_logger().info("cross-fitting: training the model for fold %d of %d", fold + 1, k)
-        fold_clip = train_fold(clip, frame.filter(folds != fold), spec, base, fold, fold_minutes)
+        fold_clip = train_fold(clip, frame.filter(folds != fold), spec, base, fold, fold_minutes, group_column)
         parts.append(_findings(frame.filter(folds == fold), fold_clip, spec, base=base, batch_size=batch_size,
                                progress=progress))
     return pl.concat([findings for findings, _ in parts]), [calibration for _, calibration in parts]
@@ -95,13 +115,20 @@ def audit_catalog(
     batch_size: int = 256,
     cross_fit: int = 0,
     fold_minutes: float | None = None,
+    group_column: str | None = None,
+    embedding_cache: bool = True,
 ) -> str:
     """Audit a catalog; returns the run folder holding findings, summary, report and manifest.
 
     ``cross_fit`` K >= 2 audits a catalog that is also the training data honestly: its rows are
     dealt into K folds, and each fold is scored by a model fine-tuned from ``model_uri`` on the
-    other folds (at most ``fold_minutes`` each), so no row is judged by a model that learned it.
+    other folds (at most ``fold_minutes`` each), so no row is judged by a model that learned it;
+    rows sharing a ``group_column`` value (near-duplicate images) share a fold.
     The summary's ``calibration`` then lists one calibration per fold.
+
+    ``embedding_cache`` keeps image embeddings under ``<output_uri>/_embedding_cache/``, keyed by
+    model, preprocessing and image bytes, so a later run embeds only new or changed images
+    (not with cross-fitting, whose fold models live only for the run).
     """
     if cross_fit == 1 or cross_fit < 0:
         raise ValueError(f"cross_fit must be 0 (off) or at least 2 folds, not {cross_fit}")
@@ -113,21 +140,28 @@ def audit_catalog(
     validation = validate_catalog(frame, spec)
     base = storage.parent(catalog_uri)
     clip = load_model(model_uri)
-    done = 0
+    images_seen = {"scored": 0, "from_cache": 0, "embedded": 0}
 
-    def progress(rows: int) -> None:
-        nonlocal done
-        done += rows
-        logger.info("scored %d/%d products", done, frame.height)
+    def progress(batch: audit.Batch) -> None:
+        images_seen["scored"] += batch.rows.height
+        images_seen["from_cache"] += len(batch.cached)
+        images_seen["embedded"] += len(batch.to_embed)
+        logger.info("scored %d/%d products (%d images from the cache)", images_seen["scored"], frame.height,
+                    images_seen["from_cache"])
 
     if cross_fit:
-        findings, calibration = _cross_fitted(frame, clip, spec, k=cross_fit, fold_minutes=fold_minutes, base=base,
-                                              batch_size=batch_size, progress=progress)
+        findings, calibration = _cross_fitted(frame, clip, spec, k=cross_fit, fold_minutes=fold_minutes,
+                                              group_column=group_column, base=base, batch_size=batch_size,
+                                              progress=progress)
     else:
-        findings, calibration = _findings(frame, clip, spec, base=base, batch_size=batch_size, progress=progress)
+        cache = open_cache(output_uri, clip) if embedding_cache else None
+        findings, calibration = _findings(frame, clip, spec, base=base, batch_size=batch_size, progress=progress,
+                                          cache=cache)
+        if cache is not None:
+            save_cache(cache)
     run = {"run_id": run_id, "started_at": started.isoformat(), "catalog": catalog_uri, "model": model_uri,
            "model_fingerprint": clip.fingerprint(), "target_precision": spec.target_precision,
-           "cross_fit": cross_fit, "calibration": calibration}
+           "cross_fit": cross_fit, "calibration": calibration, "images": images_seen}
     summary = report.summarize(findings, products=frame.height, run=run, validation=validation)
     publish(folder, findings, summary, frame, spec, base)
     create_table_artifact(key="clipdq-audit-counts", table=summary["by_attribute"],

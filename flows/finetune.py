@@ -52,18 +52,21 @@ def finetune_model(
     val_fraction: float = 0.2,
     test_fraction: float = 0.1,
     label_noise: float = 0.0,
+    group_column: str | None = None,
 ) -> str:
     """Train on labeled products; returns the saved model folder (with metrics and calibration).
 
     ``mode`` "full" fine-tunes both towers; "prototype" learns only each value's embedding on the
     frozen image tower, in seconds. ``val_fraction`` and ``test_fraction`` size the validation
     split (checkpoint and calibration) and the test split (model card); ``label_noise`` is the
-    share of wrong labels to allow for when calibrating (0 for curated labels).
+    share of wrong labels to allow for when calibrating (0 for curated labels). Rows with the same
+    ``group_column`` value (product family, photo session) stay on one side of the splits.
     """
     spec_text = read_spec(spec_uri)
     clip = load_base_model(spec_text, base_model, arch)
     config = train.config_for(clip, epochs=epochs, max_minutes=max_minutes, seed=seed, mode=mode,
-                              val_fraction=val_fraction, test_fraction=test_fraction, label_noise=label_noise)
+                              val_fraction=val_fraction, test_fraction=test_fraction, label_noise=label_noise,
+                              group_column=group_column)
     clip = fit(clip, catalog_uri, spec_text, config)
     save(clip, output_uri)
     rows = [{"attribute": k, **v} for k, v in clip.meta["metrics"].items()]

@@ -6,11 +6,14 @@ import hashlib
 import io
 import json
 import re
+import shutil
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
 
 import polars as pl
+from polars.testing import assert_frame_equal
 import pytest
+from PIL import Image
 from prefect.client.orchestration import get_client
 from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterKey
 
@@ -166,3 +169,30 @@ def test_finetune_flow_writes_a_loadable_model_with_metrics(prefect_harness, sam
     assert set(clip.meta["metrics"]) == set(clip.meta["calibration"]) == set(spec.names)
     metrics = [a for a in read_artifacts("clipdq-finetune-metrics") if output in (a.description or "")]
     assert len(metrics) == 1
+
+
+def test_repeated_audits_embed_only_new_or_changed_images(prefect_harness, sample_dir, trained_model_dir, tmp_path):
+    shutil.copytree(sample_dir, tmp_path / "sample")
+    catalog = tmp_path / "sample" / "catalog.parquet"
+    args = (str(catalog), str(tmp_path / "sample" / "spec.yaml"), str(trained_model_dir), str(tmp_path / "out"))
+
+    first = audit_catalog(*args, batch_size=16)
+    unchanged = audit_catalog(*args, batch_size=16)
+    truth = pl.read_parquet(tmp_path / "sample" / "ground_truth.parquet")
+    changed_id = truth.filter(pl.col("planted") != "image_error")["product_id"][0]
+    image = tmp_path / "sample" / "images" / f"{changed_id}.jpg"
+    Image.open(image).transpose(Image.Transpose.FLIP_LEFT_RIGHT).save(image)  # new bytes, same product
+    after_change = audit_catalog(*args, batch_size=16)
+    uncached = audit_catalog(*args, batch_size=16, embedding_cache=False)
+
+    counts = [read_run(run)[1]["images"] for run in (first, unchanged, after_change, uncached)]
+    readable = counts[0]["embedded"]
+    assert readable == len(pl.read_parquet(catalog)) - 6  # all but the six broken images
+    assert counts[0] == {"scored": 40, "from_cache": 0, "embedded": readable}
+    assert counts[1] == {"scored": 40, "from_cache": readable, "embedded": 0}
+    assert counts[2] == {"scored": 40, "from_cache": readable - 1, "embedded": 1}
+    assert counts[3] == {"scored": 40, "from_cache": 0, "embedded": readable}
+    columns = ["product_id", "attribute", "predicted_value", "status"]
+    assert_frame_equal(read_run(first)[0], read_run(unchanged)[0], check_exact=False, rel_tol=1e-6)
+    assert read_run(after_change)[0].select(columns).equals(read_run(uncached)[0].select(columns))
+    assert len(storage.list_files(str(tmp_path / "out" / "_embedding_cache"))) == 2  # first run, then the changed image

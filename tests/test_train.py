@@ -249,3 +249,36 @@ def test_config_for_trains_new_models_fast_and_pretrained_ones_gently(spec, trai
     assert (new.lr, new.spread_steps, new.epochs) == (1e-3, 100, 3)
     assert (pretrained.lr, pretrained.spread_steps) == (1e-5, 0)
     assert chosen.lr == 3e-4
+
+
+def test_groups_stay_on_one_side_of_every_split_and_fold():
+    rng = np.random.default_rng(4)
+    groups = rng.integers(0, 60, 500).astype(str)  # e.g. photo sessions, several images each
+    labels = {"color": rng.integers(0, 3, 500)}
+
+    splits = train.split_indices(labels, val_fraction=0.2, test_fraction=0.1, seed=0, groups=groups)
+    folds = train.fold_of(labels, k=4, seed=0, groups=groups)
+
+    sides = [set(groups[rows]) for rows in splits]
+    assert sum(len(rows) for rows in splits) == 500
+    assert not (sides[0] & sides[1] or sides[0] & sides[2] or sides[1] & sides[2])
+    assert all(len(rows) for rows in splits)
+    for group in set(groups):
+        assert len(set(folds[groups == group])) == 1
+    ungrouped = train.split_indices(labels, val_fraction=0.2, test_fraction=0.1, seed=0)
+    assert set(groups[ungrouped[0]]) & set(groups[ungrouped[1]])  # without groups they would mix
+
+
+def test_finetune_splits_by_the_group_column(sample_dir, spec):
+    frame = read_catalog(str(sample_dir / "labeled.parquet"))
+    frame = frame.with_columns((pl.int_range(pl.len()) // 4).cast(pl.String).alias("family"))
+    clip = model.init_model(spec)
+    config = train.TrainConfig(epochs=1, mode="prototype", group_column="family")
+
+    data = train.load_labeled(frame, spec, base=str(sample_dir), pixel_spec=clip.pixels, group_column="family")
+    splits = train.default_splits(data, config)
+
+    sides = [set(data.groups[rows]) for rows in splits]
+    assert not (sides[0] & sides[1] or sides[0] & sides[2] or sides[1] & sides[2])
+    with pytest.raises(ValueError, match="group column 'nope'"):
+        train.load_labeled(frame, spec, base=str(sample_dir), pixel_spec=clip.pixels, group_column="nope")

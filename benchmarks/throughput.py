@@ -1,0 +1,174 @@
+"""Audit throughput on large product photos, against the model alone and Hugging Face's pipeline.
+
+On the same JPEGs (generated, 1600 px) and the same attribute values, with a ViT-B/32-shaped CLIP
+(``clipdq init-model --arch vit-b-32``; speed does not depend on the weights), it measures:
+
+(a) the model's forward pass alone, on pixels already in memory;
+(b) the whole audit flow, Parquet to published findings, without and then with the embedding
+    cache (an unchanged catalog), and after changing 1% of the images;
+(c) ``pipeline("zero-shot-image-classification")`` called as its documentation shows, once per
+    image and attribute;
+(d) compare and report for 1,000,000 products x 5 attributes, predictions given;
+
+and prints images/s and the ratios next to their targets.
+
+    python benchmarks/throughput.py [--images 240] [--pipeline-images 40] [--batch-size 32]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import polars as pl
+
+from clipdq import images, model, report, sample_data
+from clipdq.compare import PREDICTIONS_SCHEMA, compare
+from clipdq.predict import default_calibration
+from clipdq.spec import parse_spec
+
+
+def make_catalog(folder: Path, n: int, *, size: int = 1600) -> Path:
+    """The sample generator's catalog of n products, its photos enlarged to ``size`` px with sensor
+    noise (JPEG, quality 90), like product photos straight from a camera."""
+    from PIL import Image
+
+    sample_data.generate(folder, n_labeled=0, n_catalog=n, image_size=256)
+    rng = np.random.default_rng(0)
+    for path in sorted((folder / "images").glob("*.jpg")):
+        try:
+            image = Image.open(path).convert("RGB").resize((size, size), Image.Resampling.BICUBIC)
+        except OSError:  # the sample's deliberately broken images stay broken
+            continue
+        noisy = np.asarray(image, np.int16) + rng.integers(-6, 7, (size, size, 3), dtype=np.int16)
+        Image.fromarray(noisy.clip(0, 255).astype(np.uint8)).save(path, quality=90)
+    return folder / "catalog.parquet"
+
+
+def timed(fn, *args, **kwargs) -> tuple[float, object]:
+    started = time.perf_counter()
+    result = fn(*args, **kwargs)
+    return time.perf_counter() - started, result
+
+
+def model_only(clip: model.Clip, refs: list[str], base: str, batch_size: int) -> float:
+    loaded = images.load_images(refs, base, clip.pixels)
+    model.embed_images(clip, loaded.pixels[:batch_size], batch_size=batch_size)  # warm-up
+    seconds, _ = timed(model.embed_images, clip, loaded.pixels, batch_size=batch_size)
+    return int(loaded.ok.sum()) / seconds
+
+
+def hf_pipeline(folder: str, refs: list[str], base: str, spec) -> float:
+    from transformers import pipeline
+
+    classifier = pipeline("zero-shot-image-classification", model=folder, device="cpu")
+    paths = [str(Path(base) / r) for r in refs]
+    classifier(paths[0], candidate_labels=list(spec.attributes[0].values))  # warm-up
+    started = time.perf_counter()
+    for path in paths:
+        for attribute in spec.attributes:
+            classifier(path, candidate_labels=list(attribute.values))
+    return len(paths) / (time.perf_counter() - started)
+
+
+def compare_and_report(spec, n: int = 1_000_000) -> float:
+    """Seconds to compare n products x the spec's attributes and summarise and render the report."""
+    rng = np.random.default_rng(0)
+    ids = pl.Series("product_id", [f"P{i}" for i in range(n)])
+    catalog = pl.DataFrame({"product_id": ids, "image": ids})
+    predictions = []
+    for attribute in spec.attributes:
+        values = np.array(attribute.values, dtype=object)
+        catalog = catalog.with_columns(pl.Series(attribute.name, values[rng.integers(0, len(values), n)]))
+        predictions.append(pl.DataFrame({"product_id": ids, "attribute": attribute.name,
+                                         "predicted_value": values[rng.integers(0, len(values), n)],
+                                         "confidence": rng.random(n), "image_error": None}, schema=PREDICTIONS_SCHEMA))
+    predictions = pl.concat(predictions)
+    calibration = {name: default_calibration(spec.target_precision, spec.expected_error_rate) for name in spec.names}
+    started = time.perf_counter()
+    findings = compare(catalog, predictions, spec=spec, calibration=calibration)
+    summary = report.summarize(findings, products=n, run={"run_id": "benchmark"}, validation={})
+    report.render_html(report.featured(findings), summary, {})
+    return time.perf_counter() - started
+
+
+def change_images(catalog: Path, share: float) -> int:
+    """Flip a share of the catalog's images left to right (new bytes); returns how many changed."""
+    from PIL import Image
+
+    refs = pl.read_parquet(catalog)["image"].to_list()
+    changed = 0
+    for ref in refs[: max(1, int(len(refs) * share))]:
+        path = catalog.parent / ref
+        if path.exists():
+            try:
+                Image.open(path).transpose(Image.Transpose.FLIP_LEFT_RIGHT).save(path, quality=90)
+                changed += 1
+            except OSError:  # the sample's deliberately broken images
+                pass
+    return changed
+
+
+def whole_audit(catalog: Path, spec_path: Path, model_dir: str, output: str, batch_size: int, **options) -> tuple[float, dict]:
+    from flows.audit import audit_catalog
+
+    seconds, folder = timed(audit_catalog, str(catalog), str(spec_path), model_dir, output, batch_size=batch_size,
+                            **options)
+    summary = json.loads((Path(folder) / "summary.json").read_text())
+    return seconds, summary["images"]
+
+
+def line(name: str, value: float, unit: str, target: str = "") -> None:
+    print(f"{name:<52}{value:>10.2f} {unit:<10}{target}", flush=True)
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--images", type=int, default=240, help="photos in the benchmark catalog")
+    parser.add_argument("--pipeline-images", type=int, default=24, help="photos for the (slow) HF pipeline")
+    parser.add_argument("--batch-size", type=int, default=32)
+    parser.add_argument("--rows", type=int, default=1_000_000, help="products for the compare/report timing")
+    args = parser.parse_args()
+    logging.basicConfig(level=logging.WARNING)
+    os.environ.setdefault("PREFECT_LOGGING_LEVEL", "WARNING")
+    with tempfile.TemporaryDirectory() as tmp:
+        root = Path(tmp)
+        catalog = make_catalog(root / "data", args.images)
+        spec_path = root / "data" / "spec.yaml"
+        spec = parse_spec(spec_path.read_text())
+        clip = model.init_model(spec, "vit-b-32", seed=0)
+        model_dir = model.save_model(clip, str(root / "model"))
+        refs = pl.read_parquet(catalog)["image"].to_list()
+        print(f"{args.images} photos of 1600 px, ViT-B/32-shaped CLIP, fp32, {os.cpu_count()} CPU cores, "
+              f"batch {args.batch_size}\n", flush=True)
+
+        model_rate = model_only(clip, refs, str(root / "data"), args.batch_size)
+        line("(a) model forward pass alone", model_rate, "images/s")
+        whole_audit(catalog, spec_path, model_dir, str(root / "warm-up"), args.batch_size)  # starts Prefect
+        first, counts = whole_audit(catalog, spec_path, model_dir, str(root / "out"), args.batch_size)
+        audit_rate = counts["embedded"] / first
+        line("(b) whole audit, Parquet to findings", audit_rate, "images/s",
+             f"{audit_rate / model_rate:.0%} of (a); target >= 85%")
+        again, counts = whole_audit(catalog, spec_path, model_dir, str(root / "out"), args.batch_size)
+        line("    second audit, unchanged catalog", again, "s",
+             f"{again / first:.0%} of the first run; target <= 10%; {counts['embedded']} embedded")
+        changed = change_images(catalog, 0.01)
+        after, counts = whole_audit(catalog, spec_path, model_dir, str(root / "out"), args.batch_size)
+        line(f"    after changing {changed} images", after, "s", f"{counts['embedded']} embedded")
+        pipeline_rate = hf_pipeline(model_dir, refs[: args.pipeline_images], str(root / "data"), spec)
+        line("(c) HF zero-shot pipeline, one call per attribute", pipeline_rate, "images/s",
+             f"(b) is {audit_rate / pipeline_rate:.1f}x; target >= 5x")
+    seconds = compare_and_report(spec, args.rows)
+    line(f"(d) compare + report, {args.rows:,} products x {len(spec.attributes)}", seconds, "s", "target < 15 s")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

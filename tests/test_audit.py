@@ -1,0 +1,60 @@
+"""The audit's batch steps: images prepared ahead of the model, cached embeddings reused."""
+
+from __future__ import annotations
+
+import threading
+import time
+
+import numpy as np
+import polars as pl
+from polars.testing import assert_frame_equal
+
+from clipdq import audit, cache, model
+from clipdq.catalog import read_catalog
+
+
+def test_prepared_batches_keep_the_order_and_work_ahead_of_the_consumer():
+    frame = pl.DataFrame({"n": range(10)})
+    started = []
+
+    def prepare(rows):
+        started.append(rows["n"][0])
+        return rows
+
+    seen = []
+    for rows in audit.prepared_batches(frame, 3, prepare, ahead=2):
+        time.sleep(0.05)  # the model's turn: the next batches are being prepared meanwhile
+        seen.append(rows["n"].to_list())
+        assert len(started) >= min(4, len(seen) + 2)
+
+    assert seen == [[0, 1, 2], [3, 4, 5], [6, 7, 8], [9]]
+    assert threading.active_count() >= 1
+
+
+def test_scores_of_cached_embeddings_equal_fresh_ones_and_a_failed_first_image_is_kept(
+    sample_dir, spec, trained_model_dir, tmp_path
+):
+    clip = model.load_model(str(trained_model_dir), device="cpu")
+    frame = read_catalog(str(sample_dir / "catalog.parquet"))
+    frame = frame.with_columns(pl.when(pl.int_range(pl.len()) == 0).then(pl.lit("missing.jpg"))
+                               .otherwise(pl.col("image")).alias("image"))
+    store = cache.EmbeddingCache(str(tmp_path / "cache"))
+    options = {"clip": clip, "spec": spec, "value_emb": audit.value_embeddings_for(clip, spec),
+               "calibration": audit.calibration_for(clip, spec), "cache": store}
+
+    def run() -> tuple[pl.DataFrame, list[audit.Batch]]:
+        prepared = [audit.prepare_batch(rows, spec=spec, base=str(sample_dir), pixels=clip.pixels, cache=store)
+                    for rows in audit.batches(frame, 16)]
+        return pl.concat([audit.score_batch(batch, **options) for batch in prepared]), prepared
+
+    fresh, first = run()
+    store.flush()
+    cached, second = run()
+
+    assert_frame_equal(fresh, cached, check_exact=False, rel_tol=1e-6)  # same inputs, other memory layout
+    assert sum(len(b.to_embed) for b in first) == sum(len(b.cached) for b in second) > 0
+    assert sum(len(b.to_embed) for b in second) == 0
+    first_row = fresh.filter(pl.col("product_id") == frame["product_id"][0])
+    assert first_row["image_error"].to_list() == ["image file not found"] * first_row.height
+    assert first_row["predicted_value"].is_null().all()
+    assert np.isfinite(cached["confidence"].drop_nulls().to_numpy()).all()

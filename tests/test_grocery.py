@@ -1,0 +1,65 @@
+"""Real product photos: the Grocery Store dataset through decoding, training and the audit.
+
+Skipped where the dataset is absent (set CLIPDQ_GROCERY_DIR, or keep it beside the project).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import polars as pl
+import pytest
+import yaml
+
+from clipdq import images, model, train
+from clipdq.spec import parse_spec
+from flows.audit import audit_catalog
+from grocery import DEFAULT_DATA, load_catalog
+
+pytestmark = pytest.mark.skipif(not (DEFAULT_DATA / "train.txt").exists(),
+                                reason=f"Grocery Store dataset not found at {DEFAULT_DATA}")
+
+
+@pytest.fixture(scope="module")
+def grocery() -> pl.DataFrame:
+    return load_catalog(DEFAULT_DATA)
+
+
+def test_the_catalog_has_every_photo_with_a_consistent_three_level_hierarchy(grocery):
+    assert grocery.height == 2640 + 296
+    assert grocery.group_by("split").len().sort("split").rows() == [("holdout", 296), ("train", 2640)]
+    assert set(grocery["top"]) == {"Fruit", "Vegetables", "Packages"}
+    assert grocery.select(pl.col("coarse").n_unique().over("fine").max()).item() == 1  # a fine class has one parent
+    assert grocery.select(pl.col("top").n_unique().over("coarse").max()).item() == 1
+    assert grocery["product_id"].n_unique() == grocery.height
+
+
+def test_real_photos_decode_to_the_models_pixels(grocery):
+    sample = grocery.sample(40, seed=0)
+    spec = images.PixelSpec(224, 224, (0.48, 0.46, 0.41), (0.27, 0.26, 0.28))
+
+    loaded = images.load_images(sample["image"].to_list(), str(DEFAULT_DATA), spec)
+
+    assert loaded.ok.all(), loaded.errors
+    assert loaded.pixels.shape == (40, 3, 224, 224)
+    assert np.isfinite(loaded.pixels).all() and loaded.pixels.std() > 0.3
+
+
+def test_a_model_trained_on_real_photos_audits_held_out_ones(grocery, prefect_harness, tmp_path):
+    spec_text = yaml.safe_dump({"attributes": {"top": {"values": sorted(set(grocery["top"]))}}})
+    spec = parse_spec(spec_text)
+    (tmp_path / "spec.yaml").write_text(spec_text)
+    labeled = pl.concat([g.sample(100, seed=0) for _, g in grocery.filter(pl.col("split") == "train").group_by("top")])
+    held_out = grocery.filter(pl.col("split") == "holdout").select("product_id", "image", "top")
+    held_out.write_parquet(tmp_path / "catalog.parquet")
+
+    clip = model.init_model(spec, seed=0)
+    train.finetune(clip, labeled, spec, base=str(DEFAULT_DATA), config=train.TrainConfig(epochs=12, test_fraction=0.0))
+    model.save_model(clip, str(tmp_path / "model"))
+    run = audit_catalog(str(tmp_path / "catalog.parquet"), str(tmp_path / "spec.yaml"), str(tmp_path / "model"),
+                        str(tmp_path / "reports"))
+
+    findings = pl.read_parquet(f"{run}/findings.parquet")
+    assert findings.height == held_out.height and findings["status"].is_in(["image_error"]).sum() == 0
+    agreement = findings.select((pl.col("predicted_value") == pl.col("existing_value")).mean()).item()
+    majority = held_out["top"].value_counts()["count"].max() / held_out.height
+    assert agreement > majority + 0.05, (agreement, majority)
