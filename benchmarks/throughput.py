@@ -9,10 +9,11 @@ On the same JPEGs (generated, 1600 px) and the same attribute values, with a ViT
 (c) ``pipeline("zero-shot-image-classification")`` called as its documentation shows, once per
     image and attribute;
 (d) compare and report for 1,000,000 products x 5 attributes, predictions given;
+(e) peak memory (RSS) of the audit command for 10,000 and 100,000 rows, images repeating;
 
 and prints images/s and the ratios next to their targets.
 
-    python benchmarks/throughput.py [--images 240] [--pipeline-images 40] [--batch-size 32]
+    python benchmarks/throughput.py [--images 1000] [--pipeline-images 24] [--batch-size 32]
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ import argparse
 import json
 import logging
 import os
+import subprocess
 import sys
 import tempfile
 import time
@@ -58,11 +60,12 @@ def timed(fn, *args, **kwargs) -> tuple[float, object]:
     return time.perf_counter() - started, result
 
 
-def model_only(clip: model.Clip, refs: list[str], base: str, batch_size: int) -> float:
+def model_only(clip: model.Clip, refs: list[str], base: str, batch_size: int) -> tuple[float, list[str]]:
+    """(images/s of the image tower on pixels in memory, the readable refs)."""
     loaded = images.load_images(refs, base, clip.pixels)
     model.embed_images(clip, loaded.pixels[:batch_size], batch_size=batch_size)  # warm-up
     seconds, _ = timed(model.embed_images, clip, loaded.pixels, batch_size=batch_size)
-    return int(loaded.ok.sum()) / seconds
+    return int(loaded.ok.sum()) / seconds, [ref for ref, ok in zip(refs, loaded.ok) if ok]
 
 
 def hf_pipeline(folder: str, refs: list[str], base: str, spec) -> float:
@@ -82,7 +85,8 @@ def compare_and_report(spec, n: int = 1_000_000) -> float:
     """Seconds to compare n products x the spec's attributes and summarise and render the report."""
     rng = np.random.default_rng(0)
     ids = pl.Series("product_id", [f"P{i}" for i in range(n)])
-    catalog = pl.DataFrame({"product_id": ids, "image": ids})
+    catalog = pl.DataFrame({"product_id": ids, "image": ids,
+                            "product_type": rng.choice(["apparel", "cookware"], n)})
     predictions = []
     for attribute in spec.attributes:
         values = np.array(attribute.values, dtype=object)
@@ -125,19 +129,38 @@ def whole_audit(catalog: Path, spec_path: Path, model_dir: str, output: str, bat
     return seconds, summary["images"]
 
 
+def peak_memory_mb(catalog: Path, rows: int, spec_path: Path, model_dir: str, output: Path) -> float:
+    """Peak RSS of a CLI audit (its own process) of a catalog of ``rows`` rows cycling over the
+    images of ``catalog``."""
+    frame = pl.read_parquet(catalog)
+    big = frame.select(pl.all().gather(np.arange(rows) % frame.height))
+    big = big.with_columns(pl.format("R{}", pl.int_range(pl.len())).alias("product_id"))
+    path = catalog.parent / f"catalog-{rows}.parquet"
+    big.write_parquet(path)
+    measure = ("import resource, subprocess, sys; subprocess.run(sys.argv[1:], check=True, capture_output=True); "
+               "print(resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss)")
+    command = [sys.executable, "-c", measure, sys.executable, "-m", "clipdq.cli", "audit", "--catalog", str(path),
+               "--spec", str(spec_path), "--model", model_dir, "--output", str(output)]
+    result = subprocess.run(command, check=True, capture_output=True, text=True)
+    return int(result.stdout.split()[-1]) / 1024
+
+
 def line(name: str, value: float, unit: str, target: str = "") -> None:
     print(f"{name:<52}{value:>10.2f} {unit:<10}{target}", flush=True)
 
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--images", type=int, default=240, help="photos in the benchmark catalog")
+    parser.add_argument("--images", type=int, default=1000, help="photos in the benchmark catalog")
     parser.add_argument("--pipeline-images", type=int, default=24, help="photos for the (slow) HF pipeline")
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--rows", type=int, default=1_000_000, help="products for the compare/report timing")
+    parser.add_argument("--memory-rows", default="10000,100000", help="catalog sizes for the peak-memory audit")
     args = parser.parse_args()
     logging.basicConfig(level=logging.WARNING)
+    logging.getLogger("great_expectations").setLevel(logging.WARNING)
     os.environ.setdefault("PREFECT_LOGGING_LEVEL", "WARNING")
+    os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(tmp)
         catalog = make_catalog(root / "data", args.images)
@@ -149,7 +172,7 @@ def main() -> int:
         print(f"{args.images} photos of 1600 px, ViT-B/32-shaped CLIP, fp32, {os.cpu_count()} CPU cores, "
               f"batch {args.batch_size}\n", flush=True)
 
-        model_rate = model_only(clip, refs, str(root / "data"), args.batch_size)
+        model_rate, readable = model_only(clip, refs, str(root / "data"), args.batch_size)
         line("(a) model forward pass alone", model_rate, "images/s")
         whole_audit(catalog, spec_path, model_dir, str(root / "warm-up"), args.batch_size)  # starts Prefect
         first, counts = whole_audit(catalog, spec_path, model_dir, str(root / "out"), args.batch_size)
@@ -162,9 +185,15 @@ def main() -> int:
         changed = change_images(catalog, 0.01)
         after, counts = whole_audit(catalog, spec_path, model_dir, str(root / "out"), args.batch_size)
         line(f"    after changing {changed} images", after, "s", f"{counts['embedded']} embedded")
-        pipeline_rate = hf_pipeline(model_dir, refs[: args.pipeline_images], str(root / "data"), spec)
+        pipeline_rate = hf_pipeline(model_dir, readable[: args.pipeline_images], str(root / "data"), spec)
         line("(c) HF zero-shot pipeline, one call per attribute", pipeline_rate, "images/s",
              f"(b) is {audit_rate / pipeline_rate:.1f}x; target >= 5x")
+        peaks = {}
+        for rows in (int(n) for n in args.memory_rows.split(",")):
+            peaks[rows] = peak_memory_mb(catalog, rows, spec_path, model_dir, root / f"memory-{rows}")
+            growth = f"; {peaks[rows] / min(peaks.values()) - 1:+.0%} from the smallest, target < +20%"
+            line(f"(e) peak RSS, audit of {rows:,} rows (images repeat)", peaks[rows], "MB",
+                 "target < 2048 MB" + (growth if len(peaks) > 1 else ""))
     seconds = compare_and_report(spec, args.rows)
     line(f"(d) compare + report, {args.rows:,} products x {len(spec.attributes)}", seconds, "s", "target < 15 s")
     return 0

@@ -37,7 +37,7 @@ def _parser() -> argparse.ArgumentParser:
     audit.add_argument("--spec", required=True, help="spec YAML, local or s3://")
     audit.add_argument("--model", required=True, help="model folder, s3:// prefix or Hugging Face hub id")
     audit.add_argument("--output", required=True, help="folder or s3:// prefix for run folders")
-    audit.add_argument("--batch-size", type=int, default=256)
+    audit.add_argument("--batch-size", type=int, default=64, help="images per model call")
     audit.add_argument("--cross-fit", type=int, default=0, metavar="K",
                        help="audit the model's own training catalog honestly: score each of K folds with --model "
                        "fine-tuned on the other folds")

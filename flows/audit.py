@@ -112,7 +112,7 @@ def audit_catalog(
     spec_uri: str,
     model_uri: str,
     output_uri: str,
-    batch_size: int = 256,
+    batch_size: int = 64,
     cross_fit: int = 0,
     fold_minutes: float | None = None,
     group_column: str | None = None,

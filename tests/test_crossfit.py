@@ -8,21 +8,15 @@ from pathlib import Path
 import numpy as np
 import polars as pl
 import pytest
+import yaml
 
 from clipdq import model, sample_data, train
 from clipdq.catalog import read_catalog
 from clipdq.spec import parse_spec
 from flows.audit import audit_catalog
 
-COLOR_SPEC = """\
-id_column: product_id
-image_column: image
-target_precision: 0.9
-attributes:
-  color:
-    values: [red, blue, green, yellow, black, white]
-    synonyms: {red: [rood, crimson], blue: [blauw, navy], green: [groen], yellow: [geel], black: [zwart], white: [wit]}
-"""
+COLOR_SPEC = yaml.safe_dump({"target_precision": 0.9,
+                             "attributes": {"color": sample_data.SPEC["attributes"]["color"]}})
 
 
 def test_folds_cover_every_row_once_and_spread_each_value_evenly():
