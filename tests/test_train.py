@@ -12,7 +12,7 @@ import pytest
 
 from clipdq import audit, evaluation, model, predict, prototypes, train
 from clipdq.catalog import read_catalog
-from clipdq.spec import Spec, parse_spec
+from clipdq.spec import parse_spec
 
 
 @pytest.fixture(scope="module")
