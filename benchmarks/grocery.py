@@ -7,12 +7,12 @@ level it reports accuracy and macro-F1 of the untrained model (chance), the prot
 frozen embeddings, and full fine-tuning within a CPU time budget; learning curves for both; and
 the precision and recall of the audit's flags when 10% of the held-out labels are corrupted.
 
-    python benchmarks/grocery.py [--data DIR] [--minutes 15] [--curve-minutes 2] [--output DIR]
+    python benchmarks/grocery.py [--data DIR] [--minutes 15] [--curve-minutes 2] [--output DIR] [--base-model M]
 
 The dataset is not part of the project: point --data (or CLIPDQ_GROCERY_DIR) at a copy; the
-script exits with a message when it is absent. No pretrained weights are used: every model is
-a tiny CLIP built from scratch, so the untrained model is at chance and the probe's frozen
-embeddings are random features.
+script exits with a message when it is absent. Without --base-model every model is a tiny CLIP
+built from scratch, so the untrained model is at chance and the probe's frozen embeddings are
+random features; with a pretrained CLIP the first row is its zero-shot accuracy.
 """
 
 from __future__ import annotations
@@ -93,7 +93,11 @@ def level_rows(name: str, outcome: dict, flags: dict | None, spec: Spec) -> list
 def run(args: argparse.Namespace) -> dict:
     frame = load_catalog(args.data)
     spec = grocery_spec(frame)
-    base = model.init_model(spec, "tiny", seed=0)
+
+    def make_model() -> model.Clip:
+        return model.load_model(args.base_model) if args.base_model else model.init_model(spec, "tiny", seed=0)
+
+    base = make_model()
     started = time.monotonic()
     data = train.load_labeled(frame, spec, base=str(args.data), pixel_spec=base.pixels)
     print(f"{len(data.pixels)} photos decoded in {time.monotonic() - started:.0f} s "
@@ -108,14 +112,15 @@ def run(args: argparse.Namespace) -> dict:
     majority = {level: float(np.bincount(test_labels[level]).max() / len(test_labels[level])) for level in LEVELS}
     results["untrained"] = {level: untrained[level] | {"chance": 1 / len(spec.attribute(level).values),
                                                       "majority": majority[level]} for level in LEVELS}
-    table = [{"model": "untrained (chance)", "level": level, "values": len(spec.attribute(level).values),
+    first_row = f"zero-shot {args.base_model}" if args.base_model else "untrained (chance)"
+    table = [{"model": first_row, "level": level, "values": len(spec.attribute(level).values),
               "accuracy": untrained[level]["test_accuracy"], "macro_f1": untrained[level]["test_macro_f1"],
               "chance": 1 / len(spec.attribute(level).values), "majority": majority[level]} for level in LEVELS]
 
     for name, options in (("prototype probe", {"mode": "prototype"}),
                           (f"full fine-tuning ({args.minutes:g} min)", {"max_minutes": args.minutes, "epochs": 1000})):
-        clip = model.init_model(spec, "tiny", seed=0)
-        outcome = train.train_on(clip, data, spec, config=train.TrainConfig(seed=0, **options), splits=splits)
+        clip = make_model()
+        outcome = train.train_on(clip, data, spec, config=train.config_for(clip, seed=0, **options), splits=splits)
         flags = flag_figures(held_out_logits(clip, data, spec, splits[2]), test_labels, spec, outcome["calibration"])
         print(f"{name}: {outcome['training']['minutes']} min, pooled flags {pooled(flags)}", flush=True)
         results[name] = {"training": {k: v for k, v in outcome["training"].items() if k != "history"},
@@ -125,9 +130,8 @@ def run(args: argparse.Namespace) -> dict:
     results["tables"]["levels"] = table
 
     for mode, sizes, minutes in (("prototype", (3, 10, 30, 100, 300), None), ("full", (3, 10, 30), args.curve_minutes)):
-        curve = curves.learning_curve(lambda: model.init_model(spec, "tiny", seed=0), data, spec,
-                                      config=train.TrainConfig(seed=0, mode=mode, max_minutes=minutes, epochs=1000),
-                                      splits=splits, sizes=sizes)
+        config = train.config_for(base, seed=0, mode=mode, max_minutes=minutes, epochs=1000)
+        curve = curves.learning_curve(make_model, data, spec, config=config, splits=splits, sizes=sizes)
         title = f"Grocery Store, {mode} training" + (f", {minutes:g} min per point" if minutes else "")
         (args.output / f"curve_{mode}.png").write_bytes(curves.plot_png(curve, title=title))
         (args.output / f"curve_{mode}.md").write_text(curves.markdown(curve))
@@ -142,6 +146,7 @@ def main() -> int:
     parser.add_argument("--minutes", type=float, default=15.0, help="CPU budget for full fine-tuning")
     parser.add_argument("--curve-minutes", type=float, default=2.0, help="budget per full learning-curve point")
     parser.add_argument("--output", type=Path, default=ROOT / "docs" / "benchmarks" / "grocery")
+    parser.add_argument("--base-model", help="start from this CLIP (hub id, folder, s3://) instead of a new tiny one")
     args = parser.parse_args()
     if not (args.data / "train.txt").exists():
         print(f"Grocery Store dataset not found at {args.data}; pass --data or set CLIPDQ_GROCERY_DIR", file=sys.stderr)
