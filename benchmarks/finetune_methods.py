@@ -42,7 +42,7 @@ def with_sentences(spec: Spec) -> Spec:
 def run_one(name: str, spec: Spec, data: train.LabeledSet, splits: train.Splits, config: train.TrainConfig) -> list[dict]:
     clip = model.init_model(spec, "tiny", seed=0)
     outcome = train.train_on(clip, data, spec, config=config, splits=splits)
-    test_labels = {k: v[splits[2]] for k, v in train.label_arrays(data).items()}
+    test_labels = train.labels_of(data, splits[2])
     flags = flag_figures(held_out_logits(clip, data, spec, splits[2]), test_labels, spec, outcome["calibration"])
     t = outcome["training"]
     print(f"{name}: {t['minutes']} min, best epoch/step {t.get('best_epoch', t.get('best_step'))}; "
@@ -92,7 +92,7 @@ def main() -> int:
     (args.output / "curve_full.png").write_bytes(curves.plot_png(curve, title=title))
     (args.output / "curve_full.md").write_text(curves.markdown(curve))
     (args.output / "results.md").write_text(report + "\n")
-    (args.output / "results.json").write_text(json.dumps({"runs": rows, "curve": curve.to_dicts()}, indent=2))
+    (args.output / "results.json").write_text(json.dumps({"runs": rows, "curve": curve.to_dicts()}))
     print(report)
     print(curves.markdown(curve))
     print(f"written to {args.output}")

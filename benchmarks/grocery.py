@@ -103,8 +103,7 @@ def run(args: argparse.Namespace) -> dict:
     print(f"{len(data.pixels)} photos decoded in {time.monotonic() - started:.0f} s "
           f"({data.dropped} unreadable)", flush=True)
     splits = splits_for(frame)
-    labels = train.label_arrays(data)
-    test_labels = {k: v[splits[2]] for k, v in labels.items()}
+    test_labels = train.labels_of(data, splits[2])
     print(f"train {len(splits[0])}, validation {len(splits[1])}, test {len(splits[2])}", flush=True)
     results: dict = {"rows": {"train": len(splits[0]), "val": len(splits[1]), "test": len(splits[2])}, "tables": {}}
 
@@ -159,7 +158,7 @@ def main() -> int:
                "conflict recall", "flags / planted", "gap accuracy", "gap recall"]
     report = figures_table(results["tables"]["levels"], columns)
     (args.output / "results.md").write_text(report + "\n")
-    (args.output / "results.json").write_text(json.dumps(results, indent=2, default=float))
+    (args.output / "results.json").write_text(json.dumps(results, default=float))
     print(report)
     print(f"\nwritten to {args.output}")
     return 0

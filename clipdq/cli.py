@@ -133,11 +133,12 @@ def run_learning_curve(args: argparse.Namespace) -> str:
     sizes = tuple(int(n) for n in args.sizes.split(","))
     table = curves.learning_curve(make_model, data, spec, config=config, splits=train.default_splits(data, config),
                                   sizes=sizes)
-    print(curves.markdown(table))
+    text = curves.markdown(table)
+    print(text)
     csv = io.BytesIO()
     table.write_csv(csv)
     storage.write_bytes(storage.join(args.output, "learning_curve.csv"), csv.getvalue())
-    storage.write_bytes(storage.join(args.output, "learning_curve.md"), curves.markdown(table).encode())
+    storage.write_bytes(storage.join(args.output, "learning_curve.md"), text.encode())
     title = f"{args.mode} training, {args.base_model or args.arch}"
     storage.write_bytes(storage.join(args.output, "learning_curve.png"), curves.plot_png(table, title=title))
     return args.output

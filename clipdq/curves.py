@@ -33,11 +33,9 @@ def keep_per_value(labels: dict[str, np.ndarray], rows: np.ndarray, *, n: int, s
     for name, values in labels.items():
         hidden = values.copy()
         hidden[rows] = -1
-        for value in np.unique(values[rows]):
+        for value in np.unique(values[rows][values[rows] >= 0]):
             pool = rows[values[rows] == value]
-            if value >= 0:
-                chosen = rng.choice(pool, size=min(n, len(pool)), replace=False)
-                hidden[chosen] = value
+            hidden[rng.choice(pool, size=min(n, len(pool)), replace=False)] = value
         kept[name] = hidden
     return kept
 

@@ -55,12 +55,9 @@ class TrainConfig:
 def config_for(clip: model.Clip, **options) -> TrainConfig:
     """Defaults that suit the model: a pretrained CLIP gets gentle updates and keeps its captions
     where they are; a new one (``init_model``) learns fast and first spreads its captions apart."""
-    config = TrainConfig(**options)
-    if clip.meta.get("trained", True) and "lr" not in options:  # plain checkpoints have no metadata
-        config.lr = 1e-5
-    if clip.meta.get("trained", True) and "spread_steps" not in options:
-        config.spread_steps = 0
-    return config
+    pretrained = clip.meta.get("trained", True)  # plain checkpoints have no metadata
+    gentle = {"lr": 1e-5, "spread_steps": 0} if pretrained else {}
+    return TrainConfig(**(gentle | options))
 
 
 Splits = tuple[np.ndarray, np.ndarray, np.ndarray]  # (train, val, test) row indices
@@ -91,14 +88,22 @@ def encode_labels(frame: pl.DataFrame, spec: Spec) -> dict[str, np.ndarray]:
 def load_labeled(
     frame: pl.DataFrame, spec: Spec, *, base: str, pixel_spec: images.PixelSpec, group_column: str | None = None
 ) -> LabeledSet:
-    if group_column is not None and group_column not in frame.columns:
-        raise ValueError(f"group column {group_column!r} is not in the labeled catalog")
+    groups = group_keys(frame, group_column)
     loaded = images.load_images(frame[spec.image_column].to_list(), base, pixel_spec)
     if not loaded.ok.any():
         raise ValueError("no labeled image could be read")
     labels = {k: torch.from_numpy(v[loaded.ok]) for k, v in encode_labels(frame, spec).items()}
-    groups = None if group_column is None else frame[group_column].cast(pl.String).fill_null("").to_numpy()[loaded.ok]
-    return LabeledSet(torch.from_numpy(loaded.pixels), labels, int((~loaded.ok).sum()), groups)
+    return LabeledSet(torch.from_numpy(loaded.pixels), labels, int((~loaded.ok).sum()),
+                      None if groups is None else groups[loaded.ok])
+
+
+def group_keys(frame: pl.DataFrame, column: str | None) -> np.ndarray | None:
+    """(n,) group of each row from ``column`` (nulls form one group); None without a column."""
+    if column is None:
+        return None
+    if column not in frame.columns:
+        raise ValueError(f"group column {column!r} is not in the labeled catalog")
+    return frame[column].cast(pl.String).fill_null("").to_numpy()
 
 
 def _stratified_order(labels: dict[str, np.ndarray], rng: np.random.Generator) -> np.ndarray:
@@ -312,8 +317,9 @@ def fit_prototypes(clip: model.Clip, data: LabeledSet, spec: Spec, config: Train
     return result | {"minutes": round((time.monotonic() - started) / 60, 2), "device": clip.device.type}
 
 
-def _labels(data: LabeledSet, idx: np.ndarray) -> dict[str, np.ndarray]:
-    return {name: values[idx].numpy() for name, values in data.labels.items()}
+def labels_of(data: LabeledSet, idx: np.ndarray) -> dict[str, np.ndarray]:
+    """The value indices of the given rows, per attribute."""
+    return {name: values[idx] for name, values in label_arrays(data).items()}
 
 
 def row_logits(clip: model.Clip, data: LabeledSet, idx: np.ndarray, captions: model.Captions) -> dict[str, np.ndarray]:
@@ -333,11 +339,11 @@ def train_on(clip: model.Clip, data: LabeledSet, spec: Spec, *, config: TrainCon
     train_idx, val_idx, test_idx = splits
     result = (fit_prototypes if config.mode == "prototype" else fit)(clip, data, spec, config, splits)
     captions = model.Captions(clip, spec)
-    calibration, metrics = evaluation.calibrate(row_logits(clip, data, val_idx, captions), _labels(data, val_idx),
+    calibration, metrics = evaluation.calibrate(row_logits(clip, data, val_idx, captions), labels_of(data, val_idx),
                                                 spec, label_noise=config.label_noise)
     if len(test_idx):
         logits = row_logits(clip, data, test_idx, captions)
-        for name, figures in evaluation.held_out_metrics(logits, _labels(data, test_idx), spec).items():
+        for name, figures in evaluation.held_out_metrics(logits, labels_of(data, test_idx), spec).items():
             metrics.setdefault(name, {}).update(figures)
     sizes = {"train_rows": len(train_idx), "val_rows": len(val_idx), "test_rows": len(test_idx)}
     return {"training": result | sizes, "metrics": metrics, "calibration": calibration}

@@ -95,7 +95,7 @@ def _findings(frame: pl.DataFrame, clip: model.Clip, spec: Spec, *, base: str, b
 def _cross_fitted(frame: pl.DataFrame, clip: model.Clip, spec: Spec, *, k: int, fold_minutes: float | None,
                   group_column: str | None, base: str, batch_size: int, progress):
     """(findings, one calibration per fold): each fold scored by ``clip`` fine-tuned on the other folds."""
-    groups = None if group_column is None else frame[group_column].cast(pl.String).fill_null("").to_numpy()
+    groups = train.group_keys(frame, group_column)
     folds = pl.Series(train.fold_of(train.encode_labels(frame, spec), k=k, seed=0, groups=groups))
     parts = []
     for fold in range(k):
