@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import logging
 from collections import deque
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
@@ -87,12 +87,12 @@ def embed_batch(batch: Batch, clip: model.Clip, cache: EmbeddingCache | None = N
     return np.stack([by_row[i] for i in usable]) if usable else fresh[:0]
 
 
-def prepared_batches(frame: pl.DataFrame, size: int, prepare, *, ahead: int = 2) -> Iterator[Batch]:
+def prepared_batches(row_batches: Iterable[pl.DataFrame], prepare, *, ahead: int = 2) -> Iterator[Batch]:
     """``prepare`` applied to each batch of rows in a background thread, up to ``ahead`` batches in
     advance, so fetching and decoding overlap with the model working on the current batch."""
     with ThreadPoolExecutor(max_workers=1) as pool:
         pending: deque = deque()
-        for rows in batches(frame, size):
+        for rows in row_batches:
             pending.append(pool.submit(prepare, rows))
             if len(pending) > ahead:
                 yield pending.popleft().result()

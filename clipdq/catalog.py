@@ -1,4 +1,4 @@
-"""Read a catalog from Parquet (local or s3://) and check it before an audit.
+"""Read a catalog from Parquet (local or s3://), whole or in batches of rows, and check it before an audit.
 
 Schema problems and unusable keys stop the run with a clear error; per-row problems (a
 missing image, an unknown value) are left for the audit to report row by row.
@@ -6,10 +6,12 @@ missing image, an unknown value) are left for the audit to report row by row.
 
 from __future__ import annotations
 
-import io
 import logging
+from collections.abc import Iterator
 
 import polars as pl
+import pyarrow as pa
+import pyarrow.parquet as pq
 
 from clipdq import storage
 from clipdq.spec import Spec
@@ -21,28 +23,51 @@ class CatalogError(ValueError):
     """The catalog cannot be audited as it is."""
 
 
+class CatalogFile:
+    """A Parquet catalog opened for reading: schema and row count at once, rows in batches, so an
+    audit holds one batch of rows at a time (plus one row group inside the Parquet reader)."""
+
+    def __init__(self, uri: str):
+        self.uri = uri
+        try:
+            self._parquet = pq.ParquetFile(storage.open_read(uri))
+        except FileNotFoundError as error:
+            raise CatalogError(f"catalog not found: {uri}") from error
+        except (pa.ArrowException, OSError) as error:
+            raise CatalogError(f"catalog is not readable Parquet: {uri}: {error}") from error
+        self.rows = self._parquet.metadata.num_rows
+        self.schema = pl.from_arrow(self._parquet.schema_arrow.empty_table()).schema
+
+    def batches(self, size: int, columns: list[str] | None = None) -> Iterator[pl.DataFrame]:
+        try:
+            for batch in self._parquet.iter_batches(batch_size=size, columns=columns):
+                yield pl.from_arrow(batch)
+        except (pa.ArrowException, OSError) as error:
+            raise CatalogError(f"catalog is not readable Parquet: {self.uri}: {error}") from error
+
+    def read(self, columns: list[str] | None = None) -> pl.DataFrame:
+        """All rows of ``columns`` (default all) at once."""
+        parts = list(self.batches(1 << 16, columns))
+        empty = pl.DataFrame(schema={name: self.schema[name] for name in columns or self.schema.names()})
+        return pl.concat(parts) if parts else empty
+
+
 def read_catalog(uri: str) -> pl.DataFrame:
     """The whole catalog as a polars frame."""
-    try:
-        source = io.BytesIO(storage.read_bytes(uri)) if storage.is_s3(uri) else uri
-        return pl.read_parquet(source)
-    except FileNotFoundError as error:
-        raise CatalogError(f"catalog not found: {uri}") from error
-    except (pl.exceptions.PolarsError, OSError) as error:
-        raise CatalogError(f"catalog is not readable Parquet: {uri}: {error}") from error
+    return CatalogFile(uri).read()
 
 
-def check_schema(catalog: pl.DataFrame, spec: Spec) -> list[str]:
+def check_schema(schema: pl.Schema, spec: Spec) -> list[str]:
     """Raise on columns the audit cannot do without; return warnings for the rest."""
     needed = {spec.id_column, spec.image_column} | {c for a in spec.attributes for c in a.applies_to}
-    missing = sorted(needed - set(catalog.columns))
+    missing = sorted(needed - set(schema.names()))
     if missing:
-        raise CatalogError(f"catalog lacks required columns {missing}; it has {catalog.columns}")
+        raise CatalogError(f"catalog lacks required columns {missing}; it has {schema.names()}")
     warnings = [f"catalog has no column {name!r}: every value counts as missing"
-                for name in spec.names if name not in catalog.columns]
+                for name in spec.names if name not in schema]
     for name in spec.names:
-        if name in catalog.columns and not isinstance(catalog.schema[name], pl.String | pl.Null | pl.Categorical | pl.Enum):
-            raise CatalogError(f"attribute column {name!r} must hold strings, not {catalog.schema[name]}")
+        if name in schema and not isinstance(schema[name], pl.String | pl.Null | pl.Categorical | pl.Enum):
+            raise CatalogError(f"attribute column {name!r} must hold strings, not {schema[name]}")
     return warnings
 
 
@@ -82,8 +107,18 @@ def run_expectations(catalog: pl.DataFrame, spec: Spec) -> list[dict]:
 
 def validate(catalog: pl.DataFrame, spec: Spec) -> dict:
     """Schema and key checks. Raises CatalogError when rows cannot be told apart."""
-    warnings = check_schema(catalog, spec)
-    checks = run_expectations(catalog, spec)
+    return _validated(catalog, spec, check_schema(catalog.schema, spec))
+
+
+def validate_file(source: CatalogFile, spec: Spec) -> tuple[pl.DataFrame, dict]:
+    """(id and image columns, validation) of a catalog file, reading only those two columns."""
+    warnings = check_schema(source.schema, spec)
+    keys = source.read([spec.id_column, spec.image_column])
+    return keys, _validated(keys, spec, warnings)
+
+
+def _validated(keys: pl.DataFrame, spec: Spec, warnings: list[str]) -> dict:
+    checks = run_expectations(keys, spec)
     for check in checks:
         if check["error"]:
             raise CatalogError(f"catalog check {check['expectation']} failed to run: {check['error']}")
@@ -94,4 +129,4 @@ def validate(catalog: pl.DataFrame, spec: Spec) -> dict:
             )
     for warning in warnings:
         log.warning(warning)
-    return {"rows": catalog.height, "warnings": warnings, "expectations": checks}
+    return {"rows": keys.height, "warnings": warnings, "expectations": checks}

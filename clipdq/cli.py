@@ -120,7 +120,7 @@ def run_learning_curve(args: argparse.Namespace) -> str:
 
     spec = parse_spec(storage.read_bytes(args.spec).decode())
     frame = catalog.read_catalog(args.catalog)
-    catalog.check_schema(frame, spec)
+    catalog.check_schema(frame.schema, spec)
 
     def make_model() -> model.Clip:
         return model.load_model(args.base_model) if args.base_model else model.init_model(spec, args.arch, seed=args.seed)

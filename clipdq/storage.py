@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import functools
 import hashlib
+import io
 import json
 import os
 import tempfile
@@ -57,6 +58,52 @@ def read_bytes(uri: str) -> bytes:
         except s3_client().exceptions.NoSuchKey as error:
             raise FileNotFoundError(f"no such object: {uri}") from error
     return Path(uri).read_bytes()
+
+
+class _S3Reader(io.RawIOBase):
+    """A seekable binary file over an S3 object: each read is a ranged GET, so a reader that wants
+    one part of a large object (a Parquet footer, one row group) fetches only that part."""
+
+    def __init__(self, uri: str):
+        self._bucket, self._key = split_s3(uri)
+        try:
+            self._size = s3_client().head_object(Bucket=self._bucket, Key=self._key)["ContentLength"]
+        except s3_client().exceptions.ClientError as error:
+            if error.response["Error"]["Code"] in ("404", "NoSuchKey", "NotFound"):
+                raise FileNotFoundError(f"no such object: {uri}") from error
+            raise
+        self._position = 0
+
+    def readable(self) -> bool:
+        return True
+
+    def seekable(self) -> bool:
+        return True
+
+    def tell(self) -> int:
+        return self._position
+
+    def seek(self, offset: int, whence: int = io.SEEK_SET) -> int:
+        start = {io.SEEK_SET: 0, io.SEEK_CUR: self._position, io.SEEK_END: self._size}[whence]
+        self._position = max(0, start + offset)
+        return self._position
+
+    def readinto(self, buffer) -> int:
+        end = min(self._position + len(buffer), self._size)
+        if end <= self._position:
+            return 0
+        reply = s3_client().get_object(Bucket=self._bucket, Key=self._key, Range=f"bytes={self._position}-{end - 1}")
+        data = reply["Body"].read()
+        buffer[: len(data)] = data
+        self._position += len(data)
+        return len(data)
+
+
+def open_read(uri: str) -> io.BufferedIOBase:
+    """A seekable binary file to read a local file or an s3:// object part by part."""
+    if is_s3(uri):
+        return io.BufferedReader(_S3Reader(uri), buffer_size=1 << 20)
+    return open(uri, "rb")
 
 
 def exists(uri: str) -> bool:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 import functools
+from collections.abc import Iterable
 from datetime import datetime, timezone
 
 import polars as pl
@@ -13,7 +14,7 @@ from prefect.cache_policies import NO_CACHE
 
 from clipdq import audit, catalog, images, model, report, storage, train
 from clipdq.cache import EmbeddingCache, cache_key
-from clipdq.compare import compare
+from clipdq.compare import FINDINGS_SCHEMA, compare
 from clipdq.spec import Spec, parse_spec
 from flows.retries import IO_RETRIES
 
@@ -24,13 +25,13 @@ def load_spec(uri: str) -> Spec:
 
 
 @task(**IO_RETRIES, cache_policy=NO_CACHE)
-def load_catalog(uri: str) -> pl.DataFrame:
-    return catalog.read_catalog(uri)
+def open_catalog(uri: str) -> catalog.CatalogFile:
+    return catalog.CatalogFile(uri)
 
 
-@task(cache_policy=NO_CACHE)
-def validate_catalog(frame: pl.DataFrame, spec: Spec) -> dict:
-    return catalog.validate(frame, spec)
+@task(**IO_RETRIES, cache_policy=NO_CACHE)
+def validate_catalog(source: catalog.CatalogFile, spec: Spec) -> tuple[pl.DataFrame, dict]:
+    return catalog.validate_file(source, spec)
 
 
 @task(**IO_RETRIES, cache_policy=NO_CACHE)
@@ -67,29 +68,30 @@ def score(batch: audit.Batch, clip: model.Clip, spec: Spec, value_emb: dict, cal
 
 
 @task(**IO_RETRIES, cache_policy=NO_CACHE)
-def publish(folder: str, findings: pl.DataFrame, summary: dict, frame: pl.DataFrame, spec: Spec, base: str) -> str:
+def publish(folder: str, findings: pl.DataFrame, summary: dict, keys: pl.DataFrame, spec: Spec, base: str) -> str:
     shown = report.featured(findings)
-    refs = dict(frame.select(pl.col(spec.id_column).cast(pl.String), spec.image_column).iter_rows())
+    refs = dict(keys.select(pl.col(spec.id_column).cast(pl.String), spec.image_column).iter_rows())
     readable = shown.filter(pl.col("status") != "image_error")["product_id"].unique().to_list()
     thumbs = {pid: images.thumbnail(refs[pid], base) for pid in readable}
     return report.publish_run(folder, findings, summary, report.render_html(shown, summary, thumbs))
 
 
-def _findings(frame: pl.DataFrame, clip: model.Clip, spec: Spec, *, base: str, batch_size: int, progress,
+def _findings(row_batches: Iterable[pl.DataFrame], clip: model.Clip, spec: Spec, *, base: str, progress,
               cache: EmbeddingCache | None = None):
-    """(findings, calibration as JSON) of the catalog rows in ``frame``, scored by ``clip``.
+    """(findings, calibration as JSON) of the catalog rows in ``row_batches``, scored by ``clip``.
 
-    Images are fetched and decoded in a background thread a few batches ahead of the model.
+    Images are fetched and decoded in a background thread a few batches ahead of the model; each
+    batch is compared as it is scored, so only findings, not catalog rows, pile up.
     """
     calibration = audit.calibration_for(clip, spec)
     value_emb = audit.value_embeddings_for(clip, spec)  # once per run, shared by every batch
     prepare = functools.partial(audit.prepare_batch, spec=spec, base=base, pixels=clip.pixels, cache=cache)
-    scored = []
-    for batch in audit.prepared_batches(frame, batch_size, prepare):
-        scored.append(score(batch, clip, spec, value_emb, calibration, cache))
+    parts = [pl.DataFrame(schema=FINDINGS_SCHEMA)]
+    for batch in audit.prepared_batches(row_batches, prepare):
+        predictions = score(batch, clip, spec, value_emb, calibration, cache)
+        parts.append(compare(batch.rows, predictions, spec=spec, calibration=calibration))
         progress(batch)
-    findings = compare(frame, pl.concat(scored), spec=spec, calibration=calibration)
-    return findings, {name: c.to_dict() for name, c in calibration.items()}
+    return pl.concat(parts), {name: c.to_dict() for name, c in calibration.items()}
 
 
 def _cross_fitted(frame: pl.DataFrame, clip: model.Clip, spec: Spec, *, k: int, fold_minutes: float | None,
@@ -101,7 +103,7 @@ def _cross_fitted(frame: pl.DataFrame, clip: model.Clip, spec: Spec, *, k: int, 
     for fold in range(k):
         get_run_logger().info("cross-fitting: training the model for fold %d of %d", fold + 1, k)
         fold_clip = train_fold(clip, frame.filter(folds != fold), spec, base, fold, fold_minutes, group_column)
-        parts.append(_findings(frame.filter(folds == fold), fold_clip, spec, base=base, batch_size=batch_size,
+        parts.append(_findings(audit.batches(frame.filter(folds == fold), batch_size), fold_clip, spec, base=base,
                                progress=progress))
     return pl.concat([findings for findings, _ in parts]), [calibration for _, calibration in parts]
 
@@ -136,8 +138,8 @@ def audit_catalog(
     started = datetime.now(timezone.utc)
     run_id, folder = report.new_run(output_uri, now=started)
     spec = load_spec(spec_uri)
-    frame = load_catalog(catalog_uri)
-    validation = validate_catalog(frame, spec)
+    source = open_catalog(catalog_uri)
+    keys, validation = validate_catalog(source, spec)
     base = storage.parent(catalog_uri)
     clip = load_model(model_uri)
     images_seen = {"scored": 0, "from_cache": 0, "embedded": 0}
@@ -146,24 +148,24 @@ def audit_catalog(
         images_seen["scored"] += batch.rows.height
         images_seen["from_cache"] += len(batch.cached)
         images_seen["embedded"] += len(batch.to_embed)
-        logger.info("scored %d/%d products (%d images from the cache)", images_seen["scored"], frame.height,
+        logger.info("scored %d/%d products (%d images from the cache)", images_seen["scored"], source.rows,
                     images_seen["from_cache"])
 
     if cross_fit:
-        findings, calibration = _cross_fitted(frame, clip, spec, k=cross_fit, fold_minutes=fold_minutes,
+        findings, calibration = _cross_fitted(source.read(), clip, spec, k=cross_fit, fold_minutes=fold_minutes,
                                               group_column=group_column, base=base, batch_size=batch_size,
                                               progress=progress)
     else:
         cache = open_cache(output_uri, clip) if embedding_cache else None
-        findings, calibration = _findings(frame, clip, spec, base=base, batch_size=batch_size, progress=progress,
+        findings, calibration = _findings(source.batches(batch_size), clip, spec, base=base, progress=progress,
                                           cache=cache)
         if cache is not None:
             save_cache(cache)
     run = {"run_id": run_id, "started_at": started.isoformat(), "catalog": catalog_uri, "model": model_uri,
            "model_fingerprint": clip.fingerprint(), "target_precision": spec.target_precision,
            "cross_fit": cross_fit, "calibration": calibration, "images": images_seen}
-    summary = report.summarize(findings, products=frame.height, run=run, validation=validation)
-    publish(folder, findings, summary, frame, spec, base)
+    summary = report.summarize(findings, products=source.rows, run=run, validation=validation)
+    publish(folder, findings, summary, keys, spec, base)
     create_table_artifact(key="clipdq-audit-counts", table=summary["by_attribute"],
                           description=f"Findings per attribute, run {run_id}")
     create_markdown_artifact(key="clipdq-audit-report", markdown=report.markdown(summary, folder),

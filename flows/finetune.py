@@ -29,7 +29,7 @@ def load_base_model(spec_text: str, base_model: str | None, arch: str) -> model.
 def fit(clip: model.Clip, catalog_uri: str, spec_text: str, config: train.TrainConfig) -> model.Clip:
     frame = catalog.read_catalog(catalog_uri)
     spec = parse_spec(spec_text)
-    catalog.check_schema(frame, spec)
+    catalog.check_schema(frame.schema, spec)
     return train.finetune(clip, frame, spec, base=storage.parent(catalog_uri), config=config)
 
 

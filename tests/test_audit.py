@@ -22,7 +22,7 @@ def test_prepared_batches_keep_the_order_and_work_ahead_of_the_consumer():
         return rows
 
     seen = []
-    for rows in audit.prepared_batches(frame, 3, prepare, ahead=2):
+    for rows in audit.prepared_batches(audit.batches(frame, 3), prepare, ahead=2):
         time.sleep(0.05)  # the model's turn: the next batches are being prepared meanwhile
         seen.append(rows["n"].to_list())
         assert len(started) >= min(4, len(seen) + 2)

@@ -56,6 +56,40 @@ def test_read_catalog_from_s3(s3_bucket):
     assert_frame_equal(catalog.read_catalog(uri), good_catalog())
 
 
+@pytest.mark.parametrize("where", ["local", "s3"])
+def test_batches_cover_every_row_once_in_order_across_row_groups(where, tmp_path, request):
+    frame = pl.DataFrame({"sku": [f"p{i}" for i in range(50)], "picture": [f"{i}.jpg" for i in range(50)],
+                          "notes": ["x" * 100] * 50})
+    out = io.BytesIO()
+    frame.write_parquet(out, row_group_size=7)
+    uri = str(tmp_path / "catalog.parquet")
+    if where == "s3":
+        uri = request.getfixturevalue("s3_bucket") + "/catalog.parquet"
+    storage.write_bytes(uri, out.getvalue())
+
+    source = catalog.CatalogFile(uri)
+    parts = list(source.batches(8))
+    keys = source.read(["sku", "picture"])
+
+    assert source.rows == 50 and source.schema == frame.schema
+    assert max(part.height for part in parts) <= 8
+    assert_frame_equal(pl.concat(parts), frame)
+    assert_frame_equal(keys, frame.drop("notes"))
+
+
+def test_an_s3_object_reads_part_by_part_at_any_offset(s3_bucket):
+    data = bytes(range(256)) * 40
+    storage.write_bytes(f"{s3_bucket}/blob", data)
+
+    with storage.open_read(f"{s3_bucket}/blob") as stream:
+        stream.seek(-100, io.SEEK_END)
+        tail = stream.read()
+        stream.seek(1000)
+        middle = stream.read(24)
+
+    assert tail == data[-100:] and middle == data[1000:1024]
+
+
 def test_missing_local_file_is_a_catalog_error(tmp_path):
     with pytest.raises(CatalogError, match="catalog not found"):
         catalog.read_catalog(str(tmp_path / "nope.parquet"))

@@ -141,6 +141,18 @@ def test_audit_publishes_prefect_artifacts(local_run):
     assert table == summary["by_attribute"]
 
 
+def test_an_empty_catalog_gives_a_complete_run_with_no_findings(prefect_harness, sample_dir, trained_model_dir,
+                                                                 tmp_path):
+    empty = tmp_path / "empty.parquet"
+    pl.read_parquet(sample_dir / "catalog.parquet").head(0).write_parquet(empty)
+
+    folder = audit_catalog(str(empty), str(sample_dir / "spec.yaml"), str(trained_model_dir), str(tmp_path / "out"))
+
+    findings, summary, _, _ = read_run(folder)
+    assert dict(findings.schema) == FINDINGS_SCHEMA and findings.height == 0
+    assert summary["products"] == 0 and set(summary["totals"].values()) == {0}
+
+
 def test_audit_reads_the_catalog_from_s3_and_writes_the_run_to_s3(
     prefect_harness, sample_dir, trained_model_dir, s3_bucket
 ):
