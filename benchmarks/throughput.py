@@ -10,6 +10,8 @@ On the same JPEGs (generated, 1600 px) and the same attribute values, with a ViT
     image and attribute;
 (d) compare and report for 1,000,000 products x 5 attributes, predictions given;
 (e) peak memory (RSS) of the audit command for 10,000 and 100,000 rows, images repeating;
+(f) the int8 and bf16 backends: the forward pass alone, how often their predicted values equal
+    fp32's, and the whole audit with each;
 
 and prints images/s and the ratios next to their targets.
 
@@ -31,7 +33,7 @@ from pathlib import Path
 import numpy as np
 import polars as pl
 
-from clipdq import images, model, report, sample_data
+from clipdq import images, model, predict, report, sample_data
 from clipdq.compare import PREDICTIONS_SCHEMA, compare
 from clipdq.predict import default_calibration
 from clipdq.spec import parse_spec
@@ -60,12 +62,28 @@ def timed(fn, *args, **kwargs) -> tuple[float, object]:
     return time.perf_counter() - started, result
 
 
-def model_only(clip: model.Clip, refs: list[str], base: str, batch_size: int) -> tuple[float, list[str]]:
-    """(images/s of the image tower on pixels in memory, the readable refs)."""
-    loaded = images.load_images(refs, base, clip.pixels)
-    model.embed_images(clip, loaded.pixels[:batch_size], batch_size=batch_size)  # warm-up
-    seconds, _ = timed(model.embed_images, clip, loaded.pixels, batch_size=batch_size)
-    return int(loaded.ok.sum()) / seconds, [ref for ref, ok in zip(refs, loaded.ok) if ok]
+def model_only(clip: model.Clip, pixels: np.ndarray, batch_size: int) -> tuple[float, np.ndarray]:
+    """(images/s of the image tower on pixels in memory, the embeddings)."""
+    model.embed_images(clip, pixels[:batch_size], batch_size=batch_size)  # warm-up
+    seconds, embeddings = timed(model.embed_images, clip, pixels, batch_size=batch_size)
+    return len(pixels) / seconds, embeddings
+
+
+def probe_values(embeddings: np.ndarray, ids: list[str], truth: pl.DataFrame, spec) -> dict[str, np.ndarray]:
+    """Per attribute, one prototype per value: the centred mean fp32 embedding of the images showing it.
+
+    The benchmark's weights are random, so its captions predict one value for every image and any
+    backend would agree; these prototypes tell the images apart, with margins as thin as random
+    features give, which makes agreement a harder test than a trained model's."""
+    centred = embeddings - embeddings.mean(axis=0)
+    prototypes = {}
+    for attribute in spec.attributes:
+        true = dict(truth.filter(pl.col("attribute") == attribute.name).select("product_id", "true_value").iter_rows())
+        labels = np.array([true.get(i) for i in ids], dtype=object)
+        means = [centred[labels == value].mean(axis=0) if (labels == value).any() else np.zeros(centred.shape[1])
+                 for value in attribute.values]
+        prototypes[attribute.name] = np.stack([m / (np.linalg.norm(m) or 1.0) for m in means]).astype(np.float32)
+    return prototypes
 
 
 def hf_pipeline(folder: str, refs: list[str], base: str, spec) -> float:
@@ -121,12 +139,12 @@ def change_images(catalog: Path, share: float) -> int:
 
 
 def whole_audit(catalog: Path, spec_path: Path, model_dir: str, output: str, batch_size: int, **options) -> tuple[float, dict]:
+    """(seconds, the run's summary)."""
     from flows.audit import audit_catalog
 
     seconds, folder = timed(audit_catalog, str(catalog), str(spec_path), model_dir, output, batch_size=batch_size,
                             **options)
-    summary = json.loads((Path(folder) / "summary.json").read_text())
-    return seconds, summary["images"]
+    return seconds, json.loads((Path(folder) / "summary.json").read_text())
 
 
 def peak_memory_mb(catalog: Path, rows: int, spec_path: Path, model_dir: str, output: Path) -> float:
@@ -172,19 +190,33 @@ def main() -> int:
         print(f"{args.images} photos of 1600 px, ViT-B/32-shaped CLIP, fp32, {os.cpu_count()} CPU cores, "
               f"batch {args.batch_size}\n", flush=True)
 
-        model_rate, readable = model_only(clip, refs, str(root / "data"), args.batch_size)
+        loaded = images.load_images(refs, str(root / "data"), clip.pixels)
+        readable = [ref for ref, ok in zip(refs, loaded.ok) if ok]
+        model_rate, reference = model_only(clip, loaded.pixels, args.batch_size)
         line("(a) model forward pass alone", model_rate, "images/s")
         whole_audit(catalog, spec_path, model_dir, str(root / "warm-up"), args.batch_size)  # starts Prefect
-        first, counts = whole_audit(catalog, spec_path, model_dir, str(root / "out"), args.batch_size)
-        audit_rate = counts["embedded"] / first
+        first, summary = whole_audit(catalog, spec_path, model_dir, str(root / "out"), args.batch_size)
+        audit_rate = summary["images"]["embedded"] / first
         line("(b) whole audit, Parquet to findings", audit_rate, "images/s",
              f"{audit_rate / model_rate:.0%} of (a); target >= 85%")
-        again, counts = whole_audit(catalog, spec_path, model_dir, str(root / "out"), args.batch_size)
+        again, summary = whole_audit(catalog, spec_path, model_dir, str(root / "out"), args.batch_size)
         line("    second audit, unchanged catalog", again, "s",
-             f"{again / first:.0%} of the first run; target <= 10%; {counts['embedded']} embedded")
+             f"{again / first:.0%} of the first run; target <= 10%; {summary['images']['embedded']} embedded")
         changed = change_images(catalog, 0.01)
-        after, counts = whole_audit(catalog, spec_path, model_dir, str(root / "out"), args.batch_size)
-        line(f"    after changing {changed} images", after, "s", f"{counts['embedded']} embedded")
+        after, summary = whole_audit(catalog, spec_path, model_dir, str(root / "out"), args.batch_size)
+        line(f"    after changing {changed} images", after, "s", f"{summary['images']['embedded']} embedded")
+        ids = [pid for pid, ok in zip(pl.read_parquet(catalog)["product_id"], loaded.ok) if ok]
+        prototypes = probe_values(reference, ids, pl.read_parquet(root / "data" / "ground_truth.parquet"), spec)
+        for backend in ("int8", "bf16"):
+            rate, embeddings = model_only(model.on_backend(clip, backend), loaded.pixels, args.batch_size)
+            agreement = predict.agreement(reference, embeddings, prototypes)
+            line(f"(f) {backend} model forward pass alone", rate, "images/s",
+                 f"{rate / model_rate:.1f}x fp32; same values as fp32 for {agreement:.1%} of images (bar 99%)")
+            seconds, summary = whole_audit(catalog, spec_path, model_dir, str(root / f"out-{backend}"),
+                                           args.batch_size, backend=backend)
+            rate = summary["images"]["embedded"] / seconds
+            line(f"    whole audit with --backend {backend}", rate, "images/s",
+                 f"{rate / audit_rate:.1f}x the fp32 audit; ran on {summary['backend']['used']}")
         pipeline_rate = hf_pipeline(model_dir, readable[: args.pipeline_images], str(root / "data"), spec)
         line("(c) HF zero-shot pipeline, one call per attribute", pipeline_rate, "images/s",
              f"(b) is {audit_rate / pipeline_rate:.1f}x; target >= 5x")

@@ -42,6 +42,27 @@ def value_embeddings_for(clip: model.Clip, spec: Spec) -> dict[str, np.ndarray]:
     return model.embed_captions(clip, spec)
 
 
+MIN_AGREEMENT = 0.99  # share of images a faster backend must predict exactly as fp32 does
+
+
+def choose_backend(
+    clip: model.Clip, backend: str, rows: pl.DataFrame, *, spec: Spec, base: str, min_agreement: float = MIN_AGREEMENT
+) -> tuple[model.Clip, dict]:
+    """``clip`` on ``backend`` where, on the images of ``rows``, its predicted values agree with
+    fp32's for at least ``min_agreement`` of the images; else ``clip`` as it is. Also returns what
+    was measured."""
+    if backend == "fp32":
+        return clip, {"requested": backend, "used": backend}
+    fast = model.on_backend(clip, backend)
+    loaded = images.load_images(rows[spec.image_column].to_list(), base, clip.pixels)
+    share = predict.agreement(model.embed_images(clip, loaded.pixels), model.embed_images(fast, loaded.pixels),
+                              value_embeddings_for(clip, spec))
+    agreed = share >= min_agreement  # False when no image could be checked (nan)
+    return (fast if agreed else clip), {"requested": backend, "used": backend if agreed else "fp32",
+                                        "agreement": None if np.isnan(share) else round(share, 4),
+                                        "images_checked": int(loaded.ok.sum())}
+
+
 def batches(frame: pl.DataFrame, size: int) -> Iterator[pl.DataFrame]:
     for offset in range(0, frame.height, size):
         yield frame.slice(offset, size)

@@ -45,6 +45,9 @@ def _parser() -> argparse.ArgumentParser:
     audit.add_argument("--group-column", help=GROUP_HELP)
     audit.add_argument("--no-embedding-cache", dest="embedding_cache", action="store_false",
                        help="embed every image again instead of reusing embeddings kept beside the reports")
+    audit.add_argument("--backend", default="fp32", choices=["fp32", "int8", "bf16"],
+                       help="a faster image tower (int8 on CPU, bf16), used where its predictions on the first "
+                       "batch agree with fp32 for at least 99%% of the images")
 
     finetune = commands.add_parser("finetune", help="fine-tune a CLIP on labeled products")
     finetune.add_argument("--catalog", required=True, help="labeled products, Parquet, local or s3://")
@@ -187,7 +190,8 @@ def main(argv: list[str] | None = None) -> int:
         "demo": run_demo,
         "audit": lambda a: run_audit(a.catalog, a.spec, a.model, a.output, batch_size=a.batch_size,
                                      cross_fit=a.cross_fit, fold_minutes=a.fold_minutes,
-                                     group_column=a.group_column, embedding_cache=a.embedding_cache),
+                                     group_column=a.group_column, embedding_cache=a.embedding_cache,
+                                     backend=a.backend),
         "finetune": run_finetune,
         "init-model": run_init_model,
         "learning-curve": run_learning_curve,

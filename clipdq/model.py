@@ -7,11 +7,15 @@ processor) plus ``clipdq.json``, which carries what an audit needs beyond the we
 
 from __future__ import annotations
 
+import contextlib
+import copy
+import dataclasses
 import hashlib
 import json
 import logging
 import re
 import tempfile
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -40,6 +44,7 @@ log = logging.getLogger(__name__)
 META_FILE = "clipdq.json"
 VALUE_EMB_FILE = "value_embeddings.safetensors"
 ARCHS = ("tiny", "vit-b-32")
+BACKENDS = ("fp32", "int8", "bf16")  # int8: dynamic quantization of the image tower's linear layers (CPU)
 _WORD = re.compile(r"[^\W\d_]+|\d|[^\s\w]+|_")  # CLIP's pre-tokenizer, in stdlib regex terms
 
 
@@ -51,6 +56,7 @@ class Clip:
     source: str
     meta: dict = field(default_factory=dict)  # contents of clipdq.json, empty for plain checkpoints
     value_emb: dict[str, np.ndarray] | None = None  # learned value embeddings (fast mode), else captions
+    backend: str = "fp32"  # how the image tower computes: see BACKENDS
 
     @property
     def device(self) -> torch.device:
@@ -287,13 +293,42 @@ def logit_scale(clip: Clip) -> float:
     return float(clip.model.logit_scale.detach().exp().clamp(max=100.0))
 
 
+def on_backend(clip: Clip, backend: str) -> Clip:
+    """``clip`` with its image tower on another backend; the text tower stays fp32.
+
+    Predictions may differ from fp32's: measure how often (``predict.agreement``) before relying on one.
+    """
+    if backend not in BACKENDS:
+        raise ValueError(f"unknown backend {backend!r}; choose one of {BACKENDS}")
+    if backend == "int8":
+        if clip.device.type != "cpu":
+            raise ValueError("the int8 backend runs on CPU; use bf16 on a GPU")
+        quantized = copy.deepcopy(clip.model)
+        tower = torch.nn.ModuleDict({"vision_model": quantized.vision_model,
+                                     "visual_projection": quantized.visual_projection})
+        with warnings.catch_warnings():  # deprecated in favour of torchao, still working in the pinned torch
+            warnings.simplefilter("ignore", (DeprecationWarning, UserWarning))
+            tower = torch.ao.quantization.quantize_dynamic(tower, {torch.nn.Linear}, dtype=torch.qint8)
+        for name, module in tower.items():
+            setattr(quantized, name, module)
+        return dataclasses.replace(clip, model=quantized, backend=backend)
+    return dataclasses.replace(clip, backend=backend)
+
+
+def _image_arithmetic(clip: Clip):
+    if clip.backend == "bf16":
+        return torch.autocast(clip.device.type, dtype=torch.bfloat16)
+    return contextlib.nullcontext()
+
+
 @torch.inference_mode()
 def embed_images(clip: Clip, pixel_values: np.ndarray, *, batch_size: int = 64) -> np.ndarray:
     """Image embeddings for an (n, 3, h, w) float32 array, as (n, d) float32."""
-    chunks = [
-        image_features(clip.model, torch.from_numpy(pixel_values[i : i + batch_size]).to(clip.device)).float().cpu()
-        for i in range(0, len(pixel_values), batch_size)
-    ]
+    with _image_arithmetic(clip):
+        chunks = [
+            image_features(clip.model, torch.from_numpy(pixel_values[i : i + batch_size]).to(clip.device)).float().cpu()
+            for i in range(0, len(pixel_values), batch_size)
+        ]
     return torch.cat(chunks).numpy() if chunks else np.zeros((0, clip.model.config.projection_dim), np.float32)
 
 

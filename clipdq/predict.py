@@ -38,6 +38,14 @@ def softmax(logits: np.ndarray, *, temperature: float = 1.0) -> np.ndarray:
     return e / e.sum(axis=1, keepdims=True)
 
 
+def agreement(reference: np.ndarray, candidate: np.ndarray, value_emb: dict[str, np.ndarray]) -> float:
+    """Share of images whose predicted value is the same under both embeddings, for every attribute."""
+    same = np.ones(len(reference), dtype=bool)
+    for values in value_emb.values():
+        same &= (reference @ values.T).argmax(axis=1) == (candidate @ values.T).argmax(axis=1)
+    return float(same.mean()) if len(same) else float("nan")
+
+
 def observed_probability(p_true: np.ndarray, *, label_noise: float, k: int) -> np.ndarray:
     """Chance that a label reads y when the model gives y probability ``p_true`` and a share
     ``label_noise`` of labels were replaced by another of the ``k`` values at random."""

@@ -52,9 +52,15 @@ def train_fold(start: model.Clip, rows: pl.DataFrame, spec: Spec, base: str, fol
     return train.finetune(clip, rows, spec, base=base, config=config)
 
 
+@task(cache_policy=NO_CACHE)
+def choose_backend(clip: model.Clip, backend: str, rows: pl.DataFrame, spec: Spec, base: str):
+    return audit.choose_backend(clip, backend, rows, spec=spec, base=base)
+
+
 @task(**IO_RETRIES, cache_policy=NO_CACHE)
 def open_cache(output_uri: str, clip: model.Clip) -> EmbeddingCache:
-    return EmbeddingCache(storage.join(output_uri, "_embedding_cache", cache_key(clip.fingerprint(), clip.pixels)))
+    key = cache_key(clip.fingerprint(), clip.pixels, clip.backend)
+    return EmbeddingCache(storage.join(output_uri, "_embedding_cache", key))
 
 
 @task(**IO_RETRIES, cache_policy=NO_CACHE)
@@ -119,6 +125,7 @@ def audit_catalog(
     fold_minutes: float | None = None,
     group_column: str | None = None,
     embedding_cache: bool = True,
+    backend: str = "fp32",
 ) -> str:
     """Audit a catalog; returns the run folder holding findings, summary, report and manifest.
 
@@ -131,9 +138,17 @@ def audit_catalog(
     ``embedding_cache`` keeps image embeddings under ``<output_uri>/_embedding_cache/``, keyed by
     model, preprocessing and image bytes, so a later run embeds only new or changed images
     (not with cross-fitting, whose fold models live only for the run).
+
+    ``backend`` "int8" (CPU) or "bf16" runs the image tower faster, where its predictions on the
+    catalog's first batch of images agree with fp32's for at least 99% of them; else the run stays
+    on fp32. The summary's ``backend`` says what was measured and used.
     """
     if cross_fit == 1 or cross_fit < 0:
         raise ValueError(f"cross_fit must be 0 (off) or at least 2 folds, not {cross_fit}")
+    if cross_fit and backend != "fp32":
+        raise ValueError("cross-fitting trains its fold models during the run; audit them with the fp32 backend")
+    if backend not in model.BACKENDS:
+        raise ValueError(f"unknown backend {backend!r}; choose one of {model.BACKENDS}")
     logger = get_run_logger()
     started = datetime.now(timezone.utc)
     run_id, folder = report.new_run(output_uri, now=started)
@@ -142,6 +157,11 @@ def audit_catalog(
     keys, validation = validate_catalog(source, spec)
     base = storage.parent(catalog_uri)
     clip = load_model(model_uri)
+    backend_check = {"requested": backend, "used": backend}
+    if backend != "fp32" and source.rows:
+        clip, backend_check = choose_backend(clip, backend, next(source.batches(batch_size)), spec, base)
+        logger.info("backend %s: predictions agree with fp32 for %s of %d images checked; using %s", backend,
+                    backend_check["agreement"], backend_check["images_checked"], backend_check["used"])
     images_seen = {"scored": 0, "from_cache": 0, "embedded": 0}
 
     def progress(batch: audit.Batch) -> None:
@@ -163,7 +183,7 @@ def audit_catalog(
             save_cache(cache)
     run = {"run_id": run_id, "started_at": started.isoformat(), "catalog": catalog_uri, "model": model_uri,
            "model_fingerprint": clip.fingerprint(), "target_precision": spec.target_precision,
-           "cross_fit": cross_fit, "calibration": calibration, "images": images_seen}
+           "cross_fit": cross_fit, "calibration": calibration, "images": images_seen, "backend": backend_check}
     summary = report.summarize(findings, products=source.rows, run=run, validation=validation)
     publish(folder, findings, summary, keys, spec, base)
     create_table_artifact(key="clipdq-audit-counts", table=summary["by_attribute"],

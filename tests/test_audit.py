@@ -9,7 +9,7 @@ import numpy as np
 import polars as pl
 from polars.testing import assert_frame_equal
 
-from clipdq import audit, cache, model
+from clipdq import audit, cache, images, model
 from clipdq.catalog import read_catalog
 
 
@@ -58,3 +58,22 @@ def test_scores_of_cached_embeddings_equal_fresh_ones_and_a_failed_first_image_i
     assert first_row["image_error"].to_list() == ["image file not found"] * first_row.height
     assert first_row["predicted_value"].is_null().all()
     assert np.isfinite(cached["confidence"].drop_nulls().to_numpy()).all()
+
+
+def test_a_faster_backend_is_used_only_where_it_agrees_with_fp32(sample_dir, spec, trained_model_dir):
+    clip = model.load_model(str(trained_model_dir), device="cpu")
+    rows = read_catalog(str(sample_dir / "catalog.parquet")).head(24)
+    options = {"spec": spec, "base": str(sample_dir)}
+
+    fast, used = audit.choose_backend(clip, "int8", rows, **options, min_agreement=0.0)
+    kept, refused = audit.choose_backend(clip, "int8", rows, **options, min_agreement=1.01)
+    unreadable, unchecked = audit.choose_backend(clip, "int8", rows.with_columns(image=pl.lit("nope.jpg")),
+                                                 **options, min_agreement=0.0)
+
+    readable = images.load_images(rows["image"].to_list(), str(sample_dir), clip.pixels).ok.sum()
+    assert used["images_checked"] == refused["images_checked"] == readable > 0
+    assert 0.9 <= used["agreement"] == refused["agreement"] <= 1.0
+    assert (fast.backend, used["used"]) == ("int8", "int8")
+    assert kept is clip and refused["used"] == "fp32"
+    assert unreadable is clip and unchecked == {"requested": "int8", "used": "fp32", "agreement": None,
+                                                "images_checked": 0}

@@ -153,6 +153,25 @@ def test_an_empty_catalog_gives_a_complete_run_with_no_findings(prefect_harness,
     assert summary["products"] == 0 and set(summary["totals"].values()) == {0}
 
 
+def test_an_int8_audit_checks_agreement_first_and_caches_apart_from_fp32(prefect_harness, local_run, sample_dir,
+                                                                         trained_model_dir, tmp_path):
+    output = str(tmp_path / "out")
+
+    folder = audit_catalog(str(sample_dir / "catalog.parquet"), str(sample_dir / "spec.yaml"),
+                           str(trained_model_dir), output, batch_size=16, backend="int8")
+
+    findings, summary, _, _ = read_run(folder)
+    check = summary["backend"]
+    assert check["requested"] == "int8" and check["images_checked"] > 10
+    assert check["used"] == ("int8" if check["agreement"] >= 0.99 else "fp32")
+    fp32 = read_run(local_run[1])[0]
+    assert findings.select("product_id", "attribute").equals(fp32.select("product_id", "attribute"))
+    same = (findings["predicted_value"] == fp32["predicted_value"]).mean()
+    assert same >= 0.95
+    assert [name.split("/")[0].endswith("-int8") for name in storage.list_files(f"{output}/_embedding_cache")] == [
+        check["used"] == "int8"]
+
+
 def test_audit_reads_the_catalog_from_s3_and_writes_the_run_to_s3(
     prefect_harness, sample_dir, trained_model_dir, s3_bucket
 ):

@@ -129,6 +129,27 @@ def test_embed_images_gives_normalized_rows_in_batches(clip):
     assert model.embed_images(clip, pixels[:0]).shape == (0, clip.model.config.projection_dim)
 
 
+@pytest.mark.parametrize("backend", ["int8", "bf16"])
+def test_a_faster_backend_changes_only_the_image_tower_and_stays_close_to_fp32(clip, spec, backend):
+    pixels = random_pixels(clip, n=6)
+    before = model.embed_images(clip, pixels)
+
+    fast = model.on_backend(clip, backend)
+    got = model.embed_images(fast, pixels)
+
+    assert fast.backend == backend and clip.backend == "fp32"
+    assert 0 < np.abs(got - before).max() < 0.05  # other arithmetic: close, not equal
+    np.testing.assert_array_equal(model.embed_images(clip, pixels), before)  # the fp32 model is untouched
+    fast_text, text = model.embed_captions(fast, spec), model.embed_captions(clip, spec)
+    for name in spec.names:
+        np.testing.assert_array_equal(fast_text[name], text[name])
+
+
+def test_unknown_backend_is_refused(clip):
+    with pytest.raises(ValueError, match="unknown backend 'fp8'"):
+        model.on_backend(clip, "fp8")
+
+
 def test_s3_round_trip(clip, spec, s3_bucket, isolated_home):
     uri = model.save_model(clip, f"{s3_bucket}/models/tiny")
 
