@@ -218,14 +218,27 @@ def _confusion_table(name: str, values: list[str] | None, confusion: list[list[i
     return lines
 
 
-def _local_folder(uri: str) -> str:
-    """A local folder for an s3:// prefix, else the uri as given.
+def _hub_snapshot(repo_id: str) -> str:
+    """The local copy of a Hugging Face hub model (configs, tokenizer, safetensors weights and any
+    clipdq files), fetched once into the hub cache; offline (``HF_HUB_OFFLINE=1``), the cached copy."""
+    from huggingface_hub import snapshot_download
+    from huggingface_hub.errors import HfHubHTTPError
 
-    Downloads are cached by the prefix's content signature, so a model re-saved under the same
+    try:
+        return snapshot_download(repo_id, allow_patterns=["*.json", "*.txt", "*.safetensors"])
+    except (HfHubHTTPError, OSError, ValueError) as error:
+        raise FileNotFoundError(f"no model at {repo_id!r}: not a local folder, and not a Hugging Face hub model "
+                                f"that can be fetched or is cached ({error})") from error
+
+
+def _local_folder(uri: str) -> str:
+    """A local folder for an s3:// prefix or a hub id, else the folder as given.
+
+    S3 downloads are cached by the prefix's content signature, so a model re-saved under the same
     prefix is fetched again; a download lands in a temporary folder renamed into place when whole.
     """
     if not storage.is_s3(uri):
-        return uri
+        return uri if Path(uri).is_dir() else _hub_snapshot(uri)
     cache = Path.home() / ".cache" / "clipdq" / "models" / storage.signature(uri)
     if not cache.exists():
         log.info("downloading model %s to %s", uri, cache)

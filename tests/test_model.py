@@ -129,6 +129,35 @@ def test_embed_images_gives_normalized_rows_in_batches(clip):
     assert model.embed_images(clip, pixels[:0]).shape == (0, clip.model.config.projection_dim)
 
 
+@pytest.fixture
+def offline_hub(tmp_path, monkeypatch) -> Path:
+    """A Hugging Face hub cache folder, with the hub itself out of reach (as on an air-gapped host)."""
+    import huggingface_hub.constants
+
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(tmp_path / "hub"))
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
+    return tmp_path / "hub"
+
+
+def test_a_hub_id_loads_from_the_hub_cache_with_clipdq_metadata(clip, spec, offline_hub):
+    commit = "0123456789abcdef0123456789abcdef01234567"
+    repo = offline_hub / "models--acme--clip-tiny"
+    clip.meta["trained"] = True
+    model.save_model(clip, str(repo / "snapshots" / commit))  # the hub cache's layout
+    (repo / "refs").mkdir()
+    (repo / "refs" / "main").write_text(commit)
+
+    loaded = model.load_model("acme/clip-tiny", device="cpu")
+
+    assert loaded.source == "acme/clip-tiny"
+    assert_same_model(loaded, clip, spec)
+
+
+def test_a_hub_id_that_is_neither_cached_nor_reachable_is_a_clear_error(offline_hub):
+    with pytest.raises(FileNotFoundError, match="no model at 'acme/missing': not a local folder"):
+        model.load_model("acme/missing", device="cpu")
+
+
 @pytest.mark.parametrize("backend", ["int8", "bf16"])
 def test_a_faster_backend_changes_only_the_image_tower_and_stays_close_to_fp32(clip, spec, backend):
     pixels = random_pixels(clip, n=6)
