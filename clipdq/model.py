@@ -54,7 +54,7 @@ class Clip:
     tokenizer: CLIPTokenizer
     pixels: PixelSpec
     source: str
-    meta: dict = field(default_factory=dict)  # contents of clipdq.json, empty for plain checkpoints
+    meta: dict = field(default_factory=dict)  # contents of clipdq.json; only a fingerprint for plain checkpoints
     value_emb: dict[str, np.ndarray] | None = None  # learned value embeddings (fast mode), else captions
     backend: str = "fp32"  # how the image tower computes: see BACKENDS
 
@@ -257,6 +257,8 @@ def load_model(uri: str, *, device: str | None = None) -> Clip:
     processor = AutoImageProcessor.from_pretrained(folder)
     meta_path = Path(folder, META_FILE)
     meta = json.loads(meta_path.read_text()) if meta_path.exists() else {}
+    if "fingerprint" not in meta:  # a plain checkpoint: its files identify it (a hub snapshot's path has its commit)
+        meta["fingerprint"] = f"files-{storage.signature(folder)}"
     value_path = Path(folder, VALUE_EMB_FILE)
     value_emb = safetensors.numpy.load_file(str(value_path)) if value_path.exists() else None
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")

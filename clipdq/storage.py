@@ -60,6 +60,10 @@ def read_bytes(uri: str) -> bytes:
     return Path(uri).read_bytes()
 
 
+def _not_found(error) -> bool:
+    return error.response["Error"]["Code"] in ("404", "NoSuchKey", "NotFound")
+
+
 class _S3Reader(io.RawIOBase):
     """A seekable binary file over an S3 object: each read is a ranged GET, so a reader that wants
     one part of a large object (a Parquet footer, one row group) fetches only that part."""
@@ -69,7 +73,7 @@ class _S3Reader(io.RawIOBase):
         try:
             self._size = s3_client().head_object(Bucket=self._bucket, Key=self._key)["ContentLength"]
         except s3_client().exceptions.ClientError as error:
-            if error.response["Error"]["Code"] in ("404", "NoSuchKey", "NotFound"):
+            if _not_found(error):
                 raise FileNotFoundError(f"no such object: {uri}") from error
             raise
         self._position = 0
@@ -112,7 +116,7 @@ def exists(uri: str) -> bool:
         try:
             s3_client().head_object(Bucket=bucket, Key=key)
         except s3_client().exceptions.ClientError as error:
-            if error.response["Error"]["Code"] in ("404", "NoSuchKey", "NotFound"):
+            if _not_found(error):
                 return False
             raise
         return True

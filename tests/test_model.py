@@ -129,6 +129,18 @@ def test_embed_images_gives_normalized_rows_in_batches(clip):
     assert model.embed_images(clip, pixels[:0]).shape == (0, clip.model.config.projection_dim)
 
 
+def test_a_plain_checkpoint_is_fingerprinted_by_its_files(spec, tmp_path):
+    def save_plain(seed: int) -> str:
+        folder = model.save_model(model.init_model(spec, "tiny", seed=seed), str(tmp_path / "plain"))
+        (tmp_path / "plain" / model.META_FILE).unlink()  # as a checkpoint from elsewhere comes
+        return model.load_model(folder, device="cpu").fingerprint()
+
+    first, rewritten = save_plain(0), save_plain(1)
+
+    assert first.startswith("files-")
+    assert first != rewritten  # new weights, new fingerprint: their cached embeddings are not reused
+
+
 @pytest.fixture
 def offline_hub(tmp_path, monkeypatch) -> Path:
     """A Hugging Face hub cache folder, with the hub itself out of reach (as on an air-gapped host)."""
