@@ -4,9 +4,11 @@
 - label-only captions ("longsleeved") against sentence captions ("a photo of a longsleeved top");
 - a learning curve of full fine-tuning;
 - for each run, test accuracy and macro-F1 per attribute, and the precision and recall of the
-  audit's flags when 10% of the test labels are corrupted (and another 10% blanked).
+  audit's flags when 10% of the test labels are corrupted (and another 10% blanked);
+- each run repeated over several seeds (split and initial weights), since 120 test products make
+  one split's figures move by several points: means, the range of accuracy, flags pooled.
 
-    python benchmarks/finetune_methods.py [--minutes 3.5] [--curve-minutes 1.5] [--output DIR]
+    python benchmarks/finetune_methods.py [--minutes 3.5] [--curve-minutes 1.5] [--seeds 0,1,2] [--output DIR]
 """
 
 from __future__ import annotations
@@ -18,6 +20,8 @@ import logging
 import sys
 import tempfile
 from pathlib import Path
+
+import numpy as np
 
 from clipdq import curves, model, sample_data, train
 from clipdq.catalog import read_catalog
@@ -39,25 +43,40 @@ def with_sentences(spec: Spec) -> Spec:
         dataclasses.replace(a, prompts=(SENTENCES[a.name],)) for a in spec.attributes))
 
 
-def run_one(name: str, spec: Spec, data: train.LabeledSet, splits: train.Splits, config: train.TrainConfig) -> list[dict]:
-    clip = model.init_model(spec, "tiny", seed=0)
+def run_one(name: str, spec: Spec, data: train.LabeledSet, config: train.TrainConfig) -> tuple[dict, dict, float]:
+    """(test metrics, flag figures, minutes) of one run; ``config.seed`` draws the split and the initial weights."""
+    splits = train.default_splits(data, config)
+    clip = model.init_model(spec, "tiny", seed=config.seed)
     outcome = train.train_on(clip, data, spec, config=config, splits=splits)
     test_labels = train.labels_of(data, splits[2])
     flags = flag_figures(held_out_logits(clip, data, spec, splits[2]), test_labels, spec, outcome["calibration"])
     t = outcome["training"]
-    print(f"{name}: {t['minutes']} min, best epoch/step {t.get('best_epoch', t.get('best_step'))}; "
+    print(f"{name}, seed {config.seed}: {t['minutes']} min, best epoch/step {t.get('best_epoch', t.get('best_step'))}; "
+          f"accuracy {({k: round(m['test_accuracy'], 3) for k, m in outcome['metrics'].items()})}; "
           f"pooled flags {pooled(flags)}", flush=True)
+    return outcome["metrics"], flags, t["minutes"]
+
+
+def flag_columns(figures: dict) -> dict:
+    return {"conflict precision": figures["conflict_precision"], "conflict recall": figures["conflict_recall"],
+            "flags / planted": f"{figures['flags']} / {figures['planted']}", "gap accuracy": figures["gap_accuracy"],
+            "gap recall": figures["gap_recall"]}
+
+
+def run_seeds(name: str, spec: Spec, data: train.LabeledSet, config: train.TrainConfig, seeds: list[int]) -> list[dict]:
+    """Table rows: per attribute, test accuracy and macro-F1 averaged over the seeds, with the range
+    of accuracy, and flags pooled over the seeds."""
+    runs = [run_one(name, spec, data, dataclasses.replace(config, seed=seed)) for seed in seeds]
+    minutes = round(float(np.mean([m for _, _, m in runs])), 2)
     rows = []
-    for attribute, m in outcome["metrics"].items():
-        f = flags[attribute]
-        rows.append({"run": name, "attribute": attribute, "accuracy": m["test_accuracy"], "macro_f1": m["test_macro_f1"],
-                     "conflict precision": f["conflict_precision"], "conflict recall": f["conflict_recall"],
-                     "flags / planted": f"{f['flags']} / {f['planted']}", "gap accuracy": f["gap_accuracy"],
-                     "gap recall": f["gap_recall"], "minutes": t["minutes"]})
-    p = pooled(flags)
-    rows.append({"run": name, "attribute": "all (pooled flags)", "conflict precision": p["conflict_precision"],
-                 "conflict recall": p["conflict_recall"], "flags / planted": f"{p['flags']} / {p['planted']}",
-                 "gap accuracy": p["gap_accuracy"], "gap recall": p["gap_recall"], "minutes": t["minutes"]})
+    for attribute in spec.names:
+        accuracy = [metrics[attribute]["test_accuracy"] for metrics, _, _ in runs]
+        rows.append({"run": name, "attribute": attribute, "accuracy": float(np.mean(accuracy)),
+                     "accuracy range": f"{min(accuracy):.3f} to {max(accuracy):.3f}",
+                     "macro_f1": float(np.mean([metrics[attribute]["test_macro_f1"] for metrics, _, _ in runs])),
+                     **flag_columns(pooled([flags[attribute] for _, flags, _ in runs])), "minutes": minutes})
+    everything = pooled([figures for _, flags, _ in runs for figures in flags.values()])
+    rows.append({"run": name, "attribute": "all (pooled flags)", **flag_columns(everything), "minutes": minutes})
     return rows
 
 
@@ -65,6 +84,8 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--minutes", type=float, default=3.5, help="CPU budget per full fine-tuning run")
     parser.add_argument("--curve-minutes", type=float, default=1.5, help="budget per learning-curve point")
+    parser.add_argument("--seeds", default="0,1,2",
+                        help="each seed draws its own split and initial weights; figures are means over them")
     parser.add_argument("--output", type=Path, default=ROOT / "docs" / "benchmarks" / "sample")
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
@@ -75,15 +96,16 @@ def main() -> int:
         spec = parse_spec((folder / "spec.yaml").read_text())
         frame = read_catalog(str(folder / "labeled.parquet"))
         data = train.load_labeled(frame, spec, base=str(folder), pixel_spec=model.init_model(spec).pixels)
-    config = train.TrainConfig(seed=0, epochs=150)
+    seeds = [int(seed) for seed in args.seeds.split(",")]
+    config = train.TrainConfig(seed=seeds[0], epochs=150)
     splits = train.default_splits(data, config)
-    print(f"train {len(splits[0])}, validation {len(splits[1])}, test {len(splits[2])}", flush=True)
+    print(f"train {len(splits[0])}, validation {len(splits[1])}, test {len(splits[2])}; seeds {seeds}", flush=True)
     full = dataclasses.replace(config, max_minutes=args.minutes)
-    rows = run_one("prototype probe", spec, data, splits, dataclasses.replace(config, mode="prototype"))
-    rows += run_one("full, label-only captions", spec, data, splits, full)
-    rows += run_one("full, sentence captions", with_sentences(spec), data, splits, full)
-    columns = ["run", "attribute", "accuracy", "macro_f1", "conflict precision", "conflict recall", "flags / planted",
-               "gap accuracy", "gap recall", "minutes"]
+    rows = run_seeds("prototype probe", spec, data, dataclasses.replace(config, mode="prototype"), seeds)
+    rows += run_seeds("full, label-only captions", spec, data, full, seeds)
+    rows += run_seeds("full, sentence captions", with_sentences(spec), data, full, seeds)
+    columns = ["run", "attribute", "accuracy", "accuracy range", "macro_f1", "conflict precision", "conflict recall",
+               "flags / planted", "gap accuracy", "gap recall", "minutes"]
     report = figures_table(rows, columns)
     curve = curves.learning_curve(lambda: model.init_model(spec, "tiny", seed=0), data, spec,
                                   config=dataclasses.replace(config, max_minutes=args.curve_minutes), splits=splits,

@@ -78,12 +78,14 @@ def _planted_audit(
     return findings.join(pl.concat(truth), on=["product_id", "attribute"])
 
 
-def pooled(figures: dict[str, dict]) -> dict[str, float]:
-    """Precision and recall over all attributes together."""
-    total = {key: sum(f[key] for f in figures.values()) for key in ("flags", "planted", "suggestions", "gaps")}
-    right_flags = sum(f["conflict_precision"] * f["flags"] for f in figures.values() if f["flags"])
-    found = sum(f["conflict_recall"] * f["planted"] for f in figures.values() if f["planted"])
-    right_gaps = sum(f["gap_accuracy"] * f["suggestions"] for f in figures.values() if f["suggestions"])
+def pooled(figures) -> dict[str, float]:
+    """Precision and recall of several figures of ``flag_figures`` together: all attributes of one
+    run (pass the dict), or one attribute over several runs (pass a list)."""
+    figures = list(figures.values()) if isinstance(figures, dict) else list(figures)
+    total = {key: sum(f[key] for f in figures) for key in ("flags", "planted", "suggestions", "gaps")}
+    right_flags = sum(f["conflict_precision"] * f["flags"] for f in figures if f["flags"])
+    found = sum(f["conflict_recall"] * f["planted"] for f in figures if f["planted"])
+    right_gaps = sum(f["gap_accuracy"] * f["suggestions"] for f in figures if f["suggestions"])
     return {"conflict_precision": _share(right_flags, total["flags"]), "conflict_recall": _share(found, total["planted"]),
             "gap_accuracy": _share(right_gaps, total["suggestions"]), "gap_recall": _share(total["suggestions"], total["gaps"]),
             **total}
