@@ -186,7 +186,8 @@ def main() -> int:
         spec = parse_spec(spec_path.read_text())
         clip = model.init_model(spec, "vit-b-32", seed=0)
         model_dir = model.save_model(clip, str(root / "model"))
-        refs = pl.read_parquet(catalog)["image"].to_list()
+        frame = pl.read_parquet(catalog)  # changing images later leaves the Parquet as it is
+        refs = frame["image"].to_list()
         print(f"{args.images} photos of 1600 px, ViT-B/32-shaped CLIP, fp32, {os.cpu_count()} CPU cores, "
               f"batch {args.batch_size}\n", flush=True)
 
@@ -205,7 +206,7 @@ def main() -> int:
         changed = change_images(catalog, 0.01)
         after, summary = whole_audit(catalog, spec_path, model_dir, str(root / "out"), args.batch_size)
         line(f"    after changing {changed} images", after, "s", f"{summary['images']['embedded']} embedded")
-        ids = [pid for pid, ok in zip(pl.read_parquet(catalog)["product_id"], loaded.ok) if ok]
+        ids = [pid for pid, ok in zip(frame["product_id"], loaded.ok) if ok]
         prototypes = probe_values(reference, ids, pl.read_parquet(root / "data" / "ground_truth.parquet"), spec)
         for backend in ("int8", "bf16"):
             rate, embeddings = model_only(model.on_backend(clip, backend), loaded.pixels, args.batch_size)

@@ -79,6 +79,11 @@ class Batch:
     to_embed: np.ndarray  # row positions of ``pixels``
     pixels: np.ndarray  # (len(to_embed), 3, h, w) float32
 
+    @property
+    def ok(self) -> np.ndarray:
+        """(n,) bool: the rows whose image is usable."""
+        return np.array([error is None for error in self.errors], dtype=bool)
+
 
 def prepare_batch(
     rows: pl.DataFrame, *, spec: Spec, base: str, pixels: PixelSpec, cache: EmbeddingCache | None = None
@@ -104,8 +109,8 @@ def embed_batch(batch: Batch, clip: model.Clip, cache: EmbeddingCache | None = N
     if cache is not None and len(fresh):
         cache.add([batch.sha256[i] for i in batch.to_embed], fresh)
     by_row = dict(batch.cached) | dict(zip(batch.to_embed.tolist(), fresh))
-    usable = [i for i, error in enumerate(batch.errors) if error is None]
-    return np.stack([by_row[i] for i in usable]) if usable else fresh[:0]
+    usable = np.flatnonzero(batch.ok)
+    return np.stack([by_row[i] for i in usable]) if len(usable) else fresh[:0]
 
 
 def prepared_batches(row_batches: Iterable[pl.DataFrame], prepare, *, ahead: int = 2) -> Iterator[Batch]:
@@ -132,7 +137,7 @@ def score_batch(
 ) -> pl.DataFrame:
     """Predictions (PREDICTIONS_SCHEMA) for every row and attribute; failed images keep their error."""
     image_emb = embed_batch(batch, clip, cache)
-    ok = np.array([error is None for error in batch.errors], dtype=bool)
+    ok = batch.ok
     scale = model.logit_scale(clip)
     ids = batch.rows[spec.id_column].cast(pl.String).to_list()
     frames = []

@@ -48,8 +48,9 @@ class CatalogFile:
     def read(self, columns: list[str] | None = None) -> pl.DataFrame:
         """All rows of ``columns`` (default all) at once."""
         parts = list(self.batches(1 << 16, columns))
-        empty = pl.DataFrame(schema={name: self.schema[name] for name in columns or self.schema.names()})
-        return pl.concat(parts) if parts else empty
+        if not parts:
+            return pl.DataFrame(schema={name: self.schema[name] for name in columns or self.schema.names()})
+        return pl.concat(parts)
 
 
 def read_catalog(uri: str) -> pl.DataFrame:

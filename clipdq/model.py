@@ -308,13 +308,17 @@ def logit_scale(clip: Clip) -> float:
     return float(clip.model.logit_scale.detach().exp().clamp(max=100.0))
 
 
+def check_backend(backend: str) -> None:
+    if backend not in BACKENDS:
+        raise ValueError(f"unknown backend {backend!r}; choose one of {BACKENDS}")
+
+
 def on_backend(clip: Clip, backend: str) -> Clip:
     """``clip`` with its image tower on another backend; the text tower stays fp32.
 
     Predictions may differ from fp32's: measure how often (``predict.agreement``) before relying on one.
     """
-    if backend not in BACKENDS:
-        raise ValueError(f"unknown backend {backend!r}; choose one of {BACKENDS}")
+    check_backend(backend)
     if backend == "int8":
         if clip.device.type != "cpu":
             raise ValueError("the int8 backend runs on CPU; use bf16 on a GPU")

@@ -147,8 +147,7 @@ def audit_catalog(
         raise ValueError(f"cross_fit must be 0 (off) or at least 2 folds, not {cross_fit}")
     if cross_fit and backend != "fp32":
         raise ValueError("cross-fitting trains its fold models during the run; audit them with the fp32 backend")
-    if backend not in model.BACKENDS:
-        raise ValueError(f"unknown backend {backend!r}; choose one of {model.BACKENDS}")
+    model.check_backend(backend)  # before any work, even for an empty catalog
     logger = get_run_logger()
     started = datetime.now(timezone.utc)
     run_id, folder = report.new_run(output_uri, now=started)
