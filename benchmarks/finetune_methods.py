@@ -92,7 +92,7 @@ def main() -> int:
     logging.getLogger("clipdq.train").setLevel(logging.WARNING)
     args.output.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory() as tmp:
-        folder = sample_data.generate(tmp)  # the demo's sample: 1200 labeled products
+        folder = sample_data.generate(tmp)  # the demo's sample: 2400 labeled products
         spec = parse_spec((folder / "spec.yaml").read_text())
         frame = read_catalog(str(folder / "labeled.parquet"))
         data = train.load_labeled(frame, spec, base=str(folder), pixel_spec=model.init_model(spec).pixels)

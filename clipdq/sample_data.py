@@ -344,7 +344,7 @@ def _write_images(products: list[dict[str, Any]], root: Path, seed: int, split: 
 
 
 def generate(
-    out_dir: str | Path, *, seed: int = 0, n_labeled: int = 1200, n_catalog: int = 320, image_size: int = 128
+    out_dir: str | Path, *, seed: int = 0, n_labeled: int = 2400, n_catalog: int = 320, image_size: int = 128
 ) -> Path:
     """Write the sample dataset into out_dir; returns out_dir. Deterministic for a seed."""
     out = Path(out_dir)
