@@ -5,10 +5,10 @@
 - a learning curve of full fine-tuning;
 - for each run, test accuracy and macro-F1 per attribute, and the precision and recall of the
   audit's flags when 10% of the test labels are corrupted (and another 10% blanked);
-- each run repeated over several seeds (split and initial weights), since 120 test products make
+- each run repeated over several seeds (split and initial weights), since 240 test products make
   one split's figures move by several points: means, the range of accuracy, flags pooled.
 
-    python benchmarks/finetune_methods.py [--minutes 3.5] [--curve-minutes 1.5] [--seeds 0,1,2] [--output DIR]
+    python benchmarks/finetune_methods.py [--minutes 3.5] [--seeds 0,1,2] [--output DIR]
 """
 
 from __future__ import annotations
@@ -82,8 +82,8 @@ def run_seeds(name: str, spec: Spec, data: train.LabeledSet, config: train.Train
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--minutes", type=float, default=3.5, help="CPU budget per full fine-tuning run")
-    parser.add_argument("--curve-minutes", type=float, default=1.5, help="budget per learning-curve point")
+    parser.add_argument("--minutes", type=float, default=3.5,
+                        help="CPU budget per full fine-tuning run and per learning-curve point")
     parser.add_argument("--seeds", default="0,1,2",
                         help="each seed draws its own split and initial weights; figures are means over them")
     parser.add_argument("--output", type=Path, default=ROOT / "docs" / "benchmarks" / "sample")
@@ -108,9 +108,9 @@ def main() -> int:
                "flags / planted", "gap accuracy", "gap recall", "minutes"]
     report = figures_table(rows, columns)
     curve = curves.learning_curve(lambda: model.init_model(spec, "tiny", seed=0), data, spec,
-                                  config=dataclasses.replace(config, max_minutes=args.curve_minutes), splits=splits,
+                                  config=full, splits=splits,
                                   sizes=(10, 30, 100, 300))
-    title = f"Sample data, full fine-tuning, {args.curve_minutes:g} min per point"
+    title = f"Sample data, full fine-tuning, {args.minutes:g} min per point"
     (args.output / "curve_full.png").write_bytes(curves.plot_png(curve, title=title))
     (args.output / "curve_full.md").write_text(curves.markdown(curve))
     (args.output / "results.md").write_text(report + "\n")
