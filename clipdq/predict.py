@@ -88,14 +88,18 @@ def threshold_for_accuracy(
 ) -> float | None:
     """Smallest confidence above which validation accuracy reaches ``required``.
 
-    ``correct`` is agreement with labels of which a share ``label_noise`` is wrong (among ``k``
-    values); accuracy is estimated against the true values. Only thresholds with at least
-    MIN_SUPPORT rows above them count; returns None (never flag) when no threshold qualifies.
+    Accuracy above a threshold is estimated with add-one smoothing, (hits + 1) / (rows + 2): the
+    lowest threshold that a few clean rows happen to clear would overstate it on new data, so a
+    high bar needs many rows to show it (0.988 needs 80 rows without an error). ``correct`` is
+    agreement with labels of which a share ``label_noise`` is wrong (among ``k`` values); accuracy
+    is estimated against the true values. Only thresholds with at least MIN_SUPPORT rows above
+    them count; returns None (never flag) when no threshold qualifies.
     """
     order = np.argsort(-confidence)
     conf, hits = confidence[order], correct[order].astype(float)
-    accuracy = true_accuracy(np.cumsum(hits) / np.arange(1, len(hits) + 1), label_noise=label_noise, k=k)
-    ok = (accuracy >= required) & (np.arange(1, len(hits) + 1) >= MIN_SUPPORT)
+    rows = np.arange(1, len(hits) + 1)
+    accuracy = true_accuracy((np.cumsum(hits) + 1) / (rows + 2), label_noise=label_noise, k=k)
+    ok = (accuracy >= required) & (rows >= MIN_SUPPORT)
     if not ok.any():
         return None
     return float(conf[np.flatnonzero(ok).max()])

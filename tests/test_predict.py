@@ -80,10 +80,11 @@ def test_required_accuracy_rises_with_the_target_and_falls_with_the_error_rate()
 
 
 def brute_force_threshold(confidence: np.ndarray, correct: np.ndarray, required: float) -> float | None:
-    """The smallest observed confidence whose rows at or above it are accurate enough, with support."""
+    """The smallest observed confidence whose rows at or above it are accurate enough (add-one
+    smoothed), with support."""
     for cut in np.sort(confidence):
         above = confidence >= cut
-        if above.sum() >= predict.MIN_SUPPORT and correct[above].mean() >= required:
+        if above.sum() >= predict.MIN_SUPPORT and (correct[above].sum() + 1) / (above.sum() + 2) >= required:
             return float(cut)
     return None
 
@@ -94,12 +95,31 @@ def test_threshold_for_accuracy_picks_the_lowest_cut_that_stays_accurate():
     correct = np.array([1] * 12 + [0] + [1] * 3 + [0] * 4, dtype=bool)
     shuffle = np.random.default_rng(3).permutation(20)  # the function must not rely on input order
 
-    cut = predict.threshold_for_accuracy(confidence[shuffle], correct[shuffle], 0.9)
+    cut = predict.threshold_for_accuracy(confidence[shuffle], correct[shuffle], 0.85)
 
-    assert cut == confidence[15]  # 15/16 right at or above it; 15/17 below the next one
-    assert correct[confidence >= cut].mean() >= 0.9
-    assert correct[confidence >= confidence[16]].mean() < 0.9
-    assert cut == brute_force_threshold(confidence, correct, 0.9)
+    assert cut == confidence[15]  # 15 of 16 right at or above it: (15 + 1) / (16 + 2) = 0.89
+    assert correct[confidence >= confidence[16]].mean() >= 0.85  # 15 of 17 = 0.88 unsmoothed ...
+    assert (15 + 1) / (17 + 2) < 0.85  # ... but 0.84 smoothed: too few rows to show it
+    assert cut == brute_force_threshold(confidence, correct, 0.85)
+
+
+def test_a_few_clean_validation_rows_do_not_set_a_high_bar():
+    confidence = np.linspace(0.99, 0.5, 40)
+    correct = np.arange(40) < predict.MIN_SUPPORT  # the 10 most confident right, the rest wrong
+
+    assert predict.threshold_for_accuracy(confidence, correct, 0.95) is None  # 11/12 smoothed
+    assert predict.threshold_for_accuracy(confidence, correct, 0.9) == confidence[predict.MIN_SUPPORT - 1]
+
+
+def test_the_default_conflict_bar_needs_80_clean_validation_rows():
+    required = predict.required_accuracy(0.9, 0.1)  # 0.988, as the README says
+
+    def cut(clean: int) -> float | None:  # the `clean` most confident rows right, 20 more wrong
+        return predict.threshold_for_accuracy(np.linspace(0.99, 0.5, clean + 20), np.arange(clean + 20) < clean,
+                                              required)
+
+    assert cut(79) is None
+    assert cut(80) is not None
 
 
 def test_threshold_for_accuracy_agrees_with_brute_force_on_random_data():
@@ -137,7 +157,7 @@ def test_expected_calibration_error_measures_overconfidence():
 
 def test_calibrate_keeps_thresholds_at_least_at_the_theoretical_bars():
     rng = np.random.default_rng(5)
-    logits = rng.normal(0, 4.0, (400, 4))
+    logits = rng.normal(0, 8.0, (400, 4))  # confident enough to clear the conflict bar
     labels = sample_labels(rng, predict.softmax(logits, temperature=2.0))
 
     calibration = predict.calibrate(logits, labels, target_precision=0.9, error_rate=0.1)
