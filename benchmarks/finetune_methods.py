@@ -53,7 +53,7 @@ def run_one(name: str, spec: Spec, data: train.LabeledSet, config: train.TrainCo
     t = outcome["training"]
     print(f"{name}, seed {config.seed}: {t['minutes']} min, best epoch/step {t.get('best_epoch', t.get('best_step'))}; "
           f"accuracy {({k: round(m['test_accuracy'], 3) for k, m in outcome['metrics'].items()})}; "
-          f"pooled flags {pooled(flags)}", flush=True)
+          f"pooled flags {pooled(flags.values())}", flush=True)
     return outcome["metrics"], flags, t["minutes"]
 
 
@@ -74,8 +74,8 @@ def run_seeds(name: str, spec: Spec, data: train.LabeledSet, config: train.Train
         rows.append({"run": name, "attribute": attribute, "accuracy": float(np.mean(accuracy)),
                      "accuracy range": f"{min(accuracy):.3f} to {max(accuracy):.3f}",
                      "macro_f1": float(np.mean([metrics[attribute]["test_macro_f1"] for metrics, _, _ in runs])),
-                     **flag_columns(pooled([flags[attribute] for _, flags, _ in runs])), "minutes": minutes})
-    everything = pooled([figures for _, flags, _ in runs for figures in flags.values()])
+                     **flag_columns(pooled(flags[attribute] for _, flags, _ in runs)), "minutes": minutes})
+    everything = pooled(figures for _, flags, _ in runs for figures in flags.values())
     rows.append({"run": name, "attribute": "all (pooled flags)", **flag_columns(everything), "minutes": minutes})
     return rows
 

@@ -121,10 +121,11 @@ def run(args: argparse.Namespace) -> dict:
         clip = make_model()
         outcome = train.train_on(clip, data, spec, config=train.config_for(clip, seed=0, **options), splits=splits)
         flags = flag_figures(held_out_logits(clip, data, spec, splits[2]), test_labels, spec, outcome["calibration"])
-        print(f"{name}: {outcome['training']['minutes']} min, pooled flags {pooled(flags)}", flush=True)
+        overall = pooled(flags.values())
+        print(f"{name}: {outcome['training']['minutes']} min, pooled flags {overall}", flush=True)
         results[name] = {"training": {k: v for k, v in outcome["training"].items() if k != "history"},
                          "metrics": outcome["metrics"], "calibration": outcome["calibration"], "flags": flags,
-                         "pooled_flags": pooled(flags)}
+                         "pooled_flags": overall}
         table += level_rows(name, outcome, flags, spec)
     results["tables"]["levels"] = table
 

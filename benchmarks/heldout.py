@@ -8,6 +8,7 @@ precision and recall it reports are those of the flags a data steward would see.
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Iterable
 
 import numpy as np
 import polars as pl
@@ -78,10 +79,10 @@ def _planted_audit(
     return findings.join(pl.concat(truth), on=["product_id", "attribute"])
 
 
-def pooled(figures) -> dict[str, float]:
-    """Precision and recall of several figures of ``flag_figures`` together: all attributes of one
-    run (pass the dict), or one attribute over several runs (pass a list)."""
-    figures = list(figures.values()) if isinstance(figures, dict) else list(figures)
+def pooled(figures: Iterable[dict]) -> dict[str, float]:
+    """Precision and recall of several per-attribute figures of ``flag_figures`` together: the
+    attributes of one run, or one attribute over several runs."""
+    figures = list(figures)
     total = {key: sum(f[key] for f in figures) for key in ("flags", "planted", "suggestions", "gaps")}
     right_flags = sum(f["conflict_precision"] * f["flags"] for f in figures if f["flags"])
     found = sum(f["conflict_recall"] * f["planted"] for f in figures if f["planted"])
