@@ -15,11 +15,17 @@ import os
 import sys
 from pathlib import Path
 
+from clipdq.options import ARCHS, BACKENDS, MODES
+
 os.environ.setdefault("PREFECT_LOGGING_EXTRA_LOGGERS", "clipdq")  # library logs show in Prefect runs
 os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")  # no telemetry from batch jobs
 
 log = logging.getLogger("clipdq")
-GROUP_HELP = "rows with the same value here (product family, photo session) stay on one side of every split"
+GROUP_HELP = ("rows with the same value here (product family, photo session) stay on one side of every split; "
+              "without it, near-duplicate images are grouped")
+MODE_HELP = ("full: fine-tune both towers on pixels; locked: keep the image tower frozen (but --unlock-blocks) "
+             "and train the text tower and projections on its kept activations; prototype: learn value embeddings "
+             "on frozen images. Default: locked for a pretrained image tower with a new text tower, else full")
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -29,8 +35,9 @@ def _parser() -> argparse.ArgumentParser:
     demo = commands.add_parser("demo", help="build sample data and a demo model if missing, then audit")
     demo.add_argument("--data-dir", default="sample_data", help="where the sample catalog and model live")
     demo.add_argument("--output", default="reports", help="folder or s3:// prefix for the reports")
-    demo.add_argument("--epochs", type=int, default=150, help="training epochs for the demo model")
-    demo.add_argument("--max-minutes", type=float, default=3.5, help="training time budget for the demo model")
+    demo.add_argument("--epochs", type=int, default=40, help="training epochs for the demo model (the budget)")
+    demo.add_argument("--max-minutes", type=float, default=15,
+                      help="safety cap on the demo model's training time; the output says when it is hit")
 
     audit = commands.add_parser("audit", help="audit a catalog against its images")
     audit.add_argument("--catalog", required=True, help="Parquet file, local or s3://")
@@ -45,7 +52,7 @@ def _parser() -> argparse.ArgumentParser:
     audit.add_argument("--group-column", help=GROUP_HELP)
     audit.add_argument("--no-embedding-cache", dest="embedding_cache", action="store_false",
                        help="embed every image again instead of reusing embeddings kept beside the reports")
-    audit.add_argument("--backend", default="fp32", choices=["fp32", "int8", "bf16"],
+    audit.add_argument("--backend", default="fp32", choices=BACKENDS,
                        help="a faster image tower (int8 on CPU, bf16), used where its predictions on the first "
                        "batch agree with fp32 for at least 99%% of the images")
 
@@ -55,12 +62,13 @@ def _parser() -> argparse.ArgumentParser:
     finetune.add_argument("--output", required=True, help="model folder or s3:// prefix to write")
     finetune.add_argument("--base-model", help="start from this CLIP (folder, s3:// or hub id); "
                           "default: a new one of --arch")
-    finetune.add_argument("--arch", default="tiny", choices=["tiny", "vit-b-32"])
-    finetune.add_argument("--max-minutes", type=float, help="training time budget")
-    finetune.add_argument("--epochs", type=int, default=100)
+    finetune.add_argument("--arch", default="tiny", choices=ARCHS)
+    finetune.add_argument("--max-minutes", type=float, help="safety cap on training time (the budget is --epochs)")
+    finetune.add_argument("--epochs", type=int, help="training epochs (default: by --mode)")
     finetune.add_argument("--seed", type=int, default=0)
-    finetune.add_argument("--mode", default="full", choices=["full", "prototype"],
-                          help="full: fine-tune both towers; prototype: learn value embeddings on frozen images (fast)")
+    finetune.add_argument("--mode", choices=MODES, help=MODE_HELP)
+    finetune.add_argument("--unlock-blocks", type=int, help="locked mode: top EfficientNet blocks that train too")
+    finetune.add_argument("--views", type=int, help="locked mode: kept views per training image (plain + augmented)")
     finetune.add_argument("--val-fraction", type=float, default=0.2, help="share of products for validation")
     finetune.add_argument("--test-fraction", type=float, default=0.1, help="share held out for the model card")
     finetune.add_argument("--group-column", help=GROUP_HELP)
@@ -72,16 +80,17 @@ def _parser() -> argparse.ArgumentParser:
     curve.add_argument("--spec", required=True)
     curve.add_argument("--output", required=True, help="folder or s3:// prefix for the table and plot")
     curve.add_argument("--base-model", help="start each point from this CLIP; default: a new one of --arch")
-    curve.add_argument("--arch", default="tiny", choices=["tiny", "vit-b-32"])
-    curve.add_argument("--mode", default="full", choices=["full", "prototype"])
+    curve.add_argument("--arch", default="tiny", choices=ARCHS)
+    curve.add_argument("--mode", choices=MODES, help=MODE_HELP)
     curve.add_argument("--sizes", default="10,30,100,300", help="labeled examples per value, comma-separated")
     curve.add_argument("--max-minutes", type=float, help="training time budget per point")
     curve.add_argument("--group-column", help=GROUP_HELP)
     curve.add_argument("--seed", type=int, default=0)
 
-    init = commands.add_parser("init-model", help="a randomly initialised CLIP with a tokenizer for the spec")
+    init = commands.add_parser("init-model", help="a new CLIP-style model with a tokenizer for the spec: random "
+                               "weights, or the pretrained ImageNet tower of efficientnet-lite0")
     init.add_argument("--spec", required=True)
-    init.add_argument("--arch", default="tiny", choices=["tiny", "vit-b-32"])
+    init.add_argument("--arch", default="tiny", choices=ARCHS)
     init.add_argument("--output", required=True)
     init.add_argument("--seed", type=int, default=0)
     return parser
@@ -99,14 +108,15 @@ def run_finetune(args: argparse.Namespace) -> str:
     return finetune_model(args.catalog, args.spec, args.output, base_model=args.base_model, arch=args.arch,
                           max_minutes=args.max_minutes, epochs=args.epochs, seed=args.seed, mode=args.mode,
                           val_fraction=args.val_fraction, test_fraction=args.test_fraction,
-                          label_noise=args.label_noise, group_column=args.group_column)
+                          label_noise=args.label_noise, group_column=args.group_column,
+                          unlock_blocks=args.unlock_blocks, views=args.views)
 
 
 def _train_demo_model(data: Path, output: Path, *, epochs: int, max_minutes: float) -> str:
     from flows.finetune import finetune_model
 
-    return finetune_model(str(data / "labeled.parquet"), str(data / "spec.yaml"), str(output), arch="tiny",
-                          max_minutes=max_minutes, epochs=epochs, seed=0)
+    return finetune_model(str(data / "labeled.parquet"), str(data / "spec.yaml"), str(output),
+                          arch="efficientnet-lite0", max_minutes=max_minutes, epochs=epochs, seed=0, views=1)
 
 
 def run_init_model(args: argparse.Namespace) -> str:
@@ -142,7 +152,7 @@ def run_learning_curve(args: argparse.Namespace) -> str:
     table.write_csv(csv)
     storage.write_bytes(storage.join(args.output, "learning_curve.csv"), csv.getvalue())
     storage.write_bytes(storage.join(args.output, "learning_curve.md"), text.encode())
-    title = f"{args.mode} training, {args.base_model or args.arch}"
+    title = f"{config.mode} training, {args.base_model or args.arch}"
     storage.write_bytes(storage.join(args.output, "learning_curve.png"), curves.plot_png(table, title=title))
     return args.output
 
@@ -159,9 +169,12 @@ def run_demo(args: argparse.Namespace) -> str:
     else:
         print(f"[1/3] sample catalog found in {data}/", flush=True)
     if not (model / "clipdq.json").exists():
-        print(f"[2/3] training the demo model ({args.epochs} epochs, at most {args.max_minutes:g} min) "
-              f"into {model}/", flush=True)
+        print(f"[2/3] training the demo model (pretrained EfficientNet-Lite0 tower, locked; up to {args.epochs} "
+              f"epochs) into {model}/", flush=True)
         _train_demo_model(data, model, epochs=args.epochs, max_minutes=args.max_minutes)
+        training = json.loads((model / "clipdq.json").read_text())["training"]
+        print(f"      {training['epochs_run']} epochs, stopped by {training['stopped_by']}, "
+              f"{training['minutes']:g} min", flush=True)
     else:
         print(f"[2/3] demo model found in {model}/", flush=True)
     print("[3/3] auditing the sample catalog", flush=True)

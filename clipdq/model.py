@@ -28,29 +28,35 @@ transformers.logging.set_verbosity_error()  # load reports and backend notices a
 transformers.logging.disable_progress_bar()
 from transformers import (  # noqa: E402
     AutoImageProcessor,
+    AutoModel,
     AutoTokenizer,
     CLIPConfig,
     CLIPImageProcessor,
     CLIPModel,
+    CLIPTextConfig,
     CLIPTokenizer,
+    VisionTextDualEncoderConfig,
+    VisionTextDualEncoderModel,
 )
 
-from clipdq import storage  # noqa: E402
+from transformers.image_utils import OPENAI_CLIP_MEAN, OPENAI_CLIP_STD  # noqa: E402
+
+from clipdq import efficientnet, storage  # noqa: E402
 from clipdq.images import PixelSpec  # noqa: E402
+from clipdq.options import ARCHS, BACKENDS, Arch, Backend  # noqa: E402
 from clipdq.spec import Spec  # noqa: E402
 
 log = logging.getLogger(__name__)
 
 META_FILE = "clipdq.json"
 VALUE_EMB_FILE = "value_embeddings.safetensors"
-ARCHS = ("tiny", "vit-b-32")
-BACKENDS = ("fp32", "int8", "bf16")  # int8: dynamic quantization of the image tower's linear layers (CPU)
+DualEncoder = CLIPModel | VisionTextDualEncoderModel  # both: vision_model, visual_projection, text_model, logit_scale
 _WORD = re.compile(r"[^\W\d_]+|\d|[^\s\w]+|_")  # CLIP's pre-tokenizer, in stdlib regex terms
 
 
 @dataclass
 class Clip:
-    model: CLIPModel
+    model: DualEncoder
     tokenizer: CLIPTokenizer
     pixels: PixelSpec
     source: str
@@ -113,30 +119,41 @@ def build_tokenizer(texts: list[str]) -> CLIPTokenizer:
     return CLIPTokenizer(vocab=vocab, merges=merges, model_max_length=32)
 
 
-def _config(arch: str, vocab_size: int, bos: int, eos: int) -> CLIPConfig:
+SMALL_TEXT = {"hidden_size": 128, "intermediate_size": 512, "num_hidden_layers": 2, "num_attention_heads": 4,
+              "max_position_embeddings": 32}  # enough to tell a spec's value captions apart; trains in seconds
+
+
+def _config(arch: Arch, vocab_size: int, bos: int, eos: int) -> CLIPConfig | VisionTextDualEncoderConfig:
     text = {"vocab_size": vocab_size, "bos_token_id": bos, "eos_token_id": eos, "pad_token_id": eos}
     if arch == "tiny":  # trains from scratch on CPU in minutes; 32 px in 16 patches learns shapes fast
-        text |= {"hidden_size": 128, "intermediate_size": 512, "num_hidden_layers": 2,
-                 "num_attention_heads": 4, "max_position_embeddings": 32}
         vision = {"hidden_size": 128, "intermediate_size": 512, "num_hidden_layers": 3,
                   "num_attention_heads": 4, "image_size": 32, "patch_size": 8}
-        return CLIPConfig(text_config=text, vision_config=vision, projection_dim=128)
+        return CLIPConfig(text_config=text | SMALL_TEXT, vision_config=vision, projection_dim=128)
     if arch == "vit-b-32":  # CLIPConfig's defaults are ViT-B/32
         return CLIPConfig(text_config=text | {"max_position_embeddings": 77}, vision_config={}, projection_dim=512)
+    if arch in efficientnet.VARIANTS:  # LiT: a pretrained image tower, a new text tower trained to meet it
+        return VisionTextDualEncoderConfig.from_vision_text_configs(
+            efficientnet.config_for(arch), CLIPTextConfig(**text, **SMALL_TEXT), projection_dim=256)
     raise ValueError(f"unknown arch {arch!r}; choose one of {ARCHS}")
 
 
-def init_model(spec: Spec, arch: str = "tiny", *, seed: int = 0) -> Clip:
-    """A randomly initialised CLIP of the given shape with a tokenizer for the spec's captions."""
+def init_model(spec: Spec, arch: Arch = "tiny", *, seed: int = 0) -> Clip:
+    """A CLIP-style model of the given shape with a tokenizer for the spec's captions: random
+    weights, except an EfficientNet image tower, which keeps its ImageNet weights."""
     captions = [c for a in spec.attributes for v in a.values for c in a.captions(v)]
     tokenizer = build_tokenizer(captions)
     config = _config(arch, len(tokenizer), tokenizer.bos_token_id, tokenizer.eos_token_id)
     torch.manual_seed(seed)
-    model = CLIPModel(config).eval()
-    size = config.vision_config.image_size
-    processor = CLIPImageProcessor(size={"shortest_edge": size}, crop_size={"height": size, "width": size})
     meta = {"arch": arch, "spec_fingerprint": spec.fingerprint(), "trained": False}
-    return Clip(model, tokenizer, _pixel_spec(processor), source=f"init:{arch}", meta=meta)
+    if isinstance(config, CLIPConfig):
+        model, pixels = CLIPModel(config), (config.vision_config.image_size, OPENAI_CLIP_MEAN, OPENAI_CLIP_STD)
+    else:
+        model = VisionTextDualEncoderModel(config)
+        model.vision_model.load_state_dict(efficientnet.pretrained_state_dict(arch)[0])
+        pixels = (config.vision_config.image_size, efficientnet.PIXEL_MEAN, efficientnet.PIXEL_STD)
+        meta["pretrained_image_tower"] = f"{arch} (ImageNet)"
+    size, mean, std = pixels
+    return Clip(model.eval(), tokenizer, PixelSpec(size, size, mean, std), source=f"init:{arch}", meta=meta)
 
 
 def _pixel_spec(processor) -> PixelSpec:
@@ -252,7 +269,9 @@ def _local_folder(uri: str) -> str:
 def load_model(uri: str, *, device: str | None = None) -> Clip:
     """Load a CLIP from a Hugging Face hub id, a local folder or an s3:// prefix."""
     folder = _local_folder(uri)
-    model = CLIPModel.from_pretrained(folder).eval()
+    model = AutoModel.from_pretrained(folder, use_safetensors=True).eval()
+    if not isinstance(model, DualEncoder):
+        raise ValueError(f"{uri} holds a {type(model).__name__}, not a CLIP-style dual encoder")
     tokenizer = AutoTokenizer.from_pretrained(folder)
     processor = AutoImageProcessor.from_pretrained(folder)
     meta_path = Path(folder, META_FILE)
@@ -265,7 +284,7 @@ def load_model(uri: str, *, device: str | None = None) -> Clip:
     return Clip(model.to(device), tokenizer, _pixel_spec(processor), source=uri, meta=meta, value_emb=value_emb)
 
 
-def image_features(model: CLIPModel, pixel_values: torch.Tensor) -> torch.Tensor:
+def image_features(model: DualEncoder, pixel_values: torch.Tensor) -> torch.Tensor:
     """L2-normalised image embeddings, shape (n, d); differentiable."""
     out = model.get_image_features(pixel_values=pixel_values)
     return torch.nn.functional.normalize(getattr(out, "pooler_output", out), dim=-1)
@@ -308,12 +327,12 @@ def logit_scale(clip: Clip) -> float:
     return float(clip.model.logit_scale.detach().exp().clamp(max=100.0))
 
 
-def check_backend(backend: str) -> None:
+def check_backend(backend: Backend) -> None:
     if backend not in BACKENDS:
         raise ValueError(f"unknown backend {backend!r}; choose one of {BACKENDS}")
 
 
-def on_backend(clip: Clip, backend: str) -> Clip:
+def on_backend(clip: Clip, backend: Backend) -> Clip:
     """``clip`` with its image tower on another backend; the text tower stays fp32.
 
     Predictions may differ from fp32's: measure how often (``predict.agreement``) before relying on one.
@@ -341,7 +360,7 @@ def _image_arithmetic(clip: Clip):
 
 
 @torch.inference_mode()
-def embed_images(clip: Clip, pixel_values: np.ndarray, *, batch_size: int = 64) -> np.ndarray:
+def embed_images(clip: Clip, pixel_values: np.ndarray, *, batch_size: int = 16) -> np.ndarray:
     """Image embeddings for an (n, 3, h, w) float32 array, as (n, d) float32."""
     with _image_arithmetic(clip):
         chunks = [

@@ -12,6 +12,7 @@ import numpy as np
 
 TEMPERATURES = np.exp(np.linspace(np.log(0.05), np.log(20.0), 161))
 MIN_SUPPORT = 10  # fewest validation rows a threshold may be estimated from
+BOUND_Z = 1.2816  # thresholds rest on a one-sided 90% lower confidence bound of accuracy (z of the normal)
 
 
 @dataclass(frozen=True)
@@ -21,6 +22,8 @@ class Calibration:
     temperature: float = 1.0  # divides the logits; > 1 softens over-confident models
     gap_threshold: float | None = 0.9  # least confidence for a suggested value to fill a gap; None: never
     conflict_threshold: float | None = 0.99  # least confidence to flag a catalog value as wrong; None: never
+    gap_rows: int = 0  # validation rows at or above gap_threshold: the evidence behind it
+    conflict_rows: int = 0  # validation rows at or above conflict_threshold
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -62,13 +65,18 @@ def fit_temperature(logits: np.ndarray, labels: np.ndarray, *, label_noise: floa
     """The temperature minimising validation negative log-likelihood (grid search, robust).
 
     With ``label_noise`` the likelihood is that of the noisy labels, so the fitted probabilities
-    describe the true values (forward loss correction).
+    describe the true values (forward loss correction). Like the thresholds, the fit is add-one
+    smoothed: besides the validation rows it sees one error, a row labeled with each row's
+    runner-up value on average, so a model without a validation error gets probabilities near
+    1 - 1/rows instead of exactly 1.
     """
     rows, k = np.arange(len(labels)), logits.shape[1]
+    runner_up = np.argsort(logits, axis=1)[:, -2] if k > 1 else labels
 
     def nll(t: float) -> float:
-        p_true = softmax(logits, temperature=t)[rows, labels]
-        return -np.log(observed_probability(p_true, label_noise=label_noise, k=k) + 1e-12).mean()
+        probs = softmax(logits, temperature=t)
+        observed = [observed_probability(probs[rows, y], label_noise=label_noise, k=k) for y in (labels, runner_up)]
+        return -(np.log(observed[0] + 1e-12).sum() + np.log(observed[1] + 1e-12).mean()) / (len(labels) + 1)
 
     return float(min(TEMPERATURES, key=nll))
 
@@ -83,26 +91,35 @@ def required_accuracy(target_precision: float, error_rate: float) -> float:
     return p * (1 - e) / (p * (1 - e) + e * (1 - p))
 
 
+def accuracy_lower_bound(hits: np.ndarray, rows: np.ndarray, *, z: float = BOUND_Z) -> np.ndarray:
+    """One-sided Wilson lower confidence bound of accuracy from ``hits`` right out of ``rows``."""
+    p, centre = hits / rows, z**2 / (2 * rows)
+    spread = z * np.sqrt(p * (1 - p) / rows + z**2 / (4 * rows**2))
+    return (p + centre - spread) / (1 + z**2 / rows)
+
+
 def threshold_for_accuracy(
     confidence: np.ndarray, correct: np.ndarray, required: float, *, label_noise: float = 0.0, k: int = 2
-) -> float | None:
-    """Smallest confidence above which validation accuracy reaches ``required``.
+) -> tuple[float, int] | None:
+    """(smallest confidence above which validation accuracy reaches ``required``, rows above it).
 
-    Accuracy above a threshold is estimated with add-one smoothing, (hits + 1) / (rows + 2): the
-    lowest threshold that a few clean rows happen to clear would overstate it on new data, so a
-    high bar needs many rows to show it (0.988 needs 80 rows without an error). ``correct`` is
-    agreement with labels of which a share ``label_noise`` is wrong (among ``k`` values); accuracy
-    is estimated against the true values. Only thresholds with at least MIN_SUPPORT rows above
-    them count; returns None (never flag) when no threshold qualifies.
+    Accuracy above a candidate threshold is its lower confidence bound (``accuracy_lower_bound``),
+    not the share seen: the lowest threshold that a few clean rows happen to clear would overstate
+    it on new data, so a high bar needs many rows to show it (0.988 needs 135 rows without an
+    error). ``correct`` is agreement with labels of which a share ``label_noise`` is wrong (among
+    ``k`` values); the bound is turned into accuracy against the true values. Only thresholds with
+    at least MIN_SUPPORT rows above them count; returns None (never flag) when none qualifies.
     """
     order = np.argsort(-confidence)
     conf, hits = confidence[order], correct[order].astype(float)
     rows = np.arange(1, len(hits) + 1)
-    accuracy = true_accuracy((np.cumsum(hits) + 1) / (rows + 2), label_noise=label_noise, k=k)
+    bound = accuracy_lower_bound(np.cumsum(hits), rows)
+    accuracy = true_accuracy(bound, label_noise=label_noise, k=k)
     ok = (accuracy >= required) & (rows >= MIN_SUPPORT)
     if not ok.any():
         return None
-    return float(conf[np.flatnonzero(ok).max()])
+    last = np.flatnonzero(ok).max()
+    return float(conf[last]), int(np.sum(confidence >= conf[last]))
 
 
 def calibrate(
@@ -121,11 +138,15 @@ def calibrate(
     confidence, correct = probs.max(axis=1), probs.argmax(axis=1) == labels
     conflict_needed = required_accuracy(target_precision, error_rate)
 
-    def threshold(required: float) -> float | None:
+    def threshold(required: float) -> tuple[float | None, int]:
         empirical = threshold_for_accuracy(confidence, correct, required, **noise)
-        return None if empirical is None else max(empirical, required)
+        if empirical is None:
+            return None, 0
+        cut = max(empirical[0], required)
+        return cut, int(np.sum(confidence >= cut))
 
-    return Calibration(temperature, threshold(target_precision), threshold(conflict_needed))
+    (gap, gap_rows), (conflict, conflict_rows) = threshold(target_precision), threshold(conflict_needed)
+    return Calibration(temperature, gap, conflict, gap_rows, conflict_rows)
 
 
 def default_calibration(target_precision: float, error_rate: float) -> Calibration:

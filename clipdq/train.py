@@ -16,10 +16,13 @@ import polars as pl
 import torch
 import torch.nn.functional as F
 
-from clipdq import evaluation, images, model, predict, prototypes
+from clipdq import evaluation, images, locked, model, predict, prototypes
+from clipdq.options import MODES, Mode
+from clipdq.splits import NEAR_DUPLICATE_COSINE, near_duplicate_groups
 from clipdq.spec import Spec, normalize_value
 
 log = logging.getLogger(__name__)
+
 
 
 @dataclass
@@ -34,12 +37,16 @@ class TrainConfig:
     balanced: bool = True  # batches cover every attribute value evenly (else plain shuffling)
     patience: int = 15  # epochs without a better validation loss before stopping
     keep_best: bool = True  # restore the lowest-validation-loss epoch; False keeps the last (fixed schedules)
-    max_minutes: float | None = None  # wall-clock budget; the best checkpoint so far is kept
+    max_minutes: float | None = None  # wall-clock safety cap (epochs are the budget); the best checkpoint is kept
     spread_steps: int = 100  # text-only steps pushing each attribute's value captions apart (new models)
     augment: bool = True  # random crop, flip and brightness on training images
-    mode: str = "full"  # "full": train both towers; "prototype": learn value embeddings on frozen images
+    mode: Mode = "full"  # see MODES
     label_noise: float = 0.0  # share of wrong labels: 0 for curated ones, the error rate for a catalog's own
     group_column: str | None = None  # rows sharing its value (product family, photo session) share a split
+    unlock_blocks: int = 0  # locked mode: top blocks of an EfficientNet image tower that train too
+    tower_lr: float = 1e-4  # learning rate of those blocks (pretrained: gentler than the new text tower's)
+    views: int = 1  # locked mode: kept views per training image, the first plain, the others augmented
+    near_duplicate_cosine: float = NEAR_DUPLICATE_COSINE  # images this alike share a split (no group column)
     seed: int = 0
 
     def __post_init__(self) -> None:
@@ -48,16 +55,33 @@ class TrainConfig:
                              f"{self.val_fraction} and {self.test_fraction}")
         if not 0 <= self.label_noise < 0.5:
             raise ValueError(f"label_noise must be in [0, 0.5), not {self.label_noise}")
-        if self.mode not in ("full", "prototype"):
-            raise ValueError(f"mode must be 'full' or 'prototype', not {self.mode!r}")
+        if self.mode not in MODES:
+            raise ValueError(f"mode must be one of {MODES}, not {self.mode!r}")
+        if self.unlock_blocks and self.mode != "locked" or self.unlock_blocks < 0 or self.views < 1:
+            raise ValueError("unlock_blocks (>= 0) applies to locked mode only, and views must be at least 1")
+
+
+PRESETS = {  # defaults by what the model starts from (see ``config_for``)
+    # a pretrained CLIP: gentle updates that keep its captions where they are
+    "pretrained": {"lr": 1e-5, "spread_steps": 0},
+    # a pretrained image tower with a new text tower (LiT): lock the tower, keep its activations
+    "pretrained image tower": {"mode": "locked", "epochs": 40, "patience": 8, "batch_size": 64, "views": 2},
+    # a new CLIP (``init_model``): learn fast, first spread the captions apart
+    "new": {},
+}
+
+
+def starting_point(clip: model.Clip) -> str:
+    """Which of PRESETS describes ``clip``: plain checkpoints (no metadata) count as pretrained."""
+    if clip.meta.get("trained", True):
+        return "pretrained"
+    return "pretrained image tower" if clip.meta.get("pretrained_image_tower") else "new"
 
 
 def config_for(clip: model.Clip, **options) -> TrainConfig:
-    """Defaults that suit the model: a pretrained CLIP gets gentle updates and keeps its captions
-    where they are; a new one (``init_model``) learns fast and first spreads its captions apart."""
-    pretrained = clip.meta.get("trained", True)  # plain checkpoints have no metadata
-    gentle = {"lr": 1e-5, "spread_steps": 0} if pretrained else {}
-    return TrainConfig(**(gentle | options))
+    """Defaults that suit the model (PRESETS), overridden by the options that are not None."""
+    given = {name: value for name, value in options.items() if value is not None}
+    return TrainConfig(**(PRESETS[starting_point(clip)] | given))
 
 
 Splits = tuple[np.ndarray, np.ndarray, np.ndarray]  # (train, val, test) row indices
@@ -138,20 +162,23 @@ def split_indices(
 ) -> Splits:
     """(train, val, test) row indices, stratified on the joint labels of all attributes.
 
-    Rows are ordered by their label combination (random within one), then dealt to the splits
-    by a golden-ratio sequence, so every combination is spread over the splits in proportion.
-    With ``groups``, whole groups are dealt (stratified on their first row), so near-duplicate
-    images of one product family or photo session never land on two sides; without, each row
-    is its own group. Validation gets at least one group.
+    Groups of rows are ordered by their label combination (random within one), then each is dealt
+    to the split furthest below its share of the rows dealt so far, so every combination is spread
+    over the splits in proportion, and a split's share of rows holds even when groups differ in
+    size. With ``groups``, whole groups are dealt (stratified on their first row), so
+    near-duplicate images of one product family or photo session never land on two sides;
+    without, each row is its own group. Validation gets at least one group.
     """
     rng = np.random.default_rng(seed)
     group_labels, row_group = _by_group(labels, groups)
     order = _stratified_order(group_labels, rng)
-    n = len(order)
-    draw = (np.arange(n) * 0.6180339887 + rng.random()) % 1.0
-    split = np.where(draw < test_fraction, 2, np.where(draw < test_fraction + val_fraction, 1, 0))
-    assigned = np.empty(n, dtype=int)
-    assigned[order] = split
+    sizes = np.bincount(row_group, minlength=len(order))
+    shares = np.array([1 - val_fraction - test_fraction, val_fraction, test_fraction])
+    dealt, assigned = np.zeros(3), np.empty(len(order), dtype=int)
+    for group in order:
+        split = int(np.argmax(shares * (dealt.sum() + sizes[group]) - dealt))
+        assigned[group] = split
+        dealt[split] += sizes[group]
     if not (assigned == 1).any():
         assigned[order[0]] = 1
     assigned = assigned[row_group]
@@ -273,7 +300,7 @@ def fit(clip: model.Clip, data: LabeledSet, spec: Spec, config: TrainConfig, spl
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: _schedule(
         s, warmup=config.warmup_epochs * steps_per_epoch, total=config.epochs * steps_per_epoch))
     best = {"val_loss": float("inf"), "epoch": -1, "state": None}
-    started, history = time.monotonic(), []
+    started, history, stopped_by = time.monotonic(), [], "epochs"
     for epoch in range(config.epochs):
         clip.model.train()
         for rows in _epoch_batches(labels, train_idx, config, steps_per_epoch, rng):
@@ -294,7 +321,8 @@ def fit(clip: model.Clip, data: LabeledSet, spec: Spec, config: TrainConfig, spl
         log.info("epoch %d: train loss %.3f, val loss %.3f (%.1f min)", epoch, loss.item(), val_loss, minutes)
         if val_loss < best["val_loss"]:
             best = {"val_loss": val_loss, "epoch": epoch, "state": copy.deepcopy(clip.model.state_dict())}
-        if epoch - best["epoch"] >= config.patience or (config.max_minutes and minutes >= config.max_minutes):
+        stopped_by = stop_reason(config, epoch=epoch, best_epoch=best["epoch"], minutes=minutes)
+        if stopped_by != "epochs":
             break
     if best["state"] is None:
         raise ValueError("validation loss was never finite: check the labels and lower the learning rate")
@@ -302,7 +330,20 @@ def fit(clip: model.Clip, data: LabeledSet, spec: Spec, config: TrainConfig, spl
         clip.model.load_state_dict(best["state"])
     clip.model.eval()
     return {"best_epoch": best["epoch"], "best_val_loss": best["val_loss"], "epochs_run": len(history),
-            "minutes": round((time.monotonic() - started) / 60, 2), "device": clip.device.type, "history": history}
+            "stopped_by": stopped_by, "minutes": round((time.monotonic() - started) / 60, 2),
+            "device": clip.device.type, "history": history}
+
+
+def stop_reason(config: TrainConfig, *, epoch: int, best_epoch: int, minutes: float) -> str:
+    """Why training stops after ``epoch``: "patience", "time cap" (logged: the result then depends
+    on the machine), or "epochs" to go on (and when the epochs run out)."""
+    if epoch - best_epoch >= config.patience:
+        return "patience"
+    if config.max_minutes and minutes >= config.max_minutes:
+        log.warning("training stopped by the %g-minute safety cap after %d epochs: the result depends on "
+                    "how fast this machine ran", config.max_minutes, epoch + 1)
+        return "time cap"
+    return "epochs"
 
 
 def fit_prototypes(clip: model.Clip, data: LabeledSet, spec: Spec, config: TrainConfig, splits: Splits) -> dict:
@@ -331,30 +372,60 @@ def row_logits(clip: model.Clip, data: LabeledSet, idx: np.ndarray, captions: mo
     return {name: predict.logits_for(image_emb, emb, scale=scale) for name, emb in clip.value_emb.items()}
 
 
-def train_on(clip: model.Clip, data: LabeledSet, spec: Spec, *, config: TrainConfig, splits: Splits) -> dict:
+def train_on(clip: model.Clip, data: LabeledSet, spec: Spec, *, config: TrainConfig, splits: Splits,
+             plain: torch.Tensor | None = None) -> dict:
     """Train (``config.mode``) on the train rows, calibrate on the validation rows, measure on the
-    test rows; returns the metadata that describes the result (see ``finetune``)."""
+    test rows; returns the metadata that describes the result (see ``finetune``). ``plain``: the
+    locked mode's kept activations of every row, where the caller has them."""
     if torch.cuda.is_available():
         clip.model.cuda()
     train_idx, val_idx, test_idx = splits
-    result = (fit_prototypes if config.mode == "prototype" else fit)(clip, data, spec, config, splits)
-    captions = model.Captions(clip, spec)
-    calibration, metrics = evaluation.calibrate(row_logits(clip, data, val_idx, captions), labels_of(data, val_idx),
+    if config.mode == "locked":
+        result, logits_of = locked.fit(clip, data, spec, config, splits, plain=plain, batch_loss=batch_loss,
+                                       batches=balanced_batches, stop_reason=stop_reason)
+    else:
+        result = (fit_prototypes if config.mode == "prototype" else fit)(clip, data, spec, config, splits)
+        captions = model.Captions(clip, spec)
+        logits_of = lambda rows: row_logits(clip, data, rows, captions)  # noqa: E731
+    calibration, metrics = evaluation.calibrate(logits_of(val_idx), labels_of(data, val_idx),
                                                 spec, label_noise=config.label_noise)
     if len(test_idx):
-        logits = row_logits(clip, data, test_idx, captions)
+        logits = logits_of(test_idx)
         for name, figures in evaluation.held_out_metrics(logits, labels_of(data, test_idx), spec).items():
             metrics.setdefault(name, {}).update(figures)
     sizes = {"train_rows": len(train_idx), "val_rows": len(val_idx), "test_rows": len(test_idx)}
-    return {"training": result | sizes, "metrics": metrics, "calibration": calibration}
+    basis = {"split": "validation", "rows": len(val_idx), "bound": "one-sided 90% Wilson lower bound of accuracy",
+             "target_precision": spec.target_precision, "expected_error_rate": spec.expected_error_rate,
+             "label_noise": config.label_noise}
+    return {"training": result | sizes, "metrics": metrics, "calibration": calibration, "calibration_basis": basis}
+
+
+def group_near_duplicates(clip: model.Clip, data: LabeledSet, config: TrainConfig, plain: torch.Tensor | None) -> str:
+    """Sets ``data.groups`` to near-duplicate groups of images, unless a group column gave them or
+    the image tower is untrained (its features cannot tell); returns how rows were grouped."""
+    if data.groups is not None:
+        return f"group column {config.group_column!r}"
+    if starting_point(clip) == "new":
+        return "none: an untrained image tower cannot tell near-duplicates (name a group column)"
+    features = (locked.pooled_features(clip, plain, config.unlock_blocks) if plain is not None
+                else model.embed_images(clip, data.pixels.numpy()))
+    data.groups = near_duplicate_groups(features, threshold=config.near_duplicate_cosine)
+    log.info("%d labeled images form %d near-duplicate groups", len(features), data.groups.max() + 1)
+    return f"near-duplicate images (cosine >= {config.near_duplicate_cosine} between image-tower features)"
 
 
 def finetune(clip: model.Clip, frame: pl.DataFrame, spec: Spec, *, base: str, config: TrainConfig) -> model.Clip:
     """Train on labeled rows (``config.mode``) and record metrics and calibration in the model's metadata."""
     data = load_labeled(frame, spec, base=base, pixel_spec=clip.pixels, group_column=config.group_column)
     log.info("training on %d labeled products (%d without a readable image)", len(data.pixels), data.dropped)
-    outcome = train_on(clip, data, spec, config=config, splits=default_splits(data, config))
+    plain = locked.plain_activations(clip, data, config.unlock_blocks) if config.mode == "locked" else None
+    grouping = group_near_duplicates(clip, data, config, plain)
+    rows = default_splits(data, config)
+    outcome = train_on(clip, data, spec, config=config, splits=rows, plain=plain)
     outcome["training"] |= {"labeled_rows": frame.height, "unreadable_images": data.dropped}
+    outcome["calibration_basis"] |= {"grouping": grouping,
+                                     "val_groups": len(np.unique(data.groups[rows[1]])) if data.groups is not None
+                                     else len(rows[1])}
     clip.meta.update({"trained": True, "spec_fingerprint": spec.fingerprint(), "train_config": asdict(config),
                       "values": {a.name: list(a.values) for a in spec.attributes},
                       "fingerprint": f"unsaved-{uuid.uuid4().hex[:12]}"} | outcome)  # new weights; saving sets it

@@ -19,7 +19,7 @@ def read_spec(uri: str) -> str:
 
 
 @task(**IO_RETRIES, cache_policy=NO_CACHE)
-def load_base_model(spec_text: str, base_model: str | None, arch: str) -> model.Clip:
+def load_base_model(spec_text: str, base_model: str | None, arch: model.Arch) -> model.Clip:
     if base_model:
         return model.load_model(base_model)
     return model.init_model(parse_spec(spec_text), arch)
@@ -44,20 +44,25 @@ def finetune_model(
     spec_uri: str,
     output_uri: str,
     base_model: str | None = None,
-    arch: str = "tiny",
+    arch: model.Arch = "tiny",
     max_minutes: float | None = None,
-    epochs: int = 100,
+    epochs: int | None = None,
     seed: int = 0,
-    mode: str = "full",
+    mode: train.Mode | None = None,
     val_fraction: float = 0.2,
     test_fraction: float = 0.1,
     label_noise: float = 0.0,
     group_column: str | None = None,
+    unlock_blocks: int | None = None,
+    views: int | None = None,
 ) -> str:
     """Train on labeled products; returns the saved model folder (with metrics and calibration).
 
-    ``mode`` "full" fine-tunes both towers; "prototype" learns only each value's embedding on the
-    frozen image tower, in seconds. ``val_fraction`` and ``test_fraction`` size the validation
+    ``mode`` "full" fine-tunes both towers; "locked" keeps the image tower frozen (but its top
+    ``unlock_blocks`` blocks) and trains the text tower and projections on its kept activations of
+    ``views`` views per image; "prototype" learns only each value's embedding on the frozen image
+    tower. Left empty, mode and epochs follow the model (``train.PRESETS``); ``max_minutes`` is a
+    safety cap, not the budget. ``val_fraction`` and ``test_fraction`` size the validation
     split (checkpoint and calibration) and the test split (model card); ``label_noise`` is the
     share of wrong labels to allow for when calibrating (0 for curated labels). Rows with the same
     ``group_column`` value (product family, photo session) stay on one side of the splits.
@@ -66,7 +71,7 @@ def finetune_model(
     clip = load_base_model(spec_text, base_model, arch)
     config = train.config_for(clip, epochs=epochs, max_minutes=max_minutes, seed=seed, mode=mode,
                               val_fraction=val_fraction, test_fraction=test_fraction, label_noise=label_noise,
-                              group_column=group_column)
+                              group_column=group_column, unlock_blocks=unlock_blocks, views=views)
     clip = fit(clip, catalog_uri, spec_text, config)
     save(clip, output_uri)
     rows = [{"attribute": k, **v} for k, v in clip.meta["metrics"].items()]

@@ -1,0 +1,192 @@
+"""Fine-tuning on a locked image tower (the LiT recipe), optionally with its top blocks unlocked.
+
+The frozen part of the image tower runs once per training image and augmented view; its
+activations are kept, and only what sits above them trains: the text tower, both projections,
+the logit scale and, for an EfficientNet tower, its top ``unlock_blocks`` blocks (at a lower
+learning rate). Because nothing below is recomputed, an epoch costs what the unlocked part costs:
+seconds with the tower locked.
+
+Vocabulary as in ``train``: ``data`` a LabeledSet, ``splits`` (train, val, test) row indices.
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from clipdq import model
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class Tower:
+    """The image tower cut in two: ``below`` runs once (frozen), ``above`` trains."""
+
+    below: Callable[[torch.Tensor], torch.Tensor]  # pixels -> kept activations
+    above: Callable[[torch.Tensor], torch.Tensor]  # kept activations -> normalised image embeddings
+    unlocked: list[torch.nn.Parameter]  # image-tower parameters that train (none when locked)
+
+
+def split_tower(clip: model.Clip, unlock_blocks: int) -> Tower:
+    """The tower of ``clip`` frozen below its top ``unlock_blocks`` blocks (EfficientNet towers only
+    unlock blocks; any tower can be locked whole, below its projection)."""
+    vision, projection = clip.model.vision_model, clip.model.visual_projection
+    if unlock_blocks == 0:
+        return Tower(lambda pixels: vision(pixel_values=pixels).pooler_output,
+                     lambda x: F.normalize(projection(x), dim=-1), [])
+    blocks = getattr(vision, "blocks", None)
+    if blocks is None or not 0 < unlock_blocks <= len(blocks):
+        raise ValueError(f"unlock_blocks={unlock_blocks} needs an EfficientNet image tower with that many blocks")
+    start = len(blocks) - unlock_blocks
+    unlocked = [p for block in blocks[start:] for p in block.parameters()] + list(vision.head.parameters())
+    return Tower(lambda pixels: vision.features_below(pixels, start),
+                 lambda x: F.normalize(projection(vision.features_from(x, start)), dim=-1), unlocked)
+
+
+def augment_views(pixels: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+    """Shelf-photo augmentation of normalised pixels: a random crop of 55 to 100% of the area
+    (aspect 3:4 to 4:3) resized back, a horizontal flip, and brightness, contrast and saturation
+    jitter of up to 20%."""
+    n, _, h, w = pixels.shape
+    rand = lambda *shape: torch.rand(*shape, generator=generator)  # noqa: E731
+    area, aspect = 0.55 + 0.45 * rand(n), torch.exp((rand(n) - 0.5) * 0.575)
+    crop_h = (h * torch.sqrt(area / aspect)).clamp(max=h).long()
+    crop_w = (w * torch.sqrt(area * aspect)).clamp(max=w).long()
+    out = []
+    for i in range(n):
+        top = int(rand(1) * (h - crop_h[i] + 1))
+        left = int(rand(1) * (w - crop_w[i] + 1))
+        patch = pixels[i : i + 1, :, top : top + crop_h[i], left : left + crop_w[i]]
+        out.append(F.interpolate(patch, size=(h, w), mode="bilinear", align_corners=False))
+    out = torch.cat(out)
+    flip = rand(n) < 0.5
+    out[flip] = out[flip].flip(-1)
+    jitter = lambda: 1 + 0.4 * (rand(n, 1, 1, 1) - 0.5)  # noqa: E731
+    grey = out.mean(dim=1, keepdim=True)
+    out = grey + (out - grey) * jitter()  # saturation
+    mean = out.mean(dim=(1, 2, 3), keepdim=True)
+    return ((out - mean) * jitter() + mean * jitter()).clamp(-3, 3)  # contrast, brightness
+
+
+@torch.inference_mode()
+def keep_activations(tower: Tower, pixels: torch.Tensor, device: torch.device, *, chunk: int = 16) -> torch.Tensor:
+    """``tower.below`` of every image, stored in bfloat16 (half the memory; the tower is frozen)."""
+    return torch.cat([tower.below(pixels[i : i + chunk].to(device)).to(torch.bfloat16)
+                      for i in range(0, len(pixels), chunk)])
+
+
+def _scores(clip: model.Clip, tower: Tower, x: torch.Tensor, captions: model.Captions) -> dict[str, torch.Tensor]:
+    image_emb = tower.above(x.float())
+    scale = clip.model.logit_scale.exp().clamp(max=100.0)
+    return {name: scale * image_emb @ emb.T for name, emb in captions.value_embeddings(clip).items()}
+
+
+@torch.inference_mode()
+def pooled_features(clip: model.Clip, activations: torch.Tensor, unlock_blocks: int) -> np.ndarray:
+    """(n, d) image-tower features (before the projection) from kept activations: what
+    near-duplicate grouping compares."""
+    if unlock_blocks == 0:
+        return activations.float().cpu().numpy()
+    vision, start = clip.model.vision_model, len(clip.model.vision_model.blocks) - unlock_blocks
+    return torch.cat([vision.features_from(activations[i : i + 64].float(), start)
+                      for i in range(0, len(activations), 64)]).cpu().numpy()
+
+
+def plain_activations(clip: model.Clip, data, unlock_blocks: int) -> torch.Tensor:
+    """Kept activations of every labeled row's image as it is (no augmentation)."""
+    clip.model.eval()
+    return keep_activations(split_tower(clip, unlock_blocks), data.pixels, clip.device)
+
+
+def fit(clip: model.Clip, data, spec, config, splits, *, plain: torch.Tensor | None = None, batch_loss, batches,
+        stop_reason) -> tuple[dict, Callable]:
+    """Train in place; returns (training summary, ``logits(rows)`` per attribute for any labeled rows).
+
+    ``plain`` holds ``plain_activations`` where the caller has them already; ``batch_loss``,
+    ``batches`` and ``stop_reason`` are train's (which imports this module).
+    """
+    train_idx, val_idx, _ = splits
+    torch.manual_seed(config.seed)
+    generator = torch.Generator().manual_seed(config.seed)
+    clip.value_emb = None
+    clip.model.eval()  # batch-norm statistics stay as pretrained; nothing below the cut trains
+    tower = split_tower(clip, config.unlock_blocks)
+    started = time.monotonic()
+    kept_plain = plain_activations(clip, data, config.unlock_blocks) if plain is None else plain
+    augmented = [keep_activations(tower, augment_views(data.pixels[train_idx], generator), clip.device)
+                 for _ in range(config.views - 1)]
+    kept_train = torch.cat([kept_plain[train_idx], *augmented])
+    view_rows = np.tile(train_idx, config.views)
+    log.info("kept image-tower activations of %d images and %d augmented views in %.1f min", len(kept_plain),
+             len(kept_train) - len(train_idx), (time.monotonic() - started) / 60)
+
+    captions = model.Captions(clip, spec)
+    head = [p for n, p in clip.model.named_parameters()
+            if n.startswith(("text_model.", "text_projection.", "visual_projection.", "logit_scale"))]
+    groups = [{"params": head, "lr": config.lr}]
+    if tower.unlocked:
+        groups.append({"params": tower.unlocked, "lr": config.tower_lr})
+    optimizer = torch.optim.AdamW(groups, weight_decay=config.weight_decay)
+    for p in clip.model.parameters():
+        p.requires_grad_(False)
+    for p in head + tower.unlocked:
+        p.requires_grad_(True)
+    labels = {k: v.numpy() for k, v in data.labels.items()}
+    view_labels = {k: v[view_rows] for k, v in labels.items()}
+    steps_per_epoch = max(1, len(view_rows) // config.batch_size)
+    total = config.epochs * steps_per_epoch
+    warmup = config.warmup_epochs * steps_per_epoch
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: min(1.0, (s + 1) / warmup) * 0.5 * (
+        1 + np.cos(np.pi * min(1.0, max(0, s - warmup) / max(1, total - warmup)))))
+    rng = np.random.default_rng(config.seed)
+
+    def loss_on(rows: np.ndarray) -> float:
+        with torch.no_grad():
+            x = kept_plain[rows]
+            truth = {k: v[rows].to(clip.device) for k, v in data.labels.items()}
+            return float(batch_loss(_scores(clip, tower, x, captions), truth))
+
+    best = {"val_loss": float("inf"), "epoch": -1, "state": None}
+    history, stopped_by = [], "epochs"
+    labels_on_device = {k: torch.from_numpy(v).to(clip.device) for k, v in view_labels.items()}
+    for epoch in range(config.epochs):
+        for picks in batches(view_labels, np.arange(len(view_rows)), batch_size=config.batch_size,
+                             steps=steps_per_epoch, rng=rng):
+            logits = _scores(clip, tower, kept_train[picks], captions)
+            loss = batch_loss(logits, {k: v[picks] for k, v in labels_on_device.items()})
+            optimizer.zero_grad()
+            loss.backward()
+            optimizer.step()
+            scheduler.step()
+        val_loss = loss_on(val_idx)
+        history.append({"epoch": epoch, "train_loss": loss.item(), "val_loss": val_loss})
+        minutes = (time.monotonic() - started) / 60
+        log.info("epoch %d: train loss %.3f, val loss %.3f (%.1f min)", epoch, loss.item(), val_loss, minutes)
+        if val_loss < best["val_loss"]:
+            best = {"val_loss": val_loss, "epoch": epoch, "state": copy.deepcopy(clip.model.state_dict())}
+        stopped_by = stop_reason(config, epoch=epoch, best_epoch=best["epoch"], minutes=minutes)
+        if stopped_by != "epochs":
+            break
+    for p in clip.model.parameters():
+        p.requires_grad_(True)
+    clip.model.load_state_dict(best["state"])
+
+    @torch.no_grad()
+    def logits(rows: np.ndarray) -> dict[str, np.ndarray]:
+        x = kept_plain[rows]
+        chunks = [_scores(clip, tower, x[i : i + 256], captions) for i in range(0, len(x), 256)]
+        return {k: torch.cat([c[k] for c in chunks]).float().cpu().numpy() for k in captions.owners}
+
+    summary = {"best_epoch": best["epoch"], "best_val_loss": best["val_loss"], "epochs_run": len(history),
+               "stopped_by": stopped_by, "minutes": round((time.monotonic() - started) / 60, 2),
+               "device": clip.device.type, "views": config.views, "unlock_blocks": config.unlock_blocks,
+               "history": history}
+    return summary, logits
