@@ -153,7 +153,8 @@ def init_model(spec: Spec, arch: Arch = "tiny", *, seed: int = 0) -> Clip:
         pixels = (config.vision_config.image_size, efficientnet.PIXEL_MEAN, efficientnet.PIXEL_STD)
         meta["pretrained_image_tower"] = f"{arch} (ImageNet)"
     size, mean, std = pixels
-    return Clip(model.eval(), tokenizer, PixelSpec(size, size, mean, std), source=f"init:{arch}", meta=meta)
+    return Clip(model.eval(), tokenizer, PixelSpec(size, size, tuple(mean), tuple(std)), source=f"init:{arch}",
+                meta=meta)
 
 
 def _pixel_spec(processor) -> PixelSpec:
@@ -195,28 +196,48 @@ def save_model(clip: Clip, folder: str) -> str:
     return folder
 
 
+def _training_line(meta: dict) -> str:
+    """How the model was trained, in words: mode, what trained, why it stopped."""
+    config, training = meta.get("train_config", {}), meta.get("training", {})
+    mode, unlocked = config.get("mode", "full"), config.get("unlock_blocks", 0)
+    locked = "image tower locked" + (f" below its top {unlocked} blocks" if unlocked else "")
+    how = {"full": "both towers fine-tuned on pixels",
+           "prototype": "value embeddings learned on the frozen image tower",
+           "locked": f"{locked}; text tower and projections trained on its kept activations, "
+                     f"{config.get('views', 1)} view(s) per training image"}
+    tower = f" Image tower: {meta['pretrained_image_tower']}." if meta.get("pretrained_image_tower") else ""
+    return (f"Mode: **{mode}** ({how.get(mode, mode)}).{tower} Best epoch {training.get('best_epoch')} of "
+            f"{training.get('epochs_run')}, stopped by {training.get('stopped_by', 'epochs')}, "
+            f"{training.get('minutes')} min.")
+
+
 def model_card(meta: dict) -> str:
-    """A readable summary of a fine-tuned model: data, training and held-out metrics per attribute."""
-    training = meta.get("training", {})
+    """A readable summary of a fine-tuned model: data, training, calibration and held-out metrics."""
+    training, basis = meta.get("training", {}), meta.get("calibration_basis", {})
     lines = [
         "# clipdq model", "",
         f"Fine-tuned for spec `{meta.get('spec_fingerprint')}`, weights `{meta.get('fingerprint')}`.",
         f"Labeled rows: {training.get('labeled_rows')} (train {training.get('train_rows')}, validation "
-        f"{training.get('val_rows')}, test {training.get('test_rows')}); best epoch {training.get('best_epoch')} "
-        f"of {training.get('epochs_run')}, {training.get('minutes')} min.", "",
-        "| attribute | test accuracy | test macro-F1 | val accuracy | ECE before / after | gap / conflict threshold |",
-        "|---|---|---|---|---|---|",
+        f"{training.get('val_rows')}, test {training.get('test_rows')}).", "",
+        _training_line(meta), "",
+        f"Thresholds were chosen on the {basis.get('split', 'validation')} split ({basis.get('rows')} rows in "
+        f"{basis.get('val_groups')} groups; grouping: {basis.get('grouping', 'none')}), each where the "
+        f"{basis.get('bound', 'estimated accuracy')} of the rows above it meets the spec's precision target "
+        f"{basis.get('target_precision')}; 'rows' says how many validation rows support each.", "",
+        "| attribute | test accuracy | test macro-F1 | val accuracy | ECE before / after | gap threshold (rows) "
+        "| conflict threshold (rows) |",
+        "|---|---|---|---|---|---|---|",
     ]
-    def fmt(value: float | None) -> str:
-        return "never" if value is None else f"{value:.3f}"
+    def fmt(value: float | None, rows: int | None) -> str:
+        return "never" if value is None else f"{value:.3f} ({rows})"
 
     for name, m in meta["metrics"].items():
         c = meta.get("calibration", {}).get(name, {})
         lines.append(
             f"| {name} | {m.get('test_accuracy', float('nan')):.3f} | {m.get('test_macro_f1', float('nan')):.3f} "
             f"| {m.get('val_accuracy', float('nan')):.3f} | {m.get('ece_before', float('nan')):.3f} / "
-            f"{m.get('ece_after', float('nan')):.3f} | {fmt(c.get('gap_threshold'))} / "
-            f"{fmt(c.get('conflict_threshold'))} |"
+            f"{m.get('ece_after', float('nan')):.3f} | {fmt(c.get('gap_threshold'), c.get('gap_rows'))} | "
+            f"{fmt(c.get('conflict_threshold'), c.get('conflict_rows'))} |"
         )
     for name, m in meta["metrics"].items():
         lines += _confusion_table(name, meta.get("values", {}).get(name), m.get("confusion"))

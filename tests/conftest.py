@@ -13,7 +13,8 @@ from clipdq.catalog import read_catalog
 from clipdq.spec import Spec, parse_spec
 
 N_LABELED = 60
-N_CATALOG = 40
+N_CATALOG = 100
+N_FLAGGING_LABELED = 400  # enough validation rows for the colour conflict bar (134 clean rows)
 
 
 def pytest_configure(config: pytest.Config) -> None:
@@ -61,6 +62,30 @@ def trained_model_dir(tmp_path_factory: pytest.TempPathFactory, sample_dir: Path
     labeled = read_catalog(str(sample_dir / "labeled.parquet"))
     train.finetune(clip, labeled, spec, base=str(sample_dir), config=train.TrainConfig(epochs=2))
     folder = tmp_path_factory.mktemp("trained-model")
+    model.save_model(clip, str(folder))
+    return folder
+
+
+@pytest.fixture(scope="session")
+def flagging_labeled_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Other labeled products of the sample kind (seed 1), enough to calibrate flags on."""
+    return sample_data.generate(tmp_path_factory.mktemp("flagging-sample"), seed=1, n_labeled=N_FLAGGING_LABELED,
+                                n_catalog=10)
+
+
+@pytest.fixture(scope="session")
+def flagging_model_dir(tmp_path_factory: pytest.TempPathFactory, flagging_labeled_dir: Path, spec: Spec) -> Path:
+    """The pretrained EfficientNet-Lite0 tower with a text tower trained in locked mode: a model
+    that sees the sample's attributes and whose calibration lets it flag (about 20 s to train).
+
+    Half of its labeled products validate, so colour (on every product) has the rows its conflict
+    bar needs; the type-specific attributes get gap suggestions but no conflict threshold.
+    """
+    clip = model.init_model(spec, "efficientnet-lite0")
+    config = train.config_for(clip, val_fraction=0.5, test_fraction=0.0)
+    labeled = read_catalog(str(flagging_labeled_dir / "labeled.parquet"))
+    train.finetune(clip, labeled, spec, base=str(flagging_labeled_dir), config=config)
+    folder = tmp_path_factory.mktemp("flagging-model")
     model.save_model(clip, str(folder))
     return folder
 

@@ -16,6 +16,7 @@ import polars as pl
 import pytest
 
 from clipdq import model
+from test_flow import assert_planted_flags_found
 
 pytestmark = pytest.mark.subprocess
 
@@ -76,13 +77,16 @@ def test_init_model_with_bad_yaml_fails_with_a_one_line_reason(cli_env, tmp_path
 
 
 @pytest.fixture(scope="module")
-def finetuned(cli_env, sample_dir, tmp_path_factory) -> tuple[subprocess.CompletedProcess, Path]:
-    """One ``clipdq finetune --epochs 1`` on the small labeled sample."""
-    output = tmp_path_factory.mktemp("cli-finetune") / "model"
-    result = clipdq(cli_env, "finetune", "--catalog", str(sample_dir / "labeled.parquet"),
-                    "--spec", str(sample_dir / "spec.yaml"), "--output", str(output), "--epochs", "1",
-                    cwd=output.parent)
-    return result, output
+def finetuned(cli_env, sample_dir, flagging_labeled_dir, tmp_path_factory) -> tuple[subprocess.CompletedProcess, Path]:
+    """``clipdq init-model --arch efficientnet-lite0``, then ``clipdq finetune`` from it (locked mode)."""
+    folder = tmp_path_factory.mktemp("cli-finetune")
+    init = clipdq(cli_env, "init-model", "--spec", str(sample_dir / "spec.yaml"), "--arch", "efficientnet-lite0",
+                  "--output", str(folder / "init"), cwd=folder)
+    assert init.returncode == 0, init.stderr[-3000:]
+    result = clipdq(cli_env, "finetune", "--catalog", str(flagging_labeled_dir / "labeled.parquet"),
+                    "--spec", str(sample_dir / "spec.yaml"), "--base-model", str(folder / "init"),
+                    "--output", str(folder / "model"), "--val-fraction", "0.5", "--test-fraction", "0", cwd=folder)
+    return result, folder / "model"
 
 
 def test_finetune_prints_the_model_folder_it_wrote(finetuned, spec):
@@ -91,8 +95,11 @@ def test_finetune_prints_the_model_folder_it_wrote(finetuned, spec):
     assert result.returncode == 0, result.stderr[-3000:]
     assert last_line(result.stdout) == str(output)
     clip = model.load_model(str(output), device="cpu")
-    assert clip.meta["training"]["epochs_run"] == 1
+    assert clip.meta["train_config"]["mode"] == "locked"  # the preset for a pretrained tower with a new text tower
+    assert clip.meta["training"]["stopped_by"] in ("epochs", "patience")
     assert set(clip.meta["metrics"]) == set(spec.names)
+    assert clip.meta["calibration"]["color"]["conflict_rows"] >= 134
+    assert "locked" in (output / "README.md").read_text()
 
 
 def test_audit_prints_the_run_folder_it_wrote(finetuned, cli_env, sample_dir, tmp_path):
@@ -109,7 +116,9 @@ def test_audit_prints_the_run_folder_it_wrote(finetuned, cli_env, sample_dir, tm
     assert folder.parent.name.startswith("run_date=") and folder.name.startswith("run_id=")
     assert (folder / "manifest.json").is_file()
     findings = pl.read_parquet(folder / "findings.parquet")
-    assert findings.height == pl.read_parquet(sample_dir / "ground_truth.parquet").height
+    truth = pl.read_parquet(sample_dir / "ground_truth.parquet")
+    assert findings.height == truth.height
+    assert_planted_flags_found(findings, truth)
 
 
 def test_audit_of_a_missing_catalog_fails_with_a_one_line_reason(cli_env, sample_dir, tmp_path):
@@ -136,6 +145,7 @@ def test_demo_trains_a_model_audits_and_prints_the_run_folder(cli_env, sample_di
 
     assert result.returncode == 0, result.stderr[-3000:]
     assert "[2/3] training the demo model" in result.stdout
+    assert "1 epochs, stopped by epochs" in result.stdout  # the budget is epochs, not the clock
     folder = Path(last_line(result.stdout))
     assert (folder / "manifest.json").is_file()
     assert f"Report: {folder / 'report.html'}" in result.stdout

@@ -72,7 +72,8 @@ def test_cross_fitting_finds_planted_errors_that_an_in_sample_audit_misses(noisy
     findings = pl.read_parquet(Path(cross_fit) / "findings.parquet")
     assert sorted(findings["product_id"]) == sorted(pl.read_parquet(catalog)["product_id"])  # every row, once
     flagged = findings.filter(pl.col("status") == "conflict")["product_id"]
-    assert set(flagged) <= set(found["product_id"])  # every conflict flag is a planted error
+    false_flags = set(flagged) - set(found["product_id"])
+    assert len(false_flags) <= (1 - spec.target_precision) * len(flagged)  # the promise: 9 in 10 flags are errors
     summary = json.loads((Path(cross_fit) / "summary.json").read_text())
     assert summary["cross_fit"] == 2 and len(summary["calibration"]) == 2
 

@@ -58,6 +58,21 @@ def assert_findings_match_ground_truth(findings: pl.DataFrame, truth: pl.DataFra
     assert set(status.values()) <= set(STATUSES)
 
 
+def assert_planted_flags_found(findings: pl.DataFrame, truth: pl.DataFrame, *, target_precision: float = 0.9) -> None:
+    """A model that sees the attributes finds the planted conflicts and fills the planted gaps,
+    and its flags keep the precision its calibration promised."""
+    joined = findings.join(truth, on=["product_id", "attribute"])
+    flagged = joined.filter(pl.col("status") == "conflict")
+    planted = joined.filter((pl.col("planted") == "conflict") & (pl.col("attribute") == "color"))
+    assert flagged.height and (flagged["planted"] == "conflict").mean() >= target_precision
+    assert planted.height and (planted["status"] == "conflict").mean() >= 0.5  # colour has a conflict bar
+    suggested = joined.filter(pl.col("status") == "gap")
+    gaps = joined.filter(pl.col("planted") == "gap")
+    assert (suggested["planted"] == "gap").all()  # only missing values are suggested
+    assert (gaps["status"] == "gap").mean() >= 0.5
+    assert (suggested["predicted_value"] == suggested["true_value"]).mean() >= target_precision
+
+
 def assert_run_folder(folder: str, output: str) -> re.Match:
     assert folder.startswith(output.rstrip("/") + "/")
     match = RUN_FOLDER.search(folder)
@@ -74,11 +89,11 @@ def read_artifacts(key: str) -> list:
 
 
 @pytest.fixture(scope="module")
-def local_run(prefect_harness, sample_dir: Path, trained_model_dir: Path, tmp_path_factory) -> tuple[str, str]:
-    """(output folder, run folder) of one audit of the sample catalog with the session's tiny model."""
+def local_run(prefect_harness, sample_dir: Path, flagging_model_dir: Path, tmp_path_factory) -> tuple[str, str]:
+    """(output folder, run folder) of one audit of the sample catalog with the session's flagging model."""
     output = str(tmp_path_factory.mktemp("reports"))
     folder = audit_catalog(str(sample_dir / "catalog.parquet"), str(sample_dir / "spec.yaml"),
-                           str(trained_model_dir), output, batch_size=16)
+                           str(flagging_model_dir), output, batch_size=16)
     return output, folder
 
 
@@ -97,7 +112,9 @@ def test_audit_writes_a_complete_run_folder(local_run):
 def test_audit_reports_every_product_and_finds_the_planted_errors(local_run, sample_dir):
     findings, *_ = read_run(local_run[1])
 
-    assert_findings_match_ground_truth(findings, pl.read_parquet(sample_dir / "ground_truth.parquet"))
+    truth = pl.read_parquet(sample_dir / "ground_truth.parquet")
+    assert_findings_match_ground_truth(findings, truth)
+    assert_planted_flags_found(findings, truth)
 
 
 def test_summary_totals_equal_the_findings(local_run, sample_dir):
@@ -173,17 +190,20 @@ def test_an_int8_audit_checks_agreement_first_and_caches_apart_from_fp32(prefect
 
 
 def test_audit_reads_the_catalog_from_s3_and_writes_the_run_to_s3(
-    prefect_harness, sample_dir, trained_model_dir, s3_bucket
+    prefect_harness, sample_dir, flagging_model_dir, s3_bucket, isolated_home
 ):
     storage.upload_folder(sample_dir, f"{s3_bucket}/sample")
+    storage.upload_folder(flagging_model_dir, f"{s3_bucket}/models/lite0")
     output = f"{s3_bucket}/reports"
 
     folder = audit_catalog(f"{s3_bucket}/sample/catalog.parquet", f"{s3_bucket}/sample/spec.yaml",
-                           str(trained_model_dir), output)
+                           f"{s3_bucket}/models/lite0", output)
 
     assert_run_folder(folder, output)
     findings, summary, _, _ = read_run(folder)
-    assert_findings_match_ground_truth(findings, pl.read_parquet(sample_dir / "ground_truth.parquet"))
+    truth = pl.read_parquet(sample_dir / "ground_truth.parquet")
+    assert_findings_match_ground_truth(findings, truth)
+    assert_planted_flags_found(findings, truth)
     assert summary["catalog"] == f"{s3_bucket}/sample/catalog.parquet"
 
 

