@@ -1,18 +1,20 @@
 """Fine-tuning on real product photos: the Grocery Store dataset's three category levels.
 
-Builds a labeled catalog from the dataset (attributes: top level, coarse class, fine class),
-trains on its ``train`` photos and validates and tests on its ``val`` photos (shot apart from the
-training photos; first half of each class for validation, second half for test). Per
-level it reports accuracy and macro-F1 of the untrained model (chance), the prototype probe on
-frozen embeddings, and full fine-tuning within a CPU time budget; learning curves for both; and
-the precision and recall of the audit's flags when 10% of the held-out labels are corrupted.
+Builds a labeled catalog from the dataset (attributes: top level, coarse class, fine class) and
+starts from the pretrained EfficientNet-Lite0 image tower with a new text tower
+(``clipdq init-model --arch efficientnet-lite0``). Training and calibration use the dataset's
+``train`` photos, split as ``clipdq finetune`` splits them (near-duplicate images grouped, so
+validation holds no near-copy of a training photo); every figure is measured on its ``val``
+photos, shot in other sessions and used neither for training nor for calibration. Per level it
+reports accuracy and macro-F1 of the new model (chance), the prototype probe, locked fine-tuning
+(three seeds) and fine-tuning with the tower's top blocks unlocked, with CPU time per mode; the
+precision and recall of the audit's flags when 10% of the held-out labels are replaced and
+another 10% blanked; and learning curves of locked fine-tuning.
 
-    python benchmarks/grocery.py [--data DIR] [--minutes 15] [--curve-minutes 2] [--output DIR] [--base-model M]
+    python benchmarks/grocery.py [--data DIR] [--output DIR] [--base-model M] [--seeds 0,1,2]
 
 The dataset is not part of the project: point --data (or CLIPDQ_GROCERY_DIR) at a copy; the
-script exits with a message when it is absent. Without --base-model every model is a tiny CLIP
-built from scratch, so the untrained model is at chance and the probe's frozen embeddings are
-random features; with a pretrained CLIP the first row is its zero-shot accuracy.
+script exits with a message when it is absent.
 """
 
 from __future__ import annotations
@@ -30,8 +32,9 @@ import numpy as np
 import polars as pl
 import yaml
 
-from clipdq import curves, evaluation, model, train
+from clipdq import curves, evaluation, locked, model, train
 from clipdq.spec import Spec, parse_spec
+from clipdq.splits import near_duplicate_groups
 from heldout import figures_table, flag_figures, held_out_logits, pooled
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -59,35 +62,51 @@ def grocery_spec(frame: pl.DataFrame) -> Spec:
     return parse_spec(yaml.safe_dump({"target_precision": 0.9, "attributes": attributes}))
 
 
-def splits_for(frame: pl.DataFrame) -> train.Splits:
-    """Train on the dataset's train photos; validate and test on its other photos, split per class
-    by photo number (first half validation, second half test).
+def splits_for(frame: pl.DataFrame, features: np.ndarray, *, seed: int) -> train.Splits:
+    """(train, validation, test) rows: the dataset's train photos split as ``clipdq finetune`` does
+    (a quarter for validation, near-duplicate images grouped by their tower features), and its
+    held-out photos for test.
 
-    Photos of one class are consecutive shots of the same shelf, so a random validation split of
-    the train photos holds near-duplicates of training images: validation accuracy then says
-    little about new photos, and calibration fitted on it over-trusts the model (measured in
-    docs/benchmarks.md). The held-out photos come from other shots than any training photo.
+    Photos of one class are consecutive shots of the same shelf: a random validation split of the
+    train photos holds near-copies of training images, and calibration fitted on it over-trusts
+    the model (measured in docs/benchmarks.md). The held-out photos come from other sessions.
     """
-    number = pl.col("product_id").str.extract(r"_(\d+)$").cast(pl.Int64)
-    rank = number.rank("ordinal").over("split", "fine")
-    half = (rank <= pl.len().over("split", "fine") / 2)
-    part = frame.select(pl.when(pl.col("split") == "train").then(0).when(half).then(1).otherwise(2)).to_series()
-    return tuple(np.flatnonzero(part.to_numpy() == s) for s in (0, 1, 2))
+    on_train = np.flatnonzero(frame["split"].to_numpy() == "train")
+    labels = {level: frame[level].cast(pl.Categorical).to_physical().to_numpy()[on_train] for level in LEVELS}
+    groups = near_duplicate_groups(features[on_train])
+    fit, val, _ = train.split_indices(labels, val_fraction=0.25, test_fraction=0.0, seed=seed, groups=groups)
+    return on_train[fit], on_train[val], np.flatnonzero(frame["split"].to_numpy() != "train")
 
 
-def level_rows(name: str, outcome: dict, flags: dict | None, spec: Spec) -> list[dict]:
+def level_rows(name: str, runs: list[dict], spec: Spec) -> list[dict]:
+    """Per level: mean accuracy and macro-F1 over the runs (with their range), flags pooled over the runs."""
     rows = []
     for level in LEVELS:
-        m = outcome["metrics"][level]
-        row = {"model": name, "level": level, "values": len(spec.attribute(level).values),
-               "accuracy": m["test_accuracy"], "macro_f1": m["test_macro_f1"]}
-        if flags:
-            f = flags[level]
-            row |= {"conflict precision": f["conflict_precision"], "conflict recall": f["conflict_recall"],
-                    "flags / planted": f"{f['flags']} / {f['planted']}", "gap accuracy": f["gap_accuracy"],
-                    "gap recall": f["gap_recall"]}
-        rows.append(row)
+        accuracy = [r["metrics"][level]["test_accuracy"] for r in runs]
+        f = pooled(r["flags"][level] for r in runs)
+        spread = f" ({min(accuracy):.3f} to {max(accuracy):.3f})" if len(runs) > 1 else ""
+        rows.append({"model": f"{name} ({len(runs)} seed{'s' if len(runs) > 1 else ''}, "
+                              f"{np.mean([r['cpu_minutes'] for r in runs]):.1f} CPU min)",
+                     "level": level, "values": len(spec.attribute(level).values),
+                     "accuracy": f"{np.mean(accuracy):.3f}{spread}",
+                     "macro_f1": float(np.mean([r["metrics"][level]["test_macro_f1"] for r in runs])),
+                     "conflict precision": f["conflict_precision"], "conflict recall": f["conflict_recall"],
+                     "flags / planted": f"{f['flags']} / {f['planted']}", "gap accuracy": f["gap_accuracy"],
+                     "gap recall": f["gap_recall"]})
+    pooled_all = pooled(r["flags"][level] for r in runs for level in LEVELS)
+    rows.append({"model": "", "level": "pooled", "conflict precision": pooled_all["conflict_precision"],
+                 "conflict recall": pooled_all["conflict_recall"],
+                 "flags / planted": f"{pooled_all['flags']} / {pooled_all['planted']}",
+                 "gap accuracy": pooled_all["gap_accuracy"], "gap recall": pooled_all["gap_recall"]})
     return rows
+
+
+METHODS = (  # name, training options, seeds: all of --seeds or the first
+    ("prototype probe", {"mode": "prototype"}, "first"),
+    ("locked", {}, "all"),
+    ("locked, 4 views", {"views": 4}, "first"),
+    ("top 3 blocks unlocked, 2 views", {"unlock_blocks": 3, "views": 2, "epochs": 12, "patience": 4}, "first"),
+)
 
 
 def run(args: argparse.Namespace) -> dict:
@@ -95,64 +114,76 @@ def run(args: argparse.Namespace) -> dict:
     spec = grocery_spec(frame)
 
     def make_model() -> model.Clip:
-        return model.load_model(args.base_model) if args.base_model else model.init_model(spec, "tiny", seed=0)
+        return model.load_model(args.base_model) if args.base_model else model.init_model(spec, "efficientnet-lite0")
 
     base = make_model()
     started = time.monotonic()
     data = train.load_labeled(frame, spec, base=str(args.data), pixel_spec=base.pixels)
-    print(f"{len(data.pixels)} photos decoded in {time.monotonic() - started:.0f} s "
-          f"({data.dropped} unreadable)", flush=True)
-    splits = splits_for(frame)
-    test_labels = train.labels_of(data, splits[2])
-    print(f"train {len(splits[0])}, validation {len(splits[1])}, test {len(splits[2])}", flush=True)
-    results: dict = {"rows": {"train": len(splits[0]), "val": len(splits[1]), "test": len(splits[2])}, "tables": {}}
+    plain = locked.plain_activations(base, data, 0)  # the frozen tower's features of every photo, once
+    features = locked.pooled_features(base, plain, 0)
+    print(f"{len(data.pixels)} photos decoded and embedded in {time.monotonic() - started:.0f} s", flush=True)
+    seeds = [int(s) for s in args.seeds.split(",")]
+    splits = {seed: splits_for(frame, features, seed=seed) for seed in seeds}
+    rows = {name: len(part) for name, part in zip(("train", "val", "test"), splits[seeds[0]])}
+    print(f"rows per split: {rows}", flush=True)
+    test_rows = splits[seeds[0]][2]
+    test_labels = train.labels_of(data, test_rows)
+    results: dict = {"rows": rows, "tables": {}}
 
-    untrained = evaluation.held_out_metrics(held_out_logits(base, data, spec, splits[2]), test_labels, spec)
+    untrained = evaluation.held_out_metrics(held_out_logits(base, data, spec, test_rows), test_labels, spec)
     majority = {level: float(np.bincount(test_labels[level]).max() / len(test_labels[level])) for level in LEVELS}
-    results["untrained"] = {level: untrained[level] | {"chance": 1 / len(spec.attribute(level).values),
-                                                      "majority": majority[level]} for level in LEVELS}
-    first_row = f"zero-shot {args.base_model}" if args.base_model else "untrained (chance)"
+    first_row = f"zero-shot {args.base_model}" if args.base_model else "new text tower (chance)"
     table = [{"model": first_row, "level": level, "values": len(spec.attribute(level).values),
               "accuracy": untrained[level]["test_accuracy"], "macro_f1": untrained[level]["test_macro_f1"],
               "chance": 1 / len(spec.attribute(level).values), "majority": majority[level]} for level in LEVELS]
 
-    for name, options in (("prototype probe", {"mode": "prototype"}),
-                          (f"full fine-tuning ({args.minutes:g} min)", {"max_minutes": args.minutes, "epochs": 1000})):
-        clip = make_model()
-        outcome = train.train_on(clip, data, spec, config=train.config_for(clip, seed=0, **options), splits=splits)
-        flags = flag_figures(held_out_logits(clip, data, spec, splits[2]), test_labels, spec, outcome["calibration"])
-        overall = pooled(flags.values())
-        print(f"{name}: {outcome['training']['minutes']} min, pooled flags {overall}", flush=True)
-        results[name] = {"training": {k: v for k, v in outcome["training"].items() if k != "history"},
+    for name, options, which in METHODS:
+        runs = []
+        for seed in (seeds if which == "all" else seeds[:1]):
+            clip = make_model()
+            config = train.config_for(clip, seed=seed, **options)
+            cpu, wall = time.process_time(), time.monotonic()
+            kept = plain if config.mode == "locked" and not config.unlock_blocks else None
+            outcome = train.train_on(clip, data, spec, config=config, splits=splits[seed], plain=kept)
+            cpu, wall = (time.process_time() - cpu) / 60, (time.monotonic() - wall) / 60
+            flags = flag_figures(held_out_logits(clip, data, spec, test_rows), test_labels, spec,
+                                 outcome["calibration"])
+            runs.append({"seed": seed, "cpu_minutes": round(cpu, 2), "wall_minutes": round(wall, 2),
+                         "training": {k: v for k, v in outcome["training"].items() if k != "history"},
                          "metrics": outcome["metrics"], "calibration": outcome["calibration"], "flags": flags,
-                         "pooled_flags": overall}
-        table += level_rows(name, outcome, flags, spec)
-    results["tables"]["levels"] = table
+                         "pooled_flags": pooled(flags.values())})
+            print(f"{name}, seed {seed}: {cpu:.1f} CPU min ({wall:.1f} min wall), "
+                  f"accuracy {[round(outcome['metrics'][lv]['test_accuracy'], 3) for lv in LEVELS]}, "
+                  f"pooled flags {runs[-1]['pooled_flags']}", flush=True)
+        results[name] = runs
+        table += level_rows(name, runs, spec)
 
-    for mode, sizes, minutes in (("prototype", (3, 10, 30, 100, 300), None), ("full", (3, 10, 30), args.curve_minutes)):
-        config = train.config_for(base, seed=0, mode=mode, max_minutes=minutes, epochs=1000)
-        curve = curves.learning_curve(make_model, data, spec, config=config, splits=splits, sizes=sizes)
-        title = f"Grocery Store, {mode} training" + (f", {minutes:g} min per point" if minutes else "")
-        (args.output / f"curve_{mode}.png").write_bytes(curves.plot_png(curve, title=title))
-        (args.output / f"curve_{mode}.md").write_text(curves.markdown(curve))
-        results[f"curve_{mode}"] = curve.to_dicts()
-        print(curves.markdown(curve), flush=True)
+    results["tables"]["levels"] = table
+    curve_config = train.config_for(base, seed=seeds[0])
+    curve = curves.learning_curve(make_model, data, spec, config=curve_config, splits=splits[seeds[0]],
+                                  sizes=(3, 10, 30))
+    title = "Grocery Store, locked fine-tuning of the EfficientNet-Lite0 dual encoder"
+    (args.output / "curve_locked.png").write_bytes(curves.plot_png(curve, title=title))
+    (args.output / "curve_locked.md").write_text(curves.markdown(curve))
+    results["curve_locked"] = curve.to_dicts()
+    print(curves.markdown(curve), flush=True)
     return results
 
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--data", type=Path, default=DEFAULT_DATA, help="the Grocery Store dataset folder")
-    parser.add_argument("--minutes", type=float, default=15.0, help="CPU budget for full fine-tuning")
-    parser.add_argument("--curve-minutes", type=float, default=2.0, help="budget per full learning-curve point")
+    parser.add_argument("--seeds", default="0,1,2", help="seeds of the locked runs (the first for the others)")
     parser.add_argument("--output", type=Path, default=ROOT / "docs" / "benchmarks" / "grocery")
-    parser.add_argument("--base-model", help="start from this CLIP (hub id, folder, s3://) instead of a new tiny one")
+    parser.add_argument("--base-model", help="start from this model (hub id, folder, s3://) instead of a new "
+                        "EfficientNet-Lite0 dual encoder")
     args = parser.parse_args()
     if not (args.data / "train.txt").exists():
         print(f"Grocery Store dataset not found at {args.data}; pass --data or set CLIPDQ_GROCERY_DIR", file=sys.stderr)
         return 2
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
-    logging.getLogger("clipdq.train").setLevel(logging.WARNING)  # per-epoch lines drown the figures
+    for name in ("clipdq.train", "clipdq.locked"):
+        logging.getLogger(name).setLevel(logging.WARNING)  # per-epoch lines drown the figures
     args.output.mkdir(parents=True, exist_ok=True)
     results = run(args)
     columns = ["model", "level", "values", "accuracy", "macro_f1", "chance", "majority", "conflict precision",

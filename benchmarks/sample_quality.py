@@ -17,7 +17,7 @@ from pathlib import Path
 
 import polars as pl
 
-TARGETS = {"conflict_precision": 0.9, "conflict_recall": 0.6, "gap_suggestion_accuracy": 0.9,
+TARGETS = {"conflict_precision": 0.95, "conflict_recall": 0.85, "gap_suggestion_accuracy": 0.95,
            "invalid_value_found": 1.0, "image_error_found": 1.0}
 
 

@@ -173,8 +173,8 @@ def run_demo(args: argparse.Namespace) -> str:
               f"epochs) into {model}/", flush=True)
         _train_demo_model(data, model, epochs=args.epochs, max_minutes=args.max_minutes)
         training = json.loads((model / "clipdq.json").read_text())["training"]
-        print(f"      {training['epochs_run']} epochs, stopped by {training['stopped_by']}, "
-              f"{training['minutes']:g} min", flush=True)
+        print(f"      {training['epochs_run']} epochs, stopped by {training['stopped_by']}; "
+              f"{training['total_minutes']:g} min with reading the images", flush=True)
     else:
         print(f"[2/3] demo model found in {model}/", flush=True)
     print("[3/3] auditing the sample catalog", flush=True)

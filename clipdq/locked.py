@@ -22,6 +22,7 @@ import torch
 import torch.nn.functional as F
 
 from clipdq import model
+from clipdq.steps import balanced_batches, batch_loss, schedule, stop_reason
 
 log = logging.getLogger(__name__)
 
@@ -106,12 +107,10 @@ def plain_activations(clip: model.Clip, data, unlock_blocks: int) -> torch.Tenso
     return keep_activations(split_tower(clip, unlock_blocks), data.pixels, clip.device)
 
 
-def fit(clip: model.Clip, data, spec, config, splits, *, plain: torch.Tensor | None = None, batch_loss, batches,
-        stop_reason) -> tuple[dict, Callable]:
+def fit(clip: model.Clip, data, spec, config, splits, *, plain: torch.Tensor | None = None) -> tuple[dict, Callable]:
     """Train in place; returns (training summary, ``logits(rows)`` per attribute for any labeled rows).
 
-    ``plain`` holds ``plain_activations`` where the caller has them already; ``batch_loss``,
-    ``batches`` and ``stop_reason`` are train's (which imports this module).
+    ``plain`` holds ``plain_activations`` where the caller has them already.
     """
     train_idx, val_idx, _ = splits
     torch.manual_seed(config.seed)
@@ -144,8 +143,7 @@ def fit(clip: model.Clip, data, spec, config, splits, *, plain: torch.Tensor | N
     steps_per_epoch = max(1, len(view_rows) // config.batch_size)
     total = config.epochs * steps_per_epoch
     warmup = config.warmup_epochs * steps_per_epoch
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: min(1.0, (s + 1) / warmup) * 0.5 * (
-        1 + np.cos(np.pi * min(1.0, max(0, s - warmup) / max(1, total - warmup)))))
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: schedule(s, warmup=warmup, total=total))
     rng = np.random.default_rng(config.seed)
 
     def loss_on(rows: np.ndarray) -> float:
@@ -158,7 +156,7 @@ def fit(clip: model.Clip, data, spec, config, splits, *, plain: torch.Tensor | N
     history, stopped_by = [], "epochs"
     labels_on_device = {k: torch.from_numpy(v).to(clip.device) for k, v in view_labels.items()}
     for epoch in range(config.epochs):
-        for picks in batches(view_labels, np.arange(len(view_rows)), batch_size=config.batch_size,
+        for picks in balanced_batches(view_labels, np.arange(len(view_rows)), batch_size=config.batch_size,
                              steps=steps_per_epoch, rng=rng):
             logits = _scores(clip, tower, kept_train[picks], captions)
             loss = batch_loss(logits, {k: v[picks] for k, v in labels_on_device.items()})

@@ -207,8 +207,9 @@ def _training_line(meta: dict) -> str:
                      f"{config.get('views', 1)} view(s) per training image"}
     tower = f" Image tower: {meta['pretrained_image_tower']}." if meta.get("pretrained_image_tower") else ""
     return (f"Mode: **{mode}** ({how.get(mode, mode)}).{tower} Best epoch {training.get('best_epoch')} of "
-            f"{training.get('epochs_run')}, stopped by {training.get('stopped_by', 'epochs')}, "
-            f"{training.get('minutes')} min.")
+            f"{training.get('epochs_run')}, stopped by {training.get('stopped_by', 'epochs')}; training "
+            f"{training.get('minutes')} min, {training.get('total_minutes', training.get('minutes'))} min with "
+            f"reading the images.")
 
 
 def model_card(meta: dict) -> str:

@@ -19,6 +19,7 @@ import torch.nn.functional as F
 from clipdq import evaluation, images, locked, model, predict, prototypes
 from clipdq.options import MODES, Mode
 from clipdq.splits import NEAR_DUPLICATE_COSINE, near_duplicate_groups
+from clipdq.steps import balanced_batches, batch_loss, schedule, stop_reason
 from clipdq.spec import Spec, normalize_value
 
 log = logging.getLogger(__name__)
@@ -185,19 +186,6 @@ def split_indices(
     return tuple(np.flatnonzero(assigned == s) for s in (0, 1, 2))
 
 
-def balanced_batches(
-    labels: dict[str, np.ndarray], rows: np.ndarray, *, batch_size: int, steps: int, rng: np.random.Generator
-):
-    """Batches that cover every value of every attribute evenly: picks rotate over the
-    (attribute, value) pools of the given rows, each pick drawn at random from its pool."""
-    pools = [rows[labels[name][rows] == value] for name in labels for value in np.unique(labels[name][rows])
-             if value >= 0]
-    offset = 0
-    for _ in range(steps):
-        yield np.array([rng.choice(pools[(offset + i) % len(pools)]) for i in range(batch_size)])
-        offset += batch_size
-
-
 def augment(pixels: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
     """Random shift (pad 1/8 and crop), horizontal flip and brightness, batch-wise per image."""
     n, _, h, w = pixels.shape
@@ -214,13 +202,6 @@ def attribute_logits(clip: model.Clip, image_emb: torch.Tensor, captions: model.
     """Per attribute, (n, k) scaled similarities of images to the value captions."""
     scale = clip.model.logit_scale.exp().clamp(max=100.0)
     return {name: scale * image_emb @ emb.T for name, emb in captions.value_embeddings(clip).items()}
-
-
-def batch_loss(logits: dict[str, torch.Tensor], labels: dict[str, torch.Tensor]) -> torch.Tensor:
-    """Mean over attributes of the cross-entropy on rows whose value is known."""
-    losses = [F.cross_entropy(logits[k][labels[k] >= 0], labels[k][labels[k] >= 0])
-              for k in logits if (labels[k] >= 0).any()]
-    return torch.stack(losses).mean()
 
 
 def _autocast(clip: model.Clip):
@@ -240,12 +221,6 @@ def evaluate(
         logits = {k: v.float() for k, v in attribute_logits(clip, torch.cat(chunks), captions).items()}
     labels = {k: v[idx].to(clip.device) for k, v in data.labels.items()}
     return float(batch_loss(logits, labels)), {k: v.cpu().numpy() for k, v in logits.items()}
-
-
-def _schedule(step: int, *, warmup: int, total: int) -> float:
-    if step < warmup:
-        return (step + 1) / warmup
-    return 0.5 * (1 + np.cos(np.pi * min(1.0, (step - warmup) / max(1, total - warmup))))
 
 
 def spread_captions(clip: model.Clip, captions: model.Captions, *, steps: int, lr: float) -> float:
@@ -297,7 +272,7 @@ def fit(clip: model.Clip, data: LabeledSet, spec: Spec, config: TrainConfig, spl
         cosine = spread_captions(clip, captions, steps=config.spread_steps, lr=config.lr)
         log.info("value captions spread apart: max cosine within an attribute %.2f", cosine)
     optimizer = torch.optim.AdamW(clip.model.parameters(), lr=config.lr, weight_decay=config.weight_decay)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: _schedule(
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: schedule(
         s, warmup=config.warmup_epochs * steps_per_epoch, total=config.epochs * steps_per_epoch))
     best = {"val_loss": float("inf"), "epoch": -1, "state": None}
     started, history, stopped_by = time.monotonic(), [], "epochs"
@@ -332,18 +307,6 @@ def fit(clip: model.Clip, data: LabeledSet, spec: Spec, config: TrainConfig, spl
     return {"best_epoch": best["epoch"], "best_val_loss": best["val_loss"], "epochs_run": len(history),
             "stopped_by": stopped_by, "minutes": round((time.monotonic() - started) / 60, 2),
             "device": clip.device.type, "history": history}
-
-
-def stop_reason(config: TrainConfig, *, epoch: int, best_epoch: int, minutes: float) -> str:
-    """Why training stops after ``epoch``: "patience", "time cap" (logged: the result then depends
-    on the machine), or "epochs" to go on (and when the epochs run out)."""
-    if epoch - best_epoch >= config.patience:
-        return "patience"
-    if config.max_minutes and minutes >= config.max_minutes:
-        log.warning("training stopped by the %g-minute safety cap after %d epochs: the result depends on "
-                    "how fast this machine ran", config.max_minutes, epoch + 1)
-        return "time cap"
-    return "epochs"
 
 
 def fit_prototypes(clip: model.Clip, data: LabeledSet, spec: Spec, config: TrainConfig, splits: Splits) -> dict:
@@ -381,8 +344,7 @@ def train_on(clip: model.Clip, data: LabeledSet, spec: Spec, *, config: TrainCon
         clip.model.cuda()
     train_idx, val_idx, test_idx = splits
     if config.mode == "locked":
-        result, logits_of = locked.fit(clip, data, spec, config, splits, plain=plain, batch_loss=batch_loss,
-                                       batches=balanced_batches, stop_reason=stop_reason)
+        result, logits_of = locked.fit(clip, data, spec, config, splits, plain=plain)
     else:
         result = (fit_prototypes if config.mode == "prototype" else fit)(clip, data, spec, config, splits)
         captions = model.Captions(clip, spec)
@@ -416,13 +378,15 @@ def group_near_duplicates(clip: model.Clip, data: LabeledSet, config: TrainConfi
 
 def finetune(clip: model.Clip, frame: pl.DataFrame, spec: Spec, *, base: str, config: TrainConfig) -> model.Clip:
     """Train on labeled rows (``config.mode``) and record metrics and calibration in the model's metadata."""
+    started = time.monotonic()
     data = load_labeled(frame, spec, base=base, pixel_spec=clip.pixels, group_column=config.group_column)
     log.info("training on %d labeled products (%d without a readable image)", len(data.pixels), data.dropped)
     plain = locked.plain_activations(clip, data, config.unlock_blocks) if config.mode == "locked" else None
     grouping = group_near_duplicates(clip, data, config, plain)
     rows = default_splits(data, config)
     outcome = train_on(clip, data, spec, config=config, splits=rows, plain=plain)
-    outcome["training"] |= {"labeled_rows": frame.height, "unreadable_images": data.dropped}
+    outcome["training"] |= {"labeled_rows": frame.height, "unreadable_images": data.dropped,
+                            "total_minutes": round((time.monotonic() - started) / 60, 2)}  # images read, kept, trained
     outcome["calibration_basis"] |= {"grouping": grouping,
                                      "val_groups": len(np.unique(data.groups[rows[1]])) if data.groups is not None
                                      else len(rows[1])}

@@ -145,7 +145,7 @@ def test_demo_trains_a_model_audits_and_prints_the_run_folder(cli_env, sample_di
 
     assert result.returncode == 0, result.stderr[-3000:]
     assert "[2/3] training the demo model" in result.stdout
-    assert "1 epochs, stopped by epochs" in result.stdout  # the budget is epochs, not the clock
+    assert "1 epochs, stopped by epochs;" in result.stdout  # the budget is epochs, not the clock
     folder = Path(last_line(result.stdout))
     assert (folder / "manifest.json").is_file()
     assert f"Report: {folder / 'report.html'}" in result.stdout

@@ -77,8 +77,7 @@ def test_locked_mode_trains_only_above_the_cut_and_its_logits_match_the_whole_mo
     config = train.config_for(clip, epochs=3, unlock_blocks=2, views=2)
     splits = train.default_splits(labeled_at_224, config)
 
-    summary, logits_of = locked.fit(clip, labeled_at_224, spec, config, splits, batch_loss=train.batch_loss,
-                                    batches=train.balanced_batches, stop_reason=train.stop_reason)
+    summary, logits_of = locked.fit(clip, labeled_at_224, spec, config, splits)
 
     after = clip.model.state_dict()
     changed = {k.split(".")[2] if k.startswith("vision_model.blocks") else k.split(".")[0]

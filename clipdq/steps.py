@@ -1,0 +1,54 @@
+"""What the trainers share (``train`` on pixels, ``locked`` on kept activations): balanced
+batches, the loss, the learning-rate schedule and when to stop.
+
+``labels`` map attribute -> (n,) value indices with -1 where unknown; ``logits`` attribute -> (n, k).
+"""
+
+from __future__ import annotations
+
+import logging
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+log = logging.getLogger(__name__)
+
+
+def balanced_batches(
+    labels: dict[str, np.ndarray], rows: np.ndarray, *, batch_size: int, steps: int, rng: np.random.Generator
+):
+    """Batches that cover every value of every attribute evenly: picks rotate over the
+    (attribute, value) pools of the given rows, each pick drawn at random from its pool."""
+    pools = [rows[labels[name][rows] == value] for name in labels for value in np.unique(labels[name][rows])
+             if value >= 0]
+    offset = 0
+    for _ in range(steps):
+        yield np.array([rng.choice(pools[(offset + i) % len(pools)]) for i in range(batch_size)])
+        offset += batch_size
+
+
+def batch_loss(logits: dict[str, torch.Tensor], labels: dict[str, torch.Tensor]) -> torch.Tensor:
+    """Mean over attributes of the cross-entropy on rows whose value is known."""
+    losses = [F.cross_entropy(logits[k][labels[k] >= 0], labels[k][labels[k] >= 0])
+              for k in logits if (labels[k] >= 0).any()]
+    return torch.stack(losses).mean()
+
+
+def schedule(step: int, *, warmup: int, total: int) -> float:
+    """Learning-rate factor at ``step``: linear warm-up, then cosine decay to 0 at ``total``."""
+    if step < warmup:
+        return (step + 1) / warmup
+    return 0.5 * (1 + np.cos(np.pi * min(1.0, (step - warmup) / max(1, total - warmup))))
+
+
+def stop_reason(config, *, epoch: int, best_epoch: int, minutes: float) -> str:
+    """Why training stops after ``epoch``: "patience", "time cap" (logged: the result then depends
+    on the machine), or "epochs" to go on (and when the epochs run out)."""
+    if epoch - best_epoch >= config.patience:
+        return "patience"
+    if config.max_minutes and minutes >= config.max_minutes:
+        log.warning("training stopped by the %g-minute safety cap after %d epochs: the result depends on "
+                    "how fast this machine ran", config.max_minutes, epoch + 1)
+        return "time cap"
+    return "epochs"
