@@ -32,9 +32,9 @@ import numpy as np
 import polars as pl
 import yaml
 
-from clipdq import curves, evaluation, locked, model, train
+from clipdq import curves, evaluation, locked, model, splits, train
 from clipdq.spec import Spec, parse_spec
-from clipdq.splits import near_duplicate_groups
+
 from heldout import figures_table, flag_figures, held_out_logits, pooled
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -73,8 +73,8 @@ def splits_for(frame: pl.DataFrame, features: np.ndarray, *, seed: int) -> train
     """
     on_train = np.flatnonzero(frame["split"].to_numpy() == "train")
     labels = {level: frame[level].cast(pl.Categorical).to_physical().to_numpy()[on_train] for level in LEVELS}
-    groups = near_duplicate_groups(features[on_train])
-    fit, val, _ = train.split_indices(labels, val_fraction=0.25, test_fraction=0.0, seed=seed, groups=groups)
+    groups = splits.near_duplicate_groups(features[on_train])
+    fit, val, _ = splits.split_indices(labels, val_fraction=0.25, test_fraction=0.0, seed=seed, groups=groups)
     return on_train[fit], on_train[val], np.flatnonzero(frame["split"].to_numpy() != "train")
 
 
@@ -123,10 +123,10 @@ def run(args: argparse.Namespace) -> dict:
     features = locked.pooled_features(base, plain, 0)
     print(f"{len(data.pixels)} photos decoded and embedded in {time.monotonic() - started:.0f} s", flush=True)
     seeds = [int(s) for s in args.seeds.split(",")]
-    splits = {seed: splits_for(frame, features, seed=seed) for seed in seeds}
-    rows = {name: len(part) for name, part in zip(("train", "val", "test"), splits[seeds[0]])}
+    split_of = {seed: splits_for(frame, features, seed=seed) for seed in seeds}
+    rows = {name: len(part) for name, part in zip(("train", "val", "test"), split_of[seeds[0]])}
     print(f"rows per split: {rows}", flush=True)
-    test_rows = splits[seeds[0]][2]
+    test_rows = split_of[seeds[0]][2]
     test_labels = train.labels_of(data, test_rows)
     results: dict = {"rows": rows, "tables": {}}
 
@@ -144,7 +144,7 @@ def run(args: argparse.Namespace) -> dict:
             config = train.config_for(clip, seed=seed, **options)
             cpu, wall = time.process_time(), time.monotonic()
             kept = plain if config.mode == "locked" and not config.unlock_blocks else None
-            outcome = train.train_on(clip, data, spec, config=config, splits=splits[seed], plain=kept)
+            outcome = train.train_on(clip, data, spec, config=config, splits=split_of[seed], plain=kept)
             cpu, wall = (time.process_time() - cpu) / 60, (time.monotonic() - wall) / 60
             flags = flag_figures(held_out_logits(clip, data, spec, test_rows), test_labels, spec,
                                  outcome["calibration"])
@@ -160,7 +160,7 @@ def run(args: argparse.Namespace) -> dict:
 
     results["tables"]["levels"] = table
     curve_config = train.config_for(base, seed=seeds[0])
-    curve = curves.learning_curve(make_model, data, spec, config=curve_config, splits=splits[seeds[0]],
+    curve = curves.learning_curve(make_model, data, spec, config=curve_config, splits=split_of[seeds[0]],
                                   sizes=(3, 10, 30))
     title = "Grocery Store, locked fine-tuning of the EfficientNet-Lite0 dual encoder"
     (args.output / "curve_locked.png").write_bytes(curves.plot_png(curve, title=title))

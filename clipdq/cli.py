@@ -64,7 +64,8 @@ def _parser() -> argparse.ArgumentParser:
                           "default: a new one of --arch")
     finetune.add_argument("--arch", default="tiny", choices=ARCHS)
     finetune.add_argument("--max-minutes", type=float, help="safety cap on training time (the budget is --epochs)")
-    finetune.add_argument("--epochs", type=int, help="training epochs (default: by --mode)")
+    finetune.add_argument("--epochs", type=int, help="the training budget in epochs (default: 40 for a pretrained "
+                          "image tower with a new text tower, else 100)")
     finetune.add_argument("--seed", type=int, default=0)
     finetune.add_argument("--mode", choices=MODES, help=MODE_HELP)
     finetune.add_argument("--unlock-blocks", type=int, help="locked mode: top EfficientNet blocks that train too")

@@ -11,7 +11,6 @@ Vocabulary as in ``train``: ``data`` a LabeledSet, ``splits`` (train, val, test)
 
 from __future__ import annotations
 
-import copy
 import logging
 import time
 from collections.abc import Callable
@@ -22,7 +21,7 @@ import torch
 import torch.nn.functional as F
 
 from clipdq import model
-from clipdq.steps import balanced_batches, batch_loss, schedule, stop_reason
+from clipdq.steps import balanced_batches, batch_loss, run_epochs, schedule, take_step
 
 log = logging.getLogger(__name__)
 
@@ -152,27 +151,18 @@ def fit(clip: model.Clip, data, spec, config, splits, *, plain: torch.Tensor | N
             truth = {k: v[rows].to(clip.device) for k, v in data.labels.items()}
             return float(batch_loss(_scores(clip, tower, x, captions), truth))
 
-    best = {"val_loss": float("inf"), "epoch": -1, "state": None}
-    history, stopped_by = [], "epochs"
     labels_on_device = {k: torch.from_numpy(v).to(clip.device) for k, v in view_labels.items()}
-    for epoch in range(config.epochs):
+
+    def train_epoch() -> float:
         for picks in balanced_batches(view_labels, np.arange(len(view_rows)), batch_size=config.batch_size,
-                             steps=steps_per_epoch, rng=rng):
-            logits = _scores(clip, tower, kept_train[picks], captions)
-            loss = batch_loss(logits, {k: v[picks] for k, v in labels_on_device.items()})
-            optimizer.zero_grad()
-            loss.backward()
-            optimizer.step()
-            scheduler.step()
-        val_loss = loss_on(val_idx)
-        history.append({"epoch": epoch, "train_loss": loss.item(), "val_loss": val_loss})
-        minutes = (time.monotonic() - started) / 60
-        log.info("epoch %d: train loss %.3f, val loss %.3f (%.1f min)", epoch, loss.item(), val_loss, minutes)
-        if val_loss < best["val_loss"]:
-            best = {"val_loss": val_loss, "epoch": epoch, "state": copy.deepcopy(clip.model.state_dict())}
-        stopped_by = stop_reason(config, epoch=epoch, best_epoch=best["epoch"], minutes=minutes)
-        if stopped_by != "epochs":
-            break
+                                      steps=steps_per_epoch, rng=rng):
+            loss = batch_loss(_scores(clip, tower, kept_train[picks], captions),
+                              {k: v[picks] for k, v in labels_on_device.items()})
+            take_step(loss, optimizer, scheduler)
+        return loss.item()
+
+    best, history, stopped_by = run_epochs(config, train_epoch=train_epoch, val_loss=lambda: loss_on(val_idx),
+                                           state=clip.model.state_dict, started=started)
     for p in clip.model.parameters():
         p.requires_grad_(True)
     clip.model.load_state_dict(best["state"])

@@ -1,4 +1,8 @@
-"""Near-duplicate groups of images, so that no split holds near-copies of another's images (numpy only).
+"""Train / validation / test splits and folds, stratified and group-aware, and the near-duplicate
+groups that keep near-copies of an image on one side (numpy only).
+
+``labels`` map attribute -> (n,) value indices with -1 where unknown; ``groups`` are (n,) keys of
+rows that must share a split.
 
 Photos of one product shot in one session, re-encoded or resized copies and the same packshot
 under two ids look alike far more than two photos of one product from different sessions. If
@@ -12,6 +16,7 @@ from __future__ import annotations
 
 import numpy as np
 
+Splits = tuple[np.ndarray, np.ndarray, np.ndarray]  # (train, val, test) row indices
 NEAR_DUPLICATE_COSINE = 0.8  # centred image-tower features; on shelf photos: one session, not merely one product
 
 
@@ -42,3 +47,58 @@ def near_duplicate_groups(image_emb: np.ndarray, *, threshold: float = NEAR_DUPL
                 parent[max(ra, rb)] = min(ra, rb)
     roots = np.array([root(i) for i in range(len(emb))], dtype=np.int64)
     return np.unique(roots, return_inverse=True)[1]
+
+
+def _stratified_order(labels: dict[str, np.ndarray], rng: np.random.Generator) -> np.ndarray:
+    """Row indices sorted by their label combination over all attributes, random within one."""
+    n = len(next(iter(labels.values())))
+    keys = np.stack([labels[name] for name in sorted(labels)] + [rng.random(n)], axis=1)
+    return np.lexsort(keys.T[::-1])
+
+
+def _by_group(labels: dict[str, np.ndarray], groups: np.ndarray | None) -> tuple[dict[str, np.ndarray], np.ndarray]:
+    """(labels of each group's first row, group index per row); without groups every row is its own."""
+    if groups is None:
+        n = len(next(iter(labels.values())))
+        return labels, np.arange(n)
+    _, first, inverse = np.unique(groups, return_index=True, return_inverse=True)
+    return {name: values[first] for name, values in labels.items()}, inverse
+
+
+def fold_of(labels: dict[str, np.ndarray], *, k: int, seed: int, groups: np.ndarray | None = None) -> np.ndarray:
+    """(n,) fold number in 0..k-1 per row, stratified on the joint labels like ``split_indices``;
+    rows of one group share a fold."""
+    group_labels, row_group = _by_group(labels, groups)
+    order = _stratified_order(group_labels, np.random.default_rng(seed))
+    folds = np.empty(len(order), dtype=int)
+    folds[order] = np.arange(len(order)) % k
+    return folds[row_group]
+
+
+def split_indices(
+    labels: dict[str, np.ndarray], *, val_fraction: float, test_fraction: float, seed: int,
+    groups: np.ndarray | None = None,
+) -> Splits:
+    """(train, val, test) row indices, stratified on the joint labels of all attributes.
+
+    Groups of rows are ordered by their label combination (random within one), then each is dealt
+    to the split furthest below its share of the rows dealt so far, so every combination is spread
+    over the splits in proportion, and a split's share of rows holds even when groups differ in
+    size. With ``groups``, whole groups are dealt (stratified on their first row), so
+    near-duplicate images of one product family or photo session never land on two sides;
+    without, each row is its own group. Validation gets at least one group.
+    """
+    rng = np.random.default_rng(seed)
+    group_labels, row_group = _by_group(labels, groups)
+    order = _stratified_order(group_labels, rng)
+    sizes = np.bincount(row_group, minlength=len(order))
+    shares = np.array([1 - val_fraction - test_fraction, val_fraction, test_fraction])
+    dealt, assigned = np.zeros(3), np.empty(len(order), dtype=int)
+    for group in order:
+        split = int(np.argmax(shares * (dealt.sum() + sizes[group]) - dealt))
+        assigned[group] = split
+        dealt[split] += sizes[group]
+    if not (assigned == 1).any():
+        assigned[order[0]] = 1
+    assigned = assigned[row_group]
+    return tuple(np.flatnonzero(assigned == s) for s in (0, 1, 2))

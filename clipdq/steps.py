@@ -6,7 +6,10 @@ batches, the loss, the learning-rate schedule and when to stop.
 
 from __future__ import annotations
 
+import copy
 import logging
+import time
+from collections.abc import Callable
 
 import numpy as np
 import torch
@@ -52,3 +55,30 @@ def stop_reason(config, *, epoch: int, best_epoch: int, minutes: float) -> str:
                     "how fast this machine ran", config.max_minutes, epoch + 1)
         return "time cap"
     return "epochs"
+
+
+def take_step(loss: torch.Tensor, optimizer: torch.optim.Optimizer, scheduler) -> None:
+    optimizer.zero_grad()
+    loss.backward()
+    optimizer.step()
+    scheduler.step()
+
+
+def run_epochs(config, *, train_epoch: Callable[[], float], val_loss: Callable[[], float],
+               state: Callable[[], dict], started: float) -> tuple[dict, list[dict], str]:
+    """The epoch loop of every trainer: ``train_epoch`` (returns its last loss), then ``val_loss``;
+    keeps a copy of ``state()`` at the lowest validation loss, stops on patience, the epoch budget
+    or the safety cap. Returns (best: val_loss, epoch, state; history; why it stopped)."""
+    best = {"val_loss": float("inf"), "epoch": -1, "state": None}
+    history, stopped_by = [], "epochs"
+    for epoch in range(config.epochs):
+        train_loss, loss = train_epoch(), val_loss()
+        history.append({"epoch": epoch, "train_loss": train_loss, "val_loss": loss})
+        minutes = (time.monotonic() - started) / 60
+        log.info("epoch %d: train loss %.3f, val loss %.3f (%.1f min)", epoch, train_loss, loss, minutes)
+        if loss < best["val_loss"]:
+            best = {"val_loss": loss, "epoch": epoch, "state": copy.deepcopy(state())}
+        stopped_by = stop_reason(config, epoch=epoch, best_epoch=best["epoch"], minutes=minutes)
+        if stopped_by != "epochs":
+            break
+    return best, history, stopped_by

@@ -5,7 +5,6 @@ per-attribute calibration fitted on the validation split.
 
 from __future__ import annotations
 
-import copy
 import logging
 import time
 import uuid
@@ -18,8 +17,8 @@ import torch.nn.functional as F
 
 from clipdq import evaluation, images, locked, model, predict, prototypes
 from clipdq.options import MODES, Mode
-from clipdq.splits import NEAR_DUPLICATE_COSINE, near_duplicate_groups
-from clipdq.steps import balanced_batches, batch_loss, schedule, stop_reason
+from clipdq.splits import NEAR_DUPLICATE_COSINE, Splits, near_duplicate_groups, split_indices
+from clipdq.steps import balanced_batches, batch_loss, run_epochs, schedule, take_step
 from clipdq.spec import Spec, normalize_value
 
 log = logging.getLogger(__name__)
@@ -85,9 +84,6 @@ def config_for(clip: model.Clip, **options) -> TrainConfig:
     return TrainConfig(**(PRESETS[starting_point(clip)] | given))
 
 
-Splits = tuple[np.ndarray, np.ndarray, np.ndarray]  # (train, val, test) row indices
-
-
 @dataclass
 class LabeledSet:
     pixels: torch.Tensor  # (n, 3, h, w) float32
@@ -129,61 +125,6 @@ def group_keys(frame: pl.DataFrame, column: str | None) -> np.ndarray | None:
     if column not in frame.columns:
         raise ValueError(f"group column {column!r} is not in the labeled catalog")
     return frame[column].cast(pl.String).fill_null("").to_numpy()
-
-
-def _stratified_order(labels: dict[str, np.ndarray], rng: np.random.Generator) -> np.ndarray:
-    """Row indices sorted by their label combination over all attributes, random within one."""
-    n = len(next(iter(labels.values())))
-    keys = np.stack([labels[name] for name in sorted(labels)] + [rng.random(n)], axis=1)
-    return np.lexsort(keys.T[::-1])
-
-
-def _by_group(labels: dict[str, np.ndarray], groups: np.ndarray | None) -> tuple[dict[str, np.ndarray], np.ndarray]:
-    """(labels of each group's first row, group index per row); without groups every row is its own."""
-    if groups is None:
-        n = len(next(iter(labels.values())))
-        return labels, np.arange(n)
-    _, first, inverse = np.unique(groups, return_index=True, return_inverse=True)
-    return {name: values[first] for name, values in labels.items()}, inverse
-
-
-def fold_of(labels: dict[str, np.ndarray], *, k: int, seed: int, groups: np.ndarray | None = None) -> np.ndarray:
-    """(n,) fold number in 0..k-1 per row, stratified on the joint labels like ``split_indices``;
-    rows of one group share a fold."""
-    group_labels, row_group = _by_group(labels, groups)
-    order = _stratified_order(group_labels, np.random.default_rng(seed))
-    folds = np.empty(len(order), dtype=int)
-    folds[order] = np.arange(len(order)) % k
-    return folds[row_group]
-
-
-def split_indices(
-    labels: dict[str, np.ndarray], *, val_fraction: float, test_fraction: float, seed: int,
-    groups: np.ndarray | None = None,
-) -> Splits:
-    """(train, val, test) row indices, stratified on the joint labels of all attributes.
-
-    Groups of rows are ordered by their label combination (random within one), then each is dealt
-    to the split furthest below its share of the rows dealt so far, so every combination is spread
-    over the splits in proportion, and a split's share of rows holds even when groups differ in
-    size. With ``groups``, whole groups are dealt (stratified on their first row), so
-    near-duplicate images of one product family or photo session never land on two sides;
-    without, each row is its own group. Validation gets at least one group.
-    """
-    rng = np.random.default_rng(seed)
-    group_labels, row_group = _by_group(labels, groups)
-    order = _stratified_order(group_labels, rng)
-    sizes = np.bincount(row_group, minlength=len(order))
-    shares = np.array([1 - val_fraction - test_fraction, val_fraction, test_fraction])
-    dealt, assigned = np.zeros(3), np.empty(len(order), dtype=int)
-    for group in order:
-        split = int(np.argmax(shares * (dealt.sum() + sizes[group]) - dealt))
-        assigned[group] = split
-        dealt[split] += sizes[group]
-    if not (assigned == 1).any():
-        assigned[order[0]] = 1
-    assigned = assigned[row_group]
-    return tuple(np.flatnonzero(assigned == s) for s in (0, 1, 2))
 
 
 def augment(pixels: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
@@ -274,9 +215,8 @@ def fit(clip: model.Clip, data: LabeledSet, spec: Spec, config: TrainConfig, spl
     optimizer = torch.optim.AdamW(clip.model.parameters(), lr=config.lr, weight_decay=config.weight_decay)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: schedule(
         s, warmup=config.warmup_epochs * steps_per_epoch, total=config.epochs * steps_per_epoch))
-    best = {"val_loss": float("inf"), "epoch": -1, "state": None}
-    started, history, stopped_by = time.monotonic(), [], "epochs"
-    for epoch in range(config.epochs):
+
+    def train_epoch() -> float:
         clip.model.train()
         for rows in _epoch_batches(labels, train_idx, config, steps_per_epoch, rng):
             pixels = data.pixels[rows]
@@ -286,19 +226,13 @@ def fit(clip: model.Clip, data: LabeledSet, spec: Spec, config: TrainConfig, spl
                 logits = attribute_logits(clip, image_emb, captions)
             loss = batch_loss({k: v.float() for k, v in logits.items()},
                               {k: v[rows].to(clip.device) for k, v in data.labels.items()})
-            optimizer.zero_grad()
-            loss.backward()
-            optimizer.step()
-            scheduler.step()
-        val_loss, _ = evaluate(clip, data, val_idx, captions)
-        history.append({"epoch": epoch, "train_loss": loss.item(), "val_loss": val_loss})
-        minutes = (time.monotonic() - started) / 60
-        log.info("epoch %d: train loss %.3f, val loss %.3f (%.1f min)", epoch, loss.item(), val_loss, minutes)
-        if val_loss < best["val_loss"]:
-            best = {"val_loss": val_loss, "epoch": epoch, "state": copy.deepcopy(clip.model.state_dict())}
-        stopped_by = stop_reason(config, epoch=epoch, best_epoch=best["epoch"], minutes=minutes)
-        if stopped_by != "epochs":
-            break
+            take_step(loss, optimizer, scheduler)
+        return loss.item()
+
+    started = time.monotonic()
+    best, history, stopped_by = run_epochs(config, train_epoch=train_epoch, state=clip.model.state_dict,
+                                           val_loss=lambda: evaluate(clip, data, val_idx, captions)[0],
+                                           started=started)
     if best["state"] is None:
         raise ValueError("validation loss was never finite: check the labels and lower the learning rate")
     if config.keep_best:

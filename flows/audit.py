@@ -12,7 +12,7 @@ from prefect import flow, get_run_logger, task
 from prefect.artifacts import create_markdown_artifact, create_table_artifact
 from prefect.cache_policies import NO_CACHE
 
-from clipdq import audit, catalog, images, model, report, storage, train
+from clipdq import audit, catalog, images, model, report, splits, storage, train
 from clipdq.cache import EmbeddingCache, cache_key
 from clipdq.compare import FINDINGS_SCHEMA, compare
 from clipdq.spec import Spec, parse_spec
@@ -104,7 +104,7 @@ def _cross_fitted(frame: pl.DataFrame, clip: model.Clip, spec: Spec, *, k: int, 
                   group_column: str | None, base: str, batch_size: int, progress):
     """(findings, one calibration per fold): each fold scored by ``clip`` fine-tuned on the other folds."""
     groups = train.group_keys(frame, group_column)
-    folds = pl.Series(train.fold_of(train.encode_labels(frame, spec), k=k, seed=0, groups=groups))
+    folds = pl.Series(splits.fold_of(train.encode_labels(frame, spec), k=k, seed=0, groups=groups))
     parts = []
     for fold in range(k):
         get_run_logger().info("cross-fitting: training the model for fold %d of %d", fold + 1, k)

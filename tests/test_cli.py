@@ -98,7 +98,8 @@ def test_finetune_prints_the_model_folder_it_wrote(finetuned, spec):
     assert clip.meta["train_config"]["mode"] == "locked"  # the preset for a pretrained tower with a new text tower
     assert clip.meta["training"]["stopped_by"] in ("epochs", "patience")
     assert set(clip.meta["metrics"]) == set(spec.names)
-    assert clip.meta["calibration"]["color"]["conflict_rows"] >= 134
+    assert clip.meta["calibration"]["color"]["conflict_threshold"] is not None  # colour can flag conflicts
+    assert clip.meta["calibration"]["color"]["conflict_rows"] > 100
     assert "locked" in (output / "README.md").read_text()
 
 

@@ -10,7 +10,7 @@ import polars as pl
 import pytest
 import yaml
 
-from clipdq import model, sample_data, train
+from clipdq import model, sample_data, splits, train
 from clipdq.catalog import read_catalog
 from clipdq.spec import parse_spec
 from flows.audit import audit_catalog
@@ -23,7 +23,7 @@ def test_folds_cover_every_row_once_and_spread_each_value_evenly():
     rng = np.random.default_rng(0)
     labels = {"color": rng.integers(-1, 4, 203), "lid": rng.integers(0, 2, 203)}
 
-    folds = train.fold_of(labels, k=4, seed=0)
+    folds = splits.fold_of(labels, k=4, seed=0)
 
     assert folds.shape == (203,) and set(folds) == {0, 1, 2, 3}
     assert np.ptp(np.bincount(folds)) <= 1
@@ -31,7 +31,7 @@ def test_folds_cover_every_row_once_and_spread_each_value_evenly():
         for value in np.unique(values):
             counts = np.bincount(folds[values == value], minlength=4)
             assert np.ptp(counts) <= 2, (name, value, counts)
-    assert not np.array_equal(folds, train.fold_of(labels, k=4, seed=1))
+    assert not np.array_equal(folds, splits.fold_of(labels, k=4, seed=1))
 
 
 @pytest.fixture(scope="module")

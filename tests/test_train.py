@@ -10,7 +10,7 @@ import numpy as np
 import polars as pl
 import pytest
 
-from clipdq import audit, evaluation, model, predict, prototypes, train
+from clipdq import audit, evaluation, model, predict, prototypes, splits, train
 from clipdq.catalog import read_catalog
 from clipdq.spec import parse_spec
 
@@ -46,7 +46,7 @@ def _labels(n: int, seed: int = 0) -> dict[str, np.ndarray]:
 
 @pytest.mark.parametrize(("n", "val", "test"), [(600, 0.2, 0.1), (7, 0.2, 0.0), (2, 0.5, 0.0), (100, 0.01, 0.3)])
 def test_split_indices_are_disjoint_cover_every_row_and_keep_proportions(n, val, test):
-    parts = train.split_indices(_labels(n), val_fraction=val, test_fraction=test, seed=0)
+    parts = splits.split_indices(_labels(n), val_fraction=val, test_fraction=test, seed=0)
 
     assert sorted(np.concatenate(parts).tolist()) == list(range(n))
     assert len(parts[1]) >= 1
@@ -56,7 +56,7 @@ def test_split_indices_are_disjoint_cover_every_row_and_keep_proportions(n, val,
 
 def test_split_indices_stratify_on_label_combinations():
     labels = _labels(3000)
-    train_idx, val_idx, test_idx = train.split_indices(labels, val_fraction=0.2, test_fraction=0.1, seed=3)
+    train_idx, val_idx, test_idx = splits.split_indices(labels, val_fraction=0.2, test_fraction=0.1, seed=3)
     combos = np.stack([labels["color"], labels["lid"]], axis=1)
     for combo in np.unique(combos, axis=0):
         rows = np.flatnonzero((combos == combo).all(axis=1))
@@ -65,7 +65,7 @@ def test_split_indices_stratify_on_label_combinations():
 
 
 def test_split_indices_depend_on_the_seed_only():
-    first, again, other = (train.split_indices(_labels(50), val_fraction=0.2, test_fraction=0.1, seed=s)
+    first, again, other = (splits.split_indices(_labels(50), val_fraction=0.2, test_fraction=0.1, seed=s)
                            for s in (1, 1, 2))
 
     np.testing.assert_array_equal(first[1], again[1])
@@ -256,16 +256,16 @@ def test_groups_stay_on_one_side_of_every_split_and_fold():
     groups = rng.integers(0, 60, 500).astype(str)  # e.g. photo sessions, several images each
     labels = {"color": rng.integers(0, 3, 500)}
 
-    splits = train.split_indices(labels, val_fraction=0.2, test_fraction=0.1, seed=0, groups=groups)
-    folds = train.fold_of(labels, k=4, seed=0, groups=groups)
+    parts = splits.split_indices(labels, val_fraction=0.2, test_fraction=0.1, seed=0, groups=groups)
+    folds = splits.fold_of(labels, k=4, seed=0, groups=groups)
 
-    sides = [set(groups[rows]) for rows in splits]
-    assert sum(len(rows) for rows in splits) == 500
+    sides = [set(groups[rows]) for rows in parts]
+    assert sum(len(rows) for rows in parts) == 500
     assert not (sides[0] & sides[1] or sides[0] & sides[2] or sides[1] & sides[2])
-    assert all(len(rows) for rows in splits)
+    assert all(len(rows) for rows in parts)
     for group in set(groups):
         assert len(set(folds[groups == group])) == 1
-    ungrouped = train.split_indices(labels, val_fraction=0.2, test_fraction=0.1, seed=0)
+    ungrouped = splits.split_indices(labels, val_fraction=0.2, test_fraction=0.1, seed=0)
     assert set(groups[ungrouped[0]]) & set(groups[ungrouped[1]])  # without groups they would mix
 
 
