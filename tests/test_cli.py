@@ -38,7 +38,7 @@ def cli_env(tmp_path_factory: pytest.TempPathFactory) -> dict[str, str]:
 
 def clipdq(env: dict[str, str], *args: str, cwd: Path) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, "-m", "clipdq.cli", *args], env=env, cwd=cwd, capture_output=True,
-                          text=True, timeout=300)
+                          text=True, timeout=600)
 
 
 def last_line(text: str) -> str:
