@@ -171,11 +171,11 @@ def test_an_empty_catalog_gives_a_complete_run_with_no_findings(prefect_harness,
 
 
 def test_an_int8_audit_checks_agreement_first_and_caches_apart_from_fp32(prefect_harness, local_run, sample_dir,
-                                                                         trained_model_dir, tmp_path):
+                                                                         flagging_model_dir, tmp_path):
     output = str(tmp_path / "out")
 
     folder = audit_catalog(str(sample_dir / "catalog.parquet"), str(sample_dir / "spec.yaml"),
-                           str(trained_model_dir), output, batch_size=16, backend="int8")
+                           str(flagging_model_dir), output, batch_size=16, backend="int8")
 
     findings, summary, _, _ = read_run(folder)
     check = summary["backend"]
@@ -237,12 +237,12 @@ def test_repeated_audits_embed_only_new_or_changed_images(prefect_harness, sampl
     uncached = audit_catalog(*args, batch_size=16, embedding_cache=False)
 
     counts = [read_run(run)[1]["images"] for run in (first, unchanged, after_change, uncached)]
-    readable = counts[0]["embedded"]
-    assert readable == len(pl.read_parquet(catalog)) - 6  # all but the six broken images
-    assert counts[0] == {"scored": 40, "from_cache": 0, "embedded": readable}
-    assert counts[1] == {"scored": 40, "from_cache": readable, "embedded": 0}
-    assert counts[2] == {"scored": 40, "from_cache": readable - 1, "embedded": 1}
-    assert counts[3] == {"scored": 40, "from_cache": 0, "embedded": readable}
+    readable, rows = counts[0]["embedded"], len(pl.read_parquet(catalog))
+    assert readable == rows - 6  # all but the six broken images
+    assert counts[0] == {"scored": rows, "from_cache": 0, "embedded": readable}
+    assert counts[1] == {"scored": rows, "from_cache": readable, "embedded": 0}
+    assert counts[2] == {"scored": rows, "from_cache": readable - 1, "embedded": 1}
+    assert counts[3] == {"scored": rows, "from_cache": 0, "embedded": readable}
     columns = ["product_id", "attribute", "predicted_value", "status"]
     assert_frame_equal(read_run(first)[0], read_run(unchanged)[0], check_exact=False, rel_tol=1e-6)
     assert read_run(after_change)[0].select(columns).equals(read_run(uncached)[0].select(columns))

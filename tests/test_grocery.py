@@ -51,7 +51,7 @@ def test_the_pretrained_tower_flags_planted_errors_in_photos_from_other_sessions
     spec_text = yaml.safe_dump({"target_precision": 0.9, "attributes": {"top": {"values": sorted(set(grocery["top"]))}}})
     spec = parse_spec(spec_text)
     (tmp_path / "spec.yaml").write_text(spec_text)
-    labeled = pl.concat([g.sample(200, seed=0) for _, g in grocery.filter(pl.col("split") == "train").group_by("top")])
+    labeled = pl.concat([g.sample(300, seed=0) for _, g in grocery.filter(pl.col("split") == "train").group_by("top")])
     held_out = grocery.filter(pl.col("split") == "holdout").select("product_id", "image", "top")
     rng = np.random.default_rng(0)
     wrong = rng.random(held_out.height) < 0.1
@@ -61,7 +61,8 @@ def test_the_pretrained_tower_flags_planted_errors_in_photos_from_other_sessions
     catalog.write_parquet(tmp_path / "catalog.parquet")
 
     clip = model.init_model(spec, "efficientnet-lite0")
-    train.finetune(clip, labeled, spec, base=str(DEFAULT_DATA), config=train.config_for(clip, views=1, test_fraction=0))
+    config = train.config_for(clip, views=1, val_fraction=0.3, test_fraction=0)  # 270 rows: enough for the conflict bar
+    train.finetune(clip, labeled, spec, base=str(DEFAULT_DATA), config=config)
     model.save_model(clip, str(tmp_path / "model"))
     run = audit_catalog(str(tmp_path / "catalog.parquet"), str(tmp_path / "spec.yaml"), str(tmp_path / "model"),
                         str(tmp_path / "reports"))
