@@ -84,7 +84,7 @@ def _parser() -> argparse.ArgumentParser:
     curve.add_argument("--arch", default="tiny", choices=ARCHS)
     curve.add_argument("--mode", choices=MODES, help=MODE_HELP)
     curve.add_argument("--sizes", default="10,30,100,300", help="labeled examples per value, comma-separated")
-    curve.add_argument("--max-minutes", type=float, help="training time budget per point")
+    curve.add_argument("--max-minutes", type=float, help="safety cap on training time per point")
     curve.add_argument("--group-column", help=GROUP_HELP)
     curve.add_argument("--seed", type=int, default=0)
 

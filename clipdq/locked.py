@@ -83,12 +83,6 @@ def keep_activations(tower: Tower, pixels: torch.Tensor, device: torch.device, *
                       for i in range(0, len(pixels), chunk)])
 
 
-def _scores(clip: model.Clip, tower: Tower, x: torch.Tensor, captions: model.Captions) -> dict[str, torch.Tensor]:
-    image_emb = tower.above(x.float())
-    scale = clip.model.logit_scale.exp().clamp(max=100.0)
-    return {name: scale * image_emb @ emb.T for name, emb in captions.value_embeddings(clip).items()}
-
-
 @torch.inference_mode()
 def pooled_features(clip: model.Clip, activations: torch.Tensor, unlock_blocks: int) -> np.ndarray:
     """(n, d) image-tower features (before the projection) from kept activations: what
@@ -149,14 +143,14 @@ def fit(clip: model.Clip, data, spec, config, splits, *, plain: torch.Tensor | N
         with torch.no_grad():
             x = kept_plain[rows]
             truth = {k: v[rows].to(clip.device) for k, v in data.labels.items()}
-            return float(batch_loss(_scores(clip, tower, x, captions), truth))
+            return float(batch_loss(model.attribute_logits(clip, tower.above(x.float()), captions), truth))
 
     labels_on_device = {k: torch.from_numpy(v).to(clip.device) for k, v in view_labels.items()}
 
     def train_epoch() -> float:
         for picks in balanced_batches(view_labels, np.arange(len(view_rows)), batch_size=config.batch_size,
                                       steps=steps_per_epoch, rng=rng):
-            loss = batch_loss(_scores(clip, tower, kept_train[picks], captions),
+            loss = batch_loss(model.attribute_logits(clip, tower.above(kept_train[picks].float()), captions),
                               {k: v[picks] for k, v in labels_on_device.items()})
             take_step(loss, optimizer, scheduler)
         return loss.item()
@@ -170,7 +164,8 @@ def fit(clip: model.Clip, data, spec, config, splits, *, plain: torch.Tensor | N
     @torch.no_grad()
     def logits(rows: np.ndarray) -> dict[str, np.ndarray]:
         x = kept_plain[rows]
-        chunks = [_scores(clip, tower, x[i : i + 256], captions) for i in range(0, len(x), 256)]
+        chunks = [model.attribute_logits(clip, tower.above(x[i : i + 256].float()), captions)
+                  for i in range(0, len(x), 256)]
         return {k: torch.cat([c[k] for c in chunks]).float().cpu().numpy() for k in captions.owners}
 
     summary = {"best_epoch": best["epoch"], "best_val_loss": best["val_loss"], "epochs_run": len(history),

@@ -345,6 +345,12 @@ class Captions:
         return {name: torch.nn.functional.normalize(owner @ features, dim=-1) for name, owner in self.owners.items()}
 
 
+def attribute_logits(clip: Clip, image_emb: torch.Tensor, captions: Captions) -> dict[str, torch.Tensor]:
+    """Per attribute, (n, k) scaled similarities of images to the value captions."""
+    scale = clip.model.logit_scale.exp().clamp(max=100.0)
+    return {name: scale * image_emb @ emb.T for name, emb in captions.value_embeddings(clip).items()}
+
+
 def logit_scale(clip: Clip) -> float:
     return float(clip.model.logit_scale.detach().exp().clamp(max=100.0))
 

@@ -139,12 +139,6 @@ def augment(pixels: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
     return out * (1 + 0.2 * (torch.rand(n, 1, 1, 1, generator=generator) - 0.5))
 
 
-def attribute_logits(clip: model.Clip, image_emb: torch.Tensor, captions: model.Captions) -> dict[str, torch.Tensor]:
-    """Per attribute, (n, k) scaled similarities of images to the value captions."""
-    scale = clip.model.logit_scale.exp().clamp(max=100.0)
-    return {name: scale * image_emb @ emb.T for name, emb in captions.value_embeddings(clip).items()}
-
-
 def _autocast(clip: model.Clip):
     """bf16 mixed precision on CUDA; a no-op on CPU."""
     return torch.autocast("cuda", dtype=torch.bfloat16, enabled=clip.device.type == "cuda")
@@ -159,7 +153,7 @@ def evaluate(
     pixels = data.pixels[idx].to(clip.device)
     with _autocast(clip):
         chunks = [model.image_features(clip.model, pixels[i : i + 256]) for i in range(0, len(pixels), 256)]
-        logits = {k: v.float() for k, v in attribute_logits(clip, torch.cat(chunks), captions).items()}
+        logits = {k: v.float() for k, v in model.attribute_logits(clip, torch.cat(chunks), captions).items()}
     labels = {k: v[idx].to(clip.device) for k, v in data.labels.items()}
     return float(batch_loss(logits, labels)), {k: v.cpu().numpy() for k, v in logits.items()}
 
@@ -223,7 +217,7 @@ def fit(clip: model.Clip, data: LabeledSet, spec: Spec, config: TrainConfig, spl
             pixels = augment(pixels, generator) if config.augment else pixels
             with _autocast(clip):
                 image_emb = model.image_features(clip.model, pixels.to(clip.device))
-                logits = attribute_logits(clip, image_emb, captions)
+                logits = model.attribute_logits(clip, image_emb, captions)
             loss = batch_loss({k: v.float() for k, v in logits.items()},
                               {k: v[rows].to(clip.device) for k, v in data.labels.items()})
             take_step(loss, optimizer, scheduler)
