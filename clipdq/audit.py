@@ -105,7 +105,7 @@ def prepare_batch(
 
 def embed_batch(batch: Batch, clip: model.Clip, cache: EmbeddingCache | None = None) -> np.ndarray:
     """(n_usable, d) embeddings of the rows whose image is usable, in row order; new ones are cached."""
-    fresh = model.embed_images(clip, batch.pixels)
+    fresh = model.embed_images(clip, batch.pixels, batch_size=max(1, len(batch.pixels)))  # one call per batch
     if cache is not None and len(fresh):
         cache.add([batch.sha256[i] for i in batch.to_embed], fresh)
     by_row = dict(batch.cached) | dict(zip(batch.to_embed.tolist(), fresh))

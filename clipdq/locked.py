@@ -77,10 +77,13 @@ def augment_views(pixels: torch.Tensor, generator: torch.Generator) -> torch.Ten
 
 
 @torch.inference_mode()
-def keep_activations(tower: Tower, pixels: torch.Tensor, device: torch.device, *, chunk: int = 16) -> torch.Tensor:
-    """``tower.below`` of every image, stored in bfloat16 (half the memory; the tower is frozen)."""
-    return torch.cat([tower.below(pixels[i : i + chunk].to(device)).to(torch.bfloat16)
-                      for i in range(0, len(pixels), chunk)])
+def keep_activations(tower: Tower, pixels: torch.Tensor, device: torch.device, *, chunk: int = 16,
+                     bf16: bool = False) -> torch.Tensor:
+    """``tower.below`` of every image, stored in bfloat16 (half the memory; the tower is frozen),
+    computed in bf16 arithmetic where ``bf16``."""
+    with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
+        return torch.cat([tower.below(pixels[i : i + chunk].to(device)).to(torch.bfloat16)
+                          for i in range(0, len(pixels), chunk)])
 
 
 @torch.inference_mode()
@@ -113,7 +116,10 @@ def fit(clip: model.Clip, data, spec, config, splits, *, plain: torch.Tensor | N
     tower = split_tower(clip, config.unlock_blocks)
     started = time.monotonic()
     kept_plain = plain_activations(clip, data, config.unlock_blocks) if plain is None else plain
-    augmented = [keep_activations(tower, augment_views(data.pixels[train_idx], generator), clip.device)
+    # Augmented views only train, so they may take the faster arithmetic; the plain activations,
+    # which validation and calibration see, are computed as the audit computes them.
+    fast = model.native_bf16(clip.device)
+    augmented = [keep_activations(tower, augment_views(data.pixels[train_idx], generator), clip.device, bf16=fast)
                  for _ in range(config.views - 1)]
     kept_train = torch.cat([kept_plain[train_idx], *augmented])
     view_rows = np.tile(train_idx, config.views)
