@@ -15,6 +15,7 @@ demo: $(STAMP)
 	$(VENV)/bin/clipdq demo
 
 test: $(STAMP)
+	scripts/install-chromium.sh
 	$(VENV)/bin/python -m pytest
 
 benchmark: $(STAMP)

@@ -26,6 +26,7 @@ import numpy as np
 from clipdq import curves, model, sample_data, train
 from clipdq.catalog import read_catalog
 from clipdq.spec import Spec, parse_spec
+from clipdq.sources import access_for
 from heldout import figures_table, flag_figures, held_out_logits, pooled
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -95,7 +96,7 @@ def main() -> int:
         folder = sample_data.generate(tmp)  # the demo's sample: 2400 labeled products
         spec = parse_spec((folder / "spec.yaml").read_text())
         frame = read_catalog(str(folder / "labeled.parquet"))
-        data = train.load_labeled(frame, spec, base=str(folder), pixel_spec=model.init_model(spec).pixels)
+        data = train.load_labeled(frame, spec, access=access_for(str(folder)), pixel_spec=model.init_model(spec).pixels)
     seeds = [int(seed) for seed in args.seeds.split(",")]
     config = train.TrainConfig(seed=seeds[0], epochs=150)
     splits = train.default_splits(data, config)

@@ -34,6 +34,7 @@ import yaml
 
 from clipdq import curves, evaluation, locked, model, splits, train
 from clipdq.spec import Spec, parse_spec
+from clipdq.sources import access_for
 
 from heldout import figures_table, flag_figures, held_out_logits, pooled
 
@@ -118,7 +119,7 @@ def run(args: argparse.Namespace) -> dict:
 
     base = make_model()
     started = time.monotonic()
-    data = train.load_labeled(frame, spec, base=str(args.data), pixel_spec=base.pixels)
+    data = train.load_labeled(frame, spec, access=access_for(str(args.data)), pixel_spec=base.pixels)
     plain = locked.plain_activations(base, data, 0)  # the frozen tower's features of every photo, once
     features = locked.pooled_features(base, plain, 0)
     print(f"{len(data.pixels)} photos decoded and embedded in {time.monotonic() - started:.0f} s", flush=True)

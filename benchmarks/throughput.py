@@ -39,6 +39,7 @@ import polars as pl
 from clipdq import images, model, predict, report, sample_data
 from clipdq.compare import PREDICTIONS_SCHEMA, compare
 from clipdq.predict import default_calibration
+from clipdq.sources import access_for
 from clipdq.spec import parse_spec
 
 
@@ -200,7 +201,7 @@ def main() -> int:
         print(f"{args.images} photos of 1600 px, {args.arch} model, {args.backend}, {os.cpu_count()} CPU cores, "
               f"batch {args.batch_size}\n", flush=True)
 
-        seconds, loaded = timed(images.load_images, refs, str(root / "data"), clip.pixels)
+        seconds, loaded = timed(images.load_images, refs, access_for(str(root / "data")), clip.pixels)
         decode_rate = len(refs) / seconds
         readable = [ref for ref, ok in zip(refs, loaded.ok) if ok]
         model_rate, reference = model_only(model.on_backend(clip, args.backend), loaded.pixels, args.batch_size)

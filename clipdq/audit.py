@@ -19,6 +19,7 @@ from clipdq import images, model, predict
 from clipdq.cache import EmbeddingCache, digest
 from clipdq.compare import PREDICTIONS_SCHEMA
 from clipdq.images import PixelSpec
+from clipdq.sources import ImageAccess, fetch_all
 from clipdq.predict import Calibration
 from clipdq.spec import Spec
 
@@ -42,11 +43,24 @@ def value_embeddings_for(clip: model.Clip, spec: Spec) -> dict[str, np.ndarray]:
     return model.embed_captions(clip, spec)
 
 
+class ImageOutage(RuntimeError):
+    """Too many images were lost to storage or network errors for the run's findings to stand."""
+
+
+def check_outage(lost: int, rows: int, max_share: float) -> None:
+    """Raise ImageOutage once ``lost`` of ``rows`` images exceed ``max_share``: findings made
+    during an outage would report the store's trouble as the catalog's."""
+    if lost and lost > max_share * rows:
+        raise ImageOutage(f"{lost} of {rows} images could not be fetched for transient reasons (storage or "
+                          f"network errors), more than max_transient_image_errors={max_share:g}: nothing published")
+
+
 MIN_AGREEMENT = 0.99  # share of images a faster backend must predict exactly as fp32 does
 
 
 def choose_backend(
-    clip: model.Clip, backend: str, rows: pl.DataFrame, *, spec: Spec, base: str, min_agreement: float = MIN_AGREEMENT
+    clip: model.Clip, backend: str, rows: pl.DataFrame, *, spec: Spec, access: ImageAccess,
+    min_agreement: float = MIN_AGREEMENT
 ) -> tuple[model.Clip, dict]:
     """``clip`` on ``backend`` where, on the images of ``rows``, its predicted values agree with
     fp32's for at least ``min_agreement`` of the images; else ``clip`` as it is. Also returns what
@@ -54,7 +68,7 @@ def choose_backend(
     if backend == "fp32":
         return clip, {"requested": backend, "used": backend}
     fast = model.on_backend(clip, backend)
-    loaded = images.load_images(rows[spec.image_column].to_list(), base, clip.pixels)
+    loaded = images.load_images(rows[spec.image_column].to_list(), access, clip.pixels)
     share = predict.agreement(model.embed_images(clip, loaded.pixels), model.embed_images(fast, loaded.pixels),
                               value_embeddings_for(clip, spec))
     agreed = share >= min_agreement  # False when no image could be checked (nan)
@@ -78,6 +92,7 @@ class Batch:
     cached: dict[int, np.ndarray]  # row position -> embedding found in the cache
     to_embed: np.ndarray  # row positions of ``pixels``
     pixels: np.ndarray  # (len(to_embed), 3, h, w) float32
+    transient: int = 0  # images lost to an outage (storage or network), not to the data
 
     @property
     def ok(self) -> np.ndarray:
@@ -86,21 +101,22 @@ class Batch:
 
 
 def prepare_batch(
-    rows: pl.DataFrame, *, spec: Spec, base: str, pixels: PixelSpec, cache: EmbeddingCache | None = None
+    rows: pl.DataFrame, *, spec: Spec, access: ImageAccess, pixels: PixelSpec, cache: EmbeddingCache | None = None
 ) -> Batch:
     """Fetch the rows' images, take embeddings from the cache where it has them, decode the rest."""
-    fetched = images.fetch_images(rows[spec.image_column].to_list(), base)
-    sha256 = [None if isinstance(data, str) else digest(data) for data in fetched]
+    fetched = fetch_all(rows[spec.image_column].to_list(), access)
+    sha256 = [None if item.data is None else digest(item.data) for item in fetched]
     cached = {}
     if cache is not None:
         found = ((i, cache.get(sha)) for i, sha in enumerate(sha256) if sha is not None)
         cached = {i: embedding for i, embedding in found if embedding is not None}
-    pending = [i for i, data in enumerate(fetched) if not isinstance(data, str) and i not in cached]
+    pending = [i for i, item in enumerate(fetched) if item.data is not None and i not in cached]
     decoded = images.decode_images([fetched[i] for i in pending], pixels)
-    errors = [data if isinstance(data, str) else None for data in fetched]
+    errors = [item.error for item in fetched]
     for i, error in zip(pending, decoded.errors):
         errors[i] = error
-    return Batch(rows, errors, sha256, cached, np.array(pending, dtype=int)[decoded.ok], decoded.pixels)
+    return Batch(rows, errors, sha256, cached, np.array(pending, dtype=int)[decoded.ok], decoded.pixels,
+                 transient=sum(item.transient for item in fetched))
 
 
 def embed_batch(batch: Batch, clip: model.Clip, cache: EmbeddingCache | None = None) -> np.ndarray:

@@ -19,6 +19,9 @@ from clipdq.spec import Spec
 log = logging.getLogger(__name__)
 
 
+TEXT = pl.String | pl.Null | pl.Categorical | pl.Enum  # column types that hold values as text
+
+
 class CatalogError(ValueError):
     """The catalog cannot be audited as it is."""
 
@@ -66,9 +69,16 @@ def check_schema(schema: pl.Schema, spec: Spec) -> list[str]:
         raise CatalogError(f"catalog lacks required columns {missing}; it has {schema.names()}")
     warnings = [f"catalog has no column {name!r}: every value counts as missing"
                 for name in spec.names if name not in schema]
-    for name in spec.names:
-        if name in schema and not isinstance(schema[name], pl.String | pl.Null | pl.Categorical | pl.Enum):
-            raise CatalogError(f"attribute column {name!r} must hold strings, not {schema[name]}")
+    id_type, image_type = schema[spec.id_column], schema[spec.image_column]
+    if not (isinstance(id_type, TEXT) or id_type.is_integer()):
+        raise CatalogError(f"id column {spec.id_column!r} must hold strings or integers, not {id_type}")
+    if not isinstance(image_type, TEXT | pl.Binary):
+        raise CatalogError(f"image column {spec.image_column!r} must hold paths, URIs or image bytes, not {image_type}")
+    applies_to = {column for a in spec.attributes for column in a.applies_to}
+    for kind, names in (("attribute", [n for n in spec.names if n in schema]), ("applies_to", sorted(applies_to))):
+        for name in names:
+            if not isinstance(schema[name], TEXT):
+                raise CatalogError(f"{kind} column {name!r} must hold strings, not {schema[name]}")
     return warnings
 
 

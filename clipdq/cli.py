@@ -52,6 +52,9 @@ def _parser() -> argparse.ArgumentParser:
     audit.add_argument("--group-column", help=GROUP_HELP)
     audit.add_argument("--no-embedding-cache", dest="embedding_cache", action="store_false",
                        help="embed every image again instead of reusing embeddings kept beside the reports")
+    audit.add_argument("--image-root", dest="image_roots", action="append", metavar="DIR_OR_S3_PREFIX",
+                       help="a folder or s3:// prefix outside the catalog's own that images may come from "
+                       "(repeatable; adds to the spec's image_roots)")
     audit.add_argument("--backend", default="fp32", choices=BACKENDS,
                        help="a faster image tower (int8 on CPU, bf16), used where its predictions on the first "
                        "batch agree with fp32 for at least 99%% of the images")
@@ -129,7 +132,7 @@ def run_init_model(args: argparse.Namespace) -> str:
 
 
 def run_learning_curve(args: argparse.Namespace) -> str:
-    from clipdq import catalog, curves, model, storage, train
+    from clipdq import catalog, curves, model, sources, storage, train
     from clipdq.spec import parse_spec
 
     spec = parse_spec(storage.read_bytes(args.spec).decode())
@@ -142,7 +145,7 @@ def run_learning_curve(args: argparse.Namespace) -> str:
     first = make_model()
     config = train.config_for(first, mode=args.mode, max_minutes=args.max_minutes, seed=args.seed,
                               group_column=args.group_column)
-    data = train.load_labeled(frame, spec, base=storage.parent(args.catalog), pixel_spec=first.pixels,
+    data = train.load_labeled(frame, spec, access=sources.catalog_access(args.catalog, spec), pixel_spec=first.pixels,
                               group_column=args.group_column)
     sizes = tuple(int(n) for n in args.sizes.split(","))
     table = curves.learning_curve(make_model, data, spec, config=config, splits=train.default_splits(data, config),
@@ -205,7 +208,7 @@ def main(argv: list[str] | None = None) -> int:
         "audit": lambda a: run_audit(a.catalog, a.spec, a.model, a.output, batch_size=a.batch_size,
                                      cross_fit=a.cross_fit, fold_minutes=a.fold_minutes,
                                      group_column=a.group_column, embedding_cache=a.embedding_cache,
-                                     backend=a.backend),
+                                     backend=a.backend, image_roots=a.image_roots),
         "finetune": run_finetune,
         "init-model": run_init_model,
         "learning-curve": run_learning_curve,

@@ -8,6 +8,7 @@ from clipdq.predict import Calibration
 from clipdq.spec import Spec
 
 STATUSES = ("match", "conflict", "gap", "uncertain", "invalid_value", "image_error")
+NOT_APPLICABLE = "not_applicable"  # a product none of the attributes applies to: one row, attribute null
 
 FINDINGS_SCHEMA = {
     "product_id": pl.String,
@@ -74,7 +75,8 @@ def _p(column: str) -> pl.Expr:
 def compare(
     catalog: pl.DataFrame, predictions: pl.DataFrame, *, spec: Spec, calibration: dict[str, Calibration]
 ) -> pl.DataFrame:
-    """Findings with the columns of FINDINGS_SCHEMA, one row per product and applicable attribute.
+    """Findings with the columns of FINDINGS_SCHEMA, one row per product and applicable attribute,
+    and one ``not_applicable`` row for each product no attribute applies to: every product appears.
 
     ``predictions`` has the columns of PREDICTIONS_SCHEMA for the same products.
     """
@@ -118,9 +120,22 @@ def compare(
         .when(pl.col("normalized") != pl.col("canonical"))
         .then(pl.format("'{}' read as '{}'", "existing_value", "canonical"))
     )
-    return (
+    findings = (
         frame.with_columns(status.alias("status"))
         .with_columns(detail.alias("detail"))
+        .select(list(FINDINGS_SCHEMA))
+        .cast(FINDINGS_SCHEMA)
+    )
+    return pl.concat([findings, _not_applicable(catalog, findings, spec)])
+
+
+def _not_applicable(catalog: pl.DataFrame, findings: pl.DataFrame, spec: Spec) -> pl.DataFrame:
+    """A row for each product of ``catalog`` that has no finding: no attribute applies to it."""
+    ids = catalog.select(pl.col(spec.id_column).cast(pl.String).alias("product_id"))
+    return (
+        ids.join(findings.select("product_id").unique(), on="product_id", how="anti")
+        .with_columns(status=pl.lit(NOT_APPLICABLE), detail=pl.lit("no attribute applies to this product (applies_to)"))
+        .with_columns(pl.lit(None).alias(c) for c in ("attribute", "existing_value", "predicted_value", "confidence"))
         .select(list(FINDINGS_SCHEMA))
         .cast(FINDINGS_SCHEMA)
     )

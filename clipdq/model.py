@@ -288,6 +288,23 @@ def _local_folder(uri: str) -> str:
     return str(cache)
 
 
+def _read_meta(folder: Path, uri: str) -> dict:
+    """``clipdq.json`` of a model folder; {} for a plain checkpoint. A folder clipdq wrote (it has
+    value embeddings) or a trained model must carry a whole one: defaults would flag wrongly."""
+    path = folder / META_FILE
+    if not path.exists():
+        if (folder / VALUE_EMB_FILE).exists():
+            raise ValueError(f"model {uri} has clipdq's {VALUE_EMB_FILE} but no {META_FILE}: it is incomplete")
+        return {}
+    try:
+        meta = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as error:
+        raise ValueError(f"model {uri}: {META_FILE} is not whole JSON ({error})") from None
+    if not isinstance(meta, dict) or meta.get("trained") and not isinstance(meta.get("calibration"), dict):
+        raise ValueError(f"model {uri}: {META_FILE} of a trained model lacks its calibration")
+    return meta
+
+
 def load_model(uri: str, *, device: str | None = None) -> Clip:
     """Load a CLIP from a Hugging Face hub id, a local folder or an s3:// prefix."""
     folder = _local_folder(uri)
@@ -296,8 +313,7 @@ def load_model(uri: str, *, device: str | None = None) -> Clip:
         raise ValueError(f"{uri} holds a {type(model).__name__}, not a CLIP-style dual encoder")
     tokenizer = AutoTokenizer.from_pretrained(folder)
     processor = AutoImageProcessor.from_pretrained(folder)
-    meta_path = Path(folder, META_FILE)
-    meta = json.loads(meta_path.read_text()) if meta_path.exists() else {}
+    meta = _read_meta(Path(folder), uri)
     if "fingerprint" not in meta:  # a plain checkpoint: its files identify it (a hub snapshot's path has its commit)
         meta["fingerprint"] = f"files-{storage.signature(folder)}"
     value_path = Path(folder, VALUE_EMB_FILE)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import base64
 import io
 import json
+import re
 import uuid
 from datetime import datetime, timezone
 
@@ -12,7 +13,7 @@ import jinja2
 import polars as pl
 
 from clipdq import storage
-from clipdq.compare import STATUSES
+from clipdq.compare import NOT_APPLICABLE, STATUSES
 
 TOP_N = 12  # findings shown with thumbnails, per section
 _TEMPLATES = jinja2.Environment(loader=jinja2.PackageLoader("clipdq", "templates"), autoescape=True)
@@ -27,6 +28,7 @@ def new_run(output: str, *, now: datetime | None = None) -> tuple[str, str]:
 
 def counts(findings: pl.DataFrame) -> pl.DataFrame:
     """One row per attribute, one column per status, zeros included."""
+    findings = findings.filter(pl.col("attribute").is_not_null())  # not_applicable rows name no attribute
     wide = findings.pivot(on="status", index="attribute", values="product_id", aggregate_function="len")
     missing = [pl.lit(0, pl.UInt32).alias(s) for s in STATUSES if s not in wide.columns]
     return wide.with_columns(missing).select("attribute", *STATUSES).fill_null(0).sort("attribute")
@@ -37,14 +39,15 @@ def summarize(findings: pl.DataFrame, *, products: int, run: dict, validation: d
     by_attribute = counts(findings)
     reported = findings["product_id"].n_unique()
     warnings = list(validation.get("warnings", []))
-    if reported < products:
-        warnings.append(f"{products - reported} products have no attribute that applies to them (applies_to)")
+    not_applicable = int((findings["status"] == NOT_APPLICABLE).sum())
+    if not_applicable:
+        warnings.append(f"{not_applicable} products have no attribute that applies to them (applies_to)")
     return {
         **run,
         "products": products,
         "products_reported": reported,
         "findings": findings.height,
-        "totals": {s: int(by_attribute[s].sum()) for s in STATUSES},
+        "totals": {s: int(by_attribute[s].sum()) for s in STATUSES} | {NOT_APPLICABLE: not_applicable},
         "by_attribute": by_attribute.to_dicts(),
         "warnings": warnings,
         "expectations": validation.get("expectations", []),
@@ -90,12 +93,18 @@ def render_html(shown: pl.DataFrame, summary: dict, thumbnails: dict[str, bytes 
     return template.render(summary=summary, statuses=STATUSES, sections=sections)
 
 
+def _code_span(text: str) -> str:
+    """``text`` as a Markdown code span that no backtick inside it can close early."""
+    fence = "`" * (max((len(run) for run in re.findall("`+", text)), default=0) + 1)
+    return f"{fence} {text} {fence}"
+
+
 def markdown(summary: dict, folder: str) -> str:
     """Short run summary for a Prefect markdown artifact."""
     t = summary["totals"]
     return (
         f"# clipdq audit {summary['run_id']}\n\n"
-        f"Report: `{storage.join(folder, 'report.html')}`\n\n"
+        f"Report: {_code_span(storage.join(folder, 'report.html'))}\n\n"
         f"{summary['products']} products: **{t['conflict']} conflicts**, **{t['gap']} gaps** with a suggested "
         f"value, {t['invalid_value']} invalid values, {t['image_error']} image errors, {t['uncertain']} uncertain."
     )

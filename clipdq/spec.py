@@ -45,6 +45,9 @@ class Spec:
     image_column: str = "image"
     target_precision: float = 0.9  # flags should be right at least this often
     expected_error_rate: float = 0.1  # prior share of wrong catalog values, sets the conflict bar
+    image_roots: tuple[str, ...] = ()  # folders and s3:// prefixes outside the catalog's own that images may come from
+    allow_image_urls: bool = False  # fetch http(s) image references (global addresses only)
+    max_transient_image_errors: float = 0.05  # share of images lost to outages beyond which a run fails
 
     @property
     def names(self) -> list[str]:
@@ -84,6 +87,19 @@ def _number(raw: Any, where: str) -> float:
     return float(raw)
 
 
+def _flag(raw: Any, where: str) -> bool:
+    if not isinstance(raw, bool):
+        raise SpecError(f"{where} must be true or false, got {raw!r}")
+    return raw
+
+
+def _share(raw: Any, where: str) -> float:
+    share = _number(raw, where)
+    if not 0.0 <= share <= 1.0:
+        raise SpecError(f"{where} must be a share between 0 and 1, got {share}")
+    return share
+
+
 def _attribute(name: str, raw: Any) -> Attribute:
     if not isinstance(raw, dict) or "values" not in raw:
         raise SpecError(f"attribute {name!r} needs a 'values' list")
@@ -118,4 +134,7 @@ def parse_spec(text: str) -> Spec:
         image_column=str(raw.get("image_column", "image")),
         target_precision=target,
         expected_error_rate=_number(raw.get("expected_error_rate", 0.1), "expected_error_rate"),
+        image_roots=_strings(raw.get("image_roots", []), "image_roots"),
+        allow_image_urls=_flag(raw.get("allow_image_urls", False), "allow_image_urls"),
+        max_transient_image_errors=_share(raw.get("max_transient_image_errors", 0.05), "max_transient_image_errors"),
     )

@@ -164,8 +164,14 @@ def signature(prefix: str) -> str:
 
 
 def download_folder(prefix: str, dest: Path) -> Path:
-    """Copy every file under an s3:// prefix into a local folder."""
-    for name in list_files(prefix):
+    """Copy every file under an s3:// prefix into a local folder; a key that would land outside
+    it (``..``, an absolute path) fails the whole copy before anything is written."""
+    root = dest.resolve()
+    names = [name for name in list_files(prefix) if name and not name.endswith("/")]  # "/" ends folder markers
+    for name in names:
+        if name.startswith("/") or not (root / name).resolve().is_relative_to(root):
+            raise ValueError(f"refusing {join(prefix, name)}: its key leads outside the folder it is copied to")
+    for name in names:
         target = dest / name
         target.parent.mkdir(parents=True, exist_ok=True)
         target.write_bytes(read_bytes(join(prefix, name)))

@@ -17,6 +17,7 @@ import torch.nn.functional as F
 
 from clipdq import evaluation, images, locked, model, predict, prototypes
 from clipdq.options import MODES, Mode
+from clipdq.sources import ImageAccess
 from clipdq.splits import NEAR_DUPLICATE_COSINE, Splits, near_duplicate_groups, split_indices
 from clipdq.steps import balanced_batches, batch_loss, run_epochs, schedule, take_step
 from clipdq.spec import Spec, normalize_value
@@ -107,10 +108,11 @@ def encode_labels(frame: pl.DataFrame, spec: Spec) -> dict[str, np.ndarray]:
 
 
 def load_labeled(
-    frame: pl.DataFrame, spec: Spec, *, base: str, pixel_spec: images.PixelSpec, group_column: str | None = None
+    frame: pl.DataFrame, spec: Spec, *, access: ImageAccess, pixel_spec: images.PixelSpec,
+    group_column: str | None = None
 ) -> LabeledSet:
     groups = group_keys(frame, group_column)
-    loaded = images.load_images(frame[spec.image_column].to_list(), base, pixel_spec)
+    loaded = images.load_images(frame[spec.image_column].to_list(), access, pixel_spec)
     if not loaded.ok.any():
         raise ValueError("no labeled image could be read")
     labels = {k: torch.from_numpy(v[loaded.ok]) for k, v in encode_labels(frame, spec).items()}
@@ -304,10 +306,11 @@ def group_near_duplicates(clip: model.Clip, data: LabeledSet, config: TrainConfi
     return f"near-duplicate images (cosine >= {config.near_duplicate_cosine} between image-tower features)"
 
 
-def finetune(clip: model.Clip, frame: pl.DataFrame, spec: Spec, *, base: str, config: TrainConfig) -> model.Clip:
+def finetune(clip: model.Clip, frame: pl.DataFrame, spec: Spec, *, access: ImageAccess, config: TrainConfig
+             ) -> model.Clip:
     """Train on labeled rows (``config.mode``) and record metrics and calibration in the model's metadata."""
     started = time.monotonic()
-    data = load_labeled(frame, spec, base=base, pixel_spec=clip.pixels, group_column=config.group_column)
+    data = load_labeled(frame, spec, access=access, pixel_spec=clip.pixels, group_column=config.group_column)
     log.info("training on %d labeled products (%d without a readable image)", len(data.pixels), data.dropped)
     plain = locked.plain_activations(clip, data, config.unlock_blocks) if config.mode == "locked" else None
     grouping = group_near_duplicates(clip, data, config, plain)

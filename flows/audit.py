@@ -12,9 +12,10 @@ from prefect import flow, get_run_logger, task
 from prefect.artifacts import create_markdown_artifact, create_table_artifact
 from prefect.cache_policies import NO_CACHE
 
-from clipdq import audit, catalog, images, model, report, splits, storage, train
+from clipdq import audit, catalog, images, model, report, sources, splits, storage, train
 from clipdq.cache import EmbeddingCache, cache_key
 from clipdq.compare import FINDINGS_SCHEMA, compare
+from clipdq.sources import ImageAccess
 from clipdq.spec import Spec, parse_spec
 from flows.retries import IO_RETRIES
 
@@ -40,7 +41,8 @@ def load_model(uri: str) -> model.Clip:
 
 
 @task(cache_policy=NO_CACHE)
-def train_fold(start: model.Clip, rows: pl.DataFrame, spec: Spec, base: str, fold: int, max_minutes: float | None,
+def train_fold(start: model.Clip, rows: pl.DataFrame, spec: Spec, access: ImageAccess, fold: int,
+               max_minutes: float | None,
                group_column: str | None = None):
     """A copy of ``start`` fine-tuned on the catalog rows outside one fold.
 
@@ -49,12 +51,12 @@ def train_fold(start: model.Clip, rows: pl.DataFrame, spec: Spec, base: str, fol
     clip = copy.deepcopy(start)
     config = train.config_for(clip, max_minutes=max_minutes, seed=fold, label_noise=spec.expected_error_rate,
                               group_column=group_column)
-    return train.finetune(clip, rows, spec, base=base, config=config)
+    return train.finetune(clip, rows, spec, access=access, config=config)
 
 
 @task(cache_policy=NO_CACHE)
-def choose_backend(clip: model.Clip, backend: str, rows: pl.DataFrame, spec: Spec, base: str):
-    return audit.choose_backend(clip, backend, rows, spec=spec, base=base)
+def choose_backend(clip: model.Clip, backend: str, rows: pl.DataFrame, spec: Spec, access: ImageAccess):
+    return audit.choose_backend(clip, backend, rows, spec=spec, access=access)
 
 
 @task(**IO_RETRIES, cache_policy=NO_CACHE)
@@ -74,15 +76,16 @@ def score(batch: audit.Batch, clip: model.Clip, spec: Spec, value_emb: dict, cal
 
 
 @task(**IO_RETRIES, cache_policy=NO_CACHE)
-def publish(folder: str, findings: pl.DataFrame, summary: dict, keys: pl.DataFrame, spec: Spec, base: str) -> str:
+def publish(folder: str, findings: pl.DataFrame, summary: dict, keys: pl.DataFrame, spec: Spec,
+            access: ImageAccess) -> str:
     shown = report.featured(findings)
     refs = dict(keys.select(pl.col(spec.id_column).cast(pl.String), spec.image_column).iter_rows())
     readable = shown.filter(pl.col("status") != "image_error")["product_id"].unique().to_list()
-    thumbs = {pid: images.thumbnail(refs[pid], base) for pid in readable}
+    thumbs = {pid: images.thumbnail(refs[pid], access) for pid in readable}
     return report.publish_run(folder, findings, summary, report.render_html(shown, summary, thumbs))
 
 
-def _findings(row_batches: Iterable[pl.DataFrame], clip: model.Clip, spec: Spec, *, base: str, progress,
+def _findings(row_batches: Iterable[pl.DataFrame], clip: model.Clip, spec: Spec, *, access: ImageAccess, progress,
               cache: EmbeddingCache | None = None):
     """(findings, calibration as JSON) of the catalog rows in ``row_batches``, scored by ``clip``.
 
@@ -91,7 +94,7 @@ def _findings(row_batches: Iterable[pl.DataFrame], clip: model.Clip, spec: Spec,
     """
     calibration = audit.calibration_for(clip, spec)
     value_emb = audit.value_embeddings_for(clip, spec)  # once per run, shared by every batch
-    prepare = functools.partial(audit.prepare_batch, spec=spec, base=base, pixels=clip.pixels, cache=cache)
+    prepare = functools.partial(audit.prepare_batch, spec=spec, access=access, pixels=clip.pixels, cache=cache)
     parts = [pl.DataFrame(schema=FINDINGS_SCHEMA)]
     for batch in audit.prepared_batches(row_batches, prepare):
         predictions = score(batch, clip, spec, value_emb, calibration, cache)
@@ -101,15 +104,15 @@ def _findings(row_batches: Iterable[pl.DataFrame], clip: model.Clip, spec: Spec,
 
 
 def _cross_fitted(frame: pl.DataFrame, clip: model.Clip, spec: Spec, *, k: int, fold_minutes: float | None,
-                  group_column: str | None, base: str, batch_size: int, progress):
+                  group_column: str | None, access: ImageAccess, batch_size: int, progress):
     """(findings, one calibration per fold): each fold scored by ``clip`` fine-tuned on the other folds."""
     groups = train.group_keys(frame, group_column)
     folds = pl.Series(splits.fold_of(train.encode_labels(frame, spec), k=k, seed=0, groups=groups))
     parts = []
     for fold in range(k):
         get_run_logger().info("cross-fitting: training the model for fold %d of %d", fold + 1, k)
-        fold_clip = train_fold(clip, frame.filter(folds != fold), spec, base, fold, fold_minutes, group_column)
-        parts.append(_findings(audit.batches(frame.filter(folds == fold), batch_size), fold_clip, spec, base=base,
+        fold_clip = train_fold(clip, frame.filter(folds != fold), spec, access, fold, fold_minutes, group_column)
+        parts.append(_findings(audit.batches(frame.filter(folds == fold), batch_size), fold_clip, spec, access=access,
                                progress=progress))
     return pl.concat([findings for findings, _ in parts]), [calibration for _, calibration in parts]
 
@@ -126,6 +129,7 @@ def audit_catalog(
     group_column: str | None = None,
     embedding_cache: bool = True,
     backend: str = "fp32",
+    image_roots: list[str] | None = None,
 ) -> str:
     """Audit a catalog; returns the run folder holding findings, summary, report and manifest.
 
@@ -142,6 +146,11 @@ def audit_catalog(
     ``backend`` "int8" (CPU) or "bf16" runs the image tower faster, where its predictions on the
     catalog's first batch of images agree with fp32's for at least 99% of them; else the run stays
     on fp32. The summary's ``backend`` says what was measured and used.
+
+    ``image_roots`` are folders and ``s3://`` prefixes outside the catalog's own that its images
+    may come from, besides the spec's ``image_roots``; a reference elsewhere is an ``image_error``.
+    When more than the spec's ``max_transient_image_errors`` share of images is lost to storage or
+    network errors, the run fails and publishes nothing: an outage is not a finding.
     """
     if cross_fit == 1 or cross_fit < 0:
         raise ValueError(f"cross_fit must be 0 (off) or at least 2 folds, not {cross_fit}")
@@ -154,29 +163,31 @@ def audit_catalog(
     spec = load_spec(spec_uri)
     source = open_catalog(catalog_uri)
     keys, validation = validate_catalog(source, spec)
-    base = storage.parent(catalog_uri)
+    access = sources.catalog_access(catalog_uri, spec, image_roots or ())
     clip = load_model(model_uri)
     backend_check = {"requested": backend, "used": backend}
     if backend != "fp32" and source.rows:
-        clip, backend_check = choose_backend(clip, backend, next(source.batches(batch_size)), spec, base)
+        clip, backend_check = choose_backend(clip, backend, next(source.batches(batch_size)), spec, access)
         logger.info("backend %s: predictions agree with fp32 for %s of %d images checked; using %s", backend,
                     backend_check["agreement"], backend_check["images_checked"], backend_check["used"])
-    images_seen = {"scored": 0, "from_cache": 0, "embedded": 0}
+    images_seen = {"scored": 0, "from_cache": 0, "embedded": 0, "lost_to_outages": 0}
 
     def progress(batch: audit.Batch) -> None:
         images_seen["scored"] += batch.rows.height
         images_seen["from_cache"] += len(batch.cached)
         images_seen["embedded"] += len(batch.to_embed)
+        images_seen["lost_to_outages"] += batch.transient
+        audit.check_outage(images_seen["lost_to_outages"], source.rows, spec.max_transient_image_errors)
         logger.info("scored %d/%d products (%d images from the cache)", images_seen["scored"], source.rows,
                     images_seen["from_cache"])
 
     if cross_fit:
         findings, calibration = _cross_fitted(source.read(), clip, spec, k=cross_fit, fold_minutes=fold_minutes,
-                                              group_column=group_column, base=base, batch_size=batch_size,
+                                              group_column=group_column, access=access, batch_size=batch_size,
                                               progress=progress)
     else:
         cache = open_cache(output_uri, clip) if embedding_cache else None
-        findings, calibration = _findings(source.batches(batch_size), clip, spec, base=base, progress=progress,
+        findings, calibration = _findings(source.batches(batch_size), clip, spec, access=access, progress=progress,
                                           cache=cache)
         if cache is not None:
             save_cache(cache)
@@ -184,7 +195,7 @@ def audit_catalog(
            "model_fingerprint": clip.fingerprint(), "target_precision": spec.target_precision,
            "cross_fit": cross_fit, "calibration": calibration, "images": images_seen, "backend": backend_check}
     summary = report.summarize(findings, products=source.rows, run=run, validation=validation)
-    publish(folder, findings, summary, keys, spec, base)
+    publish(folder, findings, summary, keys, spec, access)
     create_table_artifact(key="clipdq-audit-counts", table=summary["by_attribute"],
                           description=f"Findings per attribute, run {run_id}")
     create_markdown_artifact(key="clipdq-audit-report", markdown=report.markdown(summary, folder),

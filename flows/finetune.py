@@ -6,7 +6,7 @@ from prefect import flow, get_run_logger, task
 from prefect.artifacts import create_table_artifact
 from prefect.cache_policies import NO_CACHE
 
-from clipdq import catalog, model, storage, train
+from clipdq import catalog, model, sources, storage, train
 from clipdq.spec import parse_spec
 from flows.retries import IO_RETRIES
 
@@ -30,7 +30,7 @@ def fit(clip: model.Clip, catalog_uri: str, spec_text: str, config: train.TrainC
     frame = catalog.read_catalog(catalog_uri)
     spec = parse_spec(spec_text)
     catalog.check_schema(frame.schema, spec)
-    return train.finetune(clip, frame, spec, base=storage.parent(catalog_uri), config=config)
+    return train.finetune(clip, frame, spec, access=sources.catalog_access(catalog_uri, spec), config=config)
 
 
 @task(**IO_RETRIES, cache_policy=NO_CACHE)

@@ -11,6 +11,7 @@ import pytest
 from clipdq import model, sample_data, storage, train
 from clipdq.catalog import read_catalog
 from clipdq.spec import Spec, parse_spec
+from clipdq.sources import access_for
 
 N_LABELED = 60
 N_CATALOG = 100
@@ -43,7 +44,7 @@ def spec(sample_dir: Path) -> Spec:
 def labeled(sample_dir: Path, spec: Spec) -> train.LabeledSet:
     """The sample's labeled products, loaded at the tiny model's resolution."""
     pixels = model.init_model(spec).pixels
-    return train.load_labeled(read_catalog(str(sample_dir / "labeled.parquet")), spec, base=str(sample_dir),
+    return train.load_labeled(read_catalog(str(sample_dir / "labeled.parquet")), spec, access=access_for(str(sample_dir)),
                               pixel_spec=pixels)
 
 
@@ -60,7 +61,7 @@ def trained_model_dir(tmp_path_factory: pytest.TempPathFactory, sample_dir: Path
     """A tiny CLIP fine-tuned for two epochs on the sample's labeled products, saved."""
     clip = model.init_model(spec, "tiny", seed=0)
     labeled = read_catalog(str(sample_dir / "labeled.parquet"))
-    train.finetune(clip, labeled, spec, base=str(sample_dir), config=train.TrainConfig(epochs=2))
+    train.finetune(clip, labeled, spec, access=access_for(str(sample_dir)), config=train.TrainConfig(epochs=2))
     folder = tmp_path_factory.mktemp("trained-model")
     model.save_model(clip, str(folder))
     return folder
@@ -84,7 +85,7 @@ def flagging_model_dir(tmp_path_factory: pytest.TempPathFactory, flagging_labele
     clip = model.init_model(spec, "efficientnet-lite0")
     config = train.config_for(clip, val_fraction=0.5, test_fraction=0.0, views=1)
     labeled = read_catalog(str(flagging_labeled_dir / "labeled.parquet"))
-    train.finetune(clip, labeled, spec, base=str(flagging_labeled_dir), config=config)
+    train.finetune(clip, labeled, spec, access=access_for(str(flagging_labeled_dir)), config=config)
     folder = tmp_path_factory.mktemp("flagging-model")
     model.save_model(clip, str(folder))
     return folder

@@ -11,6 +11,7 @@ from polars.testing import assert_frame_equal
 
 from clipdq import audit, cache, images, model
 from clipdq.catalog import read_catalog
+from clipdq.sources import access_for
 
 
 def test_prepared_batches_keep_the_order_and_work_ahead_of_the_consumer():
@@ -43,7 +44,7 @@ def test_scores_of_cached_embeddings_equal_fresh_ones_and_a_failed_first_image_i
                "calibration": audit.calibration_for(clip, spec), "cache": store}
 
     def run() -> tuple[pl.DataFrame, list[audit.Batch]]:
-        prepared = [audit.prepare_batch(rows, spec=spec, base=str(sample_dir), pixels=clip.pixels, cache=store)
+        prepared = [audit.prepare_batch(rows, spec=spec, access=access_for(str(sample_dir)), pixels=clip.pixels, cache=store)
                     for rows in audit.batches(frame, 16)]
         return pl.concat([audit.score_batch(batch, **options) for batch in prepared]), prepared
 
@@ -63,14 +64,14 @@ def test_scores_of_cached_embeddings_equal_fresh_ones_and_a_failed_first_image_i
 def test_a_faster_backend_is_used_only_where_it_agrees_with_fp32(sample_dir, spec, trained_model_dir):
     clip = model.load_model(str(trained_model_dir), device="cpu")
     rows = read_catalog(str(sample_dir / "catalog.parquet")).head(24)
-    options = {"spec": spec, "base": str(sample_dir)}
+    options = {"spec": spec, "access": access_for(str(sample_dir))}
 
     fast, used = audit.choose_backend(clip, "int8", rows, **options, min_agreement=0.0)
     kept, refused = audit.choose_backend(clip, "int8", rows, **options, min_agreement=1.01)
     unreadable, unchecked = audit.choose_backend(clip, "int8", rows.with_columns(image=pl.lit("nope.jpg")),
                                                  **options, min_agreement=0.0)
 
-    readable = images.load_images(rows["image"].to_list(), str(sample_dir), clip.pixels).ok.sum()
+    readable = images.load_images(rows["image"].to_list(), access_for(str(sample_dir)), clip.pixels).ok.sum()
     assert used["images_checked"] == refused["images_checked"] == readable > 0
     assert 0.9 <= used["agreement"] == refused["agreement"] <= 1.0
     assert (fast.backend, used["used"]) == ("int8", "int8")

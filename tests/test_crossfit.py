@@ -13,6 +13,7 @@ import yaml
 from clipdq import model, sample_data, splits, train
 from clipdq.catalog import read_catalog
 from clipdq.spec import parse_spec
+from clipdq.sources import access_for
 from flows.audit import audit_catalog
 
 COLOR_SPEC = yaml.safe_dump({"target_precision": 0.9,
@@ -55,7 +56,7 @@ def test_cross_fitting_finds_planted_errors_that_an_in_sample_audit_misses(noisy
     # as a large pretrained CLIP is after a few epochs.
     fitted = model.init_model(spec, seed=0)
     closely = train.TrainConfig(epochs=60, patience=60, augment=False, keep_best=False)
-    train.finetune(fitted, read_catalog(str(catalog)), spec, base=str(noisy_catalog), config=closely)
+    train.finetune(fitted, read_catalog(str(catalog)), spec, access=access_for(str(noisy_catalog)), config=closely)
     model.save_model(fitted, str(tmp_path / "in-sample"))
     model.save_model(model.init_model(spec, seed=0), str(tmp_path / "init"))
 

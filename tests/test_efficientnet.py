@@ -12,6 +12,7 @@ import torch
 
 from clipdq import efficientnet, images, locked, model, splits, train
 from clipdq.catalog import read_catalog
+from clipdq.sources import access_for
 
 GROCERY = Path(__file__).resolve().parents[2] / "shared" / "datasets" / "grocery_store"
 TOWER_PIXELS = images.PixelSpec(224, 224, efficientnet.PIXEL_MEAN, efficientnet.PIXEL_STD)
@@ -68,7 +69,7 @@ def test_init_model_keeps_the_pretrained_tower_in_a_safetensors_folder_that_auto
 
 @pytest.fixture(scope="module")
 def labeled_at_224(sample_dir, spec) -> train.LabeledSet:
-    return train.load_labeled(read_catalog(str(sample_dir / "labeled.parquet")), spec, base=str(sample_dir),
+    return train.load_labeled(read_catalog(str(sample_dir / "labeled.parquet")), spec, access=access_for(str(sample_dir)),
                               pixel_spec=TOWER_PIXELS)
 
 
@@ -138,7 +139,7 @@ def test_faster_backends_of_the_trained_tower_agree_with_fp32(sample_dir, spec, 
     clip = model.load_model(str(flagging_model_dir), device="cpu")
     rows = read_catalog(str(sample_dir / "catalog.parquet")).head(32)
 
-    fast, measured = audit.choose_backend(clip, backend, rows, spec=spec, base=str(sample_dir))
+    fast, measured = audit.choose_backend(clip, backend, rows, spec=spec, access=access_for(str(sample_dir)))
 
     assert measured["images_checked"] > 20 and measured["agreement"] >= 0.8  # measured: int8 1.0, bf16 0.94
     assert measured["used"] == (backend if measured["agreement"] >= audit.MIN_AGREEMENT else "fp32")

@@ -12,6 +12,7 @@ import yaml
 
 from clipdq import images, model, train
 from clipdq.spec import parse_spec
+from clipdq.sources import access_for
 from flows.audit import audit_catalog
 from grocery import DEFAULT_DATA, load_catalog
 
@@ -37,7 +38,7 @@ def test_real_photos_decode_to_the_models_pixels(grocery):
     sample = grocery.sample(40, seed=0)
     spec = images.PixelSpec(224, 224, (0.48, 0.46, 0.41), (0.27, 0.26, 0.28))
 
-    loaded = images.load_images(sample["image"].to_list(), str(DEFAULT_DATA), spec)
+    loaded = images.load_images(sample["image"].to_list(), access_for(str(DEFAULT_DATA)), spec)
 
     assert loaded.ok.all(), loaded.errors
     assert loaded.pixels.shape == (40, 3, 224, 224)
@@ -62,7 +63,7 @@ def test_the_pretrained_tower_flags_planted_errors_in_photos_from_other_sessions
 
     clip = model.init_model(spec, "efficientnet-lite0")
     config = train.config_for(clip, views=1, val_fraction=0.3, test_fraction=0)  # 270 rows: enough for the conflict bar
-    train.finetune(clip, labeled, spec, base=str(DEFAULT_DATA), config=config)
+    train.finetune(clip, labeled, spec, access=access_for(str(DEFAULT_DATA)), config=config)
     model.save_model(clip, str(tmp_path / "model"))
     run = audit_catalog(str(tmp_path / "catalog.parquet"), str(tmp_path / "spec.yaml"), str(tmp_path / "model"),
                         str(tmp_path / "reports"))

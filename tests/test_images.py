@@ -14,6 +14,7 @@ from transformers import AutoImageProcessor, CLIPImageProcessor
 from transformers.image_utils import OPENAI_CLIP_MEAN, OPENAI_CLIP_STD
 
 from clipdq import images, model
+from clipdq.sources import access_for
 
 SIZE = 32
 PIXELS = images.PixelSpec(SIZE, SIZE, tuple(OPENAI_CLIP_MEAN), tuple(OPENAI_CLIP_STD))
@@ -105,7 +106,7 @@ def test_load_images_keeps_good_images_and_explains_each_failure(image_folder):
         "bomb.png",
     ]
 
-    loaded = images.load_images(refs, str(image_folder), PIXELS)
+    loaded = images.load_images(refs, access_for(str(image_folder)), PIXELS)
 
     expected_ok = [True, True, True, True, False, False, False, False, True, False, False]
     assert loaded.ok.tolist() == expected_ok
@@ -124,7 +125,7 @@ def test_load_images_keeps_good_images_and_explains_each_failure(image_folder):
 
 def test_load_images_rows_follow_the_input_order(image_folder):
     loaded = images.load_images(["rotated.jpg", "missing.jpg", "good.jpg"], str(image_folder), PIXELS)
-    alone = images.load_images(["good.jpg"], str(image_folder), PIXELS)
+    alone = images.load_images(["good.jpg"], access_for(str(image_folder)), PIXELS)
 
     assert loaded.ok.tolist() == [True, False, True]
     np.testing.assert_array_equal(loaded.pixels[1], alone.pixels[0])
@@ -146,7 +147,7 @@ def test_transparent_palette_pixels_are_flattened_on_white():
 
 
 def test_transparent_area_is_white_in_model_pixels(image_folder):
-    pixels = images.load_images(["palette.png"], str(image_folder), PIXELS).pixels[0]
+    pixels = images.load_images(["palette.png"], access_for(str(image_folder)), PIXELS).pixels[0]
 
     np.testing.assert_allclose(pixels[:, SIZE // 2, 0], WHITE, atol=0.02)
 
@@ -219,30 +220,10 @@ def test_saved_model_processor_and_pixel_spec_agree(init_model_dir):
     assert np.abs(ours - reference).max() < TOLERANCE
 
 
-@pytest.mark.parametrize(
-    "host", ["127.0.0.1", "10.0.0.1", "100.64.0.1", "::ffff:127.0.0.1", "169.254.169.254", "192.168.1.20", "::1"]
-)
-def test_non_public_hosts_are_refused(host):
-    with pytest.raises(ValueError, match="non-public address"):
-        images._check_public_host(host)
-
-
-@pytest.mark.parametrize("host", ["8.8.8.8", "1.1.1.1"])
-def test_public_hosts_are_allowed(host):
-    images._check_public_host(host)  # literal addresses: no DNS lookup, no connection
-
-
-def test_url_to_an_internal_address_becomes_an_image_error(tmp_path):
-    loaded = images.load_images(["http://127.0.0.1:9/latest/meta-data"], str(tmp_path), PIXELS)
-
-    assert loaded.ok.tolist() == [False]
-    assert "non-public address 127.0.0.1" in loaded.errors[0]
-
-
 def test_thumbnail_is_a_small_jpeg_or_none(image_folder):
-    jpeg = images.thumbnail("good.jpg", str(image_folder), size=24)
+    jpeg = images.thumbnail("good.jpg", access_for(str(image_folder)), size=24)
 
     with Image.open(io.BytesIO(jpeg)) as thumb:
         assert thumb.format == "JPEG" and max(thumb.size) <= 24
-    assert images.thumbnail("missing.jpg", str(image_folder)) is None
-    assert images.thumbnail("truncated.jpg", str(image_folder)) is None
+    assert images.thumbnail("missing.jpg", access_for(str(image_folder))) is None
+    assert images.thumbnail("truncated.jpg", access_for(str(image_folder))) is None

@@ -13,6 +13,7 @@ import pytest
 from clipdq import audit, evaluation, model, predict, prototypes, splits, train
 from clipdq.catalog import read_catalog
 from clipdq.spec import parse_spec
+from clipdq.sources import access_for
 
 
 @pytest.fixture(scope="module")
@@ -275,10 +276,10 @@ def test_finetune_splits_by_the_group_column(sample_dir, spec):
     clip = model.init_model(spec)
     config = train.TrainConfig(epochs=1, mode="prototype", group_column="family")
 
-    data = train.load_labeled(frame, spec, base=str(sample_dir), pixel_spec=clip.pixels, group_column="family")
+    data = train.load_labeled(frame, spec, access=access_for(str(sample_dir)), pixel_spec=clip.pixels, group_column="family")
     splits = train.default_splits(data, config)
 
     sides = [set(data.groups[rows]) for rows in splits]
     assert not (sides[0] & sides[1] or sides[0] & sides[2] or sides[1] & sides[2])
     with pytest.raises(ValueError, match="group column 'nope'"):
-        train.load_labeled(frame, spec, base=str(sample_dir), pixel_spec=clip.pixels, group_column="nope")
+        train.load_labeled(frame, spec, access=access_for(str(sample_dir)), pixel_spec=clip.pixels, group_column="nope")

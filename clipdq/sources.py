@@ -1,0 +1,279 @@
+"""Where a catalog's image references may lead, and bounded reads of the bytes they name.
+
+A reference is judged by where it resolves (after ``..`` and symlinks), not by how it is
+written: inside the catalog's own folder or ``s3://`` prefix is allowed; other folders and
+prefixes only when listed in ``roots`` (the spec's ``image_roots`` and ``--image-root``);
+``http(s)`` URLs only when enabled, and only to global addresses. Every read has a byte cap and a
+whole-read deadline; a local reference must be a regular file.
+
+Vocabulary: ``ref`` a catalog cell (path, ``s3://`` URI, URL, or the image bytes themselves),
+``access`` the ``ImageAccess`` a run allows.
+"""
+
+from __future__ import annotations
+
+import http.client
+import ipaddress
+import os
+import posixpath
+import re
+import socket
+import ssl
+import stat
+import time
+import urllib.parse
+from collections.abc import Iterable
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+
+from botocore.exceptions import BotoCoreError, ClientError
+
+from clipdq import storage
+from clipdq.spec import Spec
+
+MAX_IMAGE_BYTES = 50 * 2**20
+READ_DEADLINE_S = 30.0  # for the whole read of one image, not per socket operation
+MAX_REDIRECTS = 3
+URL_CONTENT_TYPES = ("image/", "application/octet-stream")
+TRANSIENT_S3_CODES = {"SlowDown", "ServiceUnavailable", "InternalError", "RequestTimeout", "Throttling",
+                      "500", "502", "503", "504"}
+
+
+@dataclass(frozen=True)
+class ImageAccess:
+    """Where the image references of one catalog may lead.
+
+    ``base`` is the catalog's folder or ``s3://`` prefix: relative references start there and
+    anything under it is allowed. ``roots`` are the other folders and prefixes a user allowed.
+    ``private_networks`` lets URLs reach non-global addresses: for tests against a local server only.
+    """
+
+    base: str
+    roots: tuple[str, ...] = ()
+    urls: bool = False
+    private_networks: tuple[str, ...] = ()
+
+    def allowed(self) -> tuple[str, ...]:
+        return (self.base, *self.roots)
+
+
+@dataclass(frozen=True)
+class Fetched:
+    """One catalog cell's image bytes, or why there are none (``transient``: an outage, not the data)."""
+
+    data: bytes | None = None
+    error: str | None = None
+    transient: bool = False
+
+
+class ImageError(ValueError):
+    """An image reference that cannot be read; ``transient`` when a retry later could succeed."""
+
+    def __init__(self, detail: str, *, transient: bool = False):
+        super().__init__(detail)
+        self.transient = transient
+
+
+def _inside(path: str, root: str) -> bool:
+    return path == root or path.startswith(root.rstrip("/") + "/")
+
+
+def _local_root(root: str) -> str:
+    return os.path.realpath(root)
+
+
+def locate(ref: str, access: ImageAccess) -> str:
+    """The URI ``ref`` resolves to, where ``access`` allows it; raises ImageError saying how to allow it."""
+    if "\x00" in ref:
+        raise ImageError("image reference holds a NUL character")
+    if ref.startswith(("http://", "https://")):
+        if not access.urls:
+            raise ImageError("image URLs are not enabled: set allow_image_urls: true in the spec to fetch them")
+        return ref
+    scheme = re.match(r"[a-zA-Z][a-zA-Z0-9+.-]*://", ref)
+    if scheme and not storage.is_s3(ref):
+        raise ImageError(f"unsupported image reference scheme: {scheme.group(0)}")
+    if storage.is_s3(ref) or (storage.is_s3(access.base) and not ref.startswith("/")):
+        uri = ref if storage.is_s3(ref) else storage.join(access.base, ref)
+        bucket, key = storage.split_s3(uri)
+        if any(part in ("..", ".") for part in key.split("/")):
+            raise ImageError("image reference leaves its prefix through '.' or '..'")
+        uri = f"s3://{bucket}/{posixpath.normpath(key)}"
+        if not any(storage.is_s3(root) and _inside(uri, root.rstrip("/")) for root in access.allowed()):
+            raise ImageError(f"image {uri} is outside the catalog's prefix: add its prefix to image_roots "
+                             "(spec) or --image-root to allow it")
+        return uri
+    path = os.path.realpath(ref if os.path.isabs(ref) else os.path.join(access.base, ref))
+    if not any(not storage.is_s3(root) and _inside(path, _local_root(root)) for root in access.allowed()):
+        raise ImageError("image path resolves outside the catalog's folder: add its folder to image_roots "
+                         "(spec) or --image-root to allow it")
+    return path
+
+
+def _read_local(path: str) -> bytes:
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK)  # a FIFO must not block the open
+    except FileNotFoundError:
+        raise ImageError("image file not found") from None
+    except OSError as error:
+        raise ImageError(f"image file cannot be opened: {error.strerror}") from None
+    with os.fdopen(fd, "rb") as handle:
+        info = os.fstat(handle.fileno())
+        if not stat.S_ISREG(info.st_mode):
+            raise ImageError("image path is not a regular file")
+        if info.st_size > MAX_IMAGE_BYTES:
+            raise ImageError(f"image file larger than {MAX_IMAGE_BYTES} bytes")
+        data = handle.read(MAX_IMAGE_BYTES + 1)
+    if len(data) > MAX_IMAGE_BYTES:
+        raise ImageError(f"image file larger than {MAX_IMAGE_BYTES} bytes")
+    return data
+
+
+def _read_s3(uri: str, deadline: float) -> bytes:
+    bucket, key = storage.split_s3(uri)
+    try:
+        body = storage.s3_client().get_object(Bucket=bucket, Key=key, Range=f"bytes=0-{MAX_IMAGE_BYTES}")["Body"]
+        data = _bounded(body.iter_chunks(1 << 16), deadline)
+    except ClientError as error:
+        code = error.response["Error"]["Code"]
+        if code in ("NoSuchKey", "404", "NotFound"):
+            raise ImageError("image object not found") from None
+        if code == "InvalidRange":  # a range of an empty object
+            return b""
+        raise ImageError(f"image fetch failed: S3 {code}", transient=code in TRANSIENT_S3_CODES) from None
+    except BotoCoreError as error:  # connection refused, timeouts, ...
+        raise ImageError(f"image fetch failed: {type(error).__name__}", transient=True) from None
+    return data
+
+
+def _bounded(chunks, deadline: float) -> bytes:
+    """The chunks joined, refusing more than MAX_IMAGE_BYTES and reads past ``deadline``."""
+    out, size = [], 0
+    for chunk in chunks:
+        size += len(chunk)
+        if size > MAX_IMAGE_BYTES:
+            raise ImageError(f"image larger than {MAX_IMAGE_BYTES} bytes")
+        if time.monotonic() > deadline:
+            raise ImageError(f"image read took longer than {READ_DEADLINE_S:.0f} s", transient=True)
+        out.append(chunk)
+    return b"".join(out)
+
+
+def _public_address(host: str, access: ImageAccess) -> str:
+    """The one address ``host`` resolves to that the fetch will connect to; every address it
+    resolves to must be global (or in ``access.private_networks``)."""
+    try:
+        infos = socket.getaddrinfo(host, None, proto=socket.IPPROTO_TCP)
+    except socket.gaierror as error:
+        raise ImageError(f"image URL host {host!r} does not resolve: {error.strerror}", transient=True) from None
+    allowed = [ipaddress.ip_network(n) for n in access.private_networks]
+    addresses = []
+    for *_, sockaddr in infos:
+        ip = ipaddress.ip_address(sockaddr[0])
+        ip = getattr(ip, "ipv4_mapped", None) or ip
+        if not ip.is_global and not any(ip in network for network in allowed):
+            raise ImageError(f"image URL host {host!r} resolves to non-public address {ip}")
+        addresses.append(str(ip))
+    return addresses[0]
+
+
+class _PinnedHTTPS(http.client.HTTPSConnection):
+    """HTTPS to an address already checked, with the certificate checked against the URL's host."""
+
+    def __init__(self, address: str, host: str, port: int, timeout: float):
+        super().__init__(host, port, timeout=timeout, context=ssl.create_default_context())
+        self._address = address
+
+    def connect(self) -> None:
+        sock = socket.create_connection((self._address, self.port), self.timeout)
+        self.sock = self._context.wrap_socket(sock, server_hostname=self.host)
+
+
+def _open_url(url: str, access: ImageAccess, deadline: float) -> http.client.HTTPResponse:
+    parts = urllib.parse.urlsplit(url)
+    if parts.scheme not in ("http", "https") or not parts.hostname:
+        raise ImageError("image URL must be http(s) with a host")
+    if parts.username is not None or parts.password is not None:
+        raise ImageError("image URL carries user info (user@host): refused")
+    address = _public_address(parts.hostname, access)
+    port = parts.port or (443 if parts.scheme == "https" else 80)
+    timeout = max(0.1, deadline - time.monotonic())
+    if parts.scheme == "https":
+        connection = _PinnedHTTPS(address, parts.hostname, port, timeout)
+    else:
+        connection = http.client.HTTPConnection(address, port, timeout=timeout)
+    path = urllib.parse.urlunsplit(("", "", parts.path or "/", parts.query, ""))
+    connection.request("GET", path, headers={"Host": parts.netloc, "User-Agent": "clipdq"})
+    return connection.getresponse()
+
+
+def _read_url(url: str, access: ImageAccess, deadline: float) -> bytes:
+    """GET ``url``, following up to MAX_REDIRECTS redirects, each hop's host checked again."""
+    try:
+        for _ in range(MAX_REDIRECTS + 1):
+            response = _open_url(url, access, deadline)
+            if response.status in (301, 302, 303, 307, 308) and response.getheader("Location"):
+                url = urllib.parse.urljoin(url, response.getheader("Location"))
+                response.close()
+                continue
+            if response.status >= 400:
+                raise ImageError(f"image URL answered HTTP {response.status}", transient=response.status >= 500)
+            kind = (response.getheader("Content-Type") or "").lower()
+            if not kind.startswith(URL_CONTENT_TYPES):
+                raise ImageError(f"image URL sent content type {kind or 'none'!r}, not an image")
+            length = response.getheader("Content-Length")
+            if length and length.isdigit() and int(length) > MAX_IMAGE_BYTES:
+                raise ImageError(f"image larger than {MAX_IMAGE_BYTES} bytes")
+            return _bounded(iter(lambda: response.read1(1 << 16), b""), deadline)
+        raise ImageError(f"image URL redirected more than {MAX_REDIRECTS} times")
+    except (TimeoutError, socket.timeout):
+        raise ImageError(f"image read took longer than {READ_DEADLINE_S:.0f} s", transient=True) from None
+    except (OSError, http.client.HTTPException) as error:
+        raise ImageError(f"image fetch failed: {type(error).__name__}: {error}"[:300], transient=True) from None
+
+
+def fetch(ref: str | bytes | None, access: ImageAccess) -> bytes:
+    """Image bytes for a catalog cell: raw bytes as they are, else read where ``access`` allows."""
+    if ref is None or ref == "" or ref == b"":
+        raise ImageError("no image given in the catalog")
+    if isinstance(ref, bytes):
+        if len(ref) > MAX_IMAGE_BYTES:
+            raise ImageError(f"image larger than {MAX_IMAGE_BYTES} bytes")
+        return ref
+    uri = locate(ref, access)
+    deadline = time.monotonic() + READ_DEADLINE_S
+    if uri.startswith(("http://", "https://")):
+        data = _read_url(uri, access, deadline)
+    elif storage.is_s3(uri):
+        data = _read_s3(uri, deadline)
+    else:
+        data = _read_local(uri)
+    if not data:
+        raise ImageError("image is empty (0 bytes)")
+    return data
+
+
+def fetch_one(ref: str | bytes | None, access: ImageAccess) -> Fetched:
+    try:
+        return Fetched(data=fetch(ref, access))
+    except ImageError as error:
+        return Fetched(error=str(error)[:300], transient=error.transient)
+
+
+def fetch_all(refs: list, access: ImageAccess, *, workers: int = 4) -> list[Fetched]:
+    """One ``Fetched`` per catalog cell, fetched in a thread pool."""
+    with ThreadPoolExecutor(max_workers=workers) as pool:
+        return list(pool.map(lambda ref: fetch_one(ref, access), refs))
+
+
+def access_for(base: str, roots: Iterable[str] = (), *, urls: bool = False) -> ImageAccess:
+    """The access of a catalog in ``base`` (its folder or prefix), local roots made absolute."""
+    return ImageAccess(base=base, roots=tuple(r if storage.is_s3(r) else str(Path(r).resolve()) for r in roots),
+                       urls=urls)
+
+
+def catalog_access(catalog_uri: str, spec: Spec, roots: Iterable[str] = ()) -> ImageAccess:
+    """What the images of the catalog at ``catalog_uri`` may reach: its own folder, the spec's
+    ``image_roots`` and ``roots`` (``--image-root``), URLs where the spec allows them."""
+    return access_for(storage.parent(catalog_uri), [*spec.image_roots, *roots], urls=spec.allow_image_urls)
