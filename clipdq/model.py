@@ -175,6 +175,7 @@ def save_model(clip: Clip, folder: str) -> str:
     target.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=target.parent, prefix=f".{target.name}.") as tmp:
         path = Path(tmp) / "model"
+        clip.model.config.clipdq_metadata = META_FILE  # says a whole clipdq.json belongs beside the weights
         clip.model.save_pretrained(path, safe_serialization=True)
         clip.tokenizer.save_pretrained(path)
         CLIPImageProcessor(
@@ -288,13 +289,14 @@ def _local_folder(uri: str) -> str:
     return str(cache)
 
 
-def _read_meta(folder: Path, uri: str) -> dict:
-    """``clipdq.json`` of a model folder; {} for a plain checkpoint. A folder clipdq wrote (it has
-    value embeddings) or a trained model must carry a whole one: defaults would flag wrongly."""
+def _read_meta(folder: Path, uri: str, *, expected: bool) -> dict:
+    """``clipdq.json`` of a model folder; {} for a plain checkpoint. A folder clipdq wrote
+    (``expected``, from its config, or value embeddings beside it) must carry a whole one, and a
+    trained model its calibration: audit defaults would flag wrongly."""
     path = folder / META_FILE
     if not path.exists():
-        if (folder / VALUE_EMB_FILE).exists():
-            raise ValueError(f"model {uri} has clipdq's {VALUE_EMB_FILE} but no {META_FILE}: it is incomplete")
+        if expected or (folder / VALUE_EMB_FILE).exists():
+            raise ValueError(f"model {uri} was saved by clipdq but has no {META_FILE}: it is incomplete")
         return {}
     try:
         meta = json.loads(path.read_text())
@@ -313,7 +315,7 @@ def load_model(uri: str, *, device: str | None = None) -> Clip:
         raise ValueError(f"{uri} holds a {type(model).__name__}, not a CLIP-style dual encoder")
     tokenizer = AutoTokenizer.from_pretrained(folder)
     processor = AutoImageProcessor.from_pretrained(folder)
-    meta = _read_meta(Path(folder), uri)
+    meta = _read_meta(Path(folder), uri, expected=hasattr(model.config, "clipdq_metadata"))
     if "fingerprint" not in meta:  # a plain checkpoint: its files identify it (a hub snapshot's path has its commit)
         meta["fingerprint"] = f"files-{storage.signature(folder)}"
     value_path = Path(folder, VALUE_EMB_FILE)

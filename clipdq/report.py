@@ -42,6 +42,8 @@ def summarize(findings: pl.DataFrame, *, products: int, run: dict, validation: d
     not_applicable = int((findings["status"] == NOT_APPLICABLE).sum())
     if not_applicable:
         warnings.append(f"{not_applicable} products have no attribute that applies to them (applies_to)")
+    if reported < products:  # compare reports every product: fewer means rows were lost on the way
+        warnings.append(f"{products - reported} products are missing from the findings")
     return {
         **run,
         "products": products,

@@ -118,10 +118,11 @@ def _read_local(path: str) -> bytes:
         raise ImageError("image file not found") from None
     except OSError as error:
         raise ImageError(f"image file cannot be opened: {error.strerror}") from None
+    info = os.fstat(fd)
+    if not stat.S_ISREG(info.st_mode):
+        os.close(fd)
+        raise ImageError("image path is not a regular file")
     with os.fdopen(fd, "rb") as handle:
-        info = os.fstat(handle.fileno())
-        if not stat.S_ISREG(info.st_mode):
-            raise ImageError("image path is not a regular file")
         if info.st_size > MAX_IMAGE_BYTES:
             raise ImageError(f"image file larger than {MAX_IMAGE_BYTES} bytes")
         data = handle.read(MAX_IMAGE_BYTES + 1)

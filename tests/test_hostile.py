@@ -36,10 +36,11 @@ def _photo(w: int = 64, h: int = 48, seed: int = 0) -> Image.Image:
     return Image.fromarray(np.random.default_rng(seed).integers(0, 255, (h, w, 3), dtype=np.uint8))
 
 
-def _bomb_png() -> bytes:
+def _bomb_png(width: int, height: int) -> bytes:
+    """Only a PNG header, claiming width x height RGB pixels."""
     def chunk(kind: bytes, body: bytes) -> bytes:
         return struct.pack(">I", len(body)) + kind + body + struct.pack(">I", zlib.crc32(kind + body))
-    return (b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", 30000, 30000, 8, 2, 0, 0, 0))
+    return (b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0))
             + chunk(b"IEND", b""))
 
 
@@ -74,7 +75,9 @@ def _files() -> dict[str, bytes]:
         "bad/html.jpg": b"<!doctype html><html><body>not found</body></html>",
         "bad/truncated.jpg": truncated[: len(truncated) // 2],
         "bad/noise.jpg": np.random.default_rng(0).bytes(4096),
-        "bad/bomb.png": _bomb_png(),
+        "bad/bomb.png": _bomb_png(30000, 30000),  # over twice Pillow's limit: Pillow refuses it
+        "bad/bomb-100mp.png": _bomb_png(10000, 10000),  # where Pillow only warns
+        "bad/bomb-45mp.png": _bomb_png(9000, 5000),  # under Pillow's limit, over clipdq's
         "bad/svg.png": b"<svg xmlns='http://www.w3.org/2000/svg'><script>alert(1)</script></svg>",
     }
 
@@ -95,7 +98,9 @@ def _build(tmp_path: Path) -> tuple[Path, Path, dict[str, str]]:
         "bad/html.jpg": NOT_RECOGNISED,
         "bad/truncated.jpg": "unreadable image: OSError: image file is truncated",
         "bad/noise.jpg": NOT_RECOGNISED,
-        "bad/bomb.png": "unreadable image: DecompressionBombError: 30000x30000 RGB is too large to decode",
+        "bad/bomb.png": "unreadable image: DecompressionBombError: Image size (900000000 pixels) exceeds limit",
+        "bad/bomb-100mp.png": "unreadable image: DecompressionBombError: 10000x10000 RGB is too large to decode",
+        "bad/bomb-45mp.png": "unreadable image: DecompressionBombError: 9000x5000 RGB is too large to decode",
         "bad/svg.png": NOT_RECOGNISED,
         "bad/missing.jpg": "image file not found",
         "bad/a-folder.jpg": "image path is not a regular file",
@@ -174,7 +179,7 @@ def test_a_hostile_catalog_audits_with_the_exact_status_and_detail_per_row(hosti
 
 def test_an_image_root_allows_another_folder(hostile, trained_model_dir, prefect_harness, tmp_path):
     catalog, spec, _ = hostile
-    frame = pl.read_parquet(catalog).filter(pl.col("image").str.contains("secret"))
+    frame = pl.read_parquet(catalog).filter(pl.col("image").str.contains("secret|link-out"))
 
     frame.write_parquet(catalog)
     folder = audit_catalog(str(catalog), str(spec), str(trained_model_dir), str(tmp_path / "out"),

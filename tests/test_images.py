@@ -124,7 +124,7 @@ def test_load_images_keeps_good_images_and_explains_each_failure(image_folder):
 
 
 def test_load_images_rows_follow_the_input_order(image_folder):
-    loaded = images.load_images(["rotated.jpg", "missing.jpg", "good.jpg"], str(image_folder), PIXELS)
+    loaded = images.load_images(["rotated.jpg", "missing.jpg", "good.jpg"], access_for(str(image_folder)), PIXELS)
     alone = images.load_images(["good.jpg"], access_for(str(image_folder)), PIXELS)
 
     assert loaded.ok.tolist() == [True, False, True]
@@ -132,7 +132,7 @@ def test_load_images_rows_follow_the_input_order(image_folder):
 
 
 def test_load_images_with_no_readable_image_gives_an_empty_batch(tmp_path):
-    loaded = images.load_images([None, "missing.jpg"], str(tmp_path), PIXELS)
+    loaded = images.load_images([None, "missing.jpg"], access_for(str(tmp_path)), PIXELS)
 
     assert loaded.pixels.shape == (0, 3, SIZE, SIZE)
     assert loaded.ok.tolist() == [False, False]

@@ -133,6 +133,9 @@ def test_a_plain_checkpoint_is_fingerprinted_by_its_files(spec, tmp_path):
     def save_plain(seed: int) -> str:
         folder = model.save_model(model.init_model(spec, "tiny", seed=seed), str(tmp_path / "plain"))
         (tmp_path / "plain" / model.META_FILE).unlink()  # as a checkpoint from elsewhere comes
+        config = json.loads((tmp_path / "plain" / "config.json").read_text())
+        del config["clipdq_metadata"]
+        (tmp_path / "plain" / "config.json").write_text(json.dumps(config))
         return model.load_model(folder, device="cpu").fingerprint()
 
     first, rewritten = save_plain(0), save_plain(1)
@@ -154,7 +157,7 @@ def offline_hub(tmp_path, monkeypatch) -> Path:
 def test_a_hub_id_loads_from_the_hub_cache_with_clipdq_metadata(clip, spec, offline_hub):
     commit = "0123456789abcdef0123456789abcdef01234567"
     repo = offline_hub / "models--acme--clip-tiny"
-    clip.meta["trained"] = True
+    clip.meta |= {"trained": True, "calibration": {}}
     model.save_model(clip, str(repo / "snapshots" / commit))  # the hub cache's layout
     (repo / "refs").mkdir()
     (repo / "refs" / "main").write_text(commit)
@@ -206,3 +209,21 @@ def test_s3_model_saved_again_to_the_same_uri_loads_the_new_weights(spec, s3_buc
     model.save_model(newer, uri)
 
     assert_same_model(model.load_model(uri, device="cpu"), newer, spec)
+
+
+@pytest.mark.parametrize("damage", ["truncated", "missing", "no calibration"])
+def test_a_model_folder_without_a_whole_clipdq_json_fails_to_load(trained_model_dir, tmp_path, damage):
+    import shutil
+
+    folder = Path(shutil.copytree(trained_model_dir, tmp_path / "model"))
+    meta = folder / model.META_FILE
+    text = meta.read_text()
+    if damage == "truncated":
+        meta.write_text(text[: len(text) // 2])
+    elif damage == "missing":
+        meta.unlink()
+    else:
+        meta.write_text(json.dumps({k: v for k, v in json.loads(text).items() if k != "calibration"}))
+
+    with pytest.raises(ValueError, match="clipdq.json|calibration"):
+        model.load_model(str(folder), device="cpu")

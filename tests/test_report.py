@@ -59,8 +59,18 @@ def test_publish_run_writes_every_file_and_the_manifest_last(tmp_path):
     assert pl.read_parquet(f"{folder}/findings.parquet").equals(FINDINGS)
 
 
-def test_summary_warns_about_products_without_any_applicable_attribute():
+def test_summary_counts_products_without_any_applicable_attribute_apart():
+    unplaced = findings([(pid, None, None, None, None, "not_applicable", "no attribute applies") for pid in ("p5", "p6")])
+    summary = report.summarize(pl.concat([FINDINGS, unplaced]), products=6, run={"run_id": "r1"},
+                               validation={"warnings": []})
+
+    assert summary["products_reported"] == 6
+    assert summary["totals"]["not_applicable"] == 2
+    assert any("2 products have no attribute" in w for w in summary["warnings"])
+    assert [row["attribute"] for row in summary["by_attribute"]] == ["color", "lid"]
+
+
+def test_summary_warns_when_products_are_missing_from_the_findings():
     summary = report.summarize(FINDINGS, products=6, run={"run_id": "r1"}, validation={"warnings": []})
 
-    assert summary["products_reported"] == 4
-    assert any("2 products have no attribute" in w for w in summary["warnings"])
+    assert any("2 products are missing from the findings" in w for w in summary["warnings"])

@@ -73,6 +73,19 @@ def test_upload_and_download_folder(s3_bucket, tmp_path):
     assert (copy / "sub" / "b.txt").read_bytes() == b"b"
 
 
+@pytest.mark.parametrize("key", ["v1/../../../escaped.txt", "/absolute.txt", "a/../../escaped.txt"])
+def test_a_key_that_leads_outside_the_download_folder_fails_the_copy(s3_bucket, tmp_path, key):
+    bucket = s3_bucket.removeprefix("s3://")
+    storage.write_bytes(f"{s3_bucket}/model/config.json", b"{}")
+    storage.s3_client().put_object(Bucket=bucket, Key=f"model/{key}", Body=b"overwritten")
+
+    with pytest.raises(ValueError, match="leads outside the folder"):
+        storage.download_folder(f"{s3_bucket}/model", tmp_path / "deep" / "copy")
+
+    assert not (tmp_path / "deep" / "copy").exists()
+    assert [p.name for p in tmp_path.rglob("*.txt")] == []
+
+
 def record_writes(monkeypatch) -> list[str]:
     """Wrap storage.write_bytes to record the order of writes; the real write still happens."""
     written, real = [], storage.write_bytes
