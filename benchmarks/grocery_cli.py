@@ -87,7 +87,7 @@ def main() -> int:
     frame = load_catalog(args.data)
     spec = grocery_spec(frame)
     (work / "spec.yaml").write_text(yaml.safe_dump(
-        {"target_precision": spec.target_precision,
+        {"target_precision": spec.target_precision, "image_roots": [str(args.data.resolve())],
          "attributes": {a.name: {"values": list(a.values)} for a in spec.attributes}}))
     frame.filter(pl.col("split") == "train").drop("split").write_parquet(work / "labeled.parquet")
     catalog, truth = corrupted(frame.filter(pl.col("split") == "holdout"), share=0.1, seed=args.seed)

@@ -23,6 +23,8 @@ os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")  # no telemet
 log = logging.getLogger("clipdq")
 GROUP_HELP = ("rows with the same value here (product family, photo session) stay on one side of every split; "
               "without it, near-duplicate images are grouped")
+IMAGE_ROOT_HELP = ("a folder or s3:// prefix outside the catalog's own that images may come from (repeatable; "
+                   "adds to the spec's image_roots)")
 MODE_HELP = ("full: fine-tune both towers on pixels; locked: keep the image tower frozen (but --unlock-blocks) "
              "and train the text tower and projections on its kept activations; prototype: learn value embeddings "
              "on frozen images. Default: locked for a pretrained image tower with a new text tower, else full")
@@ -53,8 +55,7 @@ def _parser() -> argparse.ArgumentParser:
     audit.add_argument("--no-embedding-cache", dest="embedding_cache", action="store_false",
                        help="embed every image again instead of reusing embeddings kept beside the reports")
     audit.add_argument("--image-root", dest="image_roots", action="append", metavar="DIR_OR_S3_PREFIX",
-                       help="a folder or s3:// prefix outside the catalog's own that images may come from "
-                       "(repeatable; adds to the spec's image_roots)")
+                       help=IMAGE_ROOT_HELP)
     audit.add_argument("--backend", default="fp32", choices=BACKENDS,
                        help="a faster image tower (int8 on CPU, bf16), used where its predictions on the first "
                        "batch agree with fp32 for at least 99%% of the images")
@@ -76,6 +77,8 @@ def _parser() -> argparse.ArgumentParser:
     finetune.add_argument("--val-fraction", type=float, default=0.2, help="share of products for validation")
     finetune.add_argument("--test-fraction", type=float, default=0.1, help="share held out for the model card")
     finetune.add_argument("--group-column", help=GROUP_HELP)
+    finetune.add_argument("--image-root", dest="image_roots", action="append", metavar="DIR_OR_S3_PREFIX",
+                          help=IMAGE_ROOT_HELP)
     finetune.add_argument("--label-noise", type=float, default=0.0,
                           help="share of wrong labels to allow for in calibration (0 for curated labels)")
 
@@ -113,7 +116,7 @@ def run_finetune(args: argparse.Namespace) -> str:
                           max_minutes=args.max_minutes, epochs=args.epochs, seed=args.seed, mode=args.mode,
                           val_fraction=args.val_fraction, test_fraction=args.test_fraction,
                           label_noise=args.label_noise, group_column=args.group_column,
-                          unlock_blocks=args.unlock_blocks, views=args.views)
+                          unlock_blocks=args.unlock_blocks, views=args.views, image_roots=args.image_roots)
 
 
 def _train_demo_model(data: Path, output: Path, *, epochs: int, max_minutes: float) -> str:

@@ -47,7 +47,8 @@ def parent(uri: str) -> str:
 
 @functools.cache
 def s3_client():
-    return boto3.client("s3", config=Config(retries={"mode": "standard", "max_attempts": 5}))
+    return boto3.client("s3", config=Config(retries={"mode": "standard", "max_attempts": 5}, connect_timeout=10,
+                                            read_timeout=30))  # a stalled read cannot hold a run for long
 
 
 def read_bytes(uri: str) -> bytes:

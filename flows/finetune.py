@@ -26,11 +26,13 @@ def load_base_model(spec_text: str, base_model: str | None, arch: model.Arch) ->
 
 
 @task(cache_policy=NO_CACHE)
-def fit(clip: model.Clip, catalog_uri: str, spec_text: str, config: train.TrainConfig) -> model.Clip:
+def fit(clip: model.Clip, catalog_uri: str, spec_text: str, config: train.TrainConfig,
+        image_roots: list[str] | None = None) -> model.Clip:
     frame = catalog.read_catalog(catalog_uri)
     spec = parse_spec(spec_text)
     catalog.check_schema(frame.schema, spec)
-    return train.finetune(clip, frame, spec, access=sources.catalog_access(catalog_uri, spec), config=config)
+    access = sources.catalog_access(catalog_uri, spec, image_roots or ())
+    return train.finetune(clip, frame, spec, access=access, config=config)
 
 
 @task(**IO_RETRIES, cache_policy=NO_CACHE)
@@ -55,6 +57,7 @@ def finetune_model(
     group_column: str | None = None,
     unlock_blocks: int | None = None,
     views: int | None = None,
+    image_roots: list[str] | None = None,
 ) -> str:
     """Train on labeled products; returns the saved model folder (with metrics and calibration).
 
@@ -66,13 +69,15 @@ def finetune_model(
     split (checkpoint and calibration) and the test split (model card); ``label_noise`` is the
     share of wrong labels to allow for when calibrating (0 for curated labels). Rows with the same
     ``group_column`` value (product family, photo session) stay on one side of the splits.
+    ``image_roots``: folders and ``s3://`` prefixes outside the catalog's own that its images may
+    come from, besides the spec's ``image_roots``.
     """
     spec_text = read_spec(spec_uri)
     clip = load_base_model(spec_text, base_model, arch)
     config = train.config_for(clip, epochs=epochs, max_minutes=max_minutes, seed=seed, mode=mode,
                               val_fraction=val_fraction, test_fraction=test_fraction, label_noise=label_noise,
                               group_column=group_column, unlock_blocks=unlock_blocks, views=views)
-    clip = fit(clip, catalog_uri, spec_text, config)
+    clip = fit(clip, catalog_uri, spec_text, config, image_roots)
     save(clip, output_uri)
     rows = [{"attribute": k, **v} for k, v in clip.meta["metrics"].items()]
     create_table_artifact(key="clipdq-finetune-metrics", table=rows, description=f"Validation metrics, {output_uri}")

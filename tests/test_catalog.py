@@ -157,6 +157,12 @@ def test_missing_attribute_column_is_a_warning():
                      id="duplicate-ids"),
         pytest.param(good_catalog(sku=["a1", None, "a3"]), "expect_column_values_to_not_be_null failed for 'sku'",
                      id="null-ids"),
+        pytest.param(good_catalog(sku=[b"a1", b"a2", b"a3"]), "id column 'sku' must hold strings or integers",
+                     id="binary-ids"),
+        pytest.param(good_catalog(picture=[1.0, 2.0, 3.0]), "image column 'picture' must hold paths, URIs or image",
+                     id="float-images"),
+        pytest.param(good_catalog(product_type=[1, 2, 1]), "applies_to column 'product_type' must hold strings",
+                     id="int-applies-to"),
     ],
 )
 def test_unusable_catalogs_raise_catalog_error(frame, message):
@@ -177,3 +183,27 @@ def test_an_attribute_column_without_any_value_counts_as_missing(tmp_path):
     result = catalog.validate(catalog.read_catalog(str(path)), SPEC)
 
     assert result["rows"] == 3
+
+
+def test_integer_ids_are_accepted():
+    assert catalog.validate(good_catalog(sku=[1, 2, 3]), SPEC)["rows"] == 3
+
+
+def test_schema_problems_stop_the_audit_before_the_model_loads(prefect_harness, tmp_path):
+    from flows.audit import audit_catalog
+
+    (tmp_path / "spec.yaml").write_text("""\
+id_column: sku
+image_column: picture
+attributes:
+  has_lid:
+    values: [lid, no lid]
+    applies_to: {product_type: [cookware]}
+""")
+    good_catalog(product_type=[1, 2, 1]).write_parquet(tmp_path / "catalog.parquet")
+
+    with pytest.raises(CatalogError, match="applies_to column 'product_type' must hold strings"):  # not a model error
+        audit_catalog(str(tmp_path / "catalog.parquet"), str(tmp_path / "spec.yaml"), str(tmp_path / "no-model"),
+                      str(tmp_path / "out"))
+
+    assert not (tmp_path / "out").exists()

@@ -18,7 +18,7 @@ from prefect.client.orchestration import get_client
 from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterKey
 
 from clipdq import model, storage
-from clipdq.compare import FINDINGS_SCHEMA, STATUSES
+from clipdq.compare import FINDINGS_SCHEMA, NOT_APPLICABLE, STATUSES
 from flows.audit import audit_catalog
 from flows.finetune import finetune_model
 
@@ -121,7 +121,7 @@ def test_summary_totals_equal_the_findings(local_run, sample_dir):
     findings, summary, _, manifest = read_run(local_run[1])
     catalog_rows = pl.read_parquet(sample_dir / "catalog.parquet").height
 
-    counted = {s: findings.filter(pl.col("status") == s).height for s in STATUSES}
+    counted = {s: findings.filter(pl.col("status") == s).height for s in (*STATUSES, NOT_APPLICABLE)}
     assert summary["totals"] == counted == manifest["totals"]
     assert summary["findings"] == findings.height == sum(counted.values()) == manifest["rows"]
     assert summary["products"] == summary["products_reported"] == catalog_rows
@@ -239,10 +239,11 @@ def test_repeated_audits_embed_only_new_or_changed_images(prefect_harness, sampl
     counts = [read_run(run)[1]["images"] for run in (first, unchanged, after_change, uncached)]
     readable, rows = counts[0]["embedded"], len(pl.read_parquet(catalog))
     assert readable == rows - 6  # all but the six broken images
-    assert counts[0] == {"scored": rows, "from_cache": 0, "embedded": readable}
-    assert counts[1] == {"scored": rows, "from_cache": readable, "embedded": 0}
-    assert counts[2] == {"scored": rows, "from_cache": readable - 1, "embedded": 1}
-    assert counts[3] == {"scored": rows, "from_cache": 0, "embedded": readable}
+    lost = {"lost_to_outages": 0}
+    assert counts[0] == {"scored": rows, "from_cache": 0, "embedded": readable} | lost
+    assert counts[1] == {"scored": rows, "from_cache": readable, "embedded": 0} | lost
+    assert counts[2] == {"scored": rows, "from_cache": readable - 1, "embedded": 1} | lost
+    assert counts[3] == {"scored": rows, "from_cache": 0, "embedded": readable} | lost
     columns = ["product_id", "attribute", "predicted_value", "status"]
     assert_frame_equal(read_run(first)[0], read_run(unchanged)[0], check_exact=False, rel_tol=1e-6)
     assert read_run(after_change)[0].select(columns).equals(read_run(uncached)[0].select(columns))

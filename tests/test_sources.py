@@ -174,6 +174,26 @@ def test_every_form_of_a_non_public_address_is_refused(host):
     assert "non-public address" in fetched.error
 
 
+def test_a_host_is_resolved_once_and_the_checked_address_is_the_one_connected(web, monkeypatch):
+    """DNS rebinding: a second lookup could answer otherwise; the fetch never makes one."""
+    url, routes = web
+    routes["/a.png"] = (200, {"Content-Type": "image/png"}, PNG)
+    port = url.rsplit(":", 1)[1]
+    lookups, real = [], sources.socket.getaddrinfo
+
+    def rebinding(host, *args, **kwargs):
+        if host != "images.rebind.test":  # the numeric address connected to resolves as itself
+            return real(host, *args, **kwargs)
+        lookups.append(host)
+        return real("127.0.0.1" if len(lookups) == 1 else "8.8.8.8", *args, **kwargs)
+
+    monkeypatch.setattr(sources.socket, "getaddrinfo", rebinding)
+
+    fetched = fetch_one(f"http://images.rebind.test:{port}/a.png", _loopback_allowed())
+
+    assert fetched.data == PNG and lookups == ["images.rebind.test"]
+
+
 def test_user_info_in_a_url_is_refused():
     fetched = fetch_one("http://images.example.com@127.0.0.1/a.png", ImageAccess(base="/x", urls=True))
 
