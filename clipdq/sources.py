@@ -79,10 +79,6 @@ def _inside(path: str, root: str) -> bool:
     return path == root or path.startswith(root.rstrip("/") + "/")
 
 
-def _local_root(root: str) -> str:
-    return os.path.realpath(root)
-
-
 def locate(ref: str, access: ImageAccess) -> str:
     """The URI ``ref`` resolves to, where ``access`` allows it; raises ImageError saying how to allow it."""
     if "\x00" in ref:
@@ -95,17 +91,25 @@ def locate(ref: str, access: ImageAccess) -> str:
     if scheme and not storage.is_s3(ref):
         raise ImageError(f"unsupported image reference scheme: {scheme.group(0)}")
     if storage.is_s3(ref) or (storage.is_s3(access.base) and not ref.startswith("/")):
-        uri = ref if storage.is_s3(ref) else storage.join(access.base, ref)
-        bucket, key = storage.split_s3(uri)
-        if any(part in ("..", ".") for part in key.split("/")):
-            raise ImageError("image reference leaves its prefix through '.' or '..'")
-        uri = f"s3://{bucket}/{posixpath.normpath(key)}"
-        if not any(storage.is_s3(root) and _inside(uri, root.rstrip("/")) for root in access.allowed()):
-            raise ImageError(f"image {uri} is outside the catalog's prefix: add its prefix to image_roots "
-                             "(spec) or --image-root to allow it")
-        return uri
-    path = os.path.realpath(ref if os.path.isabs(ref) else os.path.join(access.base, ref))
-    if not any(not storage.is_s3(root) and _inside(path, _local_root(root)) for root in access.allowed()):
+        return _locate_s3(ref if storage.is_s3(ref) else storage.join(access.base, ref), access)
+    return _locate_local(ref if os.path.isabs(ref) else os.path.join(access.base, ref), access)
+
+
+def _locate_s3(uri: str, access: ImageAccess) -> str:
+    bucket, key = storage.split_s3(uri)
+    if any(part in ("..", ".") for part in key.split("/")):
+        raise ImageError("image reference leaves its prefix through '.' or '..'")
+    uri = f"s3://{bucket}/{posixpath.normpath(key)}"
+    if not any(storage.is_s3(root) and _inside(uri, root.rstrip("/")) for root in access.allowed()):
+        raise ImageError(f"image {uri} is outside the catalog's prefix: add its prefix to image_roots "
+                         "(spec) or --image-root to allow it")
+    return uri
+
+
+def _locate_local(path: str, access: ImageAccess) -> str:
+    """``path`` with ``..`` and symlinks resolved, where that lies in an allowed folder."""
+    path = os.path.realpath(path)
+    if not any(not storage.is_s3(root) and _inside(path, os.path.realpath(root)) for root in access.allowed()):
         raise ImageError("image path resolves outside the catalog's folder: add its folder to image_roots "
                          "(spec) or --image-root to allow it")
     return path
