@@ -12,12 +12,43 @@ import io
 import json
 import os
 import tempfile
+import uuid
 from pathlib import Path
 
 import boto3
 from botocore.config import Config
+from botocore.exceptions import ClientError
 
 MANIFEST = "manifest.json"
+PERMANENT_S3_CODES = {"NoSuchBucket", "AccessDenied", "AllAccessDisabled", "InvalidAccessKeyId", "SignatureDoesNotMatch",
+                      "InvalidBucketName", "NoSuchKey", "403", "404"}  # retrying cannot help
+
+
+class StorageError(OSError):
+    """A storage location that cannot be used as asked (no such bucket, no permission)."""
+
+
+def is_permanent(error: BaseException) -> bool:
+    """Whether an S3 error will fail the same way when retried."""
+    return isinstance(error, ClientError) and error.response.get("Error", {}).get("Code") in PERMANENT_S3_CODES
+
+
+def check_writable(prefix: str) -> None:
+    """Write and delete a small object under ``prefix``, so a missing bucket or a read-only role
+    fails a run before its work, not after; raises StorageError in one line."""
+    if not is_s3(prefix):  # the nearest folder that exists must take new entries; nothing is created
+        folder = Path(prefix).absolute()
+        while not folder.exists():
+            folder = folder.parent
+        if not (folder.is_dir() and os.access(folder, os.W_OK | os.X_OK)):
+            raise StorageError(f"cannot write to {prefix}: {folder} is not a writable folder")
+        return
+    probe = join(prefix, "_clipdq", f"write-check-{uuid.uuid4().hex}")
+    try:
+        write_bytes(probe, b"")
+        delete(probe)
+    except ClientError as error:
+        raise StorageError(f"cannot write to {prefix}: S3 {error.response['Error']['Code']}") from None
 
 
 def is_s3(uri: str) -> bool:

@@ -160,6 +160,7 @@ def audit_catalog(
     logger = get_run_logger()
     started = datetime.now(timezone.utc)
     run_id, folder = report.new_run(output_uri, now=started)
+    storage.check_writable(output_uri)  # a missing bucket or a read-only role fails now, not after the scoring
     spec = load_spec(spec_uri)
     source = open_catalog(catalog_uri)
     keys, validation = validate_catalog(source, spec)

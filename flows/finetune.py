@@ -72,6 +72,7 @@ def finetune_model(
     ``image_roots``: folders and ``s3://`` prefixes outside the catalog's own that its images may
     come from, besides the spec's ``image_roots``.
     """
+    storage.check_writable(output_uri)  # before the training, not after it
     spec_text = read_spec(spec_uri)
     clip = load_base_model(spec_text, base_model, arch)
     config = train.config_for(clip, epochs=epochs, max_minutes=max_minutes, seed=seed, mode=mode,

@@ -4,16 +4,17 @@ from __future__ import annotations
 
 from clipdq.catalog import CatalogError
 from clipdq.spec import SpecError
+from clipdq.storage import StorageError, is_permanent
 
 
 def _transient(task, task_run, state) -> bool:
     """Retry I/O hiccups, not bad input: a malformed spec or catalog fails the same way again."""
     try:
         state.result()
-    except (SpecError, CatalogError, FileNotFoundError):
+    except (SpecError, CatalogError, FileNotFoundError, StorageError):
         return False
-    except Exception:  # noqa: BLE001 - anything else may be transient
-        return True
+    except Exception as error:  # noqa: BLE001 - anything else may be transient, but a refusal from S3 is not
+        return not is_permanent(error)
     return False
 
 

@@ -248,3 +248,12 @@ def test_repeated_audits_embed_only_new_or_changed_images(prefect_harness, sampl
     assert_frame_equal(read_run(first)[0], read_run(unchanged)[0], check_exact=False, rel_tol=1e-6)
     assert read_run(after_change)[0].select(columns).equals(read_run(uncached)[0].select(columns))
     assert len(storage.list_files(str(tmp_path / "out" / "_embedding_cache"))) == 2  # first run, then the changed image
+
+
+def test_an_output_bucket_that_does_not_exist_fails_the_audit_before_any_work(s3_bucket, sample_dir, prefect_harness,
+                                                                              tmp_path):
+    from clipdq.storage import StorageError
+
+    with pytest.raises(StorageError, match="cannot write to s3://no-such-bucket-here/reports: S3 NoSuchBucket"):
+        audit_catalog(str(sample_dir / "catalog.parquet"), str(sample_dir / "spec.yaml"), str(tmp_path / "no-model"),
+                      "s3://no-such-bucket-here/reports")  # the model would fail to load: it is never reached

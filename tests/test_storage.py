@@ -176,3 +176,30 @@ def test_upload_folder_replaces_what_the_prefix_held(s3_bucket, tmp_path):
 
     assert storage.list_files(prefix) == ["a.bin", "done.json"]
     assert storage.read_bytes(f"{prefix}/a.bin") == b"second:a.bin"
+
+
+def test_check_writable_refuses_a_missing_bucket_and_leaves_nothing_behind(s3_bucket):
+    storage.check_writable(f"{s3_bucket}/reports")  # a bucket that exists
+
+    with pytest.raises(storage.StorageError, match="cannot write to s3://no-such-bucket-here/reports: S3 NoSuchBucket"):
+        storage.check_writable("s3://no-such-bucket-here/reports")
+    assert storage.list_files(s3_bucket) == []
+
+
+def test_check_writable_refuses_a_place_no_folder_can_be_made_without_creating_anything(tmp_path):
+    (tmp_path / "a-file").write_bytes(b"x")
+
+    storage.check_writable(str(tmp_path / "new" / "reports"))  # missing folders are made when writing
+    with pytest.raises(storage.StorageError, match="a-file is not a writable folder"):
+        storage.check_writable(str(tmp_path / "a-file" / "reports"))
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a-file"]
+
+
+def test_refusals_from_s3_are_permanent_and_throttling_is_not(s3_bucket):
+    from botocore.exceptions import ClientError
+
+    with pytest.raises(ClientError) as missing:
+        storage.s3_client().get_object(Bucket="no-such-bucket-here", Key="x")
+    throttled = ClientError({"Error": {"Code": "SlowDown", "Message": "reduce your request rate"}}, "GetObject")
+
+    assert storage.is_permanent(missing.value) and not storage.is_permanent(throttled)
