@@ -19,8 +19,8 @@ from clipdq import images, model, predict
 from clipdq.cache import EmbeddingCache, digest
 from clipdq.compare import PREDICTIONS_SCHEMA
 from clipdq.images import PixelSpec
-from clipdq.sources import ImageAccess, fetch_all
 from clipdq.predict import Calibration
+from clipdq.sources import ImageAccess, fetch_all
 from clipdq.spec import Spec
 
 log = logging.getLogger(__name__)

@@ -42,8 +42,7 @@ def load_model(uri: str) -> model.Clip:
 
 @task(cache_policy=NO_CACHE)
 def train_fold(start: model.Clip, rows: pl.DataFrame, spec: Spec, access: ImageAccess, fold: int,
-               max_minutes: float | None,
-               group_column: str | None = None):
+               max_minutes: float | None, group_column: str | None = None):
     """A copy of ``start`` fine-tuned on the catalog rows outside one fold.
 
     The catalog's labels are as wrong as the spec expects, so calibration allows for that.

@@ -4,7 +4,6 @@ strings show as text."""
 
 from __future__ import annotations
 
-import io
 import shutil
 import subprocess
 
