@@ -33,7 +33,7 @@ class CatalogFile:
     def __init__(self, uri: str):
         self.uri = uri
         try:
-            self._parquet = pq.ParquetFile(storage.open_read(uri))
+            self._parquet = pq.ParquetFile(storage.open_read(uri), pre_buffer=False)  # row groups as they are read
         except FileNotFoundError as error:
             raise CatalogError(f"catalog not found: {uri}") from error
         except (pa.ArrowException, OSError) as error:
@@ -45,6 +45,8 @@ class CatalogFile:
         try:
             for batch in self._parquet.iter_batches(batch_size=size, columns=columns):
                 yield pl.from_arrow(batch)
+        except storage.StorageError as error:  # the object changed under the reader
+            raise CatalogError(str(error)) from error
         except (pa.ArrowException, OSError) as error:
             raise CatalogError(f"catalog is not readable Parquet: {self.uri}: {error}") from error
 

@@ -101,13 +101,14 @@ class _S3Reader(io.RawIOBase):
     one part of a large object (a Parquet footer, one row group) fetches only that part."""
 
     def __init__(self, uri: str):
-        self._bucket, self._key = split_s3(uri)
+        self._uri, (self._bucket, self._key) = uri, split_s3(uri)
         try:
-            self._size = s3_client().head_object(Bucket=self._bucket, Key=self._key)["ContentLength"]
+            head = s3_client().head_object(Bucket=self._bucket, Key=self._key)
         except s3_client().exceptions.ClientError as error:
             if _not_found(error):
                 raise FileNotFoundError(f"no such object: {uri}") from error
             raise
+        self._size, self._etag = head["ContentLength"], head["ETag"]  # every read is pinned to this version
         self._position = 0
 
     def readable(self) -> bool:
@@ -128,7 +129,13 @@ class _S3Reader(io.RawIOBase):
         end = min(self._position + len(buffer), self._size)
         if end <= self._position:
             return 0
-        reply = s3_client().get_object(Bucket=self._bucket, Key=self._key, Range=f"bytes={self._position}-{end - 1}")
+        try:
+            reply = s3_client().get_object(Bucket=self._bucket, Key=self._key, IfMatch=self._etag,
+                                           Range=f"bytes={self._position}-{end - 1}")
+        except ClientError as error:
+            if error.response["Error"]["Code"] in ("PreconditionFailed", "412"):
+                raise StorageError(f"{self._uri} changed while being read: run again on a stable copy") from None
+            raise
         data = reply["Body"].read()
         buffer[: len(data)] = data
         self._position += len(data)
@@ -155,11 +162,17 @@ def exists(uri: str) -> bool:
     return Path(uri).exists()
 
 
-def write_bytes(uri: str, data: bytes) -> None:
-    """Write a whole object; a local file is renamed into place, so readers never see half."""
+def write_bytes(uri: str, data: bytes, *, create_only: bool = False) -> None:
+    """Write a whole object; a local file is renamed into place, so readers never see half.
+    ``create_only`` refuses to replace what is there (StorageError), on S3 and locally alike."""
     if is_s3(uri):
         bucket, key = split_s3(uri)
-        s3_client().put_object(Bucket=bucket, Key=key, Body=data)
+        try:
+            s3_client().put_object(Bucket=bucket, Key=key, Body=data, **({"IfNoneMatch": "*"} if create_only else {}))
+        except ClientError as error:
+            if create_only and error.response["Error"]["Code"] in ("PreconditionFailed", "412"):
+                raise StorageError(f"{uri} already exists: runs are written once") from None
+            raise
         return
     path = Path(uri)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -168,7 +181,14 @@ def write_bytes(uri: str, data: bytes) -> None:
             tmp.write(data)
             tmp.close()
             os.chmod(tmp.name, 0o644)  # temporary files are private; published files are not
-            os.replace(tmp.name, path)
+            if create_only:
+                os.link(tmp.name, path)  # fails where the name exists, so nothing is replaced
+                os.unlink(tmp.name)
+            else:
+                os.replace(tmp.name, path)
+        except FileExistsError:
+            os.unlink(tmp.name)
+            raise StorageError(f"{uri} already exists: runs are written once") from None
         except BaseException:
             os.unlink(tmp.name)
             raise
@@ -238,8 +258,8 @@ def publish(folder: str, files: dict[str, bytes], *, meta: dict | None = None) -
     """
     listing = {}
     for name, data in files.items():
-        write_bytes(join(folder, name), data)
+        write_bytes(join(folder, name), data, create_only=True)
         listing[name] = {"bytes": len(data), "sha256": hashlib.sha256(data).hexdigest()}
     manifest = json.dumps({**(meta or {}), "files": listing}, indent=2).encode()
-    write_bytes(join(folder, MANIFEST), manifest)
+    write_bytes(join(folder, MANIFEST), manifest, create_only=True)
     return join(folder, MANIFEST)

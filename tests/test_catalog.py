@@ -207,3 +207,24 @@ attributes:
                       str(tmp_path / "out"))
 
     assert not (tmp_path / "out").exists()
+
+
+def test_a_catalog_overwritten_while_it_is_read_fails_instead_of_mixing_versions(s3_bucket):
+    import numpy as np
+
+    rng = np.random.default_rng(0)
+    frame = pl.DataFrame({"sku": [f"p{i}" for i in range(20_000)],
+                          "picture": [rng.bytes(300) for _ in range(20_000)]})  # incompressible: 6 MB
+    out = io.BytesIO()
+    frame.write_parquet(out, row_group_size=2_000)
+    uri = f"{s3_bucket}/catalog.parquet"
+    storage.write_bytes(uri, out.getvalue())
+    source = catalog.CatalogFile(uri)
+    batches = source.batches(2_000)
+    first = next(batches)
+
+    storage.write_bytes(uri, parquet_bytes(frame.head(10)))  # a new version lands mid-run
+
+    with pytest.raises(CatalogError, match="changed while being read"):
+        list(batches)
+    assert first.height == 2_000

@@ -90,9 +90,9 @@ def record_writes(monkeypatch) -> list[str]:
     """Wrap storage.write_bytes to record the order of writes; the real write still happens."""
     written, real = [], storage.write_bytes
 
-    def recording(uri: str, data: bytes) -> None:
+    def recording(uri: str, data: bytes, **options) -> None:
         written.append(uri)
-        real(uri, data)
+        real(uri, data, **options)
 
     monkeypatch.setattr(storage, "write_bytes", recording)
     return written
@@ -120,11 +120,11 @@ def test_a_crash_while_publishing_leaves_no_manifest(root, monkeypatch):
     folder = storage.join(root, "run")
     real, calls = storage.write_bytes, []
 
-    def crash_on_second_file(uri: str, data: bytes) -> None:
+    def crash_on_second_file(uri: str, data: bytes, **options) -> None:
         calls.append(uri)
         if len(calls) == 2:
             raise OSError("disk full")
-        real(uri, data)
+        real(uri, data, **options)
 
     monkeypatch.setattr(storage, "write_bytes", crash_on_second_file)
     with pytest.raises(OSError, match="disk full"):
@@ -203,3 +203,17 @@ def test_refusals_from_s3_are_permanent_and_throttling_is_not(s3_bucket):
     throttled = ClientError({"Error": {"Code": "SlowDown", "Message": "reduce your request rate"}}, "GetObject")
 
     assert storage.is_permanent(missing.value) and not storage.is_permanent(throttled)
+
+
+@pytest.mark.parametrize("where", ["local", "s3"])
+def test_a_run_folder_is_written_once(where, tmp_path, request):
+    folder = str(tmp_path / "run") if where == "local" else f"{request.getfixturevalue('s3_bucket')}/run"
+    storage.publish(folder, FILES, meta={"run_id": "first"})
+
+    with pytest.raises(storage.StorageError, match="already exists"):
+        storage.publish(folder, {"findings.parquet": b"other"}, meta={"run_id": "second"})
+
+    assert json.loads(storage.read_bytes(storage.join(folder, storage.MANIFEST)))["run_id"] == "first"
+    assert storage.read_bytes(storage.join(folder, "findings.parquet")) == FILES["findings.parquet"]
+    if where == "local":
+        assert sorted(p.name for p in (tmp_path / "run").iterdir()) == sorted([*FILES, storage.MANIFEST])
