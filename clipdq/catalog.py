@@ -6,6 +6,8 @@ missing image, an unknown value) are left for the audit to report row by row.
 
 from __future__ import annotations
 
+import hashlib
+import json
 import logging
 from collections.abc import Iterator
 
@@ -123,11 +125,35 @@ def validate(catalog: pl.DataFrame, spec: Spec) -> dict:
     return _validated(catalog, spec, check_schema(catalog.schema, spec))
 
 
-def validate_file(source: CatalogFile, spec: Spec) -> tuple[pl.DataFrame, dict]:
-    """(id and image columns, validation) of a catalog file, reading only those two columns."""
+def validate_file(source: CatalogFile, spec: Spec, *, cache: str | None = None) -> tuple[pl.DataFrame, dict]:
+    """(id and image columns, validation) of a catalog file, reading only those two columns.
+
+    With ``cache`` (a folder or prefix), id and image columns that passed before are not checked
+    by great_expectations again: the earlier result is reused (``"reused": true``), which saves the
+    library's import and run on an unchanged nightly catalog.
+    """
     warnings = check_schema(source.schema, spec)
     keys = source.read([spec.id_column, spec.image_column])
-    return keys, _validated(keys, spec, warnings)
+    kept = storage.join(cache, f"{_validation_key(keys, spec)}.json") if cache else None
+    if kept and storage.exists(kept):
+        validation = json.loads(storage.read_bytes(kept)) | {"reused": True}
+        for warning in validation["warnings"]:
+            log.warning(warning)
+        return keys, validation
+    validation = _validated(keys, spec, warnings)
+    if kept:
+        storage.write_bytes(kept, json.dumps(validation).encode())
+    return keys, validation
+
+
+CHECKS_VERSION = 1  # raise when the checks change, so results of the old ones are not reused
+
+
+def _validation_key(keys: pl.DataFrame, spec: Spec) -> str:
+    """Changes with anything the checks look at: the id and image columns' contents and names."""
+    content = hashlib.sha256(keys.hash_rows(seed=0).to_numpy().tobytes()).hexdigest()
+    payload = [CHECKS_VERSION, pl.__version__, spec.id_column, spec.image_column, keys.height, content]
+    return hashlib.sha256(json.dumps(payload).encode()).hexdigest()[:16]
 
 
 def _validated(keys: pl.DataFrame, spec: Spec, warnings: list[str]) -> dict:

@@ -53,6 +53,7 @@ def summarize(findings: pl.DataFrame, *, products: int, run: dict, validation: d
         "by_attribute": by_attribute.to_dicts(),
         "warnings": warnings,
         "expectations": validation.get("expectations", []),
+        "expectations_reused": bool(validation.get("reused")),  # kept from an earlier run of the same keys
     }
 
 

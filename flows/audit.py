@@ -31,8 +31,8 @@ def open_catalog(uri: str) -> catalog.CatalogFile:
 
 
 @task(**IO_RETRIES, cache_policy=NO_CACHE)
-def validate_catalog(source: catalog.CatalogFile, spec: Spec) -> tuple[pl.DataFrame, dict]:
-    return catalog.validate_file(source, spec)
+def validate_catalog(source: catalog.CatalogFile, spec: Spec, cache: str) -> tuple[pl.DataFrame, dict]:
+    return catalog.validate_file(source, spec, cache=cache)
 
 
 @task(**IO_RETRIES, cache_policy=NO_CACHE)
@@ -162,7 +162,7 @@ def audit_catalog(
     storage.check_writable(output_uri)  # a missing bucket or a read-only role fails now, not after the scoring
     spec = load_spec(spec_uri)
     source = open_catalog(catalog_uri)
-    keys, validation = validate_catalog(source, spec)
+    keys, validation = validate_catalog(source, spec, storage.join(output_uri, "_validation_cache"))
     access = sources.catalog_access(catalog_uri, spec, image_roots or ())
     clip = load_model(model_uri)
     backend_check = {"requested": backend, "used": backend}

@@ -228,3 +228,21 @@ def test_a_catalog_overwritten_while_it_is_read_fails_instead_of_mixing_versions
     with pytest.raises(CatalogError, match="changed while being read"):
         list(batches)
     assert first.height == 2_000
+
+
+def test_unchanged_keys_reuse_their_validation_and_changed_ones_are_checked_again(tmp_path, monkeypatch):
+    good_catalog().write_parquet(tmp_path / "catalog.parquet")
+    cache = str(tmp_path / "validation")
+    _, first = catalog.validate_file(catalog.CatalogFile(str(tmp_path / "catalog.parquet")), SPEC, cache=cache)
+
+    def no_checks(*args, **kwargs):
+        raise AssertionError("great_expectations ran again on an unchanged catalog")
+
+    monkeypatch.setattr(catalog, "run_expectations", no_checks)
+    _, again = catalog.validate_file(catalog.CatalogFile(str(tmp_path / "catalog.parquet")), SPEC, cache=cache)
+    good_catalog(sku=["a1", "a2", "a1"]).write_parquet(tmp_path / "catalog.parquet")  # same size, new ids
+    monkeypatch.undo()
+
+    assert "reused" not in first and again == first | {"reused": True}
+    with pytest.raises(CatalogError, match="expect_column_values_to_be_unique failed"):
+        catalog.validate_file(catalog.CatalogFile(str(tmp_path / "catalog.parquet")), SPEC, cache=cache)

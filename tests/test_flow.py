@@ -248,6 +248,9 @@ def test_repeated_audits_embed_only_new_or_changed_images(prefect_harness, sampl
     assert_frame_equal(read_run(first)[0], read_run(unchanged)[0], check_exact=False, rel_tol=1e-6)
     assert read_run(after_change)[0].select(columns).equals(read_run(uncached)[0].select(columns))
     assert len(storage.list_files(str(tmp_path / "out" / "_embedding_cache"))) == 2  # first run, then the changed image
+    reused = [read_run(run)[1]["expectations_reused"] for run in (first, unchanged, after_change)]
+    assert reused == [False, True, True]  # the catalog's keys did not change, only an image
+    assert read_run(first)[1]["expectations"] == read_run(unchanged)[1]["expectations"]
 
 
 def test_an_output_bucket_that_does_not_exist_fails_the_audit_before_any_work(s3_bucket, sample_dir, prefect_harness,
