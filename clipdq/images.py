@@ -12,7 +12,7 @@ from PIL import Image, ImageOps, UnidentifiedImageError
 from clipdq.sources import Fetched, ImageAccess, fetch, fetch_all
 
 DECODE_ERRORS = (OSError, ValueError, SyntaxError, Image.DecompressionBombError, EOFError)
-MAX_PIXELS = 40_000_000  # below Pillow's MAX_IMAGE_PIXELS, so its warn-only band is never reached
+MAX_PIXELS = 40_000_000  # below Pillow's MAX_IMAGE_PIXELS: what Pillow only warns about is refused here
 MAX_DECODED_BYTES = 160 * 2**20  # per decoding worker
 MAX_ASPECT = 4  # longer sides are cropped to this many times the shorter before resizing
 BYTES_PER_PIXEL = {"1": 1, "L": 1, "P": 1, "LA": 2, "PA": 2, "I;16": 2, "I;16B": 2, "I;16L": 2, "RGB": 3, "YCbCr": 3,
