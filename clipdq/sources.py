@@ -36,8 +36,6 @@ MAX_IMAGE_BYTES = 50 * 2**20
 READ_DEADLINE_S = 30.0  # for the whole read of one image, not per socket operation
 MAX_REDIRECTS = 3
 URL_CONTENT_TYPES = ("image/", "application/octet-stream")
-TRANSIENT_S3_CODES = {"SlowDown", "ServiceUnavailable", "InternalError", "RequestTimeout", "Throttling",
-                      "500", "502", "503", "504"}
 
 
 @dataclass(frozen=True)
@@ -146,7 +144,7 @@ def _read_s3(uri: str, deadline: float) -> bytes:
             raise ImageError("image object not found") from None
         if code == "InvalidRange":  # a range of an empty object
             return b""
-        raise ImageError(f"image fetch failed: S3 {code}", transient=code in TRANSIENT_S3_CODES) from None
+        raise ImageError(f"image fetch failed: S3 {code}", transient=storage.is_transient(error)) from None
     except BotoCoreError as error:  # connection refused, timeouts, ...
         raise ImageError(f"image fetch failed: {type(error).__name__}", transient=True) from None
     return data

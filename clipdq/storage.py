@@ -22,6 +22,8 @@ from botocore.exceptions import ClientError
 MANIFEST = "manifest.json"
 PERMANENT_S3_CODES = {"NoSuchBucket", "AccessDenied", "AllAccessDisabled", "InvalidAccessKeyId", "SignatureDoesNotMatch",
                       "InvalidBucketName", "NoSuchKey", "403", "404"}  # retrying cannot help
+TRANSIENT_S3_CODES = {"SlowDown", "ServiceUnavailable", "InternalError", "RequestTimeout", "Throttling",
+                      "500", "502", "503", "504"}  # a later try may succeed
 
 
 class StorageError(OSError):
@@ -31,6 +33,11 @@ class StorageError(OSError):
 def is_permanent(error: BaseException) -> bool:
     """Whether an S3 error will fail the same way when retried."""
     return isinstance(error, ClientError) and error.response.get("Error", {}).get("Code") in PERMANENT_S3_CODES
+
+
+def is_transient(error: ClientError) -> bool:
+    """Whether an S3 error is the service's momentary trouble (throttling, 5xx), not the request's."""
+    return error.response.get("Error", {}).get("Code") in TRANSIENT_S3_CODES
 
 
 def check_writable(prefix: str) -> None:
