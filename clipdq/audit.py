@@ -6,18 +6,19 @@ The Prefect flow in ``flows/audit.py`` calls these in order; tests can call them
 
 from __future__ import annotations
 
+import functools
 import logging
 from collections import deque
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
 import numpy as np
 import polars as pl
 
-from clipdq import images, model, predict
+from clipdq import images, model, predict, sources
 from clipdq.cache import EmbeddingCache, digest
-from clipdq.compare import PREDICTIONS_SCHEMA
+from clipdq.compare import FINDINGS_SCHEMA, PREDICTIONS_SCHEMA, compare
 from clipdq.images import PixelSpec
 from clipdq.predict import Calibration
 from clipdq.sources import ImageAccess, fetch_all
@@ -93,6 +94,7 @@ class Batch:
     to_embed: np.ndarray  # row positions of ``pixels``
     pixels: np.ndarray  # (len(to_embed), 3, h, w) float32
     transient: int = 0  # images lost to an outage (storage or network), not to the data
+    unread: int = 0  # images not read at all: unchanged since their embedding was cached
 
     @property
     def ok(self) -> np.ndarray:
@@ -100,23 +102,55 @@ class Batch:
         return np.array([error is None for error in self.errors], dtype=bool)
 
 
+COUNT_KEYS = ("scored", "from_cache", "unread", "embedded", "lost_to_outages")
+
+
+def counts(batch: Batch) -> dict[str, int]:
+    """What became of a batch's images: scored in all, embeddings from the cache (of which unread:
+    not even read, being unchanged), embedded now, lost to outages."""
+    return {"scored": batch.rows.height, "from_cache": len(batch.cached), "unread": batch.unread,
+            "embedded": len(batch.to_embed), "lost_to_outages": batch.transient}
+
+
+def _unchanged(refs: list, access: ImageAccess, cache: EmbeddingCache) -> tuple[list, dict[int, str]]:
+    """(per row: (location, version) or None; row -> sha256 of the rows whose location has the
+    version recorded when their image was read)."""
+    located = sources.versions(refs, access)
+    known = cache.known_digests(dict(entry for entry in located if entry))
+    return located, {i: known[entry[0]] for i, entry in enumerate(located) if entry and entry[0] in known}
+
+
 def prepare_batch(
     rows: pl.DataFrame, *, spec: Spec, access: ImageAccess, pixels: PixelSpec, cache: EmbeddingCache | None = None
 ) -> Batch:
-    """Fetch the rows' images, take embeddings from the cache where it has them, decode the rest."""
-    fetched = fetch_all(rows[spec.image_column].to_list(), access)
-    sha256 = [None if item.data is None else digest(item.data) for item in fetched]
-    cached = {}
+    """Take embeddings from the cache for images unchanged since they were read, fetch the rest,
+    take embeddings from the cache by the bytes' digest where it has them, decode what is left."""
+    refs = rows[spec.image_column].to_list()
+    sha256: list[str | None] = [None] * len(refs)
+    cached: dict[int, np.ndarray] = {}
+    located, unchanged = [None] * len(refs), {}
     if cache is not None:
-        found = ((i, cache.get(sha)) for i, sha in enumerate(sha256) if sha is not None)
-        cached = {i: embedding for i, embedding in found if embedding is not None}
-    pending = [i for i, item in enumerate(fetched) if item.data is not None and i not in cached]
+        located, unchanged = _unchanged(refs, access, cache)
+        hits = cache.get_many(unchanged.values())
+        cached = {i: hits[sha] for i, sha in unchanged.items() if sha in hits}
+        for i in cached:
+            sha256[i] = unchanged[i]
+    unread = len(cached)
+    to_fetch = [i for i in range(len(refs)) if i not in cached]
+    fetched = dict(zip(to_fetch, fetch_all([refs[i] for i in to_fetch], access)))
+    for i, item in fetched.items():
+        sha256[i] = None if item.data is None else digest(item.data)
+    if cache is not None:
+        hits = cache.get_many(sha256[i] for i in to_fetch if sha256[i])
+        cached |= {i: hits[sha256[i]] for i in to_fetch if sha256[i] in hits}
+        cache.add_locations((*located[i], sha256[i]) for i in to_fetch if located[i] and sha256[i] and i not in unchanged)
+    pending = [i for i, item in fetched.items() if item.data is not None and i not in cached]
     decoded = images.decode_images([fetched[i] for i in pending], pixels)
-    errors = [item.error for item in fetched]
+    errors = [fetched[i].error if i in fetched else None for i in range(len(refs))]
     for i, error in zip(pending, decoded.errors):
         errors[i] = error
     return Batch(rows, errors, sha256, cached, np.array(pending, dtype=int)[decoded.ok], decoded.pixels,
-                 transient=sum(item.transient for item in fetched))
+                 transient=sum(item.transient for item in fetched.values()), unread=unread)
 
 
 def embed_batch(batch: Batch, clip: model.Clip, cache: EmbeddingCache | None = None) -> np.ndarray:
@@ -173,3 +207,30 @@ def score_batch(
             schema=PREDICTIONS_SCHEMA,
         ))
     return pl.concat(frames)
+
+
+def findings_of(
+    row_batches: Iterable[pl.DataFrame],
+    *,
+    clip: model.Clip,
+    spec: Spec,
+    access: ImageAccess,
+    value_emb: dict[str, np.ndarray],
+    calibration: dict[str, Calibration],
+    cache: EmbeddingCache | None = None,
+    on_batch: Callable[[Batch], None] = lambda batch: None,
+) -> pl.DataFrame:
+    """Findings (FINDINGS_SCHEMA) of the catalog rows in ``row_batches``, scored by ``clip``.
+
+    Images are fetched and decoded in a background thread a few batches ahead of the model; each
+    batch is compared as it is scored, so only findings, not catalog rows, pile up. ``on_batch``
+    sees each batch once it is scored.
+    """
+    prepare = functools.partial(prepare_batch, spec=spec, access=access, pixels=clip.pixels, cache=cache)
+    parts = [pl.DataFrame(schema=FINDINGS_SCHEMA)]
+    for batch in prepared_batches(row_batches, prepare):
+        predictions = score_batch(batch, clip=clip, spec=spec, value_emb=value_emb, calibration=calibration,
+                                  cache=cache)
+        parts.append(compare(batch.rows, predictions, spec=spec, calibration=calibration))
+        on_batch(batch)
+    return pl.concat(parts)

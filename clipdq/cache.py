@@ -1,20 +1,33 @@
-"""Image embeddings cached by (model fingerprint, preprocessing version, SHA-256 of the image bytes).
+"""Image embeddings cached by (model fingerprint, preprocessing version, SHA-256 of the image bytes),
+and the image locations whose bytes are known not to have changed since they were embedded.
 
-A cache is a folder, local or ``s3://``, named after the model and the preprocessing, holding
-Parquet files with columns ``sha256`` and ``embedding``. A run reads them once, embeds only the
-images it has not seen, and adds its new embeddings as one more file, written whole, so a crash
-never leaves a partial file behind and concurrent runs never overwrite each other.
+A cache is a folder, local or ``s3://``, named after the model and the preprocessing, with two
+tables of Parquet parts, each part sorted by its key and written whole (a crash never leaves a
+partial part; concurrent writers never overwrite each other):
+
+- ``embeddings/``: ``sha256``, ``embedding``;
+- ``locations/``: ``location`` (where an image was read), ``version`` (its size and modification
+  time, or its S3 ETag) and ``sha256``: an image whose location still has that version is not
+  read again.
+
+A lookup reads the parts' footers once, then only the row groups whose key range holds a wanted
+key: the cache is never loaded whole. A part that cannot be read is skipped with a warning (its
+images are embedded again), and ``compact`` merges small parts into one.
 """
 
 from __future__ import annotations
 
+import bisect
 import hashlib
 import io
 import logging
 import uuid
+from collections.abc import Iterable
 
 import numpy as np
 import polars as pl
+import pyarrow as pa
+import pyarrow.parquet as pq
 
 from clipdq import storage
 from clipdq.images import PixelSpec
@@ -22,6 +35,9 @@ from clipdq.images import PixelSpec
 log = logging.getLogger(__name__)
 
 PREPROCESS_VERSION = 1  # bump when decoding or preprocessing changes the pixels an image gives
+ROW_GROUP_ROWS = 256  # rows a lookup reads at least per wanted key: small groups, little read for a few keys
+SMALL_PART_ROWS = 100_000  # parts below this are merged by ``compact``
+COMPACT_AT_PARTS = 8  # ``compact`` merges once a table has this many small parts
 
 
 def digest(data: bytes) -> str:
@@ -35,36 +51,132 @@ def cache_key(model_fingerprint: str, pixels: PixelSpec, backend: str = "fp32") 
     return f"model={model_fingerprint}-pre={preprocessing}" + ("" if backend == "fp32" else f"-{backend}")
 
 
+class SortedParts:
+    """A table of Parquet parts under ``folder``, each sorted by the string column ``key``."""
+
+    def __init__(self, folder: str, key: str):
+        self.folder, self.key = folder, key
+        self._ranges: dict[str, list[tuple[str, str]]] | None = None  # part -> (min, max) key per row group
+
+    def parts(self) -> dict[str, list[tuple[str, str]]]:
+        """Readable parts and their row groups' key ranges, read from the footers once."""
+        if self._ranges is None:
+            names = [n for n in storage.list_files(self.folder) if n.startswith("part-") and n.endswith(".parquet")]
+            found = ((name, self._row_group_ranges(storage.join(self.folder, name))) for name in names)
+            self._ranges = {name: ranges for name, ranges in found if ranges is not None}
+        return self._ranges
+
+    def _row_group_ranges(self, uri: str) -> list[tuple[str, str]] | None:
+        try:
+            meta = self._open(uri).metadata
+            column = meta.schema.names.index(self.key)
+            stats = [meta.row_group(g).column(column).statistics for g in range(meta.num_row_groups)]
+            return [(s.min, s.max) for s in stats]
+        except (OSError, ValueError, pa.ArrowException, AttributeError) as error:
+            log.warning("skipping unreadable cache part %s: %s", uri, error)
+            return None
+
+    @staticmethod
+    def _open(uri: str) -> pq.ParquetFile:
+        return pq.ParquetFile(storage.open_read(uri)[0], pre_buffer=False)
+
+    def lookup(self, keys: Iterable[str]) -> pl.DataFrame:
+        """The rows whose key is one of ``keys`` (any order; a key kept twice may appear twice)."""
+        wanted = sorted(set(keys))
+        frames = []
+        for name, ranges in self.parts().items() if wanted else ():
+            groups = [g for g, (low, high) in enumerate(ranges) if _any_between(wanted, low, high)]
+            if not groups:
+                continue
+            try:
+                table = self._open(storage.join(self.folder, name)).read_row_groups(groups)
+            except (OSError, pa.ArrowException) as error:
+                log.warning("skipping unreadable cache part %s: %s", name, error)
+                continue
+            frames.append(pl.from_arrow(table).filter(pl.col(self.key).is_in(wanted)))
+        return pl.concat(frames) if frames else pl.DataFrame()
+
+    def write(self, frame: pl.DataFrame) -> str:
+        """``frame`` as one new part, sorted by the key; returns its URI."""
+        buffer = io.BytesIO()
+        pq.write_table(frame.sort(self.key).to_arrow(), buffer, row_group_size=ROW_GROUP_ROWS)
+        uri = storage.join(self.folder, f"part-{uuid.uuid4().hex}.parquet")
+        storage.write_bytes(uri, buffer.getvalue(), create_only=True)
+        self._ranges = None
+        return uri
+
+    def compact(self) -> str | None:
+        """Merge the small parts into one once there are ``COMPACT_AT_PARTS`` of them; returns the
+        new part's URI. A key in several parts is kept once. Large parts stay as they are."""
+        small = []
+        for name in self.parts():
+            meta = self._open(storage.join(self.folder, name)).metadata
+            if meta.num_rows < SMALL_PART_ROWS:
+                small.append(name)
+        if len(small) < COMPACT_AT_PARTS:
+            return None
+        frames = [pl.from_arrow(self._open(storage.join(self.folder, name)).read()) for name in small]
+        merged = self.write(pl.concat(frames).unique(self.key, keep="first"))
+        for name in small:  # after the merged part is written, so nothing is ever missing
+            storage.delete(storage.join(self.folder, name))
+        log.info("cache %s: %d small parts merged into %s", self.folder, len(small), merged)
+        return merged
+
+
+def _any_between(wanted: list[str], low: str | None, high: str | None) -> bool:
+    """Whether sorted ``wanted`` holds a key in [low, high] (no statistics: assume it may)."""
+    if low is None or high is None:
+        return True
+    i = bisect.bisect_left(wanted, low)
+    return i < len(wanted) and wanted[i] <= high
+
+
 class EmbeddingCache:
-    """The embeddings of one model and preprocessing, by image SHA-256."""
+    """The embeddings of one model and preprocessing, by image SHA-256, and the image locations
+    whose bytes are known. New entries are kept in memory until ``flush``."""
 
     def __init__(self, folder: str):
         self.folder = folder
-        self.known: dict[str, np.ndarray] = {}
+        self.embeddings = SortedParts(storage.join(folder, "embeddings"), "sha256")
+        self.locations = SortedParts(storage.join(folder, "locations"), "location")
         self.new: dict[str, np.ndarray] = {}
-        for name in storage.list_files(folder):
-            if name.startswith("part-") and name.endswith(".parquet"):
-                part = pl.read_parquet(io.BytesIO(storage.read_bytes(storage.join(folder, name))))
-                self.known.update(zip(part["sha256"].to_list(), part["embedding"].to_numpy()))
-        log.info("embedding cache %s: %d embeddings", folder, len(self.known))
+        self.new_locations: dict[str, tuple[str, str]] = {}  # location -> (version, sha256)
 
-    def get(self, sha256: str) -> np.ndarray | None:
-        found = self.known.get(sha256)
-        return found if found is not None else self.new.get(sha256)
+    def get_many(self, sha256s: Iterable[str]) -> dict[str, np.ndarray]:
+        """sha256 -> embedding of the ones the cache holds."""
+        wanted = set(sha256s)
+        found = {sha: self.new[sha] for sha in wanted & self.new.keys()}
+        kept = self.embeddings.lookup(wanted - found.keys())
+        if kept.height:
+            found |= dict(zip(kept["sha256"].to_list(), kept["embedding"].to_numpy()))
+        return found
+
+    def known_digests(self, versions: dict[str, str]) -> dict[str, str]:
+        """location -> sha256 of the locations whose recorded version is the one given."""
+        kept = self.locations.lookup(versions)
+        known = {row[0]: row[2] for row in kept.iter_rows() if versions[row[0]] == row[1]} if kept.height else {}
+        return known | {loc: sha for loc, (ver, sha) in self.new_locations.items() if versions.get(loc) == ver}
 
     def add(self, sha256s: list[str], embeddings: np.ndarray) -> None:
         self.new.update(zip(sha256s, embeddings.astype(np.float32)))
 
+    def add_locations(self, entries: Iterable[tuple[str, str, str]]) -> None:
+        """(location, version, sha256) of images read whole."""
+        self.new_locations.update((loc, (ver, sha)) for loc, ver, sha in entries)
+
     def flush(self) -> str | None:
-        """Write the embeddings added since the last flush as one new file; returns its URI."""
-        if not self.new:
-            return None
-        frame = pl.DataFrame({"sha256": list(self.new), "embedding": np.stack(list(self.new.values()))})
-        buffer = io.BytesIO()
-        frame.write_parquet(buffer)
-        uri = storage.join(self.folder, f"part-{uuid.uuid4().hex}.parquet")
-        storage.write_bytes(uri, buffer.getvalue())
-        log.info("embedding cache: %d new embeddings written to %s", len(self.new), uri)
-        self.known.update(self.new)
-        self.new = {}
+        """Write what was added since the last flush as new parts, merging small parts where they
+        pile up; returns the new embeddings part's URI."""
+        uri = None
+        if self.new:
+            uri = self.embeddings.write(pl.DataFrame({"sha256": list(self.new),
+                                                      "embedding": np.stack(list(self.new.values()))}))
+            log.info("embedding cache: %d new embeddings written to %s", len(self.new), uri)
+        if self.new_locations:
+            self.locations.write(pl.DataFrame(
+                [(loc, ver, sha) for loc, (ver, sha) in self.new_locations.items()],
+                schema={"location": pl.String, "version": pl.String, "sha256": pl.String}, orient="row"))
+        self.new, self.new_locations = {}, {}
+        self.embeddings.compact()
+        self.locations.compact()
         return uri

@@ -32,20 +32,44 @@ class CatalogFile:
     """A Parquet catalog opened for reading: schema and row count at once, rows in batches, so an
     audit holds one batch of rows at a time (plus one row group inside the Parquet reader)."""
 
-    def __init__(self, uri: str):
+    def __init__(self, uri: str, *, version: str | None = None):
+        """``version`` (of an earlier open) makes a file that changed since then a CatalogError."""
         self.uri = uri
         try:
-            self._parquet = pq.ParquetFile(storage.open_read(uri), pre_buffer=False)  # row groups as they are read
+            stream, self.version = storage.open_read(uri, expected=version)
+            self._parquet = pq.ParquetFile(stream, pre_buffer=False)  # row groups as they are read
+        except storage.StorageError as error:
+            raise CatalogError(str(error)) from error
         except FileNotFoundError as error:
             raise CatalogError(f"catalog not found: {uri}") from error
         except (pa.ArrowException, OSError) as error:
             raise CatalogError(f"catalog is not readable Parquet: {uri}: {error}") from error
         self.rows = self._parquet.metadata.num_rows
         self.schema = pl.from_arrow(self._parquet.schema_arrow.empty_table()).schema
+        meta = self._parquet.metadata
+        self.group_rows = [meta.row_group(i).num_rows for i in range(meta.num_row_groups)]
 
     def batches(self, size: int, columns: list[str] | None = None) -> Iterator[pl.DataFrame]:
+        return self._rows(self._parquet.iter_batches(batch_size=size, columns=columns))
+
+    def batches_between(self, start: int, stop: int, size: int) -> Iterator[pl.DataFrame]:
+        """Rows ``start`` to ``stop`` (exclusive) in batches of at most ``size``, reading only the
+        row groups that hold them."""
+        first_row, groups = 0, []
+        for group, rows in enumerate(self.group_rows):
+            if first_row < stop and first_row + rows > start:
+                groups.append(group)
+            elif not groups:
+                first_row += rows
+        rows = self._rows(self._parquet.iter_batches(batch_size=size, row_groups=groups))
+        for offset, batch in _offsets(rows, first_row):
+            lo, hi = max(0, start - offset), min(batch.height, stop - offset)
+            if hi > lo:
+                yield batch.slice(lo, hi - lo)
+
+    def _rows(self, arrow_batches) -> Iterator[pl.DataFrame]:
         try:
-            for batch in self._parquet.iter_batches(batch_size=size, columns=columns):
+            for batch in arrow_batches:
                 yield pl.from_arrow(batch)
         except storage.StorageError as error:  # the object changed under the reader
             raise CatalogError(str(error)) from error
@@ -58,6 +82,13 @@ class CatalogFile:
         if not parts:
             return pl.DataFrame(schema={name: self.schema[name] for name in columns or self.schema.names()})
         return pl.concat(parts)
+
+
+def _offsets(batches: Iterator[pl.DataFrame], first_row: int) -> Iterator[tuple[int, pl.DataFrame]]:
+    """(row number of its first row, batch) for consecutive batches starting at ``first_row``."""
+    for batch in batches:
+        yield first_row, batch
+        first_row += batch.height
 
 
 def read_catalog(uri: str) -> pl.DataFrame:

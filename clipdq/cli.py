@@ -60,6 +60,13 @@ def _parser() -> argparse.ArgumentParser:
                        help="a faster image tower (int8 on CPU, bf16), used where its predictions on the first "
                        "batch agree with fp32 for at least 99%% of the images")
 
+    audit.add_argument("--rows-per-shard", type=int, default=20_000,
+                       help="catalog rows per shard: the unit of work that runs on one worker and is kept "
+                       "when a killed run is started again")
+    audit.add_argument("--dask-address", metavar="tcp://HOST:PORT", help="run the shards on this Dask cluster")
+    audit.add_argument("--workers", type=int, default=0,
+                       help="run the shards on a local Dask cluster of this many processes")
+
     finetune = commands.add_parser("finetune", help="fine-tune a CLIP on labeled products")
     finetune.add_argument("--catalog", required=True, help="labeled products, Parquet, local or s3://")
     finetune.add_argument("--spec", required=True)
@@ -211,7 +218,9 @@ def main(argv: list[str] | None = None) -> int:
         "audit": lambda a: run_audit(a.catalog, a.spec, a.model, a.output, batch_size=a.batch_size,
                                      cross_fit=a.cross_fit, fold_minutes=a.fold_minutes,
                                      group_column=a.group_column, embedding_cache=a.embedding_cache,
-                                     backend=a.backend, image_roots=a.image_roots),
+                                     backend=a.backend, image_roots=a.image_roots,
+                                     rows_per_shard=a.rows_per_shard, dask_address=a.dask_address,
+                                     workers=a.workers),
         "finetune": run_finetune,
         "init-model": run_init_model,
         "learning-curve": run_learning_curve,

@@ -26,20 +26,24 @@ def new_run(output: str, *, now: datetime | None = None) -> tuple[str, str]:
     return run_id, storage.join(output, f"run_date={now:%Y-%m-%d}", f"run_id={run_id}")
 
 
-def counts(findings: pl.DataFrame) -> pl.DataFrame:
+Findings = pl.DataFrame | pl.LazyFrame  # a run's findings, in memory or scanned from its file
+
+
+def counts(findings: Findings) -> pl.DataFrame:
     """One row per attribute, one column per status, zeros included."""
-    findings = findings.filter(pl.col("attribute").is_not_null())  # not_applicable rows name no attribute
-    wide = findings.pivot(on="status", index="attribute", values="product_id", aggregate_function="len")
+    per_status = (findings.lazy().filter(pl.col("attribute").is_not_null())  # not_applicable rows name none
+                  .group_by("attribute", "status").len().collect())
+    wide = per_status.pivot(on="status", index="attribute", values="len")
     missing = [pl.lit(0, pl.UInt32).alias(s) for s in STATUSES if s not in wide.columns]
     return wide.with_columns(missing).select("attribute", *STATUSES).fill_null(0).sort("attribute")
 
 
-def summarize(findings: pl.DataFrame, *, products: int, run: dict, validation: dict) -> dict:
+def summarize(findings: Findings, *, products: int, run: dict, validation: dict) -> dict:
     """Summary JSON: what was checked, with what, and how many findings of each kind."""
     by_attribute = counts(findings)
-    reported = findings["product_id"].n_unique()
+    reported, rows, not_applicable = findings.lazy().select(
+        pl.col("product_id").n_unique(), pl.len(), (pl.col("status") == NOT_APPLICABLE).sum()).collect().row(0)
     warnings = list(validation.get("warnings", []))
-    not_applicable = int((findings["status"] == NOT_APPLICABLE).sum())
     if not_applicable:
         warnings.append(f"{not_applicable} products have no attribute that applies to them (applies_to)")
     if reported < products:  # compare reports every product: fewer means rows were lost on the way
@@ -48,7 +52,7 @@ def summarize(findings: pl.DataFrame, *, products: int, run: dict, validation: d
         **run,
         "products": products,
         "products_reported": reported,
-        "findings": findings.height,
+        "findings": rows,
         "totals": {s: int(by_attribute[s].sum()) for s in STATUSES} | {NOT_APPLICABLE: not_applicable},
         "by_attribute": by_attribute.to_dicts(),
         "warnings": warnings,
@@ -57,15 +61,16 @@ def summarize(findings: pl.DataFrame, *, products: int, run: dict, validation: d
     }
 
 
-def top_findings(findings: pl.DataFrame, status: str, n: int = TOP_N) -> pl.DataFrame:
+def top_findings(findings: Findings, status: str, n: int = TOP_N) -> pl.DataFrame:
     """The most confident findings of a status, taking attributes in turn so each is shown."""
     return (
-        findings.filter(pl.col("status") == status)
+        findings.lazy().filter(pl.col("status") == status)
         .sort("confidence", descending=True, nulls_last=True)
         .with_columns(pl.int_range(pl.len()).over("attribute").alias("turn"))
         .sort("turn", maintain_order=True)
         .head(n)
         .drop("turn")
+        .collect()
     )
 
 
@@ -77,7 +82,7 @@ SECTIONS = {  # status -> heading of its section in the HTML report
 }
 
 
-def featured(findings: pl.DataFrame) -> pl.DataFrame:
+def featured(findings: Findings) -> pl.DataFrame:
     """The findings the HTML report shows: the top of each section's status."""
     return pl.concat([top_findings(findings, status) for status in SECTIONS])
 
@@ -113,14 +118,18 @@ def markdown(summary: dict, folder: str) -> str:
     )
 
 
-def publish_run(folder: str, findings: pl.DataFrame, summary: dict, html: str) -> str:
-    """Write findings, summary and report, then the manifest that marks the run complete."""
-    parquet = io.BytesIO()
-    findings.write_parquet(parquet)
+def publish_run(folder: str, findings: pl.DataFrame | bytes, summary: dict, html: str) -> str:
+    """Write findings (a frame, or a Parquet file's bytes), summary and report, then the manifest
+    that marks the run complete."""
+    if isinstance(findings, pl.DataFrame):
+        parquet = io.BytesIO()
+        findings.write_parquet(parquet)
+        findings = parquet.getvalue()
     files = {
-        "findings.parquet": parquet.getvalue(),
+        "findings.parquet": findings,
         "summary.json": json.dumps(summary, indent=2, default=str).encode(),
         "report.html": html.encode(),
     }
-    meta = {"run_id": summary["run_id"], "rows": findings.height, "totals": summary["totals"]}
+    meta = {"run_id": summary["run_id"], "rows": summary["findings"], "totals": summary["totals"],
+            **({"shards": summary["shards"]} if "shards" in summary else {})}
     return storage.publish(folder, files, meta=meta)

@@ -270,6 +270,24 @@ def fetch_all(refs: list, access: ImageAccess, *, workers: int = 4) -> list[Fetc
         return list(pool.map(lambda ref: fetch_one(ref, access), refs))
 
 
+def _version(ref: str | bytes | None, access: ImageAccess) -> tuple[str, str] | None:
+    if not isinstance(ref, str) or not ref or ref.startswith(("http://", "https://")):
+        return None
+    try:
+        location = locate(ref, access)
+        return location, storage.version(location)
+    except (ImageError, OSError, ClientError, BotoCoreError):  # the read reports why
+        return None
+
+
+def versions(refs: list, access: ImageAccess, *, workers: int = 8) -> list[tuple[str, str] | None]:
+    """Per catalog cell, (location, version) of a file or S3 object where that can be learnt
+    without reading it (size and modification time, or the ETag), else None: URLs, inline bytes,
+    and references whose read will fail and say why."""
+    with ThreadPoolExecutor(max_workers=workers) as pool:
+        return list(pool.map(lambda ref: _version(ref, access), refs))
+
+
 def access_for(base: str, roots: Iterable[str] = (), *, urls: bool = False) -> ImageAccess:
     """The access of a catalog in ``base`` (its folder or prefix), local roots made absolute."""
     return ImageAccess(base=base, roots=tuple(r if storage.is_s3(r) else str(Path(r).resolve()) for r in roots),

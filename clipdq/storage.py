@@ -11,6 +11,7 @@ import hashlib
 import io
 import json
 import os
+import shutil
 import tempfile
 import uuid
 from pathlib import Path
@@ -107,14 +108,8 @@ class _S3Reader(io.RawIOBase):
     """A seekable binary file over an S3 object: each read is a ranged GET, so a reader that wants
     one part of a large object (a Parquet footer, one row group) fetches only that part."""
 
-    def __init__(self, uri: str):
+    def __init__(self, uri: str, head: dict):
         self._uri, (self._bucket, self._key) = uri, split_s3(uri)
-        try:
-            head = s3_client().head_object(Bucket=self._bucket, Key=self._key)
-        except s3_client().exceptions.ClientError as error:
-            if _not_found(error):
-                raise FileNotFoundError(f"no such object: {uri}") from error
-            raise
         self._size, self._etag = head["ContentLength"], head["ETag"]  # every read is pinned to this version
         self._position = 0
 
@@ -149,11 +144,41 @@ class _S3Reader(io.RawIOBase):
         return len(data)
 
 
-def open_read(uri: str) -> io.BufferedIOBase:
-    """A seekable binary file to read a local file or an s3:// object part by part."""
+def _head(uri: str) -> dict:
+    bucket, key = split_s3(uri)
+    try:
+        return s3_client().head_object(Bucket=bucket, Key=key)
+    except ClientError as error:
+        if _not_found(error):
+            raise FileNotFoundError(f"no such object: {uri}") from error
+        raise
+
+
+def _local_version(info: os.stat_result) -> str:
+    return f"{info.st_size}:{info.st_mtime_ns}"
+
+
+def version(uri: str) -> str:
+    """Changes whenever the file or object is rewritten: size and modification time, or the ETag."""
+    return _head(uri)["ETag"] if is_s3(uri) else _local_version(os.stat(uri))
+
+
+def open_read(uri: str, *, expected: str | None = None) -> tuple[io.BufferedIOBase, str]:
+    """(a seekable binary file to read a local file or an s3:// object part by part, its version).
+
+    Every read of an S3 object is pinned to the version it had when opened; with ``expected``,
+    a file or object that is no longer that version raises StorageError at once.
+    """
     if is_s3(uri):
-        return io.BufferedReader(_S3Reader(uri), buffer_size=1 << 20)
-    return open(uri, "rb")
+        head = _head(uri)
+        stream, found = io.BufferedReader(_S3Reader(uri, head), buffer_size=1 << 20), head["ETag"]
+    else:
+        stream = open(uri, "rb")
+        found = _local_version(os.fstat(stream.fileno()))
+    if expected is not None and found != expected:
+        stream.close()
+        raise StorageError(f"{uri} changed since the run began: run again on a stable copy")
+    return stream, found
 
 
 def exists(uri: str) -> bool:
@@ -243,6 +268,15 @@ def delete(uri: str) -> None:
         s3_client().delete_object(Bucket=bucket, Key=key)
     else:
         Path(uri).unlink(missing_ok=True)
+
+
+def delete_tree(prefix: str) -> None:
+    """Delete every file under a folder or s3:// prefix."""
+    if is_s3(prefix):
+        for name in list_files(prefix):
+            delete(join(prefix, name))
+    else:
+        shutil.rmtree(prefix, ignore_errors=True)
 
 
 def upload_folder(folder: Path, prefix: str, *, last: str | None = None) -> None:

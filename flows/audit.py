@@ -3,26 +3,29 @@
 from __future__ import annotations
 
 import copy
-import functools
-from collections.abc import Iterable
+import tempfile
 from datetime import datetime, timezone
+from pathlib import Path
 
 import polars as pl
-from prefect import flow, get_run_logger, task
+from prefect import flow, get_run_logger, task, unmapped
 from prefect.artifacts import create_markdown_artifact, create_table_artifact
 from prefect.cache_policies import NO_CACHE
+from prefect.futures import as_completed
+from prefect.task_runners import ThreadPoolTaskRunner
 
-from clipdq import audit, catalog, images, model, report, sources, splits, storage, train
-from clipdq.cache import EmbeddingCache, cache_key
-from clipdq.compare import FINDINGS_SCHEMA, compare
+from clipdq import audit, catalog, images, model, report, shards, sources, splits, storage, train
+from clipdq.cache import cache_key
 from clipdq.sources import ImageAccess
 from clipdq.spec import Spec, parse_spec
 from flows.retries import IO_RETRIES
 
 
 @task(**IO_RETRIES)
-def load_spec(uri: str) -> Spec:
-    return parse_spec(storage.read_bytes(uri).decode())
+def read_spec(uri: str) -> str:
+    text = storage.read_bytes(uri).decode()
+    parse_spec(text)  # a malformed spec fails here, once
+    return text
 
 
 @task(**IO_RETRIES, cache_policy=NO_CACHE)
@@ -37,7 +40,7 @@ def validate_catalog(source: catalog.CatalogFile, spec: Spec, cache: str) -> tup
 
 @task(**IO_RETRIES, cache_policy=NO_CACHE)
 def load_model(uri: str) -> model.Clip:
-    return model.load_model(uri)
+    return shards.load_model(uri)  # once per process: shards run here reuse it
 
 
 @task(cache_policy=NO_CACHE)
@@ -59,61 +62,63 @@ def choose_backend(clip: model.Clip, backend: str, rows: pl.DataFrame, spec: Spe
 
 
 @task(**IO_RETRIES, cache_policy=NO_CACHE)
-def open_cache(output_uri: str, clip: model.Clip) -> EmbeddingCache:
-    key = cache_key(clip.fingerprint(), clip.pixels, clip.backend)
-    return EmbeddingCache(storage.join(output_uri, "_embedding_cache", key))
+def score_shard(job: shards.Job, shard: shards.Shard) -> shards.ShardResult:
+    return shards.run_shard(job, shard)
+
+
+@flow(name="clipdq-score-shards")
+def score_shards(job: shards.Job, plan: list[shards.Shard], rows: int) -> list[shards.ShardResult]:
+    """Every shard of the plan scored on the flow's task runner; progress logged as shards finish."""
+    logger = get_run_logger()
+    futures = score_shard.map(unmapped(job), plan)
+    results, scored = [], 0
+    for future in as_completed(futures):
+        result = future.result()
+        results.append(result)
+        scored += result.counts["scored"]
+        logger.info("shard %d done (%d of %d)%s: %d/%d products scored", result.index, len(results), len(plan),
+                    ", reused from an interrupted run" if result.reused else "", scored, rows)
+    return sorted(results, key=lambda result: result.index)
+
+
+def task_runner(dask_address: str | None, workers: int):
+    """Where shards run: an existing Dask cluster, a local one of ``workers`` processes, or here."""
+    if not dask_address and workers <= 1:
+        return ThreadPoolTaskRunner(max_workers=1)  # one shard at a time: each uses every core already
+    from prefect_dask import DaskTaskRunner  # imports dask: only when it is used
+
+    if dask_address:
+        return DaskTaskRunner(address=dask_address)
+    return DaskTaskRunner(cluster_kwargs={"n_workers": workers, "threads_per_worker": 1, "processes": True,
+                                          "dashboard_address": None})
 
 
 @task(**IO_RETRIES, cache_policy=NO_CACHE)
-def save_cache(cache: EmbeddingCache) -> str | None:
-    return cache.flush()
-
-
-@task(cache_policy=NO_CACHE)
-def score(batch: audit.Batch, clip: model.Clip, spec: Spec, value_emb: dict, calibration: dict, cache):
-    return audit.score_batch(batch, clip=clip, spec=spec, value_emb=value_emb, calibration=calibration, cache=cache)
-
-
-@task(**IO_RETRIES, cache_policy=NO_CACHE)
-def publish(folder: str, findings: pl.DataFrame, summary: dict, keys: pl.DataFrame, spec: Spec,
+def publish(folder: str, findings_file: str, summary: dict, keys: pl.DataFrame, spec: Spec,
             access: ImageAccess) -> str:
-    shown = report.featured(findings)
+    shown = report.featured(pl.scan_parquet(findings_file))
     refs = dict(keys.select(pl.col(spec.id_column).cast(pl.String), spec.image_column).iter_rows())
     readable = shown.filter(pl.col("status") != "image_error")["product_id"].unique().to_list()
     thumbs = {pid: images.thumbnail(refs[pid], access) for pid in readable}
-    return report.publish_run(folder, findings, summary, report.render_html(shown, summary, thumbs))
-
-
-def _findings(row_batches: Iterable[pl.DataFrame], clip: model.Clip, spec: Spec, *, access: ImageAccess, progress,
-              cache: EmbeddingCache | None = None):
-    """(findings, calibration as JSON) of the catalog rows in ``row_batches``, scored by ``clip``.
-
-    Images are fetched and decoded in a background thread a few batches ahead of the model; each
-    batch is compared as it is scored, so only findings, not catalog rows, pile up.
-    """
-    calibration = audit.calibration_for(clip, spec)
-    value_emb = audit.value_embeddings_for(clip, spec)  # once per run, shared by every batch
-    prepare = functools.partial(audit.prepare_batch, spec=spec, access=access, pixels=clip.pixels, cache=cache)
-    parts = [pl.DataFrame(schema=FINDINGS_SCHEMA)]
-    for batch in audit.prepared_batches(row_batches, prepare):
-        predictions = score(batch, clip, spec, value_emb, calibration, cache)
-        parts.append(compare(batch.rows, predictions, spec=spec, calibration=calibration))
-        progress(batch)
-    return pl.concat(parts), {name: c.to_dict() for name, c in calibration.items()}
+    html = report.render_html(shown, summary, thumbs)
+    return report.publish_run(folder, Path(findings_file).read_bytes(), summary, html)
 
 
 def _cross_fitted(frame: pl.DataFrame, clip: model.Clip, spec: Spec, *, k: int, fold_minutes: float | None,
-                  group_column: str | None, access: ImageAccess, batch_size: int, progress):
-    """(findings, one calibration per fold): each fold scored by ``clip`` fine-tuned on the other folds."""
+                  group_column: str | None, access: ImageAccess, batch_size: int, on_batch):
+    """(findings, one calibration per fold as JSON): each fold scored by ``clip`` fine-tuned on the other folds."""
     groups = train.group_keys(frame, group_column)
     folds = pl.Series(splits.fold_of(train.encode_labels(frame, spec), k=k, seed=0, groups=groups))
-    parts = []
+    parts, calibrations = [], []
     for fold in range(k):
         get_run_logger().info("cross-fitting: training the model for fold %d of %d", fold + 1, k)
         fold_clip = train_fold(clip, frame.filter(folds != fold), spec, access, fold, fold_minutes, group_column)
-        parts.append(_findings(audit.batches(frame.filter(folds == fold), batch_size), fold_clip, spec, access=access,
-                               progress=progress))
-    return pl.concat([findings for findings, _ in parts]), [calibration for _, calibration in parts]
+        calibration = audit.calibration_for(fold_clip, spec)
+        parts.append(audit.findings_of(audit.batches(frame.filter(folds == fold), batch_size), clip=fold_clip,
+                                       spec=spec, access=access, value_emb=audit.value_embeddings_for(fold_clip, spec),
+                                       calibration=calibration, on_batch=on_batch))
+        calibrations.append({name: c.to_dict() for name, c in calibration.items()})
+    return pl.concat(parts), calibrations
 
 
 @flow(name="clipdq-audit", log_prints=True)
@@ -129,6 +134,9 @@ def audit_catalog(
     embedding_cache: bool = True,
     backend: str = "fp32",
     image_roots: list[str] | None = None,
+    rows_per_shard: int = 20_000,
+    dask_address: str | None = None,
+    workers: int = 0,
 ) -> str:
     """Audit a catalog; returns the run folder holding findings, summary, report and manifest.
 
@@ -150,6 +158,12 @@ def audit_catalog(
     may come from, besides the spec's ``image_roots``; a reference elsewhere is an ``image_error``.
     When more than the spec's ``max_transient_image_errors`` share of images is lost to storage or
     network errors, the run fails and publishes nothing: an outage is not a finding.
+
+    The catalog is scored in shards of about ``rows_per_shard`` rows, each writing its findings
+    part under ``<output_uri>/_shards/`` as it finishes: a run that is killed resumes from its
+    finished shards when started again with the same arguments. Shards run one at a time here, on
+    the Dask cluster at ``dask_address`` (``tcp://host:8786``), or on a local cluster of
+    ``workers`` processes; each process loads the model once.
     """
     if cross_fit == 1 or cross_fit < 0:
         raise ValueError(f"cross_fit must be 0 (off) or at least 2 folds, not {cross_fit}")
@@ -160,7 +174,8 @@ def audit_catalog(
     started = datetime.now(timezone.utc)
     run_id, folder = report.new_run(output_uri, now=started)
     storage.check_writable(output_uri)  # a missing bucket or a read-only role fails now, not after the scoring
-    spec = load_spec(spec_uri)
+    spec_text = read_spec(spec_uri)
+    spec = parse_spec(spec_text)
     source = open_catalog(catalog_uri)
     keys, validation = validate_catalog(source, spec, storage.join(output_uri, "_validation_cache"))
     access = sources.catalog_access(catalog_uri, spec, image_roots or ())
@@ -170,32 +185,35 @@ def audit_catalog(
         clip, backend_check = choose_backend(clip, backend, next(source.batches(batch_size)), spec, access)
         logger.info("backend %s: predictions agree with fp32 for %s of %d images checked; using %s", backend,
                     backend_check["agreement"], backend_check["images_checked"], backend_check["used"])
-    images_seen = {"scored": 0, "from_cache": 0, "embedded": 0, "lost_to_outages": 0}
-
-    def progress(batch: audit.Batch) -> None:
-        images_seen["scored"] += batch.rows.height
-        images_seen["from_cache"] += len(batch.cached)
-        images_seen["embedded"] += len(batch.to_embed)
-        images_seen["lost_to_outages"] += batch.transient
-        audit.check_outage(images_seen["lost_to_outages"], source.rows, spec.max_transient_image_errors)
-        logger.info("scored %d/%d products (%d images from the cache)", images_seen["scored"], source.rows,
-                    images_seen["from_cache"])
-
-    if cross_fit:
-        findings, calibration = _cross_fitted(source.read(), clip, spec, k=cross_fit, fold_minutes=fold_minutes,
-                                              group_column=group_column, access=access, batch_size=batch_size,
-                                              progress=progress)
-    else:
-        cache = open_cache(output_uri, clip) if embedding_cache else None
-        findings, calibration = _findings(source.batches(batch_size), clip, spec, access=access, progress=progress,
-                                          cache=cache)
-        if cache is not None:
-            save_cache(cache)
     run = {"run_id": run_id, "started_at": started.isoformat(), "catalog": catalog_uri, "model": model_uri,
-           "model_fingerprint": clip.fingerprint(), "target_precision": spec.target_precision,
-           "cross_fit": cross_fit, "calibration": calibration, "images": images_seen, "backend": backend_check}
-    summary = report.summarize(findings, products=source.rows, run=run, validation=validation)
-    publish(folder, findings, summary, keys, spec, access)
+           "model_fingerprint": clip.fingerprint(), "target_precision": spec.target_precision, "cross_fit": cross_fit,
+           "backend": backend_check}
+    with tempfile.TemporaryDirectory(prefix="clipdq-findings-") as scratch:
+        findings_file = str(Path(scratch, "findings.parquet"))
+        if cross_fit:
+            run |= _audit_cross_fitted(source, clip, spec, findings_file, k=cross_fit, fold_minutes=fold_minutes,
+                                       group_column=group_column, access=access, batch_size=batch_size)
+        else:
+            used = backend_check["used"]
+            cache = storage.join(output_uri, "_embedding_cache", cache_key(clip.fingerprint(), clip.pixels, used))
+            job = shards.new_job(output_uri, model_fingerprint=clip.fingerprint(), rows_per_shard=rows_per_shard,
+                                 catalog_uri=catalog_uri, catalog_version=source.version, spec_text=spec_text,
+                                 model_uri=model_uri, backend=used, cache=cache if embedding_cache else None,
+                                 image_roots=tuple(sorted(image_roots or ())), batch_size=batch_size)
+            plan = shards.plan(source.group_rows, rows_per_shard=rows_per_shard)
+            logger.info("%d products in %d shards; shard parts in %s", source.rows, len(plan), job.work)
+            results = score_shards.with_options(task_runner=task_runner(dask_address, workers))(job, plan, source.rows)
+            images_seen = shards.totals(results)
+            audit.check_outage(images_seen["lost_to_outages"], source.rows, spec.max_transient_image_errors)
+            shards.assemble([result.part for result in results], findings_file)
+            run |= {"calibration": {name: c.to_dict() for name, c in audit.calibration_for(clip, spec).items()},
+                    "images": images_seen, "shards": {"count": len(plan), "rows_per_shard": rows_per_shard,
+                                                      "reused": sum(result.reused for result in results)}}
+        summary = report.summarize(pl.scan_parquet(findings_file), products=source.rows, run=run,
+                                   validation=validation)
+        publish(folder, findings_file, summary, keys, spec, access)
+    if not cross_fit:
+        storage.delete_tree(job.work)  # published: the parts are not needed to resume any more
     create_table_artifact(key="clipdq-audit-counts", table=summary["by_attribute"],
                           description=f"Findings per attribute, run {run_id}")
     create_markdown_artifact(key="clipdq-audit-report", markdown=report.markdown(summary, folder),
@@ -204,3 +222,19 @@ def audit_catalog(
     logger.info("%d conflicts, %d gaps, %d invalid values, %d image errors; report: %s",
                 t["conflict"], t["gap"], t["invalid_value"], t["image_error"], storage.join(folder, "report.html"))
     return folder
+
+
+def _audit_cross_fitted(source: catalog.CatalogFile, clip: model.Clip, spec: Spec, findings_file: str, *, k: int,
+                        access: ImageAccess, **options) -> dict:
+    """Cross-fitted findings written to ``findings_file``; returns what the summary says of them."""
+    images_seen = dict.fromkeys(audit.COUNT_KEYS, 0)
+
+    def on_batch(batch: audit.Batch) -> None:
+        for key, value in audit.counts(batch).items():
+            images_seen[key] += value
+        audit.check_outage(images_seen["lost_to_outages"], source.rows, spec.max_transient_image_errors)
+        get_run_logger().info("scored %d/%d products", images_seen["scored"], source.rows)
+
+    findings, calibrations = _cross_fitted(source.read(), clip, spec, k=k, access=access, on_batch=on_batch, **options)
+    findings.write_parquet(findings_file)
+    return {"calibration": calibrations, "images": images_seen}

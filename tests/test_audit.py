@@ -55,6 +55,7 @@ def test_scores_of_cached_embeddings_equal_fresh_ones_and_a_failed_first_image_i
     assert_frame_equal(fresh, cached, check_exact=False, rel_tol=1e-6)  # same inputs, other memory layout
     assert sum(len(b.to_embed) for b in first) == sum(len(b.cached) for b in second) > 0
     assert sum(len(b.to_embed) for b in second) == 0
+    assert sum(b.unread for b in second) == sum(len(b.cached) for b in second)  # unchanged files: not read again
     first_row = fresh.filter(pl.col("product_id") == frame["product_id"][0])
     assert first_row["image_error"].to_list() == ["image file not found"] * first_row.height
     assert first_row["predicted_value"].is_null().all()

@@ -1,8 +1,12 @@
-"""The embedding cache: keyed by model, preprocessing and image bytes; new entries written whole."""
+"""The embedding cache: keyed by model, preprocessing and image bytes; parts written whole and sorted,
+looked up by row group, compacted, and a broken part skipped."""
 
 from __future__ import annotations
 
+import logging
+
 import numpy as np
+import pyarrow.parquet as pq
 import pytest
 
 from clipdq import cache, storage
@@ -11,24 +15,87 @@ from clipdq.images import PixelSpec
 PIXELS = PixelSpec(32, 32, (0.5, 0.5, 0.5), (0.25, 0.25, 0.25))
 
 
+def vectors(n: int, seed: int = 0) -> np.ndarray:
+    return np.random.default_rng(seed).normal(size=(n, 8)).astype(np.float32)
+
+
 @pytest.mark.parametrize("where", ["local", "s3"])
 def test_entries_survive_a_reload_and_only_new_ones_are_written(where, tmp_path, request):
     root = str(tmp_path) if where == "local" else request.getfixturevalue("s3_bucket")
     folder = storage.join(root, "cache", cache.cache_key("abc", PIXELS))
-    rng = np.random.default_rng(0)
-    first = rng.normal(size=(3, 8)).astype(np.float32)
+    first = vectors(3)
 
     store = cache.EmbeddingCache(folder)
-    assert store.get("a") is None and store.flush() is None  # empty, nothing to write
+    assert store.get_many(["a"]) == {} and store.flush() is None  # empty, nothing to write
     store.add(["a", "b", "c"], first)
     written = store.flush()
 
     again = cache.EmbeddingCache(folder)
-    np.testing.assert_array_equal(again.get("b"), first[1])
+    found = again.get_many(["b", "z"])
+    assert list(found) == ["b"]
+    np.testing.assert_array_equal(found["b"], first[1])
     again.add(["d"], first[:1] * 2)
     second = again.flush()
-    assert sorted(storage.list_files(folder)) == sorted([written.rsplit("/", 1)[1], second.rsplit("/", 1)[1]])
-    assert len(cache.EmbeddingCache(folder).known) == 4
+    assert storage.list_files(storage.join(folder, "embeddings")) == sorted(uri.rsplit("/", 1)[1]
+                                                                            for uri in (written, second))
+    assert set(cache.EmbeddingCache(folder).get_many("abcdz")) == set("abcd")
+
+
+def test_a_lookup_reads_only_the_row_groups_that_hold_wanted_keys(tmp_path, monkeypatch):
+    monkeypatch.setattr(cache, "ROW_GROUP_ROWS", 4)
+    store = cache.EmbeddingCache(str(tmp_path))
+    keys = [f"{i:04d}" for i in range(40)]  # one part, ten row groups of four keys
+    store.add(keys, vectors(40))
+    store.flush()
+    read = []
+    original = pq.ParquetFile.read_row_groups
+    monkeypatch.setattr(pq.ParquetFile, "read_row_groups",
+                        lambda self, groups, **kw: read.append(list(groups)) or original(self, groups, **kw))
+
+    found = cache.EmbeddingCache(str(tmp_path)).get_many(["0005", "0006", "0031"])
+
+    assert sorted(found) == ["0005", "0006", "0031"]
+    np.testing.assert_array_equal(found["0031"], vectors(40)[31])
+    assert read == [[1, 7]]  # not the other eight
+
+
+def test_a_broken_part_is_skipped_with_a_warning(tmp_path, caplog):
+    store = cache.EmbeddingCache(str(tmp_path))
+    store.add(["a"], vectors(1))
+    store.flush()
+    (tmp_path / "embeddings" / "part-broken.parquet").write_bytes(b"PAR1 not really")
+
+    with caplog.at_level(logging.WARNING, logger="clipdq.cache"):
+        found = cache.EmbeddingCache(str(tmp_path)).get_many(["a"])
+
+    assert list(found) == ["a"]
+    assert "part-broken.parquet" in caplog.text
+
+
+def test_small_parts_are_merged_once_they_pile_up(tmp_path):
+    for run in range(cache.COMPACT_AT_PARTS):
+        store = cache.EmbeddingCache(str(tmp_path))
+        store.add([f"run{run}", "shared"], vectors(2, seed=run))
+        store.flush()
+
+    names = storage.list_files(str(tmp_path / "embeddings"))
+    found = cache.EmbeddingCache(str(tmp_path)).get_many([f"run{run}" for run in range(10)] + ["shared"])
+
+    assert len(names) == 1  # the eighth flush merged all eight parts
+    assert pq.read_metadata(tmp_path / "embeddings" / names[0]).num_rows == cache.COMPACT_AT_PARTS + 1  # once each
+    assert len(found) == cache.COMPACT_AT_PARTS + 1
+    np.testing.assert_array_equal(found["run3"], vectors(2, seed=3)[0])
+
+
+def test_a_location_is_known_only_at_the_version_it_was_read(tmp_path):
+    store = cache.EmbeddingCache(str(tmp_path))
+    store.add_locations([("/img/a.jpg", "10:111", "sha-a"), ("/img/b.jpg", "20:222", "sha-b")])
+    assert store.known_digests({"/img/a.jpg": "10:111"}) == {"/img/a.jpg": "sha-a"}  # before the flush, too
+    store.flush()
+
+    again = cache.EmbeddingCache(str(tmp_path))
+    assert again.known_digests({"/img/a.jpg": "10:111", "/img/b.jpg": "20:999", "/img/c.jpg": "1:1"}) == {
+        "/img/a.jpg": "sha-a"}
 
 
 def test_the_key_changes_with_the_model_and_with_preprocessing():

@@ -81,7 +81,8 @@ def test_an_s3_object_reads_part_by_part_at_any_offset(s3_bucket):
     data = bytes(range(256)) * 40
     storage.write_bytes(f"{s3_bucket}/blob", data)
 
-    with storage.open_read(f"{s3_bucket}/blob") as stream:
+    stream, _ = storage.open_read(f"{s3_bucket}/blob")
+    with stream:
         stream.seek(-100, io.SEEK_END)
         tail = stream.read()
         stream.seek(1000)

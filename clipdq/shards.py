@@ -1,0 +1,209 @@
+"""The audit in shards: a catalog cut into row ranges along its row groups, each scored by one plain
+call, ``run_shard``, that any process can run (a thread here, a Dask worker elsewhere).
+
+A shard loads the model once per process, scores its rows, keeps its new embeddings in the cache
+and writes its findings as one part with its counts. A part already written is reused, so a run
+killed at any point resumes from its finished shards when the same command runs again; the work
+folder is named after everything that decides the findings, so a changed catalog, spec, model
+or option starts afresh. Only a ``Job`` (URIs and options), ``Shard``s and small ``ShardResult``s
+cross a process boundary, never a model or pixels.
+"""
+
+from __future__ import annotations
+
+import functools
+import hashlib
+import json
+import logging
+from collections import Counter
+from dataclasses import dataclass
+
+import polars as pl
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from clipdq import audit, catalog, model, sources, storage
+from clipdq.cache import EmbeddingCache
+from clipdq.compare import FINDINGS_SCHEMA
+from clipdq.predict import Calibration
+from clipdq.spec import Spec, parse_spec
+
+log = logging.getLogger(__name__)
+
+PARTS_VERSION = 1  # raise when what a shard writes changes, so old parts are not reused
+COUNTS_KEY = b"clipdq_counts"  # Parquet metadata of a part: its image counts, as JSON
+
+
+@dataclass(frozen=True)
+class Shard:
+    index: int
+    start: int  # first row
+    stop: int  # one past the last row
+
+    @property
+    def rows(self) -> int:
+        return self.stop - self.start
+
+
+def plan(group_rows: list[int], *, rows_per_shard: int) -> list[Shard]:
+    """Consecutive row groups (``group_rows`` rows each) gathered into shards of at most
+    ``rows_per_shard`` rows; a larger row group is cut into ranges, each of which reads it whole."""
+    if rows_per_shard < 1:
+        raise ValueError(f"rows_per_shard must be at least 1, not {rows_per_shard}")
+    ranges, start, end = [], 0, 0
+    for rows in group_rows:
+        if end > start and (end - start + rows > rows_per_shard or rows > rows_per_shard):
+            ranges.append((start, end))
+            start = end
+        if rows > rows_per_shard:
+            ranges += [(lo, min(lo + rows_per_shard, end + rows)) for lo in range(end, end + rows, rows_per_shard)]
+            start = end + rows
+        end += rows
+    if end > start:
+        ranges.append((start, end))
+    return [Shard(i, lo, hi) for i, (lo, hi) in enumerate(ranges)]
+
+
+@dataclass(frozen=True)
+class Job:
+    """What every shard of one audit needs, as URIs and options."""
+
+    catalog_uri: str
+    catalog_version: str  # a shard refuses a catalog rewritten since the run began
+    spec_text: str
+    model_uri: str
+    backend: str  # the image tower's backend the run chose
+    work: str  # folder of the shards' parts
+    cache: str | None = None  # embedding cache folder, None to embed every image
+    image_roots: tuple[str, ...] = ()
+    batch_size: int = 64
+
+    @property
+    def spec(self) -> Spec:
+        return parse_spec(self.spec_text)
+
+
+def new_job(output_uri: str, *, model_fingerprint: str, rows_per_shard: int, **fields) -> Job:
+    """A Job with its work folder at ``<output>/_shards/<key>``, the key a hash of everything that
+    decides its shards' findings, so only the same audit of the same inputs reuses its parts."""
+    payload = json.dumps([PARTS_VERSION, model_fingerprint, rows_per_shard, sorted(fields.items())], default=str)
+    work = storage.join(output_uri, "_shards", hashlib.sha256(payload.encode()).hexdigest()[:16])
+    return Job(work=work, **fields)
+
+
+@dataclass(frozen=True)
+class ShardResult:
+    index: int
+    part: str  # URI of the findings part
+    counts: dict[str, int]  # scored, from_cache, unread, embedded, lost_to_outages
+    reused: bool  # written by an earlier, interrupted run
+
+
+def part_uri(job: Job, shard: Shard) -> str:
+    return storage.join(job.work, f"shard-{shard.index:05d}.parquet")
+
+
+@dataclass(frozen=True)
+class Scorer:
+    """A model ready to score a spec's attributes."""
+
+    spec: Spec
+    clip: model.Clip
+    value_emb: dict
+    calibration: dict[str, Calibration]
+
+
+def load_model(uri: str) -> model.Clip:
+    """The model at ``uri``, loaded once per process while its folder stays the same."""
+    return _load_model(uri, _signature(uri))
+
+
+def _signature(uri: str) -> str:
+    return storage.signature(uri) if storage.is_s3(uri) or storage.exists(uri) else uri  # else a hub id
+
+
+@functools.lru_cache(maxsize=1)
+def _load_model(uri: str, signature: str) -> model.Clip:
+    return model.load_model(uri)
+
+
+@functools.lru_cache(maxsize=1)
+def _scorer(model_uri: str, signature: str, backend: str, spec_text: str) -> Scorer:
+    spec, clip = parse_spec(spec_text), _load_model(model_uri, signature)
+    fast = clip if backend == "fp32" else model.on_backend(clip, backend)
+    return Scorer(spec, fast, audit.value_embeddings_for(clip, spec), audit.calibration_for(clip, spec))
+
+
+def scorer(job: Job) -> Scorer:
+    return _scorer(job.model_uri, _signature(job.model_uri), job.backend, job.spec_text)
+
+
+def run_shard(job: Job, shard: Shard) -> ShardResult:
+    """Score one shard's rows and write its findings part, or reuse the part an earlier run wrote."""
+    part = part_uri(job, shard)
+    counts = read_counts(part)
+    if counts is not None:
+        log.info("shard %d: finished by an earlier run, reusing %s", shard.index, part)
+        return ShardResult(shard.index, part, counts, reused=True)
+    use = scorer(job)
+    source = catalog.CatalogFile(job.catalog_uri, version=job.catalog_version)
+    cache = EmbeddingCache(job.cache) if job.cache else None
+    counts = Counter()
+
+    def on_batch(batch: audit.Batch) -> None:
+        counts.update(audit.counts(batch))
+        audit.check_outage(counts["lost_to_outages"], shard.rows, use.spec.max_transient_image_errors)
+        log.info("shard %d: scored %d/%d products", shard.index, counts["scored"], shard.rows)
+
+    findings = audit.findings_of(
+        source.batches_between(shard.start, shard.stop, job.batch_size), clip=use.clip, spec=use.spec,
+        access=sources.catalog_access(job.catalog_uri, use.spec, job.image_roots), value_emb=use.value_emb,
+        calibration=use.calibration, cache=cache, on_batch=on_batch)
+    if cache is not None:
+        cache.flush()  # before the part: a finished part's embeddings are kept
+    write_part(part, findings, dict(counts))
+    return ShardResult(shard.index, part, dict(counts), reused=False)
+
+
+def write_part(uri: str, findings: pl.DataFrame, counts: dict[str, int]) -> None:
+    table = findings.to_arrow().replace_schema_metadata({COUNTS_KEY: json.dumps(counts).encode()})
+    buffer = pa.BufferOutputStream()
+    pq.write_table(table, buffer)
+    storage.write_bytes(uri, buffer.getvalue().to_pybytes())  # whole, renamed or PUT into place
+
+
+def read_counts(uri: str) -> dict[str, int] | None:
+    """The counts of a finished part, or None where there is none (or it cannot be read)."""
+    try:
+        stream, _ = storage.open_read(uri)
+        with stream:
+            meta = pq.read_metadata(stream).metadata or {}
+    except FileNotFoundError:
+        return None
+    except (OSError, pa.ArrowException) as error:
+        log.warning("shard part %s cannot be read (%s): scoring its rows again", uri, error)
+        return None
+    return json.loads(meta[COUNTS_KEY]) if COUNTS_KEY in meta else None
+
+
+def assemble(parts: list[str], dest: str) -> int:
+    """The parts, in order, as one Parquet file at the local path ``dest``, holding one part in
+    memory at a time; returns its rows."""
+    schema = pl.DataFrame(schema=FINDINGS_SCHEMA).to_arrow().schema
+    rows = 0
+    with pq.ParquetWriter(dest, schema) as writer:
+        for part in parts:
+            stream, _ = storage.open_read(part)
+            with stream:
+                table = pq.read_table(stream).replace_schema_metadata(None).cast(schema)
+            writer.write_table(table)
+            rows += table.num_rows
+    return rows
+
+
+def totals(results: list[ShardResult]) -> dict[str, int]:
+    """The image counts of a run, summed over its shards."""
+    summed = Counter()
+    for result in results:
+        summed.update(result.counts)
+    return {key: summed[key] for key in audit.COUNT_KEYS}
