@@ -1,0 +1,125 @@
+"""The audit in shards: the plan, a shard's rows, a real 2-worker Dask cluster giving the findings
+of a single process, and a run killed mid-way (SIGKILL) that resumes from its finished shards."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import polars as pl
+import pyarrow.parquet as pq
+import pytest
+from polars.testing import assert_frame_equal
+
+from clipdq import catalog, shards
+from flows.audit import audit_catalog
+from test_cli import cli_env, last_line  # noqa: F401 - the CLI's environment fixture
+from test_flow import assert_findings_match_ground_truth, assert_planted_flags_found, read_run
+
+COLUMNS = ["product_id", "attribute", "existing_value", "predicted_value", "status", "detail"]
+
+
+@pytest.mark.parametrize(("groups", "per_shard", "expected"), [
+    ([10, 10, 10], 25, [(0, 20), (20, 30)]),
+    ([10, 10, 10], 10, [(0, 10), (10, 20), (20, 30)]),
+    ([100], 30, [(0, 30), (30, 60), (60, 90), (90, 100)]),  # one large row group, cut into ranges
+    ([5, 70, 5], 30, [(0, 5), (5, 35), (35, 65), (65, 75), (75, 80)]),
+    ([], 30, []),
+])
+def test_shards_follow_row_groups_and_cover_every_row_once(groups, per_shard, expected):
+    plan = shards.plan(groups, rows_per_shard=per_shard)
+    assert [(s.start, s.stop) for s in plan] == expected
+    assert [s.index for s in plan] == list(range(len(plan)))
+
+
+def test_a_shard_reads_exactly_its_rows(tmp_path):
+    frame = pl.DataFrame({"product_id": [f"p{i}" for i in range(50)]})
+    pq.write_table(frame.to_arrow(), tmp_path / "c.parquet", row_group_size=7)
+    source = catalog.CatalogFile(str(tmp_path / "c.parquet"))
+
+    for shard in shards.plan(source.group_rows, rows_per_shard=12):
+        rows = pl.concat(list(source.batches_between(shard.start, shard.stop, 4)))
+        assert rows["product_id"].to_list() == [f"p{i}" for i in range(shard.start, shard.stop)]
+    assert max(b.height for b in source.batches_between(3, 40, 4)) <= 4
+
+
+def test_a_catalog_rewritten_since_the_run_began_is_refused(tmp_path):
+    path = tmp_path / "c.parquet"
+    pl.DataFrame({"product_id": ["a"]}).write_parquet(path)
+    version = catalog.CatalogFile(str(path)).version
+    time.sleep(0.01)
+    pl.DataFrame({"product_id": ["a", "b"]}).write_parquet(path)
+
+    with pytest.raises(catalog.CatalogError, match="changed since the run began"):
+        catalog.CatalogFile(str(path), version=version)
+
+
+def sharded_sample(sample_dir: Path, folder: Path, *, rows_per_group: int) -> Path:
+    """The sample catalog rewritten with small row groups, beside a copy of its images."""
+    shutil.copytree(sample_dir, folder, ignore=shutil.ignore_patterns("*.parquet", "model"))
+    shutil.copy(sample_dir / "ground_truth.parquet", folder)
+    pq.write_table(pl.read_parquet(sample_dir / "catalog.parquet").to_arrow(), folder / "catalog.parquet",
+                   row_group_size=rows_per_group)
+    return folder
+
+
+def test_two_dask_workers_give_the_findings_of_one_process(prefect_harness, sample_dir, flagging_model_dir, tmp_path):
+    from dask.distributed import LocalCluster
+
+    data = sharded_sample(sample_dir, tmp_path / "sample", rows_per_group=25)
+    args = (str(data / "catalog.parquet"), str(data / "spec.yaml"), str(flagging_model_dir))
+    single = audit_catalog(*args, str(tmp_path / "single"), rows_per_shard=25)
+    with LocalCluster(n_workers=2, threads_per_worker=1, processes=True, dashboard_address=None) as cluster:
+        distributed = audit_catalog(*args, str(tmp_path / "dask"), rows_per_shard=25, dask_address=cluster.scheduler_address)
+        workers = {worker["id"] for worker in cluster.scheduler_info["workers"].values()}
+
+    one, one_summary, _, _ = read_run(single)
+    two, two_summary, _, _ = read_run(distributed)
+    assert len(workers) == 2 and two_summary["shards"]["count"] == 4
+    assert one.select(COLUMNS).equals(two.select(COLUMNS))  # identical findings, row for row
+    assert_frame_equal(one, two, check_exact=False, rel_tol=1e-5)
+    assert one_summary["totals"] == two_summary["totals"] and one_summary["images"] == two_summary["images"]
+    truth = pl.read_parquet(data / "ground_truth.parquet")
+    assert_findings_match_ground_truth(two, truth)
+    assert_planted_flags_found(two, truth)
+    assert not (tmp_path / "dask" / "_shards").exists() or not any((tmp_path / "dask" / "_shards").rglob("*.parquet"))
+
+
+@pytest.mark.subprocess
+def test_a_killed_audit_resumes_from_its_finished_shards(cli_env, sample_dir, flagging_model_dir, tmp_path):  # noqa: F811
+    data = sharded_sample(sample_dir, tmp_path / "sample", rows_per_group=10)
+    command = [sys.executable, "-m", "clipdq.cli", "audit", "--catalog", str(data / "catalog.parquet"),
+               "--spec", str(data / "spec.yaml"), "--model", str(flagging_model_dir), "--rows-per-shard", "10"]
+    output = tmp_path / "out"
+    run = subprocess.Popen([*command, "--output", str(output)], env=cli_env, cwd=tmp_path, start_new_session=True,
+                           stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.monotonic() + 300
+        while len(list((output / "_shards").glob("*/shard-*.parquet"))) < 3 and time.monotonic() < deadline:
+            assert run.poll() is None, "the audit ended before it could be killed"
+            time.sleep(0.05)
+    finally:
+        os.killpg(run.pid, signal.SIGKILL)  # the audit and the Prefect server it started
+        run.wait()
+    finished = len(list((output / "_shards").glob("*/shard-*.parquet")))
+    assert 3 <= finished < 10 and not list(output.rglob("manifest.json"))
+
+    resumed = subprocess.run([*command, "--output", str(output)], env=cli_env, cwd=tmp_path, capture_output=True,
+                             text=True, timeout=600)
+    fresh = subprocess.run([*command, "--output", str(tmp_path / "fresh")], env=cli_env, cwd=tmp_path,
+                           capture_output=True, text=True, timeout=600)
+
+    assert resumed.returncode == 0 and fresh.returncode == 0, resumed.stderr[-2000:] + fresh.stderr[-2000:]
+    findings, summary, _, _ = read_run(last_line(resumed.stdout))
+    assert summary["shards"] == {"count": 10, "rows_per_shard": 10, "reused": finished}
+    assert findings.select(COLUMNS).equals(read_run(last_line(fresh.stdout))[0].select(COLUMNS))
+    assert findings.select("product_id", "attribute").is_unique().all()
+    assert len(list(output.rglob("manifest.json"))) == 1
+    assert json.loads(next(output.rglob("manifest.json")).read_text())["shards"]["reused"] == finished
+    assert not list((output / "_shards").rglob("*.parquet"))  # published: the parts are gone
