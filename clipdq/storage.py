@@ -95,8 +95,8 @@ def read_bytes(uri: str) -> bytes:
         bucket, key = split_s3(uri)
         try:
             return s3_client().get_object(Bucket=bucket, Key=key)["Body"].read()
-        except s3_client().exceptions.NoSuchKey as error:
-            raise FileNotFoundError(f"no such object: {uri}") from error
+        except ClientError as error:
+            _raise_readable(error, uri)
     return Path(uri).read_bytes()
 
 
@@ -149,9 +149,16 @@ def _head(uri: str) -> dict:
     try:
         return s3_client().head_object(Bucket=bucket, Key=key)
     except ClientError as error:
-        if _not_found(error):
-            raise FileNotFoundError(f"no such object: {uri}") from error
-        raise
+        _raise_readable(error, uri)
+
+
+def _raise_readable(error: ClientError, uri: str):
+    """A missing object as FileNotFoundError, a refusal as StorageError in one line, else ``error``."""
+    if _not_found(error):
+        raise FileNotFoundError(f"no such object: {uri}") from error
+    if is_permanent(error):
+        raise StorageError(f"cannot read {uri}: S3 {error.response['Error']['Code']}") from None
+    raise error
 
 
 def _local_version(info: os.stat_result) -> str:
