@@ -12,36 +12,23 @@ from collections import deque
 from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import numpy as np
 import polars as pl
 
-from clipdq import images, model, predict, sources
+from clipdq import images, predict, sources
 from clipdq.cache import EmbeddingCache, digest
 from clipdq.compare import FINDINGS_SCHEMA, PREDICTIONS_SCHEMA, compare
 from clipdq.images import PixelSpec
-from clipdq.predict import Calibration
+from clipdq.scorer import Scorer, value_embeddings_for
 from clipdq.sources import ImageAccess, fetch_all
 from clipdq.spec import Spec
 
+if TYPE_CHECKING:
+    from clipdq.model import Clip
+
 log = logging.getLogger(__name__)
-
-
-def calibration_for(clip: model.Clip, spec: Spec) -> dict[str, Calibration]:
-    """The model's fitted calibration where it was trained on this spec, else defaults from the spec."""
-    fitted = clip.meta.get("calibration", {})
-    if fitted and clip.meta.get("spec_fingerprint") != spec.fingerprint():
-        log.warning("model %s was trained on another spec: its calibration is ignored", clip.source)
-        fitted = {}
-    default = predict.default_calibration(spec.target_precision, spec.expected_error_rate)
-    return {name: Calibration(**fitted[name]) if name in fitted else default for name in spec.names}
-
-
-def value_embeddings_for(clip: model.Clip, spec: Spec) -> dict[str, np.ndarray]:
-    """The model's learned value embeddings where it was trained on this spec, else its captions'."""
-    if clip.value_emb is not None and clip.meta.get("spec_fingerprint") == spec.fingerprint():
-        return clip.value_emb
-    return model.embed_captions(clip, spec)
 
 
 class ImageOutage(RuntimeError):
@@ -60,14 +47,16 @@ MIN_AGREEMENT = 0.99  # share of images a faster backend must predict exactly as
 
 
 def choose_backend(
-    clip: model.Clip, backend: str, rows: pl.DataFrame, *, spec: Spec, access: ImageAccess,
+    clip: Clip, backend: str, rows: pl.DataFrame, *, spec: Spec, access: ImageAccess,
     min_agreement: float = MIN_AGREEMENT
-) -> tuple[model.Clip, dict]:
+) -> tuple[Clip, dict]:
     """``clip`` on ``backend`` where, on the images of ``rows``, its predicted values agree with
     fp32's for at least ``min_agreement`` of the images; else ``clip`` as it is. Also returns what
     was measured."""
     if backend == "fp32":
         return clip, {"requested": backend, "used": backend}
+    from clipdq import model
+
     fast = model.on_backend(clip, backend)
     loaded = images.load_images(rows[spec.image_column].to_list(), access, clip.pixels)
     share = predict.agreement(model.embed_images(clip, loaded.pixels), model.embed_images(fast, loaded.pixels),
@@ -153,9 +142,9 @@ def prepare_batch(
                  transient=sum(item.transient for item in fetched.values()), unread=unread)
 
 
-def embed_batch(batch: Batch, clip: model.Clip, cache: EmbeddingCache | None = None) -> np.ndarray:
+def embed_batch(batch: Batch, scorer: Scorer, cache: EmbeddingCache | None = None) -> np.ndarray:
     """(n_usable, d) embeddings of the rows whose image is usable, in row order; new ones are cached."""
-    fresh = model.embed_images(clip, batch.pixels, batch_size=max(1, len(batch.pixels)))  # one call per batch
+    fresh = scorer.embed(batch.pixels)
     if cache is not None and len(fresh):
         cache.add([batch.sha256[i] for i in batch.to_embed], fresh)
     by_row = dict(batch.cached) | dict(zip(batch.to_embed.tolist(), fresh))
@@ -176,25 +165,16 @@ def prepared_batches(row_batches: Iterable[pl.DataFrame], prepare, *, ahead: int
             yield pending.popleft().result()
 
 
-def score_batch(
-    batch: Batch,
-    *,
-    clip: model.Clip,
-    spec: Spec,
-    value_emb: dict[str, np.ndarray],
-    calibration: dict[str, Calibration],
-    cache: EmbeddingCache | None = None,
-) -> pl.DataFrame:
+def score_batch(batch: Batch, *, scorer: Scorer, cache: EmbeddingCache | None = None) -> pl.DataFrame:
     """Predictions (PREDICTIONS_SCHEMA) for every row and attribute; failed images keep their error."""
-    image_emb = embed_batch(batch, clip, cache)
-    ok = batch.ok
-    scale = model.logit_scale(clip)
+    image_emb = embed_batch(batch, scorer, cache)
+    ok, spec = batch.ok, scorer.spec
     ids = batch.rows[spec.id_column].cast(pl.String).to_list()
     frames = []
     for attribute in spec.attributes:
         probs = predict.softmax(
-            predict.logits_for(image_emb, value_emb[attribute.name], scale=scale),
-            temperature=calibration[attribute.name].temperature,
+            predict.logits_for(image_emb, scorer.value_emb[attribute.name], scale=scorer.scale),
+            temperature=scorer.calibration[attribute.name].temperature,
         )
         values = np.full(len(ids), None, dtype=object)
         values[ok] = np.array(attribute.values, dtype=object)[probs.argmax(axis=1)]
@@ -212,25 +192,22 @@ def score_batch(
 def findings_of(
     row_batches: Iterable[pl.DataFrame],
     *,
-    clip: model.Clip,
-    spec: Spec,
+    scorer: Scorer,
     access: ImageAccess,
-    value_emb: dict[str, np.ndarray],
-    calibration: dict[str, Calibration],
     cache: EmbeddingCache | None = None,
     on_batch: Callable[[Batch], None] = lambda batch: None,
 ) -> pl.DataFrame:
-    """Findings (FINDINGS_SCHEMA) of the catalog rows in ``row_batches``, scored by ``clip``.
+    """Findings (FINDINGS_SCHEMA) of the catalog rows in ``row_batches``, scored by ``scorer``.
 
     Images are fetched and decoded in a background thread a few batches ahead of the model; each
     batch is compared as it is scored, so only findings, not catalog rows, pile up. ``on_batch``
     sees each batch once it is scored.
     """
-    prepare = functools.partial(prepare_batch, spec=spec, access=access, pixels=clip.pixels, cache=cache)
+    spec = scorer.spec
+    prepare = functools.partial(prepare_batch, spec=spec, access=access, pixels=scorer.pixels, cache=cache)
     parts = [pl.DataFrame(schema=FINDINGS_SCHEMA)]
     for batch in prepared_batches(row_batches, prepare):
-        predictions = score_batch(batch, clip=clip, spec=spec, value_emb=value_emb, calibration=calibration,
-                                  cache=cache)
-        parts.append(compare(batch.rows, predictions, spec=spec, calibration=calibration))
+        predictions = score_batch(batch, scorer=scorer, cache=cache)
+        parts.append(compare(batch.rows, predictions, spec=spec, calibration=scorer.calibration))
         on_batch(batch)
     return pl.concat(parts)

@@ -27,7 +27,6 @@ import transformers
 transformers.logging.set_verbosity_error()  # load reports and backend notices are noise in batch runs
 transformers.logging.disable_progress_bar()
 from transformers import (  # noqa: E402
-    AutoImageProcessor,
     AutoModel,
     AutoTokenizer,
     CLIPConfig,
@@ -43,13 +42,12 @@ from transformers.image_utils import OPENAI_CLIP_MEAN, OPENAI_CLIP_STD  # noqa: 
 
 from clipdq import efficientnet, storage  # noqa: E402
 from clipdq.images import PixelSpec  # noqa: E402
-from clipdq.options import ARCHS, BACKENDS, Arch, Backend  # noqa: E402
+from clipdq.model_files import META_FILE, VALUE_EMB_FILE, ModelFiles, read_model_files  # noqa: E402, F401
+from clipdq.options import ARCHS, BACKENDS, Arch, Backend, check_backend  # noqa: E402, F401
 from clipdq.spec import Spec  # noqa: E402
 
 log = logging.getLogger(__name__)
 
-META_FILE = "clipdq.json"
-VALUE_EMB_FILE = "value_embeddings.safetensors"
 DualEncoder = CLIPModel | VisionTextDualEncoderModel  # both: vision_model, visual_projection, text_model, logit_scale
 _WORD = re.compile(r"[^\W\d_]+|\d|[^\s\w]+|_")  # CLIP's pre-tokenizer, in stdlib regex terms
 
@@ -157,13 +155,6 @@ def init_model(spec: Spec, arch: Arch = "tiny", *, seed: int = 0) -> Clip:
                 meta=meta)
 
 
-def _pixel_spec(processor) -> PixelSpec:
-    size = processor.size
-    resize = size.get("shortest_edge") or min(size.get("height", 0), size.get("width", 0))
-    crop = processor.crop_size or {"height": resize}
-    return PixelSpec(int(resize), int(crop["height"]), tuple(processor.image_mean), tuple(processor.image_std))
-
-
 def save_model(clip: Clip, folder: str) -> str:
     """Save in Hugging Face format plus clipdq.json, to a local folder or an s3:// prefix."""
     if storage.is_s3(folder):
@@ -258,70 +249,16 @@ def _confusion_table(name: str, values: list[str] | None, confusion: list[list[i
     return lines
 
 
-def _hub_snapshot(repo_id: str) -> str:
-    """The local copy of a Hugging Face hub model (configs, tokenizer, safetensors weights and any
-    clipdq files), fetched once into the hub cache; offline (``HF_HUB_OFFLINE=1``), the cached copy."""
-    from huggingface_hub import snapshot_download
-    from huggingface_hub.errors import HfHubHTTPError
-
-    try:
-        return snapshot_download(repo_id, allow_patterns=["*.json", "*.txt", "*.safetensors"])
-    except (HfHubHTTPError, OSError, ValueError) as error:
-        raise FileNotFoundError(f"no model at {repo_id!r}: not a local folder, and not a Hugging Face hub model "
-                                f"that can be fetched or is cached ({error})") from error
-
-
-def _local_folder(uri: str) -> str:
-    """A local folder for an s3:// prefix or a hub id, else the folder as given.
-
-    S3 downloads are cached by the prefix's content signature, so a model re-saved under the same
-    prefix is fetched again; a download lands in a temporary folder renamed into place when whole.
-    """
-    if not storage.is_s3(uri):
-        return uri if Path(uri).is_dir() else _hub_snapshot(uri)
-    cache = Path.home() / ".cache" / "clipdq" / "models" / storage.signature(uri)
-    if not cache.exists():
-        log.info("downloading model %s to %s", uri, cache)
-        cache.parent.mkdir(parents=True, exist_ok=True)
-        with tempfile.TemporaryDirectory(dir=cache.parent) as tmp:
-            storage.download_folder(uri, Path(tmp) / "model")
-            (Path(tmp) / "model").rename(cache)
-    return str(cache)
-
-
-def _read_meta(folder: Path, uri: str, *, expected: bool) -> dict:
-    """``clipdq.json`` of a model folder; {} for a plain checkpoint. A folder clipdq wrote
-    (``expected``, from its config, or value embeddings beside it) must carry a whole one, and a
-    trained model its calibration: audit defaults would flag wrongly."""
-    path = folder / META_FILE
-    if not path.exists():
-        if expected or (folder / VALUE_EMB_FILE).exists():
-            raise ValueError(f"model {uri} was saved by clipdq but has no {META_FILE}: it is incomplete")
-        return {}
-    try:
-        meta = json.loads(path.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as error:
-        raise ValueError(f"model {uri}: {META_FILE} is not whole JSON ({error})") from None
-    if not isinstance(meta, dict) or meta.get("trained") and not isinstance(meta.get("calibration"), dict):
-        raise ValueError(f"model {uri}: {META_FILE} of a trained model lacks its calibration")
-    return meta
-
-
-def load_model(uri: str, *, device: str | None = None) -> Clip:
-    """Load a CLIP from a Hugging Face hub id, a local folder or an s3:// prefix."""
-    folder = _local_folder(uri)
-    model = AutoModel.from_pretrained(folder, use_safetensors=True).eval()
+def load_model(uri: str, *, device: str | None = None, files: ModelFiles | None = None) -> Clip:
+    """Load a CLIP from a Hugging Face hub id, a local folder or an s3:// prefix (whose files,
+    ``read_model_files(uri)``, may already be at hand)."""
+    files = files or read_model_files(uri)
+    model = AutoModel.from_pretrained(files.folder, use_safetensors=True).eval()
     if not isinstance(model, DualEncoder):
         raise ValueError(f"{uri} holds a {type(model).__name__}, not a CLIP-style dual encoder")
-    tokenizer = AutoTokenizer.from_pretrained(folder)
-    processor = AutoImageProcessor.from_pretrained(folder)
-    meta = _read_meta(Path(folder), uri, expected=hasattr(model.config, "clipdq_metadata"))
-    if "fingerprint" not in meta:  # a plain checkpoint: its files identify it (a hub snapshot's path has its commit)
-        meta["fingerprint"] = f"files-{storage.signature(folder)}"
-    value_path = Path(folder, VALUE_EMB_FILE)
-    value_emb = safetensors.numpy.load_file(str(value_path)) if value_path.exists() else None
+    tokenizer = AutoTokenizer.from_pretrained(files.folder)
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
-    return Clip(model.to(device), tokenizer, _pixel_spec(processor), source=uri, meta=meta, value_emb=value_emb)
+    return Clip(model.to(device), tokenizer, files.pixels, source=uri, meta=files.meta, value_emb=files.value_emb)
 
 
 def image_features(model: DualEncoder, pixel_values: torch.Tensor) -> torch.Tensor:
@@ -371,11 +308,6 @@ def attribute_logits(clip: Clip, image_emb: torch.Tensor, captions: Captions) ->
 
 def logit_scale(clip: Clip) -> float:
     return float(clip.model.logit_scale.detach().exp().clamp(max=100.0))
-
-
-def check_backend(backend: Backend) -> None:
-    if backend not in BACKENDS:
-        raise ValueError(f"unknown backend {backend!r}; choose one of {BACKENDS}")
 
 
 def on_backend(clip: Clip, backend: Backend) -> Clip:

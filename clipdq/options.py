@@ -17,3 +17,8 @@ Mode = Literal["full", "locked", "prototype"]
 Backend = Literal["fp32", "int8", "bf16"]
 
 ARCHS, MODES, BACKENDS = get_args(Arch), get_args(Mode), get_args(Backend)
+
+
+def check_backend(backend: str) -> None:
+    if backend not in BACKENDS:
+        raise ValueError(f"unknown backend {backend!r}; choose one of {BACKENDS}")

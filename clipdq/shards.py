@@ -22,10 +22,9 @@ import polars as pl
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from clipdq import audit, catalog, model, sources, storage
+from clipdq import audit, catalog, scorer, sources, storage
 from clipdq.cache import EmbeddingCache
 from clipdq.compare import FINDINGS_SCHEMA
-from clipdq.predict import Calibration
 from clipdq.spec import Spec, parse_spec
 
 log = logging.getLogger(__name__)
@@ -103,39 +102,14 @@ def part_uri(job: Job, shard: Shard) -> str:
     return storage.join(job.work, f"shard-{shard.index:05d}.parquet")
 
 
-@dataclass(frozen=True)
-class Scorer:
-    """A model ready to score a spec's attributes."""
-
-    spec: Spec
-    clip: model.Clip
-    value_emb: dict
-    calibration: dict[str, Calibration]
-
-
-def load_model(uri: str) -> model.Clip:
-    """The model at ``uri``, loaded once per process while its folder stays the same."""
-    return _load_model(uri, _signature(uri))
-
-
-def _signature(uri: str) -> str:
-    return storage.signature(uri) if storage.is_s3(uri) or storage.exists(uri) else uri  # else a hub id
+def scorer_for(job: Job) -> scorer.Scorer:
+    """The job's scorer, made once per process: the model itself loads only if an image needs it."""
+    return _scorer(job.model_uri, job.backend, job.spec_text, job.cache)
 
 
 @functools.lru_cache(maxsize=1)
-def _load_model(uri: str, signature: str) -> model.Clip:
-    return model.load_model(uri)
-
-
-@functools.lru_cache(maxsize=1)
-def _scorer(model_uri: str, signature: str, backend: str, spec_text: str) -> Scorer:
-    spec, clip = parse_spec(spec_text), _load_model(model_uri, signature)
-    fast = clip if backend == "fp32" else model.on_backend(clip, backend)
-    return Scorer(spec, fast, audit.value_embeddings_for(clip, spec), audit.calibration_for(clip, spec))
-
-
-def scorer(job: Job) -> Scorer:
-    return _scorer(job.model_uri, _signature(job.model_uri), job.backend, job.spec_text)
+def _scorer(model_uri: str, backend: str, spec_text: str, cache: str | None) -> scorer.Scorer:
+    return scorer.of_files(model_uri, parse_spec(spec_text), backend=backend, text_folder=cache)
 
 
 def run_shard(job: Job, shard: Shard) -> ShardResult:
@@ -145,7 +119,7 @@ def run_shard(job: Job, shard: Shard) -> ShardResult:
     if counts is not None:
         log.info("shard %d: finished by an earlier run, reusing %s", shard.index, part)
         return ShardResult(shard.index, part, counts, reused=True)
-    use = scorer(job)
+    use = scorer_for(job)
     source = catalog.CatalogFile(job.catalog_uri, version=job.catalog_version)
     cache = EmbeddingCache(job.cache) if job.cache else None
     counts = Counter()
@@ -156,9 +130,8 @@ def run_shard(job: Job, shard: Shard) -> ShardResult:
         log.info("shard %d: scored %d/%d products", shard.index, counts["scored"], shard.rows)
 
     findings = audit.findings_of(
-        source.batches_between(shard.start, shard.stop, job.batch_size), clip=use.clip, spec=use.spec,
-        access=sources.catalog_access(job.catalog_uri, use.spec, job.image_roots), value_emb=use.value_emb,
-        calibration=use.calibration, cache=cache, on_batch=on_batch)
+        source.batches_between(shard.start, shard.stop, job.batch_size), scorer=use,
+        access=sources.catalog_access(job.catalog_uri, use.spec, job.image_roots), cache=cache, on_batch=on_batch)
     if cache is not None:
         cache.flush()  # before the part: a finished part's embeddings are kept
     write_part(part, findings, dict(counts))

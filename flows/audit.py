@@ -6,6 +6,7 @@ import copy
 import tempfile
 from datetime import datetime, timezone
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import polars as pl
 from prefect import flow, get_run_logger, task, unmapped
@@ -14,11 +15,16 @@ from prefect.cache_policies import NO_CACHE
 from prefect.futures import as_completed
 from prefect.task_runners import ThreadPoolTaskRunner
 
-from clipdq import audit, catalog, images, model, report, shards, sources, splits, storage, train
+from clipdq import audit, catalog, images, report, scorer, shards, sources, splits, storage
 from clipdq.cache import cache_key
+from clipdq.model_files import ModelFiles, read_model_files
+from clipdq.options import check_backend
 from clipdq.sources import ImageAccess
 from clipdq.spec import Spec, parse_spec
 from flows.retries import IO_RETRIES
+
+if TYPE_CHECKING:
+    from clipdq.model import Clip
 
 
 @task(**IO_RETRIES)
@@ -39,17 +45,24 @@ def validate_catalog(source: catalog.CatalogFile, spec: Spec, cache: str) -> tup
 
 
 @task(**IO_RETRIES, cache_policy=NO_CACHE)
-def load_model(uri: str) -> model.Clip:
-    return shards.load_model(uri)  # once per process: shards run here reuse it
+def read_model(uri: str) -> ModelFiles:
+    return read_model_files(uri)
+
+
+@task(**IO_RETRIES, cache_policy=NO_CACHE)
+def load_model(uri: str) -> Clip:
+    return scorer.load_model(uri)  # once per process
 
 
 @task(cache_policy=NO_CACHE)
-def train_fold(start: model.Clip, rows: pl.DataFrame, spec: Spec, access: ImageAccess, fold: int,
+def train_fold(start: Clip, rows: pl.DataFrame, spec: Spec, access: ImageAccess, fold: int,
                max_minutes: float | None, group_column: str | None = None):
     """A copy of ``start`` fine-tuned on the catalog rows outside one fold.
 
     The catalog's labels are as wrong as the spec expects, so calibration allows for that.
     """
+    from clipdq import train
+
     clip = copy.deepcopy(start)
     config = train.config_for(clip, max_minutes=max_minutes, seed=fold, label_noise=spec.expected_error_rate,
                               group_column=group_column)
@@ -57,7 +70,7 @@ def train_fold(start: model.Clip, rows: pl.DataFrame, spec: Spec, access: ImageA
 
 
 @task(cache_policy=NO_CACHE)
-def choose_backend(clip: model.Clip, backend: str, rows: pl.DataFrame, spec: Spec, access: ImageAccess):
+def choose_backend(clip: Clip, backend: str, rows: pl.DataFrame, spec: Spec, access: ImageAccess):
     return audit.choose_backend(clip, backend, rows, spec=spec, access=access)
 
 
@@ -104,20 +117,21 @@ def publish(folder: str, findings_file: str, summary: dict, keys: pl.DataFrame, 
     return report.publish_run(folder, Path(findings_file).read_bytes(), summary, html)
 
 
-def _cross_fitted(frame: pl.DataFrame, clip: model.Clip, spec: Spec, *, k: int, fold_minutes: float | None,
+def _cross_fitted(frame: pl.DataFrame, clip: Clip, spec: Spec, *, k: int, fold_minutes: float | None,
                   group_column: str | None, access: ImageAccess, batch_size: int, on_batch):
     """(findings, one calibration per fold as JSON): each fold scored by ``clip`` fine-tuned on the other folds."""
+    from clipdq import train
+
     groups = train.group_keys(frame, group_column)
     folds = pl.Series(splits.fold_of(train.encode_labels(frame, spec), k=k, seed=0, groups=groups))
     parts, calibrations = [], []
     for fold in range(k):
         get_run_logger().info("cross-fitting: training the model for fold %d of %d", fold + 1, k)
         fold_clip = train_fold(clip, frame.filter(folds != fold), spec, access, fold, fold_minutes, group_column)
-        calibration = audit.calibration_for(fold_clip, spec)
-        parts.append(audit.findings_of(audit.batches(frame.filter(folds == fold), batch_size), clip=fold_clip,
-                                       spec=spec, access=access, value_emb=audit.value_embeddings_for(fold_clip, spec),
-                                       calibration=calibration, on_batch=on_batch))
-        calibrations.append({name: c.to_dict() for name, c in calibration.items()})
+        fold_scorer = scorer.of_clip(fold_clip, spec)
+        parts.append(audit.findings_of(audit.batches(frame.filter(folds == fold), batch_size), scorer=fold_scorer,
+                                       access=access, on_batch=on_batch))
+        calibrations.append({name: c.to_dict() for name, c in fold_scorer.calibration.items()})
     return pl.concat(parts), calibrations
 
 
@@ -169,7 +183,7 @@ def audit_catalog(
         raise ValueError(f"cross_fit must be 0 (off) or at least 2 folds, not {cross_fit}")
     if cross_fit and backend != "fp32":
         raise ValueError("cross-fitting trains its fold models during the run; audit them with the fp32 backend")
-    model.check_backend(backend)  # before any work, even for an empty catalog
+    check_backend(backend)  # before any work, even for an empty catalog
     logger = get_run_logger()
     started = datetime.now(timezone.utc)
     run_id, folder = report.new_run(output_uri, now=started)
@@ -179,24 +193,25 @@ def audit_catalog(
     source = open_catalog(catalog_uri)
     keys, validation = validate_catalog(source, spec, storage.join(output_uri, "_validation_cache"))
     access = sources.catalog_access(catalog_uri, spec, image_roots or ())
-    clip = load_model(model_uri)
+    files = read_model(model_uri)  # its weights load only where something needs them
     backend_check = {"requested": backend, "used": backend}
     if backend != "fp32" and source.rows:
-        clip, backend_check = choose_backend(clip, backend, next(source.batches(batch_size)), spec, access)
+        _, backend_check = choose_backend(load_model(model_uri), backend, next(source.batches(batch_size)), spec,
+                                          access)
         logger.info("backend %s: predictions agree with fp32 for %s of %d images checked; using %s", backend,
                     backend_check["agreement"], backend_check["images_checked"], backend_check["used"])
     run = {"run_id": run_id, "started_at": started.isoformat(), "catalog": catalog_uri, "model": model_uri,
-           "model_fingerprint": clip.fingerprint(), "target_precision": spec.target_precision, "cross_fit": cross_fit,
+           "model_fingerprint": files.fingerprint(), "target_precision": spec.target_precision, "cross_fit": cross_fit,
            "backend": backend_check}
     with tempfile.TemporaryDirectory(prefix="clipdq-findings-") as scratch:
         findings_file = str(Path(scratch, "findings.parquet"))
         if cross_fit:
-            run |= _audit_cross_fitted(source, clip, spec, findings_file, k=cross_fit, fold_minutes=fold_minutes,
+            run |= _audit_cross_fitted(source, load_model(model_uri), spec, findings_file, k=cross_fit, fold_minutes=fold_minutes,
                                        group_column=group_column, access=access, batch_size=batch_size)
         else:
             used = backend_check["used"]
-            cache = storage.join(output_uri, "_embedding_cache", cache_key(clip.fingerprint(), clip.pixels, used))
-            job = shards.new_job(output_uri, model_fingerprint=clip.fingerprint(), rows_per_shard=rows_per_shard,
+            cache = storage.join(output_uri, "_embedding_cache", cache_key(files.fingerprint(), files.pixels, used))
+            job = shards.new_job(output_uri, model_fingerprint=files.fingerprint(), rows_per_shard=rows_per_shard,
                                  catalog_uri=catalog_uri, catalog_version=source.version, spec_text=spec_text,
                                  model_uri=model_uri, backend=used, cache=cache if embedding_cache else None,
                                  image_roots=tuple(sorted(image_roots or ())), batch_size=batch_size)
@@ -206,7 +221,7 @@ def audit_catalog(
             images_seen = shards.totals(results)
             audit.check_outage(images_seen["lost_to_outages"], source.rows, spec.max_transient_image_errors)
             shards.assemble([result.part for result in results], findings_file)
-            run |= {"calibration": {name: c.to_dict() for name, c in audit.calibration_for(clip, spec).items()},
+            run |= {"calibration": {name: c.to_dict() for name, c in scorer.calibration_for(files, spec).items()},
                     "images": images_seen, "shards": {"count": len(plan), "rows_per_shard": rows_per_shard,
                                                       "reused": sum(result.reused for result in results)}}
         summary = report.summarize(pl.scan_parquet(findings_file), products=source.rows, run=run,
@@ -224,7 +239,7 @@ def audit_catalog(
     return folder
 
 
-def _audit_cross_fitted(source: catalog.CatalogFile, clip: model.Clip, spec: Spec, findings_file: str, *, k: int,
+def _audit_cross_fitted(source: catalog.CatalogFile, clip: Clip, spec: Spec, findings_file: str, *, k: int,
                         access: ImageAccess, **options) -> dict:
     """Cross-fitted findings written to ``findings_file``; returns what the summary says of them."""
     images_seen = dict.fromkeys(audit.COUNT_KEYS, 0)

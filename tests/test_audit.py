@@ -9,7 +9,7 @@ import numpy as np
 import polars as pl
 from polars.testing import assert_frame_equal
 
-from clipdq import audit, cache, images, model
+from clipdq import audit, cache, images, model, scorer
 from clipdq.catalog import read_catalog
 from clipdq.sources import access_for
 
@@ -40,8 +40,7 @@ def test_scores_of_cached_embeddings_equal_fresh_ones_and_a_failed_first_image_i
     frame = frame.with_columns(pl.when(pl.int_range(pl.len()) == 0).then(pl.lit("missing.jpg"))
                                .otherwise(pl.col("image")).alias("image"))
     store = cache.EmbeddingCache(str(tmp_path / "cache"))
-    options = {"clip": clip, "spec": spec, "value_emb": audit.value_embeddings_for(clip, spec),
-               "calibration": audit.calibration_for(clip, spec), "cache": store}
+    options = {"scorer": scorer.of_clip(clip, spec), "cache": store}
 
     def run() -> tuple[pl.DataFrame, list[audit.Batch]]:
         prepared = [audit.prepare_batch(rows, spec=spec, access=access_for(str(sample_dir)), pixels=clip.pixels, cache=store)

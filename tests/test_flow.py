@@ -19,6 +19,7 @@ from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterKey
 
 from clipdq import model, storage
 from clipdq.compare import FINDINGS_SCHEMA, NOT_APPLICABLE, STATUSES
+from clipdq.spec import parse_spec
 from flows.audit import audit_catalog
 from flows.finetune import finetune_model
 
@@ -248,7 +249,8 @@ def test_repeated_audits_embed_only_new_or_changed_images(prefect_harness, sampl
     assert_frame_equal(read_run(first)[0], read_run(unchanged)[0], check_exact=False, rel_tol=1e-6)
     assert read_run(after_change)[0].select(columns).equals(read_run(uncached)[0].select(columns))
     kept = [name.split("/")[1] for name in storage.list_files(str(tmp_path / "out" / "_embedding_cache"))]
-    assert sorted(kept) == ["embeddings", "embeddings", "locations", "locations"]  # first run, the changed image
+    assert sorted(kept) == ["embeddings", "embeddings", "locations", "locations",  # first run, the changed image
+                            f"text-{parse_spec((tmp_path / 'sample' / 'spec.yaml').read_text()).fingerprint()}.safetensors"]
     reused = [read_run(run)[1]["expectations_reused"] for run in (first, unchanged, after_change)]
     assert reused == [False, True, True]  # the catalog's keys did not change, only an image
     assert read_run(first)[1]["expectations"] == read_run(unchanged)[1]["expectations"]

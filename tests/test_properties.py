@@ -14,7 +14,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from PIL import Image
 
-from clipdq import audit, catalog, model
+from clipdq import audit, catalog, model, scorer
 from clipdq.compare import NOT_APPLICABLE, STATUSES, compare
 from clipdq.sources import access_for
 
@@ -38,14 +38,12 @@ ROW = st.fixed_dictionaries({
 
 @pytest.fixture(scope="module")
 def scoring(trained_model_dir, spec):
-    clip = model.load_model(str(trained_model_dir), device="cpu")
-    return clip, audit.value_embeddings_for(clip, spec), audit.calibration_for(clip, spec)
+    return scorer.of_clip(model.load_model(str(trained_model_dir), device="cpu"), spec)
 
 
 @settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(rows=st.lists(ROW, min_size=1, max_size=10))
 def test_every_row_is_reported_or_the_catalog_refused_with_a_reason(rows, scoring, spec, tmp_path):
-    clip, value_emb, calibration = scoring
     frame = pl.DataFrame(rows, schema={"product_id": pl.String, "image": pl.Binary, "product_type": pl.String,
                                        "color": pl.String, "sleeve_length": pl.String, "has_lid": pl.String})
     try:
@@ -56,9 +54,9 @@ def test_every_row_is_reported_or_the_catalog_refused_with_a_reason(rows, scorin
         assert ids.null_count() or ids.n_unique() < frame.height  # refused only for ids that cannot tell rows apart
         return
 
-    batch = audit.prepare_batch(frame, spec=spec, access=access_for(str(tmp_path)), pixels=clip.pixels)
-    predictions = audit.score_batch(batch, clip=clip, spec=spec, value_emb=value_emb, calibration=calibration)
-    findings = compare(frame, predictions, spec=spec, calibration=calibration)
+    batch = audit.prepare_batch(frame, spec=spec, access=access_for(str(tmp_path)), pixels=scoring.pixels)
+    predictions = audit.score_batch(batch, scorer=scoring)
+    findings = compare(frame, predictions, spec=spec, calibration=scoring.calibration)
 
     assert sorted(set(findings["product_id"])) == sorted(frame["product_id"])
     assert set(findings["status"]) <= {*STATUSES, NOT_APPLICABLE}

@@ -123,3 +123,24 @@ def test_a_killed_audit_resumes_from_its_finished_shards(cli_env, sample_dir, fl
     assert len(list(output.rglob("manifest.json"))) == 1
     assert json.loads(next(output.rglob("manifest.json")).read_text())["shards"]["reused"] == finished
     assert not list((output / "_shards").rglob("*.parquet"))  # published: the parts are gone
+
+
+def test_an_unchanged_rerun_never_loads_the_model(prefect_harness, sample_dir, flagging_model_dir, tmp_path,
+                                                  monkeypatch):
+    from clipdq import model, scorer
+
+    loads = []
+    real = model.load_model
+    monkeypatch.setattr(model, "load_model", lambda *args, **kwargs: loads.append(args) or real(*args, **kwargs))
+    args = (str(sample_dir / "catalog.parquet"), str(sample_dir / "spec.yaml"), str(flagging_model_dir),
+            str(tmp_path / "out"))
+    runs = []
+    for _ in range(2):
+        scorer._load.cache_clear()  # as in a new process
+        shards._scorer.cache_clear()
+        runs.append((audit_catalog(*args), len(loads)))
+
+    (first, loaded_first), (again, loaded_again) = runs
+    assert loaded_first == 1 and loaded_again == 1  # the rerun found every embedding, and the text side, kept
+    assert read_run(again)[1]["images"]["embedded"] == 0
+    assert read_run(first)[0].select(COLUMNS).equals(read_run(again)[0].select(COLUMNS))

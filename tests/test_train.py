@@ -10,7 +10,7 @@ import numpy as np
 import polars as pl
 import pytest
 
-from clipdq import audit, evaluation, model, predict, prototypes, splits, train
+from clipdq import evaluation, model, predict, prototypes, scorer, splits, train
 from clipdq.catalog import read_catalog
 from clipdq.spec import parse_spec
 from clipdq.sources import access_for
@@ -148,8 +148,8 @@ def test_the_audit_uses_a_models_calibration_only_for_its_own_spec(trained_model
     clip = model.load_model(str(trained_model_dir), device="cpu")
     other_spec = parse_spec("attributes:\n  color:\n    values: [red, blue, green, yellow, black, white, grey]\n")
 
-    own = audit.calibration_for(clip, spec)
-    other = audit.calibration_for(clip, other_spec)
+    own = scorer.calibration_for(clip, spec)
+    other = scorer.calibration_for(clip, other_spec)
 
     assert {k: v.to_dict() for k, v in own.items()} == clip.meta["calibration"]
     default = predict.default_calibration(other_spec.target_precision, other_spec.expected_error_rate)
@@ -230,9 +230,9 @@ def test_prototype_mode_trains_saves_and_is_used_by_the_audit(labeled, spec, tmp
     assert set(loaded.value_emb) == set(spec.names)
     for name, emb in clip.value_emb.items():
         np.testing.assert_array_equal(loaded.value_emb[name], emb)
-    assert audit.value_embeddings_for(loaded, spec) is loaded.value_emb
+    assert scorer.value_embeddings_for(loaded, spec) is loaded.value_emb
     other = parse_spec("attributes:\n  color:\n    values: [red, blue]\n")
-    assert set(audit.value_embeddings_for(loaded, other)) == {"color"}  # another spec: captions again
+    assert set(scorer.value_embeddings_for(loaded, other)) == {"color"}  # another spec: captions again
 
 
 @pytest.mark.parametrize("options", [{"val_fraction": 0.0}, {"val_fraction": 0.8, "test_fraction": 0.2},

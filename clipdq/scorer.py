@@ -1,0 +1,112 @@
+"""A model ready to score a spec's attributes, loaded only as far as a run needs it.
+
+The model's files give its fingerprint, preprocessing and calibration; its text side (each
+value's embedding and the logit scale) is kept beside the embedding cache once computed; the
+image tower loads (with torch and transformers) at the first image that must be embedded. An
+unchanged nightly rerun, whose embeddings are all cached, never loads the model at all.
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+import numpy as np
+import safetensors.numpy
+
+from clipdq import predict, storage
+from clipdq.images import PixelSpec
+from clipdq.model_files import ModelFiles, read_model_files
+from clipdq.predict import Calibration
+from clipdq.spec import Spec
+
+if TYPE_CHECKING:
+    from clipdq.model import Clip
+
+log = logging.getLogger(__name__)
+
+SCALE_KEY = "__logit_scale__"  # beside the value embeddings in a kept text side
+
+
+def calibration_for(model: Clip | ModelFiles, spec: Spec) -> dict[str, Calibration]:
+    """The model's fitted calibration where it was trained on this spec, else defaults from the spec."""
+    fitted = model.meta.get("calibration", {})
+    if fitted and model.meta.get("spec_fingerprint") != spec.fingerprint():
+        log.warning("model %s was trained on another spec: its calibration is ignored", model.source)
+        fitted = {}
+    default = predict.default_calibration(spec.target_precision, spec.expected_error_rate)
+    return {name: Calibration(**fitted[name]) if name in fitted else default for name in spec.names}
+
+
+def value_embeddings_for(clip: Clip, spec: Spec) -> dict[str, np.ndarray]:
+    """The model's learned value embeddings where it was trained on this spec, else its captions'."""
+    from clipdq import model
+
+    if clip.value_emb is not None and clip.meta.get("spec_fingerprint") == spec.fingerprint():
+        return clip.value_emb
+    return model.embed_captions(clip, spec)
+
+
+@dataclass
+class Scorer:
+    spec: Spec
+    pixels: PixelSpec
+    value_emb: dict[str, np.ndarray]  # attribute -> (k, d) one embedding per value
+    scale: float  # the model's logit scale
+    calibration: dict[str, Calibration]
+    load: Callable[[], Clip]  # the model, on its backend
+
+    @functools.cached_property
+    def clip(self) -> Clip:
+        return self.load()
+
+    def embed(self, pixel_values: np.ndarray) -> np.ndarray:
+        """(n, d) image embeddings, in one call to the image tower."""
+        if not len(pixel_values):
+            return np.zeros((0, next(iter(self.value_emb.values())).shape[1]), np.float32)
+        from clipdq import model
+
+        return model.embed_images(self.clip, pixel_values, batch_size=len(pixel_values))
+
+
+def of_clip(clip: Clip, spec: Spec) -> Scorer:
+    """A scorer of a model already loaded."""
+    from clipdq import model
+
+    return Scorer(spec, clip.pixels, value_embeddings_for(clip, spec), model.logit_scale(clip),
+                  calibration_for(clip, spec), load=lambda: clip)
+
+
+def of_files(uri: str, spec: Spec, *, backend: str = "fp32", text_folder: str | None = None) -> Scorer:
+    """A scorer of the model at ``uri`` that loads it only when it must: to embed an image, or to
+    embed the spec's captions where ``text_folder`` does not hold them from an earlier run."""
+    files = read_model_files(uri)
+    load = functools.partial(load_model, uri, backend)
+    kept = storage.join(text_folder, f"text-{spec.fingerprint()}.safetensors") if text_folder else None
+    if kept and storage.exists(kept):
+        text = safetensors.numpy.load(storage.read_bytes(kept))
+        scale = float(text.pop(SCALE_KEY)[0])
+    else:
+        from clipdq import model
+
+        clip = load()
+        text, scale = value_embeddings_for(clip, spec), model.logit_scale(clip)
+        if kept:
+            storage.write_bytes(kept, safetensors.numpy.save(text | {SCALE_KEY: np.array([scale], np.float32)}))
+    return Scorer(spec, files.pixels, text, scale, calibration_for(files, spec), load=load)
+
+
+def load_model(uri: str, backend: str = "fp32") -> Clip:
+    """The model at ``uri`` on ``backend``, loaded once per process while its files stay the same."""
+    return _load(uri, storage.signature(uri) if storage.is_s3(uri) or storage.exists(uri) else uri, backend)
+
+
+@functools.lru_cache(maxsize=2)
+def _load(uri: str, signature: str, backend: str) -> Clip:
+    from clipdq import model
+
+    clip = _load(uri, signature, "fp32") if backend != "fp32" else model.load_model(uri)
+    return model.on_backend(clip, backend) if backend != "fp32" else clip
