@@ -25,7 +25,7 @@ import pyarrow.parquet as pq
 from clipdq import audit, catalog, scorer, sources, storage
 from clipdq.cache import EmbeddingCache
 from clipdq.compare import FINDINGS_SCHEMA
-from clipdq.spec import Spec, parse_spec
+from clipdq.spec import parse_spec
 
 log = logging.getLogger(__name__)
 
@@ -77,10 +77,6 @@ class Job:
     image_roots: tuple[str, ...] = ()
     batch_size: int = 64
 
-    @property
-    def spec(self) -> Spec:
-        return parse_spec(self.spec_text)
-
 
 def new_job(output_uri: str, *, model_fingerprint: str, rows_per_shard: int, **fields) -> Job:
     """A Job with its work folder at ``<output>/_shards/<key>``, the key a hash of everything that
@@ -102,14 +98,10 @@ def part_uri(job: Job, shard: Shard) -> str:
     return storage.join(job.work, f"shard-{shard.index:05d}.parquet")
 
 
+@functools.lru_cache(maxsize=1)
 def scorer_for(job: Job) -> scorer.Scorer:
     """The job's scorer, made once per process: the model itself loads only if an image needs it."""
-    return _scorer(job.model_uri, job.backend, job.spec_text, job.cache)
-
-
-@functools.lru_cache(maxsize=1)
-def _scorer(model_uri: str, backend: str, spec_text: str, cache: str | None) -> scorer.Scorer:
-    return scorer.of_files(model_uri, parse_spec(spec_text), backend=backend, text_folder=cache)
+    return scorer.of_files(job.model_uri, parse_spec(job.spec_text), backend=job.backend, text_folder=job.cache)
 
 
 def run_shard(job: Job, shard: Shard) -> ShardResult:

@@ -137,7 +137,7 @@ def test_an_unchanged_rerun_never_loads_the_model(prefect_harness, sample_dir, f
     runs = []
     for _ in range(2):
         scorer._load.cache_clear()  # as in a new process
-        shards._scorer.cache_clear()
+        shards.scorer_for.cache_clear()
         runs.append((audit_catalog(*args), len(loads)))
 
     (first, loaded_first), (again, loaded_again) = runs
