@@ -107,6 +107,7 @@ def main() -> int:
     parser.add_argument("--images", type=int, default=1024)
     parser.add_argument("--memory-rows", default="100000,1000000", help="catalog sizes for peak memory")
     parser.add_argument("--skip-dask", action="store_true")
+    parser.add_argument("--only-memory", action="store_true", help="warm the cache with one audit, then (c) only")
     args = parser.parse_args()
     os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
     with tempfile.TemporaryDirectory() as tmp:
@@ -118,6 +119,11 @@ def main() -> int:
                         "efficientnet-lite0", "--output", model_dir], check=True, capture_output=True)
         print(f"{args.images} photos of 1600 px, efficientnet-lite0, fp32, {os.cpu_count()} CPU cores; "
               "whole `clipdq audit` processes\n", flush=True)
+        if args.only_memory:
+            with served_prefect(root / "prefect"):
+                audit(catalog, spec, model_dir, root / "out-served")
+                _dask_and_memory(args, catalog, spec, model_dir, root, root / "out-served", dask=False)
+            return 0
         first_runs = {}
         for mode in ("temporary server", "served Prefect"):
             with served_prefect(root / "prefect") if mode == "served Prefect" else contextlib.nullcontext():
@@ -140,8 +146,9 @@ def main() -> int:
     return 0
 
 
-def _dask_and_memory(args, catalog: Path, spec: Path, model_dir: str, root: Path, out: Path) -> None:
-    if not args.skip_dask:
+def _dask_and_memory(args, catalog: Path, spec: Path, model_dir: str, root: Path, out: Path, *,
+                     dask: bool = True) -> None:
+    if dask and not args.skip_dask:
         sharded = cycled(catalog, 4 * args.images)  # four shards' worth
         for name, extra in (("one process", ()), ("--workers 2", ("--workers", "2"))):
             seconds, rss, folder = audit(sharded, spec, model_dir, root / f"dask-{name}", "--rows-per-shard",

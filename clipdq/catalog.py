@@ -76,6 +76,14 @@ class CatalogFile:
         except (pa.ArrowException, OSError) as error:
             raise CatalogError(f"catalog is not readable Parquet: {self.uri}: {error}") from error
 
+    def rows_where(self, column: str, values: pl.Series, columns: list[str]) -> pl.DataFrame:
+        """``column`` (as text) and ``columns`` of the rows whose ``column`` is one of ``values``,
+        read batch by batch: memory holds one batch, not the column."""
+        key = pl.col(column).cast(pl.String)
+        wanted = values.cast(pl.String).implode()
+        parts = [batch.select(key, *columns).filter(key.is_in(wanted)) for batch in self.batches(1 << 16, [column, *columns])]
+        return pl.concat(parts) if parts else pl.DataFrame(schema={column: pl.String})
+
     def read(self, columns: list[str] | None = None) -> pl.DataFrame:
         """All rows of ``columns`` (default all) at once."""
         parts = list(self.batches(1 << 16, columns))

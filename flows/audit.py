@@ -107,12 +107,12 @@ def task_runner(dask_address: str | None, workers: int):
 
 
 @task(**IO_RETRIES, cache_policy=NO_CACHE)
-def publish(folder: str, findings_file: str, summary: dict, keys: pl.DataFrame, spec: Spec,
+def publish(folder: str, findings_file: str, summary: dict, source: catalog.CatalogFile, spec: Spec,
             access: ImageAccess) -> str:
     shown = report.featured(pl.scan_parquet(findings_file))
-    refs = dict(keys.select(pl.col(spec.id_column).cast(pl.String), spec.image_column).iter_rows())
-    readable = shown.filter(pl.col("status") != "image_error")["product_id"].unique().to_list()
-    thumbs = {pid: images.thumbnail(refs[pid], access) for pid in readable}
+    readable = shown.filter(pl.col("status") != "image_error")["product_id"].unique()
+    refs = source.rows_where(spec.id_column, readable, [spec.image_column]).iter_rows()
+    thumbs = {pid: images.thumbnail(ref, access) for pid, ref in refs}
     html = report.render_html(shown, summary, thumbs)
     return report.publish_run(folder, Path(findings_file).read_bytes(), summary, html)
 
@@ -191,7 +191,7 @@ def audit_catalog(
     spec_text = read_spec(spec_uri)
     spec = parse_spec(spec_text)
     source = open_catalog(catalog_uri)
-    keys, validation = validate_catalog(source, spec, storage.join(output_uri, "_validation_cache"))
+    _, validation = validate_catalog(source, spec, storage.join(output_uri, "_validation_cache"))
     access = sources.catalog_access(catalog_uri, spec, image_roots or ())
     files = read_model(model_uri)  # its weights load only where something needs them
     backend_check = {"requested": backend, "used": backend}
@@ -226,7 +226,7 @@ def audit_catalog(
                                                       "reused": sum(result.reused for result in results)}}
         summary = report.summarize(pl.scan_parquet(findings_file), products=source.rows, run=run,
                                    validation=validation)
-        publish(folder, findings_file, summary, keys, spec, access)
+        publish(folder, findings_file, summary, source, spec, access)
     if not cross_fit:
         storage.delete_tree(job.work)  # published: the parts are not needed to resume any more
     create_table_artifact(key="clipdq-audit-counts", table=summary["by_attribute"],

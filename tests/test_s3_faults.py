@@ -102,3 +102,28 @@ def test_the_cli_says_why_in_one_line(cli_env, sample_dir, flagging_model_dir, s
     assert result.returncode == 1
     assert reason_lines(result, "audit") == [
         f"clipdq audit: error: StorageError: cannot write to {s3_bucket}/reports: S3 AccessDenied"]
+
+
+def test_an_unchanged_image_on_s3_is_not_downloaded_again(
+    prefect_harness, sample_dir, flagging_model_dir, s3_bucket, moto_endpoint, monkeypatch, isolated_home
+):
+    storage.upload_folder(sample_dir, f"{s3_bucket}/sample")
+    args = (f"{s3_bucket}/sample/catalog.parquet", f"{s3_bucket}/sample/spec.yaml", str(flagging_model_dir),
+            f"{s3_bucket}/reports")
+    images = {f"/{s3_bucket.removeprefix('s3://')}/sample/{name}" for name in storage.list_files(f"{s3_bucket}/sample")
+              if name.startswith("images/")}
+    with FaultyS3(moto_endpoint, lambda *request: None) as proxy:  # faultless: it only counts
+        point_s3_at(proxy.url, monkeypatch)
+        audit_catalog(*args)
+        first = len(proxy.requests)
+        again = audit_catalog(*args)
+    point_s3_at(moto_endpoint, monkeypatch)
+
+    def of_images(requests, method):
+        return [path for m, path in requests if m == method and path.split("?")[0] in images]
+
+    assert len(of_images(proxy.requests[:first], "GET")) >= len(images)
+    rerun, unread = proxy.requests[first:], read_run(again)[1]["images"]["unread"]
+    assert len(of_images(rerun, "HEAD")) == len(images)  # each ETag checked ...
+    assert len(of_images(rerun, "GET")) == len(images) - unread  # ... and only images never embedded read again
+    assert unread >= len(images) - 6  # all but the sample's broken images
