@@ -40,8 +40,8 @@ def open_catalog(uri: str) -> catalog.CatalogFile:
 
 
 @task(**IO_RETRIES, cache_policy=NO_CACHE)
-def validate_catalog(source: catalog.CatalogFile, spec: Spec, cache: str) -> tuple[pl.DataFrame, dict]:
-    return catalog.validate_file(source, spec, cache=cache)
+def validate_catalog(source: catalog.CatalogFile, spec: Spec, cache: str) -> dict:
+    return catalog.validate_file(source, spec, cache=cache)[1]  # the id and image columns are not kept
 
 
 @task(**IO_RETRIES, cache_policy=NO_CACHE)
@@ -191,7 +191,7 @@ def audit_catalog(
     spec_text = read_spec(spec_uri)
     spec = parse_spec(spec_text)
     source = open_catalog(catalog_uri)
-    _, validation = validate_catalog(source, spec, storage.join(output_uri, "_validation_cache"))
+    validation = validate_catalog(source, spec, storage.join(output_uri, "_validation_cache"))
     access = sources.catalog_access(catalog_uri, spec, image_roots or ())
     files = read_model(model_uri)  # its weights load only where something needs them
     backend_check = {"requested": backend, "used": backend}
