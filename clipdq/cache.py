@@ -23,6 +23,7 @@ import io
 import logging
 import uuid
 from collections.abc import Iterable
+from typing import NamedTuple
 
 import numpy as np
 import polars as pl
@@ -51,27 +52,32 @@ def cache_key(model_fingerprint: str, pixels: PixelSpec, backend: str = "fp32") 
     return f"model={model_fingerprint}-pre={preprocessing}" + ("" if backend == "fp32" else f"-{backend}")
 
 
+class PartIndex(NamedTuple):
+    rows: int
+    ranges: list[tuple[str, str]]  # (min, max) key of each row group
+
+
 class SortedParts:
     """A table of Parquet parts under ``folder``, each sorted by the string column ``key``."""
 
     def __init__(self, folder: str, key: str):
         self.folder, self.key = folder, key
-        self._ranges: dict[str, list[tuple[str, str]]] | None = None  # part -> (min, max) key per row group
+        self._index: dict[str, PartIndex] | None = None
 
-    def parts(self) -> dict[str, list[tuple[str, str]]]:
-        """Readable parts and their row groups' key ranges, read from the footers once."""
-        if self._ranges is None:
+    def parts(self) -> dict[str, PartIndex]:
+        """Readable parts, their rows and their row groups' key ranges, read from the footers once."""
+        if self._index is None:
             names = [n for n in storage.list_files(self.folder) if n.startswith("part-") and n.endswith(".parquet")]
-            found = ((name, self._row_group_ranges(storage.join(self.folder, name))) for name in names)
-            self._ranges = {name: ranges for name, ranges in found if ranges is not None}
-        return self._ranges
+            found = ((name, self._read_index(storage.join(self.folder, name))) for name in names)
+            self._index = {name: index for name, index in found if index is not None}
+        return self._index
 
-    def _row_group_ranges(self, uri: str) -> list[tuple[str, str]] | None:
+    def _read_index(self, uri: str) -> PartIndex | None:
         try:
             meta = self._open(uri).metadata
             column = meta.schema.names.index(self.key)
             stats = [meta.row_group(g).column(column).statistics for g in range(meta.num_row_groups)]
-            return [(s.min, s.max) for s in stats]
+            return PartIndex(meta.num_rows, [(s.min, s.max) for s in stats])
         except (OSError, ValueError, pa.ArrowException, AttributeError) as error:
             log.warning("skipping unreadable cache part %s: %s", uri, error)
             return None
@@ -84,8 +90,8 @@ class SortedParts:
         """The rows whose key is one of ``keys`` (any order; a key kept twice may appear twice)."""
         wanted = sorted(set(keys))
         frames = []
-        for name, ranges in self.parts().items() if wanted else ():
-            groups = [g for g, (low, high) in enumerate(ranges) if _any_between(wanted, low, high)]
+        for name, index in self.parts().items() if wanted else ():
+            groups = [g for g, (low, high) in enumerate(index.ranges) if _any_between(wanted, low, high)]
             if not groups:
                 continue
             try:
@@ -102,17 +108,13 @@ class SortedParts:
         pq.write_table(frame.sort(self.key).to_arrow(), buffer, row_group_size=ROW_GROUP_ROWS)
         uri = storage.join(self.folder, f"part-{uuid.uuid4().hex}.parquet")
         storage.write_bytes(uri, buffer.getvalue(), create_only=True)
-        self._ranges = None
+        self._index = None
         return uri
 
     def compact(self) -> str | None:
         """Merge the small parts into one once there are ``COMPACT_AT_PARTS`` of them; returns the
         new part's URI. A key in several parts is kept once. Large parts stay as they are."""
-        small = []
-        for name in self.parts():
-            meta = self._open(storage.join(self.folder, name)).metadata
-            if meta.num_rows < SMALL_PART_ROWS:
-                small.append(name)
+        small = [name for name, index in self.parts().items() if index.rows < SMALL_PART_ROWS]
         if len(small) < COMPACT_AT_PARTS:
             return None
         frames = [pl.from_arrow(self._open(storage.join(self.folder, name)).read()) for name in small]

@@ -42,8 +42,8 @@ from transformers.image_utils import OPENAI_CLIP_MEAN, OPENAI_CLIP_STD  # noqa: 
 
 from clipdq import efficientnet, storage  # noqa: E402
 from clipdq.images import PixelSpec  # noqa: E402
-from clipdq.model_files import META_FILE, VALUE_EMB_FILE, ModelFiles, read_model_files  # noqa: E402, F401
-from clipdq.options import ARCHS, BACKENDS, Arch, Backend, check_backend  # noqa: E402, F401
+from clipdq.model_files import META_FILE, VALUE_EMB_FILE, ModelFiles, read_model_files  # noqa: E402
+from clipdq.options import ARCHS, BACKENDS, Arch, Backend, check_backend  # noqa: E402, F401 - BACKENDS re-exported
 from clipdq.spec import Spec  # noqa: E402
 
 log = logging.getLogger(__name__)
