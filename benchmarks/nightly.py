@@ -105,7 +105,7 @@ def cycled(catalog: Path, rows: int) -> Path:
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--images", type=int, default=1024)
-    parser.add_argument("--memory-rows", default="100000,1000000", help="catalog sizes for peak memory")
+    parser.add_argument("--memory-rows", default="100000,1000000", help="catalog sizes for peak memory (\"\" for none)")
     parser.add_argument("--skip-dask", action="store_true")
     parser.add_argument("--only-memory", action="store_true", help="warm the cache with one audit, then (c) only")
     args = parser.parse_args()
@@ -162,7 +162,7 @@ def _dask_and_memory(args, catalog: Path, spec: Path, model_dir: str, root: Path
                 gap = (findings(folder)["confidence"] - reference["confidence"]).abs().max()
                 print(f"    findings identical to one process: {same} (largest confidence difference {gap:.2g})")
     peaks = {}
-    for rows in (int(n) for n in args.memory_rows.split(",")):
+    for rows in (int(n) for n in args.memory_rows.split(",") if n):
         seconds, peaks[rows], folder = audit(cycled(catalog, rows), spec, model_dir, out)
         growth = f", {peaks[rows] / min(peaks.values()) - 1:+.0%} from the smallest" if len(peaks) > 1 else ""
         line(f"(c) peak RSS, {rows:,} rows, cache warm", peaks[rows], "MB",

@@ -9,7 +9,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 
 import polars as pl
 import pyarrow as pa
@@ -135,16 +135,18 @@ def _expectations(spec: Spec):
     return suite
 
 
-def run_expectations(catalog: pl.DataFrame, spec: Spec) -> list[dict]:
-    """Great Expectations checks on keys and images; one plain dict per expectation."""
+def run_expectations(keys: pl.DataFrame, spec: Spec) -> list[dict]:
+    """Great Expectations checks on keys and images; one plain dict per expectation.
+
+    ``keys`` holds the id and image columns, or their ``_stand_ins``.
+    """
     import great_expectations as gx
 
     context = gx.get_context(mode="ephemeral")
     context.variables.progress_bars = {"globally": False}
     asset = context.data_sources.add_pandas("catalog").add_dataframe_asset("catalog")
-    batch = asset.add_batch_definition_whole_dataframe("all").get_batch(
-        batch_parameters={"dataframe": catalog.select(spec.id_column, spec.image_column).to_pandas()}
-    )
+    frame = keys.select(spec.id_column, spec.image_column).to_pandas(use_pyarrow_extension_array=True)
+    batch = asset.add_batch_definition_whole_dataframe("all").get_batch(batch_parameters={"dataframe": frame})
     results = []
     for result in batch.validate(_expectations(spec)).results:
         info = result.exception_info or {}
@@ -159,47 +161,80 @@ def run_expectations(catalog: pl.DataFrame, spec: Spec) -> list[dict]:
     return results
 
 
+KEY_BATCH = 1 << 16  # rows per batch while the keys are checked
+
+
 def validate(catalog: pl.DataFrame, spec: Spec) -> dict:
     """Schema and key checks. Raises CatalogError when rows cannot be told apart."""
-    return _validated(catalog, spec, check_schema(catalog.schema, spec))
+    warnings = check_schema(catalog.schema, spec)
+    key_batches = catalog.select(spec.id_column, spec.image_column).iter_slices
+    return _validated(_stand_ins(key_batches(KEY_BATCH), spec), lambda: key_batches(KEY_BATCH), spec, warnings)
 
 
-def validate_file(source: CatalogFile, spec: Spec, *, cache: str | None = None) -> tuple[pl.DataFrame, dict]:
-    """(id and image columns, validation) of a catalog file, reading only those two columns.
+def validate_file(source: CatalogFile, spec: Spec, *, cache: str | None = None) -> dict:
+    """The validation of a catalog file, which reads its id and image columns batch by batch and
+    keeps 9 bytes a row of them (``_stand_ins``).
 
-    With ``cache`` (a folder or prefix), id and image columns that passed before are not checked
-    by great_expectations again: the earlier result is reused (``"reused": true``), which saves the
+    With ``cache`` (a folder or prefix), keys that passed before are not checked by
+    great_expectations again: the earlier result is reused (``"reused": true``), which saves the
     library's import and run on an unchanged nightly catalog.
     """
     warnings = check_schema(source.schema, spec)
-    keys = source.read([spec.id_column, spec.image_column])
-    kept = storage.join(cache, f"{_validation_key(keys, spec)}.json") if cache else None
+    key_batches = lambda: source.batches(KEY_BATCH, [spec.id_column, spec.image_column])  # noqa: E731
+    stand_ins = _stand_ins(key_batches(), spec)
+    kept = storage.join(cache, f"{_validation_key(stand_ins, spec)}.json") if cache else None
     if kept and storage.exists(kept):
         validation = json.loads(storage.read_bytes(kept)) | {"reused": True}
         for warning in validation["warnings"]:
             log.warning(warning)
-        return keys, validation
-    validation = _validated(keys, spec, warnings)
+        return validation
+    validation = _validated(stand_ins, key_batches, spec, warnings)
     if kept:
         storage.write_bytes(kept, json.dumps(validation).encode())
-    return keys, validation
+    return validation
 
 
-CHECKS_VERSION = 1  # raise when the checks change, so results of the old ones are not reused
+CHECKS_VERSION = 2  # raise when the checks change, so results of the old ones are not reused
 
 
-def _validation_key(keys: pl.DataFrame, spec: Spec) -> str:
-    """Changes with anything the checks look at: the id and image columns' contents and names."""
-    content = hashlib.sha256(keys.hash_rows(seed=0).to_numpy().tobytes()).hexdigest()
-    payload = [CHECKS_VERSION, pl.__version__, spec.id_column, spec.image_column, keys.height, content]
+def _validation_key(stand_ins: pl.DataFrame, spec: Spec) -> str:
+    """Changes with anything the checks look at: the ids, which images are missing, the column names."""
+    content = hashlib.sha256(stand_ins.hash_rows(seed=0).to_numpy().tobytes()).hexdigest()
+    payload = [CHECKS_VERSION, pl.__version__, spec.id_column, spec.image_column, stand_ins.height, content]
     return hashlib.sha256(json.dumps(payload).encode()).hexdigest()[:16]
 
 
-def _validated(keys: pl.DataFrame, spec: Spec, warnings: list[str]) -> dict:
-    checks = run_expectations(keys, spec)
+def _stand_ins(key_batches: Iterator[pl.DataFrame], spec: Spec) -> pl.DataFrame:
+    """What the key checks look at, in 9 bytes a row: a 64-bit hash of each id and whether each
+    image is given, null where the id or the image is."""
+    ids, images = pl.col(spec.id_column), pl.col(spec.image_column)
+    parts = [batch.select(pl.when(ids.is_not_null()).then(ids.hash(seed=0)).alias(spec.id_column),
+                          pl.when(images.is_not_null()).then(True).alias(spec.image_column))
+             for batch in key_batches]
+    schema = {spec.id_column: pl.UInt64, spec.image_column: pl.Boolean}
+    return pl.concat(parts) if parts else pl.DataFrame(schema=schema)
+
+
+def _duplicate_ids(key_batches: Iterator[pl.DataFrame], stand_ins: pl.DataFrame, spec: Spec) -> pl.Series:
+    """The ids of the rows whose id hash is shared: ids that truly repeat, unless hashes collided."""
+    id_hash = stand_ins[spec.id_column]
+    shared = id_hash.filter(id_hash.is_duplicated() & id_hash.is_not_null()).unique().implode()
+    ids = pl.col(spec.id_column)
+    suspects = pl.concat([batch.select(ids).filter(ids.hash(seed=0).is_in(shared)) for batch in key_batches])
+    return suspects[spec.id_column].filter(suspects[spec.id_column].is_duplicated())
+
+
+def _validated(stand_ins: pl.DataFrame, key_batches: Callable[[], Iterator[pl.DataFrame]], spec: Spec,
+               warnings: list[str]) -> dict:
+    """Checks on the keys' ``stand_ins``; ``key_batches()`` reads the keys again to name ids that repeat."""
+    checks = run_expectations(stand_ins, spec)
     for check in checks:
         if check["error"]:
             raise CatalogError(f"catalog check {check['expectation']} failed to run: {check['error']}")
+        if check["expectation"] == "expect_column_values_to_be_unique" and not check["success"]:
+            repeated = _duplicate_ids(key_batches(), stand_ins, spec)  # the ids themselves, not their hashes
+            check |= {"success": repeated.is_empty(), "unexpected_count": repeated.len(),
+                      "examples": [str(v) for v in repeated.head(5)]}
         if check["column"] == spec.id_column and not check["success"]:
             raise CatalogError(
                 f"{check['expectation']} failed for {spec.id_column!r}: "
@@ -207,4 +242,4 @@ def _validated(keys: pl.DataFrame, spec: Spec, warnings: list[str]) -> dict:
             )
     for warning in warnings:
         log.warning(warning)
-    return {"rows": keys.height, "warnings": warnings, "expectations": checks}
+    return {"rows": stand_ins.height, "warnings": warnings, "expectations": checks}

@@ -19,6 +19,9 @@ from clipdq.options import ARCHS, BACKENDS, MODES
 
 os.environ.setdefault("PREFECT_LOGGING_EXTRA_LOGGERS", "clipdq")  # library logs show in Prefect runs
 os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")  # no telemetry from batch jobs
+# Arrow's default allocator (mimalloc) keeps what each batch of rows freed: reading a million
+# rows' keys grew the process by 70 MB with it, and by 24 MB with the system allocator.
+os.environ.setdefault("ARROW_DEFAULT_MEMORY_POOL", "system")
 
 log = logging.getLogger("clipdq")
 GROUP_HELP = ("rows with the same value here (product family, photo session) stay on one side of every split; "
@@ -111,9 +114,13 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def run_audit(catalog: str, spec: str, model: str, output: str, **options) -> str:
-    from flows.audit import audit_catalog
+    from flows.early_server import started_early
 
-    return audit_catalog(catalog, spec, model, output, **options)
+    with started_early() as server_is_up:  # its start-up overlaps the imports below
+        from flows.audit import audit_catalog
+
+        server_is_up()
+        return audit_catalog(catalog, spec, model, output, **options)
 
 
 def run_finetune(args: argparse.Namespace) -> str:

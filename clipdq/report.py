@@ -38,11 +38,16 @@ def counts(findings: Findings) -> pl.DataFrame:
     return wide.with_columns(missing).select("attribute", *STATUSES).fill_null(0).sort("attribute")
 
 
-def summarize(findings: Findings, *, products: int, run: dict, validation: dict) -> dict:
-    """Summary JSON: what was checked, with what, and how many findings of each kind."""
+def summarize(findings: Findings, *, products: int, run: dict, validation: dict, reported: int | None = None) -> dict:
+    """Summary JSON: what was checked, with what, and how many findings of each kind.
+
+    ``reported``: the products in ``findings`` where the caller has counted them (an audit in
+    shards counts them part by part: a distinct count here would hold every id at once).
+    """
     by_attribute = counts(findings)
-    reported, rows, not_applicable = findings.lazy().select(
-        pl.col("product_id").n_unique(), pl.len(), (pl.col("status") == NOT_APPLICABLE).sum()).collect().row(0)
+    rows, not_applicable = findings.lazy().select(pl.len(), (pl.col("status") == NOT_APPLICABLE).sum()).collect().row(0)
+    if reported is None:
+        reported = findings.lazy().select(pl.col("product_id").n_unique()).collect().item()
     warnings = list(validation.get("warnings", []))
     if not_applicable:
         warnings.append(f"{not_applicable} products have no attribute that applies to them (applies_to)")

@@ -153,17 +153,18 @@ def read_counts(uri: str) -> dict[str, int] | None:
 
 def assemble(parts: list[str], dest: str) -> int:
     """The parts, in order, as one Parquet file at the local path ``dest``, holding one part in
-    memory at a time; returns its rows."""
+    memory at a time; returns the products it reports, counted part by part (shards never share
+    a product: their rows differ and ids are unique)."""
     schema = pl.DataFrame(schema=FINDINGS_SCHEMA).to_arrow().schema
-    rows = 0
+    products = 0
     with pq.ParquetWriter(dest, schema) as writer:
         for part in parts:
             stream, _ = storage.open_read(part)
             with stream:
                 table = pq.read_table(stream).replace_schema_metadata(None).cast(schema)
             writer.write_table(table)
-            rows += table.num_rows
-    return rows
+            products += pl.from_arrow(table["product_id"]).n_unique()
+    return products
 
 
 def totals(results: list[ShardResult]) -> dict[str, int]:

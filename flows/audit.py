@@ -41,7 +41,7 @@ def open_catalog(uri: str) -> catalog.CatalogFile:
 
 @task(**IO_RETRIES, cache_policy=NO_CACHE)
 def validate_catalog(source: catalog.CatalogFile, spec: Spec, cache: str) -> dict:
-    return catalog.validate_file(source, spec, cache=cache)[1]  # the id and image columns are not kept
+    return catalog.validate_file(source, spec, cache=cache)
 
 
 @task(**IO_RETRIES, cache_policy=NO_CACHE)
@@ -205,6 +205,7 @@ def audit_catalog(
            "backend": backend_check}
     with tempfile.TemporaryDirectory(prefix="clipdq-findings-") as scratch:
         findings_file = str(Path(scratch, "findings.parquet"))
+        reported = None  # products in the findings: counted by the summary unless the shards count them
         if cross_fit:
             run |= _audit_cross_fitted(source, load_model(model_uri), spec, findings_file, k=cross_fit, fold_minutes=fold_minutes,
                                        group_column=group_column, access=access, batch_size=batch_size)
@@ -220,12 +221,12 @@ def audit_catalog(
             results = score_shards.with_options(task_runner=task_runner(dask_address, workers))(job, plan, source.rows)
             images_seen = shards.totals(results)
             audit.check_outage(images_seen["lost_to_outages"], source.rows, spec.max_transient_image_errors)
-            shards.assemble([result.part for result in results], findings_file)
+            reported = shards.assemble([result.part for result in results], findings_file)
             run |= {"calibration": {name: c.to_dict() for name, c in scorer.calibration_for(files, spec).items()},
                     "images": images_seen, "shards": {"count": len(plan), "rows_per_shard": rows_per_shard,
                                                       "reused": sum(result.reused for result in results)}}
         summary = report.summarize(pl.scan_parquet(findings_file), products=source.rows, run=run,
-                                   validation=validation)
+                                   validation=validation, reported=reported)
         publish(folder, findings_file, summary, source, spec, access)
     if not cross_fit:
         storage.delete_tree(job.work)  # published: the parts are not needed to resume any more

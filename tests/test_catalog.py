@@ -234,16 +234,41 @@ def test_a_catalog_overwritten_while_it_is_read_fails_instead_of_mixing_versions
 def test_unchanged_keys_reuse_their_validation_and_changed_ones_are_checked_again(tmp_path, monkeypatch):
     good_catalog().write_parquet(tmp_path / "catalog.parquet")
     cache = str(tmp_path / "validation")
-    _, first = catalog.validate_file(catalog.CatalogFile(str(tmp_path / "catalog.parquet")), SPEC, cache=cache)
+    first = catalog.validate_file(catalog.CatalogFile(str(tmp_path / "catalog.parquet")), SPEC, cache=cache)
 
     def no_checks(*args, **kwargs):
         raise AssertionError("great_expectations ran again on an unchanged catalog")
 
     monkeypatch.setattr(catalog, "run_expectations", no_checks)
-    _, again = catalog.validate_file(catalog.CatalogFile(str(tmp_path / "catalog.parquet")), SPEC, cache=cache)
+    again = catalog.validate_file(catalog.CatalogFile(str(tmp_path / "catalog.parquet")), SPEC, cache=cache)
     good_catalog(sku=["a1", "a2", "a1"]).write_parquet(tmp_path / "catalog.parquet")  # same size, new ids
     monkeypatch.undo()
 
     assert "reused" not in first and again == first | {"reused": True}
     with pytest.raises(CatalogError, match="expect_column_values_to_be_unique failed"):
         catalog.validate_file(catalog.CatalogFile(str(tmp_path / "catalog.parquet")), SPEC, cache=cache)
+
+
+def test_keys_are_checked_batch_by_batch_and_repeats_across_batches_are_named(tmp_path, monkeypatch):
+    monkeypatch.setattr(catalog, "KEY_BATCH", 3)  # ten rows in four batches
+    skus = [f"s{i}" for i in range(10)]
+    frame = pl.DataFrame({"sku": skus, "picture": [f"images/{s}.jpg" for s in skus]}).with_columns(
+        pl.lit("red").alias("color"), pl.lit("cookware").alias("product_type"))
+    frame.write_parquet(tmp_path / "good.parquet", row_group_size=4)
+    frame.with_columns(pl.Series("sku", skus[:9] + ["s1"])).write_parquet(tmp_path / "bad.parquet", row_group_size=4)
+
+    validation = catalog.validate_file(catalog.CatalogFile(str(tmp_path / "good.parquet")), SPEC)
+
+    assert validation["rows"] == 10 and all(c["success"] for c in validation["expectations"])
+    with pytest.raises(CatalogError, match=r"be_unique failed for 'sku': 2 rows, e.g. \['s1', 's1'\]"):
+        catalog.validate_file(catalog.CatalogFile(str(tmp_path / "bad.parquet")), SPEC)
+
+
+def test_a_shared_id_hash_alone_is_not_a_duplicate(monkeypatch):
+    # every id hashes alike, as two would in a 64-bit collision
+    monkeypatch.setattr(pl.Expr, "hash", lambda self, seed=0: pl.lit(7, pl.UInt64))
+
+    result = catalog.validate(good_catalog(), SPEC)
+
+    unique = next(c for c in result["expectations"] if c["expectation"] == "expect_column_values_to_be_unique")
+    assert unique["success"] and unique["unexpected_count"] == 0

@@ -85,6 +85,7 @@ def test_two_dask_workers_give_the_findings_of_one_process(prefect_harness, samp
     assert one.select(COLUMNS).equals(two.select(COLUMNS))  # identical findings, row for row
     assert_frame_equal(one, two, check_exact=False, rel_tol=1e-5)
     assert one_summary["totals"] == two_summary["totals"] and one_summary["images"] == two_summary["images"]
+    assert one_summary["products_reported"] == two_summary["products_reported"] == one["product_id"].n_unique()
     truth = pl.read_parquet(data / "ground_truth.parquet")
     assert_findings_match_ground_truth(two, truth)
     assert_planted_flags_found(two, truth)
