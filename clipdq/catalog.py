@@ -167,8 +167,8 @@ KEY_BATCH = 1 << 16  # rows per batch while the keys are checked
 def validate(catalog: pl.DataFrame, spec: Spec) -> dict:
     """Schema and key checks. Raises CatalogError when rows cannot be told apart."""
     warnings = check_schema(catalog.schema, spec)
-    key_batches = catalog.select(spec.id_column, spec.image_column).iter_slices
-    return _validated(_stand_ins(key_batches(KEY_BATCH), spec), lambda: key_batches(KEY_BATCH), spec, warnings)
+    key_batches = lambda: catalog.select(spec.id_column, spec.image_column).iter_slices(KEY_BATCH)  # noqa: E731
+    return _validated(_stand_ins(key_batches(), spec), key_batches, spec, warnings)
 
 
 def validate_file(source: CatalogFile, spec: Spec, *, cache: str | None = None) -> dict:

@@ -24,7 +24,8 @@ def started_early(*, timeout_s: float = 60.0) -> Iterator[Callable[[], None]]:
     """Within it, flows use a temporary server started on entry (and stopped when the process
     exits); yields a function that waits until it answers. Where a Prefect API is configured,
     nothing is started."""
-    from prefect.settings import PREFECT_API_URL, PREFECT_UI_URL, get_current_settings, temporary_settings
+    from prefect.settings import (PREFECT_API_URL, PREFECT_FLOWS_HEARTBEAT_FREQUENCY, PREFECT_UI_URL,
+                                  get_current_settings, temporary_settings)
 
     settings = get_current_settings()
     if settings.api.url or not settings.server.ephemeral.enabled:
@@ -34,7 +35,10 @@ def started_early(*, timeout_s: float = 60.0) -> Iterator[Callable[[], None]]:
     server = subprocess.Popen(_server_command(port), env=_server_env(settings))
     atexit.register(_stop, server)  # after Prefect's exit handlers, which send the flow's last logs
     url = f"http://127.0.0.1:{port}/api"
-    with temporary_settings(updates={PREFECT_API_URL: url, PREFECT_UI_URL: ""}):  # it serves no UI
+    # It serves no UI, and nothing watches it for crashed runs: without heartbeats, whose thread
+    # sleeps a second at a time, a flow run does not wait up to a second more to end.
+    updates = {PREFECT_API_URL: url, PREFECT_UI_URL: "", PREFECT_FLOWS_HEARTBEAT_FREQUENCY: None}
+    with temporary_settings(updates=updates):
         yield lambda: _wait_until_up(url, server, timeout_s)
 
 

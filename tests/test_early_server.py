@@ -15,7 +15,7 @@ ROOT = Path(__file__).resolve().parents[1]
 CHILD = """
 from flows.early_server import started_early
 from prefect import flow
-from prefect.settings import PREFECT_API_URL
+from prefect.settings import PREFECT_API_URL, PREFECT_FLOWS_HEARTBEAT_FREQUENCY
 
 @flow
 def three():
@@ -23,7 +23,7 @@ def three():
 
 with started_early() as server_is_up:
     server_is_up()
-    print(PREFECT_API_URL.value(), three(), flush=True)
+    print(PREFECT_FLOWS_HEARTBEAT_FREQUENCY.value(), PREFECT_API_URL.value(), three(), flush=True)
 """
 
 
@@ -43,8 +43,9 @@ def test_a_flow_runs_on_the_early_server_which_stops_with_the_process(tmp_path):
     child = subprocess.run([sys.executable, "-c", CHILD], env=env, capture_output=True, text=True, timeout=300)
 
     assert child.returncode == 0, child.stderr
-    url, result = child.stdout.split()[-2:]
+    heartbeats, url, result = child.stdout.split()[-3:]
     assert url.startswith("http://127.0.0.1:") and url.endswith("/api") and result == "3"
+    assert heartbeats == "None"  # nothing watches a temporary server for crashed runs
     assert "Starting temporary server" not in child.stderr  # Prefect did not start a second one
     assert "Error logging to API" not in child.stderr + child.stdout  # the last logs reached it
     assert not answers(url)  # stopped when the process exited
