@@ -1,7 +1,7 @@
 """A temporary Prefect server started before the command that needs it has loaded.
 
 Where no Prefect API is configured, a flow starts a temporary server when it begins and waits
-for it: the server process imports Prefect's server and migrates its database, about 6 s that a
+for it: the server process imports Prefect's server and migrates its database, about 5 s that a
 short audit spends after importing its own libraries. ``started_early`` starts the same server
 first, so that its start-up overlaps those imports, and points the flow at it.
 """
