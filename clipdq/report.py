@@ -45,9 +45,9 @@ def summarize(findings: Findings, *, products: int, run: dict, validation: dict,
     shards counts them part by part: a distinct count here would hold every id at once).
     """
     by_attribute = counts(findings)
-    rows, not_applicable = findings.lazy().select(pl.len(), (pl.col("status") == NOT_APPLICABLE).sum()).collect().row(0)
-    if reported is None:
-        reported = findings.lazy().select(pl.col("product_id").n_unique()).collect().item()
+    products_in = pl.col("product_id").n_unique() if reported is None else pl.lit(reported)
+    rows, not_applicable, reported = findings.lazy().select(
+        pl.len(), (pl.col("status") == NOT_APPLICABLE).sum(), products_in).collect().row(0)
     warnings = list(validation.get("warnings", []))
     if not_applicable:
         warnings.append(f"{not_applicable} products have no attribute that applies to them (applies_to)")

@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
-import os
 import subprocess
 import sys
 import urllib.request
 from pathlib import Path
 
 import pytest
+
+from test_cli import cli_env  # noqa: F401 - the CLI's environment fixture (no Prefect API)
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -36,11 +37,9 @@ def answers(url: str) -> bool:
 
 
 @pytest.mark.subprocess
-def test_a_flow_runs_on_the_early_server_which_stops_with_the_process(tmp_path):
-    env = {k: v for k, v in os.environ.items() if k not in ("PREFECT_API_URL", "PREFECT_PROFILE")}
-    env |= {"PREFECT_HOME": str(tmp_path), "PREFECT_SERVER_ANALYTICS_ENABLED": "false", "PYTHONPATH": str(ROOT)}
-
-    child = subprocess.run([sys.executable, "-c", CHILD], env=env, capture_output=True, text=True, timeout=300)
+def test_a_flow_runs_on_the_early_server_which_stops_with_the_process(cli_env):  # noqa: F811
+    child = subprocess.run([sys.executable, "-c", CHILD], env=cli_env, cwd=ROOT, capture_output=True, text=True,
+                           timeout=300)
 
     assert child.returncode == 0, child.stderr
     heartbeats, url, result = child.stdout.split()[-3:]
