@@ -135,8 +135,9 @@ def _expectations(spec: Spec):
     return suite
 
 
-def run_expectations(keys: pl.DataFrame, spec: Spec) -> list[dict]:
-    """Great Expectations checks on keys and images; one plain dict per expectation.
+def run_expectations(keys: pl.DataFrame, spec: Spec) -> tuple[list[dict], dict]:
+    """Great Expectations checks on keys and images: one plain dict per expectation, and the
+    library's own validation result as JSON.
 
     ``keys`` holds the id and image columns, or their ``_stand_ins``.
     """
@@ -147,8 +148,9 @@ def run_expectations(keys: pl.DataFrame, spec: Spec) -> list[dict]:
     asset = context.data_sources.add_pandas("catalog").add_dataframe_asset("catalog")
     frame = keys.select(spec.id_column, spec.image_column).to_pandas(use_pyarrow_extension_array=True)
     batch = asset.add_batch_definition_whole_dataframe("all").get_batch(batch_parameters={"dataframe": frame})
+    validation = batch.validate(_expectations(spec))
     results = []
-    for result in batch.validate(_expectations(spec)).results:
+    for result in validation.results:
         info = result.exception_info or {}
         results.append({
             "expectation": result.expectation_config.type,
@@ -158,7 +160,7 @@ def run_expectations(keys: pl.DataFrame, spec: Spec) -> list[dict]:
             "examples": [str(v) for v in (result.result.get("partial_unexpected_list") or [])[:5]],
             "error": info.get("exception_message") if info.get("raised_exception") else None,
         })
-    return results
+    return results, validation.to_json_dict()
 
 
 KEY_BATCH = 1 << 16  # rows per batch while the keys are checked
@@ -194,7 +196,7 @@ def validate_file(source: CatalogFile, spec: Spec, *, cache: str | None = None) 
     return validation
 
 
-CHECKS_VERSION = 2  # raise when the checks change, so results of the old ones are not reused
+CHECKS_VERSION = 3  # raise when the checks change, so results of the old ones are not reused
 
 
 def _validation_key(stand_ins: pl.DataFrame, spec: Spec) -> str:
@@ -227,7 +229,7 @@ def _duplicate_ids(key_batches: Iterator[pl.DataFrame], stand_ins: pl.DataFrame,
 def _validated(stand_ins: pl.DataFrame, key_batches: Callable[[], Iterator[pl.DataFrame]], spec: Spec,
                warnings: list[str]) -> dict:
     """Checks on the keys' ``stand_ins``; ``key_batches()`` reads the keys again to name ids that repeat."""
-    checks = run_expectations(stand_ins, spec)
+    checks, raw = run_expectations(stand_ins, spec)
     for check in checks:
         if check["error"]:
             raise CatalogError(f"catalog check {check['expectation']} failed to run: {check['error']}")
@@ -242,4 +244,5 @@ def _validated(stand_ins: pl.DataFrame, key_batches: Callable[[], Iterator[pl.Da
             )
     for warning in warnings:
         log.warning(warning)
-    return {"rows": stand_ins.height, "warnings": warnings, "expectations": checks}
+    # great_expectations saw the stand-ins: its own result counts rows as ours does, but shows hashes, not ids
+    return {"rows": stand_ins.height, "warnings": warnings, "expectations": checks, "great_expectations": raw}

@@ -11,8 +11,11 @@ import atexit
 import io
 import json
 import logging
+import operator
 import os
+import re
 import sys
+from importlib import metadata
 from pathlib import Path
 
 from clipdq.options import ARCHS, BACKENDS, MODES
@@ -33,8 +36,24 @@ MODE_HELP = ("full: fine-tune both towers on pixels; locked: keep the image towe
              "on frozen images. Default: locked for a pretrained image tower with a new text tower, else full")
 
 
+FAIL_ON_EXIT = 3  # `clipdq report --fail-on`: a condition held (1: an error, 2: a usage error)
+CONDITION_COUNTS = ("conflict", "gap", "invalid_value", "image_error", "uncertain", "new", "resolved", "persisting")
+_COMPARISONS = {">": operator.gt, ">=": operator.ge, "<": operator.lt, "<=": operator.le, "==": operator.eq,
+                "!=": operator.ne}
+
+
+def _condition(text: str) -> tuple[str, str, int]:
+    """'conflict>100' as (count, comparison, bound)."""
+    match = re.fullmatch(r"\s*(\w+)\s*([<>=!]=?)\s*(\d+)\s*", text)
+    if not match or match[1] not in CONDITION_COUNTS or match[2] not in _COMPARISONS:
+        raise argparse.ArgumentTypeError(f"{text!r}: write COUNT OP N, COUNT one of {', '.join(CONDITION_COUNTS)}, "
+                                         f"OP one of {' '.join(_COMPARISONS)}")
+    return match[1], match[2], int(match[3])
+
+
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="clipdq", description="Check product catalogs against their images.")
+    parser.add_argument("--version", action="version", version=f"%(prog)s {metadata.version('clipdq')}")
     commands = parser.add_subparsers(dest="command", required=True)
 
     demo = commands.add_parser("demo", help="build sample data and a demo model if missing, then audit")
@@ -103,6 +122,16 @@ def _parser() -> argparse.ArgumentParser:
     curve.add_argument("--max-minutes", type=float, help="safety cap on training time per point")
     curve.add_argument("--group-column", help=GROUP_HELP)
     curve.add_argument("--seed", type=int, default=0)
+
+    show = commands.add_parser("report", help="the latest complete run under an output folder or prefix: its "
+                               "summary, or with --diff what changed since the run before")
+    show.add_argument("output", help="the folder or s3:// prefix given to clipdq audit --output")
+    show.add_argument("--diff", nargs="*", metavar="RUN_ID",
+                      help="list new, resolved and persisting problems against the previous complete run of the "
+                      "same catalog, or between two given runs (older first)")
+    show.add_argument("--fail-on", action="append", default=[], type=_condition, metavar="CONDITION",
+                      help=f"exit with status {FAIL_ON_EXIT} when a count passes a bound, e.g. 'conflict>100' or "
+                      f"'new>0' (repeatable; counts: {', '.join(CONDITION_COUNTS)})")
 
     init = commands.add_parser("init-model", help="a new CLIP-style model with a tokenizer for the spec: random "
                                "weights, or the pretrained ImageNet tower of efficientnet-lite0")
@@ -208,6 +237,44 @@ def run_demo(args: argparse.Namespace) -> str:
     return folder
 
 
+def run_report(args: argparse.Namespace) -> str:
+    """Print the latest run's summary or a diff; a ``--fail-on`` condition that holds ends in FAIL_ON_EXIT."""
+    from clipdq import report, runs, storage
+
+    done = runs.complete_runs(args.output)
+    if not done:
+        raise LookupError(f"no complete run under {args.output}")
+    if args.diff is not None and len(args.diff) not in (0, 2):
+        raise ValueError("--diff takes no run id (the latest against the one before) or two (older first)")
+    newer = runs.find_run(args.output, args.diff[1]) if args.diff else done[-1]
+    summary = json.loads(storage.read_bytes(storage.join(newer, "summary.json")))
+    counts = dict(summary["totals"]) | ((summary.get("changes") or {}).get("totals") or {})
+    if args.diff is None:
+        print(report.text(summary, newer))
+    else:
+        older = (runs.find_run(args.output, args.diff[0]) if args.diff
+                 else runs.previous_run(args.output, summary["catalog"], before=newer))
+        if older is None:
+            raise LookupError(f"no complete run of {summary['catalog']} before run {summary['run_id']} to compare with")
+        changes = runs.changed(runs.read_problems(newer).lazy(), runs.read_problems(older))
+        print(report.diff_text(changes, older, newer))
+        counts |= runs.change_counts(changes, older)["totals"]
+    unknown = [name for name, _, _ in args.fail_on if name not in counts]
+    if unknown:
+        raise ValueError(f"--fail-on {', '.join(unknown)}: run {summary['run_id']} has no earlier run to count "
+                         "changes against")
+    held = [f"{name}{op}{bound} ({name} = {counts[name]})" for name, op, bound in args.fail_on
+            if _COMPARISONS[op](counts[name], bound)]
+    if held:
+        _LAST_WORDS.append(f"clipdq report: failing on {'; '.join(held)}")
+        raise ConditionHeld(newer)
+    return newer
+
+
+class ConditionHeld(Exception):
+    """A ``--fail-on`` condition held: the run folder is still printed, the exit status says so."""
+
+
 _LAST_WORDS: list[str] = []
 
 
@@ -231,9 +298,13 @@ def main(argv: list[str] | None = None) -> int:
         "finetune": run_finetune,
         "init-model": run_init_model,
         "learning-curve": run_learning_curve,
+        "report": run_report,
     }
     try:
         location = commands[args.command](args)
+    except ConditionHeld as held:
+        print(held.args[0])
+        return FAIL_ON_EXIT
     except Exception as error:  # noqa: BLE001 - the CLI's contract: one line, non-zero exit
         log.debug("failed", exc_info=True)
         _LAST_WORDS.append(f"clipdq {args.command}: error: {type(error).__name__}: {error}".splitlines()[0])

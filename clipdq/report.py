@@ -8,11 +8,14 @@ import json
 import re
 import uuid
 from datetime import datetime, timezone
+from pathlib import Path
 
 import jinja2
 import polars as pl
+from markupsafe import Markup
 
-from clipdq import storage
+from clipdq import charts as charts_svg
+from clipdq import runs, storage
 from clipdq.compare import NOT_APPLICABLE, STATUSES
 
 TOP_N = 12  # findings shown with thumbnails, per section
@@ -38,8 +41,10 @@ def counts(findings: Findings) -> pl.DataFrame:
     return wide.with_columns(missing).select("attribute", *STATUSES).fill_null(0).sort("attribute")
 
 
-def summarize(findings: Findings, *, products: int, run: dict, validation: dict, reported: int | None = None) -> dict:
-    """Summary JSON: what was checked, with what, and how many findings of each kind.
+def summarize(findings: Findings, *, products: int, run: dict, validation: dict, reported: int | None = None,
+              changes: dict | None = None) -> dict:
+    """Summary JSON: what was checked, with what, how many findings of each kind, and what changed
+    since the previous complete run (``runs.change_counts``; null for a first run).
 
     ``reported``: the products in ``findings`` where the caller has counted them (an audit in
     shards counts them part by part: a distinct count here would hold every id at once).
@@ -60,10 +65,25 @@ def summarize(findings: Findings, *, products: int, run: dict, validation: dict,
         "findings": rows,
         "totals": {s: int(by_attribute[s].sum()) for s in STATUSES} | {NOT_APPLICABLE: not_applicable},
         "by_attribute": by_attribute.to_dicts(),
+        "changes": changes,
         "warnings": warnings,
         "expectations": validation.get("expectations", []),
         "expectations_reused": bool(validation.get("reused")),  # kept from an earlier run of the same keys
     }
+
+
+FIXES_SCHEMA = {"product_id": pl.String, "attribute": pl.String, "current_value": pl.String,
+                "suggested_value": pl.String, "confidence": pl.Float64, "status": pl.String}
+
+
+def suggested_fixes(findings: Findings) -> pl.DataFrame:
+    """One row per gap and conflict, ready to import into a product information system: the
+    value the catalog holds (null for a gap), the value the image suggests, and how sure."""
+    return (findings.lazy().filter(pl.col("status").is_in(["conflict", "gap"]))
+            .select("product_id", "attribute", pl.col("existing_value").alias("current_value"),
+                    pl.col("predicted_value").alias("suggested_value"), "confidence", "status")
+            .sort("status", "attribute", "confidence", descending=[False, False, True])
+            .collect().cast(FIXES_SCHEMA))
 
 
 def top_findings(findings: Findings, status: str, n: int = TOP_N) -> pl.DataFrame:
@@ -92,18 +112,97 @@ def featured(findings: Findings) -> pl.DataFrame:
     return pl.concat([top_findings(findings, status) for status in SECTIONS])
 
 
-def render_html(shown: pl.DataFrame, summary: dict, thumbnails: dict[str, bytes | None]) -> str:
-    """A self-contained page: counts, then the ``shown`` findings per section with their images."""
-    def rows(status: str) -> list[dict]:
-        out = shown.filter(pl.col("status") == status).to_dicts()
-        for row in out:
-            jpeg = thumbnails.get(row["product_id"])
-            row["thumbnail"] = base64.b64encode(jpeg).decode() if jpeg else None
-        return out
+TABLE_COLUMNS = ("product_id", "attribute", "status", "existing_value", "predicted_value", "confidence", "change",
+                 "detail")
+TABLE_THUMBNAILS = 200  # problems shown with a thumbnail in the table, the most confident first
+RESOLVED_SHOWN = 200  # resolved problems listed by name
+CONFUSION_VALUES = 25  # catalog values per attribute in the catalog x predicted table, the commonest first
+CONFIDENCE_BINS = 20
+_KEY = ["product_id", "attribute", "status"]
 
-    sections = [{"title": title, "rows": rows(status)} for status, title in SECTIONS.items()]
+
+def problem_table(findings: Findings, changes: pl.DataFrame | None) -> pl.DataFrame:
+    """Every problem (``runs.PROBLEMS``) with its change since the previous run, the most confident first."""
+    table = findings.lazy().filter(pl.col("status").is_in(runs.PROBLEMS))
+    if changes is None:
+        table = table.with_columns(change=pl.lit(None, pl.String))
+    else:
+        table = table.join(changes.lazy().filter(pl.col("change") != "resolved"), on=_KEY, how="left")
+    return table.select(TABLE_COLUMNS).sort("confidence", descending=True, nulls_last=True).collect()
+
+
+def thumbnail_ids(findings: Findings) -> list[str]:
+    """Products whose thumbnails the report shows: the featured findings' and the table's first."""
+    readable = pl.col("status") != "image_error"
+    table = problem_table(findings, None).lazy().filter(readable).head(TABLE_THUMBNAILS)
+    ids = pl.concat([featured(findings).lazy().filter(readable).select("product_id"), table.select("product_id")])
+    return ids.unique(maintain_order=True).collect()["product_id"].to_list()
+
+
+def confusion(findings: Findings) -> list[dict]:
+    """Per attribute, counts of each (catalog value, predicted value) pair among the rows that have both."""
+    pairs = (findings.lazy().filter(pl.col("existing_value").is_not_null() & pl.col("predicted_value").is_not_null())
+             .group_by("attribute", "existing_value", "predicted_value").len().collect())
+    tables = []
+    for (attribute,), part in pairs.sort("attribute").group_by("attribute", maintain_order=True):
+        rows = (part.group_by("existing_value").agg(pl.col("len").sum()).sort("len", "existing_value", descending=[True, False])
+                ["existing_value"].head(CONFUSION_VALUES).to_list())
+        columns = sorted(part["predicted_value"].unique().to_list())
+        cells = {(r, c): n for r, c, n in part.select("existing_value", "predicted_value", "len").iter_rows()}
+        tables.append({"attribute": attribute, "columns": columns, "more": part["existing_value"].n_unique() - len(rows),
+                       "rows": [{"value": r, "cells": [cells.get((r, c), 0) for c in columns]} for r in rows]})
+    return tables
+
+
+def confidence_charts(findings: Findings, summary: dict) -> list[str]:
+    """Per attribute, an SVG histogram of confidence by status with its gap and conflict thresholds."""
+    shown = ("match", "conflict", "gap", "uncertain")
+    binned = (findings.lazy().filter(pl.col("confidence").is_not_null() & pl.col("status").is_in(shown))
+              .with_columns(bin=(pl.col("confidence") * CONFIDENCE_BINS).floor().clip(0, CONFIDENCE_BINS - 1).cast(pl.Int32))
+              .group_by("attribute", "status", "bin").len().collect())
+    calibration = summary.get("calibration")
+    calibration = calibration if isinstance(calibration, dict) else {}  # cross-fitting: one per fold, not drawn
+    charts = []
+    for attribute in sorted(binned["attribute"].unique().to_list()):
+        bins = {status: [0] * CONFIDENCE_BINS for status in shown}
+        for status, b, n in binned.filter(pl.col("attribute") == attribute).select("status", "bin", "len").iter_rows():
+            bins[status][b] = n
+        limits = calibration.get(attribute, {})
+        charts.append(charts_svg.histogram(bins, {"gap": limits.get("gap_threshold"),
+                                                  "conflict": limits.get("conflict_threshold")}, title=attribute))
+    return charts
+
+
+def _script_json(value) -> Markup:
+    """JSON to embed in a ``<script type="application/json">``: no ``<`` can end the element early."""
+    return Markup(json.dumps(value, ensure_ascii=False, default=str).replace("<", "\\u003c"))
+
+
+def render_html(findings: Findings, summary: dict, thumbnails: dict[str, bytes | None],
+                changes: pl.DataFrame | None = None) -> str:
+    """A self-contained page for a data steward: counts, rates and thresholds per attribute, charts,
+    every problem in a sortable and filterable table, catalog x predicted values, the catalog checks,
+    what changed since the previous run, and the most confident findings with their images."""
+    images = {pid: base64.b64encode(jpeg).decode() for pid, jpeg in thumbnails.items() if jpeg}
+    shown = featured(findings)
+
+    def cards(status: str) -> list[dict]:
+        return [row | {"thumbnail": images.get(row["product_id"])} for row in shown.filter(pl.col("status") == status).to_dicts()]
+
+    table = problem_table(findings, changes)
+    resolved = [] if changes is None else changes.filter(pl.col("change") == "resolved").head(RESOLVED_SHOWN).to_dicts()
+    calibration = summary.get("calibration")
     template = _TEMPLATES.get_template("report.html.j2")
-    return template.render(summary=summary, statuses=STATUSES, sections=sections)
+    return template.render(
+        summary=summary, statuses=STATUSES, problems=runs.PROBLEMS, nonce=uuid.uuid4().hex,
+        sections=[{"title": title, "rows": cards(status)} for status, title in SECTIONS.items()],
+        thresholds=calibration if isinstance(calibration, dict) else {},
+        per_attribute=[row | {"total": sum(row[s] for s in STATUSES)} for row in summary["by_attribute"]],
+        status_chart=Markup(charts_svg.status_bars(summary["by_attribute"], STATUSES)),
+        confidence_charts=[Markup(chart) for chart in confidence_charts(findings, summary)],
+        confusion=confusion(findings), resolved=resolved,
+        table=_script_json({"columns": TABLE_COLUMNS, "rows": table.rows()}),
+        table_images=_script_json({pid: images[pid] for pid in table["product_id"].unique() if pid in images}))
 
 
 def _code_span(text: str) -> str:
@@ -114,27 +213,78 @@ def _code_span(text: str) -> str:
 
 def markdown(summary: dict, folder: str) -> str:
     """Short run summary for a Prefect markdown artifact."""
-    t = summary["totals"]
+    t, changes = summary["totals"], summary.get("changes")
+    since = (f"\n\nSince run {_code_span(changes['previous_run'])}: {changes['totals']['new']} new, "
+             f"{changes['totals']['resolved']} resolved, {changes['totals']['persisting']} persisting problems."
+             if changes else "\n\nNo earlier complete run of this catalog to compare with.")
     return (
         f"# clipdq audit {summary['run_id']}\n\n"
         f"Report: {_code_span(storage.join(folder, 'report.html'))}\n\n"
         f"{summary['products']} products: **{t['conflict']} conflicts**, **{t['gap']} gaps** with a suggested "
         f"value, {t['invalid_value']} invalid values, {t['image_error']} image errors, {t['uncertain']} uncertain."
+        + since
     )
 
 
-def publish_run(folder: str, findings: pl.DataFrame | bytes, summary: dict, html: str) -> str:
-    """Write findings (a frame, or a Parquet file's bytes), summary and report, then the manifest
-    that marks the run complete."""
-    if isinstance(findings, pl.DataFrame):
-        parquet = io.BytesIO()
-        findings.write_parquet(parquet)
-        findings = parquet.getvalue()
+def text(summary: dict, folder: str) -> str:
+    """A run's summary for a terminal: totals, per attribute counts, and the change since the run before."""
+    t = summary["totals"]
+    lines = [f"run {summary['run_id']} ({summary['started_at']}): {summary['products']} products of "
+             f"{summary['catalog']}",
+             f"  {t['conflict']} conflicts, {t['gap']} gaps, {t['invalid_value']} invalid values, "
+             f"{t['image_error']} image errors, {t['uncertain']} uncertain, {t['match']} matches",
+             _text_table(summary["by_attribute"], ["attribute", *STATUSES])]
+    changes = summary.get("changes")
+    if changes:
+        c = changes["totals"]
+        lines.append(f"since run {changes['previous_run']}: {c['new']} new, {c['resolved']} resolved, "
+                     f"{c['persisting']} persisting problems")
+    lines += [f"warning: {w}" for w in summary["warnings"]] + [f"report: {storage.join(folder, 'report.html')}"]
+    return "\n".join(lines)
+
+
+def diff_text(changes: pl.DataFrame, older: str, newer: str, *, listed: int = 20) -> str:
+    """What changed between two runs: counts per attribute, then the first new and resolved problems."""
+    counts = runs.change_counts(changes, older)
+    lines = [f"run {runs.run_id_of(newer)} against run {runs.run_id_of(older)}: {counts['totals']['new']} new, "
+             f"{counts['totals']['resolved']} resolved, {counts['totals']['persisting']} persisting problems",
+             _text_table(counts["by_attribute"], ["attribute", "new", "resolved", "persisting"])]
+    for kind in ("new", "resolved"):
+        part = changes.filter(pl.col("change") == kind).sort("attribute", "product_id")
+        lines += [f"{kind}: {pid} {attribute} {status}" for pid, attribute, status, _ in part.head(listed).rows()]
+        if part.height > listed:
+            lines.append(f"{kind}: ... and {part.height - listed} more")
+    return "\n".join(lines)
+
+
+def _text_table(rows: list[dict], columns: list[str]) -> str:
+    widths = [max(len(str(c)), *(len(str(r[c])) for r in rows)) for c in columns]
+    lines = ["  " + "  ".join(str(c).ljust(w) for c, w in zip(columns, widths))]
+    lines += ["  " + "  ".join(str(r[c]).ljust(w) for c, w in zip(columns, widths)) for r in rows]
+    return "\n".join(lines)
+
+
+def _parquet(frame: pl.DataFrame) -> bytes:
+    buffer = io.BytesIO()
+    frame.write_parquet(buffer)
+    return buffer.getvalue()
+
+
+def publish_run(folder: str, findings: pl.DataFrame | Path, summary: dict, html: str, *,
+                validation: dict | None = None) -> str:
+    """Write findings (a frame, or a Parquet file), summary, report, suggested fixes and the
+    catalog checks' result, then the manifest that marks the run complete."""
+    fixes = suggested_fixes(findings if isinstance(findings, pl.DataFrame) else pl.scan_parquet(findings))
+    csv = io.BytesIO()
+    fixes.write_csv(csv)
     files = {
-        "findings.parquet": findings,
+        "findings.parquet": _parquet(findings) if isinstance(findings, pl.DataFrame) else findings.read_bytes(),
+        "suggested_fixes.parquet": _parquet(fixes),
+        "suggested_fixes.csv": csv.getvalue(),
+        "validation.json": json.dumps(validation or {}, indent=2, default=str).encode(),
         "summary.json": json.dumps(summary, indent=2, default=str).encode(),
         "report.html": html.encode(),
     }
-    meta = {"run_id": summary["run_id"], "rows": summary["findings"], "totals": summary["totals"],
-            **({"shards": summary["shards"]} if "shards" in summary else {})}
+    meta = {"run_id": summary["run_id"], "catalog": summary.get("catalog"), "rows": summary["findings"],
+            "totals": summary["totals"], **({"shards": summary["shards"]} if "shards" in summary else {})}
     return storage.publish(folder, files, meta=meta)

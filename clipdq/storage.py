@@ -7,6 +7,7 @@ S3-compatible server, credentials, region).
 from __future__ import annotations
 
 import functools
+import glob
 import hashlib
 import io
 import json
@@ -233,14 +234,16 @@ def write_bytes(uri: str, data: bytes, *, create_only: bool = False) -> None:
             raise
 
 
-def list_files(prefix: str) -> list[str]:
-    """Relative names of all files under a folder or s3:// prefix."""
+def list_files(prefix: str, *, start: str = "") -> list[str]:
+    """Relative names of all files under a folder or s3:// prefix, or of those whose names begin with ``start``."""
     if is_s3(prefix):
         bucket, key = split_s3(prefix.rstrip("/") + "/")
-        pages = s3_client().get_paginator("list_objects_v2").paginate(Bucket=bucket, Prefix=key)
+        pages = s3_client().get_paginator("list_objects_v2").paginate(Bucket=bucket, Prefix=key + start)
         return sorted(obj["Key"][len(key):] for page in pages for obj in page.get("Contents", []))
     root = Path(prefix)
-    return sorted(str(p.relative_to(root)) for p in root.rglob("*") if p.is_file())
+    tops = [top for top in root.glob(glob.escape(start) + "*")] if root.is_dir() else []
+    files = [p for top in tops for p in (top.rglob("*") if top.is_dir() else [top]) if p.is_file()]
+    return sorted(str(p.relative_to(root)) for p in files)
 
 
 def signature(prefix: str) -> str:

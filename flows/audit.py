@@ -4,18 +4,20 @@ from __future__ import annotations
 
 import copy
 import tempfile
+from concurrent.futures import ThreadPoolExecutor
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 import polars as pl
 from prefect import flow, get_run_logger, task, unmapped
-from prefect.artifacts import create_markdown_artifact, create_table_artifact
+from prefect.artifacts import create_link_artifact, create_markdown_artifact, create_table_artifact
+from prefect.events import emit_event
 from prefect.cache_policies import NO_CACHE
 from prefect.futures import as_completed
 from prefect.task_runners import ThreadPoolTaskRunner
 
-from clipdq import audit, catalog, images, report, scorer, shards, sources, splits, storage
+from clipdq import audit, catalog, images, report, runs, scorer, shards, sources, splits, storage
 from clipdq.cache import cache_key
 from clipdq.model_files import ModelFiles, read_model_files
 from clipdq.options import check_backend
@@ -108,13 +110,14 @@ def task_runner(dask_address: str | None, workers: int):
 
 @task(**IO_RETRIES, cache_policy=NO_CACHE)
 def publish(folder: str, findings_file: str, summary: dict, source: catalog.CatalogFile, spec: Spec,
-            access: ImageAccess) -> str:
-    shown = report.featured(pl.scan_parquet(findings_file))
-    readable = shown.filter(pl.col("status") != "image_error")["product_id"].unique()
-    refs = source.rows_where(spec.id_column, readable, [spec.image_column]).iter_rows()
-    thumbs = {pid: images.thumbnail(ref, access) for pid, ref in refs}
-    html = report.render_html(shown, summary, thumbs)
-    return report.publish_run(folder, Path(findings_file).read_bytes(), summary, html)
+            access: ImageAccess, changes: pl.DataFrame | None, validation: dict) -> str:
+    findings = pl.scan_parquet(findings_file)
+    wanted = pl.Series(report.thumbnail_ids(findings), dtype=pl.String)
+    refs = source.rows_where(spec.id_column, wanted, [spec.image_column]).rows()
+    with ThreadPoolExecutor(8) as pool:  # image reads: latency-bound on object storage
+        thumbs = dict(zip([pid for pid, _ in refs], pool.map(lambda row: images.thumbnail(row[1], access), refs)))
+    html = report.render_html(findings, summary, thumbs, changes)
+    return report.publish_run(folder, Path(findings_file), summary, html, validation=validation)
 
 
 def _cross_fitted(frame: pl.DataFrame, clip: Clip, spec: Spec, *, k: int, fold_minutes: float | None,
@@ -225,19 +228,41 @@ def audit_catalog(
             run |= {"calibration": {name: c.to_dict() for name, c in scorer.calibration_for(files, spec).items()},
                     "images": images_seen, "shards": {"count": len(plan), "rows_per_shard": rows_per_shard,
                                                       "reused": sum(result.reused for result in results)}}
+        previous = runs.previous_run(output_uri, catalog_uri)
+        changes = runs.changed(pl.scan_parquet(findings_file), runs.read_problems(previous)) if previous else None
         summary = report.summarize(pl.scan_parquet(findings_file), products=source.rows, run=run,
-                                   validation=validation, reported=reported)
-        publish(folder, findings_file, summary, source, spec, access)
+                                   validation=validation, reported=reported,
+                                   changes=runs.change_counts(changes, previous) if previous else None)
+        publish(folder, findings_file, summary, source, spec, access, changes, validation)
+        top = report.problem_table(pl.scan_parquet(findings_file), changes).head(TOP_PROBLEMS)
     if not cross_fit:
         storage.delete_tree(job.work)  # published: the parts are not needed to resume any more
-    create_table_artifact(key="clipdq-audit-counts", table=summary["by_attribute"],
-                          description=f"Findings per attribute, run {run_id}")
-    create_markdown_artifact(key="clipdq-audit-report", markdown=report.markdown(summary, folder),
-                             description="Where the audit report is and what it found")
+    _announce(summary, folder, top)
     t = summary["totals"]
     logger.info("%d conflicts, %d gaps, %d invalid values, %d image errors; report: %s",
                 t["conflict"], t["gap"], t["invalid_value"], t["image_error"], storage.join(folder, "report.html"))
     return folder
+
+
+TOP_PROBLEMS = 25  # problems in the run's table artifact
+
+
+def _announce(summary: dict, folder: str, top: pl.DataFrame) -> None:
+    """The run's artifacts (counts, top problems, summary, a link to the report) and an event with
+    its totals, which Prefect automations can act on (alert on conflicts, on new problems)."""
+    run_id, html = summary["run_id"], storage.join(folder, "report.html")
+    create_table_artifact(key="clipdq-audit-counts", table=summary["by_attribute"],
+                          description=f"Findings per attribute, run {run_id}")
+    create_table_artifact(key="clipdq-top-problems", table=top.drop("detail").to_dicts(),
+                          description=f"The {len(top)} most confident problems, run {run_id}")
+    create_markdown_artifact(key="clipdq-audit-report", markdown=report.markdown(summary, folder),
+                             description="Where the audit report is and what it found")
+    create_link_artifact(key="clipdq-report-link", link=html if storage.is_s3(html) else Path(html).resolve().as_uri(),
+                         link_text=f"report of run {run_id}")
+    changes = summary["changes"]
+    emit_event(event="clipdq.audit.completed",
+               resource={"prefect.resource.id": f"clipdq.audit.{run_id}", "prefect.resource.name": summary["catalog"]},
+               payload={"totals": summary["totals"], "changes": changes and changes["totals"], "report": html})
 
 
 def _audit_cross_fitted(source: catalog.CatalogFile, clip: Clip, spec: Spec, findings_file: str, *, k: int,

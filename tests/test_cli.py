@@ -6,6 +6,7 @@ about half a minute. All are marked ``subprocess``; they stay in the default run
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import subprocess
@@ -165,3 +166,40 @@ def test_learning_curve_writes_table_and_plot(cli_env, sample_dir, tmp_path):
     assert table["per_value"].unique().sort().to_list() == [2, 5]
     assert (tmp_path / "curve" / "learning_curve.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert "| labeled per value |" in (tmp_path / "curve" / "learning_curve.md").read_text()
+
+
+def test_a_fixed_value_shows_as_resolved_in_the_next_run_and_in_report_diff(finetuned, cli_env, sample_dir, tmp_path):
+    _, model_dir = finetuned
+    data, output = tmp_path / "data", tmp_path / "reports"
+    shutil.copytree(sample_dir, data)
+    audit = ["audit", "--catalog", str(data / "catalog.parquet"), "--spec", str(data / "spec.yaml"),
+             "--model", str(model_dir), "--output", str(output)]
+    first = clipdq(cli_env, *audit, cwd=tmp_path)
+    assert first.returncode == 0, first.stderr[-3000:]
+    conflicts = pl.read_parquet(Path(last_line(first.stdout)) / "suggested_fixes.parquet").filter(
+        pl.col("status") == "conflict")
+    pid, attribute, _, suggested, *_ = conflicts.row(0)
+    catalog = pl.read_parquet(data / "catalog.parquet")
+    catalog.with_columns(pl.when(pl.col("product_id") == pid).then(pl.lit(suggested)).otherwise(pl.col(attribute))
+                         .alias(attribute)).write_parquet(data / "catalog.parquet")  # the steward applies the fix
+
+    second = clipdq(cli_env, *audit, cwd=tmp_path)
+    diff = clipdq(cli_env, "report", str(output), "--diff", cwd=tmp_path)
+    gate = clipdq(cli_env, "report", str(output), "--fail-on", "conflict>0", "--fail-on", "resolved>1000", cwd=tmp_path)
+    passed = clipdq(cli_env, "report", str(output), "--fail-on", "new>100000", cwd=tmp_path)
+
+    assert second.returncode == 0, second.stderr[-3000:]
+    folder = Path(last_line(second.stdout))
+    summary = json.loads((folder / "summary.json").read_text())
+    assert summary["changes"]["previous_run"] == Path(last_line(first.stdout)).name.removeprefix("run_id=")
+    assert summary["changes"]["totals"]["resolved"] >= 1
+    by_attribute = {row["attribute"]: row for row in summary["changes"]["by_attribute"]}
+    assert by_attribute[attribute]["resolved"] >= 1
+    assert f"<td>{pid}</td><td class=\"text\">{attribute}</td><td class=\"text\">conflict</td>" in (
+        folder / "report.html").read_text()
+    assert diff.returncode == 0, diff.stderr[-3000:]
+    assert f"resolved: {pid} {attribute} conflict" in diff.stdout
+    assert last_line(diff.stdout) == str(folder)
+    assert gate.returncode == 3 and last_line(gate.stdout) == str(folder)
+    assert last_line(gate.stderr) == f"clipdq report: failing on conflict>0 (conflict = {summary['totals']['conflict']})"
+    assert passed.returncode == 0 and f"{summary['totals']['conflict']} conflicts" in passed.stdout

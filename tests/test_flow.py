@@ -24,7 +24,8 @@ from flows.audit import audit_catalog
 from flows.finetune import finetune_model
 
 RUN_FOLDER = re.compile(r"/run_date=(?P<date>\d{4}-\d{2}-\d{2})/run_id=(?P<run_id>[^/]+)$")
-RUN_FILES = ["findings.parquet", "manifest.json", "report.html", "summary.json"]
+RUN_FILES = ["findings.parquet", "manifest.json", "report.html", "suggested_fixes.csv", "suggested_fixes.parquet",
+             "summary.json", "validation.json"]
 
 
 def read_run(folder: str) -> tuple[pl.DataFrame, dict, str, dict]:

@@ -54,9 +54,38 @@ def test_publish_run_writes_every_file_and_the_manifest_last(tmp_path):
     manifest = report.publish_run(folder, FINDINGS, summary, "<html></html>")
 
     written = json.loads(open(manifest).read())
-    assert set(written["files"]) == {"findings.parquet", "summary.json", "report.html"}
+    assert set(written["files"]) == {"findings.parquet", "summary.json", "report.html", "validation.json",
+                                     "suggested_fixes.csv", "suggested_fixes.parquet"}
     assert written["rows"] == FINDINGS.height
     assert pl.read_parquet(f"{folder}/findings.parquet").equals(FINDINGS)
+    assert pl.read_csv(f"{folder}/suggested_fixes.csv").height == pl.read_parquet(f"{folder}/suggested_fixes.parquet").height == 4
+
+
+def test_suggested_fixes_hold_each_gap_and_conflict_with_the_value_to_use():
+    fixes = report.suggested_fixes(FINDINGS)
+
+    assert fixes.columns == ["product_id", "attribute", "current_value", "suggested_value", "confidence", "status"]
+    assert fixes.rows() == [
+        ("p2", "color", "blue", "red", 0.999, "conflict"),
+        ("p3", "color", "blue", "red", 0.998, "conflict"),
+        ("p1", "lid", "lid", "no lid", 0.95, "conflict"),
+        ("p2", "lid", None, "lid", 0.97, "gap"),
+    ]
+
+
+def test_report_html_holds_every_problem_thresholds_and_catalog_checks():
+    summary = report.summarize(FINDINGS, products=3, run={"run_id": "r1", "calibration": {
+        "color": {"gap_threshold": 0.8, "conflict_threshold": 0.9, "gap_rows": 40, "conflict_rows": 134}}},
+        validation={"expectations": [{"expectation": "expect_column_values_to_be_unique", "column": "sku",
+                                      "success": True, "unexpected_count": 0, "examples": []}]})
+    html = report.render_html(FINDINGS, summary, thumbnails={"p2": b"jpeg"})
+
+    table = json.loads(html.split('id="problem-data">', 1)[1].split("</script>", 1)[0])
+    assert len(table["rows"]) == 5  # three conflicts, a gap, an invalid value; not the match
+    assert table["rows"][0][:3] == ["p2", "color", "conflict"]  # the most confident first
+    assert "0.900 <span class=\"muted\">(134 rows)" in html  # the conflict threshold and its support
+    assert "expect_column_values_to_be_unique" in html and "<svg" in html
+    assert "\\u003cscript>alert(1)\\u003c/script>" in html  # escaped inside the table's JSON
 
 
 def test_summary_counts_products_without_any_applicable_attribute_apart():

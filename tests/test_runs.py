@@ -1,0 +1,59 @@
+"""Complete runs under an output folder, and what changed from one run to the next."""
+
+from __future__ import annotations
+
+import polars as pl
+
+from clipdq import report, runs
+from clipdq.compare import FINDINGS_SCHEMA
+
+
+def findings(rows: list[tuple]) -> pl.DataFrame:
+    return pl.DataFrame([(*row, None) for row in rows], schema=FINDINGS_SCHEMA, orient="row")
+
+
+BEFORE = findings([
+    ("p1", "color", "blue", "red", 0.99, "conflict"),
+    ("p2", "color", None, "red", 0.97, "gap"),
+    ("p3", "color", "red", "red", 0.99, "match"),
+    ("p4", "lid", "maybe", "lid", 0.6, "invalid_value"),
+])
+AFTER = findings([
+    ("p1", "color", "blue", "red", 0.99, "conflict"),  # persists
+    ("p2", "color", "red", "red", 0.97, "match"),  # the gap was filled: resolved
+    ("p3", "color", "blue", "red", 0.99, "conflict"),  # new
+    ("p4", "lid", "maybe", "lid", 0.6, "invalid_value"),  # persists
+])
+
+
+def publish(output, frame: pl.DataFrame, catalog: str) -> str:
+    run_id, folder = report.new_run(str(output))
+    summary = report.summarize(frame, products=4, run={"run_id": run_id, "catalog": catalog}, validation={})
+    report.publish_run(folder, frame, summary, "<html></html>")
+    return folder
+
+
+def test_changes_name_new_resolved_and_persisting_problems_per_attribute(tmp_path):
+    before = publish(tmp_path, BEFORE, "c.parquet")
+    changes = runs.changed(AFTER.lazy(), runs.read_problems(before))
+
+    assert sorted(changes.rows()) == [("p1", "color", "conflict", "persisting"), ("p2", "color", "gap", "resolved"),
+                                      ("p3", "color", "conflict", "new"), ("p4", "lid", "invalid_value", "persisting")]
+    counts = runs.change_counts(changes, before)
+    assert counts["previous_run"] == runs.run_id_of(before)
+    assert counts["totals"] == {"new": 1, "resolved": 1, "persisting": 2}
+    assert counts["by_attribute"] == [{"attribute": "color", "new": 1, "resolved": 1, "persisting": 1},
+                                      {"attribute": "lid", "new": 0, "resolved": 0, "persisting": 1}]
+
+
+def test_only_complete_runs_of_the_same_catalog_count_as_previous(tmp_path):
+    first = publish(tmp_path, BEFORE, "c.parquet")
+    publish(tmp_path, BEFORE, "other.parquet")
+    _, unfinished = report.new_run(str(tmp_path))
+    (tmp_path / unfinished.split(str(tmp_path) + "/", 1)[1]).mkdir(parents=True)  # files, but no manifest yet
+    (tmp_path / "_embedding_cache").mkdir()
+
+    assert len(runs.complete_runs(str(tmp_path))) == 2
+    assert runs.previous_run(str(tmp_path), "c.parquet") == first
+    assert runs.previous_run(str(tmp_path), "new.parquet") is None
+    assert runs.previous_run(str(tmp_path), "c.parquet", before=first) is None  # nothing older than the first
