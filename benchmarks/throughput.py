@@ -144,10 +144,11 @@ def change_images(catalog: Path, share: float) -> int:
 
 def whole_audit(catalog: Path, spec_path: Path, model_dir: str, output: str, batch_size: int, **options) -> tuple[float, dict]:
     """(seconds, the run's summary)."""
+    from clipdq.options import AuditOptions
     from flows.audit import audit_catalog
 
-    seconds, folder = timed(audit_catalog, str(catalog), str(spec_path), model_dir, output, batch_size=batch_size,
-                            **options)
+    seconds, folder = timed(audit_catalog, str(catalog), str(spec_path), model_dir, output,
+                            AuditOptions(batch_size=batch_size, **options))
     return seconds, json.loads((Path(folder) / "summary.json").read_text())
 
 

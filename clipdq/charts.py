@@ -22,8 +22,9 @@ def status_bars(by_attribute: list[dict], statuses: tuple[str, ...], *, width: i
                 parts.append(f'<rect x="{x:.1f}" y="{y}" width="{w:.1f}" height="{bar_h}" fill="{COLORS[status]}">'
                              f'<title>{escape(row["attribute"])}: {row[status]} {status}</title></rect>')
                 x += w
-    legend = "".join(f'<rect x="{label + 110 * i}" y="{height - 14}" width="10" height="10" fill="{COLORS[s]}"/>'
-                     f'<text x="{label + 110 * i + 14}" y="{height - 5}">{s}</text>' for i, s in enumerate(statuses))
+    step = width / len(statuses)
+    legend = "".join(f'<rect x="{step * i:.0f}" y="{height - 14}" width="10" height="10" fill="{COLORS[s]}"/>'
+                     f'<text x="{step * i + 14:.0f}" y="{height - 5}">{s}</text>' for i, s in enumerate(statuses))
     return (f'<svg class="chart" width="{width}" height="{height}" role="img" aria-label="statuses per attribute">'
             f'{"".join(parts)}{legend}</svg>')
 

@@ -18,7 +18,12 @@ import sys
 from importlib import metadata
 from pathlib import Path
 
-from clipdq.options import ARCHS, BACKENDS, MODES
+from typing import Literal, Union, get_args, get_origin
+from types import UnionType
+
+from pydantic import ValidationError
+
+from clipdq.options import AuditOptions, FinetuneOptions, Options
 
 os.environ.setdefault("PREFECT_LOGGING_EXTRA_LOGGERS", "clipdq")  # library logs show in Prefect runs
 os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")  # no telemetry from batch jobs
@@ -27,15 +32,6 @@ os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")  # no telemet
 os.environ.setdefault("ARROW_DEFAULT_MEMORY_POOL", "system")
 
 log = logging.getLogger("clipdq")
-GROUP_HELP = ("rows with the same value here (product family, photo session) stay on one side of every split; "
-              "without it, near-duplicate images are grouped")
-IMAGE_ROOT_HELP = ("a folder or s3:// prefix outside the catalog's own that images may come from (repeatable; "
-                   "adds to the spec's image_roots)")
-MODE_HELP = ("full: fine-tune both towers on pixels; locked: keep the image tower frozen (but --unlock-blocks) "
-             "and train the text tower and projections on its kept activations; prototype: learn value embeddings "
-             "on frozen images. Default: locked for a pretrained image tower with a new text tower, else full")
-
-
 FAIL_ON_EXIT = 3  # `clipdq report --fail-on`: a condition held (1: an error, 2: a usage error)
 CONDITION_COUNTS = ("conflict", "gap", "invalid_value", "image_error", "uncertain", "new", "resolved", "persisting")
 _COMPARISONS = {">": operator.gt, ">=": operator.ge, "<": operator.lt, "<=": operator.le, "==": operator.eq,
@@ -49,6 +45,52 @@ def _condition(text: str) -> tuple[str, str, int]:
         raise argparse.ArgumentTypeError(f"{text!r}: write COUNT OP N, COUNT one of {', '.join(CONDITION_COUNTS)}, "
                                          f"OP one of {' '.join(_COMPARISONS)}")
     return match[1], match[2], int(match[3])
+
+
+FLAGS = {"image_roots": "--image-root"}  # a repeatable flag names one item; the rest are the field names
+
+
+def _flag_type(annotation) -> tuple[type, tuple[str, ...] | None]:
+    """(the type a flag parses, its choices) for an options field's annotation."""
+    if get_origin(annotation) in (Union, UnionType):  # X | None
+        annotation = next(a for a in get_args(annotation) if a is not type(None))
+    if get_origin(annotation) is Literal:
+        return str, get_args(annotation)
+    return get_origin(annotation) or annotation, None
+
+
+def _add_options(parser: argparse.ArgumentParser, options: type[Options], only: tuple[str, ...] | None = None) -> None:
+    """A flag for each field of ``options`` (or of those named): its type, choices and help come from
+    the field; left out, the field's own default applies (so defaults live in the options only)."""
+    for name, field in options.model_fields.items():
+        if only is not None and name not in only:
+            continue
+        kind, choices = _flag_type(field.annotation)
+        flag = FLAGS.get(name, "--" + name.replace("_", "-"))
+        default = field.get_default(call_default_factory=True)
+        text = field.description.replace("%", "%%")
+        if default is not None and default != [] and kind is not bool:
+            text += f" (default: {default})"
+        if kind is bool:
+            text = ("Turns off: " if default else "") + text
+            parser.add_argument(f"--no-{name.replace('_', '-')}" if default else flag, dest=name, default=None,
+                                action="store_false" if default else "store_true", help=text)
+        elif kind is list:
+            parser.add_argument(flag, dest=name, action="append", metavar="DIR_OR_S3_PREFIX",
+                                help=text + " Repeatable.")
+        else:
+            parser.add_argument(flag, dest=name, type=kind, choices=choices, help=text)
+
+
+def _options(args: argparse.Namespace, options: type[Options]) -> Options:
+    """The options given on the command line; a bad value fails with the field's own message."""
+    given = {name: getattr(args, name) for name in options.model_fields if getattr(args, name, None) is not None}
+    try:
+        return options(**given)
+    except ValidationError as error:
+        first = error.errors()[0]
+        where = "".join(f"--{str(part).replace('_', '-')}: " for part in first["loc"][:1])
+        raise ValueError(f"{where}{first['msg']}".replace("Value error, ", "")) from None
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -68,60 +110,20 @@ def _parser() -> argparse.ArgumentParser:
     audit.add_argument("--spec", required=True, help="spec YAML, local or s3://")
     audit.add_argument("--model", required=True, help="model folder, s3:// prefix or Hugging Face hub id")
     audit.add_argument("--output", required=True, help="folder or s3:// prefix for run folders")
-    audit.add_argument("--batch-size", type=int, default=64, help="images per model call")
-    audit.add_argument("--cross-fit", type=int, default=0, metavar="K",
-                       help="audit the model's own training catalog honestly: score each of K folds with --model "
-                       "fine-tuned on the other folds")
-    audit.add_argument("--fold-minutes", type=float, help="training time budget per fold with --cross-fit")
-    audit.add_argument("--group-column", help=GROUP_HELP)
-    audit.add_argument("--no-embedding-cache", dest="embedding_cache", action="store_false",
-                       help="embed every image again instead of reusing embeddings kept beside the reports")
-    audit.add_argument("--image-root", dest="image_roots", action="append", metavar="DIR_OR_S3_PREFIX",
-                       help=IMAGE_ROOT_HELP)
-    audit.add_argument("--backend", default="fp32", choices=BACKENDS,
-                       help="a faster image tower (int8 on CPU, bf16), used where its predictions on the first "
-                       "batch agree with fp32 for at least 99%% of the images")
-
-    audit.add_argument("--rows-per-shard", type=int, default=20_000,
-                       help="catalog rows per shard: the unit of work that runs on one worker and is kept "
-                       "when a killed run is started again")
-    audit.add_argument("--dask-address", metavar="tcp://HOST:PORT", help="run the shards on this Dask cluster")
-    audit.add_argument("--workers", type=int, default=0,
-                       help="run the shards on a local Dask cluster of this many processes")
+    _add_options(audit, AuditOptions)
 
     finetune = commands.add_parser("finetune", help="fine-tune a CLIP on labeled products")
     finetune.add_argument("--catalog", required=True, help="labeled products, Parquet, local or s3://")
     finetune.add_argument("--spec", required=True)
     finetune.add_argument("--output", required=True, help="model folder or s3:// prefix to write")
-    finetune.add_argument("--base-model", help="start from this CLIP (folder, s3:// or hub id); "
-                          "default: a new one of --arch")
-    finetune.add_argument("--arch", default="tiny", choices=ARCHS)
-    finetune.add_argument("--max-minutes", type=float, help="safety cap on training time (the budget is --epochs)")
-    finetune.add_argument("--epochs", type=int, help="the training budget in epochs (default: 40 for a pretrained "
-                          "image tower with a new text tower, else 100)")
-    finetune.add_argument("--seed", type=int, default=0)
-    finetune.add_argument("--mode", choices=MODES, help=MODE_HELP)
-    finetune.add_argument("--unlock-blocks", type=int, help="locked mode: top EfficientNet blocks that train too")
-    finetune.add_argument("--views", type=int, help="locked mode: kept views per training image (plain + augmented)")
-    finetune.add_argument("--val-fraction", type=float, default=0.2, help="share of products for validation")
-    finetune.add_argument("--test-fraction", type=float, default=0.1, help="share held out for the model card")
-    finetune.add_argument("--group-column", help=GROUP_HELP)
-    finetune.add_argument("--image-root", dest="image_roots", action="append", metavar="DIR_OR_S3_PREFIX",
-                          help=IMAGE_ROOT_HELP)
-    finetune.add_argument("--label-noise", type=float, default=0.0,
-                          help="share of wrong labels to allow for in calibration (0 for curated labels)")
+    _add_options(finetune, FinetuneOptions)
 
     curve = commands.add_parser("learning-curve", help="accuracy against labeled examples per value (table and PNG)")
     curve.add_argument("--catalog", required=True, help="labeled products, Parquet, local or s3://")
     curve.add_argument("--spec", required=True)
     curve.add_argument("--output", required=True, help="folder or s3:// prefix for the table and plot")
-    curve.add_argument("--base-model", help="start each point from this CLIP; default: a new one of --arch")
-    curve.add_argument("--arch", default="tiny", choices=ARCHS)
-    curve.add_argument("--mode", choices=MODES, help=MODE_HELP)
     curve.add_argument("--sizes", default="10,30,100,300", help="labeled examples per value, comma-separated")
-    curve.add_argument("--max-minutes", type=float, help="safety cap on training time per point")
-    curve.add_argument("--group-column", help=GROUP_HELP)
-    curve.add_argument("--seed", type=int, default=0)
+    _add_options(curve, FinetuneOptions, only=("base_model", "arch", "mode", "max_minutes", "group_column", "seed"))
 
     show = commands.add_parser("report", help="the latest complete run under an output folder or prefix: its "
                                "summary, or with --diff what changed since the run before")
@@ -136,63 +138,57 @@ def _parser() -> argparse.ArgumentParser:
     init = commands.add_parser("init-model", help="a new CLIP-style model with a tokenizer for the spec: random "
                                "weights, or the pretrained ImageNet tower of efficientnet-lite0")
     init.add_argument("--spec", required=True)
-    init.add_argument("--arch", default="tiny", choices=ARCHS)
     init.add_argument("--output", required=True)
-    init.add_argument("--seed", type=int, default=0)
+    _add_options(init, FinetuneOptions, only=("arch", "seed"))
     return parser
 
 
-def run_audit(catalog: str, spec: str, model: str, output: str, **options) -> str:
+def run_audit(catalog: str, spec: str, model: str, output: str, options: AuditOptions = AuditOptions()) -> str:
     from flows.early_server import started_early
 
     with started_early() as server_is_up:  # its start-up overlaps the imports below
         from flows.audit import audit_catalog
 
         server_is_up()
-        return audit_catalog(catalog, spec, model, output, **options)
+        return audit_catalog(catalog, spec, model, output, options)
 
 
 def run_finetune(args: argparse.Namespace) -> str:
     from flows.finetune import finetune_model
 
-    return finetune_model(args.catalog, args.spec, args.output, base_model=args.base_model, arch=args.arch,
-                          max_minutes=args.max_minutes, epochs=args.epochs, seed=args.seed, mode=args.mode,
-                          val_fraction=args.val_fraction, test_fraction=args.test_fraction,
-                          label_noise=args.label_noise, group_column=args.group_column,
-                          unlock_blocks=args.unlock_blocks, views=args.views, image_roots=args.image_roots)
+    return finetune_model(args.catalog, args.spec, args.output, _options(args, FinetuneOptions))
 
 
 def _train_demo_model(data: Path, output: Path, *, epochs: int, max_minutes: float) -> str:
     from flows.finetune import finetune_model
 
-    return finetune_model(str(data / "labeled.parquet"), str(data / "spec.yaml"), str(output),
-                          arch="efficientnet-lite0", max_minutes=max_minutes, epochs=epochs, seed=0, views=1)
+    options = FinetuneOptions(arch="efficientnet-lite0", max_minutes=max_minutes, epochs=epochs, seed=0, views=1)
+    return finetune_model(str(data / "labeled.parquet"), str(data / "spec.yaml"), str(output), options)
 
 
 def run_init_model(args: argparse.Namespace) -> str:
     from clipdq import model, storage
     from clipdq.spec import parse_spec
 
-    spec = parse_spec(storage.read_bytes(args.spec).decode())
-    return model.save_model(model.init_model(spec, args.arch, seed=args.seed), args.output)
+    spec, options = parse_spec(storage.read_bytes(args.spec).decode()), _options(args, FinetuneOptions)
+    return model.save_model(model.init_model(spec, options.arch, seed=options.seed), args.output)
 
 
 def run_learning_curve(args: argparse.Namespace) -> str:
     from clipdq import catalog, curves, model, sources, storage, train
     from clipdq.spec import parse_spec
 
-    spec = parse_spec(storage.read_bytes(args.spec).decode())
+    spec, o = parse_spec(storage.read_bytes(args.spec).decode()), _options(args, FinetuneOptions)
     frame = catalog.read_catalog(args.catalog)
     catalog.check_schema(frame.schema, spec)
 
     def make_model() -> model.Clip:
-        return model.load_model(args.base_model) if args.base_model else model.init_model(spec, args.arch, seed=args.seed)
+        return model.load_model(o.base_model) if o.base_model else model.init_model(spec, o.arch, seed=o.seed)
 
     first = make_model()
-    config = train.config_for(first, mode=args.mode, max_minutes=args.max_minutes, seed=args.seed,
-                              group_column=args.group_column)
+    config = train.config_for(first, mode=o.mode, max_minutes=o.max_minutes, seed=o.seed, group_column=o.group_column)
     data = train.load_labeled(frame, spec, access=sources.catalog_access(args.catalog, spec), pixel_spec=first.pixels,
-                              group_column=args.group_column)
+                              group_column=o.group_column)
     sizes = tuple(int(n) for n in args.sizes.split(","))
     table = curves.learning_curve(make_model, data, spec, config=config, splits=train.default_splits(data, config),
                                   sizes=sizes)
@@ -202,7 +198,7 @@ def run_learning_curve(args: argparse.Namespace) -> str:
     table.write_csv(csv)
     storage.write_bytes(storage.join(args.output, "learning_curve.csv"), csv.getvalue())
     storage.write_bytes(storage.join(args.output, "learning_curve.md"), text.encode())
-    title = f"{config.mode} training, {args.base_model or args.arch}"
+    title = f"{config.mode} training, {o.base_model or o.arch}"
     storage.write_bytes(storage.join(args.output, "learning_curve.png"), curves.plot_png(table, title=title))
     return args.output
 
@@ -233,6 +229,9 @@ def run_demo(args: argparse.Namespace) -> str:
     t = summary["totals"]
     print(f"\n{summary['products']} products audited: {t['conflict']} conflicts, {t['gap']} gaps with a suggestion, "
           f"{t['invalid_value']} invalid values, {t['image_error']} image errors, {t['uncertain']} uncertain.")
+    if summary["changes"]:
+        c = summary["changes"]["totals"]
+        print(f"Since the previous run: {c['new']} new, {c['resolved']} resolved, {c['persisting']} persisting problems.")
     print(f"Report: {storage.join(folder, 'report.html')}")
     return folder
 
@@ -275,6 +274,36 @@ class ConditionHeld(Exception):
     """A ``--fail-on`` condition held: the run folder is still printed, the exit status says so."""
 
 
+class ProgressBar(logging.Filter):
+    """On a terminal, log records that carry ``extra={"progress": (done, total)}`` redraw one bar
+    line instead of printing a line each; every other record passes as it is."""
+
+    WIDTH = 30
+
+    def __init__(self, stream) -> None:
+        super().__init__()
+        self.stream, self.open = stream, False
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        progress = getattr(record, "progress", None)
+        if progress is None:
+            self._end_line()
+            return True
+        done, total = progress
+        filled = self.WIDTH * done // max(total, 1)
+        self.stream.write(f"\r{record.getMessage()[:70]:<70} [{'#' * filled}{'.' * (self.WIDTH - filled)}]")
+        self.stream.flush()
+        self.open = True
+        if done >= total:
+            self._end_line()
+        return False
+
+    def _end_line(self) -> None:
+        if self.open:
+            self.stream.write("\n")
+            self.open = False
+
+
 _LAST_WORDS: list[str] = []
 
 
@@ -287,14 +316,11 @@ def _print_last_words() -> None:
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     log.setLevel(logging.INFO)  # Prefect's console handler shows these inside flows
+    if sys.stderr.isatty():  # else progress stays log lines, as a log file wants it
+        logging.getLogger("clipdq.progress").addFilter(ProgressBar(sys.stderr))
     commands = {
         "demo": run_demo,
-        "audit": lambda a: run_audit(a.catalog, a.spec, a.model, a.output, batch_size=a.batch_size,
-                                     cross_fit=a.cross_fit, fold_minutes=a.fold_minutes,
-                                     group_column=a.group_column, embedding_cache=a.embedding_cache,
-                                     backend=a.backend, image_roots=a.image_roots,
-                                     rows_per_shard=a.rows_per_shard, dask_address=a.dask_address,
-                                     workers=a.workers),
+        "audit": lambda a: run_audit(a.catalog, a.spec, a.model, a.output, _options(a, AuditOptions)),
         "finetune": run_finetune,
         "init-model": run_init_model,
         "learning-curve": run_learning_curve,

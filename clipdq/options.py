@@ -1,11 +1,14 @@
-"""The closed sets of choices, each named once: signatures, CLI choices and Prefect forms use these.
+"""The options of each job, defined once: the flows take these models (their field descriptions
+become the Prefect UI's form help), the CLI makes its flags, choices and defaults from them.
 
-Kept free of heavy imports, so the CLI can parse its flags without loading torch.
+Kept free of heavy imports (pydantic only), so the CLI can parse its flags without loading torch.
 """
 
 from __future__ import annotations
 
 from typing import Literal, get_args
+
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 # tiny, vit-b-32: CLIPs initialised at random; efficientnet-lite0: the pretrained ImageNet tower with a new text tower
 Arch = Literal["tiny", "vit-b-32", "efficientnet-lite0"]
@@ -18,7 +21,75 @@ Backend = Literal["fp32", "int8", "bf16"]
 
 ARCHS, MODES, BACKENDS = get_args(Arch), get_args(Mode), get_args(Backend)
 
+GROUP_HELP = ("Rows with the same value in this column (product family, photo session) stay on one side of every "
+              "split; without it, near-duplicate images are grouped.")
+IMAGE_ROOTS_HELP = ("Folders and s3:// prefixes outside the catalog's own that its images may come from (besides "
+                    "the spec's image_roots); an image elsewhere is an image_error.")
+
 
 def check_backend(backend: str) -> None:
     if backend not in BACKENDS:
         raise ValueError(f"unknown backend {backend!r}; choose one of {BACKENDS}")
+
+
+class Options(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class AuditOptions(Options):
+    """How an audit runs. Every field has a default: a run from the UI may leave them all alone."""
+
+    batch_size: int = Field(64, ge=1, description="Images per model call.")
+    backend: Backend = Field("fp32", description=(
+        "How the image tower computes: int8 (CPU) or bf16 are faster, and used only where their predictions on "
+        "the catalog's first batch agree with fp32's for at least 99% of the images."))
+    embedding_cache: bool = Field(True, description=(
+        "Keep image embeddings beside the reports and reuse them: an unchanged image is not read or embedded "
+        "again."))
+    image_roots: list[str] = Field(default_factory=list, description=IMAGE_ROOTS_HELP)
+    rows_per_shard: int = Field(20_000, ge=1, description=(
+        "Catalog rows per shard: the unit of work that runs on one worker and is kept when a killed run is "
+        "started again."))
+    dask_address: str | None = Field(None, description=(
+        "Run the shards on this Dask cluster (tcp://host:8786); empty: here, or on a local cluster of `workers`."))
+    workers: int = Field(0, ge=0, description="Run the shards on a local Dask cluster of this many processes.")
+    cross_fit: int = Field(0, ge=0, description=(
+        "Audit the model's own training catalog honestly: deal its rows into this many folds (at least 2) and "
+        "score each with the model fine-tuned on the other folds. 0: off."))
+    fold_minutes: float | None = Field(None, gt=0, description="Safety cap on each fold's training time (cross_fit).")
+    group_column: str | None = Field(None, description=GROUP_HELP + " (cross_fit)")
+
+    @model_validator(mode="after")
+    def _consistent(self) -> AuditOptions:
+        if self.cross_fit == 1:
+            raise ValueError("cross_fit must be 0 (off) or at least 2 folds, not 1")
+        if self.cross_fit and self.backend != "fp32":
+            raise ValueError("cross-fitting trains its fold models during the run; audit them with the fp32 backend")
+        return self
+
+
+class FinetuneOptions(Options):
+    """How a model is fine-tuned. Left empty, mode and epochs follow the model."""
+
+    base_model: str | None = Field(None, description=(
+        "Start from this CLIP (model folder, s3:// prefix or Hugging Face hub id); empty: a new model of `arch`."))
+    arch: Arch = Field("tiny", description=(
+        "The new model's architecture: efficientnet-lite0 pairs the pretrained ImageNet image tower with a new "
+        "text tower; tiny and vit-b-32 are CLIPs initialised at random."))
+    mode: Mode | None = Field(None, description=(
+        "full: fine-tune both towers on pixels; locked: keep the image tower frozen (but unlock_blocks) and train "
+        "the text tower and projections on its kept activations; prototype: learn value embeddings on frozen "
+        "images. Empty: locked for a pretrained image tower with a new text tower, else full."))
+    epochs: int | None = Field(None, ge=1, description=(
+        "The training budget in epochs (empty: 40 for a pretrained image tower with a new text tower, else 100)."))
+    max_minutes: float | None = Field(None, gt=0, description="Safety cap on training time; the budget is epochs.")
+    seed: int = Field(0, description="Seed of the splits, the sampler and the initialisation.")
+    val_fraction: float = Field(0.2, gt=0, lt=1, description="Share of products for validation and calibration.")
+    test_fraction: float = Field(0.1, ge=0, lt=1, description="Share of products held out for the model card.")
+    label_noise: float = Field(0.0, ge=0, lt=1, description=(
+        "Share of wrong labels to allow for in calibration (0 for curated labels)."))
+    group_column: str | None = Field(None, description=GROUP_HELP)
+    unlock_blocks: int | None = Field(None, ge=0, description="Locked mode: top EfficientNet blocks that train too.")
+    views: int | None = Field(None, ge=1, description=(
+        "Locked mode: kept views per training image (the image itself, then augmented ones)."))
+    image_roots: list[str] = Field(default_factory=list, description=IMAGE_ROOTS_HELP)

@@ -145,11 +145,12 @@ def confusion(findings: Findings) -> list[dict]:
              .group_by("attribute", "existing_value", "predicted_value").len().collect())
     tables = []
     for (attribute,), part in pairs.sort("attribute").group_by("attribute", maintain_order=True):
-        rows = (part.group_by("existing_value").agg(pl.col("len").sum()).sort("len", "existing_value", descending=[True, False])
-                ["existing_value"].head(CONFUSION_VALUES).to_list())
+        by_count = part.group_by("existing_value").agg(pl.col("len").sum()).sort("len", "existing_value",
+                                                                               descending=[True, False])
+        rows = by_count["existing_value"].head(CONFUSION_VALUES).to_list()
         columns = sorted(part["predicted_value"].unique().to_list())
         cells = {(r, c): n for r, c, n in part.select("existing_value", "predicted_value", "len").iter_rows()}
-        tables.append({"attribute": attribute, "columns": columns, "more": part["existing_value"].n_unique() - len(rows),
+        tables.append({"attribute": attribute, "columns": columns, "more": by_count.height - len(rows),
                        "rows": [{"value": r, "cells": [cells.get((r, c), 0) for c in columns]} for r in rows]})
     return tables
 
@@ -158,7 +159,8 @@ def confidence_charts(findings: Findings, summary: dict) -> list[str]:
     """Per attribute, an SVG histogram of confidence by status with its gap and conflict thresholds."""
     shown = ("match", "conflict", "gap", "uncertain")
     binned = (findings.lazy().filter(pl.col("confidence").is_not_null() & pl.col("status").is_in(shown))
-              .with_columns(bin=(pl.col("confidence") * CONFIDENCE_BINS).floor().clip(0, CONFIDENCE_BINS - 1).cast(pl.Int32))
+              .with_columns(bin=(pl.col("confidence") * CONFIDENCE_BINS).floor().clip(0, CONFIDENCE_BINS - 1)
+                            .cast(pl.Int32))
               .group_by("attribute", "status", "bin").len().collect())
     calibration = summary.get("calibration")
     calibration = calibration if isinstance(calibration, dict) else {}  # cross-fitting: one per fold, not drawn
@@ -187,7 +189,8 @@ def render_html(findings: Findings, summary: dict, thumbnails: dict[str, bytes |
     shown = featured(findings)
 
     def cards(status: str) -> list[dict]:
-        return [row | {"thumbnail": images.get(row["product_id"])} for row in shown.filter(pl.col("status") == status).to_dicts()]
+        rows = shown.filter(pl.col("status") == status).to_dicts()
+        return [row | {"thumbnail": images.get(row["product_id"])} for row in rows]
 
     table = problem_table(findings, changes)
     resolved = [] if changes is None else changes.filter(pl.col("change") == "resolved").head(RESOLVED_SHOWN).to_dicts()

@@ -22,7 +22,7 @@ import polars as pl
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from clipdq import audit, catalog, scorer, sources, storage
+from clipdq import audit, catalog, progress_log, scorer, sources, storage
 from clipdq.cache import EmbeddingCache
 from clipdq.compare import FINDINGS_SCHEMA
 from clipdq.spec import parse_spec
@@ -119,7 +119,8 @@ def run_shard(job: Job, shard: Shard) -> ShardResult:
     def on_batch(batch: audit.Batch) -> None:
         counts.update(audit.counts(batch))
         audit.check_outage(counts["lost_to_outages"], shard.rows, use.spec.max_transient_image_errors)
-        log.info("shard %d: scored %d/%d products", shard.index, counts["scored"], shard.rows)
+        progress_log.info("shard %d: scored %d/%d products", shard.index, counts["scored"], shard.rows,
+                          extra={"progress": (counts["scored"], shard.rows)})
 
     findings = audit.findings_of(
         source.batches_between(shard.start, shard.stop, job.batch_size), scorer=use,

@@ -15,6 +15,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from clipdq import progress_log
+
 log = logging.getLogger(__name__)
 
 
@@ -75,7 +77,8 @@ def run_epochs(config, *, train_epoch: Callable[[], float], val_loss: Callable[[
         train_loss, loss = train_epoch(), val_loss()
         history.append({"epoch": epoch, "train_loss": train_loss, "val_loss": loss})
         minutes = (time.monotonic() - started) / 60
-        log.info("epoch %d: train loss %.3f, val loss %.3f (%.1f min)", epoch, train_loss, loss, minutes)
+        progress_log.info("epoch %d: train loss %.3f, val loss %.3f (%.1f min)", epoch, train_loss, loss,
+                          minutes, extra={"progress": (epoch + 1, config.epochs)})
         if loss < best["val_loss"]:
             best = {"val_loss": loss, "epoch": epoch, "state": copy.deepcopy(state())}
         stopped_by = stop_reason(config, epoch=epoch, best_epoch=best["epoch"], minutes=minutes)

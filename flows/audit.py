@@ -20,7 +20,7 @@ from prefect.task_runners import ThreadPoolTaskRunner
 from clipdq import audit, catalog, images, report, runs, scorer, shards, sources, splits, storage
 from clipdq.cache import cache_key
 from clipdq.model_files import ModelFiles, read_model_files
-from clipdq.options import check_backend
+from clipdq.options import AuditOptions
 from clipdq.sources import ImageAccess
 from clipdq.spec import Spec, parse_spec
 from flows.retries import IO_RETRIES
@@ -139,54 +139,25 @@ def _cross_fitted(frame: pl.DataFrame, clip: Clip, spec: Spec, *, k: int, fold_m
 
 
 @flow(name="clipdq-audit", log_prints=True)
-def audit_catalog(
-    catalog_uri: str,
-    spec_uri: str,
-    model_uri: str,
-    output_uri: str,
-    batch_size: int = 64,
-    cross_fit: int = 0,
-    fold_minutes: float | None = None,
-    group_column: str | None = None,
-    embedding_cache: bool = True,
-    backend: str = "fp32",
-    image_roots: list[str] | None = None,
-    rows_per_shard: int = 20_000,
-    dask_address: str | None = None,
-    workers: int = 0,
-) -> str:
-    """Audit a catalog; returns the run folder holding findings, summary, report and manifest.
+def audit_catalog(catalog_uri: str, spec_uri: str, model_uri: str, output_uri: str,
+                  options: AuditOptions = AuditOptions()) -> str:
+    """Audit a catalog's attributes against its product images; returns the run folder holding
+    findings, suggested fixes, summary, report and manifest (written last: the run is complete).
 
-    ``cross_fit`` K >= 2 audits a catalog that is also the training data honestly: its rows are
-    dealt into K folds, and each fold is scored by a model fine-tuned from ``model_uri`` on the
-    other folds (at most ``fold_minutes`` each), so no row is judged by a model that learned it;
-    rows sharing a ``group_column`` value (near-duplicate images) share a fold.
-    The summary's ``calibration`` then lists one calibration per fold.
+    The catalog is scored in shards (``options.rows_per_shard``), each writing its findings part
+    under ``<output_uri>/_shards/`` as it finishes: a run that is killed resumes from its finished
+    shards when started again with the same arguments. When more than the spec's
+    ``max_transient_image_errors`` share of images is lost to storage or network errors, the run
+    fails and publishes nothing: an outage is not a finding.
 
-    ``embedding_cache`` keeps image embeddings under ``<output_uri>/_embedding_cache/``, keyed by
-    model, preprocessing and image bytes, so a later run embeds only new or changed images
-    (not with cross-fitting, whose fold models live only for the run).
-
-    ``backend`` "int8" (CPU) or "bf16" runs the image tower faster, where its predictions on the
-    catalog's first batch of images agree with fp32's for at least 99% of them; else the run stays
-    on fp32. The summary's ``backend`` says what was measured and used.
-
-    ``image_roots`` are folders and ``s3://`` prefixes outside the catalog's own that its images
-    may come from, besides the spec's ``image_roots``; a reference elsewhere is an ``image_error``.
-    When more than the spec's ``max_transient_image_errors`` share of images is lost to storage or
-    network errors, the run fails and publishes nothing: an outage is not a finding.
-
-    The catalog is scored in shards of about ``rows_per_shard`` rows, each writing its findings
-    part under ``<output_uri>/_shards/`` as it finishes: a run that is killed resumes from its
-    finished shards when started again with the same arguments. Shards run one at a time here, on
-    the Dask cluster at ``dask_address`` (``tcp://host:8786``), or on a local cluster of
-    ``workers`` processes; each process loads the model once.
+    Args:
+        catalog_uri: The catalog to audit: a Parquet file, local or s3://.
+        spec_uri: The spec YAML (id and image columns, attributes and their values), local or s3://.
+        model_uri: The fine-tuned model: a model folder, an s3:// prefix or a Hugging Face hub id.
+        output_uri: The folder or s3:// prefix that receives run folders, the embedding cache and the
+            catalog checks kept between runs.
+        options: How the audit runs; every field has a default.
     """
-    if cross_fit == 1 or cross_fit < 0:
-        raise ValueError(f"cross_fit must be 0 (off) or at least 2 folds, not {cross_fit}")
-    if cross_fit and backend != "fp32":
-        raise ValueError("cross-fitting trains its fold models during the run; audit them with the fp32 backend")
-    check_backend(backend)  # before any work, even for an empty catalog
     logger = get_run_logger()
     started = datetime.now(timezone.utc)
     run_id, folder = report.new_run(output_uri, now=started)
@@ -195,39 +166,32 @@ def audit_catalog(
     spec = parse_spec(spec_text)
     source = open_catalog(catalog_uri)
     validation = validate_catalog(source, spec, storage.join(output_uri, "_validation_cache"))
-    access = sources.catalog_access(catalog_uri, spec, image_roots or ())
+    access = sources.catalog_access(catalog_uri, spec, options.image_roots)
     files = read_model(model_uri)  # its weights load only where something needs them
-    backend_check = {"requested": backend, "used": backend}
-    if backend != "fp32" and source.rows:
-        _, backend_check = choose_backend(load_model(model_uri), backend, next(source.batches(batch_size)), spec,
-                                          access)
-        logger.info("backend %s: predictions agree with fp32 for %s of %d images checked; using %s", backend,
+    backend_check = {"requested": options.backend, "used": options.backend}
+    if options.backend != "fp32" and source.rows:
+        _, backend_check = choose_backend(load_model(model_uri), options.backend,
+                                          next(source.batches(options.batch_size)), spec, access)
+        logger.info("backend %s: predictions agree with fp32 for %s of %d images checked; using %s", options.backend,
                     backend_check["agreement"], backend_check["images_checked"], backend_check["used"])
     run = {"run_id": run_id, "started_at": started.isoformat(), "catalog": catalog_uri, "model": model_uri,
-           "model_fingerprint": files.fingerprint(), "target_precision": spec.target_precision, "cross_fit": cross_fit,
-           "backend": backend_check}
+           "model_fingerprint": files.fingerprint(), "target_precision": spec.target_precision,
+           "cross_fit": options.cross_fit, "backend": backend_check, "options": options.model_dump()}
     with tempfile.TemporaryDirectory(prefix="clipdq-findings-") as scratch:
         findings_file = str(Path(scratch, "findings.parquet"))
         reported = None  # products in the findings: counted by the summary unless the shards count them
-        if cross_fit:
-            run |= _audit_cross_fitted(source, load_model(model_uri), spec, findings_file, k=cross_fit, fold_minutes=fold_minutes,
-                                       group_column=group_column, access=access, batch_size=batch_size)
+        if options.cross_fit:
+            run |= _audit_cross_fitted(source, load_model(model_uri), spec, findings_file, options, access)
         else:
-            used = backend_check["used"]
-            cache = storage.join(output_uri, "_embedding_cache", cache_key(files.fingerprint(), files.pixels, used))
-            job = shards.new_job(output_uri, model_fingerprint=files.fingerprint(), rows_per_shard=rows_per_shard,
-                                 catalog_uri=catalog_uri, catalog_version=source.version, spec_text=spec_text,
-                                 model_uri=model_uri, backend=used, cache=cache if embedding_cache else None,
-                                 image_roots=tuple(sorted(image_roots or ())), batch_size=batch_size)
-            plan = shards.plan(source.group_rows, rows_per_shard=rows_per_shard)
-            logger.info("%d products in %d shards; shard parts in %s", source.rows, len(plan), job.work)
-            results = score_shards.with_options(task_runner=task_runner(dask_address, workers))(job, plan, source.rows)
-            images_seen = shards.totals(results)
-            audit.check_outage(images_seen["lost_to_outages"], source.rows, spec.max_transient_image_errors)
-            reported = shards.assemble([result.part for result in results], findings_file)
-            run |= {"calibration": {name: c.to_dict() for name, c in scorer.calibration_for(files, spec).items()},
-                    "images": images_seen, "shards": {"count": len(plan), "rows_per_shard": rows_per_shard,
-                                                      "reused": sum(result.reused for result in results)}}
+            job = shards.new_job(output_uri, model_fingerprint=files.fingerprint(),
+                                 rows_per_shard=options.rows_per_shard, catalog_uri=catalog_uri,
+                                 catalog_version=source.version, spec_text=spec_text, model_uri=model_uri,
+                                 backend=backend_check["used"],
+                                 cache=_embedding_cache(output_uri, files, backend_check["used"], options),
+                                 image_roots=tuple(sorted(options.image_roots)), batch_size=options.batch_size)
+            in_shards, reported = _audit_in_shards(job, source, spec, findings_file, options)
+            run |= in_shards | {"calibration": {name: c.to_dict()
+                                                for name, c in scorer.calibration_for(files, spec).items()}}
         previous = runs.previous_run(output_uri, catalog_uri)
         changes = runs.changed(pl.scan_parquet(findings_file), runs.read_problems(previous)) if previous else None
         summary = report.summarize(pl.scan_parquet(findings_file), products=source.rows, run=run,
@@ -235,13 +199,34 @@ def audit_catalog(
                                    changes=runs.change_counts(changes, previous) if previous else None)
         publish(folder, findings_file, summary, source, spec, access, changes, validation)
         top = report.problem_table(pl.scan_parquet(findings_file), changes).head(TOP_PROBLEMS)
-    if not cross_fit:
+    if not options.cross_fit:
         storage.delete_tree(job.work)  # published: the parts are not needed to resume any more
     _announce(summary, folder, top)
     t = summary["totals"]
     logger.info("%d conflicts, %d gaps, %d invalid values, %d image errors; report: %s",
                 t["conflict"], t["gap"], t["invalid_value"], t["image_error"], storage.join(folder, "report.html"))
     return folder
+
+
+def _embedding_cache(output_uri: str, files: ModelFiles, backend: str, options: AuditOptions) -> str | None:
+    if not options.embedding_cache:
+        return None
+    return storage.join(output_uri, "_embedding_cache", cache_key(files.fingerprint(), files.pixels, backend))
+
+
+def _audit_in_shards(job: shards.Job, source: catalog.CatalogFile, spec: Spec, findings_file: str,
+                     options: AuditOptions) -> tuple[dict, int]:
+    """The catalog scored shard by shard on the chosen task runner and joined into ``findings_file``;
+    returns what the summary says of it and the products in the findings."""
+    plan = shards.plan(source.group_rows, rows_per_shard=options.rows_per_shard)
+    get_run_logger().info("%d products in %d shards; shard parts in %s", source.rows, len(plan), job.work)
+    runner = task_runner(options.dask_address, options.workers)
+    results = score_shards.with_options(task_runner=runner)(job, plan, source.rows)
+    images_seen = shards.totals(results)
+    audit.check_outage(images_seen["lost_to_outages"], source.rows, spec.max_transient_image_errors)
+    reported = shards.assemble([result.part for result in results], findings_file)
+    return {"images": images_seen, "shards": {"count": len(plan), "rows_per_shard": options.rows_per_shard,
+                                              "reused": sum(result.reused for result in results)}}, reported
 
 
 TOP_PROBLEMS = 25  # problems in the run's table artifact
@@ -253,7 +238,8 @@ def _announce(summary: dict, folder: str, top: pl.DataFrame) -> None:
     run_id, html = summary["run_id"], storage.join(folder, "report.html")
     create_table_artifact(key="clipdq-audit-counts", table=summary["by_attribute"],
                           description=f"Findings per attribute, run {run_id}")
-    create_table_artifact(key="clipdq-top-problems", table=top.drop("detail").to_dicts(),
+    table = top.drop("detail").with_columns(pl.col("confidence").round(3)).to_dicts()
+    create_table_artifact(key="clipdq-top-problems", table=table,
                           description=f"The {len(top)} most confident problems, run {run_id}")
     create_markdown_artifact(key="clipdq-audit-report", markdown=report.markdown(summary, folder),
                              description="Where the audit report is and what it found")
@@ -265,8 +251,8 @@ def _announce(summary: dict, folder: str, top: pl.DataFrame) -> None:
                payload={"totals": summary["totals"], "changes": changes and changes["totals"], "report": html})
 
 
-def _audit_cross_fitted(source: catalog.CatalogFile, clip: Clip, spec: Spec, findings_file: str, *, k: int,
-                        access: ImageAccess, **options) -> dict:
+def _audit_cross_fitted(source: catalog.CatalogFile, clip: Clip, spec: Spec, findings_file: str,
+                        options: AuditOptions, access: ImageAccess) -> dict:
     """Cross-fitted findings written to ``findings_file``; returns what the summary says of them."""
     images_seen = dict.fromkeys(audit.COUNT_KEYS, 0)
 
@@ -276,6 +262,8 @@ def _audit_cross_fitted(source: catalog.CatalogFile, clip: Clip, spec: Spec, fin
         audit.check_outage(images_seen["lost_to_outages"], source.rows, spec.max_transient_image_errors)
         get_run_logger().info("scored %d/%d products", images_seen["scored"], source.rows)
 
-    findings, calibrations = _cross_fitted(source.read(), clip, spec, k=k, access=access, on_batch=on_batch, **options)
+    findings, calibrations = _cross_fitted(source.read(), clip, spec, k=options.cross_fit,
+                                           fold_minutes=options.fold_minutes, group_column=options.group_column,
+                                           access=access, batch_size=options.batch_size, on_batch=on_batch)
     findings.write_parquet(findings_file)
     return {"calibration": calibrations, "images": images_seen}

@@ -7,6 +7,7 @@ from prefect.artifacts import create_table_artifact
 from prefect.cache_policies import NO_CACHE
 
 from clipdq import catalog, model, sources, storage, train
+from clipdq.options import FinetuneOptions
 from clipdq.spec import parse_spec
 from flows.retries import IO_RETRIES
 
@@ -27,11 +28,11 @@ def load_base_model(spec_text: str, base_model: str | None, arch: model.Arch) ->
 
 @task(cache_policy=NO_CACHE)
 def fit(clip: model.Clip, catalog_uri: str, spec_text: str, config: train.TrainConfig,
-        image_roots: list[str] | None = None) -> model.Clip:
+        image_roots: list[str]) -> model.Clip:
     frame = catalog.read_catalog(catalog_uri)
     spec = parse_spec(spec_text)
     catalog.check_schema(frame.schema, spec)
-    access = sources.catalog_access(catalog_uri, spec, image_roots or ())
+    access = sources.catalog_access(catalog_uri, spec, image_roots)
     return train.finetune(clip, frame, spec, access=access, config=config)
 
 
@@ -41,44 +42,26 @@ def save(clip: model.Clip, output_uri: str) -> str:
 
 
 @flow(name="clipdq-finetune", log_prints=True)
-def finetune_model(
-    catalog_uri: str,
-    spec_uri: str,
-    output_uri: str,
-    base_model: str | None = None,
-    arch: model.Arch = "tiny",
-    max_minutes: float | None = None,
-    epochs: int | None = None,
-    seed: int = 0,
-    mode: train.Mode | None = None,
-    val_fraction: float = 0.2,
-    test_fraction: float = 0.1,
-    label_noise: float = 0.0,
-    group_column: str | None = None,
-    unlock_blocks: int | None = None,
-    views: int | None = None,
-    image_roots: list[str] | None = None,
-) -> str:
-    """Train on labeled products; returns the saved model folder (with metrics and calibration).
+def finetune_model(catalog_uri: str, spec_uri: str, output_uri: str,
+                   options: FinetuneOptions = FinetuneOptions()) -> str:
+    """Fine-tune a model on labeled products; returns the saved model folder, whose model card and
+    ``clipdq.json`` hold its metrics, calibration and how it was trained.
 
-    ``mode`` "full" fine-tunes both towers; "locked" keeps the image tower frozen (but its top
-    ``unlock_blocks`` blocks) and trains the text tower and projections on its kept activations of
-    ``views`` views per image; "prototype" learns only each value's embedding on the frozen image
-    tower. Left empty, mode and epochs follow the model (``train.PRESETS``); ``max_minutes`` is a
-    safety cap, not the budget. ``val_fraction`` and ``test_fraction`` size the validation
-    split (checkpoint and calibration) and the test split (model card); ``label_noise`` is the
-    share of wrong labels to allow for when calibrating (0 for curated labels). Rows with the same
-    ``group_column`` value (product family, photo session) stay on one side of the splits.
-    ``image_roots``: folders and ``s3://`` prefixes outside the catalog's own that its images may
-    come from, besides the spec's ``image_roots``.
+    Args:
+        catalog_uri: The labeled products: a Parquet file, local or s3://, with the spec's columns.
+        spec_uri: The spec YAML (id and image columns, attributes and their values), local or s3://.
+        output_uri: The model folder or s3:// prefix to write.
+        options: How the model is trained; every field has a default.
     """
     storage.check_writable(output_uri)  # before the training, not after it
     spec_text = read_spec(spec_uri)
-    clip = load_base_model(spec_text, base_model, arch)
-    config = train.config_for(clip, epochs=epochs, max_minutes=max_minutes, seed=seed, mode=mode,
-                              val_fraction=val_fraction, test_fraction=test_fraction, label_noise=label_noise,
-                              group_column=group_column, unlock_blocks=unlock_blocks, views=views)
-    clip = fit(clip, catalog_uri, spec_text, config, image_roots)
+    clip = load_base_model(spec_text, options.base_model, options.arch)
+    config = train.config_for(clip, epochs=options.epochs, max_minutes=options.max_minutes, seed=options.seed,
+                              mode=options.mode, val_fraction=options.val_fraction,
+                              test_fraction=options.test_fraction, label_noise=options.label_noise,
+                              group_column=options.group_column, unlock_blocks=options.unlock_blocks,
+                              views=options.views)
+    clip = fit(clip, catalog_uri, spec_text, config, options.image_roots)
     save(clip, output_uri)
     rows = [{"attribute": k, **v} for k, v in clip.meta["metrics"].items()]
     create_table_artifact(key="clipdq-finetune-metrics", table=rows, description=f"Validation metrics, {output_uri}")

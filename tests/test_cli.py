@@ -6,7 +6,9 @@ about half a minute. All are marked ``subprocess``; they stay in the default run
 
 from __future__ import annotations
 
+import io
 import json
+import logging
 import os
 import shutil
 import subprocess
@@ -16,7 +18,7 @@ from pathlib import Path
 import polars as pl
 import pytest
 
-from clipdq import model
+from clipdq import cli, model
 from test_flow import assert_planted_flags_found
 
 pytestmark = pytest.mark.subprocess
@@ -201,5 +203,25 @@ def test_a_fixed_value_shows_as_resolved_in_the_next_run_and_in_report_diff(fine
     assert f"resolved: {pid} {attribute} conflict" in diff.stdout
     assert last_line(diff.stdout) == str(folder)
     assert gate.returncode == 3 and last_line(gate.stdout) == str(folder)
-    assert last_line(gate.stderr) == f"clipdq report: failing on conflict>0 (conflict = {summary['totals']['conflict']})"
-    assert passed.returncode == 0 and f"{summary['totals']['conflict']} conflicts" in passed.stdout
+    conflicts = summary["totals"]["conflict"]
+    assert last_line(gate.stderr) == f"clipdq report: failing on conflict>0 (conflict = {conflicts})"
+    assert passed.returncode == 0 and f"{conflicts} conflicts" in passed.stdout
+
+
+def test_progress_records_redraw_one_bar_and_other_records_pass():
+    stream = io.StringIO()
+    bar = cli.ProgressBar(stream)
+    logger = logging.getLogger("clipdq.test-progress")
+
+    def record(message: str, progress=None) -> logging.LogRecord:
+        extra = {} if progress is None else {"progress": progress}
+        return logger.makeRecord(logger.name, logging.INFO, __file__, 0, message, (), None, extra=extra)
+
+    passed = [bar.filter(record("scored 1/4", (1, 4))), bar.filter(record("scored 2/4", (2, 4))),
+              bar.filter(record("a warning")), bar.filter(record("scored 4/4", (4, 4)))]
+
+    assert passed == [False, False, True, False]  # progress is drawn, not logged; the rest is logged
+    lines = stream.getvalue().split("\n")
+    assert lines[0].startswith("\rscored 1/4") and "[" + "#" * 7 + "." * 23 + "]" in lines[0]
+    assert lines[0].endswith("#" * 15 + "." * 15 + "]")  # redrawn in place, then ended before the warning
+    assert lines[1].startswith("\rscored 4/4") and lines[1].endswith("#" * 30 + "]") and lines[2] == ""

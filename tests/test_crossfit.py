@@ -14,6 +14,7 @@ from clipdq import model, sample_data, splits, train
 from clipdq.catalog import read_catalog
 from clipdq.spec import parse_spec
 from clipdq.sources import access_for
+from clipdq.options import AuditOptions
 from flows.audit import audit_catalog
 
 COLOR_SPEC = yaml.safe_dump({"target_precision": 0.9,
@@ -61,7 +62,8 @@ def test_cross_fitting_finds_planted_errors_that_an_in_sample_audit_misses(noisy
     model.save_model(model.init_model(spec, seed=0), str(tmp_path / "init"))
 
     in_sample = audit_catalog(str(catalog), str(spec_path), str(tmp_path / "in-sample"), str(tmp_path / "a"))
-    cross_fit = audit_catalog(str(catalog), str(spec_path), str(tmp_path / "init"), str(tmp_path / "b"), cross_fit=2)
+    cross_fit = audit_catalog(str(catalog), str(spec_path), str(tmp_path / "init"), str(tmp_path / "b"),
+                              AuditOptions(cross_fit=2))
 
     missed, found = planted_conflicts(noisy_catalog, in_sample), planted_conflicts(noisy_catalog, cross_fit)
     assert found.height == missed.height > 20
@@ -79,7 +81,6 @@ def test_cross_fitting_finds_planted_errors_that_an_in_sample_audit_misses(noisy
     assert summary["cross_fit"] == 2 and len(summary["calibration"]) == 2
 
 
-def test_cross_fit_needs_two_folds(sample_dir, init_model_dir, prefect_harness, tmp_path):
+def test_cross_fit_needs_two_folds():
     with pytest.raises(ValueError, match="at least 2 folds"):
-        audit_catalog(str(sample_dir / "catalog.parquet"), str(sample_dir / "spec.yaml"), str(init_model_dir),
-                      str(tmp_path), cross_fit=1)
+        AuditOptions(cross_fit=1)  # refused before any flow runs

@@ -12,6 +12,7 @@ import torch
 
 from clipdq import efficientnet, images, locked, model, splits, train
 from clipdq.catalog import read_catalog
+from clipdq.options import AuditOptions
 from clipdq.sources import access_for
 
 GROCERY = Path(__file__).resolve().parents[2] / "shared" / "datasets" / "grocery_store"
@@ -159,7 +160,7 @@ def test_learning_curve_and_cross_fitting_run_with_the_pretrained_tower(sample_d
 
     model.save_model(model.init_model(spec, "efficientnet-lite0"), str(tmp_path / "init"))
     run = audit_catalog(str(sample_dir / "catalog.parquet"), str(sample_dir / "spec.yaml"), str(tmp_path / "init"),
-                        str(tmp_path / "reports"), cross_fit=2, fold_minutes=1)
+                        str(tmp_path / "reports"), AuditOptions(cross_fit=2, fold_minutes=1))
     findings = pl.read_parquet(Path(run) / "findings.parquet")
     assert findings["product_id"].n_unique() == read_catalog(str(sample_dir / "catalog.parquet")).height
     summary = json.loads((Path(run) / "summary.json").read_text())

@@ -19,6 +19,7 @@ from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterKey
 
 from clipdq import model, storage
 from clipdq.compare import FINDINGS_SCHEMA, NOT_APPLICABLE, STATUSES
+from clipdq.options import AuditOptions, FinetuneOptions
 from clipdq.spec import parse_spec
 from flows.audit import audit_catalog
 from flows.finetune import finetune_model
@@ -95,7 +96,7 @@ def local_run(prefect_harness, sample_dir: Path, flagging_model_dir: Path, tmp_p
     """(output folder, run folder) of one audit of the sample catalog with the session's flagging model."""
     output = str(tmp_path_factory.mktemp("reports"))
     folder = audit_catalog(str(sample_dir / "catalog.parquet"), str(sample_dir / "spec.yaml"),
-                           str(flagging_model_dir), output, batch_size=16)
+                           str(flagging_model_dir), output, AuditOptions(batch_size=16))
     return output, folder
 
 
@@ -177,7 +178,7 @@ def test_an_int8_audit_checks_agreement_first_and_caches_apart_from_fp32(prefect
     output = str(tmp_path / "out")
 
     folder = audit_catalog(str(sample_dir / "catalog.parquet"), str(sample_dir / "spec.yaml"),
-                           str(flagging_model_dir), output, batch_size=16, backend="int8")
+                           str(flagging_model_dir), output, AuditOptions(batch_size=16, backend="int8"))
 
     findings, summary, _, _ = read_run(folder)
     check = summary["backend"]
@@ -212,7 +213,8 @@ def test_audit_reads_the_catalog_from_s3_and_writes_the_run_to_s3(
 def test_finetune_flow_writes_a_loadable_model_with_metrics(prefect_harness, sample_dir, spec, tmp_path):
     output = str(tmp_path / "model")
 
-    result = finetune_model(str(sample_dir / "labeled.parquet"), str(sample_dir / "spec.yaml"), output, epochs=2)
+    result = finetune_model(str(sample_dir / "labeled.parquet"), str(sample_dir / "spec.yaml"), output,
+                            FinetuneOptions(epochs=2))
 
     assert result == output
     clip = model.load_model(output, device="cpu")
@@ -229,14 +231,14 @@ def test_repeated_audits_embed_only_new_or_changed_images(prefect_harness, sampl
     catalog = tmp_path / "sample" / "catalog.parquet"
     args = (str(catalog), str(tmp_path / "sample" / "spec.yaml"), str(trained_model_dir), str(tmp_path / "out"))
 
-    first = audit_catalog(*args, batch_size=16)
-    unchanged = audit_catalog(*args, batch_size=16)
+    first = audit_catalog(*args, AuditOptions(batch_size=16))
+    unchanged = audit_catalog(*args, AuditOptions(batch_size=16))
     truth = pl.read_parquet(tmp_path / "sample" / "ground_truth.parquet")
     changed_id = truth.filter(pl.col("planted") != "image_error")["product_id"][0]
     image = tmp_path / "sample" / "images" / f"{changed_id}.jpg"
     Image.open(image).transpose(Image.Transpose.FLIP_LEFT_RIGHT).save(image)  # new bytes, same product
-    after_change = audit_catalog(*args, batch_size=16)
-    uncached = audit_catalog(*args, batch_size=16, embedding_cache=False)
+    after_change = audit_catalog(*args, AuditOptions(batch_size=16))
+    uncached = audit_catalog(*args, AuditOptions(batch_size=16, embedding_cache=False))
 
     counts = [read_run(run)[1]["images"] for run in (first, unchanged, after_change, uncached)]
     readable, rows = counts[0]["embedded"], len(pl.read_parquet(catalog))

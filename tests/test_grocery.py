@@ -13,6 +13,7 @@ import yaml
 from clipdq import images, model, train
 from clipdq.spec import parse_spec
 from clipdq.sources import access_for
+from clipdq.options import AuditOptions
 from flows.audit import audit_catalog
 from grocery import DEFAULT_DATA, load_catalog
 
@@ -66,7 +67,7 @@ def test_the_pretrained_tower_flags_planted_errors_in_photos_from_other_sessions
     train.finetune(clip, labeled, spec, access=access_for(str(DEFAULT_DATA)), config=config)
     model.save_model(clip, str(tmp_path / "model"))
     run = audit_catalog(str(tmp_path / "catalog.parquet"), str(tmp_path / "spec.yaml"), str(tmp_path / "model"),
-                        str(tmp_path / "reports"), image_roots=[str(DEFAULT_DATA)])  # photos live beside the dataset
+                        str(tmp_path / "reports"), AuditOptions(image_roots=[str(DEFAULT_DATA)]))  # photos live beside the dataset
 
     findings = pl.read_parquet(f"{run}/findings.parquet").join(
         held_out.select("product_id", pl.col("top").alias("true_value")), on="product_id")

@@ -17,6 +17,7 @@ from PIL import Image
 
 from clipdq import sample_data, storage
 from clipdq.audit import ImageOutage
+from clipdq.options import AuditOptions
 from flows.audit import audit_catalog
 
 from test_flow import read_run
@@ -183,7 +184,7 @@ def test_an_image_root_allows_another_folder(hostile, trained_model_dir, prefect
 
     frame.write_parquet(catalog)
     folder = audit_catalog(str(catalog), str(spec), str(trained_model_dir), str(tmp_path / "out"),
-                           image_roots=[str(tmp_path / "other")])
+                           AuditOptions(image_roots=[str(tmp_path / "other")]))
 
     findings, *_ = read_run(folder)
     assert frame.height == 4 and findings.height == 12

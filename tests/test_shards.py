@@ -18,6 +18,7 @@ import pytest
 from polars.testing import assert_frame_equal
 
 from clipdq import catalog, shards
+from clipdq.options import AuditOptions
 from flows.audit import audit_catalog
 from test_cli import cli_env, last_line  # noqa: F401 - the CLI's environment fixture
 from test_flow import assert_findings_match_ground_truth, assert_planted_flags_found, read_run
@@ -74,9 +75,10 @@ def test_two_dask_workers_give_the_findings_of_one_process(prefect_harness, samp
 
     data = sharded_sample(sample_dir, tmp_path / "sample", rows_per_group=25)
     args = (str(data / "catalog.parquet"), str(data / "spec.yaml"), str(flagging_model_dir))
-    single = audit_catalog(*args, str(tmp_path / "single"), rows_per_shard=25)
+    single = audit_catalog(*args, str(tmp_path / "single"), AuditOptions(rows_per_shard=25))
     with LocalCluster(n_workers=2, threads_per_worker=1, processes=True, dashboard_address=None) as cluster:
-        distributed = audit_catalog(*args, str(tmp_path / "dask"), rows_per_shard=25, dask_address=cluster.scheduler_address)
+        distributed = audit_catalog(*args, str(tmp_path / "dask"),
+                                    AuditOptions(rows_per_shard=25, dask_address=cluster.scheduler_address))
         workers = {worker["id"] for worker in cluster.scheduler_info["workers"].values()}
 
     one, one_summary, _, _ = read_run(single)
