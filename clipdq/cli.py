@@ -238,7 +238,7 @@ def run_demo(args: argparse.Namespace) -> str:
 
 def run_report(args: argparse.Namespace) -> str:
     """Print the latest run's summary or a diff; a ``--fail-on`` condition that holds ends in FAIL_ON_EXIT."""
-    from clipdq import report, runs, storage
+    from clipdq import runs, storage, terminal
 
     done = runs.complete_runs(args.output)
     if not done:
@@ -249,14 +249,14 @@ def run_report(args: argparse.Namespace) -> str:
     summary = json.loads(storage.read_bytes(storage.join(newer, "summary.json")))
     counts = dict(summary["totals"]) | ((summary.get("changes") or {}).get("totals") or {})
     if args.diff is None:
-        print(report.text(summary, newer))
+        print(terminal.text(summary, newer))
     else:
         older = (runs.find_run(args.output, args.diff[0]) if args.diff
                  else runs.previous_run(args.output, summary["catalog"], before=newer))
         if older is None:
             raise LookupError(f"no complete run of {summary['catalog']} before run {summary['run_id']} to compare with")
         changes = runs.changed(runs.read_problems(newer).lazy(), runs.read_problems(older))
-        print(report.diff_text(changes, older, newer))
+        print(terminal.diff_text(changes, older, newer))
         counts |= runs.change_counts(changes, older)["totals"]
     unknown = [name for name, _, _ in args.fail_on if name not in counts]
     if unknown:

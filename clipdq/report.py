@@ -114,27 +114,29 @@ def featured(findings: Findings) -> pl.DataFrame:
 
 TABLE_COLUMNS = ("product_id", "attribute", "status", "existing_value", "predicted_value", "confidence", "change",
                  "detail")
+TABLE_ROWS = 100_000  # problems in the report's table, the most confident first (all are in suggested_fixes)
 TABLE_THUMBNAILS = 200  # problems shown with a thumbnail in the table, the most confident first
 RESOLVED_SHOWN = 200  # resolved problems listed by name
 CONFUSION_VALUES = 25  # catalog values per attribute in the catalog x predicted table, the commonest first
 CONFIDENCE_BINS = 20
-_KEY = ["product_id", "attribute", "status"]
 
 
-def problem_table(findings: Findings, changes: pl.DataFrame | None) -> pl.DataFrame:
-    """Every problem (``runs.PROBLEMS``) with its change since the previous run, the most confident first."""
+def problem_table(findings: Findings, changes: pl.DataFrame | None, limit: int | None = None) -> pl.DataFrame:
+    """The problems (``runs.PROBLEMS``, the ``limit`` most confident, or all) with their change since
+    the previous run, the most confident first."""
     table = findings.lazy().filter(pl.col("status").is_in(runs.PROBLEMS))
     if changes is None:
         table = table.with_columns(change=pl.lit(None, pl.String))
     else:
-        table = table.join(changes.lazy().filter(pl.col("change") != "resolved"), on=_KEY, how="left")
-    return table.select(TABLE_COLUMNS).sort("confidence", descending=True, nulls_last=True).collect()
+        table = table.join(changes.lazy().filter(pl.col("change") != "resolved"), on=runs.KEY, how="left")
+    table = table.select(TABLE_COLUMNS).sort("confidence", descending=True, nulls_last=True)
+    return (table if limit is None else table.head(limit)).collect()
 
 
 def thumbnail_ids(findings: Findings) -> list[str]:
     """Products whose thumbnails the report shows: the featured findings' and the table's first."""
     readable = pl.col("status") != "image_error"
-    table = problem_table(findings, None).lazy().filter(readable).head(TABLE_THUMBNAILS)
+    table = problem_table(findings, None, TABLE_ROWS).lazy().filter(readable).head(TABLE_THUMBNAILS)
     ids = pl.concat([featured(findings).lazy().filter(readable).select("product_id"), table.select("product_id")])
     return ids.unique(maintain_order=True).collect()["product_id"].to_list()
 
@@ -192,7 +194,8 @@ def render_html(findings: Findings, summary: dict, thumbnails: dict[str, bytes |
         rows = shown.filter(pl.col("status") == status).to_dicts()
         return [row | {"thumbnail": images.get(row["product_id"])} for row in rows]
 
-    table = problem_table(findings, changes)
+    table = problem_table(findings, changes, TABLE_ROWS)
+    problems = sum(summary["totals"][status] for status in runs.PROBLEMS)
     resolved = [] if changes is None else changes.filter(pl.col("change") == "resolved").head(RESOLVED_SHOWN).to_dicts()
     calibration = summary.get("calibration")
     template = _TEMPLATES.get_template("report.html.j2")
@@ -204,7 +207,7 @@ def render_html(findings: Findings, summary: dict, thumbnails: dict[str, bytes |
         status_chart=Markup(charts_svg.status_bars(summary["by_attribute"], STATUSES)),
         confidence_charts=[Markup(chart) for chart in confidence_charts(findings, summary)],
         confusion=confusion(findings), resolved=resolved,
-        table=_script_json({"columns": TABLE_COLUMNS, "rows": table.rows()}),
+        table=_script_json({"columns": TABLE_COLUMNS, "rows": table.rows(), "total": problems}),
         table_images=_script_json({pid: images[pid] for pid in table["product_id"].unique() if pid in images}))
 
 
@@ -227,44 +230,6 @@ def markdown(summary: dict, folder: str) -> str:
         f"value, {t['invalid_value']} invalid values, {t['image_error']} image errors, {t['uncertain']} uncertain."
         + since
     )
-
-
-def text(summary: dict, folder: str) -> str:
-    """A run's summary for a terminal: totals, per attribute counts, and the change since the run before."""
-    t = summary["totals"]
-    lines = [f"run {summary['run_id']} ({summary['started_at']}): {summary['products']} products of "
-             f"{summary['catalog']}",
-             f"  {t['conflict']} conflicts, {t['gap']} gaps, {t['invalid_value']} invalid values, "
-             f"{t['image_error']} image errors, {t['uncertain']} uncertain, {t['match']} matches",
-             _text_table(summary["by_attribute"], ["attribute", *STATUSES])]
-    changes = summary.get("changes")
-    if changes:
-        c = changes["totals"]
-        lines.append(f"since run {changes['previous_run']}: {c['new']} new, {c['resolved']} resolved, "
-                     f"{c['persisting']} persisting problems")
-    lines += [f"warning: {w}" for w in summary["warnings"]] + [f"report: {storage.join(folder, 'report.html')}"]
-    return "\n".join(lines)
-
-
-def diff_text(changes: pl.DataFrame, older: str, newer: str, *, listed: int = 20) -> str:
-    """What changed between two runs: counts per attribute, then the first new and resolved problems."""
-    counts = runs.change_counts(changes, older)
-    lines = [f"run {runs.run_id_of(newer)} against run {runs.run_id_of(older)}: {counts['totals']['new']} new, "
-             f"{counts['totals']['resolved']} resolved, {counts['totals']['persisting']} persisting problems",
-             _text_table(counts["by_attribute"], ["attribute", "new", "resolved", "persisting"])]
-    for kind in ("new", "resolved"):
-        part = changes.filter(pl.col("change") == kind).sort("attribute", "product_id")
-        lines += [f"{kind}: {pid} {attribute} {status}" for pid, attribute, status, _ in part.head(listed).rows()]
-        if part.height > listed:
-            lines.append(f"{kind}: ... and {part.height - listed} more")
-    return "\n".join(lines)
-
-
-def _text_table(rows: list[dict], columns: list[str]) -> str:
-    widths = [max(len(str(c)), *(len(str(r[c])) for r in rows)) for c in columns]
-    lines = ["  " + "  ".join(str(c).ljust(w) for c, w in zip(columns, widths))]
-    lines += ["  " + "  ".join(str(r[c]).ljust(w) for c, w in zip(columns, widths)) for r in rows]
-    return "\n".join(lines)
 
 
 def _parquet(frame: pl.DataFrame) -> bytes:

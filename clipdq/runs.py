@@ -16,7 +16,7 @@ from clipdq import storage
 
 PROBLEMS = ("conflict", "gap", "invalid_value", "image_error")  # what a data steward acts on
 CHANGES = ("new", "resolved", "persisting")
-_KEY = ["product_id", "attribute", "status"]  # a problem: the same finding of the same product and attribute
+KEY = ["product_id", "attribute", "status"]  # a problem: the same finding of the same product and attribute
 
 
 def complete_runs(output: str) -> list[str]:
@@ -50,7 +50,7 @@ def previous_run(output: str, catalog: str, *, before: str | None = None) -> str
 
 
 def problems(findings: pl.LazyFrame) -> pl.LazyFrame:
-    return findings.filter(pl.col("status").is_in(PROBLEMS)).select(_KEY)
+    return findings.filter(pl.col("status").is_in(PROBLEMS)).select(KEY)
 
 
 def read_problems(folder: str) -> pl.DataFrame:
@@ -67,8 +67,8 @@ def read_problems(folder: str) -> pl.DataFrame:
 def changed(current: pl.LazyFrame, previous: pl.DataFrame) -> pl.DataFrame:
     """Every problem of either run with its ``change``: new (only now), resolved (only before) or persisting."""
     now, before = problems(current).with_columns(now=True), previous.lazy().with_columns(before=True)
-    return (now.join(before, on=_KEY, how="full", coalesce=True)
-            .select(*_KEY, change=pl.when(pl.col("now").is_null()).then(pl.lit("resolved"))
+    return (now.join(before, on=KEY, how="full", coalesce=True)
+            .select(*KEY, change=pl.when(pl.col("now").is_null()).then(pl.lit("resolved"))
                     .when(pl.col("before").is_null()).then(pl.lit("new")).otherwise(pl.lit("persisting")))
             .collect())
 

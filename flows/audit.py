@@ -192,8 +192,7 @@ def audit_catalog(catalog_uri: str, spec_uri: str, model_uri: str, output_uri: s
             in_shards, reported = _audit_in_shards(job, source, spec, findings_file, options)
             run |= in_shards | {"calibration": {name: c.to_dict()
                                                 for name, c in scorer.calibration_for(files, spec).items()}}
-        previous = runs.previous_run(output_uri, catalog_uri)
-        changes = runs.changed(pl.scan_parquet(findings_file), runs.read_problems(previous)) if previous else None
+        previous, changes = _changes_since_previous_run(output_uri, catalog_uri, findings_file)
         summary = report.summarize(pl.scan_parquet(findings_file), products=source.rows, run=run,
                                    validation=validation, reported=reported,
                                    changes=runs.change_counts(changes, previous) if previous else None)
@@ -206,6 +205,19 @@ def audit_catalog(catalog_uri: str, spec_uri: str, model_uri: str, output_uri: s
     logger.info("%d conflicts, %d gaps, %d invalid values, %d image errors; report: %s",
                 t["conflict"], t["gap"], t["invalid_value"], t["image_error"], storage.join(folder, "report.html"))
     return folder
+
+
+def _changes_since_previous_run(output_uri: str, catalog_uri: str, findings_file: str):
+    """(the previous complete run of the catalog, every problem's change since it), or (None, None)
+    for a first run, or where that run's findings cannot be read: the audit goes on, and says so."""
+    previous = runs.previous_run(output_uri, catalog_uri)
+    if previous is None:
+        return None, None
+    try:
+        return previous, runs.changed(pl.scan_parquet(findings_file), runs.read_problems(previous))
+    except (OSError, pl.exceptions.PolarsError) as error:
+        get_run_logger().warning("cannot compare with the previous run %s (%s): no changes reported", previous, error)
+        return None, None
 
 
 def _embedding_cache(output_uri: str, files: ModelFiles, backend: str, options: AuditOptions) -> str | None:

@@ -266,3 +266,19 @@ def test_an_output_bucket_that_does_not_exist_fails_the_audit_before_any_work(s3
     with pytest.raises(StorageError, match="cannot write to s3://no-such-bucket-here/reports: S3 NoSuchBucket"):
         audit_catalog(str(sample_dir / "catalog.parquet"), str(sample_dir / "spec.yaml"), str(tmp_path / "no-model"),
                       "s3://no-such-bucket-here/reports")  # the model would fail to load: it is never reached
+
+
+def test_a_second_audit_counts_changes_and_an_unreadable_previous_run_does_not_stop_it(
+        prefect_harness, sample_dir, trained_model_dir, tmp_path):
+    args = (str(sample_dir / "catalog.parquet"), str(sample_dir / "spec.yaml"), str(trained_model_dir),
+            str(tmp_path / "out"))
+    first = audit_catalog(*args)
+    second = audit_catalog(*args)
+    changes = read_run(second)[1]["changes"]
+    (Path(second) / "findings.parquet").write_bytes(b"not parquet")  # a damaged run folder
+    third = audit_catalog(*args)
+
+    problems = read_run(first)[0].filter(pl.col("status").is_in(["conflict", "gap", "invalid_value", "image_error"]))
+    assert changes["previous_run"] == Path(first).name.removeprefix("run_id=")
+    assert changes["totals"] == {"new": 0, "resolved": 0, "persisting": problems.height}  # the same catalog
+    assert read_run(third)[1]["changes"] is None

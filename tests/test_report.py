@@ -103,3 +103,12 @@ def test_summary_warns_when_products_are_missing_from_the_findings():
     summary = report.summarize(FINDINGS, products=6, run={"run_id": "r1"}, validation={"warnings": []})
 
     assert any("2 products are missing from the findings" in w for w in summary["warnings"])
+
+
+def test_the_report_table_keeps_the_most_confident_problems_and_says_how_many_there_are(monkeypatch):
+    monkeypatch.setattr(report, "TABLE_ROWS", 2)
+    summary = report.summarize(FINDINGS, products=3, run={"run_id": "r1"}, validation={})
+    html = report.render_html(FINDINGS, summary, thumbnails={})
+
+    table = json.loads(html.split('id="problem-data">', 1)[1].split("</script>", 1)[0])
+    assert [row[0] for row in table["rows"]] == ["p2", "p3"] and table["total"] == 5
