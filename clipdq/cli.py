@@ -17,9 +17,8 @@ import re
 import sys
 from importlib import metadata
 from pathlib import Path
-
-from typing import Literal, Union, get_args, get_origin
 from types import UnionType
+from typing import Literal, Union, get_args, get_origin
 
 from pydantic import ValidationError
 
@@ -258,16 +257,20 @@ def run_report(args: argparse.Namespace) -> str:
         changes = runs.changed(runs.read_problems(newer).lazy(), runs.read_problems(older))
         print(terminal.diff_text(changes, older, newer))
         counts |= runs.change_counts(changes, older)["totals"]
-    unknown = [name for name, _, _ in args.fail_on if name not in counts]
+    _fail_on(args.fail_on, counts, summary["run_id"], newer)
+    return newer
+
+
+def _fail_on(conditions: list[tuple[str, str, int]], counts: dict, run_id: str, folder: str) -> None:
+    """Raise ConditionHeld when any ``--fail-on`` condition holds for the run's counts."""
+    unknown = [name for name, _, _ in conditions if name not in counts]
     if unknown:
-        raise ValueError(f"--fail-on {', '.join(unknown)}: run {summary['run_id']} has no earlier run to count "
-                         "changes against")
-    held = [f"{name}{op}{bound} ({name} = {counts[name]})" for name, op, bound in args.fail_on
+        raise ValueError(f"--fail-on {', '.join(unknown)}: run {run_id} has no earlier run to count changes against")
+    held = [f"{name}{op}{bound} ({name} = {counts[name]})" for name, op, bound in conditions
             if _COMPARISONS[op](counts[name], bound)]
     if held:
         _LAST_WORDS.append(f"clipdq report: failing on {'; '.join(held)}")
-        raise ConditionHeld(newer)
-    return newer
+        raise ConditionHeld(folder)
 
 
 class ConditionHeld(Exception):

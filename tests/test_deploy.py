@@ -135,9 +135,20 @@ def test_a_run_from_the_ui_form_uses_its_edited_parameters_and_leaves_artifacts(
     assert {"clipdq-audit-counts", "clipdq-top-problems", "clipdq-audit-report", "clipdq-report-link"} <= set(by_key)
     assert str(summaries[0].parent / "report.html") in by_key["clipdq-audit-report"]["data"]
     assert (summaries[0].parent / "report.html").as_uri() in by_key["clipdq-report-link"]["data"]
-    events = api(deployed, "POST", "/events/filter", {"filter": {"event": {"name": ["clipdq.audit.completed"]}}})
-    payloads = [e["payload"] for e in events["events"] if e["resource"]["prefect.resource.id"].endswith(summary["run_id"])]
+    payloads = _event_payloads(deployed, "clipdq.audit.completed", f"clipdq.audit.{summary['run_id']}")
     assert payloads and payloads[0]["totals"] == summary["totals"]
+
+
+def _event_payloads(env: dict, name: str, resource: str, timeout: float = 60) -> list[dict]:
+    """Payloads of the events ``name`` about ``resource``, once the server has stored them (it
+    persists events in batches, a few seconds after they arrive)."""
+    deadline = time.monotonic() + timeout
+    while True:
+        events = api(env, "POST", "/events/filter", {"filter": {"event": {"name": [name]}}})["events"]
+        payloads = [e["payload"] for e in events if e["resource"]["prefect.resource.id"] == resource]
+        if payloads or time.monotonic() > deadline:
+            return payloads
+        time.sleep(1)
 
 
 def _browse(url: str, screenshot: Path | None = None, *, height: int = 1300) -> str:
