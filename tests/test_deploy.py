@@ -12,6 +12,7 @@ import socket
 import subprocess
 import sys
 import time
+import urllib.error
 import urllib.request
 from pathlib import Path
 
@@ -68,13 +69,20 @@ def prefect(env: dict, *args: str, timeout: float = 240) -> subprocess.Completed
     return result
 
 
-def api(env: dict, method: str, path: str, body: dict | None = None):
-    """A call to the served Prefect's REST API, as its UI makes them."""
+def api(env: dict, method: str, path: str, body: dict | None = None, attempts: int = 10):
+    """A call to the served Prefect's REST API, as its UI makes them; retried while the server
+    answers 503 (its SQLite database busy with its own services), as Prefect's clients do."""
     data = None if body is None else json.dumps(body).encode()
     request = urllib.request.Request(env["PREFECT_API_URL"] + path, data=data, method=method,
                                      headers={"Content-Type": "application/json"})
-    with urllib.request.urlopen(request, timeout=30) as response:
-        return json.loads(response.read() or b"null")
+    for attempt in range(attempts):
+        try:
+            with urllib.request.urlopen(request, timeout=30) as response:
+                return json.loads(response.read() or b"null")
+        except urllib.error.HTTPError as error:
+            if error.code != 503 or attempt == attempts - 1:
+                raise
+            time.sleep(1 + attempt)
 
 
 @pytest.fixture(scope="module")
