@@ -1,4 +1,4 @@
-"""Complete runs under an output folder or prefix, and what changed from one to the next (polars only).
+"""Complete runs under an output folder or prefix, and what changed from one to the next.
 
 A run is complete once its ``manifest.json`` exists; runs sort by their folder names, which begin
 with the date and the start time.

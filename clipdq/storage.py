@@ -241,7 +241,7 @@ def list_files(prefix: str, *, start: str = "") -> list[str]:
         pages = s3_client().get_paginator("list_objects_v2").paginate(Bucket=bucket, Prefix=key + start)
         return sorted(obj["Key"][len(key):] for page in pages for obj in page.get("Contents", []))
     root = Path(prefix)
-    tops = [top for top in root.glob(glob.escape(start) + "*")] if root.is_dir() else []
+    tops = list(root.glob(glob.escape(start) + "*")) if root.is_dir() else []
     files = [p for top in tops for p in (top.rglob("*") if top.is_dir() else [top]) if p.is_file()]
     return sorted(str(p.relative_to(root)) for p in files)
 
