@@ -157,21 +157,25 @@ def confusion(findings: Findings) -> list[dict]:
     return tables
 
 
-def confidence_charts(findings: Findings, summary: dict) -> list[str]:
+def thresholds_in_force(summary: dict) -> dict[str, dict]:
+    """Each attribute's calibration, as the run used it; none with cross-fitting (one per fold)."""
+    calibration = summary.get("calibration")
+    return calibration if isinstance(calibration, dict) else {}
+
+
+def confidence_charts(findings: Findings, thresholds: dict[str, dict]) -> list[str]:
     """Per attribute, an SVG histogram of confidence by status with its gap and conflict thresholds."""
     shown = ("match", "conflict", "gap", "uncertain")
     binned = (findings.lazy().filter(pl.col("confidence").is_not_null() & pl.col("status").is_in(shown))
               .with_columns(bin=(pl.col("confidence") * CONFIDENCE_BINS).floor().clip(0, CONFIDENCE_BINS - 1)
                             .cast(pl.Int32))
               .group_by("attribute", "status", "bin").len().collect())
-    calibration = summary.get("calibration")
-    calibration = calibration if isinstance(calibration, dict) else {}  # cross-fitting: one per fold, not drawn
     charts = []
     for attribute in sorted(binned["attribute"].unique().to_list()):
         bins = {status: [0] * CONFIDENCE_BINS for status in shown}
         for status, b, n in binned.filter(pl.col("attribute") == attribute).select("status", "bin", "len").iter_rows():
             bins[status][b] = n
-        limits = calibration.get(attribute, {})
+        limits = thresholds.get(attribute, {})
         charts.append(charts_svg.histogram(bins, {"gap": limits.get("gap_threshold"),
                                                   "conflict": limits.get("conflict_threshold")}, title=attribute))
     return charts
@@ -197,15 +201,15 @@ def render_html(findings: Findings, summary: dict, thumbnails: dict[str, bytes |
     table = problem_table(findings, changes, TABLE_ROWS)
     problems = sum(summary["totals"][status] for status in runs.PROBLEMS)
     resolved = [] if changes is None else changes.filter(pl.col("change") == "resolved").head(RESOLVED_SHOWN).to_dicts()
-    calibration = summary.get("calibration")
+    thresholds = thresholds_in_force(summary)
     template = _TEMPLATES.get_template("report.html.j2")
     return template.render(
         summary=summary, statuses=STATUSES, problems=runs.PROBLEMS, nonce=uuid.uuid4().hex,
         sections=[{"title": title, "rows": cards(status)} for status, title in SECTIONS.items()],
-        thresholds=calibration if isinstance(calibration, dict) else {},
+        thresholds=thresholds,
         per_attribute=[row | {"total": sum(row[s] for s in STATUSES)} for row in summary["by_attribute"]],
         status_chart=Markup(charts_svg.status_bars(summary["by_attribute"], STATUSES)),
-        confidence_charts=[Markup(chart) for chart in confidence_charts(findings, summary)],
+        confidence_charts=[Markup(chart) for chart in confidence_charts(findings, thresholds)],
         confusion=confusion(findings), resolved=resolved,
         table=_script_json({"columns": TABLE_COLUMNS, "rows": table.rows(), "total": problems}),
         table_images=_script_json({pid: images[pid] for pid in table["product_id"].unique() if pid in images}))

@@ -197,7 +197,7 @@ def audit_catalog(catalog_uri: str, spec_uri: str, model_uri: str, output_uri: s
                                    validation=validation, reported=reported,
                                    changes=runs.change_counts(changes, previous) if previous else None)
         publish(folder, findings_file, summary, source, spec, access, changes, validation)
-        top = report.problem_table(pl.scan_parquet(findings_file), changes).head(TOP_PROBLEMS)
+        top = report.problem_table(pl.scan_parquet(findings_file), changes, TOP_PROBLEMS)
     if not options.cross_fit:
         storage.delete_tree(job.work)  # published: the parts are not needed to resume any more
     _announce(summary, folder, top)
