@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import atexit
+import importlib
 import io
 import json
 import logging
@@ -143,26 +144,30 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def run_audit(catalog: str, spec: str, model: str, output: str, options: AuditOptions = AuditOptions()) -> str:
-    from flows.early_server import started_early
-
-    with started_early() as server_is_up:  # its start-up overlaps the imports below
-        from flows.audit import audit_catalog
-
-        server_is_up()
-        return audit_catalog(catalog, spec, model, output, options)
+    return _run_flow("flows.audit", "audit_catalog", catalog, spec, model, output, options)
 
 
 def run_finetune(args: argparse.Namespace) -> str:
-    from flows.finetune import finetune_model
-
-    return finetune_model(args.catalog, args.spec, args.output, _options(args, FinetuneOptions))
+    return _run_flow("flows.finetune", "finetune_model", args.catalog, args.spec, args.output,
+                     _options(args, FinetuneOptions))
 
 
 def _train_demo_model(data: Path, output: Path, *, epochs: int, max_minutes: float) -> str:
-    from flows.finetune import finetune_model
-
     options = FinetuneOptions(arch="efficientnet-lite0", max_minutes=max_minutes, epochs=epochs, seed=0, views=1)
-    return finetune_model(str(data / "labeled.parquet"), str(data / "spec.yaml"), str(output), options)
+    return _run_flow("flows.finetune", "finetune_model", str(data / "labeled.parquet"), str(data / "spec.yaml"),
+                     str(output), options)
+
+
+def _run_flow(module: str, name: str, *args):
+    """The flow ``name`` of ``module`` called with ``args``. Where no Prefect API is configured, it
+    runs against a temporary server started before the flow's imports, so the two overlap (and
+    waited for as long as a loaded machine needs, not Prefect's 20 s)."""
+    from flows.early_server import started_early
+
+    with started_early() as server_is_up:
+        flow = getattr(importlib.import_module(module), name)
+        server_is_up()
+        return flow(*args)
 
 
 def run_init_model(args: argparse.Namespace) -> str:
@@ -204,15 +209,32 @@ def run_learning_curve(args: argparse.Namespace) -> str:
 
 def run_demo(args: argparse.Namespace) -> str:
     from clipdq import storage
+    from flows.early_server import started_early
+
+    with started_early() as server_is_up:  # one temporary Prefect server for the training and the audit
+        folder = _demo_audit(Path(args.data_dir), args, server_is_up)
+    summary = json.loads(storage.read_bytes(storage.join(folder, "summary.json")))
+    t = summary["totals"]
+    print(f"\n{summary['products']} products audited: {t['conflict']} conflicts, {t['gap']} gaps with a suggestion, "
+          f"{t['invalid_value']} invalid values, {t['image_error']} image errors, {t['uncertain']} uncertain.")
+    if summary["changes"]:
+        c = summary["changes"]["totals"]
+        print(f"Since the previous run: {c['new']} new, {c['resolved']} resolved, {c['persisting']} persisting problems.")
+    print(f"Report: {storage.join(folder, 'report.html')}")
+    return folder
+
+
+def _demo_audit(data: Path, args: argparse.Namespace, server_is_up) -> str:
+    """The sample data and the demo model, made where missing, then the audit's run folder."""
     from clipdq.sample_data import generate
 
-    data = Path(args.data_dir)
     catalog, spec, model = data / "catalog.parquet", data / "spec.yaml", data / "model"
     if not catalog.exists():
         print(f"[1/3] generating the sample catalog in {data}/", flush=True)
         generate(data)
     else:
         print(f"[1/3] sample catalog found in {data}/", flush=True)
+    server_is_up()
     if not (model / "clipdq.json").exists():
         print(f"[2/3] training the demo model (pretrained EfficientNet-Lite0 tower, locked; up to {args.epochs} "
               f"epochs) into {model}/", flush=True)
@@ -223,16 +245,7 @@ def run_demo(args: argparse.Namespace) -> str:
     else:
         print(f"[2/3] demo model found in {model}/", flush=True)
     print("[3/3] auditing the sample catalog", flush=True)
-    folder = run_audit(str(catalog), str(spec), str(model), args.output)
-    summary = json.loads(storage.read_bytes(storage.join(folder, "summary.json")))
-    t = summary["totals"]
-    print(f"\n{summary['products']} products audited: {t['conflict']} conflicts, {t['gap']} gaps with a suggestion, "
-          f"{t['invalid_value']} invalid values, {t['image_error']} image errors, {t['uncertain']} uncertain.")
-    if summary["changes"]:
-        c = summary["changes"]["totals"]
-        print(f"Since the previous run: {c['new']} new, {c['resolved']} resolved, {c['persisting']} persisting problems.")
-    print(f"Report: {storage.join(folder, 'report.html')}")
-    return folder
+    return run_audit(str(catalog), str(spec), str(model), args.output)
 
 
 def run_report(args: argparse.Namespace) -> str:

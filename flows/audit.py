@@ -81,18 +81,19 @@ def score_shard(job: shards.Job, shard: shards.Shard) -> shards.ShardResult:
     return shards.run_shard(job, shard)
 
 
-@flow(name="clipdq-score-shards")
-def score_shards(job: shards.Job, plan: list[shards.Shard], rows: int) -> list[shards.ShardResult]:
-    """Every shard of the plan scored on the flow's task runner; progress logged as shards finish."""
+def score_shards(runner, job: shards.Job, plan: list[shards.Shard], rows: int) -> list[shards.ShardResult]:
+    """Every shard of the plan scored on ``runner``, within the calling flow run (a subflow would
+    cost a second of a small rerun); progress logged as shards finish."""
     logger = get_run_logger()
-    futures = score_shard.map(unmapped(job), plan)
-    results, scored = [], 0
-    for future in as_completed(futures):
-        result = future.result()
-        results.append(result)
-        scored += result.counts["scored"]
-        logger.info("shard %d done (%d of %d)%s: %d/%d products scored", result.index, len(results), len(plan),
-                    ", reused from an interrupted run" if result.reused else "", scored, rows)
+    with runner:
+        futures = runner.map(score_shard, {"job": unmapped(job), "shard": plan})
+        results, scored = [], 0
+        for future in as_completed(futures):
+            result = future.result()
+            results.append(result)
+            scored += result.counts["scored"]
+            logger.info("shard %d done (%d of %d)%s: %d/%d products scored", result.index, len(results), len(plan),
+                        ", reused from an interrupted run" if result.reused else "", scored, rows)
     return sorted(results, key=lambda result: result.index)
 
 
@@ -232,8 +233,7 @@ def _audit_in_shards(job: shards.Job, source: catalog.CatalogFile, spec: Spec, f
     returns what the summary says of it and the products in the findings."""
     plan = shards.plan(source.group_rows, rows_per_shard=options.rows_per_shard)
     get_run_logger().info("%d products in %d shards; shard parts in %s", source.rows, len(plan), job.work)
-    runner = task_runner(options.dask_address, options.workers)
-    results = score_shards.with_options(task_runner=runner)(job, plan, source.rows)
+    results = score_shards(task_runner(options.dask_address, options.workers), job, plan, source.rows)
     images_seen = shards.totals(results)
     audit.check_outage(images_seen["lost_to_outages"], source.rows, spec.max_transient_image_errors)
     reported = shards.assemble([result.part for result in results], findings_file)
