@@ -113,17 +113,25 @@ def check_schema(schema: pl.Schema, spec: Spec) -> list[str]:
         raise CatalogError(f"catalog lacks required columns {missing}; it has {schema.names()}")
     warnings = [f"catalog has no column {name!r}: every value counts as missing"
                 for name in spec.names if name not in schema]
-    id_type, image_type = schema[spec.id_column], schema[spec.image_column]
-    if not (isinstance(id_type, TEXT) or id_type.is_integer()):
-        raise CatalogError(f"id column {spec.id_column!r} must hold strings or integers, not {id_type}")
-    if not isinstance(image_type, TEXT | pl.Binary):
-        raise CatalogError(f"image column {spec.image_column!r} must hold paths, URIs or image bytes, not {image_type}")
+    check_id_and_image(schema, spec)
     applies_to = {column for a in spec.attributes for column in a.applies_to}
     for kind, names in (("attribute", [n for n in spec.names if n in schema]), ("applies_to", sorted(applies_to))):
         for name in names:
             if not isinstance(schema[name], TEXT):
                 raise CatalogError(f"{kind} column {name!r} must hold strings, not {schema[name]}")
     return warnings
+
+
+def check_id_and_image(schema: pl.Schema, spec: Spec) -> None:
+    """Raise unless the spec's id and image columns exist and hold what they should."""
+    missing = [name for name in (spec.id_column, spec.image_column) if name not in schema]
+    if missing:
+        raise CatalogError(f"catalog lacks required columns {missing}; it has {schema.names()}")
+    id_type, image_type = schema[spec.id_column], schema[spec.image_column]
+    if not (isinstance(id_type, TEXT) or id_type.is_integer()):
+        raise CatalogError(f"id column {spec.id_column!r} must hold strings or integers, not {id_type}")
+    if not isinstance(image_type, TEXT | pl.Binary):
+        raise CatalogError(f"image column {spec.image_column!r} must hold paths, URIs or image bytes, not {image_type}")
 
 
 def _expectations(spec: Spec):

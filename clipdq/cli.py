@@ -23,7 +23,7 @@ from typing import Literal, Union, get_args, get_origin
 
 from pydantic import ValidationError
 
-from clipdq.options import AuditOptions, FinetuneOptions, Options
+from clipdq.options import AuditOptions, FinetuneOptions, MatchOptions, Options
 
 os.environ.setdefault("PREFECT_LOGGING_EXTRA_LOGGERS", "clipdq")  # library logs show in Prefect runs
 os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")  # no telemetry from batch jobs
@@ -111,6 +111,15 @@ def _parser() -> argparse.ArgumentParser:
     audit.add_argument("--model", required=True, help="model folder, s3:// prefix or Hugging Face hub id")
     audit.add_argument("--output", required=True, help="folder or s3:// prefix for run folders")
     _add_options(audit, AuditOptions)
+
+    pair = commands.add_parser("match", help="the nearest catalog products of other photos (shelf photos, supplier "
+                               "images): matches.parquet in a run folder")
+    pair.add_argument("--references", required=True, help="the catalog matched against, Parquet, local or s3://")
+    pair.add_argument("--queries", required=True, help="the photos to match: a catalog of the same form")
+    pair.add_argument("--spec", required=True, help="spec YAML naming the id and image columns")
+    pair.add_argument("--model", required=True, help="model folder, s3:// prefix or Hugging Face hub id")
+    pair.add_argument("--output", required=True, help="folder or s3:// prefix for run folders")
+    _add_options(pair, MatchOptions)
 
     finetune = commands.add_parser("finetune", help="fine-tune a CLIP on labeled products")
     finetune.add_argument("--catalog", required=True, help="labeled products, Parquet, local or s3://")
@@ -338,6 +347,8 @@ def main(argv: list[str] | None = None) -> int:
         "demo": run_demo,
         "audit": lambda a: run_audit(a.catalog, a.spec, a.model, a.output, _options(a, AuditOptions)),
         "finetune": run_finetune,
+        "match": lambda a: _run_flow("flows.match", "match_catalogs", a.references, a.queries, a.spec, a.model,
+                                     a.output, _options(a, MatchOptions)),
         "init-model": run_init_model,
         "learning-curve": run_learning_curve,
         "report": run_report,

@@ -93,3 +93,16 @@ class FinetuneOptions(Options):
     views: int | None = Field(None, ge=1, description=(
         "Locked mode: kept views per training image (the image itself, then augmented ones)."))
     image_roots: list[str] = Field(default_factory=list, description=IMAGE_ROOTS_HELP)
+
+
+class MatchOptions(Options):
+    """How product matching runs. Every field has a default."""
+
+    k: int = Field(5, ge=1, le=100, description="Nearest references kept per query, best first.")
+    label_column: str | None = Field(None, description=(
+        "A query column holding the reference id each query should match: top-1 and top-5 accuracy are "
+        "reported."))
+    batch_size: int = Field(64, ge=1, description="Images per model call.")
+    embedding_cache: bool = Field(True, description=(
+        "Keep image embeddings beside the runs and reuse them: an unchanged image is not read or embedded again."))
+    image_roots: list[str] = Field(default_factory=list, description=IMAGE_ROOTS_HELP)

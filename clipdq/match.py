@@ -1,0 +1,166 @@
+"""Product matching: the nearest reference images of each query image, by cosine similarity.
+
+Vocabulary: ``queries`` (m, d) and ``references`` (n, d) are embeddings, L2-normalised here;
+``k`` neighbours per query; ``query_keys`` and ``reference_keys`` identify each image's bytes
+(a digest), and a query is never matched with a reference of the same bytes: the same image on
+both sides says nothing about the model and inflates every score.
+
+Exact and blockwise: at most ``query_block`` x ``reference_block`` scores exist at a time, so
+memory stays bounded for millions of references. Catalogs' images go through the audit's own
+pipeline (confined fetches, safe decoding, the embedding cache).
+"""
+
+from __future__ import annotations
+
+import functools
+from collections import Counter
+from dataclasses import dataclass, field
+
+import numpy as np
+import polars as pl
+
+from clipdq import audit, catalog, progress_log
+from clipdq.cache import EmbeddingCache
+from clipdq.scorer import Scorer
+from clipdq.sources import ImageAccess
+
+QUERY_BLOCK = 1024
+REFERENCE_BLOCK = 16384  # 1024 x 16384 float32 scores: 64 MB at a time
+
+
+@dataclass
+class Neighbours:
+    indices: np.ndarray  # (m, k) int64: reference rows, best first; -1 where fewer than k are left
+    scores: np.ndarray  # (m, k) float32: cosine similarity, -inf where indices is -1
+    excluded: np.ndarray  # (m,) int64: references left out for holding the query's own bytes
+
+
+def normalised(embeddings: np.ndarray) -> np.ndarray:
+    embeddings = np.asarray(embeddings, dtype=np.float32)
+    norms = np.linalg.norm(embeddings, axis=1, keepdims=True)
+    return embeddings / np.where(norms > 0, norms, 1)
+
+
+def top_k(queries: np.ndarray, references: np.ndarray, *, k: int, query_keys=None, reference_keys=None,
+          query_block: int = QUERY_BLOCK, reference_block: int = REFERENCE_BLOCK) -> Neighbours:
+    """The ``k`` most similar references of every query, exactly (torch's matrix product and
+    top-k on the CPU: ten times faster than numpy's argpartition)."""
+    import torch
+
+    if k < 1:
+        raise ValueError("k must be at least 1")
+    q_all, r_all = torch.from_numpy(normalised(queries)), torch.from_numpy(normalised(references))
+    q_codes, r_codes = _shared_codes(query_keys, reference_keys, len(q_all), len(r_all))
+    kept = min(k, len(r_all))
+    indices = np.full((len(q_all), k), -1, dtype=np.int64)
+    scores = np.full((len(q_all), k), -np.inf, dtype=np.float32)
+    excluded = np.zeros(len(q_all), dtype=np.int64)
+    for q0 in range(0, len(q_all) if kept else 0, query_block):
+        rows = slice(q0, q0 + query_block)
+        best_s = torch.full((len(q_all[rows]), kept), -torch.inf)
+        best_i = torch.full((len(q_all[rows]), kept), -1, dtype=torch.int64)
+        for r0 in range(0, len(r_all), reference_block):
+            block = q_all[rows] @ r_all[r0:r0 + reference_block].T
+            if q_codes is not None:
+                same = (q_codes[rows, None] == r_codes[None, r0:r0 + reference_block]) & (q_codes[rows, None] >= 0)
+                block.masked_fill_(same, -torch.inf)
+                excluded[rows] += same.sum(dim=1).numpy()
+            block_s, block_i = torch.topk(block, min(kept, block.shape[1]), dim=1)
+            best_s, position = torch.topk(torch.cat([best_s, block_s], 1), kept, dim=1)
+            best_i = torch.gather(torch.cat([best_i, block_i + r0], 1), 1, position)
+        indices[rows, :kept], scores[rows, :kept] = best_i.numpy(), best_s.numpy()
+    indices[~np.isfinite(scores)] = -1
+    return Neighbours(indices, scores, excluded)
+
+
+def _shared_codes(query_keys, reference_keys, m: int, n: int):
+    """(query codes, reference codes) as tensors: equal non-negative codes mark the same bytes;
+    (None, None) without keys. A missing key (None) matches nothing."""
+    import torch
+
+    if query_keys is None or reference_keys is None:
+        return None, None
+    code_of = {key: i for i, key in enumerate(dict.fromkeys(key for key in reference_keys if key is not None))}
+
+    def codes(keys, length):
+        return torch.tensor([code_of.get(key, -1) if key is not None else -1 for key in keys],
+                            dtype=torch.int64).reshape(length)
+
+    return codes(query_keys, m), codes(reference_keys, n)
+
+
+MATCHES_SCHEMA = {"query_id": pl.String, "rank": pl.Int32, "reference_id": pl.String, "score": pl.Float32,
+                  "detail": pl.String}
+
+
+@dataclass
+class Embedded:
+    """A catalog's images as embeddings: every row's id, digest and image error, and the
+    embeddings of the rows whose image is usable, in row order."""
+
+    ids: list[str] = field(default_factory=list)
+    sha256: list[str | None] = field(default_factory=list)
+    errors: list[str | None] = field(default_factory=list)
+    embeddings: np.ndarray | None = None
+    counts: Counter = field(default_factory=Counter)  # audit.COUNT_KEYS
+
+    @property
+    def ok(self) -> np.ndarray:
+        return np.array([error is None for error in self.errors], dtype=bool)
+
+
+def embed_catalog(source: catalog.CatalogFile, *, scorer: Scorer, access: ImageAccess,
+                  cache: EmbeddingCache | None = None, batch_size: int = 64, role: str = "images") -> Embedded:
+    """Every row of ``source`` embedded (or taken from ``cache``), one batch of pixels at a time;
+    progress is logged as ``role``."""
+    spec, out, parts = scorer.spec, Embedded(), []
+    catalog.check_id_and_image(source.schema, spec)
+    prepare = functools.partial(audit.prepare_batch, spec=spec, access=access, pixels=scorer.pixels, cache=cache)
+    for batch in audit.prepared_batches(source.batches(batch_size, [spec.id_column, spec.image_column]), prepare):
+        parts.append(audit.embed_batch(batch, scorer, cache))
+        out.ids += batch.rows[spec.id_column].cast(pl.String).to_list()
+        out.sha256 += batch.sha256
+        out.errors += batch.errors
+        out.counts.update(audit.counts(batch))
+        progress_log.info("%s: %d/%d images embedded or found in the cache", role, len(out.ids), source.rows,
+                          extra={"progress": (len(out.ids), source.rows)})
+    if cache is not None:
+        cache.flush()
+    out.embeddings = np.concatenate(parts) if parts else np.zeros((0, 0), np.float32)
+    return out
+
+
+def match_embedded(references: Embedded, queries: Embedded, *, k: int) -> tuple[pl.DataFrame, dict]:
+    """(matches, what the summary says of them): k rows per query with a usable image, ranked from
+    1, and one row with its error for each query whose image failed, so every query is accounted for."""
+    ref_ok, query_ok = references.ok, queries.ok
+    ref_ids = np.array(references.ids, dtype=object)[ref_ok]
+    found = top_k(queries.embeddings, references.embeddings, k=k,
+                  query_keys=[sha for sha, ok in zip(queries.sha256, query_ok) if ok],
+                  reference_keys=[sha for sha, ok in zip(references.sha256, ref_ok) if ok])
+    query_ids = np.array(queries.ids, dtype=object)
+    kept = found.indices >= 0
+    rows = np.nonzero(kept)
+    matched = pl.DataFrame({
+        "query_id": query_ids[query_ok][rows[0]].tolist(), "rank": (rows[1] + 1).astype(np.int32),
+        "reference_id": ref_ids[found.indices[kept]].tolist(), "score": found.scores[kept], "detail": None,
+    }, schema=MATCHES_SCHEMA)
+    failed = pl.DataFrame({"query_id": query_ids[~query_ok].tolist(), "rank": None, "reference_id": None,
+                           "score": None, "detail": [e for e in queries.errors if e is not None]},
+                          schema=MATCHES_SCHEMA)
+    summary = {
+        "queries": len(queries.ids), "references": len(references.ids), "k": k,
+        "query_image_errors": int((~query_ok).sum()), "reference_image_errors": int((~ref_ok).sum()),
+        "same_image_excluded": {"queries": int((found.excluded > 0).sum()), "pairs": int(found.excluded.sum())},
+    }
+    return pl.concat([matched, failed]), summary
+
+
+def accuracy(matches: pl.DataFrame, expected: dict[str, str | None]) -> dict:
+    """Top-1 and top-5 accuracy over the queries that carry a label and have a usable image."""
+    labeled = {query: label for query, label in expected.items() if label is not None}
+    ranked = (matches.filter(pl.col("rank").is_not_null() & pl.col("query_id").is_in(list(labeled)))
+              .group_by("query_id").agg(pl.col("reference_id").sort_by("rank")))
+    lists = dict(zip(ranked["query_id"].to_list(), ranked["reference_id"].to_list()))
+    hits = {n: sum(labeled[query] in refs[:n] for query, refs in lists.items()) for n in (1, 5)}
+    return {"labeled_queries": len(lists), **{f"top_{n}": hits[n] / len(lists) if lists else None for n in hits}}

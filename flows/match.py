@@ -1,0 +1,95 @@
+"""Prefect flow: match photos (shelf photos, supplier images) with the catalog's products."""
+
+from __future__ import annotations
+
+import io
+import json
+from datetime import datetime, timezone
+
+import polars as pl
+from prefect import flow, get_run_logger, task
+from prefect.artifacts import create_markdown_artifact, create_table_artifact
+from prefect.cache_policies import NO_CACHE
+
+from clipdq import catalog, match, report, scorer, sources, storage
+from clipdq.cache import EmbeddingCache, cache_key
+from clipdq.model_files import read_model_files
+from clipdq.options import MatchOptions
+from clipdq.spec import parse_spec
+from flows.retries import IO_RETRIES
+
+
+@task(**IO_RETRIES, cache_policy=NO_CACHE)
+def embed_catalog(uri: str, spec_text: str, model_uri: str, cache: str | None, options: MatchOptions,
+                  role: str) -> match.Embedded:
+    spec = parse_spec(spec_text)
+    return match.embed_catalog(catalog.CatalogFile(uri), scorer=scorer.of_files(model_uri, spec, text_folder=cache),
+                               access=sources.catalog_access(uri, spec, options.image_roots),
+                               cache=EmbeddingCache(cache) if cache else None, batch_size=options.batch_size, role=role)
+
+
+@task(**IO_RETRIES, cache_policy=NO_CACHE)
+def read_labels(uri: str, id_column: str, label_column: str) -> dict[str, str | None]:
+    rows = catalog.CatalogFile(uri).read([id_column, label_column])
+    return dict(zip(rows[id_column].cast(pl.String).to_list(), rows[label_column].cast(pl.String).to_list()))
+
+
+@task(**IO_RETRIES, cache_policy=NO_CACHE)
+def publish(folder: str, matches: pl.DataFrame, summary: dict) -> str:
+    buffer = io.BytesIO()
+    matches.write_parquet(buffer)
+    files = {"matches.parquet": buffer.getvalue(), "summary.json": json.dumps(summary, indent=2).encode()}
+    meta = {"run_id": summary["run_id"], "kind": "match", "rows": matches.height}
+    return storage.publish(folder, files, meta=meta)
+
+
+@flow(name="clipdq-match", log_prints=True)
+def match_catalogs(references_uri: str, queries_uri: str, spec_uri: str, model_uri: str, output_uri: str,
+                   options: MatchOptions = MatchOptions()) -> str:
+    """Find the nearest catalog products of other photos; returns the run folder holding
+    ``matches.parquet`` (query_id, rank from 1, reference_id, score), ``summary.json`` and the
+    manifest (written last: the run is complete). A query is never matched with a reference
+    image of the same bytes; the summary says how many such pairs were left out.
+
+    Args:
+        references_uri: The catalog whose products are matched (Parquet, local or s3://): the spec's id
+            and image columns.
+        queries_uri: The photos to match, a catalog of the same form.
+        spec_uri: The spec YAML naming the id and image columns, local or s3://.
+        model_uri: The model whose image embeddings are compared: a model folder, an s3:// prefix or a hub id.
+        output_uri: The folder or s3:// prefix that receives run folders and the embedding cache.
+        options: How matching runs; every field has a default.
+    """
+    started = datetime.now(timezone.utc)
+    run_id, folder = report.new_run(output_uri, now=started)
+    storage.check_writable(output_uri)
+    spec_text = storage.read_bytes(spec_uri).decode()
+    spec = parse_spec(spec_text)
+    files = read_model_files(model_uri)
+    cache = (storage.join(output_uri, "_embedding_cache", cache_key(files.fingerprint(), files.pixels, "fp32"))
+             if options.embedding_cache else None)
+    references = embed_catalog(references_uri, spec_text, model_uri, cache, options, "references")
+    queries = embed_catalog(queries_uri, spec_text, model_uri, cache, options, "queries")
+    matches, found = match.match_embedded(references, queries, k=options.k)
+    summary = {"run_id": run_id, "started_at": started.isoformat(), "references_catalog": references_uri,
+               "queries_catalog": queries_uri, "model": model_uri, "model_fingerprint": files.fingerprint(),
+               "options": options.model_dump(), **found, "accuracy": None}
+    if options.label_column:
+        summary["accuracy"] = match.accuracy(matches, read_labels(queries_uri, spec.id_column, options.label_column))
+    publish(folder, matches, summary)
+    _announce(summary, folder, matches)
+    return folder
+
+
+def _announce(summary: dict, folder: str, matches: pl.DataFrame) -> None:
+    excluded, acc = summary["same_image_excluded"], summary["accuracy"]
+    line = (f"{summary['queries']} queries matched against {summary['references']} references; "
+            f"{excluded['pairs']} same-image pairs left out ({excluded['queries']} queries)")
+    if acc:
+        line += f"; top-1 {acc['top_1']:.3f}, top-5 {acc['top_5']:.3f} over {acc['labeled_queries']} labeled queries"
+    get_run_logger().info("%s; matches: %s", line, storage.join(folder, "matches.parquet"))
+    create_markdown_artifact(key="clipdq-match-report", markdown=f"{line}.\n\nRun folder: `{folder}`",
+                             description="What product matching found")
+    best = matches.filter(pl.col("rank") == 1).sort("score").head(25).with_columns(pl.col("score").round(3))
+    create_table_artifact(key="clipdq-weakest-matches", table=best.drop("rank", "detail").to_dicts(),
+                          description=f"The 25 queries whose best match is weakest, run {summary['run_id']}")

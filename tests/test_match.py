@@ -1,0 +1,142 @@
+"""Product matching: the exact blockwise top-k against brute force, and `clipdq match` end to end
+on photos that are altered copies of catalog images, with planted byte-for-byte copies and a
+broken photo."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import polars as pl
+import pytest
+from PIL import Image, ImageEnhance
+
+from clipdq import match, model
+from clipdq.spec import Spec
+
+K = 5
+
+
+def brute_force(queries: np.ndarray, references: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+    scores = match.normalised(queries) @ match.normalised(references).T
+    order = np.argsort(-scores, axis=1, kind="stable")[:, :k]
+    return order, np.take_along_axis(scores, order, 1)
+
+
+@pytest.mark.parametrize("blocks", [(1024, 16384), (7, 13), (64, 1)])
+def test_top_k_equals_brute_force_whatever_the_blocks(blocks: tuple[int, int]) -> None:
+    rng = np.random.default_rng(0)
+    queries, references = rng.normal(size=(150, 24)), rng.normal(size=(400, 24))
+    found = match.top_k(queries, references, k=K, query_block=blocks[0], reference_block=blocks[1])
+    indices, scores = brute_force(queries, references, K)
+    np.testing.assert_array_equal(found.indices, indices)
+    np.testing.assert_allclose(found.scores, scores, atol=1e-5)
+    assert not found.excluded.any()
+
+
+def test_a_reference_with_the_querys_own_bytes_is_never_its_match() -> None:
+    rng = np.random.default_rng(1)
+    references = rng.normal(size=(50, 8))
+    digests = [f"sha-{i}" for i in range(50)]
+    digests[7] = digests[3]  # two references hold the same bytes
+    queries = references[:10]  # the first ten references themselves, as queries
+    found = match.top_k(queries, references, k=3, query_keys=digests[:10] + [], reference_keys=digests)
+    assert found.excluded.tolist() == [1, 1, 1, 2, 1, 1, 1, 2, 1, 1]
+    for q in range(10):
+        assert not {q, 3 if q in (3, 7) else q} & set(found.indices[q]), q
+    unkeyed = match.top_k(queries, references, k=1, query_keys=[None] * 10, reference_keys=digests)
+    assert unkeyed.indices[:, 0].tolist() == list(range(10))  # no key: nothing is left out
+
+
+def test_fewer_references_than_k_leave_empty_ranks() -> None:
+    found = match.top_k(np.eye(3), np.eye(3)[:2], k=4)
+    assert found.indices[0].tolist() == [0, 1, -1, -1]
+    assert np.isneginf(found.scores[:, 2:]).all()
+
+
+# --------------------------------------------------------------------------- end to end
+
+
+@pytest.fixture(scope="module")
+def pretrained_dir(tmp_path_factory: pytest.TempPathFactory, spec: Spec) -> Path:
+    """The pretrained EfficientNet-Lite0 tower as `clipdq init-model` makes it: its features see photos."""
+    folder = tmp_path_factory.mktemp("pretrained")
+    model.save_model(model.init_model(spec, "efficientnet-lite0"), str(folder))
+    return folder
+
+
+def altered(source: Path, dest: Path, rng: np.random.Generator) -> None:
+    """Another photo of the same product: cropped, resized, brighter or darker, re-encoded."""
+    with Image.open(source) as image:
+        w, h = image.size
+        cut = int(w * rng.uniform(0.04, 0.1))
+        image = image.crop((cut, cut, w - cut, h - cut)).resize((w + 40, h + 40))
+        ImageEnhance.Brightness(image).enhance(rng.uniform(0.85, 1.15)).save(dest, format="JPEG", quality=75)
+
+
+@pytest.fixture(scope="module")
+def queries(sample_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict]:
+    """Queries of 30 catalog products: 26 altered photos, 3 byte-for-byte copies, one broken file."""
+    references = pl.read_parquet(sample_dir / "catalog.parquet")
+    usable = [row for row in references.iter_rows(named=True)
+              if (sample_dir / row["image"]).exists() and _decodes(sample_dir / row["image"])][:30]
+    folder = tmp_path_factory.mktemp("queries")
+    (folder / "images").mkdir()
+    rng, rows = np.random.default_rng(0), []
+    for i, row in enumerate(usable):
+        image = f"images/q{i}.jpg"
+        if i < 3:
+            shutil.copyfile(sample_dir / row["image"], folder / image)
+        elif i == 3:
+            (folder / image).write_bytes(b"not a photo")
+        else:
+            altered(sample_dir / row["image"], folder / image, rng)
+        rows.append({"product_id": f"Q{i}", "image": image, "expected_id": row["product_id"]})
+    pl.DataFrame(rows).write_parquet(folder / "queries.parquet")
+    return folder / "queries.parquet", {r["product_id"]: r["expected_id"] for r in rows}
+
+
+def _decodes(path: Path) -> bool:
+    try:
+        with Image.open(path) as image:
+            image.load()
+        return True
+    except OSError:
+        return False
+
+
+@pytest.mark.subprocess
+def test_clipdq_match_finds_the_product_of_altered_photos_and_leaves_out_copies(
+        sample_dir: Path, pretrained_dir: Path, queries: tuple[Path, dict], tmp_path: Path) -> None:
+    queries_file, expected = queries
+    command = [sys.executable, "-m", "clipdq.cli", "match", "--references", str(sample_dir / "catalog.parquet"),
+               "--queries", str(queries_file), "--spec", str(sample_dir / "spec.yaml"), "--model", str(pretrained_dir),
+               "--output", str(tmp_path / "out"), "--label-column", "expected_id"]
+    result = subprocess.run(command, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    folder = Path(result.stdout.strip().splitlines()[-1])
+    assert (folder / "manifest.json").exists()
+    matches = pl.read_parquet(folder / "matches.parquet")
+    summary = json.loads((folder / "summary.json").read_text())
+
+    assert set(matches["query_id"]) == set(expected)  # every query accounted for
+    broken = matches.filter(pl.col("query_id") == "Q3")
+    assert broken.height == 1 and broken["rank"][0] is None and broken["detail"][0]
+    ranked = matches.filter(pl.col("rank").is_not_null())
+    assert ranked.group_by("query_id").len()["len"].to_list() == [K] * 29
+    assert (ranked.group_by("query_id").agg(pl.col("score").diff().max())["score"].fill_null(0) <= 1e-6).all()
+
+    top = dict(ranked.filter(pl.col("rank") == 1).select("query_id", "reference_id").iter_rows())
+    copies = [f"Q{i}" for i in range(3)]
+    assert all(top[q] != expected[q] for q in copies)  # its own bytes are not a match
+    assert summary["same_image_excluded"]["queries"] == 3
+    altered_right = sum(top[q] == expected[q] for q in top if q not in copies)
+    # chance is 26 / 100; the untrained projection of the pretrained tower's features gets 21
+    assert altered_right >= 18, f"{altered_right} of 26 altered photos matched first"
+    assert summary["query_image_errors"] == 1
+    assert summary["accuracy"]["labeled_queries"] == 29
+    assert summary["accuracy"]["top_1"] == pytest.approx(altered_right / 29)
