@@ -49,7 +49,10 @@ def top_k(queries: np.ndarray, references: np.ndarray, *, k: int, query_keys=Non
 
     if k < 1:
         raise ValueError("k must be at least 1")
-    q_all, r_all = torch.from_numpy(normalised(queries)), torch.from_numpy(normalised(references))
+    # references stay as given (a million of them is a gigabyte): their norms divide the scores
+    r_all = torch.from_numpy(np.asarray(references, dtype=np.float32))
+    r_norms = torch.linalg.vector_norm(r_all, dim=1).clamp_min(1e-12) if len(r_all) else torch.ones(0)
+    q_all = torch.from_numpy(normalised(queries))
     q_codes, r_codes = _shared_codes(query_keys, reference_keys, len(q_all), len(r_all))
     kept = min(k, len(r_all))
     indices = np.full((len(q_all), k), -1, dtype=np.int64)
@@ -60,7 +63,7 @@ def top_k(queries: np.ndarray, references: np.ndarray, *, k: int, query_keys=Non
         best_s = torch.full((len(q_all[rows]), kept), -torch.inf)
         best_i = torch.full((len(q_all[rows]), kept), -1, dtype=torch.int64)
         for r0 in range(0, len(r_all), reference_block):
-            block = q_all[rows] @ r_all[r0:r0 + reference_block].T
+            block = (q_all[rows] @ r_all[r0:r0 + reference_block].T).div_(r_norms[r0:r0 + reference_block])
             if q_codes is not None:
                 same = (q_codes[rows, None] == r_codes[None, r0:r0 + reference_block]) & (q_codes[rows, None] >= 0)
                 block.masked_fill_(same, -torch.inf)

@@ -1,0 +1,121 @@
+"""Product matching, measured as its users run it.
+
+(a) Grocery Store: the catalog ("iconic") image of each of the 81 products as references and the
+    dataset's 296 ``val`` shelf photos (other sessions than any training photo) as queries, through
+    ``clipdq match`` timed from start to exit: top-1 and top-5 accuracy, for the pretrained tower as
+    ``clipdq init-model`` makes it and, with ``--finetuned M``, for a model fine-tuned on the
+    ``train`` photos (``benchmarks/grocery_cli.py`` makes one).
+(b) Scale: ``--queries`` x ``--references`` random 256-d embeddings (the EfficientNet dual
+    encoder's size) through the exact blockwise top-k, in a child process: time and the OS's peak RSS.
+
+    python benchmarks/match.py [--data DIR] [--finetuned MODEL] [--queries 100000] [--references 1000000]
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import resource
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import polars as pl
+import yaml
+
+from grocery import DEFAULT_DATA, grocery_spec, load_catalog
+
+CLIPDQ = [str(Path(sys.executable).parent / "clipdq")]
+
+SCALE = """
+import sys, time, numpy as np
+from clipdq import match
+m, n, d = (int(v) for v in sys.argv[1:4])
+rng = np.random.default_rng(0)
+references = rng.standard_normal((n, d), dtype=np.float32)
+queries = rng.standard_normal((m, d), dtype=np.float32)
+started = time.monotonic()
+found = match.top_k(queries, references, k=5)
+print(time.monotonic() - started, found.indices.shape)
+"""
+
+
+def clipdq(*args: str) -> tuple[float, str]:
+    started = time.monotonic()
+    result = subprocess.run([*CLIPDQ, *args], capture_output=True, text=True)
+    if result.returncode:
+        sys.exit(f"clipdq {args[0]} failed:\n{result.stderr[-3000:]}")
+    return time.monotonic() - started, result.stdout.strip().splitlines()[-1]
+
+
+def grocery_catalogs(data: Path, work: Path) -> tuple[Path, Path, Path]:
+    """(references, queries, spec): iconic images by class name; val photos labeled with theirs."""
+    with open(data / "classes.csv", newline="") as handle:
+        iconic = [{"product_id": r["Class Name (str)"], "image": str(data / r["Iconic Image Path (str)"].lstrip("/"))}
+                  for r in csv.DictReader(handle)]
+    references, queries = work / "references.parquet", work / "queries.parquet"
+    pl.DataFrame(iconic).write_parquet(references)
+    frame = load_catalog(data)
+    val = frame.filter(pl.col("split") == "holdout")
+    val.select("product_id", "image", pl.col("fine").alias("expected_id")).write_parquet(queries)
+    spec = grocery_spec(frame)  # the spec grocery_cli.py fine-tunes with
+    (work / "spec.yaml").write_text(yaml.safe_dump(
+        {"target_precision": spec.target_precision, "image_roots": [str(data.resolve())],
+         "attributes": {a.name: {"values": list(a.values)} for a in spec.attributes}}))
+    return references, queries, work / "spec.yaml"
+
+
+def grocery(data: Path, finetuned: str | None) -> None:
+    with tempfile.TemporaryDirectory() as tmp:
+        work = Path(tmp)
+        references, queries, spec = grocery_catalogs(data, work)
+        seconds, model_dir = clipdq("init-model", "--spec", str(spec), "--arch", "efficientnet-lite0",
+                                    "--output", str(work / "model"))
+        for name, model_uri in (("pretrained tower, new projection", model_dir), ("fine-tuned", finetuned)):
+            if not model_uri:
+                continue
+            seconds, folder = clipdq("match", "--references", str(references), "--queries", str(queries),
+                                     "--spec", str(spec), "--model", model_uri, "--output", str(work / "out"),
+                                     "--label-column", "expected_id", "--no-embedding-cache")
+            summary = json.loads((Path(folder) / "summary.json").read_text())
+            acc = summary["accuracy"]
+            print(f"(a) {name}: top-1 {acc['top_1']:.3f}, top-5 {acc['top_5']:.3f} over {acc['labeled_queries']} "
+                  f"val photos, {summary['references']} references; same-image pairs left out: "
+                  f"{summary['same_image_excluded']['pairs']}; clipdq match {seconds:.1f} s", flush=True)
+
+
+def scale(queries: int, references: int) -> None:
+    started = time.monotonic()
+    result = subprocess.run([sys.executable, "-c", SCALE, str(queries), str(references), "256"],
+                            capture_output=True, text=True, check=True)
+    peak = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024
+    inner = float(result.stdout.split()[0])
+    print(f"(b) {queries:,} queries x {references:,} references, 256-d, exact top-5: {inner:.0f} s in top_k "
+          f"({queries * references / inner / 1e6:,.0f} M pairs/s), {time.monotonic() - started:.0f} s whole process; "
+          f"peak RSS {peak:,.0f} MB (target < 2048 MB)", flush=True)
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--data", type=Path, default=DEFAULT_DATA)
+    parser.add_argument("--finetuned", help="a model fine-tuned on the Grocery train photos")
+    parser.add_argument("--queries", type=int, default=100_000)
+    parser.add_argument("--references", type=int, default=1_000_000)
+    parser.add_argument("--skip-grocery", action="store_true")
+    parser.add_argument("--skip-scale", action="store_true")
+    args = parser.parse_args()
+    if not args.skip_grocery:
+        if not (args.data / "classes.csv").exists():
+            print(f"Grocery Store dataset not found at {args.data}: skipping (a)")
+        else:
+            grocery(args.data, args.finetuned)
+    if not args.skip_scale:
+        scale(args.queries, args.references)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
