@@ -116,11 +116,15 @@ def embed_catalog(source: catalog.CatalogFile, *, scorer: Scorer, access: ImageA
                   cache: EmbeddingCache | None = None, batch_size: int = 64, role: str = "images") -> Embedded:
     """Every row of ``source`` embedded (or taken from ``cache``), one batch of pixels at a time;
     progress is logged as ``role``."""
-    spec, out, parts = scorer.spec, Embedded(), []
+    spec, out, filled, kept = scorer.spec, Embedded(), 0, None
     catalog.check_id_and_image(source.schema, spec)
     prepare = functools.partial(audit.prepare_batch, spec=spec, access=access, pixels=scorer.pixels, cache=cache)
     for batch in audit.prepared_batches(source.batches(batch_size, [spec.id_column, spec.image_column]), prepare):
-        parts.append(audit.embed_batch(batch, scorer, cache))
+        embeddings = audit.embed_batch(batch, scorer, cache)
+        if kept is None:  # one array for the catalog, filled in place: no second copy of a million rows
+            kept = np.empty((source.rows, embeddings.shape[1]), np.float32)
+        kept[filled:filled + len(embeddings)] = embeddings
+        filled += len(embeddings)
         out.ids += batch.rows[spec.id_column].cast(pl.String).to_list()
         out.sha256 += batch.sha256
         out.errors += batch.errors
@@ -129,7 +133,7 @@ def embed_catalog(source: catalog.CatalogFile, *, scorer: Scorer, access: ImageA
                           extra={"progress": (len(out.ids), source.rows)})
     if cache is not None:
         cache.flush()
-    out.embeddings = np.concatenate(parts) if parts else np.zeros((0, 0), np.float32)
+    out.embeddings = kept[:filled] if kept is not None else np.zeros((0, 0), np.float32)
     return out
 
 

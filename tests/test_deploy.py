@@ -107,6 +107,9 @@ def test_nightly_audit_deployment_is_scheduled_one_at_a_time_and_runs_on_a_worke
     assert nightly["concurrency_options"]["collision_strategy"] == "CANCEL_NEW"
     assert nightly["parameters"]["catalog_uri"] == deployed["CLIPDQ_CATALOG"]
     api(deployed, "GET", "/deployments/name/clipdq-finetune/finetune")
+    matching = api(deployed, "GET", "/deployments/name/clipdq-match/match")
+    assert matching["parameters"]["references_uri"] == deployed["CLIPDQ_CATALOG"]
+    assert "queries_uri" in matching["parameter_openapi_schema"]["required"]  # the run form asks for it
 
     prefect(deployed, "deployment", "run", "clipdq-audit/nightly-audit")
     prefect(deployed, "worker", "start", "--pool", "clipdq", "--run-once")
