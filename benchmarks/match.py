@@ -27,8 +27,7 @@ import polars as pl
 import yaml
 
 from grocery import DEFAULT_DATA, grocery_spec, load_catalog
-
-CLIPDQ = [str(Path(sys.executable).parent / "clipdq")]
+from grocery_cli import clipdq
 
 SCALE = """
 import sys, time, numpy as np
@@ -41,14 +40,6 @@ started = time.monotonic()
 found = match.top_k(queries, references, k=5)
 print(time.monotonic() - started, found.indices.shape)
 """
-
-
-def clipdq(*args: str) -> tuple[float, str]:
-    started = time.monotonic()
-    result = subprocess.run([*CLIPDQ, *args], capture_output=True, text=True)
-    if result.returncode:
-        sys.exit(f"clipdq {args[0]} failed:\n{result.stderr[-3000:]}")
-    return time.monotonic() - started, result.stdout.strip().splitlines()[-1]
 
 
 def grocery_catalogs(data: Path, work: Path) -> tuple[Path, Path, Path]:
