@@ -268,6 +268,8 @@ def run_report(args: argparse.Namespace) -> str:
         raise ValueError("--diff takes no run id (the latest against the one before) or two (older first)")
     newer = runs.find_run(args.output, args.diff[1]) if args.diff else done[-1]
     summary = json.loads(storage.read_bytes(storage.join(newer, "summary.json")))
+    if "totals" not in summary:
+        raise LookupError(f"run {summary['run_id']} is not an audit (a clipdq match run?): give each job its own output")
     counts = dict(summary["totals"]) | ((summary.get("changes") or {}).get("totals") or {})
     if args.diff is None:
         print(terminal.text(summary, newer))
