@@ -107,14 +107,13 @@ def read_catalog(uri: str) -> pl.DataFrame:
 
 def check_schema(schema: pl.Schema, spec: Spec) -> list[str]:
     """Raise on columns the audit cannot do without; return warnings for the rest."""
-    needed = {spec.id_column, spec.image_column} | {c for a in spec.attributes for c in a.applies_to}
-    missing = sorted(needed - set(schema.names()))
+    check_id_and_image(schema, spec)
+    applies_to = {column for a in spec.attributes for column in a.applies_to}
+    missing = sorted(applies_to - set(schema.names()))
     if missing:
         raise CatalogError(f"catalog lacks required columns {missing}; it has {schema.names()}")
     warnings = [f"catalog has no column {name!r}: every value counts as missing"
                 for name in spec.names if name not in schema]
-    check_id_and_image(schema, spec)
-    applies_to = {column for a in spec.attributes for column in a.applies_to}
     for kind, names in (("attribute", [n for n in spec.names if n in schema]), ("applies_to", sorted(applies_to))):
         for name in names:
             if not isinstance(schema[name], TEXT):

@@ -19,21 +19,15 @@ from prefect.task_runners import ThreadPoolTaskRunner
 
 from clipdq import audit, catalog, images, report, runs, scorer, shards, sources, splits, storage
 from clipdq.cache import cache_key
-from clipdq.model_files import ModelFiles, read_model_files
+from clipdq.model_files import ModelFiles
 from clipdq.options import AuditOptions
 from clipdq.sources import ImageAccess
 from clipdq.spec import Spec, parse_spec
+from flows.inputs import read_model, read_spec
 from flows.retries import IO_RETRIES
 
 if TYPE_CHECKING:
     from clipdq.model import Clip
-
-
-@task(**IO_RETRIES)
-def read_spec(uri: str) -> str:
-    text = storage.read_bytes(uri).decode()
-    parse_spec(text)  # a malformed spec fails here, once
-    return text
 
 
 @task(**IO_RETRIES, cache_policy=NO_CACHE)
@@ -44,11 +38,6 @@ def open_catalog(uri: str) -> catalog.CatalogFile:
 @task(**IO_RETRIES, cache_policy=NO_CACHE)
 def validate_catalog(source: catalog.CatalogFile, spec: Spec, cache: str) -> dict:
     return catalog.validate_file(source, spec, cache=cache)
-
-
-@task(**IO_RETRIES, cache_policy=NO_CACHE)
-def read_model(uri: str) -> ModelFiles:
-    return read_model_files(uri)
 
 
 @task(**IO_RETRIES, cache_policy=NO_CACHE)

@@ -9,14 +9,8 @@ from prefect.cache_policies import NO_CACHE
 from clipdq import catalog, model, sources, storage, train
 from clipdq.options import FinetuneOptions
 from clipdq.spec import parse_spec
+from flows.inputs import read_spec
 from flows.retries import IO_RETRIES
-
-
-@task(**IO_RETRIES)
-def read_spec(uri: str) -> str:
-    text = storage.read_bytes(uri).decode()
-    parse_spec(text)  # fail here, before any training, on a malformed spec
-    return text
 
 
 @task(**IO_RETRIES, cache_policy=NO_CACHE)

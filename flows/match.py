@@ -13,9 +13,9 @@ from prefect.cache_policies import NO_CACHE
 
 from clipdq import catalog, match, report, scorer, sources, storage
 from clipdq.cache import EmbeddingCache, cache_key
-from clipdq.model_files import read_model_files
 from clipdq.options import MatchOptions
 from clipdq.spec import parse_spec
+from flows.inputs import read_model, read_spec
 from flows.retries import IO_RETRIES
 
 
@@ -63,9 +63,9 @@ def match_catalogs(references_uri: str, queries_uri: str, spec_uri: str, model_u
     started = datetime.now(timezone.utc)
     run_id, folder = report.new_run(output_uri, now=started)
     storage.check_writable(output_uri)
-    spec_text = storage.read_bytes(spec_uri).decode()
+    spec_text = read_spec(spec_uri)
     spec = parse_spec(spec_text)
-    files = read_model_files(model_uri)
+    files = read_model(model_uri)
     cache = (storage.join(output_uri, "_embedding_cache", cache_key(files.fingerprint(), files.pixels, "fp32"))
              if options.embedding_cache else None)
     references = embed_catalog(references_uri, spec_text, model_uri, cache, options, "references")
