@@ -82,6 +82,7 @@ class Batch:
     cached: dict[int, np.ndarray]  # row position -> embedding found in the cache
     to_embed: np.ndarray  # row positions of ``pixels``
     pixels: np.ndarray  # (len(to_embed), 3, h, w) float32
+    signatures: list[bytes | None]  # per row: the image's pixel signature, None where it failed
     transient: int = 0  # images lost to an outage (storage or network), not to the data
     unread: int = 0  # images not read at all: unchanged since their embedding was cached
 
@@ -89,6 +90,17 @@ class Batch:
     def ok(self) -> np.ndarray:
         """(n,) bool: the rows whose image is usable."""
         return np.array([error is None for error in self.errors], dtype=bool)
+
+
+IMAGES_SCHEMA = {"product_id": pl.String, "sha256": pl.String, "signature": pl.Binary}
+
+
+def usable_images(batch: Batch, spec: Spec) -> pl.DataFrame:
+    """(IMAGES_SCHEMA) the id, digest and pixel signature of each row whose image is usable."""
+    ok = batch.ok
+    return pl.DataFrame({"product_id": batch.rows[spec.id_column].cast(pl.String).filter(ok),
+                         "sha256": [sha for sha, good in zip(batch.sha256, ok) if good],
+                         "signature": [sig for sig, good in zip(batch.signatures, ok) if good]}, schema=IMAGES_SCHEMA)
 
 
 COUNT_KEYS = ("scored", "from_cache", "unread", "embedded", "lost_to_outages")
@@ -121,7 +133,7 @@ def prepare_batch(
     if cache is not None:
         located, unchanged = _unchanged(refs, access, cache)
         hits = cache.get_many(unchanged.values())
-        cached = {i: hits[sha] for i, sha in unchanged.items() if sha in hits}
+        cached = {i: hits[sha] for i, sha in unchanged.items() if sha in hits}  # row -> cache Entry
         for i in cached:
             sha256[i] = unchanged[i]
     unread = len(cached)
@@ -138,7 +150,10 @@ def prepare_batch(
     errors = [fetched[i].error if i in fetched else None for i in range(len(refs))]
     for i, error in zip(pending, decoded.errors):
         errors[i] = error
-    return Batch(rows, errors, sha256, cached, np.array(pending, dtype=int)[decoded.ok], decoded.pixels,
+    to_embed = np.array(pending, dtype=int)[decoded.ok]
+    signatures = {i: entry.signature for i, entry in cached.items()} | dict(zip(to_embed.tolist(), decoded.signatures))
+    return Batch(rows, errors, sha256, {i: entry.embedding for i, entry in cached.items()}, to_embed, decoded.pixels,
+                 [signatures.get(i) for i in range(len(refs))],
                  transient=sum(item.transient for item in fetched.values()), unread=unread)
 
 
@@ -146,7 +161,7 @@ def embed_batch(batch: Batch, scorer: Scorer, cache: EmbeddingCache | None = Non
     """(n_usable, d) embeddings of the rows whose image is usable, in row order; new ones are cached."""
     fresh = scorer.embed(batch.pixels)
     if cache is not None and len(fresh):
-        cache.add([batch.sha256[i] for i in batch.to_embed], fresh)
+        cache.add([batch.sha256[i] for i in batch.to_embed], fresh, [batch.signatures[i] for i in batch.to_embed])
     by_row = dict(batch.cached) | dict(zip(batch.to_embed.tolist(), fresh))
     usable = np.flatnonzero(batch.ok)
     return np.stack([by_row[i] for i in usable]) if len(usable) else fresh[:0]

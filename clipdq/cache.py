@@ -5,7 +5,7 @@ A cache is a folder, local or ``s3://``, named after the model and the preproces
 tables of Parquet parts, each part sorted by its key and written whole (a crash never leaves a
 partial part; concurrent writers never overwrite each other):
 
-- ``embeddings/``: ``sha256``, ``embedding``;
+- ``embeddings/``: ``sha256``, ``embedding``, ``signature`` (the image's pixel signature);
 - ``locations/``: ``location`` (where an image was read), ``version`` (its size and modification
   time, or its S3 ETag) and ``sha256``: an image whose location still has that version is not
   read again.
@@ -35,7 +35,7 @@ from clipdq.images import PixelSpec
 
 log = logging.getLogger(__name__)
 
-PREPROCESS_VERSION = 1  # bump when decoding or preprocessing changes the pixels an image gives
+PREPROCESS_VERSION = 2  # bump when decoding or preprocessing changes the pixels an image gives
 ROW_GROUP_ROWS = 256  # rows a lookup reads at least per wanted key: small groups, little read for a few keys
 SMALL_PART_ROWS = 100_000  # parts below this are merged by ``compact``
 COMPACT_AT_PARTS = 8  # ``compact`` merges once a table has this many small parts
@@ -50,6 +50,11 @@ def cache_key(model_fingerprint: str, pixels: PixelSpec, backend: str = "fp32") 
     tower's backend where it is not fp32 (its embeddings differ slightly)."""
     preprocessing = hashlib.sha256(repr((PREPROCESS_VERSION, pixels)).encode()).hexdigest()[:12]
     return f"model={model_fingerprint}-pre={preprocessing}" + ("" if backend == "fp32" else f"-{backend}")
+
+
+class Entry(NamedTuple):
+    embedding: np.ndarray  # (d,) float32
+    signature: bytes  # images.signature of the image
 
 
 class PartIndex(NamedTuple):
@@ -141,16 +146,17 @@ class EmbeddingCache:
         self.folder = folder
         self.embeddings = SortedParts(storage.join(folder, "embeddings"), "sha256")
         self.locations = SortedParts(storage.join(folder, "locations"), "location")
-        self.new: dict[str, np.ndarray] = {}
+        self.new: dict[str, Entry] = {}
         self.new_locations: dict[str, tuple[str, str]] = {}  # location -> (version, sha256)
 
-    def get_many(self, sha256s: Iterable[str]) -> dict[str, np.ndarray]:
-        """sha256 -> embedding of the ones the cache holds."""
+    def get_many(self, sha256s: Iterable[str]) -> dict[str, Entry]:
+        """sha256 -> embedding and signature of the ones the cache holds."""
         wanted = set(sha256s)
         found = {sha: self.new[sha] for sha in wanted & self.new.keys()}
         kept = self.embeddings.lookup(wanted - found.keys())
         if kept.height:
-            found |= dict(zip(kept["sha256"].to_list(), kept["embedding"].to_numpy()))
+            found |= {sha: Entry(embedding, signature) for sha, embedding, signature in
+                      zip(kept["sha256"].to_list(), kept["embedding"].to_numpy(), kept["signature"].to_list())}
         return found
 
     def known_digests(self, versions: dict[str, str]) -> dict[str, str]:
@@ -159,8 +165,8 @@ class EmbeddingCache:
         known = {row[0]: row[2] for row in kept.iter_rows() if versions[row[0]] == row[1]} if kept.height else {}
         return known | {loc: sha for loc, (ver, sha) in self.new_locations.items() if versions.get(loc) == ver}
 
-    def add(self, sha256s: list[str], embeddings: np.ndarray) -> None:
-        self.new.update(zip(sha256s, embeddings.astype(np.float32)))
+    def add(self, sha256s: list[str], embeddings: np.ndarray, signatures: list[bytes]) -> None:
+        self.new.update(zip(sha256s, map(Entry, embeddings.astype(np.float32), signatures)))
 
     def add_locations(self, entries: Iterable[tuple[str, str, str]]) -> None:
         """(location, version, sha256) of images read whole."""
@@ -171,8 +177,10 @@ class EmbeddingCache:
         pile up; returns the new embeddings part's URI."""
         uri = None
         if self.new:
-            uri = self.embeddings.write(pl.DataFrame({"sha256": list(self.new),
-                                                      "embedding": np.stack(list(self.new.values()))}))
+            entries = list(self.new.values())
+            uri = self.embeddings.write(pl.DataFrame({
+                "sha256": list(self.new), "embedding": np.stack([entry.embedding for entry in entries]),
+                "signature": pl.Series([entry.signature for entry in entries], dtype=pl.Binary)}))
             log.info("embedding cache: %d new embeddings written to %s", len(self.new), uri)
         if self.new_locations:
             self.locations.write(pl.DataFrame(

@@ -226,6 +226,9 @@ def run_demo(args: argparse.Namespace) -> str:
     t = summary["totals"]
     print(f"\n{summary['products']} products audited: {t['conflict']} conflicts, {t['gap']} gaps with a suggestion, "
           f"{t['invalid_value']} invalid values, {t['image_error']} image errors, {t['uncertain']} uncertain.")
+    if summary["duplicates"]["checked"]:
+        print(f"{summary['duplicates']['products']} products in {summary['duplicates']['groups']} groups of duplicate "
+              "listings.")
     if summary["changes"]:
         c = summary["changes"]["totals"]
         print(f"Since the previous run: {c['new']} new, {c['resolved']} resolved, {c['persisting']} persisting problems.")

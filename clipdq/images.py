@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import io
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
@@ -17,6 +17,7 @@ MAX_DECODED_BYTES = 160 * 2**20  # per decoding worker
 MAX_ASPECT = 4  # longer sides are cropped to this many times the shorter before resizing
 BYTES_PER_PIXEL = {"1": 1, "L": 1, "P": 1, "LA": 2, "PA": 2, "I;16": 2, "I;16B": 2, "I;16L": 2, "RGB": 3, "YCbCr": 3,
                    "RGBA": 4, "CMYK": 4, "I": 4, "F": 4}
+SIGNATURE_SIZE = 32  # a pixel signature is the whole image as SIGNATURE_SIZE^2 RGB pixels (uint8)
 SIGNATURES = {"JPEG": (b"\xff\xd8\xff",), "PNG": (b"\x89PNG\r\n\x1a\n",), "GIF": (b"GIF87a", b"GIF89a"),
               "TIFF": (b"II*\x00", b"MM\x00*"), "BMP": (b"BM",)}
 
@@ -36,6 +37,7 @@ class LoadedImages:
     pixels: np.ndarray  # (n_ok, 3, crop, crop) float32, rows of the images that loaded
     ok: np.ndarray  # (n,) bool, which input images loaded
     errors: list[str | None]  # (n,) why each image failed, None where it loaded
+    signatures: list[bytes] = field(default_factory=list)  # (n_ok,) pixel signature of each loaded image
 
 
 def image_format(data: bytes) -> str | None:
@@ -94,10 +96,18 @@ def to_pixels(image: Image.Image, spec: PixelSpec) -> np.ndarray:
     return array.transpose(2, 0, 1)
 
 
-def _pixels_one(data: bytes, spec: PixelSpec) -> np.ndarray | str:
-    """Model-ready pixels of image bytes, or why they could not be decoded."""
+def signature(image: Image.Image) -> bytes:
+    """The whole image, uncropped, squashed to SIGNATURE_SIZE x SIGNATURE_SIZE RGB (channels first,
+    uint8): what duplicate listings compare, unchanged by re-encoding and resizing."""
+    small = image.resize((SIGNATURE_SIZE, SIGNATURE_SIZE), Image.Resampling.BOX)
+    return np.asarray(small, dtype=np.uint8).transpose(2, 0, 1).tobytes()
+
+
+def _pixels_one(data: bytes, spec: PixelSpec) -> tuple[np.ndarray, bytes] | str:
+    """Model-ready pixels and the signature of image bytes, or why they could not be decoded."""
     try:
-        return to_pixels(decode(data, min_side=spec.resize), spec)
+        image = decode(data, min_side=spec.resize)
+        return to_pixels(image, spec), signature(image)
     except UnidentifiedImageError:  # its message names a memory address: keep statuses reproducible
         return "unreadable image: not a recognised image format"
     except DECODE_ERRORS as error:
@@ -110,9 +120,9 @@ def decode_images(fetched: list[Fetched], spec: PixelSpec, *, workers: int = 4) 
         results = list(pool.map(lambda item: item.error if item.data is None else _pixels_one(item.data, spec),
                                 fetched))
     ok = np.array([not isinstance(r, str) for r in results], dtype=bool)
-    stacked = [r for r in results if not isinstance(r, str)]
-    pixels = np.stack(stacked) if stacked else np.zeros((0, 3, spec.crop, spec.crop), np.float32)
-    return LoadedImages(pixels, ok, [r if isinstance(r, str) else None for r in results])
+    loaded = [r for r in results if not isinstance(r, str)]
+    pixels = np.stack([r[0] for r in loaded]) if loaded else np.zeros((0, 3, spec.crop, spec.crop), np.float32)
+    return LoadedImages(pixels, ok, [r if isinstance(r, str) else None for r in results], [r[1] for r in loaded])
 
 
 def load_images(refs: list, access: ImageAccess, spec: PixelSpec, *, workers: int = 4) -> LoadedImages:

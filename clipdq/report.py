@@ -41,8 +41,17 @@ def counts(findings: Findings) -> pl.DataFrame:
     return wide.with_columns(missing).select("attribute", *STATUSES).fill_null(0).sort("attribute")
 
 
+def duplicates_summary(found: pl.DataFrame, threshold: float | None) -> dict:
+    """What summary.json says of the duplicate listings (duplicates.DUPLICATES_SCHEMA)."""
+    if threshold is None:
+        return {"checked": False, "why": "duplicate_similarity is null in the spec"}
+    identical = found.group_by("group").agg(pl.col("kind").eq("identical bytes").all())["kind"].sum()
+    return {"checked": True, "similarity_threshold": threshold, "groups": found["group"].n_unique(),
+            "products": found.height, "groups_of_identical_bytes": int(identical)}
+
+
 def summarize(findings: Findings, *, products: int, run: dict, validation: dict, reported: int | None = None,
-              changes: dict | None = None) -> dict:
+              changes: dict | None = None, duplicates: dict | None = None) -> dict:
     """Summary JSON: what was checked, with what, how many findings of each kind, and what changed
     since the previous complete run (``runs.change_counts``; null for a first run).
 
@@ -66,6 +75,7 @@ def summarize(findings: Findings, *, products: int, run: dict, validation: dict,
         "totals": {s: int(by_attribute[s].sum()) for s in STATUSES} | {NOT_APPLICABLE: not_applicable},
         "by_attribute": by_attribute.to_dicts(),
         "changes": changes,
+        "duplicates": duplicates,
         "warnings": warnings,
         "expectations": validation.get("expectations", []),
         "expectations_reused": bool(validation.get("reused")),  # kept from an earlier run of the same keys
@@ -117,6 +127,7 @@ TABLE_COLUMNS = ("product_id", "attribute", "status", "existing_value", "predict
 TABLE_ROWS = 100_000  # problems in the report's table, the most confident first (all are in suggested_fixes)
 TABLE_THUMBNAILS = 200  # problems shown with a thumbnail in the table, the most confident first
 RESOLVED_SHOWN = 200  # resolved problems listed by name
+DUPLICATES_SHOWN = 500  # duplicate listings in the report (all are in duplicates.parquet)
 CONFUSION_VALUES = 25  # catalog values per attribute in the catalog x predicted table, the commonest first
 CONFIDENCE_BINS = 20
 
@@ -187,10 +198,11 @@ def _script_json(value) -> Markup:
 
 
 def render_html(findings: Findings, summary: dict, thumbnails: dict[str, bytes | None],
-                changes: pl.DataFrame | None = None) -> str:
+                changes: pl.DataFrame | None = None, duplicates: pl.DataFrame | None = None) -> str:
     """A self-contained page for a data steward: counts, rates and thresholds per attribute, charts,
-    every problem in a sortable and filterable table, catalog x predicted values, the catalog checks,
-    what changed since the previous run, and the most confident findings with their images."""
+    every problem in a sortable and filterable table, catalog x predicted values, duplicate listings,
+    the catalog checks, what changed since the previous run, and the most confident findings with
+    their images."""
     images = {pid: base64.b64encode(jpeg).decode() for pid, jpeg in thumbnails.items() if jpeg}
     shown = featured(findings)
 
@@ -211,6 +223,8 @@ def render_html(findings: Findings, summary: dict, thumbnails: dict[str, bytes |
         status_chart=Markup(charts_svg.status_bars(summary["by_attribute"], STATUSES)),
         confidence_charts=[Markup(chart) for chart in confidence_charts(findings, thresholds)],
         confusion=confusion(findings), resolved=resolved,
+        duplicates=[] if duplicates is None else duplicates.head(DUPLICATES_SHOWN).to_dicts(),
+        duplicates_more=duplicates is not None and duplicates.height > DUPLICATES_SHOWN,
         table=_script_json({"columns": TABLE_COLUMNS, "rows": table.rows(), "total": problems}),
         table_images=_script_json({pid: images[pid] for pid in table["product_id"].unique() if pid in images}))
 
@@ -232,8 +246,14 @@ def markdown(summary: dict, folder: str) -> str:
         f"Report: {_code_span(storage.join(folder, 'report.html'))}\n\n"
         f"{summary['products']} products: **{t['conflict']} conflicts**, **{t['gap']} gaps** with a suggested "
         f"value, {t['invalid_value']} invalid values, {t['image_error']} image errors, {t['uncertain']} uncertain."
-        + since
+        + _duplicates_line(summary.get("duplicates")) + since
     )
+
+
+def _duplicates_line(duplicates: dict | None) -> str:
+    if not duplicates or not duplicates["checked"]:
+        return ""
+    return f" {duplicates['products']} products in {duplicates['groups']} groups of duplicate listings."
 
 
 def _parquet(frame: pl.DataFrame) -> bytes:
@@ -243,9 +263,9 @@ def _parquet(frame: pl.DataFrame) -> bytes:
 
 
 def publish_run(folder: str, findings: pl.DataFrame | Path, summary: dict, html: str, *,
-                validation: dict | None = None) -> str:
-    """Write findings (a frame, or a Parquet file), summary, report, suggested fixes and the
-    catalog checks' result, then the manifest that marks the run complete."""
+                validation: dict | None = None, duplicates: pl.DataFrame | None = None) -> str:
+    """Write findings (a frame, or a Parquet file), summary, report, suggested fixes, duplicate
+    listings and the catalog checks' result, then the manifest that marks the run complete."""
     fixes = suggested_fixes(findings if isinstance(findings, pl.DataFrame) else pl.scan_parquet(findings))
     csv = io.BytesIO()
     fixes.write_csv(csv)
@@ -253,6 +273,7 @@ def publish_run(folder: str, findings: pl.DataFrame | Path, summary: dict, html:
         "findings.parquet": _parquet(findings) if isinstance(findings, pl.DataFrame) else findings.read_bytes(),
         "suggested_fixes.parquet": _parquet(fixes),
         "suggested_fixes.csv": csv.getvalue(),
+        **({} if duplicates is None else {"duplicates.parquet": _parquet(duplicates)}),
         "validation.json": json.dumps(validation or {}, indent=2, default=str).encode(),
         "summary.json": json.dumps(summary, indent=2, default=str).encode(),
         "report.html": html.encode(),

@@ -2,7 +2,8 @@
 call, ``run_shard``, that any process can run (a thread here, a Dask worker elsewhere).
 
 A shard loads the model once per process, scores its rows, keeps its new embeddings in the cache
-and writes its findings as one part with its counts. A part already written is reused, so a run
+and writes the pixel signatures of its images (for duplicate listings), then its findings as one
+part with its counts. A part already written is reused, so a run
 killed at any point resumes from its finished shards when the same command runs again; the work
 folder is named after everything that decides the findings, so a changed catalog, spec, model
 or option starts afresh. Only a ``Job`` (URIs and options), ``Shard``s and small ``ShardResult``s
@@ -29,7 +30,7 @@ from clipdq.spec import parse_spec
 
 log = logging.getLogger(__name__)
 
-PARTS_VERSION = 1  # raise when what a shard writes changes, so old parts are not reused
+PARTS_VERSION = 2  # raise when what a shard writes changes, so old parts are not reused
 COUNTS_KEY = b"clipdq_counts"  # Parquet metadata of a part: its image counts, as JSON
 
 
@@ -90,12 +91,17 @@ def new_job(output_uri: str, *, model_fingerprint: str, rows_per_shard: int, **f
 class ShardResult:
     index: int
     part: str  # URI of the findings part
+    images: str  # URI of its images' ids, digests and signatures (audit.IMAGES_SCHEMA)
     counts: dict[str, int]  # scored, from_cache, unread, embedded, lost_to_outages
     reused: bool  # written by an earlier, interrupted run
 
 
 def part_uri(job: Job, shard: Shard) -> str:
     return storage.join(job.work, f"shard-{shard.index:05d}.parquet")
+
+
+def images_uri(job: Job, shard: Shard) -> str:
+    return storage.join(job.work, f"images-{shard.index:05d}.parquet")
 
 
 @functools.lru_cache(maxsize=1)
@@ -110,14 +116,15 @@ def run_shard(job: Job, shard: Shard) -> ShardResult:
     counts = read_counts(part)
     if counts is not None:
         log.info("shard %d: finished by an earlier run, reusing %s", shard.index, part)
-        return ShardResult(shard.index, part, counts, reused=True)
+        return ShardResult(shard.index, part, images_uri(job, shard), counts, reused=True)
     use = scorer_for(job)
     source = catalog.CatalogFile(job.catalog_uri, version=job.catalog_version)
     cache = EmbeddingCache(job.cache) if job.cache else None
-    counts = Counter()
+    counts, seen = Counter(), [pl.DataFrame(schema=audit.IMAGES_SCHEMA)]
 
     def on_batch(batch: audit.Batch) -> None:
         counts.update(audit.counts(batch))
+        seen.append(audit.usable_images(batch, use.spec))
         audit.check_outage(counts["lost_to_outages"], shard.rows, use.spec.max_transient_image_errors)
         progress_log.info("shard %d: scored %d/%d products", shard.index, counts["scored"], shard.rows,
                           extra={"progress": (counts["scored"], shard.rows)})
@@ -127,12 +134,16 @@ def run_shard(job: Job, shard: Shard) -> ShardResult:
         access=sources.catalog_access(job.catalog_uri, use.spec, job.image_roots), cache=cache, on_batch=on_batch)
     if cache is not None:
         cache.flush()  # before the part: a finished part's embeddings are kept
+    write_parquet(images_uri(job, shard), pl.concat(seen).to_arrow())
     write_part(part, findings, dict(counts))
-    return ShardResult(shard.index, part, dict(counts), reused=False)
+    return ShardResult(shard.index, part, images_uri(job, shard), dict(counts), reused=False)
 
 
 def write_part(uri: str, findings: pl.DataFrame, counts: dict[str, int]) -> None:
-    table = findings.to_arrow().replace_schema_metadata({COUNTS_KEY: json.dumps(counts).encode()})
+    write_parquet(uri, findings.to_arrow().replace_schema_metadata({COUNTS_KEY: json.dumps(counts).encode()}))
+
+
+def write_parquet(uri: str, table: pa.Table) -> None:
     buffer = pa.BufferOutputStream()
     pq.write_table(table, buffer)
     storage.write_bytes(uri, buffer.getvalue().to_pybytes())  # whole, renamed or PUT into place
@@ -175,3 +186,13 @@ def totals(results: list[ShardResult]) -> dict[str, int]:
     for result in results:
         summed.update(result.counts)
     return {key: summed[key] for key in audit.COUNT_KEYS}
+
+
+def read_images(parts: list[str]) -> pl.DataFrame:
+    """The images parts of a run's shards, in order, as one frame (audit.IMAGES_SCHEMA)."""
+    frames = [pl.DataFrame(schema=audit.IMAGES_SCHEMA)]
+    for uri in parts:
+        stream, _ = storage.open_read(uri)
+        with stream:
+            frames.append(pl.from_arrow(pq.ParquetFile(stream).read()))
+    return pl.concat(frames)

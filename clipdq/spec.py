@@ -48,6 +48,7 @@ class Spec:
     image_roots: tuple[str, ...] = ()  # folders and s3:// prefixes outside the catalog's own that images may come from
     allow_image_urls: bool = False  # fetch http(s) image references (global addresses only)
     max_transient_image_errors: float = 0.05  # share of images lost to outages beyond which a run fails
+    duplicate_similarity: float | None = 0.99  # images this alike under two ids are duplicate listings; None: off
 
     @property
     def names(self) -> list[str]:
@@ -100,6 +101,10 @@ def _share(raw: Any, where: str) -> float:
     return share
 
 
+def _optional_share(raw: Any, where: str) -> float | None:
+    return None if raw is None else _share(raw, where)
+
+
 def _attribute(name: str, raw: Any) -> Attribute:
     if not isinstance(raw, dict) or "values" not in raw:
         raise SpecError(f"attribute {name!r} needs a 'values' list")
@@ -137,4 +142,5 @@ def parse_spec(text: str) -> Spec:
         image_roots=_strings(raw.get("image_roots", []), "image_roots"),
         allow_image_urls=_flag(raw.get("allow_image_urls", False), "allow_image_urls"),
         max_transient_image_errors=_share(raw.get("max_transient_image_errors", 0.05), "max_transient_image_errors"),
+        duplicate_similarity=_optional_share(raw.get("duplicate_similarity", 0.99), "duplicate_similarity"),
     )

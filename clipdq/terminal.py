@@ -16,6 +16,10 @@ def text(summary: dict, folder: str) -> str:
              f"  {t['conflict']} conflicts, {t['gap']} gaps, {t['invalid_value']} invalid values, "
              f"{t['image_error']} image errors, {t['uncertain']} uncertain, {t['match']} matches",
              _text_table(summary["by_attribute"], ["attribute", *STATUSES])]
+    duplicates = summary.get("duplicates")
+    if duplicates and duplicates["checked"]:
+        lines.append(f"  {duplicates['products']} products in {duplicates['groups']} groups of duplicate listings "
+                     f"(duplicates.parquet)")
     changes = summary.get("changes")
     if changes:
         c = changes["totals"]

@@ -98,16 +98,29 @@ def task_runner(dask_address: str | None, workers: int):
                                           "dashboard_address": None})
 
 
+@task(cache_policy=NO_CACHE)
+def find_duplicates(images: pl.DataFrame, spec: Spec) -> pl.DataFrame:
+    from clipdq import duplicates  # imports torch: only when duplicates are checked
+
+    if spec.duplicate_similarity is None:
+        return pl.DataFrame(schema=duplicates.DUPLICATES_SCHEMA)
+    found = duplicates.of_images(images, threshold=spec.duplicate_similarity)
+    get_run_logger().info("duplicate listings: %d products in %d groups among %d images", found.height,
+                          found["group"].n_unique(), images.height)
+    return found
+
+
 @task(**IO_RETRIES, cache_policy=NO_CACHE)
 def publish(folder: str, findings_file: str, summary: dict, source: catalog.CatalogFile, spec: Spec,
-            access: ImageAccess, changes: pl.DataFrame | None, validation: dict) -> str:
+            access: ImageAccess, changes: pl.DataFrame | None, validation: dict, duplicates: pl.DataFrame) -> str:
     findings = pl.scan_parquet(findings_file)
     wanted = pl.Series(report.thumbnail_ids(findings), dtype=pl.String)
     refs = source.rows_where(spec.id_column, wanted, [spec.image_column]).rows()
     with ThreadPoolExecutor(8) as pool:  # image reads: latency-bound on object storage
         thumbs = dict(zip([pid for pid, _ in refs], pool.map(lambda row: images.thumbnail(row[1], access), refs)))
-    html = report.render_html(findings, summary, thumbs, changes)
-    return report.publish_run(folder, Path(findings_file), summary, html, validation=validation)
+    html = report.render_html(findings, summary, thumbs, changes, duplicates)
+    return report.publish_run(folder, Path(findings_file), summary, html, validation=validation,
+                              duplicates=duplicates)
 
 
 def _cross_fitted(frame: pl.DataFrame, clip: Clip, spec: Spec, *, k: int, fold_minutes: float | None,
@@ -171,7 +184,8 @@ def audit_catalog(catalog_uri: str, spec_uri: str, model_uri: str, output_uri: s
         findings_file = str(Path(scratch, "findings.parquet"))
         reported = None  # products in the findings: counted by the summary unless the shards count them
         if options.cross_fit:
-            run |= _audit_cross_fitted(source, load_model(model_uri), spec, findings_file, options, access)
+            in_folds, usable = _audit_cross_fitted(source, load_model(model_uri), spec, findings_file, options, access)
+            run |= in_folds
         else:
             job = shards.new_job(output_uri, model_fingerprint=files.fingerprint(),
                                  rows_per_shard=options.rows_per_shard, catalog_uri=catalog_uri,
@@ -179,21 +193,24 @@ def audit_catalog(catalog_uri: str, spec_uri: str, model_uri: str, output_uri: s
                                  backend=backend_check["used"],
                                  cache=_embedding_cache(output_uri, files, backend_check["used"], options),
                                  image_roots=tuple(sorted(options.image_roots)), batch_size=options.batch_size)
-            in_shards, reported = _audit_in_shards(job, source, spec, findings_file, options)
+            in_shards, reported, usable = _audit_in_shards(job, source, spec, findings_file, options)
             run |= in_shards | {"calibration": {name: c.to_dict()
                                                 for name, c in scorer.calibration_for(files, spec).items()}}
+        duplicates = find_duplicates(usable, spec)
         previous, changes = _changes_since_previous_run(output_uri, catalog_uri, findings_file)
         summary = report.summarize(pl.scan_parquet(findings_file), products=source.rows, run=run,
                                    validation=validation, reported=reported,
-                                   changes=runs.change_counts(changes, previous) if previous else None)
-        publish(folder, findings_file, summary, source, spec, access, changes, validation)
+                                   changes=runs.change_counts(changes, previous) if previous else None,
+                                   duplicates=report.duplicates_summary(duplicates, spec.duplicate_similarity))
+        publish(folder, findings_file, summary, source, spec, access, changes, validation, duplicates)
         top = report.problem_table(pl.scan_parquet(findings_file), changes, TOP_PROBLEMS)
     if not options.cross_fit:
         storage.delete_tree(job.work)  # published: the parts are not needed to resume any more
     _announce(summary, folder, top)
     t = summary["totals"]
-    logger.info("%d conflicts, %d gaps, %d invalid values, %d image errors; report: %s",
-                t["conflict"], t["gap"], t["invalid_value"], t["image_error"], storage.join(folder, "report.html"))
+    logger.info("%d conflicts, %d gaps, %d invalid values, %d image errors, %d duplicate listings; report: %s",
+                t["conflict"], t["gap"], t["invalid_value"], t["image_error"], duplicates.height,
+                storage.join(folder, "report.html"))
     return folder
 
 
@@ -217,17 +234,18 @@ def _embedding_cache(output_uri: str, files: ModelFiles, backend: str, options: 
 
 
 def _audit_in_shards(job: shards.Job, source: catalog.CatalogFile, spec: Spec, findings_file: str,
-                     options: AuditOptions) -> tuple[dict, int]:
+                     options: AuditOptions) -> tuple[dict, int, pl.DataFrame]:
     """The catalog scored shard by shard on the chosen task runner and joined into ``findings_file``;
-    returns what the summary says of it and the products in the findings."""
+    returns what the summary says of it, the products in the findings and the usable images."""
     plan = shards.plan(source.group_rows, rows_per_shard=options.rows_per_shard)
     get_run_logger().info("%d products in %d shards; shard parts in %s", source.rows, len(plan), job.work)
     results = score_shards(task_runner(options.dask_address, options.workers), job, plan, source.rows)
     images_seen = shards.totals(results)
     audit.check_outage(images_seen["lost_to_outages"], source.rows, spec.max_transient_image_errors)
     reported = shards.assemble([result.part for result in results], findings_file)
+    usable = shards.read_images([result.images for result in results])
     return {"images": images_seen, "shards": {"count": len(plan), "rows_per_shard": options.rows_per_shard,
-                                              "reused": sum(result.reused for result in results)}}, reported
+                                              "reused": sum(result.reused for result in results)}}, reported, usable
 
 
 TOP_PROBLEMS = 25  # problems in the run's table artifact
@@ -253,11 +271,13 @@ def _announce(summary: dict, folder: str, top: pl.DataFrame) -> None:
 
 
 def _audit_cross_fitted(source: catalog.CatalogFile, clip: Clip, spec: Spec, findings_file: str,
-                        options: AuditOptions, access: ImageAccess) -> dict:
-    """Cross-fitted findings written to ``findings_file``; returns what the summary says of them."""
-    images_seen = dict.fromkeys(audit.COUNT_KEYS, 0)
+                        options: AuditOptions, access: ImageAccess) -> tuple[dict, pl.DataFrame]:
+    """Cross-fitted findings written to ``findings_file``; returns what the summary says of them
+    and the usable images."""
+    images_seen, usable = dict.fromkeys(audit.COUNT_KEYS, 0), [pl.DataFrame(schema=audit.IMAGES_SCHEMA)]
 
     def on_batch(batch: audit.Batch) -> None:
+        usable.append(audit.usable_images(batch, spec))
         for key, value in audit.counts(batch).items():
             images_seen[key] += value
         audit.check_outage(images_seen["lost_to_outages"], source.rows, spec.max_transient_image_errors)
@@ -267,4 +287,4 @@ def _audit_cross_fitted(source: catalog.CatalogFile, clip: Clip, spec: Spec, fin
                                            fold_minutes=options.fold_minutes, group_column=options.group_column,
                                            access=access, batch_size=options.batch_size, on_batch=on_batch)
     findings.write_parquet(findings_file)
-    return {"calibration": calibrations, "images": images_seen}
+    return {"calibration": calibrations, "images": images_seen}, pl.concat(usable)

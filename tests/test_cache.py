@@ -19,6 +19,10 @@ def vectors(n: int, seed: int = 0) -> np.ndarray:
     return np.random.default_rng(seed).normal(size=(n, 8)).astype(np.float32)
 
 
+def signatures(n: int) -> list[bytes]:
+    return [bytes([i]) * 12 for i in range(n)]
+
+
 @pytest.mark.parametrize("where", ["local", "s3"])
 def test_entries_survive_a_reload_and_only_new_ones_are_written(where, tmp_path, request):
     root = str(tmp_path) if where == "local" else request.getfixturevalue("s3_bucket")
@@ -27,14 +31,15 @@ def test_entries_survive_a_reload_and_only_new_ones_are_written(where, tmp_path,
 
     store = cache.EmbeddingCache(folder)
     assert store.get_many(["a"]) == {} and store.flush() is None  # empty, nothing to write
-    store.add(["a", "b", "c"], first)
+    store.add(["a", "b", "c"], first, signatures(3))
     written = store.flush()
 
     again = cache.EmbeddingCache(folder)
     found = again.get_many(["b", "z"])
     assert list(found) == ["b"]
-    np.testing.assert_array_equal(found["b"], first[1])
-    again.add(["d"], first[:1] * 2)
+    np.testing.assert_array_equal(found["b"].embedding, first[1])
+    assert found["b"].signature == signatures(3)[1]
+    again.add(["d"], first[:1] * 2, signatures(1))
     second = again.flush()
     assert storage.list_files(storage.join(folder, "embeddings")) == sorted(uri.rsplit("/", 1)[1]
                                                                             for uri in (written, second))
@@ -45,7 +50,7 @@ def test_a_lookup_reads_only_the_row_groups_that_hold_wanted_keys(tmp_path, monk
     monkeypatch.setattr(cache, "ROW_GROUP_ROWS", 4)
     store = cache.EmbeddingCache(str(tmp_path))
     keys = [f"{i:04d}" for i in range(40)]  # one part, ten row groups of four keys
-    store.add(keys, vectors(40))
+    store.add(keys, vectors(40), signatures(40))
     store.flush()
     read = []
     original = pq.ParquetFile.read_row_groups
@@ -55,13 +60,13 @@ def test_a_lookup_reads_only_the_row_groups_that_hold_wanted_keys(tmp_path, monk
     found = cache.EmbeddingCache(str(tmp_path)).get_many(["0005", "0006", "0031"])
 
     assert sorted(found) == ["0005", "0006", "0031"]
-    np.testing.assert_array_equal(found["0031"], vectors(40)[31])
+    np.testing.assert_array_equal(found["0031"].embedding, vectors(40)[31])
     assert read == [[1, 7]]  # not the other eight
 
 
 def test_a_broken_part_is_skipped_with_a_warning(tmp_path, caplog):
     store = cache.EmbeddingCache(str(tmp_path))
-    store.add(["a"], vectors(1))
+    store.add(["a"], vectors(1), signatures(1))
     store.flush()
     (tmp_path / "embeddings" / "part-broken.parquet").write_bytes(b"PAR1 not really")
 
@@ -75,7 +80,7 @@ def test_a_broken_part_is_skipped_with_a_warning(tmp_path, caplog):
 def test_small_parts_are_merged_once_they_pile_up(tmp_path):
     for run in range(cache.COMPACT_AT_PARTS):
         store = cache.EmbeddingCache(str(tmp_path))
-        store.add([f"run{run}", "shared"], vectors(2, seed=run))
+        store.add([f"run{run}", "shared"], vectors(2, seed=run), signatures(2))
         store.flush()
 
     names = storage.list_files(str(tmp_path / "embeddings"))
@@ -84,7 +89,7 @@ def test_small_parts_are_merged_once_they_pile_up(tmp_path):
     assert len(names) == 1  # the eighth flush merged all eight parts
     assert pq.read_metadata(tmp_path / "embeddings" / names[0]).num_rows == cache.COMPACT_AT_PARTS + 1  # once each
     assert len(found) == cache.COMPACT_AT_PARTS + 1
-    np.testing.assert_array_equal(found["run3"], vectors(2, seed=3)[0])
+    np.testing.assert_array_equal(found["run3"].embedding, vectors(2, seed=3)[0])
 
 
 def test_a_location_is_known_only_at_the_version_it_was_read(tmp_path):

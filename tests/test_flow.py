@@ -25,7 +25,7 @@ from flows.audit import audit_catalog
 from flows.finetune import finetune_model
 
 RUN_FOLDER = re.compile(r"/run_date=(?P<date>\d{4}-\d{2}-\d{2})/run_id=(?P<run_id>[^/]+)$")
-RUN_FILES = ["findings.parquet", "manifest.json", "report.html", "suggested_fixes.csv", "suggested_fixes.parquet",
+RUN_FILES = ["duplicates.parquet", "findings.parquet", "manifest.json", "report.html", "suggested_fixes.csv", "suggested_fixes.parquet",
              "summary.json", "validation.json"]
 
 

@@ -1,0 +1,107 @@
+"""Duplicate listings: copies of one image under other product ids are grouped, through the audit
+flow; distinct products that merely look alike are not."""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+import polars as pl
+import pytest
+from PIL import Image
+
+from clipdq import duplicates, images
+from clipdq.cache import digest
+from clipdq.options import AuditOptions
+from clipdq.spec import parse_spec
+from flows.audit import audit_catalog
+from test_grocery import DEFAULT_DATA as GROCERY
+
+
+def _jpeg(image: Image.Image, quality: int = 90) -> bytes:
+    out = io.BytesIO()
+    image.save(out, format="JPEG", quality=quality)
+    return out.getvalue()
+
+
+COPIES = {  # how a duplicate listing's image was made from the original's bytes
+    "exact": lambda data, image: data,
+    "reencoded": lambda data, image: _jpeg(image, quality=40),
+    "resized": lambda data, image: _jpeg(image.resize((image.width // 2, image.height // 2))),
+}
+
+
+def _signature(data: bytes) -> bytes:
+    return images.signature(images.decode(data, min_side=224))
+
+
+@pytest.fixture(scope="module")
+def planted(sample_dir: Path, tmp_path_factory) -> tuple[Path, dict[str, str]]:
+    """(a copy of the sample catalog with three copies of each of five products' images under new
+    ids, {copy id: original id})."""
+    folder = tmp_path_factory.mktemp("duplicates")
+    shutil.copytree(sample_dir / "images", folder / "images")
+    catalog = pl.read_parquet(sample_dir / "catalog.parquet")
+    readable = catalog.filter(pl.col("image").map_elements(lambda ref: (folder / ref).is_file(), pl.Boolean))
+    originals, rows = readable.head(5), []
+    for row in originals.iter_rows(named=True):
+        data = (folder / row["image"]).read_bytes()
+        image = Image.open(io.BytesIO(data)).convert("RGB")
+        for kind, make in COPIES.items():
+            copy_id = f"{row['product_id']}-{kind}"
+            (folder / "images" / f"{copy_id}.jpg").write_bytes(make(data, image))
+            rows.append(row | {"product_id": copy_id, "image": f"images/{copy_id}.jpg"})
+    pl.concat([catalog, pl.DataFrame(rows, schema=catalog.schema)]).write_parquet(folder / "catalog.parquet")
+    shutil.copy(sample_dir / "spec.yaml", folder / "spec.yaml")
+    return folder, {row["product_id"]: row["product_id"].rsplit("-", 1)[0] for row in rows}
+
+
+def test_an_audit_groups_each_copy_with_its_original_and_no_distinct_products(prefect_harness, planted,
+                                                                              trained_model_dir, tmp_path):
+    folder, original_of = planted
+    run = Path(audit_catalog(str(folder / "catalog.parquet"), str(folder / "spec.yaml"), str(trained_model_dir),
+                             str(tmp_path), AuditOptions(batch_size=32)))
+
+    found = pl.read_parquet(run / "duplicates.parquet")
+    group_of = dict(found.select("product_id", "group").rows())
+    for copy_id, original in original_of.items():
+        assert copy_id in group_of and group_of[copy_id] == group_of.get(original), copy_id
+    members = found.group_by("group").agg("product_id")["product_id"].to_list()
+    assert all(len({pid.rsplit("-", 1)[0] for pid in group}) == 1 for group in members)  # one product each
+    assert sorted(found["group_size"].unique().to_list()) == [len(COPIES) + 1]
+    exact = found.filter(pl.col("product_id").str.ends_with("-exact"))
+    assert (exact["kind"] == "identical bytes").all() and (exact["similarity"] == 1).all()
+    assert (found.filter(pl.col("kind") != "identical bytes")["similarity"] >= 0.99).all()
+    summary = json.loads((run / "summary.json").read_text())
+    assert summary["duplicates"] == {"checked": True, "similarity_threshold": 0.99, "groups": 5,
+                                     "products": 5 * (len(COPIES) + 1), "groups_of_identical_bytes": 0}
+    html = (run / "report.html").read_text()
+    assert "Duplicate listings" in html and f"{original_of[next(iter(original_of))]}-exact" in html
+
+
+def test_a_spec_can_turn_the_check_off():
+    spec = parse_spec("duplicate_similarity: null\nattributes: {color: {values: [red, blue]}}")
+    assert spec.duplicate_similarity is None
+    assert parse_spec("attributes: {color: {values: [red, blue]}}").duplicate_similarity == 0.99
+
+
+@pytest.mark.skipif(not (GROCERY / "classes.csv").exists(), reason=f"Grocery Store dataset not found at {GROCERY}")
+def test_real_catalog_images_of_look_alike_products_are_not_grouped_but_their_copies_are():
+    with open(GROCERY / "classes.csv") as handle:
+        paths = [GROCERY / row["Iconic Image Path (str)"].lstrip("/") for row in csv.DictReader(handle)]
+    data = [path.read_bytes() for path in paths]  # 81 products, several in near-identical packaging
+    ids, blobs = [f"p{i}" for i in range(len(data))], list(data)
+    for i, blob in enumerate(data[:20]):
+        image = Image.open(io.BytesIO(blob)).convert("RGB")
+        ids += [f"p{i}-reencoded", f"p{i}-resized"]
+        blobs += [COPIES["reencoded"](blob, image), COPIES["resized"](blob, image)]
+    signatures = np.frombuffer(b"".join(map(_signature, blobs)), np.uint8).reshape(len(blobs), -1)
+
+    found = duplicates.find(ids, [digest(blob) for blob in blobs], signatures, threshold=0.99)
+
+    groups = found.group_by("group").agg("product_id")["product_id"].to_list()
+    assert len(groups) == 20 and all(len({pid.split("-")[0] for pid in group}) == 1 for group in groups)
