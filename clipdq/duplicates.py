@@ -24,9 +24,8 @@ from clipdq import match
 from clipdq.images import SIGNATURE_SIZE
 
 CANDIDATES = 10  # nearest coarse signatures compared per image
-MAX_PAIRS_PER_IMAGE = 64  # an image that is many images' candidate keeps its most similar ones
+MAX_PAIRS_PER_IMAGE = 32  # an image that is many images' candidate keeps its most similar ones
 BLOCK = 256  # images whose windows exist at a time
-PAIR_CHUNK = 512  # pairs compared at a time: 512 x 76 windows x 768 values
 COARSE = 8  # side of the signatures that propose candidates
 FINE = 16  # side of the windows that decide
 SCALES = (1.0, 0.95, 0.9, 0.85, 0.8, 0.75, 0.7)  # window sides, as shares of the image's
@@ -49,51 +48,53 @@ def _centred(images: torch.Tensor, side: int) -> torch.Tensor:
 
 
 def _windows(images: torch.Tensor) -> torch.Tensor:
-    """(n, windows, 3 * FINE * FINE): every window of every scale and offset, as ``_centred``."""
+    """(n, windows, 3 * FINE * FINE) centred, unit-length: for each scale, the image resampled so
+    that a window of that share of its side is FINE pixels, then FINE-pixel windows at up to
+    OFFSETS positions along each axis."""
     out = []
     for scale in SCALES:
-        side = round(SIGNATURE_SIZE * scale)
-        offsets = np.linspace(0, SIGNATURE_SIZE - side, OFFSETS if side < SIGNATURE_SIZE else 1).round().astype(int)
-        for y in offsets:
-            for x in offsets:
-                out.append(_centred(images[:, :, y:y + side, x:x + side], FINE))
-    return torch.stack(out, dim=1)
+        side = round(FINE / scale)
+        offsets = np.unique(np.linspace(0, side - FINE, OFFSETS).round().astype(int)).tolist()
+        resized = F.interpolate(images, size=(side, side), mode="area")
+        out += [resized[:, :, y:y + FINE, x:x + FINE].flatten(1) for y in offsets for x in offsets]
+    windows = torch.stack(out, dim=1)
+    windows = windows - windows.mean(dim=2, keepdim=True)
+    return windows / torch.linalg.vector_norm(windows, dim=2, keepdim=True).clamp_min(1e-6)
 
 
 def candidate_pairs(signatures: np.ndarray, sha256: list[str]) -> np.ndarray:
-    """(p, 2) row pairs, both ways round, whose coarse signatures are among each other's nearest
-    (same bytes excluded: those are grouped by their digest)."""
+    """(p, 2) row pairs, both ways round and sorted, whose coarse signatures are among each other's
+    nearest (same bytes excluded: those are grouped by their digest); an image that is many
+    images' candidate keeps its MAX_PAIRS_PER_IMAGE most similar."""
     coarse = np.concatenate([_centred(_pixels(signatures[i:i + 4096]), COARSE).numpy()
-                             for i in range(0, len(signatures), 4096)]) if len(signatures) else np.zeros((0, 1))
+                             for i in range(0, len(signatures), 4096)])
     found = match.top_k(coarse, coarse, k=CANDIDATES, query_keys=sha256, reference_keys=sha256)
-    rows = np.repeat(np.arange(len(coarse)), CANDIDATES)
     keep = found.indices.ravel() >= 0
-    pairs = np.stack([rows[keep], found.indices.ravel()[keep]], axis=1)
-    return np.unique(np.concatenate([pairs, pairs[:, ::-1]]), axis=0)
+    pairs = np.stack([np.repeat(np.arange(len(coarse)), CANDIDATES)[keep], found.indices.ravel()[keep]], axis=1)
+    scores = found.scores.ravel()[keep]
+    pairs, first = np.unique(np.concatenate([pairs, pairs[:, ::-1]]), axis=0, return_index=True)
+    scores = np.concatenate([scores, scores])[first]
+    order = np.lexsort((-scores, pairs[:, 0]))  # by image, the most similar first
+    rank = np.arange(len(order)) - np.searchsorted(pairs[order, 0], pairs[order, 0])
+    return np.unique(pairs[order][rank < MAX_PAIRS_PER_IMAGE], axis=0)
 
 
 def pair_similarity(signatures: np.ndarray, pairs: np.ndarray) -> np.ndarray:
-    """(p,) for each (a, b): the best correlation between a window of a and the whole of b."""
+    """(p,) for each (a, b) of the sorted ``pairs``: the best correlation between a window of a and
+    the whole of b; BLOCK images' windows at a time, each against its own candidates."""
     out = np.zeros(len(pairs), np.float32)
     for start in range(0, len(signatures), BLOCK):
-        here = np.flatnonzero((pairs[:, 0] >= start) & (pairs[:, 0] < start + BLOCK))
-        if not len(here):
+        lo, hi = np.searchsorted(pairs[:, 0], [start, start + BLOCK])
+        if lo == hi:
             continue
-        windows = _windows(_pixels(signatures[start:start + BLOCK]))
-        for chunk in np.array_split(here, -(-len(here) // PAIR_CHUNK)):
-            wholes = _centred(_pixels(signatures[pairs[chunk, 1]]), FINE)
-            windows_a = windows[torch.from_numpy(pairs[chunk, 0] - start)]
-            out[chunk] = torch.einsum("pwd,pd->pw", windows_a, wholes).amax(dim=1).numpy()
+        block = pairs[lo:hi]
+        rows = torch.from_numpy(block[:, 0] - start)
+        slots = torch.from_numpy(np.arange(hi - lo) - np.searchsorted(block[:, 0], block[:, 0]))
+        windows = _windows(_pixels(signatures[start:start + BLOCK]))  # (images, windows, values)
+        others = torch.zeros(len(windows), int(slots.max()) + 1, windows.shape[2])
+        others[rows, slots] = _centred(_pixels(signatures[block[:, 1]]), FINE)
+        out[lo:hi] = torch.bmm(windows, others.transpose(1, 2)).amax(dim=1)[rows, slots].numpy()
     return out
-
-
-def _limit(pairs: np.ndarray, scores: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Each image's MAX_PAIRS_PER_IMAGE best-scoring pairs (a hub stays bounded)."""
-    order = np.lexsort((-scores, pairs[:, 0]))
-    pairs, scores = pairs[order], scores[order]
-    first = np.searchsorted(pairs[:, 0], pairs[:, 0], side="left")
-    keep = np.arange(len(pairs)) - first < MAX_PAIRS_PER_IMAGE
-    return pairs[keep], scores[keep]
 
 
 def _components(n: int, pairs: np.ndarray) -> np.ndarray:
@@ -122,8 +123,8 @@ def find(ids: list[str], sha256: list[str], signatures: np.ndarray, *, threshold
         return pl.DataFrame(schema=DUPLICATES_SCHEMA)
     pairs = candidate_pairs(signatures, sha256)
     scores = pair_similarity(signatures, pairs)
-    scores = np.maximum(scores, scores[_reverse_index(pairs)])  # a crop either way round
-    pairs, scores = _limit(pairs[scores >= threshold], scores[scores >= threshold])
+    scores = either_way(pairs, scores)
+    pairs, scores = pairs[scores >= threshold], scores[scores >= threshold]
     digests = pl.Series(sha256).cast(pl.Categorical).to_physical().to_numpy().astype(np.int64)
     same = _same_bytes(digests)
     roots = _components(n, np.concatenate([pairs, same]))
@@ -141,10 +142,14 @@ def find(ids: list[str], sha256: list[str], signatures: np.ndarray, *, threshold
     }, schema=DUPLICATES_SCHEMA).sort("group", "product_id")
 
 
-def _reverse_index(pairs: np.ndarray) -> np.ndarray:
-    """Position of (b, a) for each (a, b) of ``pairs``, which holds both (sorted, unique)."""
+def either_way(pairs: np.ndarray, scores: np.ndarray) -> np.ndarray:
+    """The better of each sorted pair's score and its reverse's where both were scored: a crop
+    matches a window of its original, not the other way round."""
     base = int(pairs.max(initial=0)) + 1
-    return np.searchsorted(pairs[:, 0] * base + pairs[:, 1], pairs[:, 1] * base + pairs[:, 0])
+    keys = pairs[:, 0] * base + pairs[:, 1]
+    at = np.minimum(np.searchsorted(keys, pairs[:, 1] * base + pairs[:, 0]), max(len(pairs) - 1, 0))
+    found = keys[at] == pairs[:, 1] * base + pairs[:, 0] if len(pairs) else np.zeros(0, bool)
+    return np.where(found, np.maximum(scores, scores[at]), scores)
 
 
 def _same_bytes(digests: np.ndarray) -> np.ndarray:

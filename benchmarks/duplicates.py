@@ -1,0 +1,119 @@
+"""Duplicate listings, measured: which copies of a real catalog image are found, which look-alike
+products are wrongly grouped, and time and memory at scale.
+
+(a) Grocery Store: the 81 catalog ("iconic") images, many in near-identical packaging of one
+    brand, each with one copy made five ways (re-encoded, half size, cropped to 90%, 80% and 70%
+    of each side around the centre, 80% from the top-left corner). Per way and threshold: copies
+    grouped with their original; and the highest similarity between two distinct products.
+(b) Scale: ``--images`` synthetic signatures (smooth random images) through ``duplicates.find``
+    in a child process: time and the OS's peak RSS.
+
+    python benchmarks/duplicates.py [--data DIR] [--images 100000]
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import io
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+
+from clipdq import duplicates, images
+from clipdq.cache import digest
+from grocery import DEFAULT_DATA
+
+THRESHOLDS = (0.97, 0.98, 0.99)
+
+
+def _jpeg(image: Image.Image, quality: int = 90) -> bytes:
+    out = io.BytesIO()
+    image.save(out, format="JPEG", quality=quality)
+    return out.getvalue()
+
+
+def _crop(image: Image.Image, keep: float, centred: bool = True) -> Image.Image:
+    w, h = image.size
+    left, top = ((w - w * keep) / 2, (h - h * keep) / 2) if centred else (0, 0)
+    return image.crop((int(left), int(top), int(left + w * keep), int(top + h * keep)))
+
+
+WAYS = {
+    "re-encoded (quality 60)": lambda image: _jpeg(image, 60),
+    "half size": lambda image: _jpeg(image.resize((image.width // 2, image.height // 2))),
+    "centre 90%": lambda image: _jpeg(_crop(image, 0.9)),
+    "centre 80%": lambda image: _jpeg(_crop(image, 0.8)),
+    "centre 70%": lambda image: _jpeg(_crop(image, 0.7)),
+    "corner 80%": lambda image: _jpeg(_crop(image, 0.8, centred=False)),
+}
+
+
+def _signatures(blobs: list[bytes]) -> np.ndarray:
+    sigs = [images.signature(images.decode(blob, min_side=224)) for blob in blobs]
+    return np.frombuffer(b"".join(sigs), np.uint8).reshape(len(blobs), -1)
+
+
+def grocery(data: Path) -> None:
+    with open(data / "classes.csv") as handle:
+        blobs = [(data / row["Iconic Image Path (str)"].lstrip("/")).read_bytes() for row in csv.DictReader(handle)]
+    n, ids = len(blobs), [f"p{i}" for i in range(len(blobs))]
+    signatures = _signatures(blobs)
+    pairs = duplicates.candidate_pairs(signatures, [digest(blob) for blob in blobs])
+    scores = duplicates.pair_similarity(signatures, pairs)
+    print(f"{n} distinct products: highest similarity between two of them "
+          f"{duplicates.either_way(pairs, scores).max():.4f}")
+    print("| copy | " + " | ".join(f"grouped at {t}" for t in THRESHOLDS) + " |")
+    print("|---|" + "---|" * len(THRESHOLDS))
+    originals = [Image.open(io.BytesIO(blob)).convert("RGB") for blob in blobs]
+    for way, make in WAYS.items():
+        copies = [make(image) for image in originals]
+        both = blobs + copies
+        sigs, shas = _signatures(both), [digest(blob) for blob in both]
+        cells = []
+        for threshold in THRESHOLDS:
+            found = duplicates.find(ids + [f"{i}-copy" for i in ids], shas, sigs, threshold=threshold)
+            group = dict(found.select("product_id", "group").rows())
+            grouped = sum(f"{i}-copy" in group and group[f"{i}-copy"] == group.get(i) for i in ids)
+            wrong = sum(len({pid.split("-")[0] for pid in members}) > 1
+                        for members in found.group_by("group").agg("product_id")["product_id"].to_list())
+            cells.append(f"{grouped}/{n}" + (f" ({wrong} groups of distinct products)" if wrong else ""))
+        print(f"| {way} | " + " | ".join(cells) + " |")
+
+
+SCALE = """
+import resource, sys, time, numpy as np, torch, torch.nn.functional as F
+from clipdq import duplicates
+n = int(sys.argv[1])
+rng = np.random.default_rng(0)
+signatures = np.empty((n, 3 * 32 * 32), np.uint8)
+for start in range(0, n, 10000):  # smooth random images: 4x4 noise upsampled, plus grain
+    coarse = torch.from_numpy(rng.random((min(10000, n - start), 3, 4, 4), dtype=np.float32))
+    smooth = F.interpolate(coarse, size=(32, 32), mode="bilinear") * 200 + torch.rand(len(coarse), 3, 32, 32) * 40
+    signatures[start:start + len(coarse)] = smooth.clamp(0, 255).to(torch.uint8).flatten(1).numpy()
+started = time.monotonic()
+found = duplicates.find([str(i) for i in range(n)], [str(i) for i in range(n)], signatures, threshold=0.99)
+print(f"{n:,} images: {time.monotonic() - started:.1f} s, {found.height} in groups, "
+      f"peak RSS {resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024:,.0f} MB")
+"""
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--data", type=Path, default=DEFAULT_DATA, help="the Grocery Store dataset folder")
+    parser.add_argument("--images", type=int, default=100_000, help="synthetic images for the scale run (0: none)")
+    args = parser.parse_args()
+    if (args.data / "classes.csv").exists():
+        grocery(args.data)
+    else:
+        print(f"Grocery Store dataset not found at {args.data}: skipping (a)")
+    if args.images:
+        subprocess.run([sys.executable, "-c", SCALE, str(args.images)], check=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
