@@ -172,3 +172,30 @@ def of_images(images: pl.DataFrame, *, threshold: float) -> pl.DataFrame:
     signatures = np.frombuffer(b"".join(images["signature"].to_list()), np.uint8).reshape(images.height, -1)
     return find(images["product_id"].to_list(), images["sha256"].to_list(), signatures, threshold=threshold)
 
+
+
+def flag_near_identical(matches: pl.DataFrame, references: match.Embedded, queries: match.Embedded, *,
+                        threshold: float) -> tuple[pl.DataFrame, dict]:
+    """(``matches`` with each ranked pair whose query and reference images are near-identical
+    pixels, at ``threshold`` as for duplicate listings, marked in its detail; what the summary
+    says of them). The same photo on both sides says nothing of the model."""
+    ranked = matches["rank"].is_not_null().to_numpy()
+    query_row = {pid: i for i, pid in enumerate(np.array(queries.ids, dtype=object)[queries.ok])}
+    reference_row = {pid: i for i, pid in enumerate(np.array(references.ids, dtype=object)[references.ok])}
+    q = np.array([query_row[pid] for pid in matches["query_id"].filter(ranked)], dtype=np.int64)
+    r = np.array([reference_row[pid] for pid in matches["reference_id"].filter(ranked)], dtype=np.int64)
+    used = np.unique(r)
+    signatures = np.concatenate([queries.signatures, references.signatures[used]])
+    pairs = np.stack([q, len(queries.signatures) + np.searchsorted(used, r)], axis=1)
+    both = np.unique(np.concatenate([pairs, pairs[:, ::-1]]), axis=0)
+    scores = either_way(both, pair_similarity(signatures, both)) if len(both) else np.zeros(0, np.float32)
+    base = int(both.max(initial=0)) + 1
+    at = np.searchsorted(both[:, 0] * base + both[:, 1], pairs[:, 0] * base + pairs[:, 1])
+    similarity = np.full(matches.height, np.nan, np.float32)
+    similarity[ranked] = scores[at] if len(at) else []
+    near = np.flatnonzero(similarity >= threshold)
+    detail = matches["detail"].to_list()
+    for i in near:
+        detail[i] = f"near-identical pixels (similarity {similarity[i]:.4f}): this query shows the reference's own image"
+    return matches.with_columns(detail=pl.Series(detail, dtype=pl.String)), {
+        "threshold": threshold, "pairs": len(near), "queries": matches["query_id"][near].n_unique()}

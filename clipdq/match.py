@@ -21,6 +21,7 @@ import polars as pl
 
 from clipdq import audit, catalog, progress_log
 from clipdq.cache import EmbeddingCache
+from clipdq.images import SIGNATURE_SIZE
 from clipdq.scorer import Scorer
 from clipdq.sources import ImageAccess
 
@@ -105,6 +106,7 @@ class Embedded:
     sha256: list[str | None] = field(default_factory=list)
     errors: list[str | None] = field(default_factory=list)
     embeddings: np.ndarray | None = None
+    signatures: np.ndarray | None = None  # (usable rows, 3 * 32 * 32) uint8: images.signature of each
     counts: Counter = field(default_factory=Counter)  # audit.COUNT_KEYS
 
     @property
@@ -116,14 +118,17 @@ def embed_catalog(source: catalog.CatalogFile, *, scorer: Scorer, access: ImageA
                   cache: EmbeddingCache | None = None, batch_size: int = 64, role: str = "images") -> Embedded:
     """Every row of ``source`` embedded (or taken from ``cache``), one batch of pixels at a time;
     progress is logged as ``role``."""
-    spec, out, filled, kept = scorer.spec, Embedded(), 0, None
+    spec, out, filled, kept, signatures = scorer.spec, Embedded(), 0, None, None
     catalog.check_id_and_image(source.schema, spec)
     prepare = functools.partial(audit.prepare_batch, spec=spec, access=access, pixels=scorer.pixels, cache=cache)
     for batch in audit.prepared_batches(source.batches(batch_size, [spec.id_column, spec.image_column]), prepare):
         embeddings = audit.embed_batch(batch, scorer, cache)
         if kept is None:  # one array for the catalog, filled in place: no second copy of a million rows
             kept = np.empty((source.rows, embeddings.shape[1]), np.float32)
+            signatures = np.empty((source.rows, 3 * SIGNATURE_SIZE ** 2), np.uint8)
         kept[filled:filled + len(embeddings)] = embeddings
+        usable = [sig for sig in batch.signatures if sig is not None]
+        signatures[filled:filled + len(usable)] = np.frombuffer(b"".join(usable), np.uint8).reshape(len(usable), -1)
         filled += len(embeddings)
         out.ids += batch.rows[spec.id_column].cast(pl.String).to_list()
         out.sha256 += batch.sha256
@@ -134,6 +139,7 @@ def embed_catalog(source: catalog.CatalogFile, *, scorer: Scorer, access: ImageA
     if cache is not None:
         cache.flush()
     out.embeddings = kept[:filled] if kept is not None else np.zeros((0, 0), np.float32)
+    out.signatures = signatures[:filled] if kept is not None else np.zeros((0, 3 * SIGNATURE_SIZE ** 2), np.uint8)
     return out
 
 

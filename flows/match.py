@@ -11,7 +11,7 @@ from prefect import flow, get_run_logger, task
 from prefect.artifacts import create_markdown_artifact, create_table_artifact
 from prefect.cache_policies import NO_CACHE
 
-from clipdq import catalog, match, report, scorer, sources, storage
+from clipdq import catalog, duplicates, match, report, scorer, sources, storage
 from clipdq.cache import EmbeddingCache, cache_key
 from clipdq.options import MatchOptions
 from clipdq.spec import parse_spec
@@ -49,7 +49,8 @@ def match_catalogs(references_uri: str, queries_uri: str, spec_uri: str, model_u
     """Find the nearest catalog products of other photos; returns the run folder holding
     ``matches.parquet`` (query_id, rank from 1, reference_id, score), ``summary.json`` and the
     manifest (written last: the run is complete). A query is never matched with a reference
-    image of the same bytes; the summary says how many such pairs were left out.
+    image of the same bytes; the summary says how many such pairs were left out, and how many
+    matches show near-identical pixels (a resized or re-encoded copy: marked in their detail).
 
     Args:
         references_uri: The catalog whose products are matched (Parquet, local or s3://): the spec's id
@@ -71,6 +72,9 @@ def match_catalogs(references_uri: str, queries_uri: str, spec_uri: str, model_u
     references = embed_catalog(references_uri, spec_text, model_uri, cache, options, "references")
     queries = embed_catalog(queries_uri, spec_text, model_uri, cache, options, "queries")
     matches, found = match.match_embedded(references, queries, k=options.k)
+    if spec.duplicate_similarity is not None:
+        matches, found["near_identical_pixels"] = duplicates.flag_near_identical(
+            matches, references, queries, threshold=spec.duplicate_similarity)
     summary = {"run_id": run_id, "started_at": started.isoformat(), "references_catalog": references_uri,
                "queries_catalog": queries_uri, "model": model_uri, "model_fingerprint": files.fingerprint(),
                "options": options.model_dump(), **found, "accuracy": None}

@@ -137,6 +137,10 @@ def test_clipdq_match_finds_the_product_of_altered_photos_and_leaves_out_copies(
     altered_right = sum(top[q] == expected[q] for q in top if q not in copies)
     # chance is 26 / 100; the untrained projection of the pretrained tower's features gets 21
     assert altered_right >= 18, f"{altered_right} of 26 altered photos matched first"
+    near = ranked.filter(pl.col("detail").str.starts_with("near-identical pixels"))
+    assert near.height and all(expected[q] == r for q, r in near.select("query_id", "reference_id").iter_rows())
+    assert summary["near_identical_pixels"] == {"threshold": 0.99, "pairs": near.height,
+                                                "queries": near["query_id"].n_unique()}
     assert summary["query_image_errors"] == 1
     assert summary["accuracy"]["labeled_queries"] == 29
     assert summary["accuracy"]["top_1"] == pytest.approx(altered_right / 29)
