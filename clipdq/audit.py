@@ -7,6 +7,8 @@ The Prefect flow in ``flows/audit.py`` calls these in order; tests can call them
 from __future__ import annotations
 
 import functools
+import hashlib
+import json
 import logging
 from collections import deque
 from collections.abc import Callable, Iterable, Iterator
@@ -101,6 +103,18 @@ def usable_images(batch: Batch, spec: Spec) -> pl.DataFrame:
     return pl.DataFrame({"product_id": batch.rows[spec.id_column].cast(pl.String).filter(ok),
                          "sha256": [sha for sha, good in zip(batch.sha256, ok) if good],
                          "signature": [sig for sig, good in zip(batch.signatures, ok) if good]}, schema=IMAGES_SCHEMA)
+
+
+DUPLICATES_SCHEMA = {"group": pl.Int64, "product_id": pl.String, "group_size": pl.Int32, "other_id": pl.String,
+                     "similarity": pl.Float32, "kind": pl.String}  # duplicate listings (clipdq.duplicates)
+
+
+def images_key(images: pl.DataFrame, threshold: float) -> str:
+    """A digest of which image each usable product has, and the threshold: equal keys, equal
+    duplicate listings (a rerun of an unchanged catalog reuses the previous run's)."""
+    rows = images.select("product_id", "sha256").sort("product_id")
+    payload = json.dumps([threshold, rows["product_id"].to_list(), rows["sha256"].to_list()])
+    return hashlib.sha256(payload.encode()).hexdigest()[:16]
 
 
 COUNT_KEYS = ("scored", "from_cache", "unread", "embedded", "lost_to_outages")

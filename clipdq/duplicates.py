@@ -4,8 +4,9 @@ Every usable image has a signature (``images.signature``: the whole image squash
 RGB). Two listings are duplicates when their images have the same bytes, or when the signature
 of one, or a window of it (the other image may be a crop), correlates with the other's at least
 ``threshold`` (normalised cross-correlation). Measured on the Grocery Store catalog images:
-re-encoded and half-size copies score at least 0.99, crops keeping 70 to 90% of each side mostly
-0.95 to 0.99, and distinct products in look-alike packaging at most 0.97 (docs/benchmarks.md).
+re-encoded and half-size copies score above 0.99, centred crops keeping 80 to 90% of each side
+reach 0.99 about half the time, and two distinct products in look-alike packaging at most
+0.9825 (docs/benchmarks.md).
 
 Bounded in memory and never all pairs: each image's ``CANDIDATES`` nearest signatures at 8 x 8
 pixels are found blockwise (``match.top_k``), and only those pairs are compared window by
@@ -21,6 +22,7 @@ import torch
 import torch.nn.functional as F
 
 from clipdq import match
+from clipdq.audit import DUPLICATES_SCHEMA
 from clipdq.images import SIGNATURE_SIZE
 
 CANDIDATES = 10  # nearest coarse signatures compared per image
@@ -31,8 +33,6 @@ FINE = 16  # side of the windows that decide
 SCALES = (1.0, 0.95, 0.9, 0.85, 0.8, 0.75, 0.7)  # window sides, as shares of the image's
 OFFSETS = 5  # window positions along each axis
 
-DUPLICATES_SCHEMA = {"group": pl.Int64, "product_id": pl.String, "group_size": pl.Int32, "other_id": pl.String,
-                     "similarity": pl.Float32, "kind": pl.String}
 
 
 def _pixels(signatures: np.ndarray) -> torch.Tensor:

@@ -41,13 +41,14 @@ def counts(findings: Findings) -> pl.DataFrame:
     return wide.with_columns(missing).select("attribute", *STATUSES).fill_null(0).sort("attribute")
 
 
-def duplicates_summary(found: pl.DataFrame, threshold: float | None) -> dict:
-    """What summary.json says of the duplicate listings (duplicates.DUPLICATES_SCHEMA)."""
+def duplicates_summary(found: pl.DataFrame, threshold: float | None, images_key: str | None = None) -> dict:
+    """What summary.json says of the duplicate listings (audit.DUPLICATES_SCHEMA) found among the
+    images ``images_key`` names (audit.images_key)."""
     if threshold is None:
         return {"checked": False, "why": "duplicate_similarity is null in the spec"}
     identical = found.group_by("group").agg(pl.col("kind").eq("identical bytes").all())["kind"].sum()
     return {"checked": True, "similarity_threshold": threshold, "groups": found["group"].n_unique(),
-            "products": found.height, "groups_of_identical_bytes": int(identical)}
+            "products": found.height, "groups_of_identical_bytes": int(identical), "images_key": images_key}
 
 
 def summarize(findings: Findings, *, products: int, run: dict, validation: dict, reported: int | None = None,

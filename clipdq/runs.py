@@ -26,6 +26,10 @@ def complete_runs(output: str) -> list[str]:
     return sorted(storage.join(output, name.rsplit("/", 1)[0]) for name in manifests)
 
 
+def summary(folder: str) -> dict:
+    return json.loads(storage.read_bytes(storage.join(folder, "summary.json")))
+
+
 def run_id_of(folder: str) -> str:
     return folder.rstrip("/").rsplit("run_id=", 1)[1]
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import io
 import tempfile
 from concurrent.futures import ThreadPoolExecutor
 from datetime import datetime, timezone
@@ -98,16 +99,31 @@ def task_runner(dask_address: str | None, workers: int):
                                           "dashboard_address": None})
 
 
-@task(cache_policy=NO_CACHE)
-def find_duplicates(images: pl.DataFrame, spec: Spec) -> pl.DataFrame:
-    from clipdq import duplicates  # imports torch: only when duplicates are checked
+@task(**IO_RETRIES, cache_policy=NO_CACHE)
+def find_duplicates(images: pl.DataFrame, spec: Spec, key: str, previous: str | None) -> pl.DataFrame:
+    """Duplicate listings among the usable images: the previous run's where it saw the same images
+    at the same threshold (``key``: a rerun of an unchanged catalog), else found afresh."""
+    kept = _previous_duplicates(previous, key) if previous else None
+    if kept is not None:
+        get_run_logger().info("duplicate listings: the same images as run %s, its findings reused",
+                              runs.run_id_of(previous))
+        return kept
+    from clipdq import duplicates  # imports torch: not needed for a rerun of an unchanged catalog
 
-    if spec.duplicate_similarity is None:
-        return pl.DataFrame(schema=duplicates.DUPLICATES_SCHEMA)
     found = duplicates.of_images(images, threshold=spec.duplicate_similarity)
     get_run_logger().info("duplicate listings: %d products in %d groups among %d images", found.height,
                           found["group"].n_unique(), images.height)
     return found
+
+
+def _previous_duplicates(previous: str, key: str) -> pl.DataFrame | None:
+    try:
+        if (runs.summary(previous).get("duplicates") or {}).get("images_key") != key:
+            return None
+        return pl.read_parquet(io.BytesIO(storage.read_bytes(storage.join(previous, "duplicates.parquet"))))
+    except (OSError, ValueError, pl.exceptions.PolarsError) as error:
+        get_run_logger().warning("cannot reuse the duplicate listings of %s (%s): finding them afresh", previous, error)
+        return None
 
 
 @task(**IO_RETRIES, cache_policy=NO_CACHE)
@@ -196,12 +212,13 @@ def audit_catalog(catalog_uri: str, spec_uri: str, model_uri: str, output_uri: s
             in_shards, reported, usable = _audit_in_shards(job, source, spec, findings_file, options)
             run |= in_shards | {"calibration": {name: c.to_dict()
                                                 for name, c in scorer.calibration_for(files, spec).items()}}
-        duplicates = find_duplicates(usable, spec)
         previous, changes = _changes_since_previous_run(output_uri, catalog_uri, findings_file)
+        key = None if spec.duplicate_similarity is None else audit.images_key(usable, spec.duplicate_similarity)
+        duplicates = find_duplicates(usable, spec, key, previous) if key else pl.DataFrame(schema=audit.DUPLICATES_SCHEMA)
         summary = report.summarize(pl.scan_parquet(findings_file), products=source.rows, run=run,
                                    validation=validation, reported=reported,
                                    changes=runs.change_counts(changes, previous) if previous else None,
-                                   duplicates=report.duplicates_summary(duplicates, spec.duplicate_similarity))
+                                   duplicates=report.duplicates_summary(duplicates, spec.duplicate_similarity, key))
         publish(folder, findings_file, summary, source, spec, access, changes, validation, duplicates)
         top = report.problem_table(pl.scan_parquet(findings_file), changes, TOP_PROBLEMS)
     if not options.cross_fit:

@@ -1,5 +1,5 @@
 """Duplicate listings: copies of one image under other product ids are grouped, through the audit
-flow; distinct products that merely look alike are not."""
+flow; distinct products that merely look alike are not; a rerun of an unchanged catalog reuses them."""
 
 from __future__ import annotations
 
@@ -61,7 +61,8 @@ def planted(sample_dir: Path, tmp_path_factory) -> tuple[Path, dict[str, str]]:
 
 
 def test_an_audit_groups_each_copy_with_its_original_and_no_distinct_products(prefect_harness, planted,
-                                                                              trained_model_dir, tmp_path):
+                                                                              trained_model_dir, tmp_path,
+                                                                              monkeypatch):
     folder, original_of = planted
     run = Path(audit_catalog(str(folder / "catalog.parquet"), str(folder / "spec.yaml"), str(trained_model_dir),
                              str(tmp_path), AuditOptions(batch_size=32)))
@@ -78,9 +79,19 @@ def test_an_audit_groups_each_copy_with_its_original_and_no_distinct_products(pr
     assert (found.filter(pl.col("kind") != "identical bytes")["similarity"] >= 0.99).all()
     summary = json.loads((run / "summary.json").read_text())
     assert summary["duplicates"] == {"checked": True, "similarity_threshold": 0.99, "groups": 5,
-                                     "products": 5 * (len(COPIES) + 1), "groups_of_identical_bytes": 0}
+                                     "products": 5 * (len(COPIES) + 1), "groups_of_identical_bytes": 0,
+                                     "images_key": summary["duplicates"]["images_key"]}
     html = (run / "report.html").read_text()
     assert "Duplicate listings" in html and f"{original_of[next(iter(original_of))]}-exact" in html
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("an unchanged catalog's duplicate listings are found again")
+
+    monkeypatch.setattr(duplicates, "of_images", refuse)
+    rerun = Path(audit_catalog(str(folder / "catalog.parquet"), str(folder / "spec.yaml"), str(trained_model_dir),
+                               str(tmp_path), AuditOptions(batch_size=32)))
+    assert pl.read_parquet(rerun / "duplicates.parquet").equals(found)
+    assert json.loads((rerun / "summary.json").read_text())["duplicates"] == summary["duplicates"]
 
 
 def test_a_spec_can_turn_the_check_off():
