@@ -23,7 +23,7 @@ import torch.nn.functional as F
 
 from clipdq import match
 from clipdq.audit import DUPLICATES_SCHEMA
-from clipdq.images import SIGNATURE_SIZE
+from clipdq.images import SIGNATURE_BYTES, SIGNATURE_SIZE
 
 CANDIDATES = 10  # nearest coarse signatures compared per image
 MAX_PAIRS_PER_IMAGE = 32  # an image that is many images' candidate keeps its most similar ones
@@ -169,7 +169,7 @@ def _best_other(n: int, pairs: np.ndarray, scores: np.ndarray) -> tuple[np.ndarr
 
 def of_images(images: pl.DataFrame, *, threshold: float) -> pl.DataFrame:
     """``find`` over an audit's usable images (audit.IMAGES_SCHEMA)."""
-    signatures = np.frombuffer(b"".join(images["signature"].to_list()), np.uint8).reshape(images.height, -1)
+    signatures = np.frombuffer(b"".join(images["signature"].to_list()), np.uint8).reshape(-1, SIGNATURE_BYTES)
     return find(images["product_id"].to_list(), images["sha256"].to_list(), signatures, threshold=threshold)
 
 

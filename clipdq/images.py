@@ -18,6 +18,7 @@ MAX_ASPECT = 4  # longer sides are cropped to this many times the shorter before
 BYTES_PER_PIXEL = {"1": 1, "L": 1, "P": 1, "LA": 2, "PA": 2, "I;16": 2, "I;16B": 2, "I;16L": 2, "RGB": 3, "YCbCr": 3,
                    "RGBA": 4, "CMYK": 4, "I": 4, "F": 4}
 SIGNATURE_SIZE = 32  # a pixel signature is the whole image as SIGNATURE_SIZE^2 RGB pixels (uint8)
+SIGNATURE_BYTES = 3 * SIGNATURE_SIZE ** 2
 SIGNATURES = {"JPEG": (b"\xff\xd8\xff",), "PNG": (b"\x89PNG\r\n\x1a\n",), "GIF": (b"GIF87a", b"GIF89a"),
               "TIFF": (b"II*\x00", b"MM\x00*"), "BMP": (b"BM",)}
 

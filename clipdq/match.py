@@ -21,7 +21,7 @@ import polars as pl
 
 from clipdq import audit, catalog, progress_log
 from clipdq.cache import EmbeddingCache
-from clipdq.images import SIGNATURE_SIZE
+from clipdq.images import SIGNATURE_BYTES
 from clipdq.scorer import Scorer
 from clipdq.sources import ImageAccess
 
@@ -125,10 +125,10 @@ def embed_catalog(source: catalog.CatalogFile, *, scorer: Scorer, access: ImageA
         embeddings = audit.embed_batch(batch, scorer, cache)
         if kept is None:  # one array for the catalog, filled in place: no second copy of a million rows
             kept = np.empty((source.rows, embeddings.shape[1]), np.float32)
-            signatures = np.empty((source.rows, 3 * SIGNATURE_SIZE ** 2), np.uint8)
+            signatures = np.empty((source.rows, SIGNATURE_BYTES), np.uint8)
         kept[filled:filled + len(embeddings)] = embeddings
-        usable = [sig for sig in batch.signatures if sig is not None]
-        signatures[filled:filled + len(usable)] = np.frombuffer(b"".join(usable), np.uint8).reshape(len(usable), -1)
+        usable = b"".join(sig for sig in batch.signatures if sig is not None)
+        signatures[filled:filled + len(embeddings)] = np.frombuffer(usable, np.uint8).reshape(-1, SIGNATURE_BYTES)
         filled += len(embeddings)
         out.ids += batch.rows[spec.id_column].cast(pl.String).to_list()
         out.sha256 += batch.sha256
@@ -139,7 +139,7 @@ def embed_catalog(source: catalog.CatalogFile, *, scorer: Scorer, access: ImageA
     if cache is not None:
         cache.flush()
     out.embeddings = kept[:filled] if kept is not None else np.zeros((0, 0), np.float32)
-    out.signatures = signatures[:filled] if kept is not None else np.zeros((0, 3 * SIGNATURE_SIZE ** 2), np.uint8)
+    out.signatures = signatures[:filled] if kept is not None else np.zeros((0, SIGNATURE_BYTES), np.uint8)
     return out
 
 
