@@ -24,6 +24,7 @@ import torch.nn.functional as F
 from clipdq import match
 from clipdq.audit import DUPLICATES_SCHEMA
 from clipdq.images import SIGNATURE_BYTES, SIGNATURE_SIZE
+from clipdq.splits import connected_components
 
 CANDIDATES = 10  # nearest coarse signatures compared per image
 MAX_PAIRS_PER_IMAGE = 32  # an image that is many images' candidate keeps its most similar ones
@@ -97,22 +98,6 @@ def pair_similarity(signatures: np.ndarray, pairs: np.ndarray) -> np.ndarray:
     return out
 
 
-def _components(n: int, pairs: np.ndarray) -> np.ndarray:
-    parent = np.arange(n)
-
-    def root(i: int) -> int:
-        while parent[i] != i:
-            parent[i] = parent[parent[i]]
-            i = parent[i]
-        return i
-
-    for a, b in pairs.tolist():
-        ra, rb = root(a), root(b)
-        if ra != rb:
-            parent[max(ra, rb)] = min(ra, rb)
-    return np.array([root(i) for i in range(n)], dtype=np.int64)
-
-
 def find(ids: list[str], sha256: list[str], signatures: np.ndarray, *, threshold: float) -> pl.DataFrame:
     """Duplicate listings (DUPLICATES_SCHEMA) among images ``ids`` with their digests and (n, 3 * S * S)
     uint8 ``signatures``: one row per product in a group of two or more, with its most similar
@@ -127,7 +112,7 @@ def find(ids: list[str], sha256: list[str], signatures: np.ndarray, *, threshold
     pairs, scores = pairs[scores >= threshold], scores[scores >= threshold]
     digests = pl.Series(sha256).cast(pl.Categorical).to_physical().to_numpy().astype(np.int64)
     same = _same_bytes(digests)
-    roots = _components(n, np.concatenate([pairs, same]))
+    roots = connected_components(n, np.concatenate([pairs, same]))
     sizes = np.bincount(roots, minlength=n)
     best = _best_other(n, np.concatenate([pairs, same, same[:, ::-1]]),
                        np.concatenate([scores, np.ones(2 * len(same), np.float32)]))

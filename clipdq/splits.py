@@ -30,7 +30,17 @@ def near_duplicate_groups(image_emb: np.ndarray, *, threshold: float = NEAR_DUPL
     """
     emb = image_emb - image_emb.mean(axis=0)
     emb /= np.maximum(np.linalg.norm(emb, axis=1, keepdims=True), 1e-12)
-    parent = np.arange(len(emb))
+    pairs = []
+    for start in range(0, len(emb), block):
+        rows, cols = np.nonzero(np.triu(emb[start : start + block] @ emb.T >= threshold, k=start + 1))
+        pairs.append(np.stack([rows + start, cols], axis=1))
+    roots = connected_components(len(emb), np.concatenate(pairs) if pairs else np.zeros((0, 2), np.int64))
+    return np.unique(roots, return_inverse=True)[1]
+
+
+def connected_components(n: int, pairs: np.ndarray) -> np.ndarray:
+    """(n,) the smallest row of each row's component, given (p, 2) linked row pairs (union-find)."""
+    parent = np.arange(n)
 
     def root(i: int) -> int:
         while parent[i] != i:
@@ -38,15 +48,11 @@ def near_duplicate_groups(image_emb: np.ndarray, *, threshold: float = NEAR_DUPL
             i = parent[i]
         return i
 
-    for start in range(0, len(emb), block):
-        sims = emb[start : start + block] @ emb.T
-        rows, cols = np.nonzero(np.triu(sims >= threshold, k=start + 1))
-        for a, b in zip((rows + start).tolist(), cols.tolist()):
-            ra, rb = root(a), root(b)
-            if ra != rb:
-                parent[max(ra, rb)] = min(ra, rb)
-    roots = np.array([root(i) for i in range(len(emb))], dtype=np.int64)
-    return np.unique(roots, return_inverse=True)[1]
+    for a, b in pairs.tolist():
+        ra, rb = root(a), root(b)
+        if ra != rb:
+            parent[max(ra, rb)] = min(ra, rb)
+    return np.array([root(i) for i in range(n)], dtype=np.int64)
 
 
 def _stratified_order(labels: dict[str, np.ndarray], rng: np.random.Generator) -> np.ndarray:
