@@ -1,8 +1,11 @@
 """Shared by the fine-tuning benchmarks: held-out figures of a trained model, flags included.
 
 ``flag_figures`` plants errors in held-out labels (a share replaced by another value, another
-share blanked) and runs the audit's own ``compare`` with the model's calibration, so the
-precision and recall it reports are those of the flags a data steward would see.
+share blanked; for a category tree, the whole path replaced by another path or blanked) and
+runs the audit's own ``compare`` with the model's calibration and the audit's choice of values,
+so the precision and recall it reports are those of the flags a data steward would see. A flag
+is right when the catalog's value is wrong; a tree's planted error is to be found at the highest
+level where the planted path differs.
 """
 
 from __future__ import annotations
@@ -13,8 +16,8 @@ from collections.abc import Iterable
 import numpy as np
 import polars as pl
 
-from clipdq import model, predict, train
-from clipdq.compare import PREDICTIONS_SCHEMA, compare
+from clipdq import audit, evaluation, model, train
+from clipdq.compare import compare
 from clipdq.predict import Calibration
 from clipdq.spec import Spec
 
@@ -41,7 +44,8 @@ def flag_figures(
         flagged, planted = rows.filter(pl.col("status") == "conflict"), rows.filter(pl.col("planted") == "conflict")
         suggested, gaps = rows.filter(pl.col("status") == "gap"), rows.filter(pl.col("planted") == "gap")
         out[name] = {
-            "conflict_precision": _share(flagged.filter(pl.col("planted") == "conflict").height, flagged.height),
+            "conflict_precision": _share(flagged.filter(pl.col("existing_value") != pl.col("true_value")).height,
+                                         flagged.height),
             "conflict_recall": _share(planted.filter(pl.col("status") == "conflict").height, planted.height),
             "flags": flagged.height, "planted": planted.height,
             "gap_accuracy": _share(suggested.filter(pl.col("predicted_value") == pl.col("true_value")).height,
@@ -59,24 +63,58 @@ def _planted_audit(
     rng = np.random.default_rng(seed)
     n = len(next(iter(labels.values())))
     ids = [f"{seed}-{i}" for i in range(n)]
-    columns, predictions, truth = {spec.id_column: ids}, [], []
+    columns, truth = {spec.id_column: ids}, []
+    planted = {}
     for attribute in spec.attributes:
-        y, k, values = labels[attribute.name], len(attribute.values), np.array(attribute.values, dtype=object)
-        draw, other = rng.random(n), (y + rng.integers(1, k, n)) % k
-        planted = np.where(y < 0, "unlabeled", np.where(draw < share, "conflict",
-                                                          np.where(draw < 2 * share, "gap", "none")))
-        existing = np.where(planted == "conflict", values[other], values[y.clip(0)])
-        existing[(planted == "gap") | (planted == "unlabeled")] = None
-        columns[attribute.name] = list(existing)
-        probs = predict.softmax(logits[attribute.name], temperature=calibration[attribute.name]["temperature"])
-        predictions.append(pl.DataFrame({"product_id": ids, "attribute": attribute.name,
-                                         "predicted_value": list(values[probs.argmax(1)]),
-                                         "confidence": probs.max(1), "image_error": None}, schema=PREDICTIONS_SCHEMA))
-        truth.append(pl.DataFrame({"product_id": ids, "attribute": attribute.name, "planted": planted,
-                                   "true_value": list(values[y.clip(0)])}))
-    findings = compare(pl.DataFrame(columns), pl.concat(predictions), spec=spec,
+        if spec.tree_of(attribute.name) is None:
+            columns[attribute.name], planted[attribute.name] = _plant_value(labels[attribute.name], attribute.values,
+                                                                            rng, share)
+    for tree in spec.trees:
+        for level, (existing, kind) in _plant_path(labels, tree, rng, share).items():
+            columns[level], planted[level] = existing, kind
+    for attribute in spec.attributes:
+        values = np.array(attribute.values, dtype=object)
+        truth.append(pl.DataFrame({"product_id": ids, "attribute": attribute.name, "planted": planted[attribute.name],
+                                   "true_value": list(values[labels[attribute.name].clip(0)])}))
+    temperatures = {name: fitted["temperature"] for name, fitted in calibration.items()}
+    predictions = audit.predictions_of(ids, evaluation.choices(logits, spec, temperatures), spec)
+    findings = compare(pl.DataFrame(columns), predictions, spec=spec,
                        calibration={k: Calibration(**v) for k, v in calibration.items()})
     return findings.join(pl.concat(truth), on=["product_id", "attribute"])
+
+
+def _plant_value(y: np.ndarray, vocabulary, rng: np.random.Generator, share: float) -> tuple[list, np.ndarray]:
+    """(catalog values, what was planted per row): a ``share`` replaced by another value, another blanked."""
+    k, values = len(vocabulary), np.array(vocabulary, dtype=object)
+    draw, other = rng.random(len(y)), (y + rng.integers(1, k, len(y))) % k
+    planted = np.where(y < 0, "unlabeled", np.where(draw < share, "conflict", np.where(draw < 2 * share, "gap", "none")))
+    existing = np.where(planted == "conflict", values[other], values[y.clip(0)])
+    existing[(planted == "gap") | (planted == "unlabeled")] = None
+    return list(existing), planted
+
+
+def _plant_path(labels: dict[str, np.ndarray], tree, rng: np.random.Generator, share: float) -> dict[str, tuple]:
+    """Per level, (catalog values, what was planted): a ``share`` of products get another whole
+    path (planted ``conflict`` at the highest level where it differs, ``parent`` below it),
+    another share none. Rows without a leaf label are ``unlabeled``."""
+    paths = np.array(tree.path_indices())
+    leaf = labels[tree.levels[-1]]
+    path_of_leaf = {path[-1]: i for i, path in enumerate(paths)}
+    true_path = np.array([path_of_leaf.get(v, -1) for v in leaf])
+    draw = rng.random(len(leaf))
+    other = rng.integers(0, len(paths) - 1, len(leaf))
+    other += other >= true_path  # any path but the true one
+    given = np.where(draw < share, other, true_path.clip(0))
+    differs = paths[given] != paths[true_path.clip(0)]  # (n, levels)
+    first = np.where(differs.any(axis=1), differs.argmax(axis=1), len(tree.levels))
+    out = {}
+    for depth, level in enumerate(tree.levels):
+        kind = np.where(depth == first, "conflict", np.where(depth > first, "parent", "none"))
+        kind = np.where(true_path < 0, "unlabeled", np.where((draw >= share) & (draw < 2 * share), "gap", kind))
+        existing = np.array(tree.values_at(depth), dtype=object)[paths[given, depth]]
+        existing[(kind == "gap") | (kind == "unlabeled")] = None
+        out[level] = (list(existing), kind)
+    return out
 
 
 def pooled(figures: Iterable[dict]) -> dict[str, float]:

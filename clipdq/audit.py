@@ -19,7 +19,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 import polars as pl
 
-from clipdq import images, predict, sources
+from clipdq import images, predict, sources, tree
 from clipdq.cache import EmbeddingCache, digest
 from clipdq.compare import FINDINGS_SCHEMA, PREDICTIONS_SCHEMA, compare
 from clipdq.images import PixelSpec
@@ -196,23 +196,28 @@ def prepared_batches(row_batches: Iterable[pl.DataFrame], prepare, *, ahead: int
 
 def score_batch(batch: Batch, *, scorer: Scorer, cache: EmbeddingCache | None = None) -> pl.DataFrame:
     """Predictions (PREDICTIONS_SCHEMA) for every row and attribute; failed images keep their error."""
-    image_emb = embed_batch(batch, scorer, cache)
-    ok, spec = batch.ok, scorer.spec
-    ids = batch.rows[spec.id_column].cast(pl.String).to_list()
+    image_emb, spec = embed_batch(batch, scorer, cache), scorer.spec
+    probs = {a.name: predict.softmax(predict.logits_for(image_emb, scorer.value_emb[a.name], scale=scorer.scale),
+                                     temperature=scorer.calibration[a.name].temperature) for a in spec.attributes}
+    return predictions_of(batch.rows[spec.id_column].cast(pl.String).to_list(), tree.choose(probs, spec), spec,
+                          ok=batch.ok, errors=batch.errors)
+
+
+def predictions_of(ids: list[str], choices: dict[str, tuple[np.ndarray, np.ndarray]], spec: Spec, *,
+                   ok: np.ndarray | None = None, errors: list[str | None] | None = None) -> pl.DataFrame:
+    """Predictions (PREDICTIONS_SCHEMA) from each attribute's choices (``tree.choose``) for the rows
+    ``ok`` (all by default); the other rows keep their image ``errors``."""
+    ok = np.ones(len(ids), dtype=bool) if ok is None else ok
     frames = []
     for attribute in spec.attributes:
-        probs = predict.softmax(
-            predict.logits_for(image_emb, scorer.value_emb[attribute.name], scale=scorer.scale),
-            temperature=scorer.calibration[attribute.name].temperature,
-        )
+        chosen, probability = choices[attribute.name]
         values = np.full(len(ids), None, dtype=object)
-        values[ok] = np.array(attribute.values, dtype=object)[probs.argmax(axis=1)]
-        values = pl.Series(values.tolist(), dtype=pl.String)
+        values[ok] = np.array(attribute.values, dtype=object)[chosen]
         confidence = np.full(len(ids), np.nan)
-        confidence[ok] = probs.max(axis=1)
+        confidence[ok] = probability
         frames.append(pl.DataFrame(
-            {"product_id": ids, "attribute": attribute.name, "predicted_value": values,
-             "confidence": pl.Series(confidence).fill_nan(None), "image_error": batch.errors},
+            {"product_id": ids, "attribute": attribute.name, "predicted_value": pl.Series(values.tolist(), dtype=pl.String),
+             "confidence": pl.Series(confidence).fill_nan(None), "image_error": errors or [None] * len(ids)},
             schema=PREDICTIONS_SCHEMA,
         ))
     return pl.concat(frames)

@@ -113,8 +113,8 @@ def check_schema(schema: pl.Schema, spec: Spec) -> list[str]:
     if missing:
         raise CatalogError(f"catalog lacks required columns {missing}; it has {schema.names()}")
     warnings = [f"catalog has no column {name!r}: every value counts as missing"
-                for name in spec.names if name not in schema]
-    for kind, names in (("attribute", [n for n in spec.names if n in schema]), ("applies_to", sorted(applies_to))):
+                for name in spec.value_columns if name not in schema]
+    for kind, names in (("attribute", [n for n in spec.value_columns if n in schema]), ("applies_to", sorted(applies_to))):
         for name in names:
             if not isinstance(schema[name], TEXT):
                 raise CatalogError(f"{kind} column {name!r} must hold strings, not {schema[name]}")

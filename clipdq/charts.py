@@ -5,7 +5,7 @@ from __future__ import annotations
 from html import escape
 
 COLORS = {"match": "#4a7fb5", "conflict": "#b00020", "gap": "#0b6e4f", "uncertain": "#b9b9b9",
-          "invalid_value": "#e69500", "image_error": "#555555"}
+          "invalid_value": "#e69500", "image_error": "#555555", "parent_conflict": "#e8a0aa"}
 
 
 def status_bars(by_attribute: list[dict], statuses: tuple[str, ...], *, width: int = 640) -> str:
@@ -22,9 +22,10 @@ def status_bars(by_attribute: list[dict], statuses: tuple[str, ...], *, width: i
                 parts.append(f'<rect x="{x:.1f}" y="{y}" width="{w:.1f}" height="{bar_h}" fill="{COLORS[status]}">'
                              f'<title>{escape(row["attribute"])}: {row[status]} {status}</title></rect>')
                 x += w
-    step = width / len(statuses)
+    shown = [s for s in statuses if any(row[s] for row in by_attribute)] or list(statuses)  # legend of what occurs
+    step = width / len(shown)
     legend = "".join(f'<rect x="{step * i:.0f}" y="{height - 14}" width="10" height="10" fill="{COLORS[s]}"/>'
-                     f'<text x="{step * i + 14:.0f}" y="{height - 5}">{s}</text>' for i, s in enumerate(statuses))
+                     f'<text x="{step * i + 14:.0f}" y="{height - 5}">{s}</text>' for i, s in enumerate(shown))
     return (f'<svg class="chart" width="{width}" height="{height}" role="img" aria-label="statuses per attribute">'
             f'{"".join(parts)}{legend}</svg>')
 

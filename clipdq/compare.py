@@ -5,9 +5,10 @@ from __future__ import annotations
 import polars as pl
 
 from clipdq.predict import Calibration
-from clipdq.spec import Spec
+from clipdq.spec import Spec, Tree
 
-STATUSES = ("match", "conflict", "gap", "uncertain", "invalid_value", "image_error")
+STATUSES = ("match", "conflict", "gap", "uncertain", "invalid_value", "image_error", "parent_conflict")
+# parent_conflict: a tree level below the level where the catalog's path first conflicts with the image
 NOT_APPLICABLE = "not_applicable"  # a product none of the attributes applies to: one row, attribute null
 
 FINDINGS_SCHEMA = {
@@ -27,6 +28,23 @@ PREDICTIONS_SCHEMA = {
     "confidence": pl.Float64,
     "image_error": pl.String,  # why the image failed, null when it loaded
 }
+
+
+def with_levels(catalog: pl.DataFrame, spec: Spec) -> pl.DataFrame:
+    """``catalog`` with a column per level of each tree that keeps whole paths in one column.
+
+    A path with fewer parts than levels leaves the deeper levels missing; one with more parts
+    than levels is no path of the tree, and every level holds it whole (an invalid value).
+    """
+    columns = []
+    for tree in spec.trees:
+        if tree.path_column and tree.path_column in catalog.columns:
+            path = pl.col(tree.path_column).cast(pl.String).str.strip_chars()
+            parts = pl.when(path != "").then(path.str.split(tree.separator))
+            too_long = parts.list.len() > len(tree.levels)
+            columns += [pl.when(too_long).then(path).otherwise(parts.list.get(depth, null_on_oob=True).str.strip_chars())
+                        .alias(level) for depth, level in enumerate(tree.levels)]
+    return catalog.with_columns(columns) if columns else catalog
 
 
 def _long_catalog(catalog: pl.DataFrame, spec: Spec) -> pl.DataFrame:
@@ -82,7 +100,7 @@ def compare(
     """
     normalized = pl.col("existing_value").str.replace_all(r"\s+", " ").str.strip_chars().str.to_lowercase()
     frame = (
-        _long_catalog(catalog, spec)
+        _long_catalog(with_levels(catalog, spec), spec)
         .with_columns(normalized.alias("normalized"))
         .join(_vocabulary(spec), on=["attribute", "normalized"], how="left")
         .join(predictions, on=["product_id", "attribute"], how="left")
@@ -117,7 +135,7 @@ def compare(
         .when(pl.col("status") == "uncertain")
         .then(pl.format("the image suggests '{}' (p={}), threshold to flag: {}", "predicted_value",
                         _p("confidence"), _p("conflict_threshold")))
-        .when(pl.col("normalized") != pl.col("canonical"))
+        .when(pl.col("existing_value") != pl.col("canonical"))
         .then(pl.format("'{}' read as '{}'", "existing_value", "canonical"))
     )
     findings = (
@@ -126,7 +144,32 @@ def compare(
         .select(list(FINDINGS_SCHEMA))
         .cast(FINDINGS_SCHEMA)
     )
+    for tree in spec.trees:
+        findings = _highest_conflict(findings, tree)
     return pl.concat([findings, _not_applicable(catalog, findings, spec)])
+
+
+def _highest_conflict(findings: pl.DataFrame, tree: Tree) -> pl.DataFrame:
+    """Each product's conflict with ``tree`` reported at the highest level where it occurs, the
+    whole paths in its detail; conflicts at deeper levels become ``parent_conflict``."""
+    depth = pl.col("attribute").replace_strict({level: d for d, level in enumerate(tree.levels)}, default=None)
+    levels = findings.filter(pl.col("attribute").is_in(tree.levels)).with_columns(depth.alias("depth"))
+    path = {column: pl.col(column).fill_null("?").sort_by("depth").str.join(tree.separator)
+            for column in ("existing_value", "predicted_value")}
+    per_product = levels.group_by("product_id").agg(
+        pl.col("depth").filter(pl.col("status") == "conflict").min().alias("first_conflict"),
+        path["existing_value"].alias("catalog_path"), path["predicted_value"].alias("image_path"))
+    frame = findings.with_columns(depth.alias("depth")).join(per_product, on="product_id", how="left")
+    first_level = pl.col("first_conflict").replace_strict(dict(enumerate(tree.levels)), default=None)
+    below = (pl.col("status") == "conflict") & (pl.col("depth") > pl.col("first_conflict"))
+    at = (pl.col("status") == "conflict") & (pl.col("depth") == pl.col("first_conflict"))
+    return frame.with_columns(
+        pl.when(below).then(pl.lit("parent_conflict")).otherwise("status").alias("status"),
+        pl.when(below).then(pl.format("follows from the conflict at {}: catalog says '{}', the image shows '{}' (p={})",
+                                      first_level, "existing_value", "predicted_value", _p("confidence")))
+        .when(at).then(pl.format("{}; catalog path '{}', the image's '{}'", "detail", "catalog_path", "image_path"))
+        .otherwise("detail").alias("detail"),
+    ).select(list(FINDINGS_SCHEMA))
 
 
 def _not_applicable(catalog: pl.DataFrame, findings: pl.DataFrame, spec: Spec) -> pl.DataFrame:

@@ -125,27 +125,37 @@ def threshold_for_accuracy(
 def calibrate(
     logits: np.ndarray, labels: np.ndarray, *, target_precision: float, error_rate: float, label_noise: float = 0.0
 ) -> Calibration:
-    """Fit a temperature, then thresholds meeting the target on validation and in theory.
+    """Fit a temperature, then thresholds meeting the target (``thresholds_for``).
 
-    Each threshold is the larger of the empirical one (validation accuracy) and the one a
-    perfectly calibrated model would need, so a small validation set cannot set it too low.
     ``label_noise`` is the share of wrong validation labels (0 for curated labels; the catalog's
     error rate when the labels come from the catalog being audited).
     """
-    noise = {"label_noise": label_noise, "k": logits.shape[1]}
     temperature = fit_temperature(logits, labels, label_noise=label_noise)
     probs = softmax(logits, temperature=temperature)
-    confidence, correct = probs.max(axis=1), probs.argmax(axis=1) == labels
-    conflict_needed = required_accuracy(target_precision, error_rate)
+    return thresholds_for(probs.max(axis=1), probs.argmax(axis=1) == labels, temperature=temperature,
+                          k=logits.shape[1], target_precision=target_precision, error_rate=error_rate,
+                          label_noise=label_noise)
 
+
+def thresholds_for(
+    confidence: np.ndarray, correct: np.ndarray, *, temperature: float, k: int, target_precision: float,
+    error_rate: float, label_noise: float = 0.0
+) -> Calibration:
+    """Thresholds meeting the target on validation and in theory, from each validation row's
+    confidence and whether its prediction was right (among ``k`` values).
+
+    Each threshold is the larger of the empirical one (validation accuracy) and the one a
+    perfectly calibrated model would need, so a small validation set cannot set it too low.
+    """
     def threshold(required: float) -> tuple[float | None, int]:
-        empirical = threshold_for_accuracy(confidence, correct, required, **noise)
+        empirical = threshold_for_accuracy(confidence, correct, required, label_noise=label_noise, k=k)
         if empirical is None:
             return None, 0
         cut = max(empirical[0], required)
         return cut, int(np.sum(confidence >= cut))
 
-    (gap, gap_rows), (conflict, conflict_rows) = threshold(target_precision), threshold(conflict_needed)
+    (gap, gap_rows) = threshold(target_precision)
+    (conflict, conflict_rows) = threshold(required_accuracy(target_precision, error_rate))
     return Calibration(temperature, gap, conflict, gap_rows, conflict_rows)
 
 

@@ -88,9 +88,10 @@ FIXES_SCHEMA = {"product_id": pl.String, "attribute": pl.String, "current_value"
 
 
 def suggested_fixes(findings: Findings) -> pl.DataFrame:
-    """One row per gap and conflict, ready to import into a product information system: the
-    value the catalog holds (null for a gap), the value the image suggests, and how sure."""
-    return (findings.lazy().filter(pl.col("status").is_in(["conflict", "gap"]))
+    """One row per gap and conflict (and per tree level below a conflict, so a fix sets the whole
+    path), ready to import into a product information system: the value the catalog holds (null
+    for a gap), the value the image suggests, and how sure."""
+    return (findings.lazy().filter(pl.col("status").is_in(["conflict", "gap", "parent_conflict"]))
             .select("product_id", "attribute", pl.col("existing_value").alias("current_value"),
                     pl.col("predicted_value").alias("suggested_value"), "confidence", "status")
             .sort("status", "attribute", "confidence", descending=[False, False, True])

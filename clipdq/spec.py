@@ -1,4 +1,4 @@
-"""The attribute spec: which catalog columns to audit, their vocabularies and synonyms."""
+"""The attribute spec: which catalog columns to audit, their vocabularies, synonyms and category trees."""
 
 from __future__ import annotations
 
@@ -39,8 +39,38 @@ class Attribute:
 
 
 @dataclass(frozen=True)
+class Tree:
+    """A category tree: its levels (attributes, top first) and every path from the top to a leaf.
+
+    Each level is also an attribute of the spec, with the values of that level; a value has one
+    parent, so a child implies its parents.
+    """
+
+    name: str
+    levels: tuple[str, ...]  # the levels' attribute names, top level first
+    paths: tuple[tuple[str, ...], ...]  # one value per level, top level first
+    path_column: str | None = None  # catalog column holding whole paths, instead of a column per level
+    separator: str = "/"  # between the levels of a path in ``path_column``
+
+    def values_at(self, depth: int) -> tuple[str, ...]:
+        """The values of one level, in order of first appearance in the paths."""
+        return tuple(dict.fromkeys(path[depth] for path in self.paths))
+
+    def parent_indices(self, depth: int) -> list[int]:
+        """Per value of level ``depth`` (>= 1), the index of its parent among the level above's values."""
+        parent = {path[depth]: path[depth - 1] for path in self.paths}
+        above = {v: i for i, v in enumerate(self.values_at(depth - 1))}
+        return [above[parent[v]] for v in self.values_at(depth)]
+
+    def path_indices(self) -> list[list[int]]:
+        """Per path, the index of its value in each level's values."""
+        index = [{v: i for i, v in enumerate(self.values_at(d))} for d in range(len(self.levels))]
+        return [[index[d][v] for d, v in enumerate(path)] for path in self.paths]
+
+
+@dataclass(frozen=True)
 class Spec:
-    attributes: tuple[Attribute, ...]
+    attributes: tuple[Attribute, ...]  # a tree's levels among them
     id_column: str = "product_id"
     image_column: str = "image"
     target_precision: float = 0.9  # flags should be right at least this often
@@ -49,6 +79,7 @@ class Spec:
     allow_image_urls: bool = False  # fetch http(s) image references (global addresses only)
     max_transient_image_errors: float = 0.05  # share of images lost to outages beyond which a run fails
     duplicate_similarity: float | None = 0.99  # images this alike under two ids are duplicate listings; None: off
+    trees: tuple[Tree, ...] = ()  # category trees, whose levels are attributes
 
     @property
     def names(self) -> list[str]:
@@ -60,9 +91,21 @@ class Spec:
                 return attribute
         raise KeyError(name)
 
+    @property
+    def value_columns(self) -> list[str]:
+        """The catalog columns that hold attribute values: a column per attribute, except where a
+        tree keeps its paths in one column."""
+        by_path = {level: tree.path_column for tree in self.trees if tree.path_column for level in tree.levels}
+        return list(dict.fromkeys(by_path.get(name, name) for name in self.names))
+
+    def tree_of(self, name: str) -> Tree | None:
+        return next((tree for tree in self.trees if name in tree.levels), None)
+
     def fingerprint(self) -> str:
-        """Hash of what a model depends on: attribute names, values and prompts."""
-        payload = [[a.name, list(a.values), list(a.prompts)] for a in self.attributes]
+        """Hash of what a model depends on: attribute names, values and prompts, and the trees' paths."""
+        payload: list = [[a.name, list(a.values), list(a.prompts)] for a in self.attributes]
+        if self.trees:
+            payload.append([[t.name, list(t.levels), [list(p) for p in t.paths]] for t in self.trees])
         return hashlib.sha256(json.dumps(payload).encode()).hexdigest()[:16]
 
 
@@ -105,13 +148,16 @@ def _optional_share(raw: Any, where: str) -> float | None:
     return None if raw is None else _share(raw, where)
 
 
-def _attribute(name: str, raw: Any) -> Attribute:
-    if not isinstance(raw, dict) or "values" not in raw:
-        raise SpecError(f"attribute {name!r} needs a 'values' list")
-    values = _strings(raw["values"], f"attributes.{name}.values")
+def _attribute(name: str, raw: Any, values: tuple[str, ...] | None = None) -> Attribute:
+    """An attribute from its spec entry; ``values`` where a tree gives them (one of its levels)."""
+    if values is None:
+        if not isinstance(raw, dict) or "values" not in raw:
+            raise SpecError(f"attribute {name!r} needs a 'values' list (or 'levels' and 'paths': a tree)")
+        values = _strings(raw["values"], f"attributes.{name}.values")
     if len(values) < 2 or len({normalize_value(v) for v in values}) != len(values):
         raise SpecError(f"attributes.{name}.values needs at least two distinct values")
-    synonyms = _mapping(raw.get("synonyms"), f"attributes.{name}.synonyms")
+    synonyms = {value: others for value, others in _mapping(raw.get("synonyms"), f"attributes.{name}.synonyms").items()
+                if value in values or "levels" not in raw}  # a tree's synonyms serve whichever level has the value
     unknown = set(synonyms) - set(values)
     if unknown:
         raise SpecError(f"attributes.{name}.synonyms names values not in its vocabulary: {sorted(unknown)}")
@@ -120,6 +166,46 @@ def _attribute(name: str, raw: Any) -> Attribute:
     if not all(p.count("{}") == 1 and p.count("{") == 1 for p in prompts):
         raise SpecError(f"attributes.{name}.prompts must each contain '{{}}' exactly once and no other braces")
     return Attribute(name, values, synonyms, applies_to, prompts)
+
+
+def _tree(name: str, raw: dict) -> Tree:
+    """A tree from an attribute entry with ``levels`` and ``paths`` (and optionally ``path_column``)."""
+    where = f"attributes.{name}"
+    levels = _strings(raw["levels"], f"{where}.levels")
+    if len(levels) < 2 or len(set(levels)) != len(levels):
+        raise SpecError(f"{where}.levels needs at least two distinct level names, top level first")
+    separator = str(raw.get("separator", "/"))
+    paths = tuple(tuple(part.strip() for part in path.split(separator))
+                  for path in _strings(raw.get("paths", []), f"{where}.paths"))
+    for path in paths:
+        if len(path) != len(levels) or not all(path):
+            raise SpecError(f"{where}.paths: {separator.join(path)!r} does not name one value for each of {list(levels)}")
+    if len(set(paths)) != len(paths):
+        raise SpecError(f"{where}.paths lists a path twice")
+    tree = Tree(name, levels, paths, raw.get("path_column"), separator)
+    for depth in range(1, len(levels)):
+        for value in tree.values_at(depth):
+            under = {path[depth - 1] for path in paths if path[depth] == value}
+            if len(under) > 1:
+                raise SpecError(f"{where}: {levels[depth]} value {value!r} sits under several {levels[depth - 1]} "
+                                f"values {sorted(under)}; a value needs one parent (name them apart)")
+    return tree
+
+
+def _attributes(raw: dict) -> tuple[tuple[Attribute, ...], tuple[Tree, ...]]:
+    """The spec's attributes, each tree expanded into its levels, and the trees."""
+    attributes, trees = [], []
+    for name, entry in raw.items():
+        if isinstance(entry, dict) and "levels" in entry:
+            tree = _tree(str(name), entry)
+            trees.append(tree)
+            attributes += [_attribute(level, entry, tree.values_at(d)) for d, level in enumerate(tree.levels)]
+        else:
+            attributes.append(_attribute(str(name), entry))
+    names = [a.name for a in attributes]
+    if len(set(names)) != len(names):
+        raise SpecError(f"attribute names must be distinct, a tree's levels included: {names}")
+    return tuple(attributes), tuple(trees)
 
 
 def parse_spec(text: str) -> Spec:
@@ -133,8 +219,10 @@ def parse_spec(text: str) -> Spec:
     target = _number(raw.get("target_precision", 0.9), "target_precision")
     if not 0.5 <= target < 1.0:
         raise SpecError(f"target_precision must be in [0.5, 1), got {target}")
+    attributes, trees = _attributes(raw["attributes"])
     return Spec(
-        attributes=tuple(_attribute(str(k), v) for k, v in raw["attributes"].items()),
+        attributes=attributes,
+        trees=trees,
         id_column=str(raw.get("id_column", "product_id")),
         image_column=str(raw.get("image_column", "image")),
         target_precision=target,

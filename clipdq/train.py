@@ -16,6 +16,7 @@ import torch
 import torch.nn.functional as F
 
 from clipdq import evaluation, images, locked, model, predict, prototypes
+from clipdq.compare import with_levels
 from clipdq.options import MODES, Mode
 from clipdq.sources import ImageAccess
 from clipdq.splits import NEAR_DUPLICATE_COSINE, Splits, near_duplicate_groups, split_indices
@@ -94,7 +95,9 @@ class LabeledSet:
 
 
 def encode_labels(frame: pl.DataFrame, spec: Spec) -> dict[str, np.ndarray]:
-    """Value indices per attribute; missing, not applicable or unknown values become -1."""
+    """Value indices per attribute; missing, not applicable or unknown values become -1. A tree's
+    path column gives its levels, and a known value gives its missing parents (a child implies them)."""
+    frame = with_levels(frame, spec)
     labels = {}
     for attribute in spec.attributes:
         index = {v: i for i, v in enumerate(attribute.values)}
@@ -104,6 +107,12 @@ def encode_labels(frame: pl.DataFrame, spec: Spec) -> dict[str, np.ndarray]:
             [index.get(lookup.get(normalize_value(str(v)), ""), -1) if v is not None else -1 for v in column],
             dtype=np.int64,
         )
+    for tree in spec.trees:
+        for depth in range(len(tree.levels) - 1, 0, -1):
+            child, parent = labels[tree.levels[depth]], labels[tree.levels[depth - 1]]
+            parent_of = np.array(tree.parent_indices(depth))
+            implied = (parent < 0) & (child >= 0)
+            parent[implied] = parent_of[child[implied]]
     return labels
 
 
@@ -283,7 +292,9 @@ def train_on(clip: model.Clip, data: LabeledSet, spec: Spec, *, config: TrainCon
                                                 spec, label_noise=config.label_noise)
     if len(test_idx):
         logits = logits_of(test_idx)
-        for name, figures in evaluation.held_out_metrics(logits, labels_of(data, test_idx), spec).items():
+        temperatures = {name: fitted["temperature"] for name, fitted in calibration.items()}
+        for name, figures in evaluation.held_out_metrics(logits, labels_of(data, test_idx), spec,
+                                                         temperatures=temperatures).items():
             metrics.setdefault(name, {}).update(figures)
     sizes = {"train_rows": len(train_idx), "val_rows": len(val_idx), "test_rows": len(test_idx)}
     basis = {"split": "validation", "rows": len(val_idx), "bound": "one-sided 90% Wilson lower bound of accuracy",

@@ -106,7 +106,7 @@ def finding(findings: pl.DataFrame, product_id: str, attribute: str) -> dict:
 
 
 def test_the_test_table_covers_every_status():
-    assert set(expected_statuses().values()) == set(STATUSES)
+    assert set(expected_statuses().values()) == set(STATUSES) - {"parent_conflict"}  # trees: tests/test_tree.py
 
 
 def test_every_product_and_attribute_gets_its_expected_status(findings):

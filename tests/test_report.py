@@ -28,8 +28,8 @@ def test_counts_have_every_status_per_attribute_zeros_included():
     counts = report.counts(FINDINGS)
 
     assert counts.columns == ["attribute", *STATUSES]
-    assert counts.filter(pl.col("attribute") == "color").row(0) == ("color", 1, 2, 0, 0, 0, 0)
-    assert counts.filter(pl.col("attribute") == "lid").row(0) == ("lid", 0, 1, 1, 0, 1, 0)
+    assert counts.filter(pl.col("attribute") == "color").row(0) == ("color", 1, 2, 0, 0, 0, 0, 0)
+    assert counts.filter(pl.col("attribute") == "lid").row(0) == ("lid", 0, 1, 1, 0, 1, 0, 0)
 
 
 def test_top_findings_take_attributes_in_turn():
