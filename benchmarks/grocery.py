@@ -36,7 +36,7 @@ from clipdq import curves, evaluation, locked, model, splits, train
 from clipdq.spec import Spec, parse_spec
 from clipdq.sources import access_for
 
-from heldout import figures_table, flag_figures, held_out_logits, pooled
+from heldout import figures_table, flag_cells, flag_figures, held_out_logits, pooled
 
 ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_DATA = Path(os.environ.get("CLIPDQ_GROCERY_DIR", ROOT.parent / "shared" / "datasets" / "grocery_store"))
@@ -90,15 +90,9 @@ def level_rows(name: str, runs: list[dict], spec: Spec) -> list[dict]:
                               f"{np.mean([r['cpu_minutes'] for r in runs]):.1f} CPU min)",
                      "level": level, "values": len(spec.attribute(level).values),
                      "accuracy": f"{np.mean(accuracy):.3f}{spread}",
-                     "macro_f1": float(np.mean([r["metrics"][level]["test_macro_f1"] for r in runs])),
-                     "conflict precision": f["conflict_precision"], "conflict recall": f["conflict_recall"],
-                     "flags / planted": f"{f['flags']} / {f['planted']}", "gap accuracy": f["gap_accuracy"],
-                     "gap recall": f["gap_recall"]})
+                     "macro_f1": float(np.mean([r["metrics"][level]["test_macro_f1"] for r in runs]))} | flag_cells(f))
     pooled_all = pooled(r["flags"][level] for r in runs for level in LEVELS)
-    rows.append({"model": "", "level": "pooled", "conflict precision": pooled_all["conflict_precision"],
-                 "conflict recall": pooled_all["conflict_recall"],
-                 "flags / planted": f"{pooled_all['flags']} / {pooled_all['planted']}",
-                 "gap accuracy": pooled_all["gap_accuracy"], "gap recall": pooled_all["gap_recall"]})
+    rows.append({"model": "", "level": "pooled"} | flag_cells(pooled_all))
     return rows
 
 

@@ -34,7 +34,7 @@ from clipdq.spec import Spec, parse_spec
 from clipdq.sources import access_for
 
 from grocery import DEFAULT_DATA, LEVELS, ROOT, load_catalog, splits_for
-from heldout import figures_table, flag_figures, held_out_logits, pooled
+from heldout import figures_table, flag_cells, flag_figures, held_out_logits, pooled
 
 
 def tree_spec(frame: pl.DataFrame) -> Spec:
@@ -86,17 +86,11 @@ def table(runs: list[dict]) -> list[dict]:
     for level in LEVELS:
         f = pooled(r["flags"][level] for r in runs)
         rows.append({"level": level, "level by level": spread([r["accuracy"]["flat"][level] for r in runs]),
-                     "whole path": spread([r["accuracy"]["tree"][level] for r in runs]),
-                     "conflict precision": f["conflict_precision"], "conflict recall": f["conflict_recall"],
-                     "flags / planted": f"{f['flags']} / {f['planted']}", "gap accuracy": f["gap_accuracy"],
-                     "gap recall": f["gap_recall"]})
+                     "whole path": spread([r["accuracy"]["tree"][level] for r in runs])} | flag_cells(f))
     f = pooled(r["flags"][level] for r in runs for level in LEVELS)
     rows.append({"level": "pooled", "level by level": "inconsistent paths: "
                  + spread([r["inconsistent_flat"] for r in runs]),
-                 "whole path": "inconsistent paths: " + spread([r["inconsistent_tree"] for r in runs]),
-                 "conflict precision": f["conflict_precision"], "conflict recall": f["conflict_recall"],
-                 "flags / planted": f"{f['flags']} / {f['planted']}", "gap accuracy": f["gap_accuracy"],
-                 "gap recall": f["gap_recall"]})
+                 "whole path": "inconsistent paths: " + spread([r["inconsistent_tree"] for r in runs])} | flag_cells(f))
     return rows
 
 

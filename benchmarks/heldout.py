@@ -130,6 +130,13 @@ def pooled(figures: Iterable[dict]) -> dict[str, float]:
             **total}
 
 
+def flag_cells(figures: dict) -> dict:
+    """The table cells of one set of flag figures (``flag_figures`` or ``pooled``)."""
+    return {"conflict precision": figures["conflict_precision"], "conflict recall": figures["conflict_recall"],
+            "flags / planted": f"{figures['flags']} / {figures['planted']}", "gap accuracy": figures["gap_accuracy"],
+            "gap recall": figures["gap_recall"]}
+
+
 def figures_table(rows: list[dict], columns: list[str]) -> str:
     """A Markdown table of dicts, floats to three decimals."""
     def cell(value) -> str:

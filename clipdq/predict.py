@@ -154,8 +154,8 @@ def thresholds_for(
         cut = max(empirical[0], required)
         return cut, int(np.sum(confidence >= cut))
 
-    (gap, gap_rows) = threshold(target_precision)
-    (conflict, conflict_rows) = threshold(required_accuracy(target_precision, error_rate))
+    gap, gap_rows = threshold(target_precision)
+    conflict, conflict_rows = threshold(required_accuracy(target_precision, error_rate))
     return Calibration(temperature, gap, conflict, gap_rows, conflict_rows)
 
 
