@@ -23,7 +23,8 @@ from clipdq.spec import Spec
 
 
 def held_out_logits(clip: model.Clip, data: train.LabeledSet, spec: Spec, rows: np.ndarray) -> dict[str, np.ndarray]:
-    return train.row_logits(clip, data, rows, model.Captions(clip, spec))
+    value_emb = clip.value_emb if clip.value_emb is not None else model.embed_captions(clip, spec)
+    return train.logits_from(model.embed_images(clip, data.pixels[rows].numpy()), value_emb, clip)
 
 
 def _share(hits: int, total: int) -> float:

@@ -19,9 +19,9 @@ from typing import TYPE_CHECKING
 import numpy as np
 import polars as pl
 
-from clipdq import images, predict, sources, tree
+from clipdq import images, predict, sources, text, tree
 from clipdq.cache import EmbeddingCache, digest
-from clipdq.compare import FINDINGS_SCHEMA, PREDICTIONS_SCHEMA, compare
+from clipdq.compare import FINDINGS_SCHEMA, PREDICTIONS_SCHEMA, compare, text_findings, texts_of
 from clipdq.images import PixelSpec
 from clipdq.scorer import Scorer, value_embeddings_for
 from clipdq.sources import ImageAccess, fetch_all
@@ -194,13 +194,32 @@ def prepared_batches(row_batches: Iterable[pl.DataFrame], prepare, *, ahead: int
             yield pending.popleft().result()
 
 
-def score_batch(batch: Batch, *, scorer: Scorer, cache: EmbeddingCache | None = None) -> pl.DataFrame:
-    """Predictions (PREDICTIONS_SCHEMA) for every row and attribute; failed images keep their error."""
-    image_emb, spec = embed_batch(batch, scorer, cache), scorer.spec
+def score_batch(batch: Batch, *, scorer: Scorer, cache: EmbeddingCache | None = None,
+                image_emb: np.ndarray | None = None) -> pl.DataFrame:
+    """Predictions (PREDICTIONS_SCHEMA) for every row and attribute; failed images keep their error.
+    ``image_emb``: the batch's ``embed_batch`` where the caller has it."""
+    image_emb = embed_batch(batch, scorer, cache) if image_emb is None else image_emb
+    spec = scorer.spec
     probs = {a.name: predict.softmax(predict.logits_for(image_emb, scorer.value_emb[a.name], scale=scorer.scale),
                                      temperature=scorer.calibration[a.name].temperature) for a in spec.attributes}
     return predictions_of(batch.rows[spec.id_column].cast(pl.String).to_list(), tree.choose(probs, spec), spec,
                           ok=batch.ok, errors=batch.errors)
+
+
+def text_agreement(batch: Batch, image_emb: np.ndarray, scorer: Scorer) -> pl.DataFrame | None:
+    """Findings of image and text agreement (``compare.text_findings``) for the batch's rows with a
+    text; None where the spec names no text column."""
+    spec = scorer.spec
+    if spec.text_column is None:
+        return None
+    texts, categories = texts_of(batch.rows, spec)
+    ok, calibration = batch.ok, scorer.text_calibration
+    scores = np.zeros(int(ok.sum()))
+    if calibration is not None and ok.any():
+        agreement = text.row_agreement(image_emb, scorer.embed_texts(texts[ok].tolist()))
+        scores = calibration.scores(agreement, categories[ok])
+    return text_findings(batch.rows[spec.id_column].cast(pl.String).to_list(), texts, categories,
+                         column=spec.text_column, ok=ok, errors=batch.errors, scores=scores, calibration=calibration)
 
 
 def predictions_of(ids: list[str], choices: dict[str, tuple[np.ndarray, np.ndarray]], spec: Spec, *,
@@ -241,7 +260,9 @@ def findings_of(
     prepare = functools.partial(prepare_batch, spec=spec, access=access, pixels=scorer.pixels, cache=cache)
     parts = [pl.DataFrame(schema=FINDINGS_SCHEMA)]
     for batch in prepared_batches(row_batches, prepare):
-        predictions = score_batch(batch, scorer=scorer, cache=cache)
-        parts.append(compare(batch.rows, predictions, spec=spec, calibration=scorer.calibration))
+        image_emb = embed_batch(batch, scorer, cache)
+        predictions = score_batch(batch, scorer=scorer, image_emb=image_emb)
+        parts.append(compare(batch.rows, predictions, spec=spec, calibration=scorer.calibration,
+                             text=text_agreement(batch, image_emb, scorer)))
         on_batch(batch)
     return pl.concat(parts)

@@ -114,7 +114,11 @@ def check_schema(schema: pl.Schema, spec: Spec) -> list[str]:
         raise CatalogError(f"catalog lacks required columns {missing}; it has {schema.names()}")
     warnings = [f"catalog has no column {name!r}: every value counts as missing"
                 for name in spec.value_columns if name not in schema]
-    for kind, names in (("attribute", [n for n in spec.value_columns if n in schema]), ("applies_to", sorted(applies_to))):
+    text = [name for name in (spec.text_column, spec.text_category) if name]
+    warnings += [f"catalog has no text column {name!r}: image and text agreement is judged without it"
+                 for name in text if name not in schema]
+    for kind, names in (("attribute", [n for n in spec.value_columns if n in schema]), ("applies_to", sorted(applies_to)),
+                        ("text", [n for n in text if n in schema])):
         for name in names:
             if not isinstance(schema[name], TEXT):
                 raise CatalogError(f"{kind} column {name!r} must hold strings, not {schema[name]}")

@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import numpy as np
 import polars as pl
 
 from clipdq.predict import Calibration
 from clipdq.spec import Spec, Tree
+from clipdq.text import TextCalibration
 
 STATUSES = ("match", "conflict", "gap", "uncertain", "invalid_value", "image_error", "parent_conflict")
 # parent_conflict: a tree level below the level where the catalog's path first conflicts with the image
@@ -45,6 +47,17 @@ def with_levels(catalog: pl.DataFrame, spec: Spec) -> pl.DataFrame:
             columns += [pl.when(too_long).then(path).otherwise(parts.list.get(depth, null_on_oob=True).str.strip_chars())
                         .alias(level) for depth, level in enumerate(tree.levels)]
     return catalog.with_columns(columns) if columns else catalog
+
+
+def texts_of(frame: pl.DataFrame, spec: Spec) -> tuple[np.ndarray, np.ndarray]:
+    """(texts, categories) per row of ``frame`` as (n,) string arrays, "" where missing: the spec's
+    text column (whitespace collapsed) and its text category column."""
+    def column(name: str | None) -> np.ndarray:
+        if name is None or name not in frame.columns:
+            return np.full(frame.height, "", dtype=object)
+        values = pl.col(name).cast(pl.String).str.replace_all(r"\s+", " ").str.strip_chars().fill_null("")
+        return frame.select(values)[name].to_numpy().astype(object)
+    return column(spec.text_column), column(spec.text_category)
 
 
 def _long_catalog(catalog: pl.DataFrame, spec: Spec) -> pl.DataFrame:
@@ -91,10 +104,12 @@ def _p(column: str) -> pl.Expr:
 
 
 def compare(
-    catalog: pl.DataFrame, predictions: pl.DataFrame, *, spec: Spec, calibration: dict[str, Calibration]
+    catalog: pl.DataFrame, predictions: pl.DataFrame, *, spec: Spec, calibration: dict[str, Calibration],
+    text: pl.DataFrame | None = None
 ) -> pl.DataFrame:
     """Findings with the columns of FINDINGS_SCHEMA, one row per product and applicable attribute,
-    and one ``not_applicable`` row for each product no attribute applies to: every product appears.
+    the findings ``text`` of its title (``text_findings``) where given, and one ``not_applicable``
+    row for each product that has no other finding: every product appears.
 
     ``predictions`` has the columns of PREDICTIONS_SCHEMA for the same products.
     """
@@ -146,7 +161,34 @@ def compare(
     )
     for tree in spec.trees:
         findings = _highest_conflict(findings, tree)
+    if text is not None:
+        findings = pl.concat([findings, text])
     return pl.concat([findings, _not_applicable(catalog, findings, spec)])
+
+
+def text_findings(ids: list[str], texts: np.ndarray, categories: np.ndarray, *, column: str, ok: np.ndarray,
+                  errors: list[str | None], scores: np.ndarray, calibration: TextCalibration | None) -> pl.DataFrame:
+    """Findings (FINDINGS_SCHEMA) of image and text agreement, attribute ``column``, for each row
+    with a text: ``conflict`` where the image may not show the product its text describes,
+    ``match`` where they agree, ``uncertain`` where the model cannot tell at the target precision.
+
+    ``scores`` (one per ``ok`` row) are TextCalibration scores. Confidence is the chance that the
+    text does not describe the image on a conflict, and that it does on the other rows.
+    """
+    has_text = texts != ""
+    score = np.full(len(ids), np.nan)
+    score[ok] = scores
+    mismatch = calibration.mismatch_probability(score) if calibration else np.full(len(ids), np.nan)
+    threshold = None if calibration is None else calibration.threshold
+    flagged = np.zeros(len(ids), dtype=bool) if threshold is None else ok & (score <= threshold)
+    status = np.where(~ok, "image_error", np.where(flagged, "conflict", "match" if threshold is not None else "uncertain"))
+    detail = [_text_detail(status[i], errors[i], score[i], categories[i], column=column, calibration=calibration)
+              for i in range(len(ids))]
+    frame = pl.DataFrame({
+        "product_id": ids, "attribute": column, "existing_value": texts.tolist(), "predicted_value": None,
+        "confidence": np.where(flagged, mismatch, 1 - mismatch), "status": status.tolist(), "detail": detail,
+    }, schema=FINDINGS_SCHEMA, strict=False)
+    return frame.with_columns(pl.col("confidence").fill_nan(None)).filter(pl.Series(has_text))
 
 
 def _highest_conflict(findings: pl.DataFrame, tree: Tree) -> pl.DataFrame:
@@ -182,3 +224,17 @@ def _not_applicable(catalog: pl.DataFrame, findings: pl.DataFrame, spec: Spec) -
         .select(list(FINDINGS_SCHEMA))
         .cast(FINDINGS_SCHEMA)
     )
+
+
+def _text_detail(status: str, error: str | None, score: float, category: str, *, column: str,
+                 calibration: TextCalibration | None) -> str | None:
+    if status == "image_error":
+        return error
+    if calibration is None:
+        return f"the model was not calibrated on {column!r}: image and text agreement is not judged"
+    if calibration.threshold is None:
+        return f"agreement score {score:.2f}; the model cannot flag mismatched texts at the target precision"
+    if status == "conflict":
+        return (f"the image may not show this product: it agrees with its {column} unusually little for "
+                f"{category or 'the catalog'} (score {score:.2f}, flagged at {calibration.threshold:.2f} or below)")
+    return None

@@ -104,7 +104,8 @@ def plain_activations(clip: model.Clip, data, unlock_blocks: int) -> torch.Tenso
 
 
 def fit(clip: model.Clip, data, spec, config, splits, *, plain: torch.Tensor | None = None) -> tuple[dict, Callable]:
-    """Train in place; returns (training summary, ``logits(rows)`` per attribute for any labeled rows).
+    """Train in place; returns (training summary, ``embed(rows)``: the image embeddings of any
+    labeled rows, as the audit computes them, from the kept activations).
 
     ``plain`` holds ``plain_activations`` where the caller has them already.
     """
@@ -145,19 +146,25 @@ def fit(clip: model.Clip, data, spec, config, splits, *, plain: torch.Tensor | N
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: schedule(s, warmup=warmup, total=total))
     rng = np.random.default_rng(config.seed)
 
+    titles = model.Titles(clip, data.texts) if data.texts is not None and config.text_weight else None
+
+    def objective(image_emb: torch.Tensor, truth: dict[str, torch.Tensor], rows: np.ndarray) -> torch.Tensor:
+        """Cross-entropy over the value captions, plus the titles' (``rows``: labeled rows) where given."""
+        loss = batch_loss(model.attribute_logits(clip, image_emb, captions), truth)
+        return loss + config.text_weight * titles.loss(clip, image_emb, rows) if titles else loss
+
     def loss_on(rows: np.ndarray) -> float:
         with torch.no_grad():
-            x = kept_plain[rows]
             truth = {k: v[rows].to(clip.device) for k, v in data.labels.items()}
-            return float(batch_loss(model.attribute_logits(clip, tower.above(x.float()), captions), truth))
+            return float(objective(tower.above(kept_plain[rows].float()), truth, rows))
 
     labels_on_device = {k: torch.from_numpy(v).to(clip.device) for k, v in view_labels.items()}
 
     def train_epoch() -> float:
         for picks in balanced_batches(view_labels, np.arange(len(view_rows)), batch_size=config.batch_size,
                                       steps=steps_per_epoch, rng=rng):
-            loss = batch_loss(model.attribute_logits(clip, tower.above(kept_train[picks].float()), captions),
-                              {k: v[picks] for k, v in labels_on_device.items()})
+            loss = objective(tower.above(kept_train[picks].float()), {k: v[picks] for k, v in labels_on_device.items()},
+                             view_rows[picks])
             take_step(loss, optimizer, scheduler)
         return loss.item()
 
@@ -168,14 +175,12 @@ def fit(clip: model.Clip, data, spec, config, splits, *, plain: torch.Tensor | N
     clip.model.load_state_dict(best["state"])
 
     @torch.no_grad()
-    def logits(rows: np.ndarray) -> dict[str, np.ndarray]:
+    def embed(rows: np.ndarray) -> np.ndarray:
         x = kept_plain[rows]
-        chunks = [model.attribute_logits(clip, tower.above(x[i : i + 256].float()), captions)
-                  for i in range(0, len(x), 256)]
-        return {k: torch.cat([c[k] for c in chunks]).float().cpu().numpy() for k in captions.owners}
+        return torch.cat([tower.above(x[i : i + 256].float()) for i in range(0, len(x), 256)]).float().cpu().numpy()
 
     summary = {"best_epoch": best["epoch"], "best_val_loss": best["val_loss"], "epochs_run": len(history),
                "stopped_by": stopped_by, "minutes": round((time.monotonic() - started) / 60, 2),
                "device": clip.device.type, "views": config.views, "unlock_blocks": config.unlock_blocks,
-               "history": history}
-    return summary, logits
+               "rows_with_text": int(titles.known.sum()) if titles else 0, "history": history}
+    return summary, embed

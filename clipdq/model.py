@@ -300,6 +300,28 @@ class Captions:
         return {name: torch.nn.functional.normalize(owner @ features, dim=-1) for name, owner in self.owners.items()}
 
 
+class Titles:
+    """The labeled rows' texts (titles, descriptions), each distinct one tokenized once, for a
+    contrastive loss that teaches the text tower to meet the images they describe."""
+
+    def __init__(self, clip: Clip, texts: np.ndarray):
+        distinct, self.index = np.unique(texts.astype(str), return_inverse=True)
+        self.known = texts != ""
+        self.tokens = tokenize(clip, distinct.tolist())
+
+    def loss(self, clip: Clip, image_emb: torch.Tensor, rows: np.ndarray) -> torch.Tensor:
+        """Cross-entropy of each image against the distinct texts of the batch ``rows`` (the rows
+        of ``image_emb``), its own text the target; rows without a text take no part."""
+        keep = self.known[rows]
+        if not keep.any():
+            return image_emb.sum() * 0.0
+        distinct, target = np.unique(self.index[rows[keep]], return_inverse=True)
+        text_emb = text_features(clip, {k: v[distinct] for k, v in self.tokens.items()})
+        scale = clip.model.logit_scale.exp().clamp(max=100.0)
+        logits = scale * image_emb[torch.from_numpy(keep).to(image_emb.device)] @ text_emb.T
+        return torch.nn.functional.cross_entropy(logits, torch.from_numpy(target).to(logits.device))
+
+
 def attribute_logits(clip: Clip, image_emb: torch.Tensor, captions: Captions) -> dict[str, torch.Tensor]:
     """Per attribute, (n, k) scaled similarities of images to the value captions."""
     scale = clip.model.logit_scale.exp().clamp(max=100.0)
@@ -353,6 +375,14 @@ def embed_images(clip: Clip, pixel_values: np.ndarray, *, batch_size: int = 16) 
             image_features(clip.model, torch.from_numpy(pixel_values[i : i + batch_size]).to(clip.device)).float().cpu()
             for i in range(0, len(pixel_values), batch_size)
         ]
+    return torch.cat(chunks).numpy() if chunks else np.zeros((0, clip.model.config.projection_dim), np.float32)
+
+
+@torch.inference_mode()
+def embed_texts(clip: Clip, texts: list[str], *, batch_size: int = 256) -> np.ndarray:
+    """(n, d) float32 embeddings of free texts (titles, descriptions), truncated to the text tower's length."""
+    chunks = [text_features(clip, tokenize(clip, texts[i : i + batch_size])).float().cpu()
+              for i in range(0, len(texts), batch_size)]
     return torch.cat(chunks).numpy() if chunks else np.zeros((0, clip.model.config.projection_dim), np.float32)
 
 

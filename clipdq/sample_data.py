@@ -7,9 +7,10 @@
 - ``spec.yaml``: the attribute spec the audit runs against;
 - ``labeled.parquet``: clean products (true values) for training;
 - ``catalog.parquet``: other products with planted conflicts, gaps, invalid values,
-  harmless respellings (synonyms, case, whitespace) and broken images;
+  harmless respellings (synonyms, case, whitespace), broken images and titles of other products;
 - ``ground_truth.parquet``: per catalog product and applicable attribute, the true
-  value and what was planted (none, conflict, gap, invalid_value, image_error).
+  value and what was planted (none, conflict, gap, invalid_value, image_error), and per product
+  its true title (attribute ``title``: none, mismatch or image_error).
 
 Output is byte-identical for a given seed.
 """
@@ -29,6 +30,8 @@ SPEC_YAML = """\
 id_column: product_id
 image_column: image
 target_precision: 0.9
+text_column: title          # is the image the product its title names?
+text_category: product_type
 attributes:
   color:
     values: [red, blue, green, yellow, black, white]
@@ -72,6 +75,7 @@ GAP_RATE = 0.10
 N_INVALID = 6
 RESPELL_RATE = 0.2
 N_IMAGE_ERRORS = 6  # two each of: missing file, garbage bytes, truncated JPEG
+TITLE_MISMATCH_RATE = 0.10  # catalog products listed under another product's title
 
 Point = tuple[float, float]
 RGB = tuple[int, int, int]
@@ -310,6 +314,21 @@ def _plant(
     return rows, truth, image_errors
 
 
+def _plant_titles(rng: random.Random, rows: list[dict[str, Any]], image_errors: dict[str, str]) -> list[dict[str, str]]:
+    """Give a share TITLE_MISMATCH_RATE of the rows with a good image another row's (different)
+    title, in place; returns a ground-truth row per product for its title."""
+    titles = [row["title"] for row in rows]
+    good = [i for i, row in enumerate(rows) if row["product_id"] not in image_errors]
+    mismatched = set(rng.sample(good, round(TITLE_MISMATCH_RATE * len(rows))))
+    truth = []
+    for i, row in enumerate(rows):
+        planted = "image_error" if row["product_id"] in image_errors else "mismatch" if i in mismatched else "none"
+        if planted == "mismatch":
+            row["title"] = rng.choice([t for t in titles if t != titles[i]])
+        truth.append({"product_id": row["product_id"], "attribute": "title", "true_value": titles[i], "planted": planted})
+    return truth
+
+
 def _planted_value(rng: random.Random, attr: str, true: str, planted: str) -> str | None:
     """The catalog value for a cell given what is planted in it."""
     if planted == "conflict":
@@ -353,6 +372,7 @@ def generate(
     labeled = _products(rng, n_labeled, "L")
     catalog = _products(rng, n_catalog, "C")
     catalog_rows, truth, image_errors = _plant(rng, catalog)
+    truth += _plant_titles(random.Random(f"{seed}-titles"), catalog_rows, image_errors)
 
     _write_images(labeled, out, seed, 0, image_size)
     _write_images(catalog, out, seed, 1, image_size)

@@ -22,6 +22,7 @@ from clipdq.images import PixelSpec
 from clipdq.model_files import ModelFiles, read_model_files
 from clipdq.predict import Calibration
 from clipdq.spec import Spec
+from clipdq.text import TextCalibration
 
 EMBED_CHUNK = 16  # images per image-tower call: 64 at once raised a first audit's peak RSS by 0.67 GB
 
@@ -43,6 +44,18 @@ def calibration_for(model: Clip | ModelFiles, spec: Spec) -> dict[str, Calibrati
     return {name: Calibration(**fitted[name]) if name in fitted else default for name in spec.names}
 
 
+def text_calibration_for(model: Clip | ModelFiles, spec: Spec) -> TextCalibration | None:
+    """The model's image and text calibration where it was fitted on the spec's text column."""
+    fitted = model.meta.get("text_calibration")
+    if spec.text_column is None or not fitted:
+        return None
+    if fitted.get("column") != spec.text_column:
+        log.warning("model %s was calibrated on texts of %r, not %r: agreement is not judged", model.source,
+                    fitted.get("column"), spec.text_column)
+        return None
+    return TextCalibration.from_dict(fitted)
+
+
 def value_embeddings_for(clip: Clip, spec: Spec) -> dict[str, np.ndarray]:
     """The model's learned value embeddings where it was trained on this spec, else its captions'."""
     from clipdq import model
@@ -60,6 +73,7 @@ class Scorer:
     scale: float  # the model's logit scale
     calibration: dict[str, Calibration]
     load: Callable[[], Clip]  # the model, on its backend
+    text_calibration: TextCalibration | None = None  # image and text agreement (the spec's text column)
 
     @functools.cached_property
     def clip(self) -> Clip:
@@ -73,13 +87,22 @@ class Scorer:
 
         return model.embed_images(self.clip, pixel_values, batch_size=EMBED_CHUNK)
 
+    def embed_texts(self, texts: list[str]) -> np.ndarray:
+        """(n, d) text embeddings, each distinct text embedded once."""
+        from clipdq import model
+
+        distinct = list(dict.fromkeys(texts))
+        embedded = model.embed_texts(self.clip, distinct)
+        where = {text: i for i, text in enumerate(distinct)}
+        return embedded[[where[text] for text in texts]]
+
 
 def of_clip(clip: Clip, spec: Spec) -> Scorer:
     """A scorer of a model already loaded."""
     from clipdq import model
 
     return Scorer(spec, clip.pixels, value_embeddings_for(clip, spec), model.logit_scale(clip),
-                  calibration_for(clip, spec), load=lambda: clip)
+                  calibration_for(clip, spec), load=lambda: clip, text_calibration=text_calibration_for(clip, spec))
 
 
 def of_files(uri: str, spec: Spec, *, backend: str = "fp32", text_folder: str | None = None) -> Scorer:
@@ -98,7 +121,8 @@ def of_files(uri: str, spec: Spec, *, backend: str = "fp32", text_folder: str | 
         text, scale = value_embeddings_for(clip, spec), model.logit_scale(clip)
         if kept:
             storage.write_bytes(kept, safetensors.numpy.save(text | {SCALE_KEY: np.array([scale], np.float32)}))
-    return Scorer(spec, files.pixels, text, scale, calibration_for(files, spec), load=load)
+    return Scorer(spec, files.pixels, text, scale, calibration_for(files, spec), load=load,
+                  text_calibration=text_calibration_for(files, spec))
 
 
 def load_model(uri: str, backend: str = "fp32") -> Clip:

@@ -80,6 +80,8 @@ class Spec:
     max_transient_image_errors: float = 0.05  # share of images lost to outages beyond which a run fails
     duplicate_similarity: float | None = 0.99  # images this alike under two ids are duplicate listings; None: off
     trees: tuple[Tree, ...] = ()  # category trees, whose levels are attributes
+    text_column: str | None = None  # catalog column of titles or descriptions, checked against the image
+    text_category: str | None = None  # catalog column whose groups judge agreement (typical for the category)
 
     @property
     def names(self) -> list[str]:
@@ -142,6 +144,12 @@ def _share(raw: Any, where: str) -> float:
     if not 0.0 <= share <= 1.0:
         raise SpecError(f"{where} must be a share between 0 and 1, got {share}")
     return share
+
+
+def _optional_name(raw: Any, where: str) -> str | None:
+    if raw is not None and (not isinstance(raw, str) or not raw.strip()):
+        raise SpecError(f"{where} must name a catalog column, got {raw!r}")
+    return raw
 
 
 def _optional_share(raw: Any, where: str) -> float | None:
@@ -220,6 +228,8 @@ def parse_spec(text: str) -> Spec:
     if not 0.5 <= target < 1.0:
         raise SpecError(f"target_precision must be in [0.5, 1), got {target}")
     attributes, trees = _attributes(raw["attributes"])
+    if raw.get("text_category") is not None and raw.get("text_column") is None:
+        raise SpecError("text_category needs text_column: the column of titles whose agreement it groups")
     return Spec(
         attributes=attributes,
         trees=trees,
@@ -231,4 +241,6 @@ def parse_spec(text: str) -> Spec:
         allow_image_urls=_flag(raw.get("allow_image_urls", False), "allow_image_urls"),
         max_transient_image_errors=_share(raw.get("max_transient_image_errors", 0.05), "max_transient_image_errors"),
         duplicate_similarity=_optional_share(raw.get("duplicate_similarity", 0.99), "duplicate_similarity"),
+        text_column=_optional_name(raw.get("text_column"), "text_column"),
+        text_category=_optional_name(raw.get("text_category"), "text_category"),
     )

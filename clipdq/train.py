@@ -15,8 +15,8 @@ import polars as pl
 import torch
 import torch.nn.functional as F
 
-from clipdq import evaluation, images, locked, model, predict, prototypes
-from clipdq.compare import with_levels
+from clipdq import evaluation, images, locked, model, predict, prototypes, text
+from clipdq.compare import texts_of, with_levels
 from clipdq.options import MODES, Mode
 from clipdq.sources import ImageAccess
 from clipdq.splits import NEAR_DUPLICATE_COSINE, Splits, near_duplicate_groups, split_indices
@@ -48,6 +48,7 @@ class TrainConfig:
     tower_lr: float = 1e-4  # learning rate of those blocks (pretrained: gentler than the new text tower's)
     views: int = 1  # locked mode: kept views per training image, the first plain, the others augmented
     near_duplicate_cosine: float = NEAR_DUPLICATE_COSINE  # images this alike share a split (no group column)
+    text_weight: float = 1.0  # locked mode: weight of the titles' contrastive loss (the spec's text column); 0: off
     seed: int = 0
 
     def __post_init__(self) -> None:
@@ -92,6 +93,8 @@ class LabeledSet:
     labels: dict[str, torch.Tensor]  # attribute -> (n,) value index, -1 where unknown
     dropped: int  # labeled rows without a readable image
     groups: np.ndarray | None = None  # (n,) group per row: near-duplicates that must share a split
+    texts: np.ndarray | None = None  # (n,) the spec's text column ("" where missing); None without one
+    text_categories: np.ndarray | None = None  # (n,) the spec's text category column, "" where missing
 
 
 def encode_labels(frame: pl.DataFrame, spec: Spec) -> dict[str, np.ndarray]:
@@ -125,8 +128,11 @@ def load_labeled(
     if not loaded.ok.any():
         raise ValueError("no labeled image could be read")
     labels = {k: torch.from_numpy(v[loaded.ok]) for k, v in encode_labels(frame, spec).items()}
+    texts, categories = (part[loaded.ok] for part in texts_of(frame, spec))
+    has_texts = spec.text_column in frame.columns
     return LabeledSet(torch.from_numpy(loaded.pixels), labels, int((~loaded.ok).sum()),
-                      None if groups is None else groups[loaded.ok])
+                      None if groups is None else groups[loaded.ok], texts if has_texts else None,
+                      categories if has_texts else None)
 
 
 def group_keys(frame: pl.DataFrame, column: str | None) -> np.ndarray | None:
@@ -265,15 +271,6 @@ def labels_of(data: LabeledSet, idx: np.ndarray) -> dict[str, np.ndarray]:
     return {name: values[idx] for name, values in label_arrays(data).items()}
 
 
-def row_logits(clip: model.Clip, data: LabeledSet, idx: np.ndarray, captions: model.Captions) -> dict[str, np.ndarray]:
-    """Scaled logits of the given rows, with the model's learned value embeddings where it has them."""
-    if clip.value_emb is None:
-        return evaluate(clip, data, idx, captions)[1]
-    image_emb = model.embed_images(clip, data.pixels[idx].numpy())
-    scale = model.logit_scale(clip)
-    return {name: predict.logits_for(image_emb, emb, scale=scale) for name, emb in clip.value_emb.items()}
-
-
 def train_on(clip: model.Clip, data: LabeledSet, spec: Spec, *, config: TrainConfig, splits: Splits,
              plain: torch.Tensor | None = None) -> dict:
     """Train (``config.mode``) on the train rows, calibrate on the validation rows, measure on the
@@ -283,24 +280,48 @@ def train_on(clip: model.Clip, data: LabeledSet, spec: Spec, *, config: TrainCon
         clip.model.cuda()
     train_idx, val_idx, test_idx = splits
     if config.mode == "locked":
-        result, logits_of = locked.fit(clip, data, spec, config, splits, plain=plain)
+        result, embed = locked.fit(clip, data, spec, config, splits, plain=plain)
     else:
         result = (fit_prototypes if config.mode == "prototype" else fit)(clip, data, spec, config, splits)
-        captions = model.Captions(clip, spec)
-        logits_of = lambda rows: row_logits(clip, data, rows, captions)  # noqa: E731
-    calibration, metrics = evaluation.calibrate(logits_of(val_idx), labels_of(data, val_idx),
+        embed = lambda rows: model.embed_images(clip, data.pixels[rows].numpy())  # noqa: E731
+    value_emb = clip.value_emb if clip.value_emb is not None else model.embed_captions(clip, spec)
+    val_emb = embed(val_idx)
+    calibration, metrics = evaluation.calibrate(logits_from(val_emb, value_emb, clip), labels_of(data, val_idx),
                                                 spec, label_noise=config.label_noise)
     if len(test_idx):
-        logits = logits_of(test_idx)
         temperatures = {name: fitted["temperature"] for name, fitted in calibration.items()}
-        for name, figures in evaluation.held_out_metrics(logits, labels_of(data, test_idx), spec,
+        for name, figures in evaluation.held_out_metrics(logits_from(embed(test_idx), value_emb, clip),
+                                                         labels_of(data, test_idx), spec,
                                                          temperatures=temperatures).items():
             metrics.setdefault(name, {}).update(figures)
     sizes = {"train_rows": len(train_idx), "val_rows": len(val_idx), "test_rows": len(test_idx)}
     basis = {"split": "validation", "rows": len(val_idx), "bound": "one-sided 90% Wilson lower bound of accuracy",
              "target_precision": spec.target_precision, "expected_error_rate": spec.expected_error_rate,
              "label_noise": config.label_noise}
-    return {"training": result | sizes, "metrics": metrics, "calibration": calibration, "calibration_basis": basis}
+    outcome = {"training": result | sizes, "metrics": metrics, "calibration": calibration, "calibration_basis": basis}
+    if data.texts is not None:
+        outcome["text_calibration"] = calibrate_texts(clip, data, spec, val_idx, val_emb, seed=config.seed).to_dict()
+    return outcome
+
+
+def calibrate_texts(clip: model.Clip, data: LabeledSet, spec: Spec, rows: np.ndarray, image_emb: np.ndarray, *,
+                    seed: int) -> text.TextCalibration:
+    """Image and text agreement calibrated on the given (validation) rows that have a text."""
+    known = data.texts[rows] != ""
+    texts = data.texts[rows][known]
+    calibration = text.calibrate(image_emb[known], model.embed_texts(clip, texts.tolist()), texts,
+                                 data.text_categories[rows][known], column=spec.text_column,
+                                 target_precision=spec.target_precision, error_rate=spec.expected_error_rate,
+                                 seed=seed)
+    log.info("image and text agreement: threshold %s from %d validation rows and %d planted mismatches",
+             calibration.threshold, calibration.rows, calibration.planted_rows)
+    return calibration
+
+
+def logits_from(image_emb: np.ndarray, value_emb: dict[str, np.ndarray], clip: model.Clip) -> dict[str, np.ndarray]:
+    """Per attribute, (n, k) scaled similarities of image embeddings to the value embeddings."""
+    scale = model.logit_scale(clip)
+    return {name: predict.logits_for(image_emb, emb, scale=scale) for name, emb in value_emb.items()}
 
 
 def group_near_duplicates(clip: model.Clip, data: LabeledSet, config: TrainConfig, plain: torch.Tensor | None) -> str:

@@ -80,7 +80,7 @@ def test_locked_mode_trains_only_above_the_cut_and_its_logits_match_the_whole_mo
     config = train.config_for(clip, epochs=3, unlock_blocks=2, views=2)
     splits = train.default_splits(labeled_at_224, config)
 
-    summary, logits_of = locked.fit(clip, labeled_at_224, spec, config, splits)
+    summary, embed = locked.fit(clip, labeled_at_224, spec, config, splits)
 
     after = clip.model.state_dict()
     changed = {k.split(".")[2] if k.startswith("vision_model.blocks") else k.split(".")[0]
@@ -91,7 +91,7 @@ def test_locked_mode_trains_only_above_the_cut_and_its_logits_match_the_whole_mo
     assert summary["unlock_blocks"] == 2 and summary["views"] == 2 and summary["stopped_by"] in ("epochs", "patience")
     # calibration reads kept activations: the whole model on pixels gives the same logits
     whole = train.evaluate(clip, labeled_at_224, splits[1], model.Captions(clip, spec))[1]
-    kept = logits_of(splits[1])
+    kept = train.logits_from(embed(splits[1]), model.embed_captions(clip, spec), clip)
     for name in whole:  # kept activations are bfloat16: close, not equal
         np.testing.assert_allclose(kept[name], whole[name], atol=0.5)
         assert (kept[name].argmax(1) == whole[name].argmax(1)).mean() >= 0.95

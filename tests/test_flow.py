@@ -62,9 +62,14 @@ def assert_findings_match_ground_truth(findings: pl.DataFrame, truth: pl.DataFra
 
 
 def assert_planted_flags_found(findings: pl.DataFrame, truth: pl.DataFrame, *, target_precision: float = 0.9) -> None:
-    """A model that sees the attributes finds the planted conflicts and fills the planted gaps,
-    and its flags keep the precision its calibration promised."""
+    """A model that sees the attributes finds the planted conflicts, fills the planted gaps and
+    finds the titles of other products, and its flags keep the precision its calibration promised."""
     joined = findings.join(truth, on=["product_id", "attribute"])
+    titles = joined.filter(pl.col("attribute") == "title")
+    flagged, mismatched = titles.filter(pl.col("status") == "conflict"), titles.filter(pl.col("planted") == "mismatch")
+    assert flagged.height and (flagged["planted"] == "mismatch").mean() >= target_precision
+    assert mismatched.height and (mismatched["status"] == "conflict").mean() >= 0.5
+    joined = joined.filter(pl.col("attribute") != "title")
     flagged = joined.filter(pl.col("status") == "conflict")
     planted = joined.filter((pl.col("planted") == "conflict") & (pl.col("attribute") == "color"))
     assert flagged.height and (flagged["planted"] == "conflict").mean() >= target_precision

@@ -1,0 +1,130 @@
+"""Image and text agreement: does a product's image show what its title says? (numpy only)
+
+Vocabulary: ``agreement`` (n,) is the cosine of each image's embedding with its own text's
+embedding; ``categories`` (n,) the group each row belongs to (a catalog column's value, "" where
+it has none). A text is judged against its category's typical agreement: its ``score`` is
+(agreement - centre) / spread, centre and spread fitted on validation rows whose texts are right
+(median and scaled MAD, shrunk towards the overall figures for small categories). A row is
+flagged where its score falls to the threshold or below.
+
+The threshold is calibrated like the attribute flags: each validation image is also paired with
+the text of other validation products (planted mismatches), and the threshold is the highest
+whose lower confidence bound of precision, at the spec's expected error rate, meets the target.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+
+import numpy as np
+
+from clipdq.predict import BOUND_Z, MIN_SUPPORT, accuracy_lower_bound
+
+SHRINK_ROWS = 10  # a category's own figures weigh as much as this many rows of the overall ones
+PLANTED_PER_ROW = 3  # mismatched texts paired with each validation image
+
+
+@dataclass(frozen=True)
+class TextCalibration:
+    """How agreement scores become trusted "the image may not show this product" flags."""
+
+    column: str  # the catalog column whose texts it was fitted on
+    centre: float  # typical agreement of an image with its own text, over all categories
+    spread: float
+    categories: dict[str, tuple[float, float]] = field(default_factory=dict)  # category -> (centre, spread)
+    threshold: float | None = None  # flag where score <= threshold; None: never
+    rows: int = 0  # validation rows with their own text: the evidence behind the threshold
+    planted_rows: int = 0  # validation images paired with another product's text
+    mismatch_score: tuple[float, float] = (-3.0, 1.0)  # mean and std of the planted rows' scores
+    error_rate: float = 0.1  # prior share of mismatched texts the flags' precision assumes
+
+    def scores(self, agreement: np.ndarray, categories: np.ndarray) -> np.ndarray:
+        fitted = np.array([self.categories.get(str(c), (self.centre, self.spread)) for c in categories],
+                          dtype=float).reshape(-1, 2)
+        return (agreement - fitted[:, 0]) / fitted[:, 1]
+
+    def mismatch_probability(self, scores: np.ndarray) -> np.ndarray:
+        """Chance that a text with this score does not describe its image, from a normal fit of
+        the scores of right texts and of planted mismatches, at the prior ``error_rate``."""
+        own = _normal(scores, 0.0, 1.0) * (1 - self.error_rate)
+        planted = _normal(scores, *self.mismatch_score) * self.error_rate
+        return planted / (own + planted + 1e-300)
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, raw: dict) -> TextCalibration:
+        return cls(**(raw | {"categories": {k: tuple(v) for k, v in raw.get("categories", {}).items()},
+                             "mismatch_score": tuple(raw.get("mismatch_score", (-3.0, 1.0)))}))
+
+
+def _normal(x: np.ndarray, mean: float, std: float) -> np.ndarray:
+    return np.exp(-0.5 * ((x - mean) / std) ** 2) / std
+
+
+def row_agreement(image_emb: np.ndarray, text_emb: np.ndarray) -> np.ndarray:
+    """(n,) cosine of each L2-normalised image embedding with the text embedding of its row."""
+    return np.einsum("nd,nd->n", image_emb, text_emb)
+
+
+def _centre_spread(values: np.ndarray) -> tuple[float, float]:
+    centre = float(np.median(values))
+    return centre, max(1.4826 * float(np.median(np.abs(values - centre))), 1e-3)
+
+
+def fit_categories(agreement: np.ndarray, categories: np.ndarray) -> tuple[float, float, dict]:
+    """(overall centre, overall spread, category -> (centre, spread)) of right texts' agreement."""
+    centre, spread = _centre_spread(agreement)
+    fitted = {}
+    for category in np.unique(categories):
+        own = agreement[categories == category]
+        c, s = _centre_spread(own)
+        weight = len(own) / (len(own) + SHRINK_ROWS)
+        fitted[str(category)] = (weight * c + (1 - weight) * centre, weight * s + (1 - weight) * spread)
+    return centre, spread, fitted
+
+
+def planted_pairs(texts: np.ndarray, rng: np.random.Generator, *, per_row: int = PLANTED_PER_ROW
+                  ) -> tuple[np.ndarray, np.ndarray]:
+    """(image rows, text rows): each row paired with up to ``per_row`` other rows whose text differs."""
+    images, others = [], []
+    for i, text in enumerate(texts):
+        candidates = np.flatnonzero(texts != text)
+        if len(candidates):
+            picks = rng.choice(candidates, size=min(per_row, len(candidates)), replace=False)
+            images += [i] * len(picks)
+            others += picks.tolist()
+    return np.array(images, dtype=int), np.array(others, dtype=int)
+
+
+def flag_threshold(own: np.ndarray, planted: np.ndarray, *, target_precision: float, error_rate: float
+                   ) -> float | None:
+    """The highest score at or below which flags are right ``target_precision`` of the time,
+    judged by lower confidence bounds: of the share of mismatches flagged (recall) and of the
+    share of right texts left alone; None where no threshold with MIN_SUPPORT planted rows qualifies."""
+    candidates = np.sort(planted)
+    caught = np.searchsorted(candidates, candidates, side="right").astype(float)
+    passed = len(own) - np.searchsorted(np.sort(own), candidates, side="right").astype(float)
+    recall = accuracy_lower_bound(caught, np.full_like(caught, len(planted)), z=BOUND_Z)
+    false_rate = 1 - accuracy_lower_bound(passed, np.full_like(passed, len(own)), z=BOUND_Z)
+    precision = error_rate * recall / (error_rate * recall + (1 - error_rate) * false_rate)
+    ok = (precision >= target_precision) & (caught >= MIN_SUPPORT)
+    return float(candidates[np.flatnonzero(ok).max()]) if ok.any() else None
+
+
+def calibrate(image_emb: np.ndarray, text_emb: np.ndarray, texts: np.ndarray, categories: np.ndarray, *,
+              column: str, target_precision: float, error_rate: float, seed: int = 0) -> TextCalibration:
+    """A TextCalibration from validation rows whose texts (of ``column``) describe their images."""
+    own = row_agreement(image_emb, text_emb)
+    centre, spread, fitted = fit_categories(own, categories)
+    calibration = TextCalibration(column, centre, spread, fitted, error_rate=error_rate, rows=len(own))
+    images, others = planted_pairs(texts, np.random.default_rng(seed))
+    if not len(images):
+        return calibration
+    own_scores = calibration.scores(own, categories)
+    # a mismatched listing keeps its text's category: the catalog row is the text's product
+    planted = calibration.scores(row_agreement(image_emb[images], text_emb[others]), categories[others])
+    threshold = flag_threshold(own_scores, planted, target_precision=target_precision, error_rate=error_rate)
+    return TextCalibration(column, centre, spread, fitted, threshold, len(own), len(planted),
+                           (float(planted.mean()), max(float(planted.std()), 1e-3)), error_rate)
