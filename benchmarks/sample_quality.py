@@ -1,8 +1,8 @@
 """How well an audit of the sample catalog finds the planted problems.
 
 Compares a run's findings.parquet with sample_data/ground_truth.parquet and prints precision
-and recall of conflict flags, accuracy of gap suggestions, and coverage of invalid values and
-image errors, each next to its target.
+and recall of conflict flags and of the flags on titles of other products, accuracy of gap
+suggestions, and coverage of invalid values and image errors, each next to its target.
 
     python benchmarks/sample_quality.py [--run RUN_FOLDER] [--ground-truth PATH]
 
@@ -18,7 +18,7 @@ from pathlib import Path
 import polars as pl
 
 TARGETS = {"conflict_precision": 0.95, "conflict_recall": 0.85, "gap_suggestion_accuracy": 0.95,
-           "invalid_value_found": 1.0, "image_error_found": 1.0}
+           "title_mismatch_precision": 0.9, "invalid_value_found": 1.0, "image_error_found": 1.0}
 
 
 def newest_run(reports: Path) -> Path:
@@ -35,15 +35,18 @@ def _share(frame: pl.DataFrame, condition: pl.Expr) -> tuple[float, int]:
 def score(findings: pl.DataFrame, truth: pl.DataFrame) -> dict[str, tuple[float, int]]:
     """Each figure as (value, rows it is computed over)."""
     joined = truth.join(findings, on=["product_id", "attribute"], how="full", coalesce=True)
-    planted, status = pl.col("planted"), pl.col("status")
+    planted, status, is_title = pl.col("planted"), pl.col("status"), pl.col("attribute") == "title"
+    values, titles = joined.filter(~is_title), joined.filter(is_title)
     return {
-        "conflict_precision": _share(joined.filter(status == "conflict"), planted == "conflict"),
-        "conflict_recall": _share(joined.filter(planted == "conflict"), status == "conflict"),
+        "conflict_precision": _share(values.filter(status == "conflict"), planted == "conflict"),
+        "conflict_recall": _share(values.filter(planted == "conflict"), status == "conflict"),
         "gap_suggestion_accuracy": _share(joined.filter(status == "gap"),
                                           pl.col("predicted_value") == pl.col("true_value")),
         "gap_recall": _share(joined.filter(planted == "gap"), status == "gap"),
         "invalid_value_found": _share(joined.filter(planted == "invalid_value"), status == "invalid_value"),
         "image_error_found": _share(joined.filter(planted == "image_error"), status == "image_error"),
+        "title_mismatch_precision": _share(titles.filter(status == "conflict"), planted == "mismatch"),
+        "title_mismatch_recall": _share(titles.filter(planted == "mismatch"), status == "conflict"),
         "false_flags_on_clean_rows": _share(joined.filter(planted == "none"), status.is_in(["conflict", "gap"])),
         "rows_accounted_for": _share(joined, status.is_not_null() & planted.is_not_null()),
     }

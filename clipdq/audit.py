@@ -206,7 +206,26 @@ def score_batch(batch: Batch, *, scorer: Scorer, cache: EmbeddingCache | None = 
                           ok=batch.ok, errors=batch.errors)
 
 
-def text_agreement(batch: Batch, image_emb: np.ndarray, scorer: Scorer) -> pl.DataFrame | None:
+TEXT_KEY = b"text\0"  # prefixes a text's bytes for its key in the embedding cache (images are keyed by theirs)
+
+
+def text_embeddings(texts: list[str], scorer: Scorer, cache: EmbeddingCache | None = None) -> np.ndarray:
+    """(n, d) embeddings of ``texts``, from the cache where it holds them, so that a rerun of an
+    unchanged catalog loads no model; the others are embedded once each and cached."""
+    keys = [digest(TEXT_KEY + t.encode()) for t in texts]
+    found = {key: entry.embedding for key, entry in (cache.get_many(keys) if cache is not None else {}).items()}
+    missing = dict(zip(keys, texts))
+    missing = {key: missing[key] for key in dict.fromkeys(keys) if key not in found}
+    if missing:
+        fresh = scorer.embed_texts(list(missing.values()))
+        found |= dict(zip(missing, fresh))
+        if cache is not None:
+            cache.add(list(missing), fresh, [b""] * len(missing))
+    return np.stack([found[key] for key in keys])
+
+
+def text_agreement(batch: Batch, image_emb: np.ndarray, scorer: Scorer,
+                   cache: EmbeddingCache | None = None) -> pl.DataFrame | None:
     """Findings of image and text agreement (``compare.text_findings``) for the batch's rows with a
     text; None where the spec names no text column."""
     spec = scorer.spec
@@ -216,7 +235,7 @@ def text_agreement(batch: Batch, image_emb: np.ndarray, scorer: Scorer) -> pl.Da
     ok, calibration = batch.ok, scorer.text_calibration
     scores = np.zeros(int(ok.sum()))
     if calibration is not None and ok.any():
-        agreement = text.row_agreement(image_emb, scorer.embed_texts(texts[ok].tolist()))
+        agreement = text.row_agreement(image_emb, text_embeddings(texts[ok].tolist(), scorer, cache))
         scores = calibration.scores(agreement, categories[ok])
     return text_findings(batch.rows[spec.id_column].cast(pl.String).to_list(), texts, categories,
                          column=spec.text_column, ok=ok, errors=batch.errors, scores=scores, calibration=calibration)
@@ -263,6 +282,6 @@ def findings_of(
         image_emb = embed_batch(batch, scorer, cache)
         predictions = score_batch(batch, scorer=scorer, image_emb=image_emb)
         parts.append(compare(batch.rows, predictions, spec=spec, calibration=scorer.calibration,
-                             text=text_agreement(batch, image_emb, scorer)))
+                             text=text_agreement(batch, image_emb, scorer, cache)))
         on_batch(batch)
     return pl.concat(parts)

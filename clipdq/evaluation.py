@@ -45,13 +45,14 @@ def calibrate(
     temperatures = {name: predict.fit_temperature(logits[name][known[name]], labels[name][known[name]],
                                                   label_noise=label_noise) for name in fitted}
     chosen = choices(logits, spec, temperatures)
+    error_rates = tree.conflict_error_rates(spec)
     calibration, metrics = {}, {}
     for name in fitted:
         rows, y, x = known[name], labels[name][known[name]], logits[name][known[name]]
         values, confidence = (part[rows] for part in chosen[name])
         calibration[name] = predict.thresholds_for(
             confidence, values == y, temperature=temperatures[name], k=x.shape[1],
-            target_precision=spec.target_precision, error_rate=spec.expected_error_rate, label_noise=label_noise,
+            target_precision=spec.target_precision, error_rate=error_rates[name], label_noise=label_noise,
         ).to_dict()
         metrics[name] = {
             "val_rows": int(rows.sum()),

@@ -232,9 +232,20 @@ def model_card(meta: dict) -> str:
             f"{m.get('ece_after', float('nan')):.3f} | {fmt(c.get('gap_threshold'), c.get('gap_rows'))} | "
             f"{fmt(c.get('conflict_threshold'), c.get('conflict_rows'))} |"
         )
+    lines += _text_line(meta.get("text_calibration"))
     for name, m in meta["metrics"].items():
         lines += _confusion_table(name, meta.get("values", {}).get(name), m.get("confusion"))
     return "\n".join(lines) + "\n"
+
+
+def _text_line(fitted: dict | None) -> list[str]:
+    """What the card says of the image and text agreement calibration."""
+    if not fitted:
+        return []
+    threshold = "never flags" if fitted["threshold"] is None else f"flags at score {fitted['threshold']:.2f} or below"
+    return ["", f"Image and text agreement (`{fitted['column']}`): {threshold}, chosen on {fitted['rows']} validation "
+                f"rows with their own texts and {fitted['planted_rows']} pairings with other products' texts "
+                f"(lower confidence bounds of recall and of the false-flag rate, at error rate {fitted['error_rate']})."]
 
 
 def _confusion_table(name: str, values: list[str] | None, confusion: list[list[int]] | None) -> list[str]:

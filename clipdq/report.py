@@ -17,6 +17,8 @@ from markupsafe import Markup
 from clipdq import charts as charts_svg
 from clipdq import runs, storage
 from clipdq.compare import NOT_APPLICABLE, STATUSES
+from clipdq.spec import Spec
+from clipdq.text import TextCalibration
 
 TOP_N = 12  # findings shown with thumbnails, per section
 _TEMPLATES = jinja2.Environment(loader=jinja2.PackageLoader("clipdq", "templates"), autoescape=True)
@@ -51,8 +53,21 @@ def duplicates_summary(found: pl.DataFrame, threshold: float | None, images_key:
             "products": found.height, "groups_of_identical_bytes": int(identical), "images_key": images_key}
 
 
+def text_summary(spec: Spec, calibration: TextCalibration | None) -> dict:
+    """What summary.json says of image and text agreement, before the findings are counted."""
+    if spec.text_column is None:
+        return {"checked": False, "why": "the spec names no text_column"}
+    if calibration is None:
+        return {"checked": False, "column": spec.text_column,
+                "why": f"the model was not calibrated on texts of {spec.text_column!r} (fine-tune it on a catalog "
+                       f"with that column)"}
+    return {"checked": True, "column": spec.text_column, "category_column": spec.text_category,
+            "threshold": calibration.threshold, "validation_rows": calibration.rows,
+            "planted_rows": calibration.planted_rows}
+
+
 def summarize(findings: Findings, *, products: int, run: dict, validation: dict, reported: int | None = None,
-              changes: dict | None = None, duplicates: dict | None = None) -> dict:
+              changes: dict | None = None, duplicates: dict | None = None, text: dict | None = None) -> dict:
     """Summary JSON: what was checked, with what, how many findings of each kind, and what changed
     since the previous complete run (``runs.change_counts``; null for a first run).
 
@@ -68,6 +83,9 @@ def summarize(findings: Findings, *, products: int, run: dict, validation: dict,
         warnings.append(f"{not_applicable} products have no attribute that applies to them (applies_to)")
     if reported < products:  # compare reports every product: fewer means rows were lost on the way
         warnings.append(f"{products - reported} products are missing from the findings")
+    if text and text["checked"]:
+        column = by_attribute.filter(pl.col("attribute") == text["column"])
+        text = text | {"flagged": int(column["conflict"].sum()), "agreeing": int(column["match"].sum())}
     return {
         **run,
         "products": products,
@@ -77,6 +95,7 @@ def summarize(findings: Findings, *, products: int, run: dict, validation: dict,
         "by_attribute": by_attribute.to_dicts(),
         "changes": changes,
         "duplicates": duplicates,
+        "text_agreement": text,
         "warnings": warnings,
         "expectations": validation.get("expectations", []),
         "expectations_reused": bool(validation.get("reused")),  # kept from an earlier run of the same keys
@@ -130,6 +149,7 @@ TABLE_ROWS = 100_000  # problems in the report's table, the most confident first
 TABLE_THUMBNAILS = 200  # problems shown with a thumbnail in the table, the most confident first
 RESOLVED_SHOWN = 200  # resolved problems listed by name
 DUPLICATES_SHOWN = 500  # duplicate listings in the report (all are in duplicates.parquet)
+TEXT_FLAGS_SHOWN = 200  # images that may not show their product, in their own section (all are in the table)
 CONFUSION_VALUES = 25  # catalog values per attribute in the catalog x predicted table, the commonest first
 CONFIDENCE_BINS = 20
 
@@ -216,6 +236,9 @@ def render_html(findings: Findings, summary: dict, thumbnails: dict[str, bytes |
     problems = sum(summary["totals"][status] for status in runs.PROBLEMS)
     resolved = [] if changes is None else changes.filter(pl.col("change") == "resolved").head(RESOLVED_SHOWN).to_dicts()
     thresholds = thresholds_in_force(summary)
+    text = summary.get("text_agreement") or {}
+    text_flags = (findings.lazy().filter((pl.col("attribute") == text.get("column")) & (pl.col("status") == "conflict"))
+                  .sort("confidence", descending=True).head(TEXT_FLAGS_SHOWN).collect().to_dicts())
     template = _TEMPLATES.get_template("report.html.j2")
     return template.render(
         summary=summary, statuses=STATUSES, problems=runs.PROBLEMS, nonce=uuid.uuid4().hex,
@@ -227,6 +250,7 @@ def render_html(findings: Findings, summary: dict, thumbnails: dict[str, bytes |
         confusion=confusion(findings), resolved=resolved,
         duplicates=[] if duplicates is None else duplicates.head(DUPLICATES_SHOWN).to_dicts(),
         duplicates_more=duplicates is not None and duplicates.height > DUPLICATES_SHOWN,
+        text_flags=[row | {"thumbnail": images.get(row["product_id"])} for row in text_flags],
         table=_script_json({"columns": TABLE_COLUMNS, "rows": table.rows(), "total": problems}),
         table_images=_script_json({pid: images[pid] for pid in table["product_id"].unique() if pid in images}))
 
@@ -248,8 +272,14 @@ def markdown(summary: dict, folder: str) -> str:
         f"Report: {_code_span(storage.join(folder, 'report.html'))}\n\n"
         f"{summary['products']} products: **{t['conflict']} conflicts**, **{t['gap']} gaps** with a suggested "
         f"value, {t['invalid_value']} invalid values, {t['image_error']} image errors, {t['uncertain']} uncertain."
-        + _duplicates_line(summary.get("duplicates")) + since
+        + _duplicates_line(summary.get("duplicates")) + _text_line(summary.get("text_agreement")) + since
     )
+
+
+def _text_line(text: dict | None) -> str:
+    if not text or not text["checked"]:
+        return ""
+    return f" {text['flagged']} images may not show the product their {text['column']} names."
 
 
 def _duplicates_line(duplicates: dict | None) -> str:

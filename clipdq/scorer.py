@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 import safetensors.numpy
 
-from clipdq import predict, storage
+from clipdq import predict, storage, tree
 from clipdq.images import PixelSpec
 from clipdq.model_files import ModelFiles, read_model_files
 from clipdq.predict import Calibration
@@ -40,8 +40,9 @@ def calibration_for(model: Clip | ModelFiles, spec: Spec) -> dict[str, Calibrati
     if fitted and model.meta.get("spec_fingerprint") != spec.fingerprint():
         log.warning("model %s was trained on another spec: its calibration is ignored", model.source)
         fitted = {}
-    default = predict.default_calibration(spec.target_precision, spec.expected_error_rate)
-    return {name: Calibration(**fitted[name]) if name in fitted else default for name in spec.names}
+    rates = tree.conflict_error_rates(spec)
+    return {name: Calibration(**fitted[name]) if name in fitted
+            else predict.default_calibration(spec.target_precision, rates[name]) for name in spec.names}
 
 
 def text_calibration_for(model: Clip | ModelFiles, spec: Spec) -> TextCalibration | None:
@@ -88,13 +89,10 @@ class Scorer:
         return model.embed_images(self.clip, pixel_values, batch_size=EMBED_CHUNK)
 
     def embed_texts(self, texts: list[str]) -> np.ndarray:
-        """(n, d) text embeddings, each distinct text embedded once."""
+        """(n, d) text embeddings (titles, descriptions)."""
         from clipdq import model
 
-        distinct = list(dict.fromkeys(texts))
-        embedded = model.embed_texts(self.clip, distinct)
-        where = {text: i for i, text in enumerate(distinct)}
-        return embedded[[where[text] for text in texts]]
+        return model.embed_texts(self.clip, texts)
 
 
 def of_clip(clip: Clip, spec: Spec) -> Scorer:

@@ -20,6 +20,10 @@ def text(summary: dict, folder: str) -> str:
     if duplicates and duplicates["checked"]:
         lines.append(f"  {duplicates['products']} products in {duplicates['groups']} groups of duplicate listings "
                      f"(duplicates.parquet)")
+    text = summary.get("text_agreement")
+    if text and text["checked"]:
+        lines.append(f"  {text['flagged']} images may not show the product their {text['column']} names "
+                     f"(attribute {text['column']!r}, status conflict)")
     changes = summary.get("changes")
     if changes:
         c = changes["totals"]

@@ -6,6 +6,8 @@ its probability), each (n,).
 
 from __future__ import annotations
 
+from collections import Counter
+
 import numpy as np
 
 from clipdq.spec import Spec, Tree
@@ -45,3 +47,31 @@ def choose(pred_probs: dict[str, np.ndarray], spec: Spec) -> dict[str, tuple[np.
         if all(level in pred_probs for level in tree.levels):
             choices |= tree_choices(pred_probs, tree)
     return choices
+
+
+def _agreeing_pairs(tree: Tree, depth: int) -> float:
+    """Share of ordered pairs of distinct paths that agree on the levels above ``depth``."""
+    n = len(tree.paths)
+    if depth == 0 or n < 2:
+        return 1.0
+    groups = Counter(path[:depth] for path in tree.paths).values()
+    return sum(g * (g - 1) for g in groups) / (n * (n - 1))
+
+
+def conflict_error_rates(spec: Spec) -> dict[str, float]:
+    """Per attribute, the share of wrong catalog values among the rows where a conflict is reported
+    at it, which sets its conflict bar: the spec's ``expected_error_rate``, except at a tree's levels.
+
+    A tree's conflict is reported at the highest level where the catalog's path departs from the
+    image's, so a level is judged only where the levels above agree. Reading the error rate ``e``
+    as the share of wrong paths, each another path of the tree at random, a level ``d`` is wrong
+    while the levels above are right for a share e * D / (1 - e + e * A) of those rows, where A is
+    the share of pairs of distinct paths that agree above ``d`` and D the share that also differ at it.
+    """
+    e = spec.expected_error_rate
+    rates = {name: e for name in spec.names}
+    for tree in spec.trees:
+        for depth, level in enumerate(tree.levels):
+            above, through = _agreeing_pairs(tree, depth), _agreeing_pairs(tree, depth + 1)
+            rates[level] = e * (above - through) / (1 - e + e * above)
+    return rates

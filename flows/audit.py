@@ -218,7 +218,8 @@ def audit_catalog(catalog_uri: str, spec_uri: str, model_uri: str, output_uri: s
         summary = report.summarize(pl.scan_parquet(findings_file), products=source.rows, run=run,
                                    validation=validation, reported=reported,
                                    changes=runs.change_counts(changes, previous) if previous else None,
-                                   duplicates=report.duplicates_summary(duplicates, spec.duplicate_similarity, key))
+                                   duplicates=report.duplicates_summary(duplicates, spec.duplicate_similarity, key),
+                                   text=report.text_summary(spec, scorer.text_calibration_for(files, spec)))
         publish(folder, findings_file, summary, source, spec, access, changes, validation, duplicates)
         top = report.problem_table(pl.scan_parquet(findings_file), changes, TOP_PROBLEMS)
     if not options.cross_fit:

@@ -125,6 +125,19 @@ def test_audit_reports_every_product_and_finds_the_planted_errors(local_run, sam
     assert_planted_flags_found(findings, truth)
 
 
+def test_summary_report_and_fixes_show_the_images_that_may_not_show_their_title(local_run):
+    findings, summary, html, _ = read_run(local_run[1])
+    flagged = findings.filter((pl.col("attribute") == "title") & (pl.col("status") == "conflict"))
+
+    text = summary["text_agreement"]
+    assert text["checked"] and text["column"] == "title" and text["category_column"] == "product_type"
+    assert text["threshold"] is not None and text["validation_rows"] > 100
+    assert text["flagged"] == flagged.height > 0
+    assert 'id="text-agreement"' in html and flagged["product_id"][0] in html.split('id="text-agreement"')[1]
+    fixes = pl.read_csv(Path(local_run[1]) / "suggested_fixes.csv")
+    assert set(flagged["product_id"]) <= set(fixes.filter(pl.col("attribute") == "title")["product_id"])
+
+
 def test_summary_totals_equal_the_findings(local_run, sample_dir):
     findings, summary, _, manifest = read_run(local_run[1])
     catalog_rows = pl.read_parquet(sample_dir / "catalog.parquet").height

@@ -6,7 +6,7 @@ import numpy as np
 import polars as pl
 import pytest
 
-from clipdq import evaluation, report, tree
+from clipdq import evaluation, predict, report, tree
 from clipdq.compare import PREDICTIONS_SCHEMA, compare
 from clipdq.predict import Calibration
 from clipdq.spec import SpecError, parse_spec
@@ -106,6 +106,28 @@ def test_calibration_measures_the_values_the_audit_chooses():
     calibration, metrics = evaluation.calibrate(logits, labels, SPEC)
     chosen = evaluation.choices(logits, SPEC, {k: v["temperature"] for k, v in calibration.items()})
 
+    rates = tree.conflict_error_rates(SPEC)
     for level in ("top", "coarse", "fine"):
-        assert metrics[level]["val_accuracy"] == pytest.approx(np.mean(chosen[level][0] == labels[level]))
-        assert calibration[level]["conflict_threshold"] is not None
+        values, confidence = chosen[level]
+        assert metrics[level]["val_accuracy"] == pytest.approx(np.mean(values == labels[level]))
+        expected = predict.thresholds_for(confidence, values == labels[level], k=len(SPEC.attribute(level).values),
+                                          temperature=calibration[level]["temperature"], target_precision=0.9,
+                                          error_rate=rates[level])
+        assert calibration[level] == expected.to_dict()
+
+
+def test_each_level_s_conflict_bar_allows_for_the_errors_left_where_the_levels_above_agree():
+    rates = tree.conflict_error_rates(SPEC)
+    assert rates["color"] == SPEC.expected_error_rate  # not in a tree
+    # a catalog whose wrong paths are random other paths, as the rates assume
+    rng = np.random.default_rng(0)
+    paths = np.array(SPEC.trees[0].path_indices())
+    true = rng.integers(len(paths), size=200_000)
+    shown = true.copy()
+    wrong = rng.random(len(true)) < SPEC.expected_error_rate
+    shown[wrong] = (true[wrong] + rng.integers(1, len(paths), size=wrong.sum())) % len(paths)
+    for depth, level in enumerate(SPEC.trees[0].levels):
+        above_right = (paths[shown, :depth] == paths[true, :depth]).all(axis=1)
+        wrong_here = paths[shown, depth] != paths[true, depth]
+        assert wrong_here[above_right].mean() == pytest.approx(rates[level], rel=0.05)
+    assert rates[SPEC.trees[0].levels[0]] < SPEC.expected_error_rate

@@ -1,0 +1,172 @@
+"""Image and text agreement on real product photos: Grocery Store photos under their product titles.
+
+Each photo of the dataset is listed under its product's title (the ``Title:`` line of the
+product's information text, such as "Asparagus Green Class 1"), with the coarse class as the
+text category. The EfficientNet-Lite0 dual encoder trains in locked mode on the ``train`` photos
+(three category levels, plus the titles' contrastive loss), and calibrates the agreement
+threshold on its validation rows. Measured on the ``val`` photos (other photo sessions, used
+neither for training nor calibration), per seed, with 10% of the photos given the title of
+another product (10 plantings):
+
+- precision and recall of the "image may not show this product" flags, pooled and by whether the
+  wrong title names a product of the same coarse class (say, another apple) or of another one;
+- accuracy per level beside the same model trained without the titles' loss, so that what the
+  titles cost or bring to the attribute predictions is seen.
+
+    python benchmarks/grocery_text.py [--data DIR] [--seeds 0,1,2] [--views 2] [--output DIR]
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import logging
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import polars as pl
+import yaml
+
+from clipdq import evaluation, locked, model, text, train
+from clipdq.sources import access_for
+from clipdq.spec import Spec, parse_spec
+
+from grocery import DEFAULT_DATA, LEVELS, ROOT, load_catalog, splits_for
+from heldout import figures_table, held_out_logits
+
+PLANTED_SHARE, PLANTINGS = 0.1, 10
+
+
+def titles(data: Path) -> dict[str, str]:
+    """Fine class -> product title, from its information text (the class name where there is none)."""
+    out = {}
+    with open(data / "classes.csv", newline="") as handle:
+        for row in csv.DictReader(handle):
+            fine = row["Class Name (str)"]
+            info = data / row["Product Description Path (str)"].lstrip("/").replace("_Description.txt", "_Information.txt")
+            lines = info.read_text(errors="replace").splitlines() if info.exists() else []
+            title = next((line.split(":", 1)[1].strip() for line in lines if line.startswith("Title:")), "")
+            out[fine] = title or fine.replace("-", " ")
+    return out
+
+
+def text_spec(frame: pl.DataFrame) -> Spec:
+    attributes = {level: {"values": sorted(frame[level].unique().to_list())} for level in LEVELS}
+    return parse_spec(yaml.safe_dump({"target_precision": 0.9, "text_column": "title", "text_category": "coarse",
+                                      "attributes": attributes}))
+
+
+def plant(rows: np.ndarray, data: train.LabeledSet, rng: np.random.Generator) -> np.ndarray:
+    """Per row, the row whose title it is shown with: its own, or for PLANTED_SHARE of them another
+    product's (another title)."""
+    shown = rows.copy()
+    for i in rng.choice(len(rows), size=round(PLANTED_SHARE * len(rows)), replace=False):
+        shown[i] = rng.choice(rows[data.texts[rows] != data.texts[rows[i]]])
+    return shown
+
+
+def flag_figures(clip: model.Clip, data: train.LabeledSet, rows: np.ndarray, calibration: text.TextCalibration,
+                 seed: int) -> dict:
+    """Counts of flags and planted mismatches over PLANTINGS plantings on ``rows``."""
+    image_emb = model.embed_images(clip, data.pixels[rows].numpy())
+    text_emb = dict(zip(np.unique(data.texts), model.embed_texts(clip, np.unique(data.texts).tolist())))
+    rng, counts = np.random.default_rng(seed), dict.fromkeys(("flags", "planted", "found", "planted_same",
+                                                              "found_same"), 0)
+    for _ in range(PLANTINGS):
+        shown = plant(rows, data, rng)
+        wrong = shown != rows
+        same = wrong & (data.text_categories[shown] == data.text_categories[rows])
+        agreement = text.row_agreement(image_emb, np.stack([text_emb[t] for t in data.texts[shown]]))
+        scores = calibration.scores(agreement, data.text_categories[shown])
+        flagged = np.zeros(len(rows), bool) if calibration.threshold is None else scores <= calibration.threshold
+        counts["flags"] += int(flagged.sum())
+        counts["planted"] += int(wrong.sum())
+        counts["found"] += int((flagged & wrong).sum())
+        counts["planted_same"] += int(same.sum())
+        counts["found_same"] += int((flagged & same).sum())
+    return counts
+
+
+def run_seed(spec: Spec, data: train.LabeledSet, plain, split, seed: int, views: int) -> dict:
+    result = {"seed": seed}
+    for name, weight in (("titles", 1.0), ("no titles", 0.0)):
+        clip = model.init_model(spec, "efficientnet-lite0")
+        config = train.config_for(clip, seed=seed, views=views, text_weight=weight)
+        cpu = time.process_time()
+        outcome = train.train_on(clip, data, spec, config=config, splits=split, plain=plain)
+        temperatures = {k: v["temperature"] for k, v in outcome["calibration"].items()}
+        test = split[2]
+        accuracy = {level: figures["test_accuracy"] for level, figures in evaluation.held_out_metrics(
+            held_out_logits(clip, data, spec, test), train.labels_of(data, test), spec,
+            temperatures=temperatures).items()}
+        calibration = text.TextCalibration.from_dict(outcome["text_calibration"])
+        result[name] = {"cpu_minutes": round((time.process_time() - cpu) / 60, 2), "accuracy": accuracy,
+                        "threshold": calibration.threshold, "flags": flag_figures(clip, data, test, calibration, seed)}
+        print(f"seed {seed}, {name}: {result[name]}", flush=True)
+    return result
+
+
+def table(runs: list[dict]) -> list[dict]:
+    def spread(values: list[float]) -> str:
+        values = [v for v in values if v == v]
+        if not values:
+            return "n/a"
+        return f"{np.mean(values):.3f} ({min(values):.3f} to {max(values):.3f})" if len(values) > 1 else f"{values[0]:.3f}"
+
+    def share(hits: str, total: str, run: dict) -> float:
+        return run["flags"][hits] / run["flags"][total] if run["flags"][total] else float("nan")
+
+    rows = []
+    for name in ("titles", "no titles"):
+        per = [r[name] for r in runs]
+        other = [{"flags": {"found": p["flags"]["found"] - p["flags"]["found_same"],
+                            "planted": p["flags"]["planted"] - p["flags"]["planted_same"]}} for p in per]
+        rows.append({"model": name, **{level: spread([p["accuracy"][level] for p in per]) for level in LEVELS},
+                     "text flag precision": spread([share("found", "flags", p) for p in per]),
+                     "recall": spread([share("found", "planted", p) for p in per]),
+                     "recall, same coarse class": spread([share("found_same", "planted_same", p) for p in per]),
+                     "recall, other coarse class": spread([share("found", "planted", o) for o in other]),
+                     "flags / planted": f"{sum(p['flags']['flags'] for p in per)} / "
+                                        f"{sum(p['flags']['planted'] for p in per)}",
+                     "CPU min": spread([p["cpu_minutes"] for p in per])})
+    return rows
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--data", type=Path, default=DEFAULT_DATA, help="the Grocery Store dataset folder")
+    parser.add_argument("--seeds", default="0,1,2")
+    parser.add_argument("--views", type=int, default=2, help="augmented views per training photo")
+    parser.add_argument("--output", type=Path, default=ROOT / "docs" / "benchmarks" / "grocery_text")
+    args = parser.parse_args()
+    if not (args.data / "train.txt").exists():
+        print(f"Grocery Store dataset not found at {args.data}; pass --data or set CLIPDQ_GROCERY_DIR", file=sys.stderr)
+        return 2
+    logging.basicConfig(level=logging.WARNING)
+    frame = load_catalog(args.data)
+    frame = frame.with_columns(pl.col("fine").replace_strict(titles(args.data)).alias("title"))
+    spec = text_spec(frame)
+    base = model.init_model(spec, "efficientnet-lite0")
+    started = time.monotonic()
+    data = train.load_labeled(frame, spec, access=access_for(str(args.data)), pixel_spec=base.pixels)
+    plain = locked.plain_activations(base, data, 0)
+    features = locked.pooled_features(base, plain, 0)
+    print(f"{len(data.pixels)} photos decoded and embedded in {time.monotonic() - started:.0f} s, "
+          f"{len(np.unique(data.texts))} distinct titles", flush=True)
+    runs = [run_seed(spec, data, plain, splits_for(frame, features, seed=seed), seed, args.views)
+            for seed in (int(s) for s in args.seeds.split(","))]
+    columns = ["model", *LEVELS, "text flag precision", "recall", "recall, same coarse class",
+               "recall, other coarse class", "flags / planted", "CPU min"]
+    report = figures_table(table(runs), columns)
+    args.output.mkdir(parents=True, exist_ok=True)
+    (args.output / "results.md").write_text(report + "\n")
+    (args.output / "results.json").write_text(json.dumps(runs, default=float))
+    print(report)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
