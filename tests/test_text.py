@@ -55,16 +55,16 @@ def test_a_model_blind_to_the_texts_never_flags():
 
 
 def test_scores_are_relative_to_the_category_and_small_categories_lean_on_the_whole():
-    agreement = np.array([0.9] * 50 + [0.5] * 50 + [0.2, 0.2])
-    categories = np.array(["high"] * 50 + ["low"] * 50 + ["rare"] * 2, dtype=object)
+    agreement = np.array([0.9] * 100 + [0.5] * 100 + [0.2, 0.2])
+    categories = np.array(["high"] * 100 + ["low"] * 100 + ["rare"] * 2, dtype=object)
     agreement = agreement + np.linspace(-0.01, 0.01, len(agreement))
 
-    centre, _, fitted = text.fit_categories(agreement, categories)
+    centre, spread, fitted = text.fit_categories(agreement, categories)
 
     shrunk = lambda own, n: (n * own + text.SHRINK_ROWS * centre) / (n + text.SHRINK_ROWS)  # noqa: E731
-    assert fitted["high"][0] == pytest.approx(shrunk(0.9, 50), abs=0.01)
-    assert fitted["low"][0] == pytest.approx(shrunk(0.5, 50), abs=0.01)
-    assert fitted["rare"][0] == pytest.approx(shrunk(0.2, 2), abs=0.01)  # two rows lean on the overall centre
+    assert fitted["high"] == pytest.approx(shrunk(0.9, 100), abs=0.01)
+    assert fitted["low"] == pytest.approx(shrunk(0.5, 100), abs=0.01)
+    assert fitted["rare"] == pytest.approx(shrunk(0.2, 2), abs=0.01)  # two rows lean on the overall centre
     calibration = text.TextCalibration("title", centre, 0.05, fitted, threshold=-3.0)
     scores = calibration.scores(np.array([0.5, 0.5, 0.5]), np.array(["high", "low", "unseen"], dtype=object))
     assert scores[0] < -3 < scores[1] and scores[2] == pytest.approx((0.5 - centre) / 0.05)
