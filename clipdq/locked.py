@@ -146,25 +146,19 @@ def fit(clip: model.Clip, data, spec, config, splits, *, plain: torch.Tensor | N
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: schedule(s, warmup=warmup, total=total))
     rng = np.random.default_rng(config.seed)
 
-    titles = model.Titles(clip, data.texts) if data.texts is not None and config.text_weight else None
-
-    def objective(image_emb: torch.Tensor, truth: dict[str, torch.Tensor], rows: np.ndarray) -> torch.Tensor:
-        """Cross-entropy over the value captions, plus the titles' (``rows``: labeled rows) where given."""
-        loss = batch_loss(model.attribute_logits(clip, image_emb, captions), truth)
-        return loss + config.text_weight * titles.loss(clip, image_emb, rows) if titles else loss
-
     def loss_on(rows: np.ndarray) -> float:
         with torch.no_grad():
+            x = kept_plain[rows]
             truth = {k: v[rows].to(clip.device) for k, v in data.labels.items()}
-            return float(objective(tower.above(kept_plain[rows].float()), truth, rows))
+            return float(batch_loss(model.attribute_logits(clip, tower.above(x.float()), captions), truth))
 
     labels_on_device = {k: torch.from_numpy(v).to(clip.device) for k, v in view_labels.items()}
 
     def train_epoch() -> float:
         for picks in balanced_batches(view_labels, np.arange(len(view_rows)), batch_size=config.batch_size,
                                       steps=steps_per_epoch, rng=rng):
-            loss = objective(tower.above(kept_train[picks].float()), {k: v[picks] for k, v in labels_on_device.items()},
-                             view_rows[picks])
+            loss = batch_loss(model.attribute_logits(clip, tower.above(kept_train[picks].float()), captions),
+                              {k: v[picks] for k, v in labels_on_device.items()})
             take_step(loss, optimizer, scheduler)
         return loss.item()
 
@@ -182,5 +176,5 @@ def fit(clip: model.Clip, data, spec, config, splits, *, plain: torch.Tensor | N
     summary = {"best_epoch": best["epoch"], "best_val_loss": best["val_loss"], "epochs_run": len(history),
                "stopped_by": stopped_by, "minutes": round((time.monotonic() - started) / 60, 2),
                "device": clip.device.type, "views": config.views, "unlock_blocks": config.unlock_blocks,
-               "rows_with_text": int(titles.known.sum()) if titles else 0, "history": history}
+               "history": history}
     return summary, embed

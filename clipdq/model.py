@@ -322,14 +322,16 @@ class Titles:
 
     def loss(self, clip: Clip, image_emb: torch.Tensor, rows: np.ndarray) -> torch.Tensor:
         """Cross-entropy of each image against the distinct texts of the batch ``rows`` (the rows
-        of ``image_emb``), its own text the target; rows without a text take no part."""
+        of ``image_emb``), its own text the target; rows without a text take no part. Only the
+        text tower learns from it: the image embeddings and the logit scale stay what the
+        attributes make them."""
         keep = self.known[rows]
         if not keep.any():
             return image_emb.sum() * 0.0
         distinct, target = np.unique(self.index[rows[keep]], return_inverse=True)
         text_emb = text_features(clip, {k: v[distinct] for k, v in self.tokens.items()})
-        scale = clip.model.logit_scale.exp().clamp(max=100.0)
-        logits = scale * image_emb[torch.from_numpy(keep).to(image_emb.device)] @ text_emb.T
+        scale = clip.model.logit_scale.detach().exp().clamp(max=100.0)
+        logits = scale * image_emb.detach()[torch.from_numpy(keep).to(image_emb.device)] @ text_emb.T
         return torch.nn.functional.cross_entropy(logits, torch.from_numpy(target).to(logits.device))
 
 

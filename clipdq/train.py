@@ -48,7 +48,7 @@ class TrainConfig:
     tower_lr: float = 1e-4  # learning rate of those blocks (pretrained: gentler than the new text tower's)
     views: int = 1  # locked mode: kept views per training image, the first plain, the others augmented
     near_duplicate_cosine: float = NEAR_DUPLICATE_COSINE  # images this alike share a split (no group column)
-    text_weight: float = 1.0  # locked mode: weight of the titles' contrastive loss (the spec's text column); 0: off
+    text_epochs: int = 20  # then, epochs teaching the text tower the labeled texts (the spec's text column); 0: off
     seed: int = 0
 
     def __post_init__(self) -> None:
@@ -285,6 +285,9 @@ def train_on(clip: model.Clip, data: LabeledSet, spec: Spec, *, config: TrainCon
         result = (fit_prototypes if config.mode == "prototype" else fit)(clip, data, spec, config, splits)
         embed = lambda rows: model.embed_images(clip, data.pixels[rows].numpy())  # noqa: E731
     value_emb = clip.value_emb if clip.value_emb is not None else model.embed_captions(clip, spec)
+    if data.texts is not None and config.text_epochs:
+        clip.value_emb = value_emb  # fixed: teaching the text tower the texts leaves the attributes' predictions as they are
+        result["texts"] = fit_texts(clip, data, embed, config, splits)
     val_emb = embed(val_idx)
     calibration, metrics = evaluation.calibrate(logits_from(val_emb, value_emb, clip), labels_of(data, val_idx),
                                                 spec, label_noise=config.label_noise)
@@ -302,6 +305,44 @@ def train_on(clip: model.Clip, data: LabeledSet, spec: Spec, *, config: TrainCon
     if data.texts is not None:
         outcome["text_calibration"] = calibrate_texts(clip, data, spec, val_idx, val_emb, seed=config.seed).to_dict()
     return outcome
+
+
+def fit_texts(clip: model.Clip, data: LabeledSet, embed, config: TrainConfig, splits: Splits) -> dict:
+    """Teach the text tower the labeled rows' texts (``model.Titles``) against their image
+    embeddings (``embed(rows)``, fixed), keeping the epoch of lowest validation loss."""
+    started = time.monotonic()
+    titles = model.Titles(clip, data.texts)
+    train_rows, val_rows = (rows[titles.known[rows]] for rows in splits[:2])
+    if not len(train_rows) or not len(val_rows):
+        return {"epochs_run": 0, "why": "no texts in the train or validation split"}
+    train_emb, val_emb = (torch.from_numpy(embed(rows)).to(clip.device) for rows in (train_rows, val_rows))
+    text = [p for n, p in clip.model.named_parameters() if n.startswith(("text_model.", "text_projection."))]
+    optimizer = torch.optim.AdamW(text, lr=config.lr, weight_decay=config.weight_decay)
+    rng = np.random.default_rng(config.seed)
+
+    def val_loss() -> float:
+        with torch.no_grad():
+            return float(titles.loss(clip, val_emb, val_rows))
+
+    def text_state() -> dict:
+        return {k: v.detach().clone() for k, v in clip.model.state_dict().items()
+                if k.startswith(("text_model.", "text_projection."))}
+
+    best = {"epoch": 0, "val_loss": val_loss(), "state": text_state()}
+    for epoch in range(1, config.text_epochs + 1):
+        order = rng.permutation(len(train_rows))
+        for start in range(0, len(order), config.batch_size):
+            picks = order[start : start + config.batch_size]
+            loss = titles.loss(clip, train_emb[picks], train_rows[picks])
+            optimizer.zero_grad()
+            loss.backward()
+            optimizer.step()
+        if (current := val_loss()) < best["val_loss"]:
+            best = {"epoch": epoch, "val_loss": current, "state": text_state()}
+    clip.model.load_state_dict(best["state"], strict=False)
+    log.info("texts: best validation loss %.3f at epoch %d of %d", best["val_loss"], best["epoch"], config.text_epochs)
+    return {"rows": len(train_rows), "best_epoch": best["epoch"], "best_val_loss": best["val_loss"],
+            "epochs_run": config.text_epochs, "minutes": round((time.monotonic() - started) / 60, 2)}
 
 
 def calibrate_texts(clip: model.Clip, data: LabeledSet, spec: Spec, rows: np.ndarray, image_emb: np.ndarray, *,
