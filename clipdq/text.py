@@ -6,7 +6,7 @@ it has none). A text is judged against its category's typical agreement: its ``s
 (agreement - its category's centre) / spread, fitted on validation rows whose texts are right:
 each category's median agreement, shrunk towards the overall median where it has few rows, and
 one spread (scaled MAD) for all, which a category's few rows would estimate poorly (on the
-Grocery Store photos, a spread per coarse class cut precision on other sessions from 0.93 to 0.72).
+Grocery Store photos, one seed, a spread per coarse class cut precision on other sessions from 0.93 to 0.72).
 A row is flagged where its score falls to the threshold or below.
 
 The threshold is calibrated like the attribute flags: each validation image is also paired with
