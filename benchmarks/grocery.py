@@ -79,6 +79,25 @@ def splits_for(frame: pl.DataFrame, features: np.ndarray, *, seed: int) -> train
     return on_train[fit], on_train[val], np.flatnonzero(frame["split"].to_numpy() != "train")
 
 
+def spread(values: list[float]) -> str:
+    """Mean and range over seeds (the value itself for one seed; n/a for none)."""
+    values = [v for v in values if v == v]
+    if not values:
+        return "n/a"
+    return f"{np.mean(values):.3f} ({min(values):.3f} to {max(values):.3f})" if len(values) > 1 else f"{values[0]:.3f}"
+
+
+def embedded_photos(frame: pl.DataFrame, spec: Spec, data: Path) -> tuple[train.LabeledSet, object, np.ndarray]:
+    """(labeled photos, the locked tower's kept activations, its pooled features), decoded and
+    embedded once for every seed; prints how long that took."""
+    base = model.init_model(spec, "efficientnet-lite0")
+    started = time.monotonic()
+    labeled = train.load_labeled(frame, spec, access=access_for(str(data)), pixel_spec=base.pixels)
+    plain = locked.plain_activations(base, labeled, 0)
+    print(f"{len(labeled.pixels)} photos decoded and embedded in {time.monotonic() - started:.0f} s", flush=True)
+    return labeled, plain, locked.pooled_features(base, plain, 0)
+
+
 def level_rows(name: str, runs: list[dict], spec: Spec) -> list[dict]:
     """Per level: mean accuracy and macro-F1 over the runs (with their range), flags pooled over the runs."""
     rows = []

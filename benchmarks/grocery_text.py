@@ -30,11 +30,10 @@ import numpy as np
 import polars as pl
 import yaml
 
-from clipdq import evaluation, locked, model, text, train
-from clipdq.sources import access_for
+from clipdq import evaluation, model, text, train
 from clipdq.spec import Spec, parse_spec
 
-from grocery import DEFAULT_DATA, LEVELS, ROOT, load_catalog, splits_for
+from grocery import DEFAULT_DATA, LEVELS, ROOT, embedded_photos, load_catalog, splits_for, spread
 from heldout import figures_table, held_out_logits
 
 PLANTED_SHARE, PLANTINGS = 0.1, 10
@@ -108,11 +107,6 @@ def run_seed(spec: Spec, data: train.LabeledSet, plain, split, seed: int, views:
 
 
 def table(runs: list[dict]) -> list[dict]:
-    def spread(values: list[float]) -> str:
-        values = [v for v in values if v == v]
-        if not values:
-            return "n/a"
-        return f"{np.mean(values):.3f} ({min(values):.3f} to {max(values):.3f})" if len(values) > 1 else f"{values[0]:.3f}"
 
     def share(hits: int, total: int) -> float:
         return hits / total if total else float("nan")
@@ -147,13 +141,7 @@ def main() -> int:
     frame = load_catalog(args.data)
     frame = frame.with_columns(pl.col("fine").replace_strict(titles(args.data)).alias("title"))
     spec = text_spec(frame)
-    base = model.init_model(spec, "efficientnet-lite0")
-    started = time.monotonic()
-    data = train.load_labeled(frame, spec, access=access_for(str(args.data)), pixel_spec=base.pixels)
-    plain = locked.plain_activations(base, data, 0)
-    features = locked.pooled_features(base, plain, 0)
-    print(f"{len(data.pixels)} photos decoded and embedded in {time.monotonic() - started:.0f} s, "
-          f"{len(np.unique(data.texts))} distinct titles", flush=True)
+    data, plain, features = embedded_photos(frame, spec, args.data)
     runs = [run_seed(spec, data, plain, splits_for(frame, features, seed=seed), seed, args.views)
             for seed in (int(s) for s in args.seeds.split(","))]
     columns = ["seed", *LEVELS, "text flag precision", "recall", "recall, same coarse class",

@@ -29,11 +29,10 @@ import numpy as np
 import polars as pl
 import yaml
 
-from clipdq import evaluation, locked, model, train
+from clipdq import evaluation, model, train
 from clipdq.spec import Spec, parse_spec
-from clipdq.sources import access_for
 
-from grocery import DEFAULT_DATA, LEVELS, ROOT, load_catalog, splits_for
+from grocery import DEFAULT_DATA, LEVELS, ROOT, embedded_photos, load_catalog, splits_for, spread
 from heldout import figures_table, flag_cells, flag_figures, held_out_logits, pooled
 
 
@@ -79,8 +78,6 @@ def run_seed(spec: Spec, data: train.LabeledSet, plain, split, seed: int, views:
 
 
 def table(runs: list[dict]) -> list[dict]:
-    def spread(values: list[float]) -> str:
-        return f"{np.mean(values):.3f} ({min(values):.3f} to {max(values):.3f})" if len(values) > 1 else f"{values[0]:.3f}"
 
     rows = []
     for level in LEVELS:
@@ -107,12 +104,7 @@ def main() -> int:
     logging.basicConfig(level=logging.WARNING)
     frame = load_catalog(args.data)
     spec = tree_spec(frame)
-    base = model.init_model(spec, "efficientnet-lite0")
-    started = time.monotonic()
-    data = train.load_labeled(frame, spec, access=access_for(str(args.data)), pixel_spec=base.pixels)
-    plain = locked.plain_activations(base, data, 0)
-    features = locked.pooled_features(base, plain, 0)
-    print(f"{len(data.pixels)} photos decoded and embedded in {time.monotonic() - started:.0f} s", flush=True)
+    data, plain, features = embedded_photos(frame, spec, args.data)
     runs = [run_seed(spec, data, plain, splits_for(frame, features, seed=seed), seed, args.views)
             for seed in (int(s) for s in args.seeds.split(","))]
     columns = ["level", "level by level", "whole path", "conflict precision", "conflict recall", "flags / planted",
