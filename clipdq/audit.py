@@ -214,8 +214,7 @@ def text_embeddings(texts: list[str], scorer: Scorer, cache: EmbeddingCache | No
     unchanged catalog loads no model; the others are embedded once each and cached."""
     keys = [digest(TEXT_KEY + t.encode()) for t in texts]
     found = {key: entry.embedding for key, entry in (cache.get_many(keys) if cache is not None else {}).items()}
-    missing = dict(zip(keys, texts))
-    missing = {key: missing[key] for key in dict.fromkeys(keys) if key not in found}
+    missing = {key: text for key, text in zip(keys, texts) if key not in found}  # each distinct text once
     if missing:
         fresh = scorer.embed_texts(list(missing.values()))
         found |= dict(zip(missing, fresh))
