@@ -58,9 +58,28 @@ def load_catalog(data: Path) -> pl.DataFrame:
     return pl.DataFrame(rows)
 
 
+def catalog_images(data: Path) -> pl.DataFrame:
+    """One row per product: its catalog ("iconic") studio photo, labeled like the shelf photos."""
+    with open(data / "classes.csv", newline="") as handle:
+        rows = [{"product_id": f"iconic/{r['Class Name (str)']}", "image": str(data / r["Iconic Image Path (str)"].lstrip("/")),
+                 "split": "catalog", "top": r["Iconic Image Path (str)"].split("/")[2],
+                 "coarse": r["Coarse Class Name (str)"], "fine": r["Class Name (str)"]}
+                for r in csv.DictReader(handle)]
+    return pl.DataFrame(rows)
+
+
 def grocery_spec(frame: pl.DataFrame) -> Spec:
     attributes = {level: {"values": sorted(frame[level].unique().to_list())} for level in LEVELS}
     return parse_spec(yaml.safe_dump({"target_precision": 0.9, "attributes": attributes}))
+
+
+def write_spec(frame: pl.DataFrame, data: Path, path: Path) -> Path:
+    """The spec of the three levels as a YAML file the clipdq commands read, images under ``data``."""
+    spec = grocery_spec(frame)
+    path.write_text(yaml.safe_dump(
+        {"target_precision": spec.target_precision, "image_roots": [str(data.resolve())],
+         "attributes": {a.name: {"values": list(a.values)} for a in spec.attributes}}))
+    return path
 
 
 def splits_for(frame: pl.DataFrame, features: np.ndarray, *, seed: int) -> train.Splits:

@@ -24,9 +24,8 @@ from pathlib import Path
 
 import numpy as np
 import polars as pl
-import yaml
 
-from grocery import DEFAULT_DATA, LEVELS, grocery_spec, load_catalog
+from grocery import DEFAULT_DATA, LEVELS, catalog_images, load_catalog, write_spec
 
 CLIPDQ = [str(Path(sys.executable).parent / "clipdq")]  # the console script, as a user runs it
 
@@ -78,6 +77,8 @@ def main() -> int:
     parser.add_argument("--data", type=Path, default=DEFAULT_DATA, help="the Grocery Store dataset folder")
     parser.add_argument("--work", type=Path, help="where the catalogs, models and reports go (default: temporary)")
     parser.add_argument("--seed", type=int, default=0, help="seed of the planted errors")
+    parser.add_argument("--catalog-images", action="store_true",
+                        help="fine-tune on each product's catalog image too, beside the train photos")
     args = parser.parse_args()
     if not (args.data / "train.txt").exists():
         print(f"Grocery Store dataset not found at {args.data}; pass --data or set CLIPDQ_GROCERY_DIR", file=sys.stderr)
@@ -85,15 +86,14 @@ def main() -> int:
     work = args.work or Path(tempfile.mkdtemp(prefix="clipdq-grocery-"))
     work.mkdir(parents=True, exist_ok=True)
     frame = load_catalog(args.data)
-    spec = grocery_spec(frame)
-    (work / "spec.yaml").write_text(yaml.safe_dump(
-        {"target_precision": spec.target_precision, "image_roots": [str(args.data.resolve())],
-         "attributes": {a.name: {"values": list(a.values)} for a in spec.attributes}}))
-    frame.filter(pl.col("split") == "train").drop("split").write_parquet(work / "labeled.parquet")
+    spec_path = str(write_spec(frame, args.data, work / "spec.yaml"))
+    labeled = frame.filter(pl.col("split") == "train")
+    if args.catalog_images:
+        labeled = pl.concat([labeled, catalog_images(args.data)])
+    labeled.drop("split").write_parquet(work / "labeled.parquet")
     catalog, truth = corrupted(frame.filter(pl.col("split") == "holdout"), share=0.1, seed=args.seed)
     catalog.write_parquet(work / "catalog.parquet")
 
-    spec_path = str(work / "spec.yaml")
     timings = {"init-model": clipdq("init-model", "--spec", spec_path, "--arch", "efficientnet-lite0",
                                     "--output", str(work / "init"))[0]}
     timings["finetune"], _ = clipdq("finetune", "--catalog", str(work / "labeled.parquet"), "--spec", spec_path,

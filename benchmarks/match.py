@@ -14,7 +14,6 @@
 from __future__ import annotations
 
 import argparse
-import csv
 import json
 import resource
 import subprocess
@@ -24,9 +23,8 @@ import time
 from pathlib import Path
 
 import polars as pl
-import yaml
 
-from grocery import DEFAULT_DATA, grocery_spec, load_catalog
+from grocery import DEFAULT_DATA, catalog_images, load_catalog, write_spec
 from grocery_cli import clipdq
 
 SCALE = """
@@ -44,19 +42,12 @@ print(time.monotonic() - started, found.indices.shape)
 
 def grocery_catalogs(data: Path, work: Path) -> tuple[Path, Path, Path]:
     """(references, queries, spec): iconic images by class name; val photos labeled with theirs."""
-    with open(data / "classes.csv", newline="") as handle:
-        iconic = [{"product_id": r["Class Name (str)"], "image": str(data / r["Iconic Image Path (str)"].lstrip("/"))}
-                  for r in csv.DictReader(handle)]
     references, queries = work / "references.parquet", work / "queries.parquet"
-    pl.DataFrame(iconic).write_parquet(references)
+    catalog_images(data).select(pl.col("fine").alias("product_id"), "image").write_parquet(references)
     frame = load_catalog(data)
     val = frame.filter(pl.col("split") == "holdout")
     val.select("product_id", "image", pl.col("fine").alias("expected_id")).write_parquet(queries)
-    spec = grocery_spec(frame)  # the spec grocery_cli.py fine-tunes with
-    (work / "spec.yaml").write_text(yaml.safe_dump(
-        {"target_precision": spec.target_precision, "image_roots": [str(data.resolve())],
-         "attributes": {a.name: {"values": list(a.values)} for a in spec.attributes}}))
-    return references, queries, work / "spec.yaml"
+    return references, queries, write_spec(frame, data, work / "spec.yaml")  # the spec grocery_cli.py uses
 
 
 def grocery(data: Path, finetuned: str | None) -> None:
