@@ -14,7 +14,6 @@ products are wrongly grouped, and time and memory at scale.
 from __future__ import annotations
 
 import argparse
-import csv
 import io
 import subprocess
 import sys
@@ -25,7 +24,7 @@ from PIL import Image
 
 from clipdq import duplicates, images
 from clipdq.cache import digest
-from grocery import DEFAULT_DATA
+from grocery import DEFAULT_DATA, catalog_images
 
 THRESHOLDS = (0.97, 0.98, 0.99)
 
@@ -58,8 +57,7 @@ def _signatures(blobs: list[bytes]) -> np.ndarray:
 
 
 def grocery(data: Path) -> None:
-    with open(data / "classes.csv") as handle:
-        blobs = [(data / row["Iconic Image Path (str)"].lstrip("/")).read_bytes() for row in csv.DictReader(handle)]
+    blobs = [Path(path).read_bytes() for path in catalog_images(data)["image"]]
     n, ids = len(blobs), [f"p{i}" for i in range(len(blobs))]
     signatures = _signatures(blobs)
     pairs = duplicates.candidate_pairs(signatures, [digest(blob) for blob in blobs])

@@ -61,24 +61,28 @@ def load_catalog(data: Path) -> pl.DataFrame:
 def catalog_images(data: Path) -> pl.DataFrame:
     """One row per product: its catalog ("iconic") studio photo, labeled like the shelf photos."""
     with open(data / "classes.csv", newline="") as handle:
-        rows = [{"product_id": f"iconic/{r['Class Name (str)']}", "image": str(data / r["Iconic Image Path (str)"].lstrip("/")),
-                 "split": "catalog", "top": r["Iconic Image Path (str)"].split("/")[2],
-                 "coarse": r["Coarse Class Name (str)"], "fine": r["Class Name (str)"]}
-                for r in csv.DictReader(handle)]
-    return pl.DataFrame(rows)
+        classes = list(csv.DictReader(handle))
+    paths = [r["Iconic Image Path (str)"].lstrip("/") for r in classes]  # iconic-images-.../<top>/...
+    return pl.DataFrame({"product_id": [f"iconic/{r['Class Name (str)']}" for r in classes],
+                         "image": [str(data / p) for p in paths], "split": "catalog",
+                         "top": [p.split("/")[1] for p in paths],
+                         "coarse": [r["Coarse Class Name (str)"] for r in classes],
+                         "fine": [r["Class Name (str)"] for r in classes]})
+
+
+def spec_document(frame: pl.DataFrame) -> dict:
+    """The spec of the three levels, as its YAML holds it: every value each level takes in ``frame``."""
+    return {"target_precision": 0.9,
+            "attributes": {level: {"values": sorted(frame[level].unique().to_list())} for level in LEVELS}}
 
 
 def grocery_spec(frame: pl.DataFrame) -> Spec:
-    attributes = {level: {"values": sorted(frame[level].unique().to_list())} for level in LEVELS}
-    return parse_spec(yaml.safe_dump({"target_precision": 0.9, "attributes": attributes}))
+    return parse_spec(yaml.safe_dump(spec_document(frame)))
 
 
 def write_spec(frame: pl.DataFrame, data: Path, path: Path) -> Path:
-    """The spec of the three levels as a YAML file the clipdq commands read, images under ``data``."""
-    spec = grocery_spec(frame)
-    path.write_text(yaml.safe_dump(
-        {"target_precision": spec.target_precision, "image_roots": [str(data.resolve())],
-         "attributes": {a.name: {"values": list(a.values)} for a in spec.attributes}}))
+    """The spec as a YAML file the clipdq commands read, images under ``data``."""
+    path.write_text(yaml.safe_dump(spec_document(frame) | {"image_roots": [str(data.resolve())]}))
     return path
 
 
