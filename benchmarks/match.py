@@ -4,7 +4,8 @@
     dataset's 296 ``val`` shelf photos (other sessions than any training photo) as queries, through
     ``clipdq match`` timed from start to exit: top-1 and top-5 accuracy, for the pretrained tower as
     ``clipdq init-model`` makes it and, with ``--finetuned M``, for a model fine-tuned on the
-    ``train`` photos (``benchmarks/grocery_cli.py`` makes one).
+    ``train`` photos (``benchmarks/grocery_cli.py`` makes one), by image similarity alone and with
+    the references' catalog values of the three levels (``--attribute-weight 1``).
 (b) Scale: ``--queries`` x ``--references`` random 256-d embeddings (the EfficientNet dual
     encoder's size) through the exact blockwise top-k, in a child process: time and the OS's peak RSS.
 
@@ -24,7 +25,7 @@ from pathlib import Path
 
 import polars as pl
 
-from grocery import DEFAULT_DATA, catalog_images, load_catalog, write_spec
+from grocery import DEFAULT_DATA, LEVELS, catalog_images, load_catalog, write_spec
 from grocery_cli import clipdq
 
 SCALE = """
@@ -41,9 +42,10 @@ print(time.monotonic() - started, found.indices.shape)
 
 
 def grocery_catalogs(data: Path, work: Path) -> tuple[Path, Path, Path]:
-    """(references, queries, spec): iconic images by class name; val photos labeled with theirs."""
+    """(references, queries, spec): iconic images by class name, with their catalog values of the
+    three levels; val photos labeled with theirs."""
     references, queries = work / "references.parquet", work / "queries.parquet"
-    catalog_images(data).select(pl.col("fine").alias("product_id"), "image").write_parquet(references)
+    catalog_images(data).select(pl.col("fine").alias("product_id"), "image", *LEVELS).write_parquet(references)
     frame = load_catalog(data)
     val = frame.filter(pl.col("split") == "holdout")
     val.select("product_id", "image", pl.col("fine").alias("expected_id")).write_parquet(queries)
@@ -56,12 +58,15 @@ def grocery(data: Path, finetuned: str | None) -> None:
         references, queries, spec = grocery_catalogs(data, work)
         seconds, model_dir = clipdq("init-model", "--spec", str(spec), "--arch", "efficientnet-lite0",
                                     "--output", str(work / "model"))
-        for name, model_uri in (("pretrained tower, new projection", model_dir), ("fine-tuned", finetuned)):
+        runs = [("pretrained tower, new projection", model_dir, "0"), ("fine-tuned", finetuned, "0"),
+                ("fine-tuned, with the references' category values", finetuned, "1")]
+        for name, model_uri, weight in runs:
             if not model_uri:
                 continue
             seconds, folder = clipdq("match", "--references", str(references), "--queries", str(queries),
                                      "--spec", str(spec), "--model", model_uri, "--output", str(work / "out"),
-                                     "--label-column", "expected_id", "--no-embedding-cache")
+                                     "--label-column", "expected_id", "--no-embedding-cache",
+                                     "--attribute-weight", weight)
             summary = json.loads((Path(folder) / "summary.json").read_text())
             acc = summary["accuracy"]
             print(f"(a) {name}: top-1 {acc['top_1']:.3f}, top-5 {acc['top_5']:.3f} over {acc['labeled_queries']} "

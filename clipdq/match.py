@@ -5,6 +5,11 @@ Vocabulary: ``queries`` (m, d) and ``references`` (n, d) are embeddings, L2-norm
 (a digest), and a query is never matched with a reference of the same bytes: the same image on
 both sides says nothing about the model and inflates every score.
 
+With a model fine-tuned on the spec, the score adds what the model reads of each reference's
+attribute values (``ValueAgreement``): the log-probability that the query shows the reference's
+catalog values, so a shelf photo meets the products of its category first, and image similarity
+ranks within them.
+
 Exact and blockwise: at most ``query_block`` x ``reference_block`` scores exist at a time, so
 memory stays bounded for millions of references. Catalogs' images go through the audit's own
 pipeline (confined fetches, safe decoding, the embedding cache).
@@ -32,7 +37,7 @@ REFERENCE_BLOCK = 16384  # 1024 x 16384 float32 scores: 64 MB at a time
 @dataclass
 class Neighbours:
     indices: np.ndarray  # (m, k) int64: reference rows, best first; -1 where fewer than k are left
-    scores: np.ndarray  # (m, k) float32: cosine similarity, -inf where indices is -1
+    scores: np.ndarray  # (m, k) float32: cosine similarity (plus the agreement), -inf where indices is -1
     excluded: np.ndarray  # (m,) int64: references left out for holding the query's own bytes
 
 
@@ -42,10 +47,63 @@ def normalised(embeddings: np.ndarray) -> np.ndarray:
     return embeddings / np.where(norms > 0, norms, 1)
 
 
+@dataclass
+class ValueAgreement:
+    """The score's second term: for every attribute, ``weight`` x log P(the query and the reference
+    show the same value) = log sum_v p_query(v) p_reference(v), with the model's calibrated
+    probabilities. A reference's distribution is the model's prediction from its image where the
+    catalog holds no valid value, else its catalog value, trusted as far as the spec's
+    ``expected_error_rate`` allows: a wrong catalog value costs a match a few nats, not all."""
+
+    attributes: list[str]
+    value_emb: list[np.ndarray]  # per attribute, (values, d)
+    scales: list[float]  # per attribute: the model's logit scale over its calibrated temperature
+    codes: list[np.ndarray]  # per attribute, (references,) int: the catalog value's index, -1 where it has none
+    weight: float = 1.0
+    error_rate: float = 0.1  # share of wrong catalog values (the spec's expected_error_rate)
+
+    def probabilities(self, embeddings):
+        """Per attribute, (rows, values) probabilities of L2-normalised ``embeddings`` (a tensor)."""
+        import torch
+
+        return [torch.softmax(scale * embeddings @ torch.from_numpy(values.astype(np.float32)).T, dim=1)
+                for values, scale in zip(self.value_emb, self.scales)]
+
+    def term(self, query_probs: list, references, start: int):
+        """(queries, references) weighted log-agreement of a block of normalised reference embeddings
+        that starts at reference row ``start``."""
+        import torch
+
+        total = torch.zeros(len(query_probs[0]), len(references))
+        for probs, reference_probs, codes in zip(query_probs, self.probabilities(references), self.codes):
+            codes = torch.from_numpy(codes[start:start + len(references)])
+            known = codes >= 0
+            catalog = torch.nn.functional.one_hot(codes[known], reference_probs.shape[1]).float()
+            reference_probs[known] = (1 - self.error_rate) * catalog + self.error_rate * reference_probs[known]
+            total += torch.log((probs @ reference_probs.T).clamp_min(AGREEMENT_FLOOR))
+        return total.mul_(self.weight)
+
+
+AGREEMENT_FLOOR = 1e-6  # a value the model rules out costs log(1e-6) = -13.8 per attribute, not -inf
+
+
+def value_agreement(scorer: Scorer, codes: dict[str, np.ndarray], *, weight: float) -> ValueAgreement | None:
+    """The agreement of ``codes`` (references' catalog values, ``Embedded.codes``) with what the
+    scorer's model reads in the queries; None where the model was not fine-tuned on the spec (its
+    value predictions would be noise) or ``weight`` is 0."""
+    names = scorer.spec.names
+    if not scorer.trained or not weight or not names:
+        return None
+    return ValueAgreement(names, [scorer.value_emb[n] for n in names],
+                          [scorer.scale / scorer.calibration[n].temperature for n in names],
+                          [codes[n] for n in names], weight, scorer.spec.expected_error_rate)
+
+
 def top_k(queries: np.ndarray, references: np.ndarray, *, k: int, query_keys=None, reference_keys=None,
-          query_block: int = QUERY_BLOCK, reference_block: int = REFERENCE_BLOCK) -> Neighbours:
-    """The ``k`` most similar references of every query, exactly (torch's matrix product and
-    top-k on the CPU: ten times faster than numpy's argpartition)."""
+          agreement: ValueAgreement | None = None, query_block: int = QUERY_BLOCK,
+          reference_block: int = REFERENCE_BLOCK) -> Neighbours:
+    """The ``k`` best-scoring references of every query, exactly (torch's matrix product and top-k
+    on the CPU: ten times faster than numpy's argpartition): cosine similarity, plus ``agreement``."""
     import torch
 
     if k < 1:
@@ -63,8 +121,12 @@ def top_k(queries: np.ndarray, references: np.ndarray, *, k: int, query_keys=Non
         rows = slice(q0, q0 + query_block)
         best_s = torch.full((len(q_all[rows]), kept), -torch.inf)
         best_i = torch.full((len(q_all[rows]), kept), -1, dtype=torch.int64)
+        query_probs = agreement.probabilities(q_all[rows]) if agreement else None
         for r0 in range(0, len(r_all), reference_block):
             block = (q_all[rows] @ r_all[r0:r0 + reference_block].T).div_(r_norms[r0:r0 + reference_block])
+            if agreement:
+                normal = r_all[r0:r0 + reference_block] / r_norms[r0:r0 + reference_block, None]
+                block += agreement.term(query_probs, normal, r0)
             if q_codes is not None:
                 same = (q_codes[rows, None] == r_codes[None, r0:r0 + reference_block]) & (q_codes[rows, None] >= 0)
                 block.masked_fill_(same, -torch.inf)
@@ -107,6 +169,7 @@ class Embedded:
     errors: list[str | None] = field(default_factory=list)
     embeddings: np.ndarray | None = None
     signatures: np.ndarray | None = None  # (usable rows, 3 * 32 * 32) uint8: images.signature of each
+    codes: dict[str, np.ndarray] = field(default_factory=dict)  # attribute -> (usable rows,) value index, -1: none
     counts: Counter = field(default_factory=Counter)  # audit.COUNT_KEYS
 
     @property
@@ -120,8 +183,11 @@ def embed_catalog(source: catalog.CatalogFile, *, scorer: Scorer, access: ImageA
     progress is logged as ``role``."""
     spec, out, filled, kept, signatures = scorer.spec, Embedded(), 0, None, None
     catalog.check_id_and_image(source.schema, spec)
+    present = [name for name in spec.names if name in source.schema]
+    codes = {name: [] for name in spec.names}
     prepare = functools.partial(audit.prepare_batch, spec=spec, access=access, pixels=scorer.pixels, cache=cache)
-    for batch in audit.prepared_batches(source.batches(batch_size, [spec.id_column, spec.image_column]), prepare):
+    columns = [spec.id_column, spec.image_column, *present]
+    for batch in audit.prepared_batches(source.batches(batch_size, columns), prepare):
         embeddings = audit.embed_batch(batch, scorer, cache)
         if kept is None:  # one array for the catalog, filled in place: no second copy of a million rows
             kept = np.empty((source.rows, embeddings.shape[1]), np.float32)
@@ -130,6 +196,9 @@ def embed_catalog(source: catalog.CatalogFile, *, scorer: Scorer, access: ImageA
         usable = b"".join(sig for sig in batch.signatures if sig is not None)
         signatures[filled:filled + len(embeddings)] = np.frombuffer(usable, np.uint8).reshape(-1, SIGNATURE_BYTES)
         filled += len(embeddings)
+        usable_rows = batch.rows.filter(pl.Series([error is None for error in batch.errors], dtype=pl.Boolean))
+        for name in spec.names:
+            codes[name].append(value_codes(usable_rows, spec.attribute(name).values, name))
         out.ids += batch.rows[spec.id_column].cast(pl.String).to_list()
         out.sha256 += batch.sha256
         out.errors += batch.errors
@@ -140,15 +209,26 @@ def embed_catalog(source: catalog.CatalogFile, *, scorer: Scorer, access: ImageA
         cache.flush()
     out.embeddings = kept[:filled] if kept is not None else np.zeros((0, 0), np.float32)
     out.signatures = signatures[:filled] if kept is not None else np.zeros((0, SIGNATURE_BYTES), np.uint8)
+    out.codes = {name: np.concatenate(parts) if parts else np.zeros(0, np.int64) for name, parts in codes.items()}
     return out
 
 
-def match_embedded(references: Embedded, queries: Embedded, *, k: int) -> tuple[pl.DataFrame, dict]:
+def value_codes(rows: pl.DataFrame, values: list[str], column: str) -> np.ndarray:
+    """Each row's index of its value of ``column`` among ``values``; -1 where the column is absent,
+    the value missing or not one of them."""
+    if column not in rows.columns:
+        return np.full(rows.height, -1, np.int64)
+    index = {value: i for i, value in enumerate(values)}
+    return np.array([index.get(value, -1) for value in rows[column].cast(pl.String).to_list()], np.int64)
+
+
+def match_embedded(references: Embedded, queries: Embedded, *, k: int,
+                   agreement: ValueAgreement | None = None) -> tuple[pl.DataFrame, dict]:
     """(matches, what the summary says of them): k rows per query with a usable image, ranked from
     1, and one row with its error for each query whose image failed, so every query is accounted for."""
     ref_ok, query_ok = references.ok, queries.ok
     ref_ids = np.array(references.ids, dtype=object)[ref_ok]
-    found = top_k(queries.embeddings, references.embeddings, k=k,
+    found = top_k(queries.embeddings, references.embeddings, k=k, agreement=agreement,
                   query_keys=[sha for sha, ok in zip(queries.sha256, query_ok) if ok],
                   reference_keys=[sha for sha, ok in zip(references.sha256, ref_ok) if ok])
     query_ids = np.array(queries.ids, dtype=object)
@@ -165,8 +245,18 @@ def match_embedded(references: Embedded, queries: Embedded, *, k: int) -> tuple[
         "queries": len(queries.ids), "references": len(references.ids), "k": k,
         "query_image_errors": int((~query_ok).sum()), "reference_image_errors": int((~ref_ok).sum()),
         "same_image_excluded": {"queries": int((found.excluded > 0).sum()), "pairs": int(found.excluded.sum())},
+        "score": score_summary(agreement),
     }
     return pl.concat([matched, failed]), summary
+
+
+def score_summary(agreement: ValueAgreement | None) -> dict:
+    """What the matches' score is made of, for the summary."""
+    if agreement is None:
+        return {"formula": "cosine similarity of the image embeddings", "attributes": {}}
+    return {"formula": f"cosine similarity + {agreement.weight:g} x sum over attributes of log P(same value)",
+            "attributes": {name: {"references_with_a_catalog_value": int((codes >= 0).sum())}
+                           for name, codes in zip(agreement.attributes, agreement.codes)}}
 
 
 def accuracy(matches: pl.DataFrame, expected: dict[str, str | None]) -> dict:

@@ -99,6 +99,11 @@ class MatchOptions(Options):
     """How product matching runs. Every field has a default."""
 
     k: int = Field(5, ge=1, le=100, description="Nearest references kept per query, best first.")
+    attribute_weight: float = Field(0.0, ge=0, description=(
+        "With a model fine-tuned on the spec: the score adds this times the log-probability that the query shows "
+        "each reference's attribute values (its catalog values, else the model's reading of its image). Worth 1 "
+        "where image similarity alone is weak (shelf photos against studio images); it misleads where the model "
+        "reads values poorly. 0: image similarity alone."))
     label_column: str | None = Field(None, description=(
         "A query column holding the reference id each query should match: top-1 and top-5 accuracy are "
         "reported."))

@@ -34,12 +34,16 @@ log = logging.getLogger(__name__)
 SCALE_KEY = "__logit_scale__"  # beside the value embeddings in a kept text side
 
 
+def trained_on(model: Clip | ModelFiles, spec: Spec) -> bool:
+    """Whether the model was fine-tuned and calibrated on this spec: its value predictions mean something."""
+    return bool(model.meta.get("calibration")) and model.meta.get("spec_fingerprint") == spec.fingerprint()
+
+
 def calibration_for(model: Clip | ModelFiles, spec: Spec) -> dict[str, Calibration]:
     """The model's fitted calibration where it was trained on this spec, else defaults from the spec."""
-    fitted = model.meta.get("calibration", {})
-    if fitted and model.meta.get("spec_fingerprint") != spec.fingerprint():
+    fitted = model.meta["calibration"] if trained_on(model, spec) else {}
+    if model.meta.get("calibration") and not fitted:
         log.warning("model %s was trained on another spec: its calibration is ignored", model.source)
-        fitted = {}
     rates = tree.conflict_error_rates(spec)
     return {name: Calibration(**fitted[name]) if name in fitted
             else predict.default_calibration(spec.target_precision, rates[name]) for name in spec.names}
@@ -75,6 +79,7 @@ class Scorer:
     calibration: dict[str, Calibration]
     load: Callable[[], Clip]  # the model, on its backend
     text_calibration: TextCalibration | None = None  # image and text agreement (the spec's text column)
+    trained: bool = False  # fine-tuned and calibrated on this spec (trained_on)
 
     @functools.cached_property
     def clip(self) -> Clip:
@@ -100,7 +105,8 @@ def of_clip(clip: Clip, spec: Spec) -> Scorer:
     from clipdq import model
 
     return Scorer(spec, clip.pixels, value_embeddings_for(clip, spec), model.logit_scale(clip),
-                  calibration_for(clip, spec), load=lambda: clip, text_calibration=text_calibration_for(clip, spec))
+                  calibration_for(clip, spec), load=lambda: clip, text_calibration=text_calibration_for(clip, spec),
+                  trained=trained_on(clip, spec))
 
 
 def of_files(uri: str, spec: Spec, *, backend: str = "fp32", text_folder: str | None = None) -> Scorer:
@@ -120,7 +126,7 @@ def of_files(uri: str, spec: Spec, *, backend: str = "fp32", text_folder: str | 
         if kept:
             storage.write_bytes(kept, safetensors.numpy.save(text | {SCALE_KEY: np.array([scale], np.float32)}))
     return Scorer(spec, files.pixels, text, scale, calibration_for(files, spec), load=load,
-                  text_calibration=text_calibration_for(files, spec))
+                  text_calibration=text_calibration_for(files, spec), trained=trained_on(files, spec))
 
 
 def load_model(uri: str, backend: str = "fp32") -> Clip:

@@ -48,7 +48,9 @@ def match_catalogs(references_uri: str, queries_uri: str, spec_uri: str, model_u
                    options: MatchOptions = MatchOptions()) -> str:
     """Find the nearest catalog products of other photos; returns the run folder holding
     ``matches.parquet`` (query_id, rank from 1, reference_id, score), ``summary.json`` and the
-    manifest (written last: the run is complete). A query is never matched with a reference
+    manifest (written last: the run is complete). The score is the cosine similarity of the image
+    embeddings, plus, with a model fine-tuned on the spec, how likely the query shows each
+    reference's attribute values (``options.attribute_weight``). A query is never matched with a reference
     image of the same bytes; the summary says how many such pairs were left out, and how many
     matches show near-identical pixels (a resized or re-encoded copy: marked in their detail).
 
@@ -71,7 +73,9 @@ def match_catalogs(references_uri: str, queries_uri: str, spec_uri: str, model_u
              if options.embedding_cache else None)
     references = embed_catalog(references_uri, spec_text, model_uri, cache, options, "references")
     queries = embed_catalog(queries_uri, spec_text, model_uri, cache, options, "queries")
-    matches, found = match.match_embedded(references, queries, k=options.k)
+    agreement = match.value_agreement(scorer.of_files(model_uri, spec, text_folder=cache), references.codes,
+                                      weight=options.attribute_weight)
+    matches, found = match.match_embedded(references, queries, k=options.k, agreement=agreement)
     if spec.duplicate_similarity is not None:
         matches, found["near_identical_pixels"] = duplicates.flag_near_identical(
             matches, references, queries, threshold=spec.duplicate_similarity)

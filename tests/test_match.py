@@ -15,7 +15,7 @@ import polars as pl
 import pytest
 from PIL import Image, ImageEnhance
 
-from clipdq import match, model
+from clipdq import match, model, scorer
 from clipdq.spec import Spec
 
 K = 5
@@ -50,6 +50,72 @@ def test_a_reference_with_the_querys_own_bytes_is_never_its_match() -> None:
         assert not {q, 3 if q in (3, 7) else q} & set(found.indices[q]), q
     unkeyed = match.top_k(queries, references, k=1, query_keys=[None] * 10, reference_keys=digests)
     assert unkeyed.indices[:, 0].tolist() == list(range(10))  # no key: nothing is left out
+
+
+def agreement_of(rng: np.random.Generator, references: int, d: int, weight: float = 1.0) -> match.ValueAgreement:
+    """Two attributes of 3 and 5 values; a third of the references without a catalog value."""
+    value_emb = [match.normalised(rng.normal(size=(k, d))) for k in (3, 5)]
+    codes = [np.where(rng.random(references) < 1 / 3, -1, rng.integers(0, k, references)) for k in (3, 5)]
+    return match.ValueAgreement(["a", "b"], value_emb, [10.0, 5.0], codes, weight)
+
+
+def brute_force_agreement(queries: np.ndarray, references: np.ndarray, agreement: match.ValueAgreement) -> np.ndarray:
+    """Cosine plus the agreement, written out in numpy: the definition top_k must meet."""
+    q, r = match.normalised(queries), match.normalised(references)
+    scores = q @ r.T
+    for values, scale, codes in zip(agreement.value_emb, agreement.scales, agreement.codes):
+        def probs(x):
+            e = np.exp(scale * x @ values.T - (scale * x @ values.T).max(1, keepdims=True))
+            return e / e.sum(1, keepdims=True)
+        reference_probs = probs(r)
+        known = codes >= 0
+        reference_probs[known] = ((1 - agreement.error_rate) * np.eye(len(values))[codes[known]]
+                                  + agreement.error_rate * reference_probs[known])
+        scores += agreement.weight * np.log(np.maximum(probs(q) @ reference_probs.T, match.AGREEMENT_FLOOR))
+    return scores
+
+
+@pytest.mark.parametrize("blocks", [(1024, 16384), (7, 13)])
+def test_top_k_with_agreement_equals_its_definition_whatever_the_blocks(blocks: tuple[int, int]) -> None:
+    rng = np.random.default_rng(2)
+    queries, references = rng.normal(size=(40, 16)), rng.normal(size=(90, 16))
+    agreement = agreement_of(rng, 90, 16)
+    found = match.top_k(queries, references, k=K, agreement=agreement, query_block=blocks[0],
+                        reference_block=blocks[1])
+    scores = brute_force_agreement(queries, references, agreement)
+    order = np.argsort(-scores, axis=1, kind="stable")[:, :K]
+    np.testing.assert_array_equal(found.indices, order)
+    np.testing.assert_allclose(found.scores, np.take_along_axis(scores, order, 1), rtol=1e-4, atol=1e-4)
+
+
+def test_agreement_puts_the_reference_showing_the_querys_value_first() -> None:
+    """The nearest image holds another catalog value than the query plainly shows: with the
+    agreement the reference of the query's value wins; without it, the nearest image does."""
+    value_emb = [np.eye(3)[:2]]  # attribute of two values, read off the first two dimensions
+    query = np.array([[1.0, 0.0, 0.3]])
+    references = np.array([[0.9, 0.0, 0.5], [0.5, 0.0, 1.0]])  # the first is nearer
+    agreement = match.ValueAgreement(["a"], value_emb, [20.0], [np.array([1, 0])])  # but its catalog says value 1
+    assert match.top_k(query, references, k=1).indices[0, 0] == 0
+    assert match.top_k(query, references, k=1, agreement=agreement).indices[0, 0] == 1
+    unknown = match.ValueAgreement(["a"], value_emb, [20.0], [np.array([-1, -1])])  # no catalog values: the image's
+    assert match.top_k(query, references, k=1, agreement=unknown).indices[0, 0] == 0
+
+
+def test_only_a_model_trained_on_the_spec_adds_its_reading_of_values(
+        spec: Spec, pretrained_dir: Path, flagging_model_dir: Path) -> None:
+    codes = {name: np.zeros(3, np.int64) for name in spec.names}
+    assert match.value_agreement(scorer.of_files(str(pretrained_dir), spec), codes, weight=1.0) is None
+    trained = scorer.of_files(str(flagging_model_dir), spec)
+    assert match.value_agreement(trained, codes, weight=0.0) is None
+    agreement = match.value_agreement(trained, codes, weight=1.0)
+    assert agreement.attributes == spec.names
+    assert agreement.scales == [trained.scale / trained.calibration[n].temperature for n in spec.names]
+
+
+def test_value_codes_mark_missing_and_unknown_values() -> None:
+    rows = pl.DataFrame({"color": ["red", None, "mauve", "blue"]})
+    assert match.value_codes(rows, ["blue", "red"], "color").tolist() == [1, -1, -1, 0]
+    assert match.value_codes(rows, ["blue", "red"], "size").tolist() == [-1] * 4
 
 
 def test_fewer_references_than_k_leave_empty_ranks() -> None:
@@ -141,6 +207,36 @@ def test_clipdq_match_finds_the_product_of_altered_photos_and_leaves_out_copies(
     assert near.height and all(expected[q] == r for q, r in near.select("query_id", "reference_id").iter_rows())
     assert summary["near_identical_pixels"] == {"threshold": 0.99, "pairs": near.height,
                                                 "queries": near["query_id"].n_unique()}
+    assert summary["score"]["attributes"] == {}  # an untrained text tower's reading of values is not used
     assert summary["query_image_errors"] == 1
     assert summary["accuracy"]["labeled_queries"] == 29
     assert summary["accuracy"]["top_1"] == pytest.approx(altered_right / 29)
+
+
+@pytest.mark.subprocess
+def test_a_model_trained_on_the_spec_adds_its_reading_of_the_references_values(
+        sample_dir: Path, spec: Spec, flagging_model_dir: Path, queries: tuple[Path, dict], tmp_path: Path) -> None:
+    queries_file, _ = queries
+    common = ["--references", str(sample_dir / "catalog.parquet"), "--queries", str(queries_file), "--spec",
+              str(sample_dir / "spec.yaml"), "--model", str(flagging_model_dir), "--label-column", "expected_id"]
+    runs = {}
+    for weight in ("0", "1"):
+        command = [sys.executable, "-m", "clipdq.cli", "match", *common, "--output", str(tmp_path / weight),
+                   "--attribute-weight", weight]
+        result = subprocess.run(command, capture_output=True, text=True, timeout=600)
+        assert result.returncode == 0, result.stderr[-3000:]
+        folder = Path(result.stdout.strip().splitlines()[-1])
+        runs[weight] = (pl.read_parquet(folder / "matches.parquet"), json.loads((folder / "summary.json").read_text()))
+    assert runs["0"][1]["score"]["attributes"] == {}
+    references = pl.read_parquet(sample_dir / "catalog.parquet")
+    references = references.filter(pl.Series([(sample_dir / image).exists() and _decodes(sample_dir / image)
+                                              for image in references["image"]]))  # a usable image
+    valid = {name: int(references[name].is_in(spec.attribute(name).values).sum()) for name in spec.names}
+    assert runs["1"][1]["score"]["attributes"] == {
+        name: {"references_with_a_catalog_value": count} for name, count in valid.items()}
+    # the agreement is a log-probability: it lowers every pair's score, and reorders some queries' matches
+    both = runs["1"][0].join(runs["0"][0], on=["query_id", "reference_id"], suffix="_image").drop_nulls("rank")
+    assert both.height and (both["score"] <= both["score_image"] + 1e-5).all()
+    assert (both["score"] < both["score_image"] - 0.01).any()
+    assert not runs["1"][0].filter(pl.col("rank") == 1).sort("query_id").equals(
+        runs["0"][0].filter(pl.col("rank") == 1).sort("query_id"))
