@@ -32,6 +32,7 @@ from clipdq.sources import ImageAccess
 
 QUERY_BLOCK = 1024
 REFERENCE_BLOCK = 16384  # 1024 x 16384 float32 scores: 64 MB at a time
+AGREEMENT_FLOOR = 1e-6  # a value the model rules out costs log(1e-6) = -13.8 per attribute, not -inf
 
 
 @dataclass
@@ -84,9 +85,6 @@ class ValueAgreement:
         return total.mul_(self.weight)
 
 
-AGREEMENT_FLOOR = 1e-6  # a value the model rules out costs log(1e-6) = -13.8 per attribute, not -inf
-
-
 def value_agreement(scorer: Scorer, codes: dict[str, np.ndarray], *, weight: float) -> ValueAgreement | None:
     """The agreement of ``codes`` (references' catalog values, ``Embedded.codes``) with what the
     scorer's model reads in the queries; None where the model was not fine-tuned on the spec (its
@@ -121,10 +119,10 @@ def top_k(queries: np.ndarray, references: np.ndarray, *, k: int, query_keys=Non
         rows = slice(q0, q0 + query_block)
         best_s = torch.full((len(q_all[rows]), kept), -torch.inf)
         best_i = torch.full((len(q_all[rows]), kept), -1, dtype=torch.int64)
-        query_probs = agreement.probabilities(q_all[rows]) if agreement else None
+        query_probs = agreement.probabilities(q_all[rows]) if agreement is not None else None
         for r0 in range(0, len(r_all), reference_block):
             block = (q_all[rows] @ r_all[r0:r0 + reference_block].T).div_(r_norms[r0:r0 + reference_block])
-            if agreement:
+            if agreement is not None:
                 normal = r_all[r0:r0 + reference_block] / r_norms[r0:r0 + reference_block, None]
                 block += agreement.term(query_probs, normal, r0)
             if q_codes is not None:
