@@ -8,8 +8,13 @@
     the references' catalog values of the three levels (``--attribute-weight 1``).
 (b) Scale: ``--queries`` x ``--references`` random 256-d embeddings (the EfficientNet dual
     encoder's size) through the exact blockwise top-k, in a child process: time and the OS's peak RSS.
+(c) The approximate index (``clipdq.index``, faiss's inverted lists) on ``--approximate-references``
+    clustered 256-d embeddings (products' centres plus noise: random embeddings have no neighbours
+    for an index to find), ``--approximate-queries`` queries: its recall of the exact top-5, time to
+    build and search, and peak RSS, in a child process.
 
     python benchmarks/match.py [--data DIR] [--finetuned MODEL] [--queries 100000] [--references 1000000]
+        [--approximate-references 2000000] [--approximate-queries 10000]
 """
 
 from __future__ import annotations
@@ -38,6 +43,30 @@ queries = rng.standard_normal((m, d), dtype=np.float32)
 started = time.monotonic()
 found = match.top_k(queries, references, k=5)
 print(time.monotonic() - started, found.indices.shape)
+"""
+
+APPROXIMATE = """
+import sys, time, numpy as np
+from clipdq import index, match
+m, n, d, products = (int(v) for v in sys.argv[1:5])
+rng = np.random.default_rng(0)
+centres = rng.standard_normal((products, d), dtype=np.float32)
+def photos(count):  # each a product's centre plus as much noise again: cosine to the centre about 0.7
+    out = np.empty((count, d), np.float32)
+    for start in range(0, count, 100_000):
+        rows = min(100_000, count - start)
+        out[start:start + rows] = centres[rng.integers(0, products, rows)] + rng.standard_normal((rows, d), dtype=np.float32)
+    return out
+references, queries = photos(n), photos(m)
+started = time.monotonic()
+approximate = index.top_k(queries, references, k=5)
+seconds = time.monotonic() - started
+started = time.monotonic()
+exact = match.top_k(queries, references, k=5)
+exact_seconds = time.monotonic() - started
+recall = np.mean([len(set(a) & set(e)) / 5 for a, e in zip(approximate.indices, exact.indices)])
+top1 = np.mean(approximate.indices[:, 0] == exact.indices[:, 0])
+print(seconds, exact_seconds, recall, top1, index.lists_for(n), index.PROBES)
 """
 
 
@@ -85,6 +114,18 @@ def scale(queries: int, references: int) -> None:
           f"peak RSS {peak:,.0f} MB (target < 2048 MB)", flush=True)
 
 
+def approximate(queries: int, references: int) -> None:
+    started = time.monotonic()
+    result = subprocess.run([sys.executable, "-c", APPROXIMATE, str(queries), str(references), "256",
+                             str(references // 100)], capture_output=True, text=True, check=True)
+    peak = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024  # the larger of (b)'s and this child's
+    seconds, exact_seconds, recall, top1, lists, probes = result.stdout.split()
+    print(f"(c) approximate index, {queries:,} queries x {references:,} clustered references ({references // 100:,} "
+          f"products), {lists} lists, {probes} probes: recall of the exact top-5 {float(recall):.3f}, same first "
+          f"{float(top1):.3f}; {float(seconds):.0f} s to build and search (exact: {float(exact_seconds):.0f} s); "
+          f"{time.monotonic() - started:.0f} s whole process; peak RSS {peak:,.0f} MB", flush=True)
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--data", type=Path, default=DEFAULT_DATA)
@@ -93,6 +134,8 @@ def main() -> int:
     parser.add_argument("--references", type=int, default=1_000_000)
     parser.add_argument("--skip-grocery", action="store_true")
     parser.add_argument("--skip-scale", action="store_true")
+    parser.add_argument("--approximate-queries", type=int, default=10_000)
+    parser.add_argument("--approximate-references", type=int, default=2_000_000, help="0: skip (c)")
     args = parser.parse_args()
     if not args.skip_grocery:
         if not (args.data / "classes.csv").exists():
@@ -101,6 +144,8 @@ def main() -> int:
             grocery(args.data, args.finetuned)
     if not args.skip_scale:
         scale(args.queries, args.references)
+    if args.approximate_references:
+        approximate(args.approximate_queries, args.approximate_references)
     return 0
 
 

@@ -32,6 +32,7 @@ from clipdq.sources import ImageAccess
 
 QUERY_BLOCK = 1024
 REFERENCE_BLOCK = 16384  # 1024 x 16384 float32 scores: 64 MB at a time
+APPROXIMATE_ABOVE = 1_000_000  # references past which search "auto" uses the approximate index (clipdq.index)
 AGREEMENT_FLOOR = 1e-6  # a value the model rules out costs log(1e-6) = -13.8 per attribute, not -inf
 
 
@@ -110,7 +111,8 @@ def top_k(queries: np.ndarray, references: np.ndarray, *, k: int, query_keys=Non
     r_all = torch.from_numpy(np.asarray(references, dtype=np.float32))
     r_norms = torch.linalg.vector_norm(r_all, dim=1).clamp_min(1e-12) if len(r_all) else torch.ones(0)
     q_all = torch.from_numpy(normalised(queries))
-    q_codes, r_codes = _shared_codes(query_keys, reference_keys, len(q_all), len(r_all))
+    q_codes, r_codes = (None if codes is None else torch.from_numpy(codes)
+                        for codes in shared_codes(query_keys, reference_keys, len(q_all), len(r_all)))
     kept = min(k, len(r_all))
     indices = np.full((len(q_all), k), -1, dtype=np.int64)
     scores = np.full((len(q_all), k), -np.inf, dtype=np.float32)
@@ -137,18 +139,16 @@ def top_k(queries: np.ndarray, references: np.ndarray, *, k: int, query_keys=Non
     return Neighbours(indices, scores, excluded)
 
 
-def _shared_codes(query_keys, reference_keys, m: int, n: int):
-    """(query codes, reference codes) as tensors: equal non-negative codes mark the same bytes;
-    (None, None) without keys. A missing key (None) matches nothing."""
-    import torch
-
+def shared_codes(query_keys, reference_keys, m: int, n: int) -> tuple[np.ndarray | None, np.ndarray | None]:
+    """(query codes, reference codes): equal non-negative codes mark the same bytes; (None, None)
+    without keys. A missing key (None) matches nothing."""
     if query_keys is None or reference_keys is None:
         return None, None
     code_of = {key: i for i, key in enumerate(dict.fromkeys(key for key in reference_keys if key is not None))}
 
     def codes(keys, length):
-        return torch.tensor([code_of.get(key, -1) if key is not None else -1 for key in keys],
-                            dtype=torch.int64).reshape(length)
+        return np.array([code_of.get(key, -1) if key is not None else -1 for key in keys],
+                        dtype=np.int64).reshape(length)
 
     return codes(query_keys, m), codes(reference_keys, n)
 
@@ -220,15 +220,31 @@ def value_codes(rows: pl.DataFrame, values: list[str], column: str) -> np.ndarra
     return np.array([index.get(value, -1) for value in rows[column].cast(pl.String).to_list()], np.int64)
 
 
-def match_embedded(references: Embedded, queries: Embedded, *, k: int,
-                   agreement: ValueAgreement | None = None) -> tuple[pl.DataFrame, dict]:
+def search_method(search: str, references: int) -> str:
+    """"exact" or "approximate": ``search`` as asked, "auto" by the number of references."""
+    if search == "auto":
+        return "approximate" if references > APPROXIMATE_ABOVE else "exact"
+    return search
+
+
+def match_embedded(references: Embedded, queries: Embedded, *, k: int, agreement: ValueAgreement | None = None,
+                   search: str = "exact") -> tuple[pl.DataFrame, dict]:
     """(matches, what the summary says of them): k rows per query with a usable image, ranked from
-    1, and one row with its error for each query whose image failed, so every query is accounted for."""
+    1, and one row with its error for each query whose image failed, so every query is accounted for.
+    ``search``: exact, approximate (faiss's inverted lists) or auto (approximate past a million)."""
     ref_ok, query_ok = references.ok, queries.ok
     ref_ids = np.array(references.ids, dtype=object)[ref_ok]
-    found = top_k(queries.embeddings, references.embeddings, k=k, agreement=agreement,
-                  query_keys=[sha for sha, ok in zip(queries.sha256, query_ok) if ok],
-                  reference_keys=[sha for sha, ok in zip(references.sha256, ref_ok) if ok])
+    keys = {"query_keys": [sha for sha, ok in zip(queries.sha256, query_ok) if ok],
+            "reference_keys": [sha for sha, ok in zip(references.sha256, ref_ok) if ok]}
+    method = search_method(search, int(ref_ok.sum()))
+    if method == "approximate":
+        if agreement is not None:
+            raise ValueError("attribute_weight needs the exact search: the approximate index scores images only")
+        from clipdq import index
+
+        found = index.top_k(queries.embeddings, references.embeddings, k=k, **keys)
+    else:
+        found = top_k(queries.embeddings, references.embeddings, k=k, agreement=agreement, **keys)
     query_ids = np.array(queries.ids, dtype=object)
     kept = found.indices >= 0
     rows = np.nonzero(kept)
@@ -243,7 +259,7 @@ def match_embedded(references: Embedded, queries: Embedded, *, k: int,
         "queries": len(queries.ids), "references": len(references.ids), "k": k,
         "query_image_errors": int((~query_ok).sum()), "reference_image_errors": int((~ref_ok).sum()),
         "same_image_excluded": {"queries": int((found.excluded > 0).sum()), "pairs": int(found.excluded.sum())},
-        "score": score_summary(agreement),
+        "search": method, "score": score_summary(agreement),
     }
     return pl.concat([matched, failed]), summary
 

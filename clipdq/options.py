@@ -104,6 +104,9 @@ class MatchOptions(Options):
         "each reference's attribute values (its catalog values, else the model's reading of its image). Worth 1 "
         "where image similarity alone is weak (shelf photos against studio images); it misleads where the model "
         "reads values poorly. 0: image similarity alone."))
+    search: Literal["auto", "exact", "approximate"] = Field("auto", description=(
+        "exact: every reference scored, a block at a time; approximate: faiss's inverted lists (8-bit vectors, "
+        "the nearest cells only); auto: approximate past a million references."))
     label_column: str | None = Field(None, description=(
         "A query column holding the reference id each query should match: top-1 and top-5 accuracy are "
         "reported."))

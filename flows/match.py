@@ -75,7 +75,8 @@ def match_catalogs(references_uri: str, queries_uri: str, spec_uri: str, model_u
     queries = embed_catalog(queries_uri, spec_text, model_uri, cache, options, "queries")
     agreement = match.value_agreement(scorer.of_files(model_uri, spec, text_folder=cache), references.codes,
                                       weight=options.attribute_weight)
-    matches, found = match.match_embedded(references, queries, k=options.k, agreement=agreement)
+    matches, found = match.match_embedded(references, queries, k=options.k, agreement=agreement,
+                                          search=options.search)
     if spec.duplicate_similarity is not None:
         matches, found["near_identical_pixels"] = duplicates.flag_near_identical(
             matches, references, queries, threshold=spec.duplicate_similarity)

@@ -1,0 +1,69 @@
+"""Approximate nearest references, for catalogs past what the exact search serves: faiss's
+inverted lists.
+
+The references are clustered into ``lists`` cells (k-means on a sample of them) and kept at 8
+bits per dimension (a quarter of their float32 size); each query compares itself with the
+references of its ``probes`` nearest cells only. Scores are cosine similarities as in
+``match.top_k``, up to the 8-bit rounding; a reference holding the query's own bytes is left out
+among the candidates searched (``k`` plus ``EXTRA_CANDIDATES``).
+"""
+
+from __future__ import annotations
+
+import faiss
+import numpy as np
+
+from clipdq.match import Neighbours, normalised, shared_codes
+
+TRAIN_PER_LIST = 64  # k-means sample: faiss asks for 39 to 256 points per list
+ADD_BLOCK = 65536  # references normalised and added this many at a time: no second float32 copy
+QUERY_BLOCK = 4096
+EXTRA_CANDIDATES = 16  # searched beyond k, so that left-out same-byte references still leave k
+PROBES = 64  # cells searched per query (recall against exact: docs/benchmarks.md)
+
+
+def lists_for(references: int) -> int:
+    """About 4 x sqrt(n) cells, with enough references to train each."""
+    return max(1, min(int(4 * np.sqrt(references)), references // TRAIN_PER_LIST))
+
+
+def build(references: np.ndarray, *, lists: int | None = None, seed: int = 0) -> faiss.Index:
+    """An inverted-list index of the (unnormalised) reference embeddings, by cosine similarity."""
+    references = np.asarray(references, dtype=np.float32)
+    lists = lists or lists_for(len(references))
+    index = faiss.IndexIVFScalarQuantizer(faiss.IndexFlatIP(references.shape[1]), references.shape[1], lists,
+                                          faiss.ScalarQuantizer.QT_8bit, faiss.METRIC_INNER_PRODUCT)
+    rng = np.random.default_rng(seed)
+    sample = np.sort(rng.choice(len(references), size=min(len(references), lists * TRAIN_PER_LIST), replace=False))
+    index.train(normalised(references[sample]))
+    for start in range(0, len(references), ADD_BLOCK):
+        index.add(normalised(references[start:start + ADD_BLOCK]))
+    return index
+
+
+def top_k(queries: np.ndarray, references: np.ndarray, *, k: int, query_keys=None, reference_keys=None,
+          probes: int = PROBES, lists: int | None = None) -> Neighbours:
+    """The ``k`` nearest references of every query by cosine similarity, approximately."""
+    if k < 1:
+        raise ValueError("k must be at least 1")
+    m = len(queries)
+    indices, scores = np.full((m, k), -1, np.int64), np.full((m, k), -np.inf, np.float32)
+    excluded = np.zeros(m, np.int64)
+    if not len(references):
+        return Neighbours(indices, scores, excluded)
+    index = build(references, lists=lists)
+    index.nprobe = min(probes, index.nlist)
+    q_codes, r_codes = shared_codes(query_keys, reference_keys, m, len(references))
+    wanted = min(k + (EXTRA_CANDIDATES if q_codes is not None else 0), len(references))
+    for start in range(0, m, QUERY_BLOCK):
+        rows = slice(start, start + QUERY_BLOCK)
+        found_s, found_i = index.search(normalised(queries[rows]), wanted)
+        found_s[found_i < 0] = -np.inf  # fewer candidates in the cells searched than asked for
+        if q_codes is not None:
+            same = (found_i >= 0) & (q_codes[rows, None] >= 0) & (r_codes[found_i] == q_codes[rows, None])
+            found_s[same], excluded[rows] = -np.inf, same.sum(axis=1)
+        order = np.argsort(-found_s, axis=1, kind="stable")[:, :k]
+        best_s = np.take_along_axis(found_s, order, 1)
+        best_i = np.where(np.isfinite(best_s), np.take_along_axis(found_i, order, 1), -1)
+        indices[rows, :order.shape[1]], scores[rows, :order.shape[1]] = best_i, best_s
+    return Neighbours(indices, scores, excluded)
