@@ -214,20 +214,25 @@ def test_clipdq_match_finds_the_product_of_altered_photos_and_leaves_out_copies(
 
 
 @pytest.mark.subprocess
-def test_a_model_trained_on_the_spec_adds_its_reading_of_the_references_values(
+def test_a_trained_model_matches_by_image_with_catalog_values_or_through_the_index(
         sample_dir: Path, spec: Spec, flagging_model_dir: Path, queries: tuple[Path, dict], tmp_path: Path) -> None:
     queries_file, _ = queries
     common = ["--references", str(sample_dir / "catalog.parquet"), "--queries", str(queries_file), "--spec",
               str(sample_dir / "spec.yaml"), "--model", str(flagging_model_dir), "--label-column", "expected_id"]
     runs = {}
-    for weight in ("0", "1"):
-        command = [sys.executable, "-m", "clipdq.cli", "match", *common, "--output", str(tmp_path / weight),
-                   "--attribute-weight", weight]
+    for name, flags in {"0": ["--attribute-weight", "0"], "1": ["--attribute-weight", "1"],
+                        "index": ["--search", "approximate"]}.items():
+        command = [sys.executable, "-m", "clipdq.cli", "match", *common, "--output", str(tmp_path / name), *flags]
         result = subprocess.run(command, capture_output=True, text=True, timeout=600)
         assert result.returncode == 0, result.stderr[-3000:]
         folder = Path(result.stdout.strip().splitlines()[-1])
-        runs[weight] = (pl.read_parquet(folder / "matches.parquet"), json.loads((folder / "summary.json").read_text()))
+        runs[name] = (pl.read_parquet(folder / "matches.parquet"), json.loads((folder / "summary.json").read_text()))
     assert runs["0"][1]["score"]["attributes"] == {}
+    assert [runs[name][1]["search"] for name in runs] == ["exact", "exact", "approximate"]
+    # a few hundred references make a handful of cells, all searched: the index finds what the exact search does
+    first = {name: runs[name][0].filter(pl.col("rank") == 1).sort("query_id")["reference_id"] for name in ("0", "index")}
+    assert (first["0"] == first["index"]).mean() >= 0.9
+    assert runs["index"][1]["same_image_excluded"] == runs["0"][1]["same_image_excluded"]
     references = pl.read_parquet(sample_dir / "catalog.parquet")
     references = references.filter(pl.Series([(sample_dir / image).exists() and _decodes(sample_dir / image)
                                               for image in references["image"]]))  # a usable image
