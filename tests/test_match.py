@@ -219,10 +219,10 @@ def test_a_trained_model_matches_by_image_with_catalog_values_or_through_the_ind
     queries_file, _ = queries
     common = ["--references", str(sample_dir / "catalog.parquet"), "--queries", str(queries_file), "--spec",
               str(sample_dir / "spec.yaml"), "--model", str(flagging_model_dir), "--label-column", "expected_id"]
-    runs = {}
+    runs = {}  # one output: the later runs take the images' embeddings from the first run's cache
     for name, flags in {"0": ["--attribute-weight", "0"], "1": ["--attribute-weight", "1"],
                         "index": ["--search", "approximate"]}.items():
-        command = [sys.executable, "-m", "clipdq.cli", "match", *common, "--output", str(tmp_path / name), *flags]
+        command = [sys.executable, "-m", "clipdq.cli", "match", *common, "--output", str(tmp_path), *flags]
         result = subprocess.run(command, capture_output=True, text=True, timeout=600)
         assert result.returncode == 0, result.stderr[-3000:]
         folder = Path(result.stdout.strip().splitlines()[-1])
