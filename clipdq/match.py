@@ -29,6 +29,7 @@ from clipdq.cache import EmbeddingCache
 from clipdq.images import SIGNATURE_BYTES
 from clipdq.scorer import Scorer
 from clipdq.sources import ImageAccess
+from clipdq.spec import Spec
 
 QUERY_BLOCK = 1024
 REFERENCE_BLOCK = 16384  # 1024 x 16384 float32 scores: 64 MB at a time
@@ -87,7 +88,7 @@ class ValueAgreement:
 
 
 def value_agreement(scorer: Scorer, codes: dict[str, np.ndarray], *, weight: float) -> ValueAgreement | None:
-    """The agreement of ``codes`` (references' catalog values, ``Embedded.codes``) with what the
+    """The agreement of ``codes`` (references' catalog values, ``catalog_codes``) with what the
     scorer's model reads in the queries; None where the model was not fine-tuned on the spec (its
     value predictions would be noise) or ``weight`` is 0."""
     names = scorer.spec.names
@@ -167,7 +168,6 @@ class Embedded:
     errors: list[str | None] = field(default_factory=list)
     embeddings: np.ndarray | None = None
     signatures: np.ndarray | None = None  # (usable rows, 3 * 32 * 32) uint8: images.signature of each
-    codes: dict[str, np.ndarray] = field(default_factory=dict)  # attribute -> (usable rows,) value index, -1: none
     counts: Counter = field(default_factory=Counter)  # audit.COUNT_KEYS
 
     @property
@@ -181,11 +181,8 @@ def embed_catalog(source: catalog.CatalogFile, *, scorer: Scorer, access: ImageA
     progress is logged as ``role``."""
     spec, out, filled, kept, signatures = scorer.spec, Embedded(), 0, None, None
     catalog.check_id_and_image(source.schema, spec)
-    present = [name for name in spec.names if name in source.schema]
-    codes = {name: [] for name in spec.names}
     prepare = functools.partial(audit.prepare_batch, spec=spec, access=access, pixels=scorer.pixels, cache=cache)
-    columns = [spec.id_column, spec.image_column, *present]
-    for batch in audit.prepared_batches(source.batches(batch_size, columns), prepare):
+    for batch in audit.prepared_batches(source.batches(batch_size, [spec.id_column, spec.image_column]), prepare):
         embeddings = audit.embed_batch(batch, scorer, cache)
         if kept is None:  # one array for the catalog, filled in place: no second copy of a million rows
             kept = np.empty((source.rows, embeddings.shape[1]), np.float32)
@@ -194,9 +191,6 @@ def embed_catalog(source: catalog.CatalogFile, *, scorer: Scorer, access: ImageA
         usable = b"".join(sig for sig in batch.signatures if sig is not None)
         signatures[filled:filled + len(embeddings)] = np.frombuffer(usable, np.uint8).reshape(-1, SIGNATURE_BYTES)
         filled += len(embeddings)
-        usable_rows = batch.rows.filter(pl.Series([error is None for error in batch.errors], dtype=pl.Boolean))
-        for name in spec.names:
-            codes[name].append(value_codes(usable_rows, spec.attribute(name).values, name))
         out.ids += batch.rows[spec.id_column].cast(pl.String).to_list()
         out.sha256 += batch.sha256
         out.errors += batch.errors
@@ -207,8 +201,14 @@ def embed_catalog(source: catalog.CatalogFile, *, scorer: Scorer, access: ImageA
         cache.flush()
     out.embeddings = kept[:filled] if kept is not None else np.zeros((0, 0), np.float32)
     out.signatures = signatures[:filled] if kept is not None else np.zeros((0, SIGNATURE_BYTES), np.uint8)
-    out.codes = {name: np.concatenate(parts) if parts else np.zeros(0, np.int64) for name, parts in codes.items()}
     return out
+
+
+def catalog_codes(source: catalog.CatalogFile, spec: Spec, usable: np.ndarray) -> dict[str, np.ndarray]:
+    """Per attribute, the catalog value's index (``value_codes``) of each row where ``usable`` (the
+    rows of ``Embedded.ok``: those with an embedding), read only where matching asks for them."""
+    rows = source.read([spec.id_column, *(name for name in spec.names if name in source.schema)])
+    return {name: value_codes(rows, spec.attribute(name).values, name)[usable] for name in spec.names}
 
 
 def value_codes(rows: pl.DataFrame, values: list[str], column: str) -> np.ndarray:

@@ -6,6 +6,7 @@ import io
 import json
 from datetime import datetime, timezone
 
+import numpy as np
 import polars as pl
 from prefect import flow, get_run_logger, task
 from prefect.artifacts import create_markdown_artifact, create_table_artifact
@@ -32,6 +33,11 @@ def embed_catalog(uri: str, spec_text: str, model_uri: str, cache: str | None, o
 def read_labels(uri: str, id_column: str, label_column: str) -> dict[str, str | None]:
     rows = catalog.CatalogFile(uri).read([id_column, label_column])
     return dict(zip(rows[id_column].cast(pl.String).to_list(), rows[label_column].cast(pl.String).to_list()))
+
+
+@task(**IO_RETRIES, cache_policy=NO_CACHE)
+def read_values(uri: str, spec_text: str, usable: np.ndarray) -> dict[str, np.ndarray]:
+    return match.catalog_codes(catalog.CatalogFile(uri), parse_spec(spec_text), usable)
 
 
 @task(**IO_RETRIES, cache_policy=NO_CACHE)
@@ -73,8 +79,11 @@ def match_catalogs(references_uri: str, queries_uri: str, spec_uri: str, model_u
              if options.embedding_cache else None)
     references = embed_catalog(references_uri, spec_text, model_uri, cache, options, "references")
     queries = embed_catalog(queries_uri, spec_text, model_uri, cache, options, "queries")
-    agreement = match.value_agreement(scorer.of_files(model_uri, spec, text_folder=cache), references.codes,
-                                      weight=options.attribute_weight)
+    agreement = None
+    if options.attribute_weight:
+        agreement = match.value_agreement(scorer.of_files(model_uri, spec, text_folder=cache),
+                                          read_values(references_uri, spec_text, references.ok),
+                                          weight=options.attribute_weight)
     matches, found = match.match_embedded(references, queries, k=options.k, agreement=agreement,
                                           search=options.search)
     if spec.duplicate_similarity is not None:
