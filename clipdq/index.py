@@ -42,8 +42,9 @@ def build(references: np.ndarray, *, lists: int | None = None, seed: int = 0) ->
 
 
 def top_k(queries: np.ndarray, references: np.ndarray, *, k: int, query_keys=None, reference_keys=None,
-          probes: int = PROBES, lists: int | None = None) -> Neighbours:
-    """The ``k`` nearest references of every query by cosine similarity, approximately."""
+          probes: int = PROBES, lists: int | None = None, built: faiss.Index | None = None) -> Neighbours:
+    """The ``k`` nearest references of every query by cosine similarity, approximately; ``built``: the
+    references' index (``build``) where it exists already."""
     if k < 1:
         raise ValueError("k must be at least 1")
     m = len(queries)
@@ -51,13 +52,13 @@ def top_k(queries: np.ndarray, references: np.ndarray, *, k: int, query_keys=Non
     excluded = np.zeros(m, np.int64)
     if not len(references):
         return Neighbours(indices, scores, excluded)
-    index = build(references, lists=lists)
-    index.nprobe = min(probes, index.nlist)
+    built = built if built is not None else build(references, lists=lists)
+    built.nprobe = min(probes, built.nlist)
     q_codes, r_codes = shared_codes(query_keys, reference_keys, m, len(references))
     wanted = min(k + (EXTRA_CANDIDATES if q_codes is not None else 0), len(references))
     for start in range(0, m, QUERY_BLOCK):
         rows = slice(start, start + QUERY_BLOCK)
-        found_s, found_i = index.search(normalised(queries[rows]), wanted)
+        found_s, found_i = built.search(normalised(queries[rows]), wanted)
         found_s[found_i < 0] = -np.inf  # fewer candidates in the cells searched than asked for
         if q_codes is not None:
             same = (found_i >= 0) & (q_codes[rows, None] >= 0) & (r_codes[found_i] == q_codes[rows, None])

@@ -8,7 +8,8 @@ both sides says nothing about the model and inflates every score.
 With a model fine-tuned on the spec, the score adds what the model reads of each reference's
 attribute values (``ValueAgreement``): the log-probability that the query shows the reference's
 catalog values, so a shelf photo meets the products of its category first, and image similarity
-ranks within them.
+ranks within them. Through the approximate index (``clipdq.index``), the agreement rescores each
+query's ``RESCORED_CANDIDATES`` nearest references by image.
 
 Exact and blockwise: at most ``query_block`` x ``reference_block`` scores exist at a time, so
 memory stays bounded for millions of references. Catalogs' images go through the audit's own
@@ -34,6 +35,7 @@ from clipdq.spec import Spec
 QUERY_BLOCK = 1024
 REFERENCE_BLOCK = 16384  # 1024 x 16384 float32 scores: 64 MB at a time
 APPROXIMATE_ABOVE = 1_000_000  # references past which search "auto" uses the approximate index (clipdq.index)
+RESCORED_CANDIDATES = 64  # approximate search with the agreement: candidates by image, rescored by both
 AGREEMENT_FLOOR = 1e-6  # a value the model rules out costs log(1e-6) = -13.8 per attribute, not -inf
 
 
@@ -72,18 +74,42 @@ class ValueAgreement:
         return [torch.softmax(scale * embeddings @ torch.from_numpy(values.astype(np.float32)).T, dim=1)
                 for values, scale in zip(self.value_emb, self.scales)]
 
+    def reference_probabilities(self, references, rows: np.ndarray) -> list:
+        """Per attribute, (references, values): the distributions of normalised reference embeddings
+        (a tensor) that are rows ``rows`` of the references, their catalog values mixed in."""
+        import torch
+
+        out = []
+        for reference_probs, codes in zip(self.probabilities(references), self.codes):
+            codes = torch.from_numpy(codes[rows])
+            known = codes >= 0
+            catalog = torch.nn.functional.one_hot(codes[known], reference_probs.shape[1]).float()
+            reference_probs[known] = (1 - self.error_rate) * catalog + self.error_rate * reference_probs[known]
+            out.append(reference_probs)
+        return out
+
     def term(self, query_probs: list, references, start: int):
         """(queries, references) weighted log-agreement of a block of normalised reference embeddings
         that starts at reference row ``start``."""
         import torch
 
+        rows = np.arange(start, start + len(references))
         total = torch.zeros(len(query_probs[0]), len(references))
-        for probs, reference_probs, codes in zip(query_probs, self.probabilities(references), self.codes):
-            codes = torch.from_numpy(codes[start:start + len(references)])
-            known = codes >= 0
-            catalog = torch.nn.functional.one_hot(codes[known], reference_probs.shape[1]).float()
-            reference_probs[known] = (1 - self.error_rate) * catalog + self.error_rate * reference_probs[known]
+        for probs, reference_probs in zip(query_probs, self.reference_probabilities(references, rows)):
             total += torch.log((probs @ reference_probs.T).clamp_min(AGREEMENT_FLOOR))
+        return total.mul_(self.weight)
+
+    def pair_term(self, query_probs: list, candidates, rows: np.ndarray):
+        """(queries, c) weighted log-agreement of each query with its own ``c`` candidates: rows
+        ``rows`` (queries, c) of the references, ``candidates`` their normalised embeddings (queries, c, d)."""
+        import torch
+
+        m, c = rows.shape
+        total = torch.zeros(m, c)
+        flat = self.reference_probabilities(candidates.reshape(m * c, -1), rows.ravel())
+        for probs, reference_probs in zip(query_probs, flat):
+            agree = (probs[:, None, :] * reference_probs.reshape(m, c, -1)).sum(-1)
+            total += torch.log(agree.clamp_min(AGREEMENT_FLOOR))
         return total.mul_(self.weight)
 
 
@@ -138,6 +164,31 @@ def top_k(queries: np.ndarray, references: np.ndarray, *, k: int, query_keys=Non
         indices[rows, :kept], scores[rows, :kept] = best_i.numpy(), best_s.numpy()
     indices[~np.isfinite(scores)] = -1
     return Neighbours(indices, scores, excluded)
+
+
+def rescore(found: Neighbours, queries: np.ndarray, references: np.ndarray, agreement: ValueAgreement, *,
+            k: int, query_block: int = QUERY_BLOCK) -> Neighbours:
+    """The ``k`` best of each query's candidates (``found``, from the approximate index) by the exact
+    search's score: their cosine similarity recomputed in float32, plus ``agreement``."""
+    import torch
+
+    m = len(found.indices)
+    indices, scores = np.full((m, k), -1, np.int64), np.full((m, k), -np.inf, np.float32)
+    for q0 in range(0, m, query_block):
+        rows = slice(q0, q0 + query_block)
+        present = found.indices[rows] >= 0
+        candidate_rows = np.where(present, found.indices[rows], 0)
+        candidates = torch.from_numpy(normalised(references[candidate_rows.ravel()]))
+        candidates = candidates.reshape(*candidate_rows.shape, -1)
+        query = torch.from_numpy(normalised(queries[rows]))
+        block = torch.einsum("qd,qcd->qc", query, candidates)
+        block += agreement.pair_term(agreement.probabilities(query), candidates, candidate_rows)
+        block.masked_fill_(~torch.from_numpy(present), -torch.inf)
+        best_s, position = torch.topk(block, min(k, block.shape[1]), dim=1)
+        scores[rows, :position.shape[1]] = best_s.numpy()
+        indices[rows, :position.shape[1]] = np.take_along_axis(candidate_rows, position.numpy(), 1)
+    indices[~np.isfinite(scores)] = -1
+    return Neighbours(indices, scores, found.excluded)
 
 
 def shared_codes(query_keys, reference_keys, m: int, n: int) -> tuple[np.ndarray | None, np.ndarray | None]:
@@ -238,11 +289,12 @@ def match_embedded(references: Embedded, queries: Embedded, *, k: int, agreement
             "reference_keys": [sha for sha, ok in zip(references.sha256, ref_ok) if ok]}
     method = search_method(search, int(ref_ok.sum()))
     if method == "approximate":
-        if agreement is not None:
-            raise ValueError("attribute_weight needs the exact search: the approximate index scores images only")
         from clipdq import index
 
-        found = index.top_k(queries.embeddings, references.embeddings, k=k, **keys)
+        wanted = k if agreement is None else max(k, RESCORED_CANDIDATES)
+        found = index.top_k(queries.embeddings, references.embeddings, k=wanted, **keys)
+        if agreement is not None:
+            found = rescore(found, queries.embeddings, references.embeddings, agreement, k=k)
     else:
         found = top_k(queries.embeddings, references.embeddings, k=k, agreement=agreement, **keys)
     query_ids = np.array(queries.ids, dtype=object)
@@ -261,6 +313,8 @@ def match_embedded(references: Embedded, queries: Embedded, *, k: int, agreement
         "same_image_excluded": {"queries": int((found.excluded > 0).sum()), "pairs": int(found.excluded.sum())},
         "search": method, "score": score_summary(agreement),
     }
+    if method == "approximate" and agreement is not None:
+        summary["score"]["candidates_by_image"] = RESCORED_CANDIDATES
     return pl.concat([matched, failed]), summary
 
 

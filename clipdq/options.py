@@ -106,7 +106,8 @@ class MatchOptions(Options):
         "reads values poorly. 0: image similarity alone."))
     search: Literal["auto", "exact", "approximate"] = Field("auto", description=(
         "exact: every reference scored, a block at a time; approximate: faiss's inverted lists (8-bit vectors, "
-        "the nearest cells only); auto: approximate past a million references."))
+        "the nearest cells only; with attribute_weight, each query's 64 nearest by image are rescored); auto: "
+        "approximate past a million references."))
     label_column: str | None = Field(None, description=(
         "A query column holding the reference id each query should match: top-1 and top-5 accuracy are "
         "reported."))

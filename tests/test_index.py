@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 
 from clipdq import index, match
+from test_match import agreement_of
 
 
 def clustered(rng: np.random.Generator, centres: np.ndarray, n: int, noise: float = 0.8) -> np.ndarray:
@@ -60,6 +61,33 @@ def test_search_auto_goes_approximate_past_the_bound(monkeypatch: pytest.MonkeyP
     monkeypatch.setattr(match, "APPROXIMATE_ABOVE", 499)
     matches, summary = match.match_embedded(references, queries, k=3, search="auto")
     assert summary["search"] == "approximate" and matches.height == 60
-    agreement = match.ValueAgreement(["a"], [np.eye(16, dtype=np.float32)[:2]], [10.0], [np.zeros(500, np.int64)])
-    with pytest.raises(ValueError, match="exact search"):
-        match.match_embedded(references, queries, k=3, search="approximate", agreement=agreement)
+
+
+def test_candidates_rescored_with_the_agreement_rank_as_the_exact_search_ranks() -> None:
+    rng = np.random.default_rng(3)
+    queries, references = rng.normal(size=(40, 16)), rng.normal(size=(90, 16))
+    agreement = agreement_of(rng, 90, 16)
+    exact = match.top_k(queries, references, k=5, agreement=agreement)
+    shuffled = np.stack([rng.permutation(90) for _ in range(40)])  # every reference a candidate, in any order
+    shuffled[:, -1] = -1  # and a missing candidate, as the index leaves when its cells hold too few
+    candidates = match.Neighbours(shuffled, np.zeros((40, 90), np.float32), np.zeros(40, np.int64))
+    rescored = match.rescore(candidates, queries, references, agreement, k=5, query_block=16)
+    left_out = np.array([set(exact.indices[q]) - set(shuffled[q]) for q in range(40)], dtype=object)
+    same = np.array([not gone for gone in left_out])  # queries whose exact top 5 are all candidates
+    assert same.sum() > 30
+    np.testing.assert_array_equal(rescored.indices[same], exact.indices[same])
+    np.testing.assert_allclose(rescored.scores[same], exact.scores[same], rtol=1e-4, atol=1e-4)
+
+
+def test_approximate_search_with_the_agreement_rescores_the_images_candidates() -> None:
+    rng = np.random.default_rng(4)
+    centres = rng.standard_normal((100, 16), dtype=np.float32)
+    references = embedded(clustered(rng, centres, 3000, 0.5), "r")
+    queries = embedded(clustered(rng, centres, 50, 0.5), "q")
+    agreement = agreement_of(rng, 3000, 16, weight=0.05)
+    exact, _ = match.match_embedded(references, queries, k=3, search="exact", agreement=agreement)
+    approximate, summary = match.match_embedded(references, queries, k=3, search="approximate", agreement=agreement)
+    assert summary["search"] == "approximate" and summary["score"]["candidates_by_image"] == match.RESCORED_CANDIDATES
+    assert approximate.height == 150
+    both = approximate.join(exact, on=["query_id", "rank"], suffix="_exact")
+    assert (both["reference_id"] == both["reference_id_exact"]).mean() >= 0.9
