@@ -6,20 +6,31 @@ bits per dimension (a quarter of their float32 size); each query compares itself
 references of its ``probes`` nearest cells only. Scores are cosine similarities as in
 ``match.top_k``, up to the 8-bit rounding; a reference holding the query's own bytes is left out
 among the candidates searched (``k`` plus ``EXTRA_CANDIDATES``).
+
+Building is most of the work for a large catalog searched by few queries, so ``kept`` stores the
+built index beside the embedding cache, named after the references' image digests in order: a
+run whose references have not changed reads it instead of building it again.
 """
 
 from __future__ import annotations
 
+import hashlib
+import logging
+
 import faiss
 import numpy as np
 
+from clipdq import storage
 from clipdq.match import Neighbours, normalised, shared_codes
+
+log = logging.getLogger(__name__)
 
 TRAIN_PER_LIST = 64  # k-means sample: faiss asks for 39 to 256 points per list
 ADD_BLOCK = 65536  # references normalised and added this many at a time: no second float32 copy
 QUERY_BLOCK = 4096
 EXTRA_CANDIDATES = 16  # searched beyond k, so that left-out same-byte references still leave k
 PROBES = 64  # cells searched per query (recall against exact: docs/benchmarks.md)
+INDEX_VERSION = 1  # bump when ``build`` changes the index it makes
 
 
 def lists_for(references: int) -> int:
@@ -39,6 +50,26 @@ def build(references: np.ndarray, *, lists: int | None = None, seed: int = 0) ->
     for start in range(0, len(references), ADD_BLOCK):
         index.add(normalised(references[start:start + ADD_BLOCK]))
     return index
+
+
+def kept(references: np.ndarray, reference_keys: list[str | None], folder: str) -> tuple[faiss.Index, bool]:
+    """(index, whether it was read): the index of ``references`` kept under ``folder`` (local or
+    s3://) for their digests ``reference_keys``, else built and kept there in place of the previous one."""
+    named = hashlib.sha256(f"index {INDEX_VERSION}\n".encode())
+    for key in reference_keys:
+        named.update(f"{key}\n".encode())
+    name = named.hexdigest()[:32] + ".faiss"
+    uri = storage.join(folder, name)
+    if storage.exists(uri):
+        log.info("approximate index of %d references read from %s", len(references), uri)
+        return faiss.deserialize_index(np.frombuffer(storage.read_bytes(uri), np.uint8)), True
+    built = build(references)
+    storage.write_bytes(uri, faiss.serialize_index(built).tobytes())
+    for other in storage.list_files(folder):
+        if other != name and other.endswith(".faiss"):  # another set of references: it will not be read again
+            storage.delete(storage.join(folder, other))
+    log.info("approximate index of %d references built and kept at %s", len(references), uri)
+    return built, False
 
 
 def top_k(queries: np.ndarray, references: np.ndarray, *, k: int, query_keys=None, reference_keys=None,

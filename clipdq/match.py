@@ -279,24 +279,18 @@ def search_method(search: str, references: int) -> str:
 
 
 def match_embedded(references: Embedded, queries: Embedded, *, k: int, agreement: ValueAgreement | None = None,
-                   search: str = "exact") -> tuple[pl.DataFrame, dict]:
+                   search: str = "exact", index_folder: str | None = None) -> tuple[pl.DataFrame, dict]:
     """(matches, what the summary says of them): k rows per query with a usable image, ranked from
     1, and one row with its error for each query whose image failed, so every query is accounted for.
-    ``search``: exact, approximate (faiss's inverted lists) or auto (approximate past a million)."""
+    ``search``: exact, approximate (faiss's inverted lists) or auto (approximate past a million);
+    ``index_folder``: where the approximate index is kept between runs (None: built every run)."""
     ref_ok, query_ok = references.ok, queries.ok
     ref_ids = np.array(references.ids, dtype=object)[ref_ok]
     keys = {"query_keys": [sha for sha, ok in zip(queries.sha256, query_ok) if ok],
             "reference_keys": [sha for sha, ok in zip(references.sha256, ref_ok) if ok]}
     method = search_method(search, int(ref_ok.sum()))
-    if method == "approximate":
-        from clipdq import index
-
-        wanted = k if agreement is None else max(k, RESCORED_CANDIDATES)
-        found = index.top_k(queries.embeddings, references.embeddings, k=wanted, **keys)
-        if agreement is not None:
-            found = rescore(found, queries.embeddings, references.embeddings, agreement, k=k)
-    else:
-        found = top_k(queries.embeddings, references.embeddings, k=k, agreement=agreement, **keys)
+    found, searched = search_references(queries.embeddings, references.embeddings, keys, k=k, agreement=agreement,
+                                        method=method, index_folder=index_folder)
     query_ids = np.array(queries.ids, dtype=object)
     kept = found.indices >= 0
     rows = np.nonzero(kept)
@@ -311,11 +305,28 @@ def match_embedded(references: Embedded, queries: Embedded, *, k: int, agreement
         "queries": len(queries.ids), "references": len(references.ids), "k": k,
         "query_image_errors": int((~query_ok).sum()), "reference_image_errors": int((~ref_ok).sum()),
         "same_image_excluded": {"queries": int((found.excluded > 0).sum()), "pairs": int(found.excluded.sum())},
-        "search": method, "score": score_summary(agreement),
+        "search": method, **searched, "score": score_summary(agreement),
     }
-    if method == "approximate" and agreement is not None:
-        summary["score"]["candidates_by_image"] = RESCORED_CANDIDATES
     return pl.concat([matched, failed]), summary
+
+
+def search_references(queries: np.ndarray, references: np.ndarray, keys: dict, *, k: int,
+                      agreement: ValueAgreement | None, method: str, index_folder: str | None) -> tuple[Neighbours, dict]:
+    """(neighbours, what the summary says of the approximate index): the exact search, or the
+    index's candidates (rescored with ``agreement``), the index kept in ``index_folder``."""
+    if method == "exact":
+        return top_k(queries, references, k=k, agreement=agreement, **keys), {}
+    from clipdq import index
+
+    built, reused = None, False
+    if index_folder is not None and len(references):
+        built, reused = index.kept(references, keys["reference_keys"], index_folder)
+    wanted = k if agreement is None else max(k, RESCORED_CANDIDATES)
+    found = index.top_k(queries, references, k=wanted, built=built, **keys)
+    if agreement is not None:
+        found = rescore(found, queries, references, agreement, k=k)
+    return found, {"approximate_index": {"read_from_an_earlier_run": reused,
+                                         "candidates_rescored": wanted if agreement is not None else None}}
 
 
 def score_summary(agreement: ValueAgreement | None) -> dict:

@@ -85,7 +85,8 @@ def match_catalogs(references_uri: str, queries_uri: str, spec_uri: str, model_u
                                           read_values(references_uri, spec_text, references.ok),
                                           weight=options.attribute_weight)
     matches, found = match.match_embedded(references, queries, k=options.k, agreement=agreement,
-                                          search=options.search)
+                                          search=options.search,
+                                          index_folder=storage.join(cache, "approximate_index") if cache else None)
     if spec.duplicate_similarity is not None:
         matches, found["near_identical_pixels"] = duplicates.flag_near_identical(
             matches, references, queries, threshold=spec.duplicate_similarity)

@@ -87,7 +87,27 @@ def test_approximate_search_with_the_agreement_rescores_the_images_candidates() 
     agreement = agreement_of(rng, 3000, 16, weight=0.05)
     exact, _ = match.match_embedded(references, queries, k=3, search="exact", agreement=agreement)
     approximate, summary = match.match_embedded(references, queries, k=3, search="approximate", agreement=agreement)
-    assert summary["search"] == "approximate" and summary["score"]["candidates_by_image"] == match.RESCORED_CANDIDATES
+    assert summary["search"] == "approximate" and summary["approximate_index"]["candidates_rescored"] == match.RESCORED_CANDIDATES
     assert approximate.height == 150
     both = approximate.join(exact, on=["query_id", "rank"], suffix="_exact")
     assert (both["reference_id"] == both["reference_id_exact"]).mean() >= 0.9
+
+
+def test_the_built_index_is_kept_and_read_while_the_references_stay_the_same(tmp_path) -> None:
+    rng = np.random.default_rng(5)
+    centres = rng.standard_normal((50, 16), dtype=np.float32)
+    references = embedded(clustered(rng, centres, 4000, 0.5), "r")
+    queries = embedded(clustered(rng, centres, 30, 0.5), "q")
+    folder = str(tmp_path / "approximate_index")
+    runs = [match.match_embedded(references, queries, k=3, search="approximate", index_folder=folder)
+            for _ in range(2)]
+    assert [summary["approximate_index"]["read_from_an_earlier_run"] for _, summary in runs] == [False, True]
+    assert runs[0][0].equals(runs[1][0])
+    first = sorted(p.name for p in (tmp_path / "approximate_index").iterdir())
+    assert len(first) == 1 and first[0].endswith(".faiss")
+
+    references.sha256[0] = "another image"  # a reference changed: a new index, and the old one goes
+    _, summary = match.match_embedded(references, queries, k=3, search="approximate", index_folder=folder)
+    assert not summary["approximate_index"]["read_from_an_earlier_run"]
+    assert [p.name for p in (tmp_path / "approximate_index").iterdir()] not in ([], first)
+    assert len(list((tmp_path / "approximate_index").iterdir())) == 1

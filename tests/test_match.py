@@ -234,7 +234,8 @@ def test_a_trained_model_matches_by_image_with_catalog_values_or_through_the_ind
     first = {name: runs[name][0].filter(pl.col("rank") == 1).sort("query_id")["reference_id"] for name in ("1", "index")}
     assert (first["1"] == first["index"]).mean() >= 0.9
     assert runs["index"][1]["same_image_excluded"] == runs["1"][1]["same_image_excluded"]
-    assert runs["index"][1]["score"]["candidates_by_image"] == 64
+    assert runs["index"][1]["approximate_index"] == {"read_from_an_earlier_run": False, "candidates_rescored": 64}
+    assert len(list(tmp_path.glob("_embedding_cache/*/approximate_index/*.faiss"))) == 1  # kept for the next run
     references = pl.read_parquet(sample_dir / "catalog.parquet")
     references = references.filter(pl.Series([(sample_dir / image).exists() and _decodes(sample_dir / image)
                                               for image in references["image"]]))  # a usable image
