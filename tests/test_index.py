@@ -6,7 +6,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from clipdq import index, match
+from clipdq import index, match, storage
 from test_match import agreement_of
 
 
@@ -93,21 +93,23 @@ def test_approximate_search_with_the_agreement_rescores_the_images_candidates() 
     assert (both["reference_id"] == both["reference_id_exact"]).mean() >= 0.9
 
 
-def test_the_built_index_is_kept_and_read_while_the_references_stay_the_same(tmp_path) -> None:
+@pytest.mark.parametrize("where", ["local", "s3"])
+def test_the_built_index_is_kept_and_read_while_the_references_stay_the_same(where, tmp_path, request) -> None:
     rng = np.random.default_rng(5)
     centres = rng.standard_normal((50, 16), dtype=np.float32)
     references = embedded(clustered(rng, centres, 4000, 0.5), "r")
     queries = embedded(clustered(rng, centres, 30, 0.5), "q")
-    folder = str(tmp_path / "approximate_index")
+    root = str(tmp_path) if where == "local" else request.getfixturevalue("s3_bucket")
+    folder = storage.join(root, "approximate_index")
     runs = [match.match_embedded(references, queries, k=3, search="approximate", index_folder=folder)
             for _ in range(2)]
     assert [summary["approximate_index"]["read_from_an_earlier_run"] for _, summary in runs] == [False, True]
     assert runs[0][0].equals(runs[1][0])
-    first = sorted(p.name for p in (tmp_path / "approximate_index").iterdir())
+    first = storage.list_files(folder)
     assert len(first) == 1 and first[0].endswith(".faiss")
 
     references.sha256[0] = "another image"  # a reference changed: a new index, and the old one goes
     _, summary = match.match_embedded(references, queries, k=3, search="approximate", index_folder=folder)
     assert not summary["approximate_index"]["read_from_an_earlier_run"]
-    assert [p.name for p in (tmp_path / "approximate_index").iterdir()] not in ([], first)
-    assert len(list((tmp_path / "approximate_index").iterdir())) == 1
+    kept = storage.list_files(folder)
+    assert len(kept) == 1 and kept != first
