@@ -61,8 +61,14 @@ def kept(references: np.ndarray, reference_keys: list[str | None], folder: str) 
     name = named.hexdigest()[:32] + ".faiss"
     uri = storage.join(folder, name)
     if storage.exists(uri):
-        log.info("approximate index of %d references read from %s", len(references), uri)
-        return faiss.deserialize_index(np.frombuffer(storage.read_bytes(uri), np.uint8)), True
+        try:
+            read = faiss.deserialize_index(np.frombuffer(storage.read_bytes(uri), np.uint8))
+        except RuntimeError as error:  # faiss cannot read it: build it again, as the cache re-embeds
+            log.warning("kept approximate index %s is unreadable (%s): building it again", uri, error)
+        else:
+            if read.ntotal == len(references):
+                log.info("approximate index of %d references read from %s", len(references), uri)
+                return read, True
     built = build(references)
     storage.write_bytes(uri, faiss.serialize_index(built).tobytes())
     for other in storage.list_files(folder):

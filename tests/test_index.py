@@ -108,6 +108,10 @@ def test_the_built_index_is_kept_and_read_while_the_references_stay_the_same(whe
     first = storage.list_files(folder)
     assert len(first) == 1 and first[0].endswith(".faiss")
 
+    storage.write_bytes(storage.join(folder, first[0]), b"not an index")  # unreadable: built again, not a failure
+    again, summary = match.match_embedded(references, queries, k=3, search="approximate", index_folder=folder)
+    assert not summary["approximate_index"]["read_from_an_earlier_run"] and again.equals(runs[0][0])
+
     references.sha256[0] = "another image"  # a reference changed: a new index, and the old one goes
     _, summary = match.match_embedded(references, queries, k=3, search="approximate", index_folder=folder)
     assert not summary["approximate_index"]["read_from_an_earlier_run"]
