@@ -70,7 +70,7 @@ def kept(references: np.ndarray, reference_keys: list[str | None], folder: str) 
                 log.info("approximate index of %d references read from %s", len(references), uri)
                 return read, True
     built = build(references)
-    storage.write_bytes(uri, faiss.serialize_index(built).tobytes())
+    storage.write_bytes(uri, faiss.serialize_index(built))  # bytes of the array: no second copy locally
     for other in storage.list_files(folder):
         if other != name and other.endswith(".faiss"):  # another set of references: it will not be read again
             storage.delete(storage.join(folder, other))

@@ -204,11 +204,12 @@ def exists(uri: str) -> bool:
 
 def write_bytes(uri: str, data: bytes, *, create_only: bool = False) -> None:
     """Write a whole object; a local file is renamed into place, so readers never see half.
-    ``create_only`` refuses to replace what is there (StorageError), on S3 and locally alike."""
+    ``create_only`` refuses to replace what is there (StorageError), on S3 and locally alike.
+    ``data`` may be any bytes-like object (a numpy array of bytes: written locally without a copy)."""
     if is_s3(uri):
         bucket, key = split_s3(uri)
         try:
-            s3_client().put_object(Bucket=bucket, Key=key, Body=data, **({"IfNoneMatch": "*"} if create_only else {}))
+            s3_client().put_object(Bucket=bucket, Key=key, Body=bytes(data), **({"IfNoneMatch": "*"} if create_only else {}))
         except ClientError as error:
             if create_only and error.response["Error"]["Code"] in ("PreconditionFailed", "412"):
                 raise StorageError(f"{uri} already exists: runs are written once") from None
