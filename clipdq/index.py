@@ -69,7 +69,7 @@ def kept(references: np.ndarray, reference_keys: list[str | None], folder: str) 
             if read.ntotal == len(references):
                 log.info("approximate index of %d references read from %s", len(references), uri)
                 return read, True
-    log.info("building the approximate index of %d references (about 75 s per million on 2 cores)", len(references))
+    log.info("building the approximate index of %d references (about a minute per million on 2 cores)", len(references))
     built = build(references)
     storage.write_bytes(uri, faiss.serialize_index(built))  # bytes of the array: no second copy locally
     for other in storage.list_files(folder):
