@@ -55,9 +55,11 @@ centres = rng.standard_normal((products, d), dtype=np.float32)
 def photos(count):  # each a product's centre plus as much noise again: cosine to the centre about 0.7
     out, picks = np.empty((count, d), np.float32), rng.integers(0, products, count)
     for start in range(0, count, 100_000):
-        out[start:start + 100_000] = centres[picks[start:start + 100_000]] + rng.standard_normal(
-            (len(picks[start:start + 100_000]), d), dtype=np.float32)
+        part = picks[start:start + 100_000]
+        out[start:start + len(part)] = centres[part] + rng.standard_normal((len(part), d), dtype=np.float32)
     return out, picks
+def recall_of(found, exact):  # share of the exact top-5 that ``found`` holds
+    return np.mean([len(set(a) & set(e)) / 5 for a, e in zip(found.indices, exact.indices)])
 (references, reference_products), (queries, _) = photos(n), photos(m)
 def timed(call):
     started = time.monotonic()
@@ -71,7 +73,7 @@ _, build_s = timed(build_and_keep)
 assert read
 approximate, search_s = timed(lambda: index.top_k(queries, references, k=5, built=built))
 exact, exact_s = timed(lambda: match.top_k(queries, references, k=5))
-recall = np.mean([len(set(a) & set(e)) / 5 for a, e in zip(approximate.indices, exact.indices)])
+recall = recall_of(approximate, exact)
 top1 = np.mean(approximate.indices[:, 0] == exact.indices[:, 0])
 # the agreement: two attributes that follow the product (10 and 100 values), each value's embedding the mean of
 # its products' centres; a tenth of the references without a catalog value; on the first 1,000 queries
@@ -83,7 +85,7 @@ few = queries[:1000]
 candidates, candidates_s = timed(lambda: index.top_k(few, references, k=match.RESCORED_CANDIDATES, built=built))
 rescored, rescore_s = timed(lambda: match.rescore(candidates, few, references, agreement, k=5))
 exact_both, exact_both_s = timed(lambda: match.top_k(few, references, k=5, agreement=agreement))
-recall_both = np.mean([len(set(a) & set(e)) / 5 for a, e in zip(rescored.indices, exact_both.indices)])
+recall_both = recall_of(rescored, exact_both)
 print(build_s, read_s, search_s, exact_s, recall, top1, index.lists_for(n), index.PROBES,
       candidates_s, rescore_s, exact_both_s, recall_both)
 """
@@ -106,16 +108,16 @@ def grocery(data: Path, finetuned: str | None) -> None:
         references, queries, spec = grocery_catalogs(data, work)
         seconds, model_dir = clipdq("init-model", "--spec", str(spec), "--arch", "efficientnet-lite0",
                                     "--output", str(work / "model"))
-        runs = [("pretrained tower, new projection", model_dir, "0"), ("fine-tuned", finetuned, "0"),
-                ("fine-tuned, with the references' category values", finetuned, "1"),
+        runs = [("pretrained tower, new projection", model_dir, "0", "exact"), ("fine-tuned", finetuned, "0", "exact"),
+                ("fine-tuned, with the references' category values", finetuned, "1", "exact"),
                 ("the same through the approximate index (81 references: one cell)", finetuned, "1", "approximate")]
-        for name, model_uri, weight, *search in runs:
+        for name, model_uri, weight, search in runs:
             if not model_uri:
                 continue
             seconds, folder = clipdq("match", "--references", str(references), "--queries", str(queries),
                                      "--spec", str(spec), "--model", model_uri, "--output", str(work / "out"),
                                      "--label-column", "expected_id", "--no-embedding-cache",
-                                     "--attribute-weight", weight, "--search", (search or ["exact"])[0])
+                                     "--attribute-weight", weight, "--search", search)
             summary = json.loads((Path(folder) / "summary.json").read_text())
             acc = summary["accuracy"]
             print(f"(a) {name}: top-1 {acc['top_1']:.3f}, top-5 {acc['top_5']:.3f} over {acc['labeled_queries']} "

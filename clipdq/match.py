@@ -74,9 +74,9 @@ class ValueAgreement:
         return [torch.softmax(scale * embeddings @ torch.from_numpy(values.astype(np.float32)).T, dim=1)
                 for values, scale in zip(self.value_emb, self.scales)]
 
-    def reference_probabilities(self, references, rows: np.ndarray) -> list:
+    def reference_probabilities(self, references, rows: np.ndarray | slice) -> list:
         """Per attribute, (references, values): the distributions of normalised reference embeddings
-        (a tensor) that are rows ``rows`` of the references, their catalog values mixed in."""
+        (a tensor) that are rows ``rows`` (indices or a slice) of the references, their catalog values mixed in."""
         import torch
 
         out = []
@@ -93,7 +93,7 @@ class ValueAgreement:
         that starts at reference row ``start``."""
         import torch
 
-        rows = np.arange(start, start + len(references))
+        rows = slice(start, start + len(references))
         total = torch.zeros(len(query_probs[0]), len(references))
         for probs, reference_probs in zip(query_probs, self.reference_probabilities(references, rows)):
             total += torch.log((probs @ reference_probs.T).clamp_min(AGREEMENT_FLOOR))
