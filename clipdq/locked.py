@@ -21,7 +21,7 @@ import torch
 import torch.nn.functional as F
 
 from clipdq import model
-from clipdq.steps import balanced_batches, batch_loss, run_epochs, schedule, take_step
+from clipdq.steps import augment_views, balanced_batches, batch_loss, run_epochs, schedule, take_step
 
 log = logging.getLogger(__name__)
 
@@ -49,31 +49,6 @@ def split_tower(clip: model.Clip, unlock_blocks: int) -> Tower:
     unlocked = [p for block in blocks[start:] for p in block.parameters()] + list(vision.head.parameters())
     return Tower(lambda pixels: vision.features_below(pixels, start),
                  lambda x: F.normalize(projection(vision.features_from(x, start)), dim=-1), unlocked)
-
-
-def augment_views(pixels: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
-    """Shelf-photo augmentation of normalised pixels: a random crop of 55 to 100% of the area
-    (aspect 3:4 to 4:3) resized back, a horizontal flip, and brightness, contrast and saturation
-    jitter of up to 20%."""
-    n, _, h, w = pixels.shape
-    rand = lambda *shape: torch.rand(*shape, generator=generator)  # noqa: E731
-    area, aspect = 0.55 + 0.45 * rand(n), torch.exp((rand(n) - 0.5) * 0.575)
-    crop_h = (h * torch.sqrt(area / aspect)).clamp(max=h).long()
-    crop_w = (w * torch.sqrt(area * aspect)).clamp(max=w).long()
-    out = []
-    for i in range(n):
-        top = int(rand(1) * (h - crop_h[i] + 1))
-        left = int(rand(1) * (w - crop_w[i] + 1))
-        patch = pixels[i : i + 1, :, top : top + crop_h[i], left : left + crop_w[i]]
-        out.append(F.interpolate(patch, size=(h, w), mode="bilinear", align_corners=False))
-    out = torch.cat(out)
-    flip = rand(n) < 0.5
-    out[flip] = out[flip].flip(-1)
-    jitter = lambda: 1 + 0.4 * (rand(n, 1, 1, 1) - 0.5)  # noqa: E731
-    grey = out.mean(dim=1, keepdim=True)
-    out = grey + (out - grey) * jitter()  # saturation
-    mean = out.mean(dim=(1, 2, 3), keepdim=True)
-    return ((out - mean) * jitter() + mean * jitter()).clamp(-3, 3)  # contrast, brightness
 
 
 @torch.inference_mode()
@@ -132,7 +107,7 @@ def fit(clip: model.Clip, data, spec, config, splits, *, plain: torch.Tensor | N
             if n.startswith(("text_model.", "text_projection.", "visual_projection.", "logit_scale"))]
     groups = [{"params": head, "lr": config.lr}]
     if tower.unlocked:
-        groups.append({"params": tower.unlocked, "lr": config.tower_lr})
+        groups.append({"params": tower.unlocked, "lr": config.image_tower_lr})
     optimizer = torch.optim.AdamW(groups, weight_decay=config.weight_decay)
     for p in clip.model.parameters():
         p.requires_grad_(False)

@@ -193,12 +193,16 @@ def _training_line(meta: dict) -> str:
     config, training = meta.get("train_config", {}), meta.get("training", {})
     mode, unlocked = config.get("mode", "full"), config.get("unlock_blocks", 0)
     locked = "image tower locked" + (f" below its top {unlocked} blocks" if unlocked else "")
-    how = {"full": "both towers fine-tuned on pixels",
+    crops = f", image tower on {config['train_size']}-px random crops" if config.get("train_size") else ""
+    how = {"full": f"both towers fine-tuned on pixels{crops}",
            "prototype": "value embeddings learned on the frozen image tower",
            "locked": f"{locked}; text tower and projections trained on its kept activations, "
                      f"{config.get('views', 1)} view(s) per training image"}
     tower = f" Image tower: {meta['pretrained_image_tower']}." if meta.get("pretrained_image_tower") else ""
-    return (f"Mode: **{mode}** ({how.get(mode, mode)}).{tower} Best epoch {training.get('best_epoch')} of "
+    mirrored = ", each averaged with its mirror image" if meta.get("mirror_average") else ""
+    audit = f" The audit sees {meta['image_size']}-px photos{mirrored} (chosen by validation loss)." \
+        if meta.get("image_size") else ""
+    return (f"Mode: **{mode}** ({how.get(mode, mode)}).{tower}{audit} Best epoch {training.get('best_epoch')} of "
             f"{training.get('epochs_run')}, stopped by {training.get('stopped_by', 'epochs')}; training "
             f"{training.get('minutes')} min, {training.get('total_minutes', training.get('minutes'))} min with "
             f"reading the images.")
@@ -276,6 +280,15 @@ def image_features(model: DualEncoder, pixel_values: torch.Tensor) -> torch.Tens
     """L2-normalised image embeddings, shape (n, d); differentiable."""
     out = model.get_image_features(pixel_values=pixel_values)
     return torch.nn.functional.normalize(getattr(out, "pooler_output", out), dim=-1)
+
+
+def image_embeddings(clip: Clip, pixel_values: torch.Tensor) -> torch.Tensor:
+    """``image_features`` as the audit computes them: averaged with the mirror image's where the
+    model's training chose that (``meta["mirror_average"]``, by validation loss)."""
+    features = image_features(clip.model, pixel_values)
+    if clip.meta.get("mirror_average"):
+        features = torch.nn.functional.normalize(features + image_features(clip.model, pixel_values.flip(-1)), dim=-1)
+    return features
 
 
 def tokenize(clip: Clip, texts: list[str]) -> dict[str, torch.Tensor]:
@@ -385,7 +398,7 @@ def embed_images(clip: Clip, pixel_values: np.ndarray, *, batch_size: int = 16) 
     """Image embeddings for an (n, 3, h, w) float32 array, as (n, d) float32."""
     with _image_arithmetic(clip):
         chunks = [
-            image_features(clip.model, torch.from_numpy(pixel_values[i : i + batch_size]).to(clip.device)).float().cpu()
+            image_embeddings(clip, torch.from_numpy(pixel_values[i : i + batch_size]).to(clip.device)).float().cpu()
             for i in range(0, len(pixel_values), batch_size)
         ]
     return torch.cat(chunks).numpy() if chunks else np.zeros((0, clip.model.config.projection_dim), np.float32)

@@ -77,11 +77,13 @@ class FinetuneOptions(Options):
         "The new model's architecture: efficientnet-lite0 pairs the pretrained ImageNet image tower with a new "
         "text tower; tiny and vit-b-32 are CLIPs initialised at random."))
     mode: Mode | None = Field(None, description=(
-        "full: fine-tune both towers on pixels; locked: keep the image tower frozen (but unlock_blocks) and train "
-        "the text tower and projections on its kept activations; prototype: learn value embeddings on frozen "
-        "images. Empty: locked for a pretrained image tower with a new text tower, else full."))
+        "full: fine-tune both towers on pixels (a pretrained image tower gently, on 160-px random crops); locked: "
+        "keep the image tower frozen (but unlock_blocks) and train the text tower and projections on its kept "
+        "activations, minutes instead of tens of them; prototype: learn value embeddings on frozen images. "
+        "Empty: locked for a pretrained image tower with a new text tower, else full."))
     epochs: int | None = Field(None, ge=1, description=(
-        "The training budget in epochs (empty: 40 for a pretrained image tower with a new text tower, else 100)."))
+        "The training budget in epochs (empty: for a pretrained image tower with a new text tower 40, or 10 "
+        "in full mode; else 100)."))
     max_minutes: float | None = Field(None, gt=0, description="Safety cap on training time; the budget is epochs.")
     seed: int = Field(0, description="Seed of the splits, the sampler and the initialisation.")
     val_fraction: float = Field(0.2, gt=0, lt=1, description="Share of products for validation and calibration.")

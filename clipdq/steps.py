@@ -1,5 +1,5 @@
 """What the trainers share (``train`` on pixels, ``locked`` on kept activations): balanced
-batches, the loss, the learning-rate schedule and when to stop.
+batches, augmented views of photos, the loss, the learning-rate schedule and when to stop.
 
 ``labels`` map attribute -> (n,) value indices with -1 where unknown; ``logits`` attribute -> (n, k).
 """
@@ -31,6 +31,34 @@ def balanced_batches(
     for _ in range(steps):
         yield np.array([rng.choice(pools[(offset + i) % len(pools)]) for i in range(batch_size)])
         offset += batch_size
+
+
+def augment_views(pixels: torch.Tensor, generator: torch.Generator, *, size: int | None = None,
+                  min_area: float = 0.55) -> torch.Tensor:
+    """Shelf-photo augmentation of normalised pixels: a random crop of ``min_area`` to 100% of the
+    area (aspect 3:4 to 4:3) resized to ``size`` (default: the input's), a horizontal flip, and
+    brightness, contrast and saturation jitter of up to 20%."""
+    n, _, h, w = pixels.shape
+    size = size or h
+    rand = lambda *shape: torch.rand(*shape, generator=generator)  # noqa: E731
+    area, aspect = min_area + (1 - min_area) * rand(n), torch.exp((rand(n) - 0.5) * 0.575)
+    crop_h = (h * torch.sqrt(area / aspect)).clamp(max=h).long()
+    crop_w = (w * torch.sqrt(area * aspect)).clamp(max=w).long()
+    out = []
+    for i in range(n):
+        top = int(rand(1) * (h - crop_h[i] + 1))
+        left = int(rand(1) * (w - crop_w[i] + 1))
+        patch = pixels[i : i + 1, :, top : top + crop_h[i], left : left + crop_w[i]]
+        out.append(F.interpolate(patch, size=(size, size), mode="bilinear", align_corners=False,
+                                 antialias=bool(crop_h[i] > size)))  # no aliasing where the crop shrinks
+    out = torch.cat(out)
+    flip = rand(n) < 0.5
+    out[flip] = out[flip].flip(-1)
+    jitter = lambda: 1 + 0.4 * (rand(n, 1, 1, 1) - 0.5)  # noqa: E731
+    grey = out.mean(dim=1, keepdim=True)
+    out = grey + (out - grey) * jitter()  # saturation
+    mean = out.mean(dim=(1, 2, 3), keepdim=True)
+    return ((out - mean) * jitter() + mean * jitter()).clamp(-3, 3)  # contrast, brightness
 
 
 def batch_loss(logits: dict[str, torch.Tensor], labels: dict[str, torch.Tensor]) -> torch.Tensor:

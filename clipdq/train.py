@@ -5,6 +5,7 @@ per-attribute calibration fitted on the validation split.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import time
 import uuid
@@ -20,7 +21,7 @@ from clipdq.compare import texts_of, with_levels
 from clipdq.options import MODES, Mode
 from clipdq.sources import ImageAccess
 from clipdq.splits import NEAR_DUPLICATE_COSINE, Splits, near_duplicate_groups, split_indices
-from clipdq.steps import balanced_batches, batch_loss, run_epochs, schedule, take_step
+from clipdq.steps import augment_views, balanced_batches, batch_loss, run_epochs, schedule, take_step
 from clipdq.spec import Spec, normalize_value
 
 log = logging.getLogger(__name__)
@@ -45,7 +46,9 @@ class TrainConfig:
     label_noise: float = 0.0  # share of wrong labels: 0 for curated ones, the error rate for a catalog's own
     group_column: str | None = None  # rows sharing its value (product family, photo session) share a split
     unlock_blocks: int = 0  # locked mode: top blocks of an EfficientNet image tower that train too
-    tower_lr: float = 1e-4  # learning rate of those blocks (pretrained: gentler than the new text tower's)
+    tower_lr: float | None = None  # the image tower's learning rate (pretrained: gentler than a new text tower's)
+    train_size: int | None = None  # full mode: train on random crops of this side (FixRes: smaller than the audit's
+    # size trains faster and suits the audit's whole photos); None: shifted and flipped photos at the model's size
     views: int = 1  # locked mode: kept views per training image, the first plain, the others augmented
     near_duplicate_cosine: float = NEAR_DUPLICATE_COSINE  # images this alike share a split (no group column)
     text_epochs: int = 20  # then, epochs teaching the text tower the labeled texts (the spec's text column); 0: off
@@ -62,15 +65,28 @@ class TrainConfig:
         if self.unlock_blocks and self.mode != "locked" or self.unlock_blocks < 0 or self.views < 1:
             raise ValueError("unlock_blocks (>= 0) applies to locked mode only, and views must be at least 1")
 
+    @property
+    def image_tower_lr(self) -> float:
+        """The learning rate of what trains in the image tower: ``tower_lr``, else ``lr``."""
+        return self.lr if self.tower_lr is None else self.tower_lr
+
 
 PRESETS = {  # defaults by what the model starts from (see ``config_for``)
     # a pretrained CLIP: gentle updates that keep its captions where they are
     "pretrained": {"lr": 1e-5, "spread_steps": 0},
     # a pretrained image tower with a new text tower (LiT): lock the tower, keep its activations
-    # (4 views: grocery fine-class accuracy 0.764 against 0.73 with 2, docs/benchmarks.md)
-    "pretrained image tower": {"mode": "locked", "epochs": 40, "patience": 8, "batch_size": 64, "views": 4},
+    "pretrained image tower": {"mode": "locked"},
     # a new CLIP (``init_model``): learn fast, first spread the captions apart
     "new": {},
+}
+MODE_PRESETS = {  # (starting point, mode) -> further defaults where that pair needs its own
+    # 4 views: grocery fine-class accuracy 0.764 against 0.73 with 2 (docs/benchmarks.md)
+    ("pretrained image tower", "locked"): {"epochs": 40, "patience": 8, "batch_size": 64, "views": 4,
+                                           "tower_lr": 1e-4},
+    # the whole tower at under a third of the new text tower's rate, on 160-px crops: it trains, but on
+    # grocery photos of other sessions it reads fine classes worse than locked (0.615 against 0.740)
+    ("pretrained image tower", "full"): {"epochs": 10, "patience": 4, "warmup_epochs": 1, "train_size": 160,
+                                         "tower_lr": 3e-4},
 }
 
 
@@ -82,9 +98,12 @@ def starting_point(clip: model.Clip) -> str:
 
 
 def config_for(clip: model.Clip, **options) -> TrainConfig:
-    """Defaults that suit the model (PRESETS), overridden by the options that are not None."""
+    """Defaults that suit the model and its mode (PRESETS, MODE_PRESETS), overridden by the options
+    that are not None."""
     given = {name: value for name, value in options.items() if value is not None}
-    return TrainConfig(**(PRESETS[starting_point(clip)] | given))
+    start = starting_point(clip)
+    mode = given.get("mode", PRESETS[start].get("mode", TrainConfig.mode))
+    return TrainConfig(**(PRESETS[start] | MODE_PRESETS.get((start, mode), {}) | given))
 
 
 @dataclass
@@ -156,6 +175,25 @@ def augment(pixels: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
     return out * (1 + 0.2 * (torch.rand(n, 1, 1, 1, generator=generator) - 0.5))
 
 
+TOWER_CROP_AREA = 0.25  # full mode's crops at ``train_size`` keep 25 to 100% of a photo's area
+
+
+def augmented(pixels: torch.Tensor, config: TrainConfig, generator: torch.Generator) -> torch.Tensor:
+    """A training batch as full mode sees it: random crops at ``config.train_size`` where set, else
+    shifted and flipped at the model's size."""
+    if config.train_size:
+        return augment_views(pixels, generator, size=config.train_size,
+                             min_area=TOWER_CROP_AREA).contiguous(memory_format=torch.channels_last)
+    return augment(pixels, generator)
+
+
+def parameter_groups(clip: model.Clip, config: TrainConfig) -> list[dict]:
+    """The optimizer's parameter groups: the image tower at ``image_tower_lr``, the rest at ``lr``."""
+    named = list(clip.model.named_parameters())
+    return [{"params": [p for n, p in named if n.startswith("vision_model.")], "lr": config.image_tower_lr},
+            {"params": [p for n, p in named if not n.startswith("vision_model.")], "lr": config.lr}]
+
+
 def _autocast(clip: model.Clip):
     """bf16 mixed precision on CUDA; a no-op on CPU."""
     return torch.autocast("cuda", dtype=torch.bfloat16, enabled=clip.device.type == "cuda")
@@ -169,10 +207,49 @@ def evaluate(
     clip.model.eval()
     pixels = data.pixels[idx].to(clip.device)
     with _autocast(clip):
-        chunks = [model.image_features(clip.model, pixels[i : i + 256]) for i in range(0, len(pixels), 256)]
+        chunks = [model.image_embeddings(clip, pixels[i : i + 256]) for i in range(0, len(pixels), 256)]
         logits = {k: v.float() for k, v in model.attribute_logits(clip, torch.cat(chunks), captions).items()}
     labels = {k: v[idx].to(clip.device) for k, v in data.labels.items()}
     return float(batch_loss(logits, labels)), {k: v.cpu().numpy() for k, v in logits.items()}
+
+
+AUDIT_SIZES = 3  # image sizes the audit may use after training on crops: the model's and the two below it,
+AUDIT_SIZE_STEP = 16  # this far apart (grocery photos trained at 160 px: 208 best, 192 to 224 within 0.02 loss)
+
+
+@torch.inference_mode()
+def choose_audit_view(clip: model.Clip, data: LabeledSet, rows: np.ndarray, captions: model.Captions, *,
+                      sizes: list[int]) -> dict:
+    """The image size the audit uses and whether it averages each photo's embedding with its mirror
+    image's: the pair with the lowest loss on ``rows`` (validation). A tower trained on small crops
+    sees a product larger than it is in the whole photo, so a size between the two suits it best
+    (FixRes). Sets ``clip.pixels`` and ``clip.meta`` and resizes ``data.pixels`` to match."""
+    clip.model.eval()
+    labels = {k: v[rows].to(clip.device) for k, v in data.labels.items()}
+    losses = {}
+    for size in sizes:
+        pixels = resized(data.pixels[rows], size).to(clip.device)
+        plain, mirror = (torch.cat([model.image_features(clip.model, p[i : i + 128]) for i in range(0, len(p), 128)])
+                         for p in (pixels, pixels.flip(-1)))
+        for averaged, emb in ((False, plain), (True, F.normalize(plain + mirror, dim=-1))):
+            losses[(size, averaged)] = float(batch_loss(model.attribute_logits(clip, emb, captions), labels))
+    size, averaged = min(losses, key=losses.get)
+    clip.pixels = dataclasses.replace(clip.pixels, resize=size, crop=size)
+    clip.meta |= {"image_size": size, "mirror_average": averaged}
+    data.pixels = resized(data.pixels, size)
+    log.info("the audit sees %d-px photos%s: validation loss %.3f (%s)", size, ", mirror averaged" if averaged else "",
+             losses[(size, averaged)], ", ".join(f"{s} px{' mirrored' if a else ''} {v:.3f}"
+                                                 for (s, a), v in losses.items()))
+    return {"image_size": size, "mirror_average": averaged,
+            "val_losses": [{"size": s, "mirror_average": a, "val_loss": v} for (s, a), v in losses.items()]}
+
+
+def resized(pixels: torch.Tensor, size: int) -> torch.Tensor:
+    """(n, 3, size, size) pixels, antialiased where they shrink; the same tensor where the size is right."""
+    if pixels.shape[-1] == size:
+        return pixels
+    return torch.cat([F.interpolate(pixels[i : i + 256], size=(size, size), mode="bilinear", align_corners=False,
+                                    antialias=True) for i in range(0, len(pixels), 256)])
 
 
 def spread_captions(clip: model.Clip, captions: model.Captions, *, steps: int, lr: float) -> float:
@@ -223,15 +300,14 @@ def fit(clip: model.Clip, data: LabeledSet, spec: Spec, config: TrainConfig, spl
     if config.spread_steps:
         cosine = spread_captions(clip, captions, steps=config.spread_steps, lr=config.lr)
         log.info("value captions spread apart: max cosine within an attribute %.2f", cosine)
-    optimizer = torch.optim.AdamW(clip.model.parameters(), lr=config.lr, weight_decay=config.weight_decay)
+    optimizer = torch.optim.AdamW(parameter_groups(clip, config), weight_decay=config.weight_decay)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: schedule(
         s, warmup=config.warmup_epochs * steps_per_epoch, total=config.epochs * steps_per_epoch))
 
     def train_epoch() -> float:
         clip.model.train()
         for rows in _epoch_batches(labels, train_idx, config, steps_per_epoch, rng):
-            pixels = data.pixels[rows]
-            pixels = augment(pixels, generator) if config.augment else pixels
+            pixels = augmented(data.pixels[rows], config, generator) if config.augment else data.pixels[rows]
             with _autocast(clip):
                 image_emb = model.image_features(clip.model, pixels.to(clip.device))
                 logits = model.attribute_logits(clip, image_emb, captions)
@@ -249,9 +325,13 @@ def fit(clip: model.Clip, data: LabeledSet, spec: Spec, config: TrainConfig, spl
     if config.keep_best:
         clip.model.load_state_dict(best["state"])
     clip.model.eval()
+    view = {}
+    if config.train_size:
+        sizes = [clip.pixels.crop - AUDIT_SIZE_STEP * i for i in reversed(range(AUDIT_SIZES))]
+        view = {"audit_view": choose_audit_view(clip, data, val_idx, captions, sizes=sizes)}
     return {"best_epoch": best["epoch"], "best_val_loss": best["val_loss"], "epochs_run": len(history),
             "stopped_by": stopped_by, "minutes": round((time.monotonic() - started) / 60, 2),
-            "device": clip.device.type, "history": history}
+            "device": clip.device.type, "history": history} | view
 
 
 def fit_prototypes(clip: model.Clip, data: LabeledSet, spec: Spec, config: TrainConfig, splits: Splits) -> dict:
@@ -279,6 +359,8 @@ def train_on(clip: model.Clip, data: LabeledSet, spec: Spec, *, config: TrainCon
     if torch.cuda.is_available():
         clip.model.cuda()
     train_idx, val_idx, test_idx = splits
+    for chosen_by_training in ("image_size", "mirror_average"):  # only training on crops sets them again
+        clip.meta.pop(chosen_by_training, None)
     if config.mode == "locked":
         result, embed = locked.fit(clip, data, spec, config, splits, plain=plain)
     else:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from pathlib import Path
 
@@ -95,6 +96,40 @@ def test_locked_mode_trains_only_above_the_cut_and_its_logits_match_the_whole_mo
     for name in whole:  # kept activations are bfloat16: close, not equal
         np.testing.assert_allclose(kept[name], whole[name], atol=0.5)
         assert (kept[name].argmax(1) == whole[name].argmax(1)).mean() >= 0.95
+
+
+def test_full_mode_trains_the_tower_on_crops_and_chooses_the_audits_view(spec, labeled_at_224, tmp_path):
+    data = train.LabeledSet(labeled_at_224.pixels.clone(), labeled_at_224.labels, 0)  # its pixels will be resized
+    clip = model.init_model(spec, "efficientnet-lite0")
+    before = {k: v.clone() for k, v in clip.model.vision_model.state_dict().items()}
+    config = train.config_for(clip, mode="full", epochs=1, test_fraction=0.0)
+    assert config.train_size == 160  # the full mode's preset for a pretrained image tower
+
+    outcome = train.train_on(clip, data, spec, config=config, splits=train.default_splits(data, config))
+
+    after = clip.model.vision_model.state_dict()
+    assert not torch.equal(before["blocks.0.depthwise.conv.weight"], after["blocks.0.depthwise.conv.weight"])
+    assert not torch.equal(before["head.bn.running_mean"], after["head.bn.running_mean"])  # statistics of the crops
+    view = outcome["training"]["audit_view"]
+    assert [(v["size"], v["mirror_average"]) for v in view["val_losses"]] == [
+        (size, mirrored) for size in (192, 208, 224) for mirrored in (False, True)]
+    best = min(view["val_losses"], key=lambda v: v["val_loss"])
+    assert (view["image_size"], view["mirror_average"]) == (best["size"], best["mirror_average"])
+    assert clip.pixels.crop == clip.meta["image_size"] == view["image_size"] and data.pixels.shape[-1] == view["image_size"]
+
+    clip.meta.update(outcome | {"trained": True, "train_config": dataclasses.asdict(config)})  # as finetune records
+    model.save_model(clip, str(tmp_path / "model"))
+    loaded = model.load_model(str(tmp_path / "model"), device="cpu")
+    assert loaded.pixels == clip.pixels and loaded.meta["mirror_average"] == view["mirror_average"]
+    photos = data.pixels[:4].numpy()
+    np.testing.assert_allclose(model.embed_images(loaded, photos), model.embed_images(clip, photos), atol=1e-5)
+    mirrored = np.ascontiguousarray(photos[..., ::-1])
+    for averaged in (True, False):  # averaged with the mirror image, an embedding cannot tell the two apart
+        loaded.meta["mirror_average"] = averaged
+        same = np.allclose(model.embed_images(loaded, photos), model.embed_images(loaded, mirrored), atol=1e-5)
+        assert same == averaged
+    card = (tmp_path / "model" / "README.md").read_text()
+    assert "160-px random crops" in card and f"The audit sees {view['image_size']}-px photos" in card
 
 
 def test_the_locked_tower_reads_the_sample_attributes_and_says_how_it_was_trained(flagging_model_dir, spec):

@@ -252,6 +252,17 @@ def test_config_for_trains_new_models_fast_and_pretrained_ones_gently(spec, trai
     assert chosen.lr == 3e-4
 
 
+def test_a_pretrained_image_tower_stays_locked_unless_told_to_train_whole_on_crops(spec):
+    tower = model.init_model(spec, "efficientnet-lite0")
+    locked_tower, whole = train.config_for(tower), train.config_for(tower, mode="full")
+    new = train.config_for(model.init_model(spec))
+
+    assert (whole.mode, whole.epochs, whole.train_size, whole.image_tower_lr) == ("full", 10, 160, 3e-4)
+    assert (locked_tower.mode, locked_tower.epochs, locked_tower.views, locked_tower.image_tower_lr) == (
+        "locked", 40, 4, 1e-4)
+    assert (new.mode, new.train_size, new.image_tower_lr) == ("full", None, new.lr)  # one rate for a new CLIP
+
+
 def test_groups_stay_on_one_side_of_every_split_and_fold():
     rng = np.random.default_rng(4)
     groups = rng.integers(0, 60, 500).astype(str)  # e.g. photo sessions, several images each
