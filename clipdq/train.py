@@ -182,8 +182,7 @@ def augmented(pixels: torch.Tensor, config: TrainConfig, generator: torch.Genera
     """A training batch as full mode sees it: random crops at ``config.train_size`` where set, else
     shifted and flipped at the model's size."""
     if config.train_size:
-        return augment_views(pixels, generator, size=config.train_size,
-                             min_area=TOWER_CROP_AREA).contiguous(memory_format=torch.channels_last)
+        return augment_views(pixels, generator, size=config.train_size, min_area=TOWER_CROP_AREA)
     return augment(pixels, generator)
 
 
@@ -218,16 +217,16 @@ AUDIT_SIZE_STEP = 16  # this far apart (grocery photos trained at 160 px: 208 be
 
 
 @torch.inference_mode()
-def choose_audit_view(clip: model.Clip, data: LabeledSet, rows: np.ndarray, captions: model.Captions, *,
-                      sizes: list[int]) -> dict:
-    """The image size the audit uses and whether it averages each photo's embedding with its mirror
-    image's: the pair with the lowest loss on ``rows`` (validation). A tower trained on small crops
+def choose_audit_view(clip: model.Clip, data: LabeledSet, rows: np.ndarray, captions: model.Captions) -> dict:
+    """The image size the audit uses (the model's or up to AUDIT_SIZES - 1 steps below) and whether it
+    averages each photo's embedding with its mirror image's: the pair with the lowest loss on ``rows``
+    (validation). A tower trained on small crops
     sees a product larger than it is in the whole photo, so a size between the two suits it best
     (FixRes). Sets ``clip.pixels`` and ``clip.meta`` and resizes ``data.pixels`` to match."""
     clip.model.eval()
     labels = {k: v[rows].to(clip.device) for k, v in data.labels.items()}
     losses = {}
-    for size in sizes:
+    for size in [clip.pixels.crop - AUDIT_SIZE_STEP * i for i in reversed(range(AUDIT_SIZES))]:
         pixels = resized(data.pixels[rows], size).to(clip.device)
         plain, mirror = (torch.cat([model.image_features(clip.model, p[i : i + 128]) for i in range(0, len(p), 128)])
                          for p in (pixels, pixels.flip(-1)))
@@ -325,10 +324,7 @@ def fit(clip: model.Clip, data: LabeledSet, spec: Spec, config: TrainConfig, spl
     if config.keep_best:
         clip.model.load_state_dict(best["state"])
     clip.model.eval()
-    view = {}
-    if config.train_size:
-        sizes = [clip.pixels.crop - AUDIT_SIZE_STEP * i for i in reversed(range(AUDIT_SIZES))]
-        view = {"audit_view": choose_audit_view(clip, data, val_idx, captions, sizes=sizes)}
+    view = {"audit_view": choose_audit_view(clip, data, val_idx, captions)} if config.train_size else {}
     return {"best_epoch": best["epoch"], "best_val_loss": best["val_loss"], "epochs_run": len(history),
             "stopped_by": stopped_by, "minutes": round((time.monotonic() - started) / 60, 2),
             "device": clip.device.type, "history": history} | view
