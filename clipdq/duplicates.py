@@ -4,14 +4,17 @@ Every usable image has a signature (``images.signature``: the whole image squash
 RGB). Two listings are duplicates when their images have the same bytes, or when the signature
 of one, or a window of it (the other image may be a crop), correlates with the other's at least
 ``threshold`` (normalised cross-correlation). Measured on the Grocery Store catalog images:
-re-encoded and half-size copies score above 0.99, centred crops keeping 80 to 90% of each side
-reach 0.99 about half the time, and two distinct products in look-alike packaging at most
-0.9825 (docs/benchmarks.md).
+re-encoded and half-size copies score above 0.99, and so do crops keeping 80% of each side
+(centred or not) and most keeping 70%; two distinct products in look-alike packaging at most
+0.983 (docs/benchmarks.md).
 
-Bounded in memory and never all pairs: each image's ``CANDIDATES`` nearest signatures at 8 x 8
-pixels are found blockwise (``match.top_k``), and only those pairs are compared window by
-window, ``BLOCK`` images at a time. Pairs join into groups (connected components), so three
-copies make one group.
+Bounded in memory and never all pairs: each image's ``CANDIDATES`` nearest images by its
+signature at 8 x 8 pixels, and as many by its colour histogram (which a crop keeps where its
+whole-image signature does not), are found blockwise (``match.top_k``), and only those pairs are
+compared: windows of one image on a grid of sides and positions, ``BLOCK`` images at a time,
+then the best window of each close pair moved and resized in small steps until no step improves
+it (a crop is seldom exactly on the grid). Pairs join into groups (connected components), so
+three copies make one group.
 """
 
 from __future__ import annotations
@@ -26,14 +29,18 @@ from clipdq.audit import DUPLICATES_SCHEMA
 from clipdq.images import SIGNATURE_BYTES, SIGNATURE_SIZE
 from clipdq.splits import connected_components
 
-CANDIDATES = 10  # nearest coarse signatures compared per image
+CANDIDATES = 5  # nearest images by each descriptor compared per image
 MAX_PAIRS_PER_IMAGE = 32  # an image that is many images' candidate keeps its most similar ones
 BLOCK = 256  # images whose windows exist at a time
 COARSE = 8  # side of the signatures that propose candidates
+COLOUR_BINS = 4  # levels per channel of the colour histograms that propose candidates
 FINE = 16  # side of the windows that decide
-SCALES = (1.0, 0.95, 0.9, 0.85, 0.8, 0.75, 0.7)  # window sides, as shares of the image's
-OFFSETS = 5  # window positions along each axis
-
+SCALES = (1.0, 0.95, 0.9, 0.85, 0.8, 0.75, 0.7)  # window sides on the grid, as shares of the image's
+OFFSETS = 5  # window positions along each axis on the grid
+ALIGN_FROM = 0.8  # pairs whose best grid window correlates at least this are aligned in small steps
+SMALLEST_SIDE = 0.65  # the smallest window side alignment may reach, as a share of the image's
+ALIGN_STEPS = 16  # alignment moves, each trying every side and centre coordinate both ways
+FIRST_STEP = 0.04  # alignment's first move, in the image's coordinates (-1 to 1 across)
 
 
 def _pixels(signatures: np.ndarray) -> torch.Tensor:
@@ -41,49 +48,118 @@ def _pixels(signatures: np.ndarray) -> torch.Tensor:
     return torch.from_numpy(np.asarray(signatures, dtype=np.float32)).reshape(-1, 3, SIGNATURE_SIZE, SIGNATURE_SIZE)
 
 
+def _unit(flat: torch.Tensor) -> torch.Tensor:
+    """Each row minus its mean, unit length."""
+    flat = flat - flat.mean(dim=-1, keepdim=True)
+    return flat / torch.linalg.vector_norm(flat, dim=-1, keepdim=True).clamp_min(1e-6)
+
+
 def _centred(images: torch.Tensor, side: int) -> torch.Tensor:
     """(n, 3 * side * side): each image area-resampled to ``side``, minus its mean, unit length."""
-    flat = F.interpolate(images, size=(side, side), mode="area").flatten(1)
-    flat = flat - flat.mean(dim=1, keepdim=True)
-    return flat / torch.linalg.vector_norm(flat, dim=1, keepdim=True).clamp_min(1e-6)
+    return _unit(F.interpolate(images, size=(side, side), mode="area").flatten(1))
 
 
-def _windows(images: torch.Tensor) -> torch.Tensor:
-    """(n, windows, 3 * FINE * FINE) centred, unit-length: for each scale, the image resampled so
-    that a window of that share of its side is FINE pixels, then FINE-pixel windows at up to
-    OFFSETS positions along each axis."""
+def _colours(images: torch.Tensor) -> torch.Tensor:
+    """(n, COLOUR_BINS ** 3): the square roots of each image's colour histogram, unit length."""
+    levels = (images * (COLOUR_BINS / 256)).long().clamp_(0, COLOUR_BINS - 1)
+    codes = (levels[:, 0] * COLOUR_BINS + levels[:, 1]) * COLOUR_BINS + levels[:, 2]
+    counts = torch.zeros(len(images), COLOUR_BINS ** 3).scatter_add_(1, codes.flatten(1), torch.ones(codes.flatten(1).shape))
+    return F.normalize(counts.sqrt(), dim=1)
+
+
+def _grid() -> list[tuple[int, int, int]]:
+    """The grid's windows as (resampled side, y, x): for each scale, the image resampled so that a
+    window of that share of its side is FINE pixels, then up to OFFSETS positions along each axis."""
     out = []
     for scale in SCALES:
         side = round(FINE / scale)
         offsets = np.unique(np.linspace(0, side - FINE, OFFSETS).round().astype(int)).tolist()
-        resized = F.interpolate(images, size=(side, side), mode="area")
-        out += [resized[:, :, y:y + FINE, x:x + FINE].flatten(1) for y in offsets for x in offsets]
-    windows = torch.stack(out, dim=1)
-    windows = windows - windows.mean(dim=2, keepdim=True)
-    return windows / torch.linalg.vector_norm(windows, dim=2, keepdim=True).clamp_min(1e-6)
+        out += [(side, y, x) for y in offsets for x in offsets]
+    return out
 
 
-def candidate_pairs(signatures: np.ndarray, sha256: list[str]) -> np.ndarray:
-    """(p, 2) row pairs, both ways round and sorted, whose coarse signatures are among each other's
-    nearest (same bytes excluded: those are grouped by their digest); an image that is many
-    images' candidate keeps its MAX_PAIRS_PER_IMAGE most similar."""
-    coarse = np.concatenate([_centred(_pixels(signatures[i:i + 4096]), COARSE).numpy()
-                             for i in range(0, len(signatures), 4096)])
-    found = match.top_k(coarse, coarse, k=CANDIDATES, query_keys=sha256, reference_keys=sha256)
+def _windows(images: torch.Tensor) -> torch.Tensor:
+    """(n, windows, 3 * FINE * FINE) centred, unit-length: the grid's windows of each image."""
+    grid = _grid()
+    resized = {side: F.interpolate(images, size=(side, side), mode="area") for side in {side for side, _, _ in grid}}
+    windows = torch.stack([resized[side][:, :, y:y + FINE, x:x + FINE].flatten(1) for side, y, x in grid], dim=1)
+    return _unit(windows)
+
+
+def _boxes() -> torch.Tensor:
+    """(windows, 4): the grid's windows as (half width, half height, centre x, centre y) in the
+    image's coordinates, -1 to 1 across."""
+    return torch.tensor([[FINE / side, FINE / side, (2 * x + FINE) / side - 1, (2 * y + FINE) / side - 1]
+                         for side, y, x in _grid()], dtype=torch.float32)
+
+
+def _render(images: torch.Tensor, boxes: torch.Tensor) -> torch.Tensor:
+    """(n, m, 3 * FINE * FINE) centred, unit-length: the windows ``boxes`` (n, m, 4) of each of the
+    n images, sampled bilinearly (the m windows of an image side by side in one grid)."""
+    n, m = boxes.shape[:2]
+    sides, centres = boxes[..., None, None, :2], boxes[..., None, None, 2:]
+    steps = (torch.arange(FINE, dtype=torch.float32) * 2 + 1) / FINE - 1  # pixel centres, -1 to 1
+    unit = torch.stack(torch.meshgrid(steps, steps, indexing="xy"), dim=-1)  # (FINE, FINE, (x, y))
+    grid = (unit * sides + centres).reshape(n, m * FINE, FINE, 2)
+    windows = F.grid_sample(images, grid, mode="bilinear", align_corners=False)  # (n, 3, m * FINE, FINE)
+    return _unit(windows.reshape(n, 3, m, FINE * FINE).transpose(1, 2).flatten(2))
+
+
+def _inside(boxes: torch.Tensor) -> torch.Tensor:
+    """``boxes`` with sides between SMALLEST_SIDE and the whole image, and their windows within it."""
+    sides = boxes[..., :2].clamp(SMALLEST_SIDE, 1.0)
+    return torch.cat([sides, boxes[..., 2:].clamp(-(1 - sides), 1 - sides)], dim=-1)
+
+
+def aligned_similarity(first: torch.Tensor, second: torch.Tensor, boxes: torch.Tensor) -> torch.Tensor:
+    """(n,): the best correlation between a window of each ``first`` image and the whole ``second``
+    image, searched from the windows ``boxes`` (n, 4) by moving each side and centre coordinate in
+    steps that halve whenever no move improves it."""
+    target = _centred(second, FINE)[:, None]  # (n, 1, values)
+    boxes = _inside(boxes)
+    best = (_render(first, boxes[:, None]) * target).sum(-1)[:, 0]
+    step = torch.full((len(boxes),), FIRST_STEP)
+    moves = torch.cat([torch.eye(4), -torch.eye(4)])  # (8, 4)
+    for _ in range(ALIGN_STEPS):
+        tried = _inside(boxes[:, None] + moves * step[:, None, None])  # (n, 8, 4)
+        top, at = (_render(first, tried) * target).sum(-1).max(dim=1)
+        better = top > best
+        best = torch.where(better, top, best)
+        boxes[better] = tried[better, at[better]]
+        step = torch.where(better, step, step / 2)
+    return best
+
+
+def _nearest(descriptors: np.ndarray, sha256: list[str]) -> np.ndarray:
+    """(p, 2) row pairs, both ways round, whose ``descriptors`` are among each other's nearest
+    (same bytes excluded); an image that is many images' candidate keeps its MAX_PAIRS_PER_IMAGE
+    most similar."""
+    found = match.top_k(descriptors, descriptors, k=CANDIDATES, query_keys=sha256, reference_keys=sha256)
     keep = found.indices.ravel() >= 0
-    pairs = np.stack([np.repeat(np.arange(len(coarse)), CANDIDATES)[keep], found.indices.ravel()[keep]], axis=1)
+    pairs = np.stack([np.repeat(np.arange(len(descriptors)), CANDIDATES)[keep], found.indices.ravel()[keep]], axis=1)
     scores = found.scores.ravel()[keep]
     pairs, first = np.unique(np.concatenate([pairs, pairs[:, ::-1]]), axis=0, return_index=True)
     scores = np.concatenate([scores, scores])[first]
     order = np.lexsort((-scores, pairs[:, 0]))  # by image, the most similar first
     rank = np.arange(len(order)) - np.searchsorted(pairs[order, 0], pairs[order, 0])
-    return np.unique(pairs[order][rank < MAX_PAIRS_PER_IMAGE], axis=0)
+    return pairs[order][rank < MAX_PAIRS_PER_IMAGE]
+
+
+def candidate_pairs(signatures: np.ndarray, sha256: list[str]) -> np.ndarray:
+    """(p, 2) row pairs, both ways round and sorted, that are among each other's nearest by coarse
+    signature or by colour histogram (same bytes excluded: those are grouped by their digest)."""
+    blocks = [_pixels(signatures[i:i + 4096]) for i in range(0, len(signatures), 4096)]
+    coarse = np.concatenate([_centred(block, COARSE).numpy() for block in blocks])
+    colours = np.concatenate([_colours(block).numpy() for block in blocks])
+    return np.unique(np.concatenate([_nearest(coarse, sha256), _nearest(colours, sha256)]), axis=0)
 
 
 def pair_similarity(signatures: np.ndarray, pairs: np.ndarray) -> np.ndarray:
     """(p,) for each (a, b) of the sorted ``pairs``: the best correlation between a window of a and
-    the whole of b; BLOCK images' windows at a time, each against its own candidates."""
+    the whole of b; BLOCK images' grid windows at a time, each against its own candidates, then the
+    pairs at ALIGN_FROM or more aligned from their best grid window."""
     out = np.zeros(len(pairs), np.float32)
+    best_window = np.zeros(len(pairs), np.int64)
     for start in range(0, len(signatures), BLOCK):
         lo, hi = np.searchsorted(pairs[:, 0], [start, start + BLOCK])
         if lo == hi:
@@ -94,7 +170,13 @@ def pair_similarity(signatures: np.ndarray, pairs: np.ndarray) -> np.ndarray:
         windows = _windows(_pixels(signatures[start:start + BLOCK]))  # (images, windows, values)
         others = torch.zeros(len(windows), int(slots.max()) + 1, windows.shape[2])
         others[rows, slots] = _centred(_pixels(signatures[block[:, 1]]), FINE)
-        out[lo:hi] = torch.bmm(windows, others.transpose(1, 2)).amax(dim=1)[rows, slots].numpy()
+        scores, at = torch.bmm(others, windows.transpose(1, 2)).max(dim=2)  # over windows
+        out[lo:hi], best_window[lo:hi] = scores[rows, slots].numpy(), at[rows, slots].numpy()
+    close = np.flatnonzero(out >= ALIGN_FROM)
+    for part in np.array_split(close, max(1, len(close) // 4096)) if len(close) else []:
+        aligned = aligned_similarity(_pixels(signatures[pairs[part, 0]]), _pixels(signatures[pairs[part, 1]]),
+                                     _boxes()[torch.from_numpy(best_window[part])])
+        out[part] = np.maximum(out[part], aligned.numpy())
     return out
 
 

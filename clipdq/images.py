@@ -19,6 +19,7 @@ BYTES_PER_PIXEL = {"1": 1, "L": 1, "P": 1, "LA": 2, "PA": 2, "I;16": 2, "I;16B":
                    "RGBA": 4, "CMYK": 4, "I": 4, "F": 4}
 SIGNATURE_SIZE = 32  # a pixel signature is the whole image as SIGNATURE_SIZE^2 RGB pixels (uint8)
 SIGNATURE_BYTES = 3 * SIGNATURE_SIZE ** 2
+SIGNATURE_DECODE_SIDE = 2 * SIGNATURE_SIZE  # decoded at least this large, however small the model's input
 SIGNATURES = {"JPEG": (b"\xff\xd8\xff",), "PNG": (b"\x89PNG\r\n\x1a\n",), "GIF": (b"GIF87a", b"GIF89a"),
               "TIFF": (b"II*\x00", b"MM\x00*"), "BMP": (b"BM",)}
 
@@ -107,7 +108,7 @@ def signature(image: Image.Image) -> bytes:
 def _pixels_one(data: bytes, spec: PixelSpec) -> tuple[np.ndarray, bytes] | str:
     """Model-ready pixels and the signature of image bytes, or why they could not be decoded."""
     try:
-        image = decode(data, min_side=spec.resize)
+        image = decode(data, min_side=max(spec.resize, SIGNATURE_DECODE_SIDE))
         return to_pixels(image, spec), signature(image)
     except UnidentifiedImageError:  # its message names a memory address: keep statuses reproducible
         return "unreadable image: not a recognised image format"
