@@ -32,6 +32,7 @@ from clipdq.splits import connected_components
 CANDIDATES = 5  # nearest images by each descriptor compared per image
 MAX_PAIRS_PER_IMAGE = 32  # an image that is many images' candidate keeps its most similar ones
 BLOCK = 256  # images whose windows exist at a time
+ALIGN_BLOCK = 4096  # pairs aligned at a time
 COARSE = 8  # side of the signatures that propose candidates
 COLOUR_BINS = 4  # levels per channel of the colour histograms that propose candidates
 FINE = 16  # side of the windows that decide
@@ -62,8 +63,8 @@ def _centred(images: torch.Tensor, side: int) -> torch.Tensor:
 def _colours(images: torch.Tensor) -> torch.Tensor:
     """(n, COLOUR_BINS ** 3): the square roots of each image's colour histogram, unit length."""
     levels = (images * (COLOUR_BINS / 256)).long().clamp_(0, COLOUR_BINS - 1)
-    codes = (levels[:, 0] * COLOUR_BINS + levels[:, 1]) * COLOUR_BINS + levels[:, 2]
-    counts = torch.zeros(len(images), COLOUR_BINS ** 3).scatter_add_(1, codes.flatten(1), torch.ones(codes.flatten(1).shape))
+    codes = ((levels[:, 0] * COLOUR_BINS + levels[:, 1]) * COLOUR_BINS + levels[:, 2]).flatten(1)
+    counts = torch.zeros(len(images), COLOUR_BINS ** 3).scatter_add_(1, codes, torch.ones(codes.shape))
     return F.normalize(counts.sqrt(), dim=1)
 
 
@@ -148,9 +149,12 @@ def _nearest(descriptors: np.ndarray, sha256: list[str]) -> np.ndarray:
 def candidate_pairs(signatures: np.ndarray, sha256: list[str]) -> np.ndarray:
     """(p, 2) row pairs, both ways round and sorted, that are among each other's nearest by coarse
     signature or by colour histogram (same bytes excluded: those are grouped by their digest)."""
-    blocks = [_pixels(signatures[i:i + 4096]) for i in range(0, len(signatures), 4096)]
-    coarse = np.concatenate([_centred(block, COARSE).numpy() for block in blocks])
-    colours = np.concatenate([_colours(block).numpy() for block in blocks])
+    coarse, colours = [], []
+    for start in range(0, len(signatures), 4096):
+        block = _pixels(signatures[start:start + 4096])
+        coarse.append(_centred(block, COARSE).numpy())
+        colours.append(_colours(block).numpy())
+    coarse, colours = np.concatenate(coarse), np.concatenate(colours)
     return np.unique(np.concatenate([_nearest(coarse, sha256), _nearest(colours, sha256)]), axis=0)
 
 
@@ -173,7 +177,8 @@ def pair_similarity(signatures: np.ndarray, pairs: np.ndarray) -> np.ndarray:
         scores, at = torch.bmm(others, windows.transpose(1, 2)).max(dim=2)  # over windows
         out[lo:hi], best_window[lo:hi] = scores[rows, slots].numpy(), at[rows, slots].numpy()
     close = np.flatnonzero(out >= ALIGN_FROM)
-    for part in np.array_split(close, max(1, len(close) // 4096)) if len(close) else []:
+    for start in range(0, len(close), ALIGN_BLOCK):
+        part = close[start:start + ALIGN_BLOCK]
         aligned = aligned_similarity(_pixels(signatures[pairs[part, 0]]), _pixels(signatures[pairs[part, 1]]),
                                      _boxes()[torch.from_numpy(best_window[part])])
         out[part] = np.maximum(out[part], aligned.numpy())
