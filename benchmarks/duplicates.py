@@ -5,8 +5,9 @@ products are wrongly grouped, and time and memory at scale.
     brand, each with one copy made five ways (re-encoded, half size, cropped to 90%, 80% and 70%
     of each side around the centre, 80% from the top-left corner). Per way and threshold: copies
     grouped with their original; and the highest similarity between two distinct products.
-(b) Scale: ``--images`` synthetic signatures (smooth random images) through ``duplicates.find``
-    in a child process: time and the OS's peak RSS.
+(b) Scale: ``--images`` synthetic signatures (smooth random images, the last 1,000 of them
+    copies of the first 1,000 with a little noise) through ``duplicates.find`` in a child process:
+    time, copies found, and the OS's peak RSS.
 
     python benchmarks/duplicates.py [--data DIR] [--images 100000]
 """
@@ -92,10 +93,15 @@ for start in range(0, n, 10000):  # smooth random images: 4x4 noise upsampled, p
     coarse = torch.from_numpy(rng.random((min(10000, n - start), 3, 4, 4), dtype=np.float32))
     smooth = F.interpolate(coarse, size=(32, 32), mode="bilinear") * 200 + torch.rand(len(coarse), 3, 32, 32) * 40
     signatures[start:start + len(coarse)] = smooth.clamp(0, 255).to(torch.uint8).flatten(1).numpy()
+planted = min(1000, n // 10)  # the last images: copies of the first ones with a little noise added
+noise = rng.integers(-3, 4, (planted, signatures.shape[1]))
+signatures[n - planted:] = np.clip(signatures[:planted].astype(np.int16) + noise, 0, 255).astype(np.uint8)
 started = time.monotonic()
 found = duplicates.find([str(i) for i in range(n)], [str(i) for i in range(n)], signatures, threshold=0.99)
-print(f"{n:,} images: {time.monotonic() - started:.1f} s, {found.height} in groups, "
-      f"peak RSS {resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024:,.0f} MB")
+group = dict(found.select("product_id", "group").rows())
+grouped = sum(group.get(str(i)) is not None and group.get(str(i)) == group.get(str(n - planted + i)) for i in range(planted))
+print(f"{n:,} images: {time.monotonic() - started:.1f} s, {grouped} of {planted} planted copies grouped with their "
+      f"original, {found.height} images in groups, peak RSS {resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024:,.0f} MB")
 """
 
 

@@ -10,11 +10,11 @@ re-encoded and half-size copies score above 0.99, and so do crops keeping 80% of
 
 Bounded in memory and never all pairs: each image's ``CANDIDATES`` nearest images by its
 signature at 8 x 8 pixels, and as many by its colour histogram (which a crop keeps where its
-whole-image signature does not), are found blockwise (``match.top_k``), and only those pairs are
-compared: windows of one image on a grid of sides and positions, ``BLOCK`` images at a time,
-then the best window of each close pair moved and resized in small steps until no step improves
-it (a crop is seldom exactly on the grid). Pairs join into groups (connected components), so
-three copies make one group.
+whole-image signature does not), are found blockwise (``match.top_k``; past APPROXIMATE_ABOVE
+images, faiss's inverted lists), and only those pairs are compared: windows of one image on a
+grid of sides and positions, ``BLOCK`` images at a time, then the best window of each close pair
+moved and resized in small steps until no step improves it (a crop is seldom exactly on the
+grid). Pairs join into groups (connected components), so three copies make one group.
 """
 
 from __future__ import annotations
@@ -30,6 +30,7 @@ from clipdq.images import SIGNATURE_BYTES, SIGNATURE_SIZE
 from clipdq.splits import connected_components
 
 CANDIDATES = 5  # nearest images by each descriptor compared per image
+APPROXIMATE_ABOVE = 100_000  # images past which candidates come from an approximate index (clipdq.index)
 MAX_PAIRS_PER_IMAGE = 32  # an image that is many images' candidate keeps its most similar ones
 BLOCK = 256  # images whose windows exist at a time
 ALIGN_BLOCK = 4096  # pairs aligned at a time
@@ -134,8 +135,14 @@ def aligned_similarity(first: torch.Tensor, second: torch.Tensor, boxes: torch.T
 def _nearest(descriptors: np.ndarray, sha256: list[str]) -> np.ndarray:
     """(p, 2) row pairs, both ways round, whose ``descriptors`` are among each other's nearest
     (same bytes excluded); an image that is many images' candidate keeps its MAX_PAIRS_PER_IMAGE
-    most similar."""
-    found = match.top_k(descriptors, descriptors, k=CANDIDATES, query_keys=sha256, reference_keys=sha256)
+    most similar; searched exactly up to APPROXIMATE_ABOVE images, approximately past them."""
+    if len(descriptors) > APPROXIMATE_ABOVE:
+        from clipdq import index  # faiss: only for catalogs that large
+
+        search = index.top_k
+    else:
+        search = match.top_k
+    found = search(descriptors, descriptors, k=CANDIDATES, query_keys=sha256, reference_keys=sha256)
     keep = found.indices.ravel() >= 0
     pairs = np.stack([np.repeat(np.arange(len(descriptors)), CANDIDATES)[keep], found.indices.ravel()[keep]], axis=1)
     scores = found.scores.ravel()[keep]

@@ -113,7 +113,10 @@ def test_a_spec_can_turn_the_check_off():
 
 
 @pytest.mark.skipif(not (GROCERY / "classes.csv").exists(), reason=f"Grocery Store dataset not found at {GROCERY}")
-def test_real_catalog_images_of_look_alike_products_are_not_grouped_but_their_copies_are():
+@pytest.mark.parametrize("search", ["exact", "approximate"])
+def test_real_catalog_images_of_look_alike_products_are_not_grouped_but_their_copies_are(search, monkeypatch):
+    if search == "approximate":  # as for catalogs past APPROXIMATE_ABOVE images
+        monkeypatch.setattr(duplicates, "APPROXIMATE_ABOVE", 0)
     with open(GROCERY / "classes.csv") as handle:
         paths = [GROCERY / row["Iconic Image Path (str)"].lstrip("/") for row in csv.DictReader(handle)]
     data = [path.read_bytes() for path in paths]  # 81 products, several in near-identical packaging
