@@ -156,13 +156,16 @@ def _nearest(descriptors: np.ndarray, sha256: list[str]) -> np.ndarray:
 def candidate_pairs(signatures: np.ndarray, sha256: list[str]) -> np.ndarray:
     """(p, 2) row pairs, both ways round and sorted, that are among each other's nearest by coarse
     signature or by colour histogram (same bytes excluded: those are grouped by their digest)."""
-    coarse, colours = [], []
-    for start in range(0, len(signatures), 4096):
-        block = _pixels(signatures[start:start + 4096])
-        coarse.append(_centred(block, COARSE).numpy())
-        colours.append(_colours(block).numpy())
-    coarse, colours = np.concatenate(coarse), np.concatenate(colours)
-    return np.unique(np.concatenate([_nearest(coarse, sha256), _nearest(colours, sha256)]), axis=0)
+    coarse = _described(signatures, lambda images: _centred(images, COARSE))
+    return np.unique(np.concatenate([_nearest(coarse, sha256), _nearest(_described(signatures, _colours), sha256)]),
+                     axis=0)
+
+
+def _described(signatures: np.ndarray, describe) -> np.ndarray:
+    """``describe`` (a tensor of images to a tensor of rows) of every signature, 4096 at a time:
+    never all images' float pixels at once."""
+    return np.concatenate([describe(_pixels(signatures[start:start + 4096])).numpy()
+                           for start in range(0, len(signatures), 4096)])
 
 
 def pair_similarity(signatures: np.ndarray, pairs: np.ndarray) -> np.ndarray:

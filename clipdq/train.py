@@ -220,9 +220,9 @@ AUDIT_SIZE_STEP = 16  # this far apart (grocery photos trained at 160 px: 208 be
 def choose_audit_view(clip: model.Clip, data: LabeledSet, rows: np.ndarray, captions: model.Captions) -> dict:
     """The image size the audit uses (the model's or up to AUDIT_SIZES - 1 steps below) and whether it
     averages each photo's embedding with its mirror image's: the pair with the lowest loss on ``rows``
-    (validation). A tower trained on small crops
-    sees a product larger than it is in the whole photo, so a size between the two suits it best
-    (FixRes). Sets ``clip.pixels`` and ``clip.meta`` and resizes ``data.pixels`` to match."""
+    (validation). A tower trained on small crops sees a product larger than it is in the whole
+    photo, so a size between the two suits it best (FixRes). Sets ``clip.pixels`` and ``clip.meta``
+    and resizes ``data.pixels`` to match."""
     clip.model.eval()
     labels = {k: v[rows].to(clip.device) for k, v in data.labels.items()}
     losses = {}
