@@ -21,6 +21,7 @@ import sys
 from pathlib import Path
 
 import numpy as np
+import polars as pl
 from PIL import Image
 
 from clipdq import duplicates, images
@@ -62,11 +63,12 @@ def grocery(data: Path) -> None:
     n, ids = len(blobs), [f"p{i}" for i in range(len(blobs))]
     signatures = _signatures(blobs)
     pairs = duplicates.candidate_pairs(signatures, [digest(blob) for blob in blobs])
-    scores = duplicates.pair_similarity(signatures, pairs)
+    scores = duplicates.pair_similarity(signatures, pairs)[0]
     print(f"{n} distinct products: highest similarity between two of them "
-          f"{duplicates.either_way(pairs, scores).max():.4f}")
-    print("| copy | " + " | ".join(f"grouped at {t}" for t in THRESHOLDS) + " |")
-    print("|---|" + "---|" * len(THRESHOLDS))
+          f"{scores[duplicates.better_way(pairs, scores)].max():.4f}")
+    print("| copy | " + " | ".join(f"grouped at {t}" for t in THRESHOLDS) + f" | the copy's kind at {THRESHOLDS[-1]} "
+          "(crop area: median) |")
+    print("|---|" + "---|" * (len(THRESHOLDS) + 1))
     originals = [Image.open(io.BytesIO(blob)).convert("RGB") for blob in blobs]
     for way, make in WAYS.items():
         copies = [make(image) for image in originals]
@@ -80,7 +82,15 @@ def grocery(data: Path) -> None:
             wrong = sum(len({pid.split("-")[0] for pid in members}) > 1
                         for members in found.group_by("group").agg("product_id")["product_id"].to_list())
             cells.append(f"{grouped}/{n}" + (f" ({wrong} groups of distinct products)" if wrong else ""))
-        print(f"| {way} | " + " | ".join(cells) + " |")
+        listed = found.filter(pl.col("product_id").str.ends_with("-copy"))
+        print(f"| {way} | " + " | ".join(cells) + f" | {_kinds(listed)} |")
+
+
+def _kinds(copies: pl.DataFrame) -> str:
+    """How many copies each kind names, with the median crop area of those named crops."""
+    counts = copies.group_by("kind").agg(pl.len(), pl.col("crop_area").median()).sort("len", descending=True)
+    return ", ".join(f"{kind} {count}" + ("" if area is None else f" ({area:.2f})")
+                     for kind, count, area in counts.rows())
 
 
 SCALE = """

@@ -106,14 +106,16 @@ def usable_images(batch: Batch, spec: Spec) -> pl.DataFrame:
 
 
 DUPLICATES_SCHEMA = {"group": pl.Int64, "product_id": pl.String, "group_size": pl.Int32, "other_id": pl.String,
-                     "similarity": pl.Float32, "kind": pl.String}  # duplicate listings (clipdq.duplicates)
+                     "similarity": pl.Float32, "kind": pl.String,
+                     "crop_area": pl.Float32}  # duplicate listings (clipdq.duplicates)
 
 
 def images_key(images: pl.DataFrame, threshold: float) -> str:
-    """A digest of which image each usable product has, and the threshold: equal keys, equal
-    duplicate listings (a rerun of an unchanged catalog reuses the previous run's)."""
+    """A digest of which image each usable product has, the threshold and the listings' columns:
+    equal keys, equal duplicate listings (a rerun of an unchanged catalog reuses the previous run's)."""
     rows = images.select("product_id", "sha256").sort("product_id")
-    payload = json.dumps([threshold, rows["product_id"].to_list(), rows["sha256"].to_list()])
+    payload = json.dumps([threshold, list(DUPLICATES_SCHEMA), rows["product_id"].to_list(),
+                          rows["sha256"].to_list()])
     return hashlib.sha256(payload.encode()).hexdigest()[:16]
 
 

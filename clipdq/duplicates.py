@@ -14,7 +14,8 @@ whole-image signature does not), are found blockwise (``match.top_k``; past APPR
 images, faiss's inverted lists), and only those pairs are compared: windows of one image on a
 grid of sides and positions, ``BLOCK`` images at a time, then the best window of each close pair
 moved and resized in small steps until no step improves it (a crop is seldom exactly on the
-grid). Pairs join into groups (connected components), so three copies make one group.
+grid). Pairs join into groups (connected components), so three copies make one group. The way
+round that scores best says which image is the crop; its window's area, how much the crop keeps.
 """
 
 from __future__ import annotations
@@ -43,6 +44,8 @@ ALIGN_FROM = 0.8  # pairs whose best grid window correlates at least this are al
 SMALLEST_SIDE = 0.65  # the smallest window side alignment may reach, as a share of the image's
 ALIGN_STEPS = 16  # alignment moves, each trying every side and centre coordinate both ways
 FIRST_STEP = 0.04  # alignment's first move, in the image's coordinates (-1 to 1 across)
+CROP_BELOW = 0.9  # a copy whose window of the other image covers less of its area than this is a crop
+KINDS = ("identical bytes", "near-identical pixels", "cropped from the other", "the other cropped from it")
 
 
 def _pixels(signatures: np.ndarray) -> torch.Tensor:
@@ -113,10 +116,11 @@ def _inside(boxes: torch.Tensor) -> torch.Tensor:
     return torch.cat([sides, boxes[..., 2:].clamp(-(1 - sides), 1 - sides)], dim=-1)
 
 
-def aligned_similarity(first: torch.Tensor, second: torch.Tensor, boxes: torch.Tensor) -> torch.Tensor:
-    """(n,): the best correlation between a window of each ``first`` image and the whole ``second``
-    image, searched from the windows ``boxes`` (n, 4) by moving each side and centre coordinate in
-    steps that halve whenever no move improves it."""
+def aligned_similarity(first: torch.Tensor, second: torch.Tensor, boxes: torch.Tensor
+                       ) -> tuple[torch.Tensor, torch.Tensor]:
+    """((n,) the best correlation between a window of each ``first`` image and the whole ``second``
+    image, (n, 4) that window), searched from the windows ``boxes`` (n, 4) by moving each side and
+    centre coordinate in steps that halve whenever no move improves it."""
     target = _centred(second, FINE)[:, None]  # (n, 1, values)
     boxes = _inside(boxes)
     best = (_render(first, boxes[:, None]) * target).sum(-1)[:, 0]
@@ -129,7 +133,12 @@ def aligned_similarity(first: torch.Tensor, second: torch.Tensor, boxes: torch.T
         best = torch.where(better, top, best)
         boxes[better] = tried[better, at[better]]
         step = torch.where(better, step, step / 2)
-    return best
+    return best, boxes
+
+
+def _area(boxes: torch.Tensor) -> torch.Tensor:
+    """(...,) the share of its image's area that each window (half width, half height, ...) covers."""
+    return boxes[..., 0] * boxes[..., 1]
 
 
 def _nearest(descriptors: np.ndarray, sha256: list[str]) -> np.ndarray:
@@ -168,10 +177,11 @@ def _described(signatures: np.ndarray, describe) -> np.ndarray:
                            for start in range(0, len(signatures), 4096)])
 
 
-def pair_similarity(signatures: np.ndarray, pairs: np.ndarray) -> np.ndarray:
-    """(p,) for each (a, b) of the sorted ``pairs``: the best correlation between a window of a and
-    the whole of b; BLOCK images' grid windows at a time, each against its own candidates, then the
-    pairs at ALIGN_FROM or more aligned from their best grid window."""
+def pair_similarity(signatures: np.ndarray, pairs: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """((p,) for each (a, b) of the sorted ``pairs`` the best correlation between a window of a and
+    the whole of b, (p,) the share of a's area that window covers); BLOCK images' grid windows at a
+    time, each against its own candidates, then the pairs at ALIGN_FROM or more aligned from their
+    best grid window."""
     out = np.zeros(len(pairs), np.float32)
     best_window = np.zeros(len(pairs), np.int64)
     for start in range(0, len(signatures), BLOCK):
@@ -186,52 +196,61 @@ def pair_similarity(signatures: np.ndarray, pairs: np.ndarray) -> np.ndarray:
         others[rows, slots] = _centred(_pixels(signatures[block[:, 1]]), FINE)
         scores, at = torch.bmm(others, windows.transpose(1, 2)).max(dim=2)  # over windows
         out[lo:hi], best_window[lo:hi] = scores[rows, slots].numpy(), at[rows, slots].numpy()
+    area = _area(_boxes()).numpy()[best_window]
     close = np.flatnonzero(out >= ALIGN_FROM)
     for start in range(0, len(close), ALIGN_BLOCK):
         part = close[start:start + ALIGN_BLOCK]
-        aligned = aligned_similarity(_pixels(signatures[pairs[part, 0]]), _pixels(signatures[pairs[part, 1]]),
-                                     _boxes()[torch.from_numpy(best_window[part])])
-        out[part] = np.maximum(out[part], aligned.numpy())
-    return out
+        aligned, boxes = aligned_similarity(_pixels(signatures[pairs[part, 0]]), _pixels(signatures[pairs[part, 1]]),
+                                            _boxes()[torch.from_numpy(best_window[part])])
+        better = aligned.numpy() > out[part]
+        out[part[better]] = aligned.numpy()[better]
+        area[part[better]] = _area(boxes).numpy()[better]
+    return out, area
 
 
 def find(ids: list[str], sha256: list[str], signatures: np.ndarray, *, threshold: float) -> pl.DataFrame:
     """Duplicate listings (DUPLICATES_SCHEMA) among images ``ids`` with their digests and (n, 3 * S * S)
     uint8 ``signatures``: one row per product in a group of two or more, with its most similar
-    other product, their similarity (1 for the same bytes) and its kind (identical bytes, or
-    near-identical pixels: re-encoded, resized, cropped)."""
+    other product, their similarity (1 for the same bytes), its kind (KINDS: identical bytes,
+    near-identical pixels such as a re-encoded or resized copy, or a crop, either way round) and,
+    for a crop, the share of the other image's area it keeps."""
     n = len(ids)
     if n < 2:
         return pl.DataFrame(schema=DUPLICATES_SCHEMA)
     pairs = candidate_pairs(signatures, sha256)
-    scores = pair_similarity(signatures, pairs)
-    scores = either_way(pairs, scores)
-    pairs, scores = pairs[scores >= threshold], scores[scores >= threshold]
+    scores, areas = pair_similarity(signatures, pairs)
+    way = better_way(pairs, scores)
+    kinds = np.where(areas[way] >= CROP_BELOW, 1, np.where(way == np.arange(len(pairs)), 3, 2))
+    keep = scores[way] >= threshold
     digests = pl.Series(sha256).cast(pl.Categorical).to_physical().to_numpy().astype(np.int64)
     same = _same_bytes(digests)
-    roots = connected_components(n, np.concatenate([pairs, same]))
+    roots = connected_components(n, np.concatenate([pairs[keep], same]))
     sizes = np.bincount(roots, minlength=n)
-    best = _best_other(n, np.concatenate([pairs, same, same[:, ::-1]]),
-                       np.concatenate([scores, np.ones(2 * len(same), np.float32)]))
+    linked = np.concatenate([pairs[keep], same, same[:, ::-1]])
+    similarity = np.concatenate([scores[way][keep], np.ones(2 * len(same), np.float32)])
+    kind = np.concatenate([kinds[keep], np.zeros(2 * len(same), np.int64)])
+    area = np.concatenate([areas[way][keep], np.ones(2 * len(same), np.float32)])
     members = np.flatnonzero(sizes[roots] >= 2)
-    other = best[0][members]
-    identical = digests[members] == digests[other]
+    best = _best_link(n, linked, similarity)[members]
     return pl.DataFrame({
         "group": np.unique(roots[members], return_inverse=True)[1].astype(np.int64),
         "product_id": [ids[i] for i in members], "group_size": sizes[roots[members]].astype(np.int32),
-        "other_id": [ids[i] for i in other], "similarity": best[1][members].astype(np.float32),
-        "kind": np.where(identical, "identical bytes", "near-identical pixels").tolist(),
-    }, schema=DUPLICATES_SCHEMA).sort("group", "product_id")
+        "other_id": [ids[i] for i in linked[best, 1]], "similarity": similarity[best],
+        "kind": [KINDS[k] for k in kind[best]],
+        "crop_area": np.where(kind[best] >= 2, area[best], np.nan),
+    }, schema=DUPLICATES_SCHEMA).with_columns(pl.col("crop_area").fill_nan(None)).sort("group", "product_id")
 
 
-def either_way(pairs: np.ndarray, scores: np.ndarray) -> np.ndarray:
-    """The better of each sorted pair's score and its reverse's where both were scored: a crop
-    matches a window of its original, not the other way round."""
+def better_way(pairs: np.ndarray, scores: np.ndarray) -> np.ndarray:
+    """(p,) for each of the sorted ``pairs``, the index of the better scored of it and its reverse
+    (itself where its reverse was not scored): a crop matches a window of its original, not the
+    other way round."""
     base = int(pairs.max(initial=0)) + 1
     keys = pairs[:, 0] * base + pairs[:, 1]
     at = np.minimum(np.searchsorted(keys, pairs[:, 1] * base + pairs[:, 0]), max(len(pairs) - 1, 0))
     found = keys[at] == pairs[:, 1] * base + pairs[:, 0] if len(pairs) else np.zeros(0, bool)
-    return np.where(found, np.maximum(scores, scores[at]), scores)
+    own = np.arange(len(pairs))
+    return np.where(found & (scores[at] > scores), at, own)
 
 
 def _same_bytes(digests: np.ndarray) -> np.ndarray:
@@ -241,12 +260,12 @@ def _same_bytes(digests: np.ndarray) -> np.ndarray:
     return np.array(pairs, dtype=np.int64).reshape(-1, 2)
 
 
-def _best_other(n: int, pairs: np.ndarray, scores: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """(most similar other row, its similarity) of every row; (itself, 0) where it has none."""
-    other, best = np.arange(n), np.zeros(n, np.float32)
+def _best_link(n: int, pairs: np.ndarray, scores: np.ndarray) -> np.ndarray:
+    """(n,) the index in ``pairs`` of each row's most similar other (the last of equals), -1 where none."""
+    best = np.full(n, -1)
     order = np.argsort(scores, kind="stable")  # the best last: it wins the assignment
-    other[pairs[order, 0]], best[pairs[order, 0]] = pairs[order, 1], scores[order]
-    return other, best
+    best[pairs[order, 0]] = order
+    return best
 
 
 def of_images(images: pl.DataFrame, *, threshold: float) -> pl.DataFrame:
@@ -270,7 +289,8 @@ def flag_near_identical(matches: pl.DataFrame, references: match.Embedded, queri
     signatures = np.concatenate([queries.signatures, references.signatures[used]])
     pairs = np.stack([q, len(queries.signatures) + np.searchsorted(used, r)], axis=1)
     both = np.unique(np.concatenate([pairs, pairs[:, ::-1]]), axis=0)
-    scores = either_way(both, pair_similarity(signatures, both)) if len(both) else np.zeros(0, np.float32)
+    scores = pair_similarity(signatures, both)[0] if len(both) else np.zeros(0, np.float32)
+    scores = scores[better_way(both, scores)]
     base = int(both.max(initial=0)) + 1
     at = np.searchsorted(both[:, 0] * base + both[:, 1], pairs[:, 0] * base + pairs[:, 1])
     similarity = np.full(matches.height, np.nan, np.float32)

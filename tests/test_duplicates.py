@@ -41,6 +41,7 @@ COPIES = {  # how a duplicate listing's image was made from the original's bytes
     "resized": lambda data, image: _jpeg(image.resize((image.width // 2, image.height // 2))),
     "cropped": lambda data, image: _jpeg(_cropped(image, 0.9, centred=True)),
 }
+KEPT = {"cropped": 0.9, "centre80": 0.8, "corner85": 0.85}  # the share of each side a crop keeps
 TIGHTER_CROPS = {  # on real photos, whose detail survives a 32 x 32 signature (the sample's line drawings' does not)
     "centre80": lambda data, image: _jpeg(_cropped(image, 0.8, centred=True)),
     "corner85": lambda data, image: _jpeg(_cropped(image, 0.85, centred=False)),
@@ -89,6 +90,8 @@ def test_an_audit_groups_each_copy_with_its_original_and_no_distinct_products(pr
     exact = found.filter(pl.col("product_id").str.ends_with("-exact"))
     assert (exact["kind"] == "identical bytes").all() and (exact["similarity"] == 1).all()
     assert (found.filter(pl.col("kind") != "identical bytes")["similarity"] >= 0.99).all()
+    cropped = found.filter(pl.col("product_id").str.ends_with("-cropped"))
+    assert (cropped["kind"] == "cropped from the other").all() and (cropped["crop_area"] < 0.9).all()
     summary = json.loads((run / "summary.json").read_text())
     assert summary["duplicates"] == {"checked": True, "similarity_threshold": 0.99, "groups": 5,
                                      "products": 5 * (len(COPIES) + 1), "groups_of_identical_bytes": 0,
@@ -133,3 +136,14 @@ def test_real_catalog_images_of_look_alike_products_are_not_grouped_but_their_co
     groups = found.group_by("group").agg("product_id")["product_id"].to_list()
     assert len(groups) == 20 and all(len({pid.split("-")[0] for pid in group}) == 1 for group in groups)
     assert sorted(found["product_id"]) == sorted(ids[:20] + ids[len(data):])  # every copy, cropped ones too
+    way = pl.col("product_id").str.split("-").list.get(1, null_on_oob=True)
+    kinds = {row["way"]: set(row["kind"]) for row in found.group_by(way.alias("way")).agg("kind").to_dicts()}
+    assert {way: kinds[way] for way in ("reencoded", "resized", "centre80", "corner85")} == {
+        "reencoded": {"near-identical pixels"}, "resized": {"near-identical pixels"},
+        "centre80": {"cropped from the other"}, "corner85": {"cropped from the other"}}
+    assert found.filter(way.is_in(["reencoded", "resized"]))["crop_area"].null_count() == 40
+    whole = ~pl.col("other_id").str.contains("-") | pl.col("other_id").str.contains("-(reencoded|resized)$")
+    of_whole = found.filter(pl.col("kind") == "cropped from the other", whole)  # crop area: the share it keeps
+    assert of_whole["product_id"].str.ends_with("-corner85").sum() == 20  # no other copy holds a corner crop
+    for row in of_whole.to_dicts():
+        assert abs(row["crop_area"] - KEPT[row["product_id"].split("-")[1]] ** 2) < 0.03, row
