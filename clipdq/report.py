@@ -50,7 +50,8 @@ def duplicates_summary(found: pl.DataFrame, threshold: float | None, images_key:
         return {"checked": False, "why": "duplicate_similarity is null in the spec"}
     identical = found.group_by("group").agg(pl.col("kind").eq("identical bytes").all())["kind"].sum()
     return {"checked": True, "similarity_threshold": threshold, "groups": found["group"].n_unique(),
-            "products": found.height, "groups_of_identical_bytes": int(identical), "images_key": images_key}
+            "products": found.height, "groups_of_identical_bytes": int(identical),
+            "crops": int((found["kind"] == "cropped from the other").sum()), "images_key": images_key}
 
 
 def text_summary(spec: Spec, calibration: TextCalibration | None) -> dict:

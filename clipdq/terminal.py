@@ -18,8 +18,9 @@ def text(summary: dict, folder: str) -> str:
              _text_table(summary["by_attribute"], ["attribute", *STATUSES])]
     duplicates = summary.get("duplicates")
     if duplicates and duplicates["checked"]:
-        lines.append(f"  {duplicates['products']} products in {duplicates['groups']} groups of duplicate listings "
-                     f"(duplicates.parquet)")
+        crops = f", {duplicates['crops']} of them crops of another's image" if duplicates.get("crops") else ""
+        lines.append(f"  {duplicates['products']} products in {duplicates['groups']} groups of duplicate listings"
+                     f"{crops} (duplicates.parquet)")
     text = summary.get("text_agreement")
     if text and text["checked"]:
         lines.append(f"  {text['flagged']} images may not show the product their {text['column']} names "

@@ -14,7 +14,7 @@ import polars as pl
 import pytest
 from PIL import Image
 
-from clipdq import duplicates, images
+from clipdq import duplicates, images, terminal
 from clipdq.cache import digest
 from clipdq.options import AuditOptions
 from clipdq.spec import parse_spec
@@ -94,10 +94,13 @@ def test_an_audit_groups_each_copy_with_its_original_and_no_distinct_products(pr
     assert (cropped["kind"] == "cropped from the other").all() and (cropped["crop_area"] < 0.9).all()
     summary = json.loads((run / "summary.json").read_text())
     assert summary["duplicates"] == {"checked": True, "similarity_threshold": 0.99, "groups": 5,
-                                     "products": 5 * (len(COPIES) + 1), "groups_of_identical_bytes": 0,
+                                     "products": 5 * (len(COPIES) + 1), "groups_of_identical_bytes": 0, "crops": 5,
                                      "images_key": summary["duplicates"]["images_key"]}
     html = (run / "report.html").read_text()
     assert "Duplicate listings" in html and f"{original_of[next(iter(original_of))]}-exact" in html
+    assert "the crop keeps" in html
+    assert f"{5 * (len(COPIES) + 1)} products in 5 groups of duplicate listings, 5 of them crops" in terminal.text(
+        summary, str(run))
 
     def refuse(*args, **kwargs):
         raise AssertionError("an unchanged catalog's duplicate listings are found again")
