@@ -220,16 +220,18 @@ def find(ids: list[str], sha256: list[str], signatures: np.ndarray, *, threshold
     pairs = candidate_pairs(signatures, sha256)
     scores, areas = pair_similarity(signatures, pairs)
     way = better_way(pairs, scores)
-    kinds = np.where(areas[way] >= CROP_BELOW, 1, np.where(way == np.arange(len(pairs)), 3, 2))
-    keep = scores[way] >= threshold
+    scores, areas = scores[way], areas[way]
+    # KINDS' index from a's side of each pair (a, b): scored its own way round, a window of a is b
+    kinds = np.where(areas >= CROP_BELOW, 1, np.where(way == np.arange(len(pairs)), 3, 2))
+    keep = scores >= threshold
     digests = pl.Series(sha256).cast(pl.Categorical).to_physical().to_numpy().astype(np.int64)
     same = _same_bytes(digests)
     roots = connected_components(n, np.concatenate([pairs[keep], same]))
     sizes = np.bincount(roots, minlength=n)
     linked = np.concatenate([pairs[keep], same, same[:, ::-1]])
-    similarity = np.concatenate([scores[way][keep], np.ones(2 * len(same), np.float32)])
+    similarity = np.concatenate([scores[keep], np.ones(2 * len(same), np.float32)])
     kind = np.concatenate([kinds[keep], np.zeros(2 * len(same), np.int64)])
-    area = np.concatenate([areas[way][keep], np.ones(2 * len(same), np.float32)])
+    area = np.concatenate([areas[keep], np.ones(2 * len(same), np.float32)])
     members = np.flatnonzero(sizes[roots] >= 2)
     best = _best_link(n, linked, similarity)[members]
     return pl.DataFrame({
