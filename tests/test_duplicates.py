@@ -141,7 +141,7 @@ def test_real_catalog_images_of_look_alike_products_are_not_grouped_but_their_co
     assert sorted(found["product_id"]) == sorted(ids[:20] + ids[len(data):])  # every copy, cropped ones too
     way = pl.col("product_id").str.split("-").list.get(1, null_on_oob=True)
     kinds = {row["way"]: set(row["kind"]) for row in found.group_by(way.alias("way")).agg("kind").to_dicts()}
-    assert {way: kinds[way] for way in ("reencoded", "resized", "centre80", "corner85")} == {
+    assert {made: kinds[made] for made in ("reencoded", "resized", "centre80", "corner85")} == {
         "reencoded": {"near-identical pixels"}, "resized": {"near-identical pixels"},
         "centre80": {"cropped from the other"}, "corner85": {"cropped from the other"}}
     assert found.filter(way.is_in(["reencoded", "resized"]))["crop_area"].null_count() == 40
