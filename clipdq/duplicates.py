@@ -184,6 +184,7 @@ def pair_similarity(signatures: np.ndarray, pairs: np.ndarray) -> tuple[np.ndarr
     best grid window."""
     out = np.zeros(len(pairs), np.float32)
     best_window = np.zeros(len(pairs), np.int64)
+    grid = _boxes()
     for start in range(0, len(signatures), BLOCK):
         lo, hi = np.searchsorted(pairs[:, 0], [start, start + BLOCK])
         if lo == hi:
@@ -196,14 +197,15 @@ def pair_similarity(signatures: np.ndarray, pairs: np.ndarray) -> tuple[np.ndarr
         others[rows, slots] = _centred(_pixels(signatures[block[:, 1]]), FINE)
         scores, at = torch.bmm(others, windows.transpose(1, 2)).max(dim=2)  # over windows
         out[lo:hi], best_window[lo:hi] = scores[rows, slots].numpy(), at[rows, slots].numpy()
-    area = _area(_boxes()).numpy()[best_window]
+    area = _area(grid).numpy()[best_window]
     close = np.flatnonzero(out >= ALIGN_FROM)
     for start in range(0, len(close), ALIGN_BLOCK):
         part = close[start:start + ALIGN_BLOCK]
         aligned, boxes = aligned_similarity(_pixels(signatures[pairs[part, 0]]), _pixels(signatures[pairs[part, 1]]),
-                                            _boxes()[torch.from_numpy(best_window[part])])
-        better = aligned.numpy() > out[part]
-        out[part[better]] = aligned.numpy()[better]
+                                            grid[torch.from_numpy(best_window[part])])
+        aligned = aligned.numpy()
+        better = aligned > out[part]
+        out[part[better]] = aligned[better]
         area[part[better]] = _area(boxes).numpy()[better]
     return out, area
 
@@ -228,10 +230,9 @@ def find(ids: list[str], sha256: list[str], signatures: np.ndarray, *, threshold
     same = _same_bytes(digests)
     roots = connected_components(n, np.concatenate([pairs[keep], same]))
     sizes = np.bincount(roots, minlength=n)
-    linked = np.concatenate([pairs[keep], same, same[:, ::-1]])
-    similarity = np.concatenate([scores[keep], np.ones(2 * len(same), np.float32)])
-    kind = np.concatenate([kinds[keep], np.zeros(2 * len(same), np.int64)])
-    area = np.concatenate([areas[keep], np.ones(2 * len(same), np.float32)])
+    linked = np.concatenate([pairs[keep], same, same[:, ::-1]])  # then each same-bytes link: 1, kind 0, whole
+    similarity, kind, area = (np.concatenate([values[keep], np.full(2 * len(same), fill, values.dtype)])
+                              for values, fill in ((scores, 1), (kinds, 0), (areas, 1)))
     members = np.flatnonzero(sizes[roots] >= 2)
     best = _best_link(n, linked, similarity)[members]
     return pl.DataFrame({
@@ -247,12 +248,18 @@ def better_way(pairs: np.ndarray, scores: np.ndarray) -> np.ndarray:
     """(p,) for each of the sorted ``pairs``, the index of the better scored of it and its reverse
     (itself where its reverse was not scored): a crop matches a window of its original, not the
     other way round."""
-    base = int(pairs.max(initial=0)) + 1
-    keys = pairs[:, 0] * base + pairs[:, 1]
-    at = np.minimum(np.searchsorted(keys, pairs[:, 1] * base + pairs[:, 0]), max(len(pairs) - 1, 0))
-    found = keys[at] == pairs[:, 1] * base + pairs[:, 0] if len(pairs) else np.zeros(0, bool)
-    own = np.arange(len(pairs))
-    return np.where(found & (scores[at] > scores), at, own)
+    at, found = _positions(pairs, pairs[:, ::-1])
+    return np.where(found & (scores[at] > scores), at, np.arange(len(pairs)))
+
+
+def _positions(pairs: np.ndarray, wanted: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(where each ``wanted`` pair is among the sorted ``pairs``, whether it is there at all)."""
+    if not len(pairs):
+        return np.zeros(len(wanted), np.int64), np.zeros(len(wanted), bool)
+    base = int(max(pairs.max(), wanted.max(initial=0))) + 1
+    keys, wanted_keys = pairs[:, 0] * base + pairs[:, 1], wanted[:, 0] * base + wanted[:, 1]
+    at = np.minimum(np.searchsorted(keys, wanted_keys), len(pairs) - 1)
+    return at, keys[at] == wanted_keys
 
 
 def _same_bytes(digests: np.ndarray) -> np.ndarray:
@@ -276,7 +283,6 @@ def of_images(images: pl.DataFrame, *, threshold: float) -> pl.DataFrame:
     return find(images["product_id"].to_list(), images["sha256"].to_list(), signatures, threshold=threshold)
 
 
-
 def flag_near_identical(matches: pl.DataFrame, references: match.Embedded, queries: match.Embedded, *,
                         threshold: float) -> tuple[pl.DataFrame, dict]:
     """(``matches`` with each ranked pair whose query and reference images are near-identical
@@ -293,8 +299,7 @@ def flag_near_identical(matches: pl.DataFrame, references: match.Embedded, queri
     both = np.unique(np.concatenate([pairs, pairs[:, ::-1]]), axis=0)
     scores = pair_similarity(signatures, both)[0] if len(both) else np.zeros(0, np.float32)
     scores = scores[better_way(both, scores)]
-    base = int(both.max(initial=0)) + 1
-    at = np.searchsorted(both[:, 0] * base + both[:, 1], pairs[:, 0] * base + pairs[:, 1])
+    at = _positions(both, pairs)[0]
     similarity = np.full(matches.height, np.nan, np.float32)
     similarity[ranked] = scores[at] if len(at) else []
     near = np.flatnonzero(similarity >= threshold)
