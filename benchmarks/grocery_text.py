@@ -6,7 +6,8 @@ text category. The EfficientNet-Lite0 dual encoder trains in locked mode on the 
 (three category levels), then its text tower learns the titles against the trained image
 embeddings, and the agreement threshold is calibrated on the validation rows. Measured on the ``val`` photos (other photo sessions, used
 neither for training nor calibration), per seed, with 10% of the photos given the title of
-another product (10 plantings):
+another product (10 plantings), each planting judged as an audit of those photos judges it
+(``audit.judge_texts``: against the audited photos' own typical agreement):
 
 - precision and recall of the "image may not show this product" flags, pooled and by whether the
   wrong title names a product of the same coarse class (say, another apple) or of another one;
@@ -30,7 +31,8 @@ import numpy as np
 import polars as pl
 import yaml
 
-from clipdq import evaluation, model, text, train
+from clipdq import audit, evaluation, model, text, train
+from clipdq.compare import TEXTS_SCHEMA
 from clipdq.spec import Spec, parse_spec
 
 from grocery import DEFAULT_DATA, LEVELS, ROOT, embedded_photos, load_catalog, splits_for, spread
@@ -68,7 +70,7 @@ def plant(rows: np.ndarray, data: train.LabeledSet, rng: np.random.Generator) ->
 
 
 def flag_figures(clip: model.Clip, data: train.LabeledSet, rows: np.ndarray, calibration: text.TextCalibration,
-                 seed: int) -> dict:
+                 spec: Spec, seed: int) -> dict:
     """Counts of flags and planted mismatches over PLANTINGS plantings on ``rows``."""
     image_emb = model.embed_images(clip, data.pixels[rows].numpy())
     text_emb = dict(zip(np.unique(data.texts), model.embed_texts(clip, np.unique(data.texts).tolist())))
@@ -79,8 +81,12 @@ def flag_figures(clip: model.Clip, data: train.LabeledSet, rows: np.ndarray, cal
         wrong = shown != rows
         same = wrong & (data.text_categories[shown] == data.text_categories[rows])
         agreement = text.row_agreement(image_emb, np.stack([text_emb[t] for t in data.texts[shown]]))
-        scores = calibration.scores(agreement, data.text_categories[shown])
-        flagged = np.zeros(len(rows), bool) if calibration.threshold is None else scores <= calibration.threshold
+        texts = pl.DataFrame({"product_id": rows.astype(str), "text": data.texts[shown],
+                              "category": data.text_categories[shown],
+                              "score": calibration.scores(agreement, data.text_categories[shown]),
+                              "image_error": None}, schema=TEXTS_SCHEMA)
+        findings, _ = audit.judge_texts(texts, calibration, spec)  # as the audit judges them
+        flagged = findings["status"].to_numpy() == "conflict"
         counts["flags"] += int(flagged.sum())
         counts["planted"] += int(wrong.sum())
         counts["found"] += int((flagged & wrong).sum())
@@ -101,7 +107,7 @@ def run_seed(spec: Spec, data: train.LabeledSet, plain, split, seed: int, views:
     calibration = text.TextCalibration.from_dict(outcome["text_calibration"])
     result = {"seed": seed, "cpu_minutes": round((time.process_time() - cpu) / 60, 2),
               "text_minutes": outcome["training"]["texts"]["minutes"], "accuracy": accuracy,
-              "threshold": calibration.threshold, "flags": flag_figures(clip, data, test, calibration, seed)}
+              "threshold": calibration.threshold, "flags": flag_figures(clip, data, test, calibration, spec, seed)}
     print(f"seed {seed}: {result}", flush=True)
     return result
 

@@ -21,11 +21,12 @@ import polars as pl
 
 from clipdq import images, predict, sources, text, tree
 from clipdq.cache import EmbeddingCache, digest
-from clipdq.compare import FINDINGS_SCHEMA, PREDICTIONS_SCHEMA, compare, text_findings, texts_of
+from clipdq.compare import FINDINGS_SCHEMA, PREDICTIONS_SCHEMA, TEXTS_SCHEMA, compare, text_findings, texts_of
 from clipdq.images import PixelSpec
 from clipdq.scorer import Scorer, value_embeddings_for
 from clipdq.sources import ImageAccess, fetch_all
 from clipdq.spec import Spec
+from clipdq.text import TextCalibration
 
 if TYPE_CHECKING:
     from clipdq.model import Clip
@@ -225,21 +226,34 @@ def text_embeddings(texts: list[str], scorer: Scorer, cache: EmbeddingCache | No
     return np.stack([found[key] for key in keys])
 
 
-def text_agreement(batch: Batch, image_emb: np.ndarray, scorer: Scorer,
-                   cache: EmbeddingCache | None = None) -> pl.DataFrame | None:
-    """Findings of image and text agreement (``compare.text_findings``) for the batch's rows with a
-    text; None where the spec names no text column."""
+def text_scores(batch: Batch, image_emb: np.ndarray, scorer: Scorer,
+                cache: EmbeddingCache | None = None) -> pl.DataFrame:
+    """(TEXTS_SCHEMA) the batch's rows with a text, each scored against its image where both are
+    there and the model is calibrated on texts; empty where the spec names no text column."""
     spec = scorer.spec
-    if spec.text_column is None:
-        return None
     texts, categories = texts_of(batch.rows, spec)
     ok, calibration = batch.ok, scorer.text_calibration
-    scores = np.zeros(int(ok.sum()))
-    if calibration is not None and ok.any():
+    score = np.full(len(texts), np.nan)
+    if spec.text_column is not None and calibration is not None and ok.any():
         agreement = text.row_agreement(image_emb, text_embeddings(texts[ok].tolist(), scorer, cache))
-        scores = calibration.scores(agreement, categories[ok])
-    return text_findings(batch.rows[spec.id_column].cast(pl.String).to_list(), texts, categories,
-                         column=spec.text_column, ok=ok, errors=batch.errors, scores=scores, calibration=calibration)
+        score[ok] = calibration.scores(agreement, categories[ok])
+    frame = pl.DataFrame({"product_id": batch.rows[spec.id_column].cast(pl.String), "text": texts.tolist(),
+                          "category": categories.tolist(), "score": score, "image_error": batch.errors},
+                         schema=TEXTS_SCHEMA, strict=False)
+    return frame.with_columns(pl.col("score").fill_nan(None)).filter(pl.col("text") != "")
+
+
+def judge_texts(texts: pl.DataFrame, calibration: TextCalibration | None, spec: Spec) -> tuple[pl.DataFrame, dict]:
+    """(findings of image and text agreement for ``texts``, what the summary says of how they were
+    judged): every audited row with a text (TEXTS_SCHEMA), its score judged against the audited
+    catalog's own typical score (``text.catalog_shift``)."""
+    if spec.text_column is None:
+        return pl.DataFrame(schema=FINDINGS_SCHEMA), {}
+    scores = texts["score"].drop_nulls().to_numpy()
+    shift = text.catalog_shift(scores)
+    judged = {"catalog_rows": len(scores), "catalog_shift": round(shift, 3),
+              "against": "this catalog" if len(scores) >= text.MIN_CATALOG_ROWS else "validation"}
+    return text_findings(texts, column=spec.text_column, calibration=calibration, shift=shift), judged
 
 
 def predictions_of(ids: list[str], choices: dict[str, tuple[np.ndarray, np.ndarray]], spec: Spec, *,
@@ -269,8 +283,9 @@ def findings_of(
     access: ImageAccess,
     cache: EmbeddingCache | None = None,
     on_batch: Callable[[Batch], None] = lambda batch: None,
-) -> pl.DataFrame:
-    """Findings (FINDINGS_SCHEMA) of the catalog rows in ``row_batches``, scored by ``scorer``.
+) -> tuple[pl.DataFrame, pl.DataFrame]:
+    """(findings (FINDINGS_SCHEMA), texts (TEXTS_SCHEMA)) of the catalog rows in ``row_batches``,
+    scored by ``scorer``; the texts are judged once all are scored (``judge_texts``).
 
     Images are fetched and decoded in a background thread a few batches ahead of the model; each
     batch is compared as it is scored, so only findings, not catalog rows, pile up. ``on_batch``
@@ -278,11 +293,11 @@ def findings_of(
     """
     spec = scorer.spec
     prepare = functools.partial(prepare_batch, spec=spec, access=access, pixels=scorer.pixels, cache=cache)
-    parts = [pl.DataFrame(schema=FINDINGS_SCHEMA)]
+    parts, texts = [pl.DataFrame(schema=FINDINGS_SCHEMA)], [pl.DataFrame(schema=TEXTS_SCHEMA)]
     for batch in prepared_batches(row_batches, prepare):
         image_emb = embed_batch(batch, scorer, cache)
         predictions = score_batch(batch, scorer=scorer, image_emb=image_emb)
-        parts.append(compare(batch.rows, predictions, spec=spec, calibration=scorer.calibration,
-                             text=text_agreement(batch, image_emb, scorer, cache)))
+        parts.append(compare(batch.rows, predictions, spec=spec, calibration=scorer.calibration))
+        texts.append(text_scores(batch, image_emb, scorer, cache))
         on_batch(batch)
-    return pl.concat(parts)
+    return pl.concat(parts), pl.concat(texts)

@@ -104,12 +104,11 @@ def _p(column: str) -> pl.Expr:
 
 
 def compare(
-    catalog: pl.DataFrame, predictions: pl.DataFrame, *, spec: Spec, calibration: dict[str, Calibration],
-    text: pl.DataFrame | None = None
+    catalog: pl.DataFrame, predictions: pl.DataFrame, *, spec: Spec, calibration: dict[str, Calibration]
 ) -> pl.DataFrame:
     """Findings with the columns of FINDINGS_SCHEMA, one row per product and applicable attribute,
-    the findings ``text`` of its title (``text_findings``) where given, and one ``not_applicable``
-    row for each product that has no other finding: every product appears.
+    and one ``not_applicable`` row for each product that has no other finding: every product appears.
+    (Its text, where the spec names a text column, is judged apart: ``text_findings``.)
 
     ``predictions`` has the columns of PREDICTIONS_SCHEMA for the same products.
     """
@@ -161,34 +160,41 @@ def compare(
     )
     for tree in spec.trees:
         findings = _highest_conflict(findings, tree)
-    if text is not None:
-        findings = pl.concat([findings, text])
     return pl.concat([findings, _not_applicable(catalog, findings, spec)])
 
 
-def text_findings(ids: list[str], texts: np.ndarray, categories: np.ndarray, *, column: str, ok: np.ndarray,
-                  errors: list[str | None], scores: np.ndarray, calibration: TextCalibration | None) -> pl.DataFrame:
-    """Findings (FINDINGS_SCHEMA) of image and text agreement, attribute ``column``, for each row
-    with a text: ``conflict`` where the image may not show the product its text describes,
-    ``match`` where they agree, ``uncertain`` where the model cannot tell at the target precision.
+TEXTS_SCHEMA = {  # an audited row with a text, before it is judged (text_findings)
+    "product_id": pl.String,
+    "text": pl.String,
+    "category": pl.String,
+    "score": pl.Float64,  # TextCalibration score; null where the image failed or the model has no text calibration
+    "image_error": pl.String,  # why the image failed, null when it loaded
+}
 
-    ``scores`` (one per ``ok`` row) are TextCalibration scores. Confidence is the chance that the
-    text does not describe the image on a conflict, and that it does on the other rows.
+
+def text_findings(texts: pl.DataFrame, *, column: str, calibration: TextCalibration | None,
+                  shift: float = 0.0) -> pl.DataFrame:
+    """Findings (FINDINGS_SCHEMA) of image and text agreement, attribute ``column``, for each row
+    of ``texts`` (TEXTS_SCHEMA): ``conflict`` where the image may not show the product its text
+    describes, ``match`` where they agree, ``uncertain`` where the model cannot tell at the target
+    precision. Each score is judged less ``shift``, the audited catalog's typical score.
+
+    Confidence is the chance that the text does not describe the image on a conflict, and that it
+    does on the other rows.
     """
-    has_text = texts != ""
-    score = np.full(len(ids), np.nan)
-    score[ok] = scores
-    mismatch = calibration.mismatch_probability(score) if calibration else np.full(len(ids), np.nan)
+    ok = texts["image_error"].is_null().to_numpy()
+    score = texts["score"].fill_null(np.nan).to_numpy() - shift
+    mismatch = calibration.mismatch_probability(score) if calibration else np.full(len(score), np.nan)
     threshold = None if calibration is None else calibration.threshold
-    flagged = np.zeros(len(ids), dtype=bool) if threshold is None else ok & (score <= threshold)
+    flagged = np.zeros(len(score), dtype=bool) if threshold is None else ok & (score <= threshold)
     status = np.where(~ok, "image_error", np.where(flagged, "conflict", "match" if threshold is not None else "uncertain"))
-    detail = [_text_detail(status[i], errors[i], score[i], categories[i], column=column, calibration=calibration)
-              for i in range(len(ids))]
+    detail = [_text_detail(*row, column=column, calibration=calibration)
+              for row in zip(status, texts["image_error"], score, texts["category"])]
     frame = pl.DataFrame({
-        "product_id": ids, "attribute": column, "existing_value": texts.tolist(), "predicted_value": None,
+        "product_id": texts["product_id"], "attribute": column, "existing_value": texts["text"], "predicted_value": None,
         "confidence": np.where(flagged, mismatch, 1 - mismatch), "status": status.tolist(), "detail": detail,
     }, schema=FINDINGS_SCHEMA, strict=False)
-    return frame.with_columns(pl.col("confidence").fill_nan(None)).filter(pl.Series(has_text))
+    return frame.with_columns(pl.col("confidence").fill_nan(None))
 
 
 def _highest_conflict(findings: pl.DataFrame, tree: Tree) -> pl.DataFrame:

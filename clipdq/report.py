@@ -54,8 +54,9 @@ def duplicates_summary(found: pl.DataFrame, threshold: float | None, images_key:
             "crops": int((found["kind"] == "cropped from the other").sum()), "images_key": images_key}
 
 
-def text_summary(spec: Spec, calibration: TextCalibration | None) -> dict:
-    """What summary.json says of image and text agreement, before the findings are counted."""
+def text_summary(spec: Spec, calibration: TextCalibration | None, judged: dict) -> dict:
+    """What summary.json says of image and text agreement, before the findings are counted;
+    ``judged``: how the audit judged the texts (``audit.judge_texts``)."""
     if spec.text_column is None:
         return {"checked": False, "why": "the spec names no text_column"}
     if calibration is None:
@@ -64,7 +65,7 @@ def text_summary(spec: Spec, calibration: TextCalibration | None) -> dict:
                        f"with that column)"}
     return {"checked": True, "column": spec.text_column, "category_column": spec.text_category,
             "threshold": calibration.threshold, "validation_rows": calibration.rows,
-            "planted_rows": calibration.planted_rows}
+            "planted_rows": calibration.planted_rows} | judged
 
 
 def summarize(findings: Findings, *, products: int, run: dict, validation: dict, reported: int | None = None,

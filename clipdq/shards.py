@@ -2,8 +2,8 @@
 call, ``run_shard``, that any process can run (a thread here, a Dask worker elsewhere).
 
 A shard loads the model once per process, scores its rows, keeps its new embeddings in the cache
-and writes the pixel signatures of its images (for duplicate listings), then its findings as one
-part with its counts. A part already written is reused, so a run
+and writes the pixel signatures of its images (for duplicate listings) and its texts' scores (judged
+once every shard is done), then its findings as one part with its counts. A part already written is reused, so a run
 killed at any point resumes from its finished shards when the same command runs again; the work
 folder is named after everything that decides the findings, so a changed catalog, spec, model
 or option starts afresh. Only a ``Job`` (URIs and options), ``Shard``s and small ``ShardResult``s
@@ -30,7 +30,7 @@ from clipdq.spec import parse_spec
 
 log = logging.getLogger(__name__)
 
-PARTS_VERSION = 2  # raise when what a shard writes changes, so old parts are not reused
+PARTS_VERSION = 3  # raise when what a shard writes changes, so old parts are not reused
 COUNTS_KEY = b"clipdq_counts"  # Parquet metadata of a part: its image counts, as JSON
 
 
@@ -92,6 +92,7 @@ class ShardResult:
     index: int
     part: str  # URI of the findings part
     images: str  # URI of its images' ids, digests and signatures (audit.IMAGES_SCHEMA)
+    texts: str  # URI of its rows' texts and their scores (compare.TEXTS_SCHEMA)
     counts: dict[str, int]  # scored, from_cache, unread, embedded, lost_to_outages
     reused: bool  # written by an earlier, interrupted run
 
@@ -102,6 +103,10 @@ def part_uri(job: Job, shard: Shard) -> str:
 
 def images_uri(job: Job, shard: Shard) -> str:
     return storage.join(job.work, f"images-{shard.index:05d}.parquet")
+
+
+def texts_uri(job: Job, shard: Shard) -> str:
+    return storage.join(job.work, f"texts-{shard.index:05d}.parquet")
 
 
 @functools.lru_cache(maxsize=1)
@@ -116,7 +121,7 @@ def run_shard(job: Job, shard: Shard) -> ShardResult:
     counts = read_counts(part)
     if counts is not None:
         log.info("shard %d: finished by an earlier run, reusing %s", shard.index, part)
-        return ShardResult(shard.index, part, images_uri(job, shard), counts, reused=True)
+        return ShardResult(shard.index, part, images_uri(job, shard), texts_uri(job, shard), counts, reused=True)
     use = scorer_for(job)
     source = catalog.CatalogFile(job.catalog_uri, version=job.catalog_version)
     cache = EmbeddingCache(job.cache) if job.cache else None
@@ -129,14 +134,15 @@ def run_shard(job: Job, shard: Shard) -> ShardResult:
         progress_log.info("shard %d: scored %d/%d products", shard.index, counts["scored"], shard.rows,
                           extra={"progress": (counts["scored"], shard.rows)})
 
-    findings = audit.findings_of(
+    findings, texts = audit.findings_of(
         source.batches_between(shard.start, shard.stop, job.batch_size), scorer=use,
         access=sources.catalog_access(job.catalog_uri, use.spec, job.image_roots), cache=cache, on_batch=on_batch)
     if cache is not None:
         cache.flush()  # before the part: a finished part's embeddings are kept
     write_parquet(images_uri(job, shard), pl.concat(seen).to_arrow())
+    write_parquet(texts_uri(job, shard), texts.to_arrow())
     write_part(part, findings, dict(counts))
-    return ShardResult(shard.index, part, images_uri(job, shard), dict(counts), reused=False)
+    return ShardResult(shard.index, part, images_uri(job, shard), texts_uri(job, shard), dict(counts), reused=False)
 
 
 def write_part(uri: str, findings: pl.DataFrame, counts: dict[str, int]) -> None:
@@ -163,10 +169,10 @@ def read_counts(uri: str) -> dict[str, int] | None:
     return json.loads(meta[COUNTS_KEY]) if COUNTS_KEY in meta else None
 
 
-def assemble(parts: list[str], dest: str) -> int:
-    """The parts, in order, as one Parquet file at the local path ``dest``, holding one part in
-    memory at a time; returns the products it reports, counted part by part (shards never share
-    a product: their rows differ and ids are unique)."""
+def assemble(parts: list[str], dest: str, text_findings: pl.DataFrame) -> int:
+    """The parts, in order, then ``text_findings`` (of products the parts report), as one Parquet
+    file at the local path ``dest``, holding one part in memory at a time; returns the products
+    it reports, counted part by part (shards never share a product: their rows differ and ids are unique)."""
     schema = pl.DataFrame(schema=FINDINGS_SCHEMA).to_arrow().schema
     products = 0
     with pq.ParquetWriter(dest, schema) as writer:
@@ -177,6 +183,7 @@ def assemble(parts: list[str], dest: str) -> int:
                 table = pq.ParquetFile(stream).read().replace_schema_metadata(None).cast(schema)
             writer.write_table(table)
             products += pl.from_arrow(table["product_id"]).n_unique()
+        writer.write_table(text_findings.to_arrow().cast(schema))
     return products
 
 
@@ -188,9 +195,9 @@ def totals(results: list[ShardResult]) -> dict[str, int]:
     return {key: summed[key] for key in audit.COUNT_KEYS}
 
 
-def read_images(parts: list[str]) -> pl.DataFrame:
-    """The images parts of a run's shards, in order, as one frame (audit.IMAGES_SCHEMA)."""
-    frames = [pl.DataFrame(schema=audit.IMAGES_SCHEMA)]
+def read_frames(parts: list[str], schema: dict) -> pl.DataFrame:
+    """Parts of a run's shards (images, texts), in order, as one frame of ``schema``."""
+    frames = [pl.DataFrame(schema=schema)]
     for uri in parts:
         stream, _ = storage.open_read(uri)
         with stream:

@@ -20,10 +20,12 @@ from prefect.task_runners import ThreadPoolTaskRunner
 
 from clipdq import audit, catalog, images, report, runs, scorer, shards, sources, splits, storage
 from clipdq.cache import cache_key
+from clipdq.compare import TEXTS_SCHEMA
 from clipdq.model_files import ModelFiles
 from clipdq.options import AuditOptions
 from clipdq.sources import ImageAccess
 from clipdq.spec import Spec, parse_spec
+from clipdq.text import TextCalibration
 from flows.inputs import read_model, read_spec
 from flows.retries import IO_RETRIES
 
@@ -141,20 +143,24 @@ def publish(folder: str, findings_file: str, summary: dict, source: catalog.Cata
 
 def _cross_fitted(frame: pl.DataFrame, clip: Clip, spec: Spec, *, k: int, fold_minutes: float | None,
                   group_column: str | None, access: ImageAccess, batch_size: int, on_batch):
-    """(findings, one calibration per fold as JSON): each fold scored by ``clip`` fine-tuned on the other folds."""
+    """(findings, one calibration per fold as JSON, how each fold's texts were judged): each fold
+    scored by ``clip`` fine-tuned on the other folds."""
     from clipdq import train
 
     groups = train.group_keys(frame, group_column)
     folds = pl.Series(splits.fold_of(train.encode_labels(frame, spec), k=k, seed=0, groups=groups))
-    parts, calibrations = [], []
+    parts, calibrations, judged = [], [], []
     for fold in range(k):
         get_run_logger().info("cross-fitting: training the model for fold %d of %d", fold + 1, k)
         fold_clip = train_fold(clip, frame.filter(folds != fold), spec, access, fold, fold_minutes, group_column)
         fold_scorer = scorer.of_clip(fold_clip, spec)
-        parts.append(audit.findings_of(audit.batches(frame.filter(folds == fold), batch_size), scorer=fold_scorer,
-                                       access=access, on_batch=on_batch))
+        findings, texts = audit.findings_of(audit.batches(frame.filter(folds == fold), batch_size),
+                                            scorer=fold_scorer, access=access, on_batch=on_batch)
+        text_findings, fold_judged = audit.judge_texts(texts, fold_scorer.text_calibration, spec)
+        parts += [findings, text_findings]
         calibrations.append({name: c.to_dict() for name, c in fold_scorer.calibration.items()})
-    return pl.concat(parts), calibrations
+        judged.append(fold_judged)
+    return pl.concat(parts), calibrations, judged
 
 
 @flow(name="clipdq-audit", log_prints=True)
@@ -199,8 +205,10 @@ def audit_catalog(catalog_uri: str, spec_uri: str, model_uri: str, output_uri: s
     with tempfile.TemporaryDirectory(prefix="clipdq-findings-") as scratch:
         findings_file = str(Path(scratch, "findings.parquet"))
         reported = None  # products in the findings: counted by the summary unless the shards count them
+        text_calibration = scorer.text_calibration_for(files, spec)
         if options.cross_fit:
-            in_folds, usable = _audit_cross_fitted(source, load_model(model_uri), spec, findings_file, options, access)
+            in_folds, usable, judged = _audit_cross_fitted(source, load_model(model_uri), spec, findings_file,
+                                                           options, access)
             run |= in_folds
         else:
             job = shards.new_job(output_uri, model_fingerprint=files.fingerprint(),
@@ -209,7 +217,8 @@ def audit_catalog(catalog_uri: str, spec_uri: str, model_uri: str, output_uri: s
                                  backend=backend_check["used"],
                                  cache=_embedding_cache(output_uri, files, backend_check["used"], options),
                                  image_roots=tuple(sorted(options.image_roots)), batch_size=options.batch_size)
-            in_shards, reported, usable = _audit_in_shards(job, source, spec, findings_file, options)
+            in_shards, reported, usable, judged = _audit_in_shards(job, source, spec, findings_file, options,
+                                                                   text_calibration)
             run |= in_shards | {"calibration": {name: c.to_dict()
                                                 for name, c in scorer.calibration_for(files, spec).items()}}
         previous, changes = _changes_since_previous_run(output_uri, catalog_uri, findings_file)
@@ -219,7 +228,7 @@ def audit_catalog(catalog_uri: str, spec_uri: str, model_uri: str, output_uri: s
                                    validation=validation, reported=reported,
                                    changes=runs.change_counts(changes, previous) if previous else None,
                                    duplicates=report.duplicates_summary(duplicates, spec.duplicate_similarity, key),
-                                   text=report.text_summary(spec, scorer.text_calibration_for(files, spec)))
+                                   text=report.text_summary(spec, text_calibration, judged))
         publish(folder, findings_file, summary, source, spec, access, changes, validation, duplicates)
         top = report.problem_table(pl.scan_parquet(findings_file), changes, TOP_PROBLEMS)
     if not options.cross_fit:
@@ -252,18 +261,21 @@ def _embedding_cache(output_uri: str, files: ModelFiles, backend: str, options: 
 
 
 def _audit_in_shards(job: shards.Job, source: catalog.CatalogFile, spec: Spec, findings_file: str,
-                     options: AuditOptions) -> tuple[dict, int, pl.DataFrame]:
-    """The catalog scored shard by shard on the chosen task runner and joined into ``findings_file``;
-    returns what the summary says of it, the products in the findings and the usable images."""
+                     options: AuditOptions, text_calibration: TextCalibration | None) -> tuple[dict, int, pl.DataFrame, dict]:
+    """The catalog scored shard by shard on the chosen task runner, its texts judged once all are
+    scored, joined into ``findings_file``; returns what the summary says of it, the products in
+    the findings, the usable images and how the texts were judged."""
     plan = shards.plan(source.group_rows, rows_per_shard=options.rows_per_shard)
     get_run_logger().info("%d products in %d shards; shard parts in %s", source.rows, len(plan), job.work)
     results = score_shards(task_runner(options.dask_address, options.workers), job, plan, source.rows)
     images_seen = shards.totals(results)
     audit.check_outage(images_seen["lost_to_outages"], source.rows, spec.max_transient_image_errors)
-    reported = shards.assemble([result.part for result in results], findings_file)
-    usable = shards.read_images([result.images for result in results])
+    texts = shards.read_frames([result.texts for result in results], TEXTS_SCHEMA)
+    text_findings, judged = audit.judge_texts(texts, text_calibration, spec)
+    reported = shards.assemble([result.part for result in results], findings_file, text_findings)
+    usable = shards.read_frames([result.images for result in results], audit.IMAGES_SCHEMA)
     return {"images": images_seen, "shards": {"count": len(plan), "rows_per_shard": options.rows_per_shard,
-                                              "reused": sum(result.reused for result in results)}}, reported, usable
+                                              "reused": sum(result.reused for result in results)}}, reported, usable, judged
 
 
 TOP_PROBLEMS = 25  # problems in the run's table artifact
@@ -289,9 +301,9 @@ def _announce(summary: dict, folder: str, top: pl.DataFrame) -> None:
 
 
 def _audit_cross_fitted(source: catalog.CatalogFile, clip: Clip, spec: Spec, findings_file: str,
-                        options: AuditOptions, access: ImageAccess) -> tuple[dict, pl.DataFrame]:
-    """Cross-fitted findings written to ``findings_file``; returns what the summary says of them
-    and the usable images."""
+                        options: AuditOptions, access: ImageAccess) -> tuple[dict, pl.DataFrame, dict]:
+    """Cross-fitted findings written to ``findings_file``; returns what the summary says of them,
+    the usable images and how each fold's texts were judged."""
     images_seen, usable = dict.fromkeys(audit.COUNT_KEYS, 0), [pl.DataFrame(schema=audit.IMAGES_SCHEMA)]
 
     def on_batch(batch: audit.Batch) -> None:
@@ -301,8 +313,8 @@ def _audit_cross_fitted(source: catalog.CatalogFile, clip: Clip, spec: Spec, fin
         audit.check_outage(images_seen["lost_to_outages"], source.rows, spec.max_transient_image_errors)
         get_run_logger().info("scored %d/%d products", images_seen["scored"], source.rows)
 
-    findings, calibrations = _cross_fitted(source.read(), clip, spec, k=options.cross_fit,
-                                           fold_minutes=options.fold_minutes, group_column=options.group_column,
-                                           access=access, batch_size=options.batch_size, on_batch=on_batch)
+    findings, calibrations, judged = _cross_fitted(source.read(), clip, spec, k=options.cross_fit,
+                                                   fold_minutes=options.fold_minutes, group_column=options.group_column,
+                                                   access=access, batch_size=options.batch_size, on_batch=on_batch)
     findings.write_parquet(findings_file)
-    return {"calibration": calibrations, "images": images_seen}, pl.concat(usable)
+    return {"calibration": calibrations, "images": images_seen}, pl.concat(usable), {"folds": judged}

@@ -140,6 +140,10 @@ def test_summary_report_and_fixes_show_the_images_that_may_not_show_their_title(
     text = summary["text_agreement"]
     assert text["checked"] and text["column"] == "title" and text["category_column"] == "product_type"
     assert text["threshold"] is not None and text["validation_rows"] > 100
+    # every scored title judged against this catalog's own median score, not validation's
+    assert text["against"] == "this catalog" and text["catalog_rows"] == findings.filter(
+        (pl.col("attribute") == "title") & (pl.col("status") != "image_error")).height
+    assert f"the median of its {text['catalog_rows']} scored rows" in html
     assert text["flagged"] == flagged.height > 0
     assert 'id="text-agreement"' in html and flagged["product_id"][0] in html.split('id="text-agreement"')[1]
     fixes = pl.read_csv(Path(local_run[1]) / "suggested_fixes.csv")

@@ -6,8 +6,8 @@ import numpy as np
 import polars as pl
 import pytest
 
-from clipdq import text
-from clipdq.compare import FINDINGS_SCHEMA, text_findings
+from clipdq import audit, text
+from clipdq.compare import FINDINGS_SCHEMA, TEXTS_SCHEMA, text_findings
 from clipdq.spec import SpecError, parse_spec
 
 
@@ -77,27 +77,53 @@ def test_planted_pairs_never_pair_a_row_with_its_own_text():
     assert len(images) == 6 * 3 and (texts[images] != texts[others]).all()
 
 
+def texts_frame(scores: list[float | None], errors: list[str | None] | None = None) -> pl.DataFrame:
+    n = len(scores)
+    return pl.DataFrame({"product_id": [f"p{i}" for i in range(n)], "text": [f"title {i}" for i in range(n)],
+                         "category": ["apparel"] * n, "score": scores, "image_error": errors or [None] * n},
+                        schema=TEXTS_SCHEMA)
+
+
 def test_text_findings_flag_low_scores_and_account_for_every_row_with_a_text():
     calibration = text.TextCalibration("title", 0.8, 0.05, {}, threshold=-4.0, mismatch_score=(-8.0, 2.0))
-    ids = ["p1", "p2", "p3", "p4"]
-    texts = np.array(["Red top", "Blue pot", "", "Green top"], dtype=object)
-    ok = np.array([True, True, True, False])
+    texts = texts_frame([0.2, -7.0, None], errors=[None, None, "missing file"])
 
-    found = text_findings(ids, texts, np.array(["apparel", "cookware", "", "apparel"], dtype=object),
-                          column="title", ok=ok, errors=[None, None, None, "missing file"],
-                          scores=np.array([0.2, -7.0, 0.0]), calibration=calibration)
+    found = text_findings(texts, column="title", calibration=calibration)
 
     assert dict(found.schema) == FINDINGS_SCHEMA
     rows = {r["product_id"]: r for r in found.iter_rows(named=True)}
-    assert set(rows) == {"p1", "p2", "p4"}  # no text, nothing to judge
-    assert rows["p1"]["status"] == "match" and rows["p2"]["status"] == "conflict"
-    assert rows["p4"]["status"] == "image_error" and rows["p4"]["detail"] == "missing file"
-    assert "may not show this product" in rows["p2"]["detail"] and "cookware" in rows["p2"]["detail"]
-    assert rows["p2"]["confidence"] > 0.9 and rows["p1"]["confidence"] > 0.9
+    assert [rows[p]["status"] for p in ("p0", "p1", "p2")] == ["match", "conflict", "image_error"]
+    assert rows["p2"]["detail"] == "missing file" and rows["p1"]["existing_value"] == "title 1"
+    assert "may not show this product" in rows["p1"]["detail"] and "apparel" in rows["p1"]["detail"]
+    assert rows["p1"]["confidence"] > 0.9 and rows["p0"]["confidence"] > 0.9
+    # judged against a catalog whose texts typically score 3.5 lower, -7 is no longer unusual
+    assert text_findings(texts, column="title", calibration=calibration, shift=-3.5)["status"][1] == "match"
 
-    blind = text_findings(ids, texts, np.full(4, "", dtype=object), column="title", ok=ok,
-                          errors=[None] * 4, scores=np.zeros(3), calibration=None)
-    assert blind.filter(pl.col("product_id") != "p4")["status"].to_list() == ["uncertain", "uncertain"]
+    blind = text_findings(texts_frame([None, None]), column="title", calibration=None)
+    assert blind["status"].to_list() == ["uncertain", "uncertain"]
+
+
+def test_an_audit_judges_texts_against_its_own_catalog_once_it_has_enough_of_them():
+    """Photos from a new session agree with their titles less than validation's did: every score
+    drops by 2.5. Judged against validation, right titles would be flagged; against the catalog's
+    own median, only the planted mismatches (10%, 3 units below the rest) are."""
+    calibration = text.TextCalibration("title", 0.8, 0.05, {}, threshold=-2.0, mismatch_score=(-5.0, 1.0))
+    spec = parse_spec("attributes: {color: {values: [red, blue]}}\ntext_column: title\n")
+    rng = np.random.default_rng(0)
+    right = rng.normal(-2.5, 0.3, 90)
+    planted = rng.normal(-5.5, 0.3, 10)
+    texts = texts_frame([*right, *planted])
+
+    findings, judged = audit.judge_texts(texts, calibration, spec)
+
+    assert judged["against"] == "this catalog" and judged["catalog_rows"] == 100
+    assert judged["catalog_shift"] == pytest.approx(-2.5, abs=0.15)
+    flagged = findings["status"].to_numpy() == "conflict"
+    assert not flagged[:90].any() and flagged[90:].all()
+
+    few, judged = audit.judge_texts(texts.head(text.MIN_CATALOG_ROWS - 1), calibration, spec)
+    assert judged == {"catalog_rows": text.MIN_CATALOG_ROWS - 1, "catalog_shift": 0.0, "against": "validation"}
+    assert (few["status"] == "conflict").mean() > 0.5  # too few to know the catalog: validation's centre
 
 
 def test_the_spec_names_its_text_columns():
