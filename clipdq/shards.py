@@ -2,12 +2,12 @@
 call, ``run_shard``, that any process can run (a thread here, a Dask worker elsewhere).
 
 A shard loads the model once per process, scores its rows, keeps its new embeddings in the cache
-and writes the pixel signatures of its images (for duplicate listings) and its texts' scores (judged
-once every shard is done), then its findings as one part with its counts. A part already written is reused, so a run
-killed at any point resumes from its finished shards when the same command runs again; the work
-folder is named after everything that decides the findings, so a changed catalog, spec, model
-or option starts afresh. Only a ``Job`` (URIs and options), ``Shard``s and small ``ShardResult``s
-cross a process boundary, never a model or pixels.
+and writes the pixel signatures of its images (for duplicate listings) and its texts' scores
+(judged once every shard is done), then its findings as one part with its counts. A part already
+written is reused, so a run killed at any point resumes from its finished shards when the same
+command runs again; the work folder is named after everything that decides the findings, so a
+changed catalog, spec, model or option starts afresh. Only a ``Job`` (URIs and options),
+``Shard``s and small ``ShardResult``s cross a process boundary, never a model or pixels.
 """
 
 from __future__ import annotations

@@ -261,7 +261,8 @@ def _embedding_cache(output_uri: str, files: ModelFiles, backend: str, options: 
 
 
 def _audit_in_shards(job: shards.Job, source: catalog.CatalogFile, spec: Spec, findings_file: str,
-                     options: AuditOptions, text_calibration: TextCalibration | None) -> tuple[dict, int, pl.DataFrame, dict]:
+                     options: AuditOptions, text_calibration: TextCalibration | None
+                     ) -> tuple[dict, int, pl.DataFrame, dict]:
     """The catalog scored shard by shard on the chosen task runner, its texts judged once all are
     scored, joined into ``findings_file``; returns what the summary says of it, the products in
     the findings, the usable images and how the texts were judged."""
@@ -274,8 +275,9 @@ def _audit_in_shards(job: shards.Job, source: catalog.CatalogFile, spec: Spec, f
     text_findings, judged = audit.judge_texts(texts, text_calibration, spec)
     reported = shards.assemble([result.part for result in results], findings_file, text_findings)
     usable = shards.read_frames([result.images for result in results], audit.IMAGES_SCHEMA)
-    return {"images": images_seen, "shards": {"count": len(plan), "rows_per_shard": options.rows_per_shard,
-                                              "reused": sum(result.reused for result in results)}}, reported, usable, judged
+    shards_seen = {"count": len(plan), "rows_per_shard": options.rows_per_shard,
+                   "reused": sum(result.reused for result in results)}
+    return {"images": images_seen, "shards": shards_seen}, reported, usable, judged
 
 
 TOP_PROBLEMS = 25  # problems in the run's table artifact
