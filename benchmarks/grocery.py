@@ -12,6 +12,7 @@ precision and recall of the audit's flags when 10% of the held-out labels are re
 another 10% blanked; and learning curves of locked fine-tuning.
 
     python benchmarks/grocery.py [--data DIR] [--output DIR] [--base-model M] [--seeds 0,1,2]
+                                 [--methods probe,locked,unlocked] [--skip-curve]
 
 The dataset is not part of the project: point --data (or CLIPDQ_GROCERY_DIR) at a copy; the
 script exits with a message when it is absent.
@@ -138,12 +139,12 @@ def level_rows(name: str, runs: list[dict], spec: Spec) -> list[dict]:
     return rows
 
 
-METHODS = (  # name, training options, seeds: all of --seeds or the first
-    ("prototype probe", {"mode": "prototype"}, "first"),
-    ("locked", {}, "all"),
-    ("locked, 4 views", {"views": 4}, "first"),
-    ("top 3 blocks unlocked, 2 views", {"unlock_blocks": 3, "views": 2, "epochs": 12, "patience": 4}, "first"),
-)
+METHODS = {  # key for --methods: name, training options, seeds (all of --seeds or the first)
+    "probe": ("prototype probe", {"mode": "prototype"}, "first"),
+    "locked": ("locked (the default: 4 views)", {}, "all"),
+    "unlocked": ("top 3 blocks unlocked, 2 views", {"unlock_blocks": 3, "views": 2, "epochs": 12, "patience": 4},
+                 "first"),
+}
 
 
 def run(args: argparse.Namespace) -> dict:
@@ -174,7 +175,7 @@ def run(args: argparse.Namespace) -> dict:
               "accuracy": untrained[level]["test_accuracy"], "macro_f1": untrained[level]["test_macro_f1"],
               "chance": 1 / len(spec.attribute(level).values), "majority": majority[level]} for level in LEVELS]
 
-    for name, options, which in METHODS:
+    for name, options, which in (METHODS[key] for key in args.methods.split(",")):
         runs = []
         for seed in (seeds if which == "all" else seeds[:1]):
             clip = make_model()
@@ -196,6 +197,8 @@ def run(args: argparse.Namespace) -> dict:
         table += level_rows(name, runs, spec)
 
     results["tables"]["levels"] = table
+    if args.skip_curve:
+        return results
     curve_config = train.config_for(base, seed=seeds[0])
     curve = curves.learning_curve(make_model, data, spec, config=curve_config, splits=split_of[seeds[0]],
                                   sizes=(3, 10, 30))
@@ -212,6 +215,8 @@ def main() -> int:
     parser.add_argument("--data", type=Path, default=DEFAULT_DATA, help="the Grocery Store dataset folder")
     parser.add_argument("--seeds", default="0,1,2", help="seeds of the locked runs (the first for the others)")
     parser.add_argument("--output", type=Path, default=ROOT / "docs" / "benchmarks" / "grocery")
+    parser.add_argument("--methods", default=",".join(METHODS), help=f"which to train, of {', '.join(METHODS)}")
+    parser.add_argument("--skip-curve", action="store_true", help="no learning curve")
     parser.add_argument("--base-model", help="start from this model (hub id, folder, s3://) instead of a new "
                         "EfficientNet-Lite0 dual encoder")
     args = parser.parse_args()

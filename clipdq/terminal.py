@@ -23,8 +23,10 @@ def text(summary: dict, folder: str) -> str:
                      f"{crops} (duplicates.parquet)")
     text = summary.get("text_agreement")
     if text and text["checked"]:
+        few = (f"; judged against validation's typical agreement, {text['catalog_rows']} scored rows being too few "
+               f"to judge this catalog's" if text.get("against") == "validation" else "")
         lines.append(f"  {text['flagged']} images may not show the product their {text['column']} names "
-                     f"(attribute {text['column']!r}, status conflict)")
+                     f"(attribute {text['column']!r}, status conflict{few})")
     changes = summary.get("changes")
     if changes:
         c = changes["totals"]

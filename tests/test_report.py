@@ -6,8 +6,10 @@ import json
 
 import polars as pl
 
-from clipdq import report
-from clipdq.compare import FINDINGS_SCHEMA, STATUSES
+from clipdq import audit, report, terminal
+from clipdq.compare import FINDINGS_SCHEMA, STATUSES, TEXTS_SCHEMA
+from clipdq.spec import parse_spec
+from clipdq.text import TextCalibration
 
 
 def findings(rows: list[tuple]) -> pl.DataFrame:
@@ -112,3 +114,18 @@ def test_the_report_table_keeps_the_most_confident_problems_and_says_how_many_th
 
     table = json.loads(html.split('id="problem-data">', 1)[1].split("</script>", 1)[0])
     assert [row[0] for row in table["rows"]] == ["p2", "p3"] and table["total"] == 5
+
+
+def test_a_catalog_with_too_few_texts_says_they_were_judged_against_validation():
+    spec = parse_spec("attributes: {color: {values: [red, blue]}}\ntext_column: title\n")
+    calibration = TextCalibration("title", 0.8, 0.05, {}, threshold=-2.0, rows=200, planted_rows=600)
+    texts = pl.DataFrame({"product_id": ["p1", "p2"], "text": ["Red top", "Blue top"], "category": ["", ""],
+                          "score": [0.1, -4.0], "image_error": [None, None]}, schema=TEXTS_SCHEMA)
+    text_findings, judged = audit.judge_texts(texts, calibration, spec)
+    summary = report.summarize(pl.concat([FINDINGS, text_findings]), products=3,
+                               run={"run_id": "r1", "started_at": "now", "catalog": "c.parquet"}, validation={},
+                               text=report.text_summary(spec, calibration, judged))
+
+    assert summary["text_agreement"]["flagged"] == 1 and summary["text_agreement"]["against"] == "validation"
+    assert "2 scored rows are too few to judge this catalog's" in report.render_html(FINDINGS, summary, thumbnails={})
+    assert "judged against validation's typical agreement, 2 scored rows" in terminal.text(summary, "out")
