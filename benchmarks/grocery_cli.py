@@ -9,7 +9,8 @@
 It then scores the audit's findings against the true labels: conflict precision and recall, and
 gap-suggestion accuracy and recall, per level and pooled.
 
-    python benchmarks/grocery_cli.py [--data DIR] [--work DIR] [--seed 0] [--mode full] [--catalog-images]
+    python benchmarks/grocery_cli.py [--data DIR] [--work DIR] [--seed 0] [--train-seed 0] [--mode full]
+                                     [--catalog-images]
 """
 
 from __future__ import annotations
@@ -77,6 +78,7 @@ def main() -> int:
     parser.add_argument("--data", type=Path, default=DEFAULT_DATA, help="the Grocery Store dataset folder")
     parser.add_argument("--work", type=Path, help="where the catalogs, models and reports go (default: temporary)")
     parser.add_argument("--seed", type=int, default=0, help="seed of the planted errors")
+    parser.add_argument("--train-seed", type=int, default=0, help="clipdq finetune --seed (its split and training)")
     parser.add_argument("--mode", choices=("locked", "full"), help="clipdq finetune --mode (default: the model's)")
     parser.add_argument("--catalog-images", action="store_true",
                         help="fine-tune on each product's catalog image too, beside the train photos")
@@ -99,7 +101,8 @@ def main() -> int:
                                     "--output", str(work / "init"))[0]}
     timings["finetune"], _ = clipdq("finetune", "--catalog", str(work / "labeled.parquet"), "--spec", spec_path,
                                     "--base-model", str(work / "init"), "--output", str(work / "model"),
-                                    "--max-minutes", "15", *(["--mode", args.mode] if args.mode else []))
+                                    "--max-minutes", "15", "--seed", str(args.train_seed),
+                                    *(["--mode", args.mode] if args.mode else []))
     timings["audit"], run = clipdq("audit", "--catalog", str(work / "catalog.parquet"), "--spec", spec_path,
                                    "--model", str(work / "model"), "--output", str(work / "reports"))
     figures = scores(pl.read_parquet(Path(run) / "findings.parquet"), truth)
