@@ -94,24 +94,42 @@ def _kinds(copies: pl.DataFrame) -> str:
 
 
 SCALE = """
-import resource, sys, time, numpy as np, torch, torch.nn.functional as F
-from clipdq import duplicates
-n = int(sys.argv[1])
+import resource, sys, tempfile, threading, time, numpy as np, polars as pl, torch, torch.nn.functional as F
+from clipdq import audit, duplicates, shards
+n, part_rows = int(sys.argv[1]), 50_000
 rng = np.random.default_rng(0)
-signatures = np.empty((n, 3 * 32 * 32), np.uint8)
-for start in range(0, n, 10000):  # smooth random images: 4x4 noise upsampled, plus grain
-    coarse = torch.from_numpy(rng.random((min(10000, n - start), 3, 4, 4), dtype=np.float32))
-    smooth = F.interpolate(coarse, size=(32, 32), mode="bilinear") * 200 + torch.rand(len(coarse), 3, 32, 32) * 40
-    signatures[start:start + len(coarse)] = smooth.clamp(0, 255).to(torch.uint8).flatten(1).numpy()
 planted = min(1000, n // 10)  # the last images: copies of the first ones with a little noise added
-noise = rng.integers(-3, 4, (planted, signatures.shape[1]))
-signatures[n - planted:] = np.clip(signatures[:planted].astype(np.int16) + noise, 0, 255).astype(np.uint8)
+folder, parts, first = tempfile.mkdtemp(), [], None
+for start in range(0, n, part_rows):  # written as an audit's shards write their images parts
+    rows = min(part_rows, n - start)  # smooth random images: 4x4 noise upsampled, plus grain
+    coarse = torch.from_numpy(rng.random((rows, 3, 4, 4), dtype=np.float32))
+    smooth = F.interpolate(coarse, size=(32, 32), mode="bilinear") * 200 + torch.rand(rows, 3, 32, 32) * 40
+    signatures = smooth.clamp(0, 255).to(torch.uint8).flatten(1).numpy()
+    first = signatures[:planted].copy() if first is None else first
+    for row in range(max(start, n - planted), start + rows):
+        noisy = first[row - (n - planted)].astype(np.int16) + rng.integers(-3, 4, signatures.shape[1])
+        signatures[row - start] = np.clip(noisy, 0, 255).astype(np.uint8)
+    ids = [str(i) for i in range(start, start + rows)]
+    part = pl.DataFrame({"product_id": ids, "sha256": ids, "signature": [s.tobytes() for s in signatures]},
+                        schema=audit.IMAGES_SCHEMA)
+    parts.append(f"{folder}/images-{len(parts):05d}.parquet")
+    shards.write_parquet(parts[-1], part.to_arrow())
+del signatures, part, coarse, smooth
+anonymous = [0]  # peak memory of the process's own (not file-backed) pages, sampled
+def sample():
+    while True:
+        status = dict(line.split(":", 1) for line in open("/proc/self/status"))
+        anonymous[0] = max(anonymous[0], int(status["RssAnon"].split()[0]) // 1024)
+        time.sleep(0.2)
+threading.Thread(target=sample, daemon=True).start()
 started = time.monotonic()
-found = duplicates.find([str(i) for i in range(n)], [str(i) for i in range(n)], signatures, threshold=0.99)
+images, signatures = shards.read_images(parts, f"{folder}/signatures")  # as the audit flow reads them
+found = duplicates.find(images["product_id"].to_list(), images["sha256"].to_list(), signatures, threshold=0.99)
 group = dict(found.select("product_id", "group").rows())
 grouped = sum(group.get(str(i)) is not None and group.get(str(i)) == group.get(str(n - planted + i)) for i in range(planted))
 print(f"{n:,} images: {time.monotonic() - started:.1f} s, {grouped} of {planted} planted copies grouped with their "
-      f"original, {found.height} images in groups, peak RSS {resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024:,.0f} MB")
+      f"original, {found.height} images in groups, peak RSS {resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024:,.0f} MB "
+      f"(of it the process's own memory at most {anonymous[0]:,} MB; the rest, mapped signatures, the system reclaims)")
 """
 
 

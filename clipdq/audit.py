@@ -106,6 +106,11 @@ def usable_images(batch: Batch, spec: Spec) -> pl.DataFrame:
                          "signature": [sig for sig, good in zip(batch.signatures, ok) if good]}, schema=IMAGES_SCHEMA)
 
 
+def signature_rows(usable: pl.DataFrame) -> np.ndarray:
+    """(n, SIGNATURE_BYTES) uint8: the signatures of ``usable`` (IMAGES_SCHEMA), a row each."""
+    return np.frombuffer(b"".join(usable["signature"].to_list()), np.uint8).reshape(-1, images.SIGNATURE_BYTES)
+
+
 DUPLICATES_SCHEMA = {"group": pl.Int64, "product_id": pl.String, "group_size": pl.Int32, "other_id": pl.String,
                      "similarity": pl.Float32, "kind": pl.String,
                      "crop_area": pl.Float32}  # duplicate listings (clipdq.duplicates)

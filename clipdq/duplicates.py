@@ -8,10 +8,12 @@ re-encoded and half-size copies score above 0.99, and so do crops keeping 80% of
 (centred or not) and most keeping 70%; two distinct products in look-alike packaging at most
 0.983 (docs/benchmarks.md).
 
-Bounded in memory and never all pairs: each image's ``CANDIDATES`` nearest images by its
-signature at 8 x 8 pixels, and as many by its colour histogram (which a crop keeps where its
-whole-image signature does not), are found blockwise (``match.top_k``; past APPROXIMATE_ABOVE
-images, faiss's inverted lists), and only those pairs are compared: windows of one image on a
+Bounded in memory and never all pairs: the signatures may be a memory map (an audit writes
+its shards' signatures to a file and maps it: ``shards.read_images``), read in blocks; each
+image's ``CANDIDATES`` nearest images by its signature at 8 x 8 pixels, and as many by its colour
+histogram (which a crop keeps where its whole-image signature does not), are found blockwise
+(``match.top_k``; past APPROXIMATE_ABOVE images, faiss's inverted lists), and only those pairs
+are compared: windows of one image on a
 grid of sides and positions, ``BLOCK`` images at a time, then the best window of each close pair
 moved and resized in small steps until no step improves it (a crop is seldom exactly on the
 grid). Pairs join into groups (connected components), so three copies make one group. The way
@@ -27,7 +29,7 @@ import torch.nn.functional as F
 
 from clipdq import match
 from clipdq.audit import DUPLICATES_SCHEMA
-from clipdq.images import SIGNATURE_BYTES, SIGNATURE_SIZE
+from clipdq.images import SIGNATURE_SIZE
 from clipdq.splits import connected_components
 
 CANDIDATES = 5  # nearest images by each descriptor compared per image
@@ -275,12 +277,6 @@ def _best_link(n: int, pairs: np.ndarray, scores: np.ndarray) -> np.ndarray:
     order = np.argsort(scores, kind="stable")  # the best last: it wins the assignment
     best[pairs[order, 0]] = order
     return best
-
-
-def of_images(images: pl.DataFrame, *, threshold: float) -> pl.DataFrame:
-    """``find`` over an audit's usable images (audit.IMAGES_SCHEMA)."""
-    signatures = np.frombuffer(b"".join(images["signature"].to_list()), np.uint8).reshape(-1, SIGNATURE_BYTES)
-    return find(images["product_id"].to_list(), images["sha256"].to_list(), signatures, threshold=threshold)
 
 
 def flag_near_identical(matches: pl.DataFrame, references: match.Embedded, queries: match.Embedded, *,

@@ -17,8 +17,10 @@ import hashlib
 import json
 import logging
 from collections import Counter
+from collections.abc import Iterator
 from dataclasses import dataclass
 
+import numpy as np
 import polars as pl
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -26,6 +28,7 @@ import pyarrow.parquet as pq
 from clipdq import audit, catalog, progress_log, scorer, sources, storage
 from clipdq.cache import EmbeddingCache
 from clipdq.compare import FINDINGS_SCHEMA
+from clipdq.images import SIGNATURE_BYTES
 from clipdq.spec import parse_spec
 
 log = logging.getLogger(__name__)
@@ -195,11 +198,24 @@ def totals(results: list[ShardResult]) -> dict[str, int]:
     return {key: summed[key] for key in audit.COUNT_KEYS}
 
 
-def read_frames(parts: list[str], schema: dict) -> pl.DataFrame:
-    """Parts of a run's shards (images, texts), in order, as one frame of ``schema``."""
-    frames = [pl.DataFrame(schema=schema)]
+def read_images(parts: list[str], dest: str) -> tuple[pl.DataFrame, np.ndarray]:
+    """(product_id and sha256 of the usable images in the images parts of a run's shards, in order;
+    their signatures, a read-only memory map of the local file ``dest`` written part by part): the
+    signatures of a million images (3 GB) are never in memory at once."""
+    frames = [pl.DataFrame(schema={"product_id": pl.String, "sha256": pl.String})]
+    with open(dest, "wb") as out:
+        for part in read_parts(parts, audit.IMAGES_SCHEMA):
+            out.write(audit.signature_rows(part).tobytes())
+            frames.append(part.drop("signature"))
+    found = pl.concat(frames)
+    if not found.height:  # (a memory map cannot be empty)
+        return found, np.zeros((0, SIGNATURE_BYTES), np.uint8)
+    return found, np.memmap(dest, np.uint8, mode="r", shape=(found.height, SIGNATURE_BYTES))
+
+
+def read_parts(parts: list[str], schema: dict) -> Iterator[pl.DataFrame]:
+    """Each of the parts (images, texts) of a run's shards, in order, as a frame of ``schema``."""
     for uri in parts:
         stream, _ = storage.open_read(uri)
         with stream:
-            frames.append(pl.from_arrow(pq.ParquetFile(stream).read()))
-    return pl.concat(frames)
+            yield pl.from_arrow(pq.ParquetFile(stream).read()).cast(schema)

@@ -10,6 +10,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+import numpy as np
 import polars as pl
 from prefect import flow, get_run_logger, task, unmapped
 from prefect.artifacts import create_link_artifact, create_markdown_artifact, create_table_artifact
@@ -102,9 +103,11 @@ def task_runner(dask_address: str | None, workers: int):
 
 
 @task(**IO_RETRIES, cache_policy=NO_CACHE)
-def find_duplicates(images: pl.DataFrame, spec: Spec, key: str, previous: str | None) -> pl.DataFrame:
-    """Duplicate listings among the usable images: the previous run's where it saw the same images
-    at the same threshold (``key``: a rerun of an unchanged catalog), else found afresh."""
+def find_duplicates(images: pl.DataFrame, signatures: np.ndarray, spec: Spec, key: str,
+                    previous: str | None) -> pl.DataFrame:
+    """Duplicate listings among the usable ``images`` (ids and digests; their ``signatures``, a row
+    each): the previous run's where it saw the same images at the same threshold (``key``: a rerun
+    of an unchanged catalog), else found afresh."""
     kept = _previous_duplicates(previous, key) if previous else None
     if kept is not None:
         get_run_logger().info("duplicate listings: the same images as run %s, its findings reused",
@@ -112,7 +115,8 @@ def find_duplicates(images: pl.DataFrame, spec: Spec, key: str, previous: str | 
         return kept
     from clipdq import duplicates  # imports torch: not needed for a rerun of an unchanged catalog
 
-    found = duplicates.of_images(images, threshold=spec.duplicate_similarity)
+    found = duplicates.find(images["product_id"].to_list(), images["sha256"].to_list(), signatures,
+                            threshold=spec.duplicate_similarity)
     get_run_logger().info("duplicate listings: %d products in %d groups among %d images", found.height,
                           found["group"].n_unique(), images.height)
     return found
@@ -207,8 +211,8 @@ def audit_catalog(catalog_uri: str, spec_uri: str, model_uri: str, output_uri: s
         reported = None  # products in the findings: counted by the summary unless the shards count them
         text_calibration = scorer.text_calibration_for(files, spec)
         if options.cross_fit:
-            in_folds, usable, judged = _audit_cross_fitted(source, load_model(model_uri), spec, findings_file,
-                                                           options, access)
+            in_folds, (usable, signatures), judged = _audit_cross_fitted(source, load_model(model_uri), spec,
+                                                                         findings_file, options, access)
             run |= in_folds
         else:
             job = shards.new_job(output_uri, model_fingerprint=files.fingerprint(),
@@ -217,13 +221,14 @@ def audit_catalog(catalog_uri: str, spec_uri: str, model_uri: str, output_uri: s
                                  backend=backend_check["used"],
                                  cache=_embedding_cache(output_uri, files, backend_check["used"], options),
                                  image_roots=tuple(sorted(options.image_roots)), batch_size=options.batch_size)
-            in_shards, reported, usable, judged = _audit_in_shards(job, source, spec, findings_file, options,
-                                                                   text_calibration)
+            in_shards, reported, (usable, signatures), judged = _audit_in_shards(job, source, spec, findings_file,
+                                                                                 options, text_calibration)
             run |= in_shards | {"calibration": {name: c.to_dict()
                                                 for name, c in scorer.calibration_for(files, spec).items()}}
         previous, changes = _changes_since_previous_run(output_uri, catalog_uri, findings_file)
         key = None if spec.duplicate_similarity is None else audit.images_key(usable, spec.duplicate_similarity)
-        duplicates = find_duplicates(usable, spec, key, previous) if key else pl.DataFrame(schema=audit.DUPLICATES_SCHEMA)
+        duplicates = (find_duplicates(usable, signatures, spec, key, previous) if key
+                      else pl.DataFrame(schema=audit.DUPLICATES_SCHEMA))
         summary = report.summarize(pl.scan_parquet(findings_file), products=source.rows, run=run,
                                    validation=validation, reported=reported,
                                    changes=runs.change_counts(changes, previous) if previous else None,
@@ -262,19 +267,22 @@ def _embedding_cache(output_uri: str, files: ModelFiles, backend: str, options: 
 
 def _audit_in_shards(job: shards.Job, source: catalog.CatalogFile, spec: Spec, findings_file: str,
                      options: AuditOptions, text_calibration: TextCalibration | None
-                     ) -> tuple[dict, int, pl.DataFrame, dict]:
+                     ) -> tuple[dict, int, tuple, dict]:
     """The catalog scored shard by shard on the chosen task runner, its texts judged once all are
     scored, joined into ``findings_file``; returns what the summary says of it, the products in
-    the findings, the usable images and how the texts were judged."""
+    the findings, the usable images (ids and digests; signatures, mapped from a file beside
+    ``findings_file``) and how the texts were judged."""
     plan = shards.plan(source.group_rows, rows_per_shard=options.rows_per_shard)
     get_run_logger().info("%d products in %d shards; shard parts in %s", source.rows, len(plan), job.work)
     results = score_shards(task_runner(options.dask_address, options.workers), job, plan, source.rows)
     images_seen = shards.totals(results)
     audit.check_outage(images_seen["lost_to_outages"], source.rows, spec.max_transient_image_errors)
-    texts = shards.read_frames([result.texts for result in results], TEXTS_SCHEMA)
+    text_parts = shards.read_parts([result.texts for result in results], TEXTS_SCHEMA)
+    texts = pl.concat([pl.DataFrame(schema=TEXTS_SCHEMA), *text_parts])
     text_findings, judged = audit.judge_texts(texts, text_calibration, spec)
     reported = shards.assemble([result.part for result in results], findings_file, text_findings)
-    usable = shards.read_frames([result.images for result in results], audit.IMAGES_SCHEMA)
+    signatures_file = str(Path(findings_file).with_name("signatures"))
+    usable = shards.read_images([result.images for result in results], signatures_file)
     shards_seen = {"count": len(plan), "rows_per_shard": options.rows_per_shard,
                    "reused": sum(result.reused for result in results)}
     return {"images": images_seen, "shards": shards_seen}, reported, usable, judged
@@ -303,9 +311,9 @@ def _announce(summary: dict, folder: str, top: pl.DataFrame) -> None:
 
 
 def _audit_cross_fitted(source: catalog.CatalogFile, clip: Clip, spec: Spec, findings_file: str,
-                        options: AuditOptions, access: ImageAccess) -> tuple[dict, pl.DataFrame, dict]:
+                        options: AuditOptions, access: ImageAccess) -> tuple[dict, tuple, dict]:
     """Cross-fitted findings written to ``findings_file``; returns what the summary says of them,
-    the usable images and how each fold's texts were judged."""
+    the usable images (ids and digests, signatures) and how each fold's texts were judged."""
     images_seen, usable = dict.fromkeys(audit.COUNT_KEYS, 0), [pl.DataFrame(schema=audit.IMAGES_SCHEMA)]
 
     def on_batch(batch: audit.Batch) -> None:
@@ -319,4 +327,6 @@ def _audit_cross_fitted(source: catalog.CatalogFile, clip: Clip, spec: Spec, fin
                                                    fold_minutes=options.fold_minutes, group_column=options.group_column,
                                                    access=access, batch_size=options.batch_size, on_batch=on_batch)
     findings.write_parquet(findings_file)
-    return {"calibration": calibrations, "images": images_seen}, pl.concat(usable), {"folds": judged}
+    usable = pl.concat(usable)
+    return {"calibration": calibrations, "images": images_seen}, (usable.drop("signature"),
+                                                                  audit.signature_rows(usable)), {"folds": judged}

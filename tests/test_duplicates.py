@@ -105,7 +105,7 @@ def test_an_audit_groups_each_copy_with_its_original_and_no_distinct_products(pr
     def refuse(*args, **kwargs):
         raise AssertionError("an unchanged catalog's duplicate listings are found again")
 
-    monkeypatch.setattr(duplicates, "of_images", refuse)
+    monkeypatch.setattr(duplicates, "find", refuse)
     rerun = Path(audit_catalog(str(folder / "catalog.parquet"), str(folder / "spec.yaml"), str(trained_model_dir),
                                str(tmp_path), AuditOptions(batch_size=32)))
     assert pl.read_parquet(rerun / "duplicates.parquet").equals(found)

@@ -12,12 +12,14 @@ import sys
 import time
 from pathlib import Path
 
+import numpy as np
 import polars as pl
 import pyarrow.parquet as pq
 import pytest
 from polars.testing import assert_frame_equal
 
-from clipdq import catalog, shards
+from clipdq import audit, catalog, shards
+from clipdq.images import SIGNATURE_BYTES
 from clipdq.options import AuditOptions
 from flows.audit import audit_catalog
 from test_cli import cli_env, last_line  # noqa: F401 - the CLI's environment fixture
@@ -48,6 +50,26 @@ def test_a_shard_reads_exactly_its_rows(tmp_path):
         rows = pl.concat(list(source.batches_between(shard.start, shard.stop, 4)))
         assert rows["product_id"].to_list() == [f"p{i}" for i in range(shard.start, shard.stop)]
     assert max(b.height for b in source.batches_between(3, 40, 4)) <= 4
+
+
+def test_the_images_of_every_shard_are_read_back_with_their_signatures_mapped_from_one_file(tmp_path):
+    rng = np.random.default_rng(0)
+    parts, written = [], []
+    for index, rows in enumerate((3, 0, 2)):  # a shard whose images all failed writes an empty part
+        frame = pl.DataFrame({"product_id": [f"p{index}-{i}" for i in range(rows)], "sha256": ["d"] * rows,
+                              "signature": [rng.integers(0, 256, SIGNATURE_BYTES, np.uint8).tobytes()
+                                            for _ in range(rows)]}, schema=audit.IMAGES_SCHEMA)
+        shards.write_parquet(str(tmp_path / f"images-{index}.parquet"), frame.to_arrow())
+        parts.append(str(tmp_path / f"images-{index}.parquet"))
+        written.append(frame)
+
+    images, signatures = shards.read_images(parts, str(tmp_path / "signatures"))
+
+    everything = pl.concat(written)
+    assert images.equals(everything.drop("signature"))
+    assert isinstance(signatures, np.memmap) and signatures.shape == (5, SIGNATURE_BYTES)
+    assert np.array_equal(signatures, audit.signature_rows(everything))
+    assert shards.read_images(parts[1:2], str(tmp_path / "none"))[1].shape == (0, SIGNATURE_BYTES)
 
 
 def test_a_catalog_rewritten_since_the_run_began_is_refused(tmp_path):
