@@ -226,6 +226,10 @@ def run_demo(args: argparse.Namespace) -> str:
     t = summary["totals"]
     print(f"\n{summary['products']} products audited: {t['conflict']} conflicts, {t['gap']} gaps with a suggestion, "
           f"{t['invalid_value']} invalid values, {t['image_error']} image errors, {t['uncertain']} uncertain.")
+    text = summary["text_agreement"]
+    if text["checked"]:
+        print(f"{text['flagged']} of the conflicts are images that may not show the product their {text['column']} "
+              "names.")
     if summary["duplicates"]["checked"]:
         print(f"{summary['duplicates']['products']} products in {summary['duplicates']['groups']} groups of duplicate "
               "listings.")

@@ -155,6 +155,9 @@ def test_demo_trains_a_model_audits_and_prints_the_run_folder(cli_env, sample_di
     assert (folder / "manifest.json").is_file()
     assert f"Report: {folder / 'report.html'}" in result.stdout
     assert (data / "model" / model.META_FILE).is_file()
+    text = json.loads((folder / "summary.json").read_text())["text_agreement"]
+    title_line = f"{text.get('flagged')} of the conflicts are images that may not show the product their title names."
+    assert (title_line in result.stdout) == text["checked"]
 
 
 def test_learning_curve_writes_table_and_plot(cli_env, sample_dir, tmp_path):
