@@ -236,10 +236,12 @@ def text_scores(batch: Batch, image_emb: np.ndarray, scorer: Scorer,
     """(TEXTS_SCHEMA) the batch's rows with a text, each scored against its image where both are
     there and the model is calibrated on texts; empty where the spec names no text column."""
     spec = scorer.spec
+    if spec.text_column is None:
+        return pl.DataFrame(schema=TEXTS_SCHEMA)
     texts, categories = texts_of(batch.rows, spec)
     ok, calibration = batch.ok, scorer.text_calibration
     score = np.full(len(texts), np.nan)
-    if spec.text_column is not None and calibration is not None and ok.any():
+    if calibration is not None and ok.any():
         agreement = text.row_agreement(image_emb, text_embeddings(texts[ok].tolist(), scorer, cache))
         score[ok] = calibration.scores(agreement, categories[ok])
     frame = pl.DataFrame({"product_id": batch.rows[spec.id_column].cast(pl.String), "text": texts.tolist(),
@@ -256,9 +258,9 @@ def judge_texts(texts: pl.DataFrame, calibration: TextCalibration | None, spec: 
         return pl.DataFrame(schema=FINDINGS_SCHEMA), {}
     scores = texts["score"].drop_nulls().to_numpy()
     shift = text.catalog_shift(scores)
-    judged = {"catalog_rows": len(scores), "catalog_shift": round(shift, 3),
-              "against": "this catalog" if len(scores) >= text.MIN_CATALOG_ROWS else "validation"}
-    return text_findings(texts, column=spec.text_column, calibration=calibration, shift=shift), judged
+    judged = {"catalog_rows": len(scores), "catalog_shift": round(shift or 0.0, 3),
+              "against": "validation" if shift is None else "this catalog"}
+    return text_findings(texts, column=spec.text_column, calibration=calibration, shift=shift or 0.0), judged
 
 
 def predictions_of(ids: list[str], choices: dict[str, tuple[np.ndarray, np.ndarray]], spec: Spec, *,

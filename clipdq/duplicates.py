@@ -13,11 +13,11 @@ its shards' signatures to a file and maps it: ``shards.read_images``), read in b
 image's ``CANDIDATES`` nearest images by its signature at 8 x 8 pixels, and as many by its colour
 histogram (which a crop keeps where its whole-image signature does not), are found blockwise
 (``match.top_k``; past APPROXIMATE_ABOVE images, faiss's inverted lists), and only those pairs
-are compared: windows of one image on a
-grid of sides and positions, ``BLOCK`` images at a time, then the best window of each close pair
-moved and resized in small steps until no step improves it (a crop is seldom exactly on the
-grid). Pairs join into groups (connected components), so three copies make one group. The way
-round that scores best says which image is the crop; its window's area, how much the crop keeps.
+are compared: windows of one image on a grid of sides and positions, ``BLOCK`` images at a time,
+then the best window of each close pair moved and resized in small steps until no step improves
+it (a crop is seldom exactly on the grid). Pairs join into groups (connected components), so
+three copies make one group. The way round that scores best says which image is the crop; its
+window's area, how much the crop keeps.
 """
 
 from __future__ import annotations

@@ -205,7 +205,7 @@ def read_images(parts: list[str], dest: str) -> tuple[pl.DataFrame, np.ndarray]:
     frames = [pl.DataFrame(schema={"product_id": pl.String, "sha256": pl.String})]
     with open(dest, "wb") as out:
         for part in read_parts(parts, audit.IMAGES_SCHEMA):
-            out.write(audit.signature_rows(part).tobytes())
+            out.write(audit.signature_rows(part))  # (its buffer: no copy)
             frames.append(part.drop("signature"))
     found = pl.concat(frames)
     if not found.height:  # (a memory map cannot be empty)

@@ -64,10 +64,11 @@ class TextCalibration:
         return cls(**(raw | {"mismatch_score": tuple(raw.get("mismatch_score", (-3.0, 1.0)))}))
 
 
-def catalog_shift(scores: np.ndarray) -> float:
+def catalog_shift(scores: np.ndarray) -> float | None:
     """How far the audited catalog's typical score lies from validation's (0): the median of its
-    ``scores``, which the few wrong texts of a catalog barely move; 0 with under MIN_CATALOG_ROWS."""
-    return float(np.median(scores)) if len(scores) >= MIN_CATALOG_ROWS else 0.0
+    ``scores``, which the few wrong texts of a catalog barely move; None with under
+    MIN_CATALOG_ROWS, too few to know the catalog by."""
+    return float(np.median(scores)) if len(scores) >= MIN_CATALOG_ROWS else None
 
 
 def _normal(x: np.ndarray, mean: float, std: float) -> np.ndarray:
