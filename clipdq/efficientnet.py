@@ -122,7 +122,23 @@ class EfficientNetLiteModel(PreTrainedModel):
         self.blocks = nn.ModuleList(
             Block(*shape, eps=eps, drop=config.drop_connect_rate * i / len(plan)) for i, shape in enumerate(plan))
         self.head = ConvNorm(plan[-1][-1], config.hidden_size, 1, eps=eps)
+        self.frozen_blocks = 0  # see ``freeze_below``
         self.post_init()
+
+    def freeze_below(self, block: int) -> None:
+        """Keep the stem and the first ``block`` blocks as they are while the rest trains: no gradients
+        (backward stops above them) and their batch norms on running statistics, in train mode too."""
+        self.frozen_blocks = block
+        for layer in (self.stem, *self.blocks[:block]):
+            layer.requires_grad_(False)
+        self.train(self.training)
+
+    def train(self, mode: bool = True) -> EfficientNetLiteModel:
+        super().train(mode)
+        if self.frozen_blocks:
+            for layer in (self.stem, *self.blocks[: self.frozen_blocks]):
+                layer.train(False)
+        return self
 
     @torch.no_grad()
     def _init_weights(self, module: nn.Module) -> None:

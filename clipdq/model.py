@@ -194,6 +194,7 @@ def _training_line(meta: dict) -> str:
     mode, unlocked = config.get("mode", "full"), config.get("unlock_blocks", 0)
     locked = "image tower locked" + (f" below its top {unlocked} blocks" if unlocked else "")
     crops = f", image tower on {config['train_size']}-px random crops" if config.get("train_size") else ""
+    crops += f", its stem and lowest {config['frozen_blocks']} blocks frozen" if config.get("frozen_blocks") else ""
     how = {"full": f"both towers fine-tuned on pixels{crops}",
            "prototype": "value embeddings learned on the frozen image tower",
            "locked": f"{locked}; text tower and projections trained on its kept activations, "
@@ -283,12 +284,25 @@ def image_features(model: DualEncoder, pixel_values: torch.Tensor) -> torch.Tens
 
 
 def image_embeddings(clip: Clip, pixel_values: torch.Tensor) -> torch.Tensor:
-    """``image_features`` as the audit computes them: averaged with the mirror image's where the
-    model's training chose that (``meta["mirror_average"]``, by validation loss)."""
+    """``image_features`` as the audit computes them, in the view the model's training chose by
+    validation loss (``train.choose_audit_view``): the photos resized to ``meta["image_size"]``, and
+    each averaged with its mirror image where ``meta["mirror_average"]``."""
+    if (size := clip.meta.get("image_size")) and pixel_values.shape[-1] != size:
+        pixel_values = resized(pixel_values, size)
     features = image_features(clip.model, pixel_values)
     if clip.meta.get("mirror_average"):
         features = torch.nn.functional.normalize(features + image_features(clip.model, pixel_values.flip(-1)), dim=-1)
     return features
+
+
+def resized(pixels: torch.Tensor, size: int) -> torch.Tensor:
+    """(n, 3, size, size) pixels, bilinear and antialiased where they shrink; the same tensor where
+    the size is right."""
+    if pixels.shape[-1] == size:
+        return pixels
+    return torch.cat([torch.nn.functional.interpolate(pixels[i : i + 256], size=(size, size), mode="bilinear",
+                                                      align_corners=False, antialias=True)
+                      for i in range(0, len(pixels), 256)])
 
 
 def tokenize(clip: Clip, texts: list[str]) -> dict[str, torch.Tensor]:

@@ -77,7 +77,8 @@ class FinetuneOptions(Options):
         "The new model's architecture: efficientnet-lite0 pairs the pretrained ImageNet image tower with a new "
         "text tower; tiny and vit-b-32 are CLIPs initialised at random."))
     mode: Mode | None = Field(None, description=(
-        "full: fine-tune both towers on pixels (a pretrained image tower gently, on 160-px random crops); locked: "
+        "full: fine-tune both towers on pixels (a pretrained image tower gently, above its lowest blocks, on 160-px "
+        "random crops); locked: "
         "keep the image tower frozen (but unlock_blocks) and train the text tower and projections on its kept "
         "activations, minutes instead of tens of them; prototype: learn value embeddings on frozen images. "
         "Empty: locked for a pretrained image tower with a new text tower, else full."))
@@ -86,8 +87,11 @@ class FinetuneOptions(Options):
         "in full mode; else 100)."))
     max_minutes: float | None = Field(None, gt=0, description="Safety cap on training time; the budget is epochs.")
     seed: int = Field(0, description="Seed of the splits, the sampler and the initialisation.")
-    val_fraction: float = Field(0.2, gt=0, lt=1, description="Share of products for validation and calibration.")
-    test_fraction: float = Field(0.1, ge=0, lt=1, description="Share of products held out for the model card.")
+    val_fraction: float | None = Field(None, gt=0, lt=1, description=(
+        "Share of products for validation and calibration (empty: 0.2; 0.1 in full mode from a pretrained image "
+        "tower, which gains most from more training photos)."))
+    test_fraction: float | None = Field(None, ge=0, lt=1, description=(
+        "Share of products held out for the model card (empty: 0.1; 0 in full mode from a pretrained image tower)."))
     label_noise: float = Field(0.0, ge=0, lt=1, description=(
         "Share of wrong labels to allow for in calibration (0 for curated labels)."))
     group_column: str | None = Field(None, description=GROUP_HELP)

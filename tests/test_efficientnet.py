@@ -99,7 +99,7 @@ def test_locked_mode_trains_only_above_the_cut_and_its_logits_match_the_whole_mo
 
 
 def test_full_mode_trains_the_tower_on_crops_and_chooses_the_audits_view(spec, labeled_at_224, tmp_path):
-    data = train.LabeledSet(labeled_at_224.pixels.clone(), labeled_at_224.labels, 0)  # its pixels will be resized
+    data = train.LabeledSet(labeled_at_224.pixels.clone(), labeled_at_224.labels, 0)  # a copy: the fixture is shared
     clip = model.init_model(spec, "efficientnet-lite0")
     before = {k: v.clone() for k, v in clip.model.vision_model.state_dict().items()}
     config = train.config_for(clip, mode="full", epochs=1, test_fraction=0.0)
@@ -108,14 +108,25 @@ def test_full_mode_trains_the_tower_on_crops_and_chooses_the_audits_view(spec, l
     outcome = train.train_on(clip, data, spec, config=config, splits=train.default_splits(data, config))
 
     after = clip.model.vision_model.state_dict()
-    assert not torch.equal(before["blocks.0.depthwise.conv.weight"], after["blocks.0.depthwise.conv.weight"])
+    frozen = ("stem.", *(f"blocks.{i}." for i in range(config.frozen_blocks)))
+    assert config.frozen_blocks == 4 and all(torch.equal(before[k], after[k]) for k in after if k.startswith(frozen))
+    assert not torch.equal(before["blocks.4.depthwise.conv.weight"], after["blocks.4.depthwise.conv.weight"])
+    with pytest.raises(ValueError, match="needs an EfficientNet image tower"):
+        train.freeze_below(model.init_model(spec), 4)  # a CLIP's own vision tower has no blocks to freeze
     assert not torch.equal(before["head.bn.running_mean"], after["head.bn.running_mean"])  # statistics of the crops
     view = outcome["training"]["audit_view"]
     assert [(v["size"], v["mirror_average"]) for v in view["val_losses"]] == [
         (size, mirrored) for size in (192, 208, 224) for mirrored in (False, True)]
     best = min(view["val_losses"], key=lambda v: v["val_loss"])
     assert (view["image_size"], view["mirror_average"]) == (best["size"], best["mirror_average"])
-    assert clip.pixels.crop == clip.meta["image_size"] == view["image_size"] and data.pixels.shape[-1] == view["image_size"]
+    assert clip.meta["image_size"] == view["image_size"] and clip.pixels.crop == data.pixels.shape[-1] == 224
+    with torch.inference_mode():  # photos are loaded as in training, then resized as they were validated
+        photos = data.pixels[:4]
+        shown = model.resized(photos, view["image_size"])
+        expected = model.image_features(clip.model, shown)
+        if view["mirror_average"]:
+            expected = torch.nn.functional.normalize(expected + model.image_features(clip.model, shown.flip(-1)), dim=-1)
+        torch.testing.assert_close(model.image_embeddings(clip, photos), expected)
 
     clip.meta.update(outcome | {"trained": True, "train_config": dataclasses.asdict(config)})  # as finetune records
     model.save_model(clip, str(tmp_path / "model"))

@@ -236,7 +236,8 @@ def test_prototype_mode_trains_saves_and_is_used_by_the_audit(labeled, spec, tmp
 
 
 @pytest.mark.parametrize("options", [{"val_fraction": 0.0}, {"val_fraction": 0.8, "test_fraction": 0.2},
-                                     {"test_fraction": -0.1}, {"label_noise": 0.5}, {"mode": "probe"}])
+                                     {"test_fraction": -0.1}, {"label_noise": 0.5}, {"mode": "probe"},
+                                     {"mode": "locked", "frozen_blocks": 2}, {"frozen_blocks": -1}])
 def test_train_config_rejects_settings_that_cannot_work(options):
     with pytest.raises(ValueError):
         train.TrainConfig(**options)
@@ -258,6 +259,8 @@ def test_a_pretrained_image_tower_stays_locked_unless_told_to_train_whole_on_cro
     new = train.config_for(model.init_model(spec))
 
     assert (whole.mode, whole.epochs, whole.train_size, whole.image_tower_lr) == ("full", 10, 160, 3e-4)
+    assert (whole.frozen_blocks, whole.val_fraction, whole.test_fraction) == (4, 0.1, 0.0)  # every photo counts
+    assert train.config_for(tower, mode="full", val_fraction=0.3).val_fraction == 0.3  # unless told otherwise
     assert (locked_tower.mode, locked_tower.epochs, locked_tower.views, locked_tower.image_tower_lr) == (
         "locked", 40, 4, 1e-4)
     assert (new.mode, new.train_size, new.image_tower_lr) == ("full", None, new.lr)  # one rate for a new CLIP
