@@ -45,10 +45,11 @@ def digest(data: bytes) -> str:
     return hashlib.sha256(data).hexdigest()
 
 
-def cache_key(model_fingerprint: str, pixels: PixelSpec, backend: str = "fp32") -> str:
-    """Folder name: the model's fingerprint, a hash of how images become its input, and the image
-    tower's backend where it is not fp32 (its embeddings differ slightly)."""
-    preprocessing = hashlib.sha256(repr((PREPROCESS_VERSION, pixels)).encode()).hexdigest()[:12]
+def cache_key(model_fingerprint: str, pixels: PixelSpec, backend: str = "fp32", view: tuple = ()) -> str:
+    """Folder name: the model's fingerprint, a hash of how images become its input (``pixels``, and
+    the ``view`` its training chose: ``ModelFiles.view``), and the image tower's backend where it is
+    not fp32 (its embeddings differ slightly)."""
+    preprocessing = hashlib.sha256(repr((PREPROCESS_VERSION, pixels, *view)).encode()).hexdigest()[:12]
     return f"model={model_fingerprint}-pre={preprocessing}" + ("" if backend == "fp32" else f"-{backend}")
 
 

@@ -38,6 +38,11 @@ class ModelFiles:
     def fingerprint(self) -> str:
         return self.meta["fingerprint"]
 
+    def view(self) -> tuple:
+        """How the model's training chose to show it photos (``train.choose_audit_view``), where it
+        chose: its embeddings depend on this as much as on the weights."""
+        return tuple((key, self.meta[key]) for key in ("image_size", "mirror_average") if key in self.meta)
+
 
 def read_model_files(uri: str) -> ModelFiles:
     """The files of the model at a hub id, a local folder or an s3:// prefix."""

@@ -262,7 +262,7 @@ def _changes_since_previous_run(output_uri: str, catalog_uri: str, findings_file
 def _embedding_cache(output_uri: str, files: ModelFiles, backend: str, options: AuditOptions) -> str | None:
     if not options.embedding_cache:
         return None
-    return storage.join(output_uri, "_embedding_cache", cache_key(files.fingerprint(), files.pixels, backend))
+    return storage.join(output_uri, "_embedding_cache", cache_key(files.fingerprint(), files.pixels, backend, files.view()))
 
 
 def _audit_in_shards(job: shards.Job, source: catalog.CatalogFile, spec: Spec, findings_file: str,

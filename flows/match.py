@@ -75,8 +75,8 @@ def match_catalogs(references_uri: str, queries_uri: str, spec_uri: str, model_u
     spec_text = read_spec(spec_uri)
     spec = parse_spec(spec_text)
     files = read_model(model_uri)
-    cache = (storage.join(output_uri, "_embedding_cache", cache_key(files.fingerprint(), files.pixels, "fp32"))
-             if options.embedding_cache else None)
+    key = cache_key(files.fingerprint(), files.pixels, "fp32", files.view())
+    cache = storage.join(output_uri, "_embedding_cache", key) if options.embedding_cache else None
     references = embed_catalog(references_uri, spec_text, model_uri, cache, options, "references")
     queries = embed_catalog(queries_uri, spec_text, model_uri, cache, options, "queries")
     agreement = None
