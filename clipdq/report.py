@@ -239,8 +239,9 @@ def render_html(findings: Findings, summary: dict, thumbnails: dict[str, bytes |
     resolved = [] if changes is None else changes.filter(pl.col("change") == "resolved").head(RESOLVED_SHOWN).to_dicts()
     thresholds = thresholds_in_force(summary)
     text = summary.get("text_agreement") or {}
-    text_flags = (findings.lazy().filter((pl.col("attribute") == text.get("column")) & (pl.col("status") == "conflict"))
-                  .sort("confidence", descending=True).head(TEXT_FLAGS_SHOWN).collect().to_dicts())
+    text_flags = [] if not text.get("column") else (
+        findings.lazy().filter((pl.col("attribute") == text["column"]) & (pl.col("status") == "conflict"))
+        .sort("confidence", descending=True).head(TEXT_FLAGS_SHOWN).collect().to_dicts())
     template = _TEMPLATES.get_template("report.html.j2")
     return template.render(
         summary=summary, statuses=STATUSES, problems=runs.PROBLEMS, nonce=uuid.uuid4().hex,
