@@ -129,16 +129,18 @@ class EfficientNetLiteModel(PreTrainedModel):
         """Keep the stem and the first ``block`` blocks as they are while the rest trains: no gradients
         (backward stops above them) and their batch norms on running statistics, in train mode too."""
         self.frozen_blocks = block
-        for layer in (self.stem, *self.blocks[:block]):
+        for layer in self._frozen_layers():
             layer.requires_grad_(False)
         self.train(self.training)
 
     def train(self, mode: bool = True) -> EfficientNetLiteModel:
         super().train(mode)
-        if self.frozen_blocks:
-            for layer in (self.stem, *self.blocks[: self.frozen_blocks]):
-                layer.train(False)
+        for layer in self._frozen_layers():
+            layer.train(False)
         return self
+
+    def _frozen_layers(self) -> list[nn.Module]:
+        return [self.stem, *self.blocks[: self.frozen_blocks]] if self.frozen_blocks else []
 
     @torch.no_grad()
     def _init_weights(self, module: nn.Module) -> None:

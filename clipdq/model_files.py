@@ -25,6 +25,7 @@ log = logging.getLogger(__name__)
 META_FILE = "clipdq.json"
 VALUE_EMB_FILE = "value_embeddings.safetensors"
 PROCESSOR_FILE = "preprocessor_config.json"
+VIEW_KEYS = ("image_size", "mirror_average")  # clipdq.json: how training chose to show the model photos
 
 
 @dataclass(frozen=True)
@@ -41,7 +42,7 @@ class ModelFiles:
     def view(self) -> tuple:
         """How the model's training chose to show it photos (``train.choose_audit_view``), where it
         chose: its embeddings depend on this as much as on the weights."""
-        return tuple((key, self.meta[key]) for key in ("image_size", "mirror_average") if key in self.meta)
+        return tuple((key, self.meta[key]) for key in VIEW_KEYS if key in self.meta)
 
 
 def read_model_files(uri: str) -> ModelFiles:

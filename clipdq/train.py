@@ -17,6 +17,7 @@ import torch.nn.functional as F
 
 from clipdq import evaluation, images, locked, model, predict, prototypes, text
 from clipdq.compare import texts_of, with_levels
+from clipdq.model_files import VIEW_KEYS
 from clipdq.options import MODES, Mode
 from clipdq.sources import ImageAccess
 from clipdq.splits import NEAR_DUPLICATE_COSINE, Splits, near_duplicate_groups, split_indices
@@ -365,7 +366,7 @@ def train_on(clip: model.Clip, data: LabeledSet, spec: Spec, *, config: TrainCon
     if torch.cuda.is_available():
         clip.model.cuda()
     train_idx, val_idx, test_idx = splits
-    for chosen_by_training in ("image_size", "mirror_average"):  # only training on crops sets them again
+    for chosen_by_training in VIEW_KEYS:  # only training on crops sets them again
         clip.meta.pop(chosen_by_training, None)
     if config.mode == "locked":
         result, embed = locked.fit(clip, data, spec, config, splits, plain=plain)

@@ -262,12 +262,13 @@ def _changes_since_previous_run(output_uri: str, catalog_uri: str, findings_file
 def _embedding_cache(output_uri: str, files: ModelFiles, backend: str, options: AuditOptions) -> str | None:
     if not options.embedding_cache:
         return None
-    return storage.join(output_uri, "_embedding_cache", cache_key(files.fingerprint(), files.pixels, backend, files.view()))
+    key = cache_key(files.fingerprint(), files.pixels, backend, files.view())
+    return storage.join(output_uri, "_embedding_cache", key)
 
 
 def _audit_in_shards(job: shards.Job, source: catalog.CatalogFile, spec: Spec, findings_file: str,
                      options: AuditOptions, text_calibration: TextCalibration | None
-                     ) -> tuple[dict, int, tuple, dict]:
+                     ) -> tuple[dict, int, tuple[pl.DataFrame, np.ndarray], dict]:
     """The catalog scored shard by shard on the chosen task runner, its texts judged once all are
     scored, joined into ``findings_file``; returns what the summary says of it, the products in
     the findings, the usable images (ids and digests; signatures, mapped from a file beside
@@ -311,7 +312,8 @@ def _announce(summary: dict, folder: str, top: pl.DataFrame) -> None:
 
 
 def _audit_cross_fitted(source: catalog.CatalogFile, clip: Clip, spec: Spec, findings_file: str,
-                        options: AuditOptions, access: ImageAccess) -> tuple[dict, tuple, dict]:
+                        options: AuditOptions, access: ImageAccess
+                        ) -> tuple[dict, tuple[pl.DataFrame, np.ndarray], dict]:
     """Cross-fitted findings written to ``findings_file``; returns what the summary says of them,
     the usable images (ids and digests, signatures) and how each fold's texts were judged."""
     images_seen, usable = dict.fromkeys(audit.COUNT_KEYS, 0), [pl.DataFrame(schema=audit.IMAGES_SCHEMA)]
