@@ -87,7 +87,7 @@ MODE_PRESETS = {  # (starting point, mode) -> further defaults where that pair n
     ("pretrained image tower", "locked"): {"epochs": 40, "patience": 8, "batch_size": 64, "views": 4,
                                            "tower_lr": 1e-4},
     # the tower above its lowest four blocks (1.6x faster than all of it, as accurate) at under a third of the
-    # new text tower's rate, on 160-px crops, 14 epochs (grocery fine classes 0.764 against 0.733 after 10);
+    # new text tower's rate, on 160-px crops, 14 epochs (grocery fine classes 0.761 against 0.713 after 10);
     # the whole tower gains most from photos, so a tenth is held out for validation and calibration and
     # none for a test split (docs/benchmarks.md)
     ("pretrained image tower", "full"): {"epochs": 14, "patience": 4, "warmup_epochs": 1, "train_size": 160,
@@ -465,7 +465,7 @@ def group_near_duplicates(clip: model.Clip, data: LabeledSet, config: TrainConfi
         return f"group column {config.group_column!r}"
     if starting_point(clip) == "new":
         return "none: an untrained image tower cannot tell near-duplicates (name a group column)"
-    fast = model.on_backend(clip, "bf16") if model.native_bf16(clip.device) else clip  # 3x faster, as alike
+    fast = model.on_backend(clip, "bf16") if model.native_bf16(clip.device) else clip  # 3x faster, alike groups
     features = (locked.pooled_features(clip, plain, config.unlock_blocks) if plain is not None
                 else model.embed_images(fast, data.pixels.numpy()))
     data.groups = near_duplicate_groups(features, threshold=config.near_duplicate_cosine)
