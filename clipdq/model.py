@@ -200,9 +200,10 @@ def _training_line(meta: dict) -> str:
            "locked": f"{locked}; text tower and projections trained on its kept activations, "
                      f"{config.get('views', 1)} view(s) per training image"}
     tower = f" Image tower: {meta['pretrained_image_tower']}." if meta.get("pretrained_image_tower") else ""
-    mirrored = ", each averaged with its mirror image" if meta.get("mirror_average") else ""
-    audit = f" The audit sees {meta['image_size']}-px photos{mirrored} (chosen by validation loss)." \
-        if meta.get("image_size") else ""
+    sizes, mirrored = [size for size in view_sizes(meta) if size], meta.get("mirror_average")
+    averaged = ", its embeddings averaged" if len(sizes) > 1 or mirrored else ""
+    audit = (f" The audit sees each photo at {sizes_text(sizes)} px{' and mirrored' if mirrored else ''}{averaged} "
+             f"(chosen by validation loss)." if sizes else "")
     return (f"Mode: **{mode}** ({how.get(mode, mode)}).{tower}{audit} Best epoch {training.get('best_epoch')} of "
             f"{training.get('epochs_run')}, stopped by {training.get('stopped_by', 'epochs')}; training "
             f"{training.get('minutes')} min, {training.get('total_minutes', training.get('minutes'))} min with "
@@ -285,14 +286,28 @@ def image_features(model: DualEncoder, pixel_values: torch.Tensor) -> torch.Tens
 
 def image_embeddings(clip: Clip, pixel_values: torch.Tensor) -> torch.Tensor:
     """``image_features`` as the audit computes them, in the view the model's training chose by
-    validation loss (``train.choose_audit_view``): the photos resized to ``meta["image_size"]``, and
-    each averaged with its mirror image where ``meta["mirror_average"]``."""
-    if (size := clip.meta.get("image_size")) and pixel_values.shape[-1] != size:
-        pixel_values = resized(pixel_values, size)
-    features = image_features(clip.model, pixel_values)
-    if clip.meta.get("mirror_average"):
-        features = torch.nn.functional.normalize(features + image_features(clip.model, pixel_values.flip(-1)), dim=-1)
-    return features
+    validation loss (``train.choose_audit_view``): the photos resized to each of ``view_sizes``,
+    each also mirrored where ``meta["mirror_average"]``, and the embeddings averaged."""
+    mirrored = clip.meta.get("mirror_average")
+    total = 0
+    for size in view_sizes(clip.meta):
+        shown = resized(pixel_values, size) if size else pixel_values
+        total = total + image_features(clip.model, shown)
+        if mirrored:
+            total = total + image_features(clip.model, shown.flip(-1))
+    return torch.nn.functional.normalize(total, dim=-1)
+
+
+def view_sizes(meta: dict) -> list[int | None]:
+    """The sizes the audit resizes photos to (``meta["image_sizes"]``, or a single ``image_size``
+    as models trained before several were recorded); [None]: as they are loaded."""
+    return meta.get("image_sizes") or [meta.get("image_size")]
+
+
+def sizes_text(sizes) -> str:
+    """"208" or "160, 192 and 224"."""
+    sizes = [str(size) for size in sizes]
+    return sizes[0] if len(sizes) == 1 else f"{', '.join(sizes[:-1])} and {sizes[-1]}"
 
 
 def resized(pixels: torch.Tensor, size: int) -> torch.Tensor:

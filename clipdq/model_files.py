@@ -25,7 +25,7 @@ log = logging.getLogger(__name__)
 META_FILE = "clipdq.json"
 VALUE_EMB_FILE = "value_embeddings.safetensors"
 PROCESSOR_FILE = "preprocessor_config.json"
-VIEW_KEYS = ("image_size", "mirror_average")  # clipdq.json: how training chose to show the model photos
+VIEW_KEYS = ("image_size", "image_sizes", "mirror_average")  # clipdq.json: how training chose to show the model photos
 
 
 @dataclass(frozen=True)

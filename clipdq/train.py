@@ -223,37 +223,49 @@ def evaluate(
     return float(batch_loss(logits, labels)), {k: v.cpu().numpy() for k, v in logits.items()}
 
 
-AUDIT_SIZES = 3  # image sizes the audit may use after training on crops: the model's and the two below it,
-AUDIT_SIZE_STEP = 16  # this far apart (grocery photos trained at 160 px: 208 best, 192 to 224 within 0.02 loss)
+AUDIT_SIZES = 3  # single image sizes the audit may use after training on crops: the model's and the two below
+AUDIT_SIZE_STEP = 16  # it, this far apart (grocery photos trained at 160 px: 208 best, 192 to 224 within 0.02 loss)
+SCALE_SPANS = (1, 2)  # or the model's size and this many steps of SCALE_STEP either side, embeddings averaged:
+SCALE_STEP = 32  # grocery fine classes 0.79 at 160 to 288 px against 0.755 at 208 px, three models (docs/benchmarks.md)
+
+
+def audit_views(crop: int) -> list[tuple[int, ...]]:
+    """The candidate image sizes of ``choose_audit_view``: single sizes, then sets averaged."""
+    singles = [(crop - AUDIT_SIZE_STEP * i,) for i in reversed(range(AUDIT_SIZES))]
+    return singles + [tuple(crop + SCALE_STEP * k for k in range(-span, span + 1)) for span in SCALE_SPANS]
 
 
 @torch.inference_mode()
 def choose_audit_view(clip: model.Clip, data: LabeledSet, rows: np.ndarray, captions: model.Captions) -> dict:
-    """The image size the audit uses (the model's or up to AUDIT_SIZES - 1 steps below) and whether it
-    averages each photo's embedding with its mirror image's: the pair with the lowest loss on ``rows``
-    (validation). A tower trained on small crops sees a product larger than it is in the whole
-    photo, so a size between the two suits it best (FixRes). Sets ``clip.meta``: from then on
+    """The image sizes the audit uses (``audit_views``: one, or several with their embeddings
+    averaged) and whether it averages each photo's embedding with its mirror image's too: the view
+    with the lowest loss on ``rows`` (validation). A tower trained on small crops sees a product
+    larger than it is in the whole photo, so a size between the two suits it best (FixRes), and
+    the product seen at several sizes better still. Sets ``clip.meta``: from then on
     ``model.image_embeddings`` resizes the photos it is given as they were resized here (the photos
     stay loaded at the model's own size: resized once more, as in training, not decoded afresh at
-    the smaller size, which reads grocery fine classes 4 points worse)."""
+    another size, which reads grocery fine classes 4 points worse)."""
     clip.model.eval()
     labels = {k: v[rows].to(clip.device) for k, v in data.labels.items()}
-    losses = {}
-    for size in [clip.pixels.crop - AUDIT_SIZE_STEP * i for i in reversed(range(AUDIT_SIZES))]:
+    views = audit_views(clip.pixels.crop)
+    embeddings = {}  # size -> (plain, mirrored) features
+    for size in sorted({size for sizes in views for size in sizes}):
         pixels = model.resized(data.pixels[rows], size).to(clip.device)
         with _autocast(clip, inference=True):
-            plain, mirror = (torch.cat([model.image_features(clip.model, p[i : i + EVAL_BATCH]).float()
-                                        for i in range(0, len(p), EVAL_BATCH)])
-                             for p in (pixels, pixels.flip(-1)))
-        for averaged, emb in ((False, plain), (True, F.normalize(plain + mirror, dim=-1))):
-            losses[(size, averaged)] = float(batch_loss(model.attribute_logits(clip, emb, captions), labels))
-    size, averaged = min(losses, key=losses.get)
-    clip.meta |= {"image_size": size, "mirror_average": averaged}
-    log.info("the audit sees %d-px photos%s: validation loss %.3f (%s)", size, ", mirror averaged" if averaged else "",
-             losses[(size, averaged)], ", ".join(f"{s} px{' mirrored' if a else ''} {v:.3f}"
-                                                 for (s, a), v in losses.items()))
-    return {"image_size": size, "mirror_average": averaged,
-            "val_losses": [{"size": s, "mirror_average": a, "val_loss": v} for (s, a), v in losses.items()]}
+            embeddings[size] = [torch.cat([model.image_features(clip.model, p[i : i + EVAL_BATCH]).float()
+                                           for i in range(0, len(p), EVAL_BATCH)]) for p in (pixels, pixels.flip(-1))]
+    losses = {}
+    for sizes in views:
+        for averaged in (False, True):
+            emb = F.normalize(sum(sum(embeddings[size][: 1 + averaged]) for size in sizes), dim=-1)
+            losses[(sizes, averaged)] = float(batch_loss(model.attribute_logits(clip, emb, captions), labels))
+    sizes, averaged = min(losses, key=losses.get)
+    clip.meta |= {"image_sizes": list(sizes), "mirror_average": averaged}
+    log.info("the audit sees photos at %s px%s: validation loss %.3f (%s)", model.sizes_text(sizes),
+             ", mirror averaged" if averaged else "", losses[(sizes, averaged)],
+             ", ".join(f"{model.sizes_text(s)} px{' mirrored' if a else ''} {v:.3f}" for (s, a), v in losses.items()))
+    return {"image_sizes": list(sizes), "mirror_average": averaged,
+            "val_losses": [{"sizes": list(s), "mirror_average": a, "val_loss": v} for (s, a), v in losses.items()]}
 
 
 def spread_captions(clip: model.Clip, captions: model.Captions, *, steps: int, lr: float) -> float:

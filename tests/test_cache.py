@@ -109,6 +109,7 @@ def test_the_key_changes_with_the_model_and_with_preprocessing():
     assert len(keys) == 3
     assert cache.cache_key("abc", PIXELS) == cache.cache_key("abc", PIXELS)
     views = {cache.cache_key("abc", PIXELS, view=view) for view in
-             [(), (("image_size", 208), ("mirror_average", False)), (("image_size", 208), ("mirror_average", True))]}
-    assert len(views) == 3 and cache.cache_key("abc", PIXELS, view=()) == cache.cache_key("abc", PIXELS)
+             [(), (("image_sizes", [208]), ("mirror_average", False)), (("image_sizes", [208]), ("mirror_average", True)),
+              (("image_sizes", [192, 224, 256]), ("mirror_average", True))]}
+    assert len(views) == 4 and cache.cache_key("abc", PIXELS, view=()) == cache.cache_key("abc", PIXELS)
     assert cache.digest(b"x") == "2d711642b726b04401627ca9fbac32f5c8530fb1903cc4db02258717921a4881"

@@ -115,18 +115,27 @@ def test_full_mode_trains_the_tower_on_crops_and_chooses_the_audits_view(spec, l
     with pytest.raises(ValueError, match="needs an EfficientNet image tower"):
         train.freeze_below(model.init_model(spec), 4)  # a CLIP's own vision tower has no blocks to freeze
     view = outcome["training"]["audit_view"]
-    assert [(v["size"], v["mirror_average"]) for v in view["val_losses"]] == [
-        (size, mirrored) for size in (192, 208, 224) for mirrored in (False, True)]
+    assert [(v["sizes"], v["mirror_average"]) for v in view["val_losses"]] == [
+        (sizes, mirrored) for sizes in ([192], [208], [224], [192, 224, 256], [160, 192, 224, 256, 288])
+        for mirrored in (False, True)]
     best = min(view["val_losses"], key=lambda v: v["val_loss"])
-    assert (view["image_size"], view["mirror_average"]) == (best["size"], best["mirror_average"])
-    assert clip.meta["image_size"] == view["image_size"] and clip.pixels.crop == data.pixels.shape[-1] == 224
-    with torch.inference_mode():  # photos are loaded as in training, then resized as they were validated
-        photos = data.pixels[:4]
-        shown = model.resized(photos, view["image_size"])
-        expected = model.image_features(clip.model, shown)
-        if view["mirror_average"]:
-            expected = torch.nn.functional.normalize(expected + model.image_features(clip.model, shown.flip(-1)), dim=-1)
-        torch.testing.assert_close(model.image_embeddings(clip, photos), expected)
+    assert (view["image_sizes"], view["mirror_average"]) == (best["sizes"], best["mirror_average"])
+    assert clip.meta["image_sizes"] == view["image_sizes"] and clip.pixels.crop == data.pixels.shape[-1] == 224
+    chosen = dict(clip.meta)
+    photos = data.pixels[:4]
+    for sizes, mirrored in ((view["image_sizes"], view["mirror_average"]), ([192, 256], True), ([208], False)):
+        clip.meta |= {"image_sizes": sizes, "mirror_average": mirrored}
+        with torch.inference_mode():  # photos are loaded as in training, then resized as they were validated
+            shown = [model.resized(photos, size) for size in sizes]
+            seen = [*shown, *(p.flip(-1) for p in shown)] if mirrored else shown
+            expected = torch.nn.functional.normalize(sum(model.image_features(clip.model, p) for p in seen), dim=-1)
+            torch.testing.assert_close(model.image_embeddings(clip, photos), expected)
+    legacy = {"image_size": 208, "mirror_average": False}  # what models trained before several sizes recorded
+    clip.meta = {k: v for k, v in clip.meta.items() if k != "image_sizes"} | legacy
+    with torch.inference_mode():
+        torch.testing.assert_close(model.image_embeddings(clip, photos),
+                                   model.image_features(clip.model, model.resized(photos, 208)))
+    clip.meta = chosen
 
     clip.meta.update(outcome | {"trained": True, "train_config": dataclasses.asdict(config)})  # as finetune records
     model.save_model(clip, str(tmp_path / "model"))
@@ -140,7 +149,7 @@ def test_full_mode_trains_the_tower_on_crops_and_chooses_the_audits_view(spec, l
         same = np.allclose(model.embed_images(loaded, photos), model.embed_images(loaded, mirrored), atol=1e-5)
         assert same == averaged
     card = (tmp_path / "model" / "README.md").read_text()
-    assert "160-px random crops" in card and f"The audit sees {view['image_size']}-px photos" in card
+    assert "160-px random crops" in card and f"The audit sees each photo at {model.sizes_text(view['image_sizes'])} px" in card
 
 
 def test_the_locked_tower_reads_the_sample_attributes_and_says_how_it_was_trained(flagging_model_dir, spec):
