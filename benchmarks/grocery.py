@@ -71,19 +71,23 @@ def catalog_images(data: Path) -> pl.DataFrame:
                          "fine": [r["Class Name (str)"] for r in classes]})
 
 
-def spec_document(frame: pl.DataFrame) -> dict:
-    """The spec of the three levels, as its YAML holds it: every value each level takes in ``frame``."""
+def spec_document(frame: pl.DataFrame, *, tree: bool = False) -> dict:
+    """The spec of the three levels, as its YAML holds it: every value each level takes in ``frame``,
+    or with ``tree``, every path through the three levels that ``frame`` holds, as one category tree."""
+    if tree:
+        paths = sorted({"/".join(row) for row in frame.select(LEVELS).iter_rows()})
+        return {"target_precision": 0.9, "attributes": {"category": {"levels": list(LEVELS), "paths": paths}}}
     return {"target_precision": 0.9,
             "attributes": {level: {"values": sorted(frame[level].unique().to_list())} for level in LEVELS}}
 
 
-def grocery_spec(frame: pl.DataFrame) -> Spec:
-    return parse_spec(yaml.safe_dump(spec_document(frame)))
+def grocery_spec(frame: pl.DataFrame, *, tree: bool = False) -> Spec:
+    return parse_spec(yaml.safe_dump(spec_document(frame, tree=tree)))
 
 
-def write_spec(frame: pl.DataFrame, data: Path, path: Path) -> Path:
+def write_spec(frame: pl.DataFrame, data: Path, path: Path, *, tree: bool = False) -> Path:
     """The spec as a YAML file the clipdq commands read, images under ``data``."""
-    path.write_text(yaml.safe_dump(spec_document(frame) | {"image_roots": [str(data.resolve())]}))
+    path.write_text(yaml.safe_dump(spec_document(frame, tree=tree) | {"image_roots": [str(data.resolve())]}))
     return path
 
 

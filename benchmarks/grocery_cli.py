@@ -4,13 +4,14 @@
 2. ``clipdq finetune --base-model <that> --max-minutes 15`` on all the dataset's ``train`` photos
    (clipdq splits them itself, grouping near-duplicate photos);
 3. ``clipdq audit`` of the dataset's ``val`` photos (other sessions, seen neither in training nor
-   in calibration) as a catalog whose labels are 10% replaced by another value and 10% blanked.
+   in calibration) as a catalog whose labels are 10% replaced by another value and 10% blanked
+   (with ``--tree``, the levels form one category tree and whole paths are replaced or blanked).
 
 It then scores the audit's findings against the true labels: conflict precision and recall, and
 gap-suggestion accuracy and recall, per level and pooled.
 
     python benchmarks/grocery_cli.py [--data DIR] [--work DIR] [--seed 0] [--train-seed 0] [--mode full]
-                                     [--catalog-images]
+                                     [--tree] [--catalog-images]
 """
 
 from __future__ import annotations
@@ -57,6 +58,27 @@ def corrupted(frame: pl.DataFrame, *, share: float, seed: int) -> tuple[pl.DataF
     return catalog, pl.concat(truth)
 
 
+def corrupted_paths(frame: pl.DataFrame, *, share: float, seed: int) -> tuple[pl.DataFrame, pl.DataFrame]:
+    """(catalog with a share of its whole paths replaced by another path of the tree and another
+    share blanked, truth). A replaced path's error is to be found at the highest level where the
+    paths differ ("conflict"); the deeper levels that differ follow from it ("below")."""
+    rng = np.random.default_rng(seed)
+    true = frame.select(LEVELS).rows()
+    paths = sorted(set(true))
+    draw = rng.random(frame.height)
+    existing = [paths[(paths.index(path) + int(rng.integers(1, len(paths)))) % len(paths)] if d < share
+                else (None,) * len(LEVELS) if d < 2 * share else path for path, d in zip(true, draw)]
+    catalog, truth = frame.select("product_id", "image"), []
+    for depth, level in enumerate(LEVELS):
+        catalog = catalog.with_columns(pl.Series(level, [path[depth] for path in existing], dtype=pl.String))
+        planted = ["gap" if share <= d < 2 * share else "none" if right[depth] == given[depth]
+                   else "conflict" if right[:depth] == given[:depth] else "below"
+                   for right, given, d in zip(true, existing, draw)]
+        truth.append(pl.DataFrame({"product_id": frame["product_id"], "attribute": level,
+                                   "true_value": [path[depth] for path in true], "planted": planted}))
+    return catalog, pl.concat(truth)
+
+
 def scores(findings: pl.DataFrame, truth: pl.DataFrame) -> dict[str, dict]:
     joined = findings.join(truth, on=["product_id", "attribute"])
     out = {}
@@ -65,7 +87,8 @@ def scores(findings: pl.DataFrame, truth: pl.DataFrame) -> dict[str, dict]:
         suggested, gaps = rows.filter(pl.col("status") == "gap"), rows.filter(pl.col("planted") == "gap")
         known = rows.filter(pl.col("predicted_value").is_not_null())
         out[name] = {"accuracy": (known["predicted_value"] == known["true_value"]).mean(),
-                     "conflict_precision": (flagged["planted"] == "conflict").mean() if flagged.height else None,
+                     "conflict_precision": (flagged["existing_value"] != flagged["true_value"]).mean()
+                     if flagged.height else None,  # the catalog's value is wrong where it is flagged
                      "conflict_recall": (planted["status"] == "conflict").mean(), "flags": flagged.height,
                      "gap_accuracy": (suggested["predicted_value"] == suggested["true_value"]).mean()
                      if suggested.height else None,
@@ -80,6 +103,9 @@ def main() -> int:
     parser.add_argument("--seed", type=int, default=0, help="seed of the planted errors")
     parser.add_argument("--train-seed", type=int, default=0, help="clipdq finetune --seed (its split and training)")
     parser.add_argument("--mode", choices=("locked", "full"), help="clipdq finetune --mode (default: the model's)")
+    parser.add_argument("--tree", action="store_true",
+                        help="declare the three levels one category tree (values chosen by whole path, conflicts "
+                             "reported at the highest level), and plant whole wrong paths")
     parser.add_argument("--catalog-images", action="store_true",
                         help="fine-tune on each product's catalog image too, beside the train photos")
     args = parser.parse_args()
@@ -89,12 +115,13 @@ def main() -> int:
     work = args.work or Path(tempfile.mkdtemp(prefix="clipdq-grocery-"))
     work.mkdir(parents=True, exist_ok=True)
     frame = load_catalog(args.data)
-    spec_path = str(write_spec(frame, args.data, work / "spec.yaml"))
+    spec_path = str(write_spec(frame, args.data, work / "spec.yaml", tree=args.tree))
     labeled = frame.filter(pl.col("split") == "train")
     if args.catalog_images:
         labeled = pl.concat([labeled, catalog_images(args.data)])
     labeled.drop("split").write_parquet(work / "labeled.parquet")
-    catalog, truth = corrupted(frame.filter(pl.col("split") == "holdout"), share=0.1, seed=args.seed)
+    catalog, truth = (corrupted_paths if args.tree else corrupted)(frame.filter(pl.col("split") == "holdout"),
+                                                                   share=0.1, seed=args.seed)
     catalog.write_parquet(work / "catalog.parquet")
 
     timings = {"init-model": clipdq("init-model", "--spec", spec_path, "--arch", "efficientnet-lite0",

@@ -26,20 +26,12 @@ import time
 from pathlib import Path
 
 import numpy as np
-import polars as pl
-import yaml
 
 from clipdq import evaluation, model, train
-from clipdq.spec import Spec, parse_spec
+from clipdq.spec import Spec
 
-from grocery import DEFAULT_DATA, LEVELS, ROOT, embedded_photos, load_catalog, splits_for, spread
+from grocery import DEFAULT_DATA, LEVELS, ROOT, embedded_photos, grocery_spec, load_catalog, splits_for, spread
 from heldout import figures_table, flag_cells, flag_figures, held_out_logits, pooled
-
-
-def tree_spec(frame: pl.DataFrame) -> Spec:
-    paths = sorted({"/".join(row) for row in frame.select(LEVELS).iter_rows()})
-    return parse_spec(yaml.safe_dump({"target_precision": 0.9,
-                                      "attributes": {"category": {"levels": list(LEVELS), "paths": paths}}}))
 
 
 def inconsistent_share(chosen: dict[str, tuple[np.ndarray, np.ndarray]], spec: Spec) -> float:
@@ -103,7 +95,7 @@ def main() -> int:
         return 2
     logging.basicConfig(level=logging.WARNING)
     frame = load_catalog(args.data)
-    spec = tree_spec(frame)
+    spec = grocery_spec(frame, tree=True)
     data, plain, features = embedded_photos(frame, spec, args.data)
     runs = [run_seed(spec, data, plain, splits_for(frame, features, seed=seed), seed, args.views)
             for seed in (int(s) for s in args.seeds.split(","))]
