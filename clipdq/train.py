@@ -87,10 +87,11 @@ MODE_PRESETS = {  # (starting point, mode) -> further defaults where that pair n
     ("pretrained image tower", "locked"): {"epochs": 40, "patience": 8, "batch_size": 64, "views": 4,
                                            "tower_lr": 1e-4},
     # the tower above its lowest four blocks (1.6x faster than all of it, as accurate) at under a third of the
-    # new text tower's rate, on 160-px crops, 14 epochs (grocery fine classes 0.761 against 0.713 after 10);
-    # the whole tower gains most from photos, so a tenth is held out for validation and calibration and
-    # none for a test split (docs/benchmarks.md)
-    ("pretrained image tower", "full"): {"epochs": 14, "patience": 4, "warmup_epochs": 1, "train_size": 160,
+    # new text tower's rate, on 160-px crops, 13 epochs (grocery fine classes 0.76 after 14 against 0.713 after
+    # 10; one fewer leaves time to choose the audit's sizes in a 15-minute budget); the whole tower gains most
+    # from photos, so a tenth is held out for validation and calibration and none for a test split
+    # (docs/benchmarks.md)
+    ("pretrained image tower", "full"): {"epochs": 13, "patience": 4, "warmup_epochs": 1, "train_size": 160,
                                          "tower_lr": 3e-4, "frozen_blocks": 4, "val_fraction": 0.1,
                                          "test_fraction": 0.0},
 }
@@ -236,7 +237,8 @@ def audit_views(crop: int) -> list[tuple[int, ...]]:
 
 
 @torch.inference_mode()
-def choose_audit_view(clip: model.Clip, data: LabeledSet, rows: np.ndarray, captions: model.Captions) -> dict:
+def choose_audit_view(clip: model.Clip, data: LabeledSet, rows: np.ndarray,
+                      captions: model.Captions) -> tuple[dict, np.ndarray]:
     """The image sizes the audit uses (``audit_views``: one, or several with their embeddings
     averaged) and whether it averages each photo's embedding with its mirror image's too: the view
     with the lowest loss on ``rows`` (validation). A tower trained on small crops sees a product
@@ -244,7 +246,8 @@ def choose_audit_view(clip: model.Clip, data: LabeledSet, rows: np.ndarray, capt
     the product seen at several sizes better still. Sets ``clip.meta``: from then on
     ``model.image_embeddings`` resizes the photos it is given as they were resized here (the photos
     stay loaded at the model's own size: resized once more, as in training, not decoded afresh at
-    another size, which reads grocery fine classes 4 points worse)."""
+    another size, which reads grocery fine classes 4 points worse). Returns (what was chosen and
+    why, the embeddings of ``rows`` in the chosen view: calibration's, without computing them again)."""
     clip.model.eval()
     labels = {k: v[rows].to(clip.device) for k, v in data.labels.items()}
     views = audit_views(clip.pixels.crop)
@@ -254,18 +257,18 @@ def choose_audit_view(clip: model.Clip, data: LabeledSet, rows: np.ndarray, capt
         with _autocast(clip, inference=True):
             embeddings[size] = [torch.cat([model.image_features(clip.model, p[i : i + EVAL_BATCH]).float()
                                            for i in range(0, len(p), EVAL_BATCH)]) for p in (pixels, pixels.flip(-1))]
-    losses = {}
-    for sizes in views:
-        for averaged in (False, True):
-            emb = F.normalize(sum(sum(embeddings[size][: 1 + averaged]) for size in sizes), dim=-1)
-            losses[(sizes, averaged)] = float(batch_loss(model.attribute_logits(clip, emb, captions), labels))
+    in_view = {(sizes, averaged): F.normalize(sum(sum(embeddings[size][: 1 + averaged]) for size in sizes), dim=-1)
+               for sizes in views for averaged in (False, True)}
+    losses = {view: float(batch_loss(model.attribute_logits(clip, emb, captions), labels))
+              for view, emb in in_view.items()}
     sizes, averaged = min(losses, key=losses.get)
     clip.meta |= {"image_sizes": list(sizes), "mirror_average": averaged}
     log.info("the audit sees photos at %s px%s: validation loss %.3f (%s)", model.sizes_text(sizes),
              ", mirror averaged" if averaged else "", losses[(sizes, averaged)],
              ", ".join(f"{model.sizes_text(s)} px{' mirrored' if a else ''} {v:.3f}" for (s, a), v in losses.items()))
-    return {"image_sizes": list(sizes), "mirror_average": averaged,
-            "val_losses": [{"sizes": list(s), "mirror_average": a, "val_loss": v} for (s, a), v in losses.items()]}
+    return ({"image_sizes": list(sizes), "mirror_average": averaged,
+             "val_losses": [{"sizes": list(s), "mirror_average": a, "val_loss": v} for (s, a), v in losses.items()]},
+            in_view[(sizes, averaged)].cpu().numpy())
 
 
 def spread_captions(clip: model.Clip, captions: model.Captions, *, steps: int, lr: float) -> float:
@@ -343,7 +346,10 @@ def fit(clip: model.Clip, data: LabeledSet, spec: Spec, config: TrainConfig, spl
     if config.keep_best:
         clip.model.load_state_dict(best["state"])
     clip.model.eval()
-    view = {"audit_view": choose_audit_view(clip, data, val_idx, captions)} if config.train_size else {}
+    view = {}
+    if config.train_size:
+        chosen, val_embeddings = choose_audit_view(clip, data, val_idx, captions)
+        view = {"audit_view": chosen, "val_embeddings": val_embeddings}
     return {"best_epoch": best["epoch"], "best_val_loss": best["val_loss"], "epochs_run": len(history),
             "stopped_by": stopped_by, "minutes": round((time.monotonic() - started) / 60, 2),
             "device": clip.device.type, "history": history} | view
@@ -393,7 +399,8 @@ def train_on(clip: model.Clip, data: LabeledSet, spec: Spec, *, config: TrainCon
     if data.texts is not None and config.text_epochs:
         clip.value_emb = value_emb  # fixed: teaching the text tower the texts leaves the attributes' predictions as they are
         result["texts"] = fit_texts(clip, data, embed, config, splits)
-    val_emb = embed(val_idx)
+    val_emb = result.pop("val_embeddings", None)  # the audit's view chosen on them, in validation's arithmetic
+    val_emb = embed(val_idx) if val_emb is None else val_emb
     calibration, metrics = evaluation.calibrate(logits_from(val_emb, value_emb, clip), labels_of(data, val_idx),
                                                 spec, label_noise=config.label_noise)
     if len(test_idx):
