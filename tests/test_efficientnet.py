@@ -130,7 +130,7 @@ def test_full_mode_trains_the_tower_on_crops_and_chooses_the_audits_view(spec, l
             seen = [*shown, *(p.flip(-1) for p in shown)] if mirrored else shown
             expected = torch.nn.functional.normalize(sum(model.image_features(clip.model, p) for p in seen), dim=-1)
             torch.testing.assert_close(model.image_embeddings(clip, photos), expected)
-    legacy = {"image_size": 208, "mirror_average": False}  # what models trained before several sizes recorded
+    legacy = {"image_size": 208, "mirror_average": False}  # as models trained before several sizes were recorded it
     clip.meta = {k: v for k, v in clip.meta.items() if k != "image_sizes"} | legacy
     with torch.inference_mode():
         torch.testing.assert_close(model.image_embeddings(clip, photos),
