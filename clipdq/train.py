@@ -251,14 +251,16 @@ def choose_audit_view(clip: model.Clip, data: LabeledSet, rows: np.ndarray,
     clip.model.eval()
     labels = {k: v[rows].to(clip.device) for k, v in data.labels.items()}
     views = audit_views(clip.pixels.crop)
-    embeddings = {}  # size -> (plain, mirrored) features
+    embeddings = {}  # size -> [plain features, mirrored features]
     for size in sorted({size for sizes in views for size in sizes}):
         pixels = model.resized(data.pixels[rows], size).to(clip.device)
         with _autocast(clip, inference=True):
             embeddings[size] = [torch.cat([model.image_features(clip.model, p[i : i + EVAL_BATCH]).float()
                                            for i in range(0, len(p), EVAL_BATCH)]) for p in (pixels, pixels.flip(-1))]
-    in_view = {(sizes, averaged): F.normalize(sum(sum(embeddings[size][: 1 + averaged]) for size in sizes), dim=-1)
-               for sizes in views for averaged in (False, True)}
+    in_view = {  # averaged as ``model.image_embeddings`` averages them
+        (sizes, averaged): F.normalize(sum(sum(embeddings[size] if averaged else embeddings[size][:1]) for size in sizes),
+                                       dim=-1)
+        for sizes in views for averaged in (False, True)}
     losses = {view: float(batch_loss(model.attribute_logits(clip, emb, captions), labels))
               for view, emb in in_view.items()}
     sizes, averaged = min(losses, key=losses.get)
