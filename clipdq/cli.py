@@ -200,8 +200,8 @@ def run_learning_curve(args: argparse.Namespace) -> str:
 
     first = make_model()
     config = train.config_for(first, mode=o.mode, max_minutes=o.max_minutes, seed=o.seed, group_column=o.group_column)
-    data = train.load_labeled(frame, spec, access=sources.catalog_access(args.catalog, spec), pixel_spec=first.pixels,
-                              group_column=o.group_column)
+    data = train.load_labeled(frame, spec, access=sources.catalog_access(args.catalog, spec),
+                              pixel_spec=train.loading_spec(first, config), group_column=o.group_column)
     sizes = tuple(int(n) for n in args.sizes.split(","))
     table = curves.learning_curve(make_model, data, spec, config=config, splits=train.default_splits(data, config),
                                   sizes=sizes)

@@ -298,6 +298,11 @@ def image_embeddings(clip: Clip, pixel_values: torch.Tensor) -> torch.Tensor:
     return torch.nn.functional.normalize(total, dim=-1)
 
 
+def tower_size(clip: Clip) -> int:
+    """The side of the photos the image tower was built for (its config's ``image_size``)."""
+    return clip.model.config.vision_config.image_size
+
+
 def view_sizes(meta: dict) -> list[int | None]:
     """The sizes the audit resizes photos to (``meta["image_sizes"]``, or a single ``image_size``
     as models trained before several were recorded); [None]: as they are loaded."""

@@ -8,7 +8,7 @@ from __future__ import annotations
 import logging
 import time
 import uuid
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 
 import numpy as np
 import polars as pl
@@ -240,37 +240,37 @@ def audit_views(crop: int) -> list[tuple[int, ...]]:
 def choose_audit_view(clip: model.Clip, data: LabeledSet, rows: np.ndarray,
                       captions: model.Captions) -> tuple[dict, np.ndarray]:
     """The image sizes the audit uses (``audit_views``: one, or several with their embeddings
-    averaged) and whether it averages each photo's embedding with its mirror image's too: the view
-    with the lowest loss on ``rows`` (validation). A tower trained on small crops sees a product
-    larger than it is in the whole photo, so a size between the two suits it best (FixRes), and
-    the product seen at several sizes better still. Sets ``clip.meta``: from then on
-    ``model.image_embeddings`` resizes the photos it is given as they were resized here (the photos
-    stay loaded at the model's own size: resized once more, as in training, not decoded afresh at
-    another size, which reads grocery fine classes 4 points worse). Returns (what was chosen and
-    why, the embeddings of ``rows`` in the chosen view: calibration's, without computing them again)."""
+    averaged): those with the lowest loss on ``rows`` (validation). A tower trained on small crops
+    sees a product larger than it is in the whole photo, so a size between the two suits it best
+    (FixRes), and the product seen at several sizes better still. Each photo's embedding is also
+    averaged with its mirror image's: training flips photos at random, and on grocery photos from
+    other sessions the mirror average read fine classes 1 to 3 points better wherever it was
+    measured, also in models whose validation loss had preferred the plain view. Sets
+    ``clip.meta``: from then on ``model.image_embeddings`` resizes the photos it is given as they
+    were resized here (decoded once, as training decoded them (``loading_spec``), then resized, as
+    in training: decoding afresh at each size read grocery fine classes 4 points worse). Returns
+    (what was chosen and why, the embeddings of ``rows`` in the chosen view: calibration's, without
+    computing them again)."""
     clip.model.eval()
     labels = {k: v[rows].to(clip.device) for k, v in data.labels.items()}
-    views = audit_views(clip.pixels.crop)
-    embeddings = {}  # size -> [plain features, mirrored features]
+    views = audit_views(model.tower_size(clip))
+    features = {}  # size -> the sum of the plain and the mirrored photos' features
     for size in sorted({size for sizes in views for size in sizes}):
         pixels = model.resized(data.pixels[rows], size).to(clip.device)
         with _autocast(clip, inference=True):
-            embeddings[size] = [torch.cat([model.image_features(clip.model, p[i : i + EVAL_BATCH]).float()
-                                           for i in range(0, len(p), EVAL_BATCH)]) for p in (pixels, pixels.flip(-1))]
-    in_view = {  # averaged as ``model.image_embeddings`` averages them
-        (sizes, averaged): F.normalize(sum(sum(embeddings[size] if averaged else embeddings[size][:1]) for size in sizes),
-                                       dim=-1)
-        for sizes in views for averaged in (False, True)}
-    losses = {view: float(batch_loss(model.attribute_logits(clip, emb, captions), labels))
-              for view, emb in in_view.items()}
-    sizes, averaged = min(losses, key=losses.get)
-    clip.meta |= {"image_sizes": list(sizes), "mirror_average": averaged}
-    log.info("the audit sees photos at %s px%s: validation loss %.3f (%s)", model.sizes_text(sizes),
-             ", mirror averaged" if averaged else "", losses[(sizes, averaged)],
-             ", ".join(f"{model.sizes_text(s)} px{' mirrored' if a else ''} {v:.3f}" for (s, a), v in losses.items()))
-    return ({"image_sizes": list(sizes), "mirror_average": averaged,
-             "val_losses": [{"sizes": list(s), "mirror_average": a, "val_loss": v} for (s, a), v in losses.items()]},
-            in_view[(sizes, averaged)].cpu().numpy())
+            features[size] = sum(torch.cat([model.image_features(clip.model, p[i : i + EVAL_BATCH]).float()
+                                            for i in range(0, len(p), EVAL_BATCH)]) for p in (pixels, pixels.flip(-1)))
+    in_view = {sizes: F.normalize(sum(features[size] for size in sizes), dim=-1)  # as ``model.image_embeddings``
+               for sizes in views}
+    losses = {sizes: float(batch_loss(model.attribute_logits(clip, emb, captions), labels))
+              for sizes, emb in in_view.items()}
+    sizes = min(losses, key=losses.get)
+    clip.meta |= {"image_sizes": list(sizes), "mirror_average": True}
+    log.info("the audit sees photos at %s px, mirror averaged: validation loss %.3f (%s)", model.sizes_text(sizes),
+             losses[sizes], ", ".join(f"{model.sizes_text(s)} px {v:.3f}" for s, v in losses.items()))
+    return ({"image_sizes": list(sizes), "mirror_average": True,
+             "val_losses": [{"sizes": list(s), "val_loss": v} for s, v in losses.items()]},
+            in_view[sizes].cpu().numpy())
 
 
 def spread_captions(clip: model.Clip, captions: model.Captions, *, steps: int, lr: float) -> float:
@@ -316,6 +316,8 @@ def fit(clip: model.Clip, data: LabeledSet, spec: Spec, config: TrainConfig, spl
     clip.value_emb = None  # both towers are trained: captions give the value embeddings
     if config.frozen_blocks:
         freeze_below(clip, config.frozen_blocks)
+    if config.train_size:  # until the audit's view is chosen, validation sees photos at the tower's own size
+        clip.meta["image_sizes"] = [model.tower_size(clip)]
     captions = model.Captions(clip, spec)
     labels, (train_idx, val_idx, _) = label_arrays(data), splits
     rng = np.random.default_rng(config.seed)
@@ -479,6 +481,16 @@ def logits_from(image_emb: np.ndarray, value_emb: dict[str, np.ndarray], clip: m
     return {name: predict.logits_for(image_emb, emb, scale=scale) for name, emb in value_emb.items()}
 
 
+def loading_spec(clip: model.Clip, config: TrainConfig) -> images.PixelSpec:
+    """How labeled photos are decoded for training: as the model's processor says, or, where full
+    mode trains on random crops, at the largest size an audit view may show them (``audit_views``),
+    so that crops and views are resized down from the photo, not up from a smaller copy."""
+    if not config.train_size:
+        return clip.pixels
+    side = max(max(view) for view in audit_views(model.tower_size(clip)))
+    return replace(clip.pixels, resize=side, crop=side)
+
+
 def group_near_duplicates(clip: model.Clip, data: LabeledSet, config: TrainConfig, plain: torch.Tensor | None) -> str:
     """Sets ``data.groups`` to near-duplicate groups of images, unless a group column gave them or
     the image tower is untrained (its features cannot tell); returns how rows were grouped."""
@@ -490,7 +502,7 @@ def group_near_duplicates(clip: model.Clip, data: LabeledSet, config: TrainConfi
         features = locked.pooled_features(clip, plain, config.unlock_blocks)
     else:
         with _autocast(clip, inference=True):  # bf16 where native: 3x faster, alike groups
-            features = model.embed_images(clip, data.pixels.numpy())
+            features = model.embed_images(clip, model.resized(data.pixels, model.tower_size(clip)).numpy())
     data.groups = near_duplicate_groups(features, threshold=config.near_duplicate_cosine)
     log.info("%d labeled images form %d near-duplicate groups", len(features), data.groups.max() + 1)
     return f"near-duplicate images (cosine >= {config.near_duplicate_cosine} between image-tower features)"
@@ -500,12 +512,14 @@ def finetune(clip: model.Clip, frame: pl.DataFrame, spec: Spec, *, access: Image
              ) -> model.Clip:
     """Train on labeled rows (``config.mode``) and record metrics and calibration in the model's metadata."""
     started = time.monotonic()
-    data = load_labeled(frame, spec, access=access, pixel_spec=clip.pixels, group_column=config.group_column)
+    decoding = loading_spec(clip, config)
+    data = load_labeled(frame, spec, access=access, pixel_spec=decoding, group_column=config.group_column)
     log.info("training on %d labeled products (%d without a readable image)", len(data.pixels), data.dropped)
     plain = locked.plain_activations(clip, data, config.unlock_blocks) if config.mode == "locked" else None
     grouping = group_near_duplicates(clip, data, config, plain)
     rows = default_splits(data, config)
     outcome = train_on(clip, data, spec, config=config, splits=rows, plain=plain)
+    clip.pixels = decoding  # saved as the processor: the audit decodes photos as training did
     outcome["training"] |= {"labeled_rows": frame.height, "unreadable_images": data.dropped,
                             "total_minutes": round((time.monotonic() - started) / 60, 2)}  # images read, kept, trained
     outcome["calibration_basis"] |= {"grouping": grouping,

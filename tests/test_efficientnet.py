@@ -98,6 +98,14 @@ def test_locked_mode_trains_only_above_the_cut_and_its_logits_match_the_whole_mo
         assert (kept[name].argmax(1) == whole[name].argmax(1)).mean() >= 0.95
 
 
+def _in_view(clip: model.Clip, photos: torch.Tensor) -> torch.Tensor:
+    """The embeddings of ``photos`` in the model's view, spelled out: resized to each of its sizes,
+    mirrored too where it says so, the image features averaged."""
+    shown = [model.resized(photos, size) for size in clip.meta["image_sizes"]]
+    seen = [*shown, *(p.flip(-1) for p in shown)] if clip.meta["mirror_average"] else shown
+    return torch.nn.functional.normalize(sum(model.image_features(clip.model, p) for p in seen), dim=-1)
+
+
 def test_full_mode_trains_the_tower_on_crops_and_chooses_the_audits_view(spec, labeled_at_224, tmp_path):
     data = train.LabeledSet(labeled_at_224.pixels.clone(), labeled_at_224.labels, 0)  # a copy: the fixture is shared
     clip = model.init_model(spec, "efficientnet-lite0")
@@ -115,21 +123,17 @@ def test_full_mode_trains_the_tower_on_crops_and_chooses_the_audits_view(spec, l
     with pytest.raises(ValueError, match="needs an EfficientNet image tower"):
         train.freeze_below(model.init_model(spec), 4)  # a CLIP's own vision tower has no blocks to freeze
     view = outcome["training"]["audit_view"]
-    assert [(v["sizes"], v["mirror_average"]) for v in view["val_losses"]] == [
-        (sizes, mirrored) for sizes in ([192], [208], [224], [192, 224, 256], [160, 192, 224, 256, 288])
-        for mirrored in (False, True)]
+    assert [v["sizes"] for v in view["val_losses"]] == [[192], [208], [224], [192, 224, 256],
+                                                        [160, 192, 224, 256, 288]]
     best = min(view["val_losses"], key=lambda v: v["val_loss"])
-    assert (view["image_sizes"], view["mirror_average"]) == (best["sizes"], best["mirror_average"])
+    assert view["image_sizes"] == best["sizes"] and view["mirror_average"]  # training flips photos: always averaged
     assert clip.meta["image_sizes"] == view["image_sizes"] and clip.pixels.crop == data.pixels.shape[-1] == 224
     chosen = dict(clip.meta)
     photos = data.pixels[:4]
     for sizes, mirrored in ((view["image_sizes"], view["mirror_average"]), ([192, 256], True), ([208], False)):
         clip.meta |= {"image_sizes": sizes, "mirror_average": mirrored}
         with torch.inference_mode():  # photos are loaded as in training, then resized as they were validated
-            shown = [model.resized(photos, size) for size in sizes]
-            seen = [*shown, *(p.flip(-1) for p in shown)] if mirrored else shown
-            expected = torch.nn.functional.normalize(sum(model.image_features(clip.model, p) for p in seen), dim=-1)
-            torch.testing.assert_close(model.image_embeddings(clip, photos), expected)
+            torch.testing.assert_close(model.image_embeddings(clip, photos), _in_view(clip, photos))
     legacy = {"image_size": 208, "mirror_average": False}  # as models trained before several sizes were recorded it
     clip.meta = {k: v for k, v in clip.meta.items() if k != "image_sizes"} | legacy
     with torch.inference_mode():
@@ -149,7 +153,27 @@ def test_full_mode_trains_the_tower_on_crops_and_chooses_the_audits_view(spec, l
         same = np.allclose(model.embed_images(loaded, photos), model.embed_images(loaded, mirrored), atol=1e-5)
         assert same == averaged
     card = (tmp_path / "model" / "README.md").read_text()
-    assert "160-px random crops" in card and f"The audit sees each photo at {model.sizes_text(view['image_sizes'])} px" in card
+    sizes = model.sizes_text(view["image_sizes"])
+    assert "160-px random crops" in card and f"The audit sees each photo at {sizes} px and mirrored" in card
+
+
+def test_full_mode_decodes_photos_at_its_largest_view_and_the_audit_decodes_them_so(spec, sample_dir, tmp_path):
+    clip = model.init_model(spec, "efficientnet-lite0")
+    config = train.config_for(clip, mode="full", epochs=1, test_fraction=0.0)
+    largest = dataclasses.replace(TOWER_PIXELS, resize=288, crop=288)  # 224 + 2 x 32: no crop or view is resized up
+    assert train.loading_spec(clip, config) == largest
+    assert train.loading_spec(clip, train.config_for(clip)) == TOWER_PIXELS  # locked mode: as the processor says
+    frame = read_catalog(str(sample_dir / "labeled.parquet"))
+
+    train.finetune(clip, frame, spec, access=access_for(str(sample_dir)), config=config)
+
+    loaded = model.load_model(model.save_model(clip, str(tmp_path / "model")), device="cpu")
+    assert loaded.pixels == largest and model.tower_size(loaded) == 224 and max(loaded.meta["image_sizes"]) <= 288
+    photos = images.load_images(frame["image"].to_list()[:2], access_for(str(sample_dir)), loaded.pixels).pixels
+    assert photos.shape == (2, 3, 288, 288)
+    with torch.inference_mode():  # the audit resizes them to the chosen sizes, as validation did
+        expected = _in_view(loaded, torch.from_numpy(photos)).numpy()
+    np.testing.assert_allclose(model.embed_images(loaded, photos), expected, atol=1e-5)
 
 
 def test_the_locked_tower_reads_the_sample_attributes_and_says_how_it_was_trained(flagging_model_dir, spec):
