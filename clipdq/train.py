@@ -230,10 +230,11 @@ SCALE_SPANS = (1, 2)  # or the model's size and this many steps of SCALE_STEP ei
 SCALE_STEP = 32  # grocery fine classes 0.79 at 160 to 288 px against 0.755 at 208 px, three models (docs/benchmarks.md)
 
 
-def audit_views(crop: int) -> list[tuple[int, ...]]:
-    """The candidate image sizes of ``choose_audit_view``: single sizes, then sets averaged."""
-    singles = [(crop - AUDIT_SIZE_STEP * i,) for i in reversed(range(AUDIT_SIZES))]
-    return singles + [tuple(crop + SCALE_STEP * k for k in range(-span, span + 1)) for span in SCALE_SPANS]
+def audit_views(tower: int) -> list[tuple[int, ...]]:
+    """The candidate image sizes of ``choose_audit_view`` for a tower built for ``tower``-px photos:
+    single sizes, then sets averaged."""
+    singles = [(tower - AUDIT_SIZE_STEP * i,) for i in reversed(range(AUDIT_SIZES))]
+    return singles + [tuple(tower + SCALE_STEP * k for k in range(-span, span + 1)) for span in SCALE_SPANS]
 
 
 @torch.inference_mode()
@@ -260,8 +261,8 @@ def choose_audit_view(clip: model.Clip, data: LabeledSet, rows: np.ndarray,
         with _autocast(clip, inference=True):
             features[size] = sum(torch.cat([model.image_features(clip.model, p[i : i + EVAL_BATCH]).float()
                                             for i in range(0, len(p), EVAL_BATCH)]) for p in (pixels, pixels.flip(-1)))
-    in_view = {sizes: F.normalize(sum(features[size] for size in sizes), dim=-1)  # as ``model.image_embeddings``
-               for sizes in views}
+    # averaged as ``model.image_embeddings`` averages them
+    in_view = {sizes: F.normalize(sum(features[size] for size in sizes), dim=-1) for sizes in views}
     losses = {sizes: float(batch_loss(model.attribute_logits(clip, emb, captions), labels))
               for sizes, emb in in_view.items()}
     sizes = min(losses, key=losses.get)
