@@ -266,11 +266,11 @@ def choose_audit_view(clip: model.Clip, data: LabeledSet, rows: np.ndarray,
     losses = {sizes: float(batch_loss(model.attribute_logits(clip, emb, captions), labels))
               for sizes, emb in in_view.items()}
     sizes = min(losses, key=losses.get)
-    clip.meta |= {"image_sizes": list(sizes), "mirror_average": True}
+    chosen = {"image_sizes": list(sizes), "mirror_average": True}
+    clip.meta |= chosen
     log.info("the audit sees photos at %s px, mirror averaged: validation loss %.3f (%s)", model.sizes_text(sizes),
              losses[sizes], ", ".join(f"{model.sizes_text(s)} px {v:.3f}" for s, v in losses.items()))
-    return ({"image_sizes": list(sizes), "mirror_average": True,
-             "val_losses": [{"sizes": list(s), "val_loss": v} for s, v in losses.items()]},
+    return (chosen | {"val_losses": [{"sizes": list(s), "val_loss": v} for s, v in losses.items()]},
             in_view[sizes].cpu().numpy())
 
 
@@ -502,8 +502,10 @@ def group_near_duplicates(clip: model.Clip, data: LabeledSet, config: TrainConfi
     if plain is not None:
         features = locked.pooled_features(clip, plain, config.unlock_blocks)
     else:
-        with _autocast(clip, inference=True):  # bf16 where native: 3x faster, alike groups
-            features = model.embed_images(clip, model.resized(data.pixels, model.tower_size(clip)).numpy())
+        tower = model.tower_size(clip)
+        with _autocast(clip, inference=True):  # bf16 where native: 3x faster, alike groups; resized chunk by chunk
+            features = np.concatenate([model.embed_images(clip, model.resized(chunk, tower).numpy())
+                                       for chunk in data.pixels.split(256)])
     data.groups = near_duplicate_groups(features, threshold=config.near_duplicate_cosine)
     log.info("%d labeled images form %d near-duplicate groups", len(features), data.groups.max() + 1)
     return f"near-duplicate images (cosine >= {config.near_duplicate_cosine} between image-tower features)"
