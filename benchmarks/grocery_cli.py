@@ -107,7 +107,7 @@ def main() -> int:
                         help="declare the three levels one category tree (values chosen by whole path, conflicts "
                              "reported at the highest level), and plant whole wrong paths")
     parser.add_argument("--catalog-images", action="store_true",
-                        help="fine-tune on each product's catalog image too, beside the train photos")
+                        help="fine-tune on each product's catalog image too, beside the train photos (training only)")
     args = parser.parse_args()
     if not (args.data / "train.txt").exists():
         print(f"Grocery Store dataset not found at {args.data}; pass --data or set CLIPDQ_GROCERY_DIR", file=sys.stderr)
@@ -117,8 +117,9 @@ def main() -> int:
     frame = load_catalog(args.data)
     spec_path = str(write_spec(frame, args.data, work / "spec.yaml", tree=args.tree))
     labeled = frame.filter(pl.col("split") == "train")
-    if args.catalog_images:
-        labeled = pl.concat([labeled, catalog_images(args.data)])
+    if args.catalog_images:  # training only: calibration judges the model on shelf photos, like the audited ones
+        labeled = pl.concat([labeled.with_columns(catalog_image=False),
+                             catalog_images(args.data).with_columns(catalog_image=True)])
     labeled.drop("split").write_parquet(work / "labeled.parquet")
     catalog, truth = (corrupted_paths if args.tree else corrupted)(frame.filter(pl.col("split") == "holdout"),
                                                                    share=0.1, seed=args.seed)
@@ -129,7 +130,8 @@ def main() -> int:
     timings["finetune"], _ = clipdq("finetune", "--catalog", str(work / "labeled.parquet"), "--spec", spec_path,
                                     "--base-model", str(work / "init"), "--output", str(work / "model"),
                                     "--max-minutes", "15", "--seed", str(args.train_seed),
-                                    *(["--mode", args.mode] if args.mode else []))
+                                    *(["--mode", args.mode] if args.mode else []),
+                                    *(["--train-only-column", "catalog_image"] if args.catalog_images else []))
     timings["audit"], run = clipdq("audit", "--catalog", str(work / "catalog.parquet"), "--spec", spec_path,
                                    "--model", str(work / "model"), "--output", str(work / "reports"))
     figures = scores(pl.read_parquet(Path(run) / "findings.parquet"), truth)

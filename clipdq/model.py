@@ -210,14 +210,19 @@ def _training_line(meta: dict) -> str:
             f"reading the images.")
 
 
+def _train_only(training: dict) -> str:
+    rows = training.get("train_only_rows")
+    return f" of which {rows} train-only" if rows else ""
+
+
 def model_card(meta: dict) -> str:
     """A readable summary of a fine-tuned model: data, training, calibration and held-out metrics."""
     training, basis = meta.get("training", {}), meta.get("calibration_basis", {})
     lines = [
         "# clipdq model", "",
         f"Fine-tuned for spec `{meta.get('spec_fingerprint')}`, weights `{meta.get('fingerprint')}`.",
-        f"Labeled rows: {training.get('labeled_rows')} (train {training.get('train_rows')}, validation "
-        f"{training.get('val_rows')}, test {training.get('test_rows')}).", "",
+        f"Labeled rows: {training.get('labeled_rows')} (train {training.get('train_rows')}{_train_only(training)}, "
+        f"validation {training.get('val_rows')}, test {training.get('test_rows')}).", "",
         _training_line(meta), "",
         f"Thresholds were chosen on the {basis.get('split', 'validation')} split ({basis.get('rows')} rows in "
         f"{basis.get('val_groups')} groups; grouping: {basis.get('grouping', 'none')}), each where the "

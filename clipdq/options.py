@@ -83,7 +83,7 @@ class FinetuneOptions(Options):
         "activations, minutes instead of tens of them; prototype: learn value embeddings on frozen images. "
         "Empty: locked for a pretrained image tower with a new text tower, else full."))
     epochs: int | None = Field(None, ge=1, description=(
-        "The training budget in epochs (empty: for a pretrained image tower with a new text tower 40, or 10 "
+        "The training budget in epochs (empty: for a pretrained image tower with a new text tower 40, or 16 "
         "in full mode; else 100)."))
     max_minutes: float | None = Field(None, gt=0, description="Safety cap on training time; the budget is epochs.")
     seed: int = Field(0, description="Seed of the splits, the sampler and the initialisation.")
@@ -95,6 +95,10 @@ class FinetuneOptions(Options):
     label_noise: float = Field(0.0, ge=0, lt=1, description=(
         "Share of wrong labels to allow for in calibration (0 for curated labels)."))
     group_column: str | None = Field(None, description=GROUP_HELP)
+    train_only_column: str | None = Field(None, description=(
+        "Rows where this boolean column is true only train, with their near-duplicates: labeled images unlike "
+        "those the audits check (studio packshots beside the shelf photos audited), which validation and "
+        "calibration must not judge the model on."))
     unlock_blocks: int | None = Field(None, ge=0, description="Locked mode: top EfficientNet blocks that train too.")
     views: int | None = Field(None, ge=1, description=(
         "Locked mode: kept views per training image (the image itself, then augmented ones)."))

@@ -83,7 +83,7 @@ def fold_of(labels: dict[str, np.ndarray], *, k: int, seed: int, groups: np.ndar
 
 def split_indices(
     labels: dict[str, np.ndarray], *, val_fraction: float, test_fraction: float, seed: int,
-    groups: np.ndarray | None = None,
+    groups: np.ndarray | None = None, train_only: np.ndarray | None = None,
 ) -> Splits:
     """(train, val, test) row indices, stratified on the joint labels of all attributes.
 
@@ -92,14 +92,19 @@ def split_indices(
     over the splits in proportion, and a split's share of rows holds even when groups differ in
     size. With ``groups``, whole groups are dealt (stratified on their first row), so
     near-duplicate images of one product family or photo session never land on two sides;
-    without, each row is its own group. Validation gets at least one group.
+    without, each row is its own group. ``train_only``: (n,) rows that only train; their groups
+    join the training split and the shares apply to the other rows. Validation gets at least one group.
     """
     rng = np.random.default_rng(seed)
     group_labels, row_group = _by_group(labels, groups)
     order = _stratified_order(group_labels, rng)
     sizes = np.bincount(row_group, minlength=len(order))
+    if train_only is not None:
+        order = order[~np.isin(order, row_group[train_only])]
+        if not len(order):
+            raise ValueError("every labeled row is train-only: none is left to validate and calibrate on")
     shares = np.array([1 - val_fraction - test_fraction, val_fraction, test_fraction])
-    dealt, assigned = np.zeros(3), np.empty(len(order), dtype=int)
+    dealt, assigned = np.zeros(3), np.zeros(len(sizes), dtype=int)  # train unless dealt elsewhere
     for group in order:
         split = int(np.argmax(shares * (dealt.sum() + sizes[group]) - dealt))
         assigned[group] = split

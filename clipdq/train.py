@@ -45,6 +45,7 @@ class TrainConfig:
     mode: Mode = "full"  # see MODES
     label_noise: float = 0.0  # share of wrong labels: 0 for curated ones, the error rate for a catalog's own
     group_column: str | None = None  # rows sharing its value (product family, photo session) share a split
+    train_only_column: str | None = None  # rows where this boolean column is true only train (never calibrate)
     unlock_blocks: int = 0  # locked mode: top blocks of an EfficientNet image tower that train too
     tower_lr: float | None = None  # the image tower's learning rate (pretrained: gentler than a new text tower's)
     train_size: int | None = None  # full mode: train on random crops of this side (FixRes: smaller than the audit's
@@ -91,7 +92,7 @@ MODE_PRESETS = {  # (starting point, mode) -> further defaults where that pair n
     # 10; one fewer leaves time to choose the audit's sizes in a 15-minute budget); the whole tower gains most
     # from photos, so a tenth is held out for validation and calibration and none for a test split
     # (docs/benchmarks.md)
-    ("pretrained image tower", "full"): {"epochs": 13, "patience": 4, "warmup_epochs": 1, "train_size": 160,
+    ("pretrained image tower", "full"): {"epochs": 16, "patience": 4, "warmup_epochs": 1, "train_size": 160,
                                          "tower_lr": 3e-4, "frozen_blocks": 4, "val_fraction": 0.1,
                                          "test_fraction": 0.0},
 }
@@ -121,6 +122,7 @@ class LabeledSet:
     groups: np.ndarray | None = None  # (n,) group per row: near-duplicates that must share a split
     texts: np.ndarray | None = None  # (n,) the spec's text column ("" where missing); None without one
     text_categories: np.ndarray | None = None  # (n,) the spec's text category column, "" where missing
+    train_only: np.ndarray | None = None  # (n,) bool: rows that only train (``TrainConfig.train_only_column``)
 
 
 def encode_labels(frame: pl.DataFrame, spec: Spec) -> dict[str, np.ndarray]:
@@ -147,9 +149,9 @@ def encode_labels(frame: pl.DataFrame, spec: Spec) -> dict[str, np.ndarray]:
 
 def load_labeled(
     frame: pl.DataFrame, spec: Spec, *, access: ImageAccess, pixel_spec: images.PixelSpec,
-    group_column: str | None = None
+    group_column: str | None = None, train_only_column: str | None = None
 ) -> LabeledSet:
-    groups = group_keys(frame, group_column)
+    groups, train_only = group_keys(frame, group_column), train_only_rows(frame, train_only_column)
     loaded = images.load_images(frame[spec.image_column].to_list(), access, pixel_spec)
     if not loaded.ok.any():
         raise ValueError("no labeled image could be read")
@@ -158,7 +160,7 @@ def load_labeled(
     has_texts = spec.text_column in frame.columns
     return LabeledSet(torch.from_numpy(loaded.pixels), labels, int((~loaded.ok).sum()),
                       None if groups is None else groups[loaded.ok], texts if has_texts else None,
-                      categories if has_texts else None)
+                      categories if has_texts else None, None if train_only is None else train_only[loaded.ok])
 
 
 def group_keys(frame: pl.DataFrame, column: str | None) -> np.ndarray | None:
@@ -168,6 +170,15 @@ def group_keys(frame: pl.DataFrame, column: str | None) -> np.ndarray | None:
     if column not in frame.columns:
         raise ValueError(f"group column {column!r} is not in the labeled catalog")
     return frame[column].cast(pl.String).fill_null("").to_numpy()
+
+
+def train_only_rows(frame: pl.DataFrame, column: str | None) -> np.ndarray | None:
+    """(n,) bool: the rows where the boolean ``column`` is true (null: false); None without a column."""
+    if column is None:
+        return None
+    if frame.schema.get(column) != pl.Boolean:
+        raise ValueError(f"train-only column {column!r} must be a boolean column of the labeled catalog")
+    return frame[column].fill_null(False).to_numpy()
 
 
 def augment(pixels: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
@@ -307,7 +318,7 @@ def label_arrays(data: LabeledSet) -> dict[str, np.ndarray]:
 
 def default_splits(data: LabeledSet, config: TrainConfig) -> Splits:
     return split_indices(label_arrays(data), val_fraction=config.val_fraction, test_fraction=config.test_fraction,
-                         seed=config.seed, groups=data.groups)
+                         seed=config.seed, groups=data.groups, train_only=data.train_only)
 
 
 def fit(clip: model.Clip, data: LabeledSet, spec: Spec, config: TrainConfig, splits: Splits) -> dict:
@@ -361,11 +372,12 @@ def fit(clip: model.Clip, data: LabeledSet, spec: Spec, config: TrainConfig, spl
 
 
 def freeze_below(clip: model.Clip, blocks: int) -> None:
-    """Keep the stem and the lowest ``blocks`` blocks of an EfficientNet image tower as they are."""
+    """Keep the stem and the lowest ``blocks`` blocks of an EfficientNet image tower as they are, and
+    compute them in bf16 while training where the device does so natively."""
     vision = clip.model.vision_model
     if not 0 < blocks <= len(getattr(vision, "blocks", ())):
         raise ValueError(f"frozen_blocks={blocks} needs an EfficientNet image tower with that many blocks")
-    vision.freeze_below(blocks)
+    vision.freeze_below(blocks, dtype=torch.bfloat16 if model.native_bf16(clip.device) else None)
 
 
 def fit_prototypes(clip: model.Clip, data: LabeledSet, spec: Spec, config: TrainConfig, splits: Splits) -> dict:
@@ -414,7 +426,8 @@ def train_on(clip: model.Clip, data: LabeledSet, spec: Spec, *, config: TrainCon
                                                          labels_of(data, test_idx), spec,
                                                          temperatures=temperatures).items():
             metrics.setdefault(name, {}).update(figures)
-    sizes = {"train_rows": len(train_idx), "val_rows": len(val_idx), "test_rows": len(test_idx)}
+    sizes = {"train_rows": len(train_idx), "val_rows": len(val_idx), "test_rows": len(test_idx),
+             "train_only_rows": 0 if data.train_only is None else int(data.train_only.sum())}
     basis = {"split": "validation", "rows": len(val_idx), "bound": "one-sided 90% Wilson lower bound of accuracy",
              "target_precision": spec.target_precision, "expected_error_rate": spec.expected_error_rate,
              "label_noise": config.label_noise}
@@ -516,7 +529,8 @@ def finetune(clip: model.Clip, frame: pl.DataFrame, spec: Spec, *, access: Image
     """Train on labeled rows (``config.mode``) and record metrics and calibration in the model's metadata."""
     started = time.monotonic()
     decoding = loading_spec(clip, config)
-    data = load_labeled(frame, spec, access=access, pixel_spec=decoding, group_column=config.group_column)
+    data = load_labeled(frame, spec, access=access, pixel_spec=decoding, group_column=config.group_column,
+                        train_only_column=config.train_only_column)
     log.info("training on %d labeled products (%d without a readable image)", len(data.pixels), data.dropped)
     plain = locked.plain_activations(clip, data, config.unlock_blocks) if config.mode == "locked" else None
     grouping = group_near_duplicates(clip, data, config, plain)

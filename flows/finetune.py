@@ -53,7 +53,8 @@ def finetune_model(catalog_uri: str, spec_uri: str, output_uri: str,
     config = train.config_for(clip, epochs=options.epochs, max_minutes=options.max_minutes, seed=options.seed,
                               mode=options.mode, val_fraction=options.val_fraction,
                               test_fraction=options.test_fraction, label_noise=options.label_noise,
-                              group_column=options.group_column, unlock_blocks=options.unlock_blocks,
+                              group_column=options.group_column, train_only_column=options.train_only_column,
+                              unlock_blocks=options.unlock_blocks,
                               views=options.views)
     clip = fit(clip, catalog_uri, spec_text, config, options.image_roots)
     save(clip, output_uri)

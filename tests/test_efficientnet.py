@@ -106,6 +106,26 @@ def _in_view(clip: model.Clip, photos: torch.Tensor) -> torch.Tensor:
     return torch.nn.functional.normalize(sum(model.image_features(clip.model, p) for p in seen), dim=-1)
 
 
+def test_frozen_blocks_compute_in_bf16_while_training_only_and_pass_no_gradient():
+    tower = efficientnet.pretrained_tower("efficientnet-lite0")
+    photos = torch.rand(4, 3, 160, 160) * 2 - 1
+    tower.eval()
+    with torch.no_grad():
+        exact = tower(photos).pooler_output
+        tower.freeze_below(4, dtype=torch.bfloat16)
+        assert torch.equal(tower(photos).pooler_output, exact)  # inference stays in fp32
+        below = tower.features_below(photos, 4)  # what the frozen layers give in fp32
+    entering = []  # what the lowest trained block is given
+    tower.blocks[4].register_forward_hook(lambda block, args, out: entering.append(args[0]))
+    tower.train()
+
+    tower(photos).pooler_output.sum().backward()
+
+    assert entering[0].dtype == torch.float32 and entering[0].requires_grad is False
+    assert 0 < float((entering[0] - below).norm() / below.norm()) < 0.03  # bf16 arithmetic: close, not equal
+    assert all(p.grad is None for p in tower.blocks[3].parameters()) and tower.blocks[4].expand.conv.weight.grad is not None
+
+
 def test_full_mode_trains_the_tower_on_crops_and_chooses_the_audits_view(spec, labeled_at_224, tmp_path):
     data = train.LabeledSet(labeled_at_224.pixels.clone(), labeled_at_224.labels, 0)  # a copy: the fixture is shared
     clip = model.init_model(spec, "efficientnet-lite0")

@@ -284,6 +284,42 @@ def test_groups_stay_on_one_side_of_every_split_and_fold():
     assert set(groups[ungrouped[0]]) & set(groups[ungrouped[1]])  # without groups they would mix
 
 
+def test_train_only_rows_and_their_groups_only_train_and_the_shares_apply_to_the_rest():
+    rng = np.random.default_rng(5)
+    groups = rng.integers(0, 80, 600).astype(str)
+    labels = {"color": rng.integers(0, 3, 600)}
+    train_only = rng.random(600) < 0.1
+
+    train_rows, val_rows, test_rows = splits.split_indices(labels, val_fraction=0.2, test_fraction=0.1, seed=0,
+                                                           groups=groups, train_only=train_only)
+
+    forced = np.isin(groups, groups[train_only])  # a near-copy of a train-only image trains too
+    assert forced[train_rows].sum() == forced.sum() and not forced[np.concatenate([val_rows, test_rows])].any()
+    assert len(train_rows) + len(val_rows) + len(test_rows) == 600
+    assert abs(len(val_rows) / (~forced).sum() - 0.2) < 0.05  # shares of the rows that may validate
+    unforced = splits.split_indices(labels, val_fraction=0.2, test_fraction=0.1, seed=0, groups=groups)
+    assert forced[unforced[1]].any()  # without the column some of them would validate
+    with pytest.raises(ValueError, match="every labeled row is train-only"):
+        splits.split_indices(labels, val_fraction=0.2, test_fraction=0.1, seed=0, train_only=np.ones(600, bool))
+
+
+def test_finetune_keeps_train_only_rows_out_of_calibration_and_says_so(sample_dir, spec):
+    frame = read_catalog(str(sample_dir / "labeled.parquet"))
+    frame = frame.with_columns(studio=pl.int_range(pl.len()) % 3 == 0)
+    clip = model.init_model(spec)
+    config = train.TrainConfig(epochs=1, mode="prototype", train_only_column="studio", group_column="product_id")
+
+    trained = train.finetune(clip, frame, spec, access=access_for(str(sample_dir)), config=config)
+
+    training, studio = trained.meta["training"], int(frame["studio"].sum())
+    assert training["train_only_rows"] == studio and training["train_rows"] >= studio
+    assert training["val_rows"] + training["test_rows"] == pytest.approx(0.3 * (frame.height - studio), abs=2)
+    assert f"of which {studio} train-only" in model.model_card(trained.meta)
+    with pytest.raises(ValueError, match="train-only column 'product_id' must be a boolean"):
+        train.load_labeled(frame, spec, access=access_for(str(sample_dir)), pixel_spec=clip.pixels,
+                           train_only_column="product_id")
+
+
 def test_finetune_splits_by_the_group_column(sample_dir, spec):
     frame = read_catalog(str(sample_dir / "labeled.parquet"))
     frame = frame.with_columns((pl.int_range(pl.len()) // 4).cast(pl.String).alias("family"))
