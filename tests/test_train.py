@@ -258,7 +258,7 @@ def test_a_pretrained_image_tower_stays_locked_unless_told_to_train_whole_on_cro
     locked_tower, whole = train.config_for(tower), train.config_for(tower, mode="full")
     new = train.config_for(model.init_model(spec))
 
-    assert (whole.mode, whole.epochs, whole.train_size, whole.image_tower_lr) == ("full", 13, 160, 3e-4)
+    assert (whole.mode, whole.epochs, whole.train_size, whole.image_tower_lr) == ("full", 16, 160, 3e-4)
     assert (whole.frozen_blocks, whole.val_fraction, whole.test_fraction) == (4, 0.1, 0.0)  # every photo counts
     assert train.config_for(tower, mode="full", val_fraction=0.3).val_fraction == 0.3  # unless told otherwise
     assert (locked_tower.mode, locked_tower.epochs, locked_tower.views, locked_tower.image_tower_lr) == (
