@@ -170,17 +170,18 @@ class EfficientNetLiteModel(PreTrainedModel):
         with torch.no_grad(), torch.autocast(pixel_values.device.type, dtype=self.frozen_dtype):
             return self.features_below(pixel_values, self.frozen_blocks).to(pixel_values.dtype)
 
-    def features_from(self, x: torch.Tensor, block: int) -> torch.Tensor:
-        """(n, hidden_size) pooled features from the activations entering ``blocks[block]``."""
+    def _head_from(self, x: torch.Tensor, block: int) -> torch.Tensor:
+        """The head's activations from the activations entering ``blocks[block]``."""
         for layer in self.blocks[block:]:
             x = layer(x)
-        return self.head(x).mean(dim=(2, 3))
+        return self.head(x)
+
+    def features_from(self, x: torch.Tensor, block: int) -> torch.Tensor:
+        """(n, hidden_size) pooled features from the activations entering ``blocks[block]``."""
+        return self._head_from(x, block).mean(dim=(2, 3))
 
     def forward(self, pixel_values: torch.Tensor, **kwargs) -> BaseModelOutputWithPooling:
-        x = self._frozen_features(pixel_values)
-        for layer in self.blocks[self.frozen_blocks :]:
-            x = layer(x)
-        last = self.head(x)
+        last = self._head_from(self._frozen_features(pixel_values), self.frozen_blocks)
         return BaseModelOutputWithPooling(last_hidden_state=last, pooler_output=last.mean(dim=(2, 3)))
 
 
