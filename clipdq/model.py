@@ -195,6 +195,9 @@ def _training_line(meta: dict) -> str:
     locked = "image tower locked" + (f" below its top {unlocked} blocks" if unlocked else "")
     crops = f", image tower on {config['train_size']}-px random crops" if config.get("train_size") else ""
     crops += f", its stem and lowest {config['frozen_blocks']} blocks frozen" if config.get("frozen_blocks") else ""
+    crops += f", labels smoothed by {config['label_smoothing']}" if config.get("label_smoothing") else ""
+    crops += (f", the weights' moving average kept (decay {config['weight_average_decay']} per step)"
+              if config.get("weight_average_decay") else "")
     how = {"full": f"both towers fine-tuned on pixels{crops}",
            "prototype": "value embeddings learned on the frozen image tower",
            "locked": f"{locked}; text tower and projections trained on its kept activations, "

@@ -61,9 +61,11 @@ def augment_views(pixels: torch.Tensor, generator: torch.Generator, *, size: int
     return ((out - mean) * jitter() + mean * jitter()).clamp(-3, 3)  # contrast, brightness
 
 
-def batch_loss(logits: dict[str, torch.Tensor], labels: dict[str, torch.Tensor]) -> torch.Tensor:
-    """Mean over attributes of the cross-entropy on rows whose value is known."""
-    losses = [F.cross_entropy(logits[k][labels[k] >= 0], labels[k][labels[k] >= 0])
+def batch_loss(logits: dict[str, torch.Tensor], labels: dict[str, torch.Tensor], *,
+               smoothing: float = 0.0) -> torch.Tensor:
+    """Mean over attributes of the cross-entropy (with ``smoothing`` of the labels) on rows whose
+    value is known."""
+    losses = [F.cross_entropy(logits[k][labels[k] >= 0], labels[k][labels[k] >= 0], label_smoothing=smoothing)
               for k in logits if (labels[k] >= 0).any()]
     return torch.stack(losses).mean()
 

@@ -5,6 +5,7 @@ per-attribute calibration fitted on the validation split.
 
 from __future__ import annotations
 
+import copy
 import logging
 import time
 import uuid
@@ -51,6 +52,9 @@ class TrainConfig:
     train_size: int | None = None  # full mode: train on random crops of this side (FixRes: smaller than the audit's
     # size trains faster and suits the audit's whole photos); None: shifted and flipped photos at the model's size
     views: int = 1  # locked mode: kept views per training image, the first plain, the others augmented
+    label_smoothing: float = 0.0  # full mode: the training loss's share of probability spread over the other values
+    weight_average_decay: float = 0.0  # full mode: validate and keep an exponential moving average of the weights
+    # with this decay per step (0: the weights themselves)
     frozen_blocks: int = 0  # full mode: the stem and this many lowest blocks of an EfficientNet tower stay as they are
     near_duplicate_cosine: float = NEAR_DUPLICATE_COSINE  # images this alike share a split (no group column)
     text_epochs: int = 20  # then, epochs teaching the text tower the labeled texts (the spec's text column); 0: off
@@ -92,7 +96,8 @@ MODE_PRESETS = {  # (starting point, mode) -> further defaults where that pair n
     # the same minutes: the frozen blocks compute in bf16); the whole tower gains most from photos, so a tenth
     # is held out for validation and calibration and none for a test split (docs/benchmarks.md)
     ("pretrained image tower", "full"): {"epochs": 16, "patience": 4, "warmup_epochs": 1, "train_size": 160,
-                                         "tower_lr": 3e-4, "frozen_blocks": 4, "val_fraction": 0.1,
+                                         "tower_lr": 3e-4, "frozen_blocks": 4, "label_smoothing": 0.1,
+                                         "weight_average_decay": 0.998, "val_fraction": 0.1,
                                          "test_fraction": 0.0},
 }
 
@@ -340,6 +345,9 @@ def fit(clip: model.Clip, data: LabeledSet, spec: Spec, config: TrainConfig, spl
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: schedule(
         s, warmup=config.warmup_epochs * steps_per_epoch, total=config.epochs * steps_per_epoch))
 
+    averaged = MovingAverage(clip.model, config.weight_average_decay) if config.weight_average_decay else None
+    judged = replace(clip, model=averaged.module) if averaged is not None else clip  # what validation judges and keeps
+
     def train_epoch() -> float:
         clip.model.train()
         for rows in _epoch_batches(labels, train_idx, config, steps_per_epoch, rng):
@@ -348,18 +356,21 @@ def fit(clip: model.Clip, data: LabeledSet, spec: Spec, config: TrainConfig, spl
                 image_emb = model.image_features(clip.model, pixels.to(clip.device))
                 logits = model.attribute_logits(clip, image_emb, captions)
             loss = batch_loss({k: v.float() for k, v in logits.items()},
-                              {k: v[rows].to(clip.device) for k, v in data.labels.items()})
+                              {k: v[rows].to(clip.device) for k, v in data.labels.items()},
+                              smoothing=config.label_smoothing)
             take_step(loss, optimizer, scheduler)
+            if averaged is not None:
+                averaged.update(clip.model)
         return loss.item()
 
     started = time.monotonic()
-    best, history, stopped_by = run_epochs(config, train_epoch=train_epoch, state=clip.model.state_dict,
-                                           val_loss=lambda: evaluate(clip, data, val_idx, captions)[0],
+    best, history, stopped_by = run_epochs(config, train_epoch=train_epoch, state=judged.model.state_dict,
+                                           val_loss=lambda: evaluate(judged, data, val_idx, captions)[0],
                                            started=started)
     if best["state"] is None:
         raise ValueError("validation loss was never finite: check the labels and lower the learning rate")
-    if config.keep_best:
-        clip.model.load_state_dict(best["state"])
+    if config.keep_best or averaged is not None:
+        clip.model.load_state_dict(best["state"] if config.keep_best else judged.model.state_dict())
     clip.model.eval()
     view = {}
     if config.train_size:
@@ -368,6 +379,23 @@ def fit(clip: model.Clip, data: LabeledSet, spec: Spec, config: TrainConfig, spl
     return {"best_epoch": best["epoch"], "best_val_loss": best["val_loss"], "epochs_run": len(history),
             "stopped_by": stopped_by, "minutes": round((time.monotonic() - started) / 60, 2),
             "device": clip.device.type, "history": history} | view
+
+
+class MovingAverage:
+    """An exponential moving average of a module's weights and batch-norm statistics, in a copy of
+    it (``module``), updated after each training step. Integer buffers (counters, position ids)
+    are copied, not averaged."""
+
+    def __init__(self, module: torch.nn.Module, decay: float):
+        self.module, self.decay = copy.deepcopy(module), decay
+
+    @torch.no_grad()
+    def update(self, module: torch.nn.Module) -> None:
+        for average, current in zip(self.module.state_dict().values(), module.state_dict().values(), strict=True):
+            if average.is_floating_point():
+                average.lerp_(current, 1 - self.decay)
+            else:
+                average.copy_(current)
 
 
 def freeze_below(clip: model.Clip, blocks: int) -> None:

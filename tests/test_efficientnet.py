@@ -174,7 +174,8 @@ def test_full_mode_trains_the_tower_on_crops_and_chooses_the_audits_view(spec, l
         assert same == averaged
     card = (tmp_path / "model" / "README.md").read_text()
     sizes = model.sizes_text(view["image_sizes"])
-    assert "160-px random crops" in card and f"The audit sees each photo at {sizes} px and mirrored" in card
+    assert "160-px random crops" in card and "labels smoothed by 0.1" in card and "moving average kept" in card
+    assert f"The audit sees each photo at {sizes} px and mirrored" in card
 
 
 def test_full_mode_decodes_photos_at_its_largest_view_and_the_audit_decodes_them_so(spec, sample_dir, tmp_path):

@@ -9,11 +9,13 @@ from pathlib import Path
 import numpy as np
 import polars as pl
 import pytest
+import torch
 
 from clipdq import evaluation, model, predict, prototypes, scorer, splits, train
 from clipdq.catalog import read_catalog
 from clipdq.spec import parse_spec
 from clipdq.sources import access_for
+from clipdq.steps import batch_loss
 
 
 @pytest.fixture(scope="module")
@@ -193,6 +195,37 @@ def test_fit_stops_after_patience_epochs_without_improvement(noisy_fits):
     assert any(r["epochs_run"] < r["config"].epochs for r in noisy_fits), "setup: some fit should stop early"
 
 
+def test_weight_averaging_is_what_validation_judges_and_fit_keeps_and_leaves_the_steps_alone(labeled, spec):
+    config = train.TrainConfig(epochs=2, warmup_epochs=1, keep_best=False)  # keeps the last (averaged) weights
+    parts = train.default_splits(labeled, config)
+    fits = {}
+    for decay in (0.0, 0.9, 1e-12):
+        clip = model.init_model(spec, seed=0)
+        result = train.fit(clip, labeled, spec, dataclasses.replace(config, weight_average_decay=decay), parts)
+        kept_loss, _ = train.evaluate(clip, labeled, parts[1], model.Captions(clip, spec))
+        fits[decay] = (result["history"], kept_loss, clip.model.state_dict())
+    (plain, plain_loss, plain_weights), (averaged, averaged_loss, _), (_, _, nearly_plain) = fits.values()
+
+    assert [e["train_loss"] for e in averaged] == [e["train_loss"] for e in plain]  # the same steps
+    assert averaged_loss == pytest.approx(averaged[-1]["val_loss"], rel=1e-4)  # kept what validation judged
+    assert averaged_loss != pytest.approx(plain_loss, rel=1e-3)  # which is not the last step's weights
+    for name, weights in plain_weights.items():  # a decay of almost 0 averages nothing
+        torch.testing.assert_close(nearly_plain[name], weights)
+
+
+def test_label_smoothing_spreads_a_share_of_the_target_over_every_value_of_known_rows():
+    logits = {"color": torch.tensor([[3.0, 0.0, -1.0], [0.0, 2.0, 0.0]]), "size": torch.tensor([[1.0, 0.0]] * 2)}
+    labels = {"color": torch.tensor([0, -1]), "size": torch.tensor([0, 0])}  # -1: unknown, not counted
+
+    log_p = {k: torch.log_softmax(v, dim=1) for k, v in logits.items()}
+    smoothed = {k: -(0.9 * log_p[k][rows, labels[k][rows]] + 0.1 * log_p[k][rows].mean(dim=1)).mean()
+                for k, rows in (("color", [0]), ("size", [0, 1]))}
+
+    assert float(batch_loss(logits, labels, smoothing=0.1)) == pytest.approx(float(sum(smoothed.values()) / 2))
+    # right and sure: smoothing costs
+    assert float(batch_loss(logits, labels)) < float(batch_loss(logits, labels, smoothing=0.1))
+
+
 def test_prototypes_learn_value_embeddings_that_separate_clusters():
     rng = np.random.default_rng(0)
     centers = rng.normal(size=(3, 16))
@@ -260,6 +293,7 @@ def test_a_pretrained_image_tower_stays_locked_unless_told_to_train_whole_on_cro
 
     assert (whole.mode, whole.epochs, whole.train_size, whole.image_tower_lr) == ("full", 16, 160, 3e-4)
     assert (whole.frozen_blocks, whole.val_fraction, whole.test_fraction) == (4, 0.1, 0.0)  # every photo counts
+    assert (whole.label_smoothing, whole.weight_average_decay) == (0.1, 0.998)
     assert train.config_for(tower, mode="full", val_fraction=0.3).val_fraction == 0.3  # unless told otherwise
     assert (locked_tower.mode, locked_tower.epochs, locked_tower.views, locked_tower.image_tower_lr) == (
         "locked", 40, 4, 1e-4)
