@@ -193,12 +193,12 @@ def _training_line(meta: dict) -> str:
     config, training = meta.get("train_config", {}), meta.get("training", {})
     mode, unlocked = config.get("mode", "full"), config.get("unlock_blocks", 0)
     locked = "image tower locked" + (f" below its top {unlocked} blocks" if unlocked else "")
-    crops = f", image tower on {config['train_size']}-px random crops" if config.get("train_size") else ""
-    crops += f", its stem and lowest {config['frozen_blocks']} blocks frozen" if config.get("frozen_blocks") else ""
-    crops += f", labels smoothed by {config['label_smoothing']}" if config.get("label_smoothing") else ""
-    crops += (f", the weights' moving average kept (decay {config['weight_average_decay']} per step)"
-              if config.get("weight_average_decay") else "")
-    how = {"full": f"both towers fine-tuned on pixels{crops}",
+    details = f", image tower on {config['train_size']}-px random crops" if config.get("train_size") else ""
+    details += f", its stem and lowest {config['frozen_blocks']} blocks frozen" if config.get("frozen_blocks") else ""
+    details += f", labels smoothed by {config['label_smoothing']}" if config.get("label_smoothing") else ""
+    details += (f", the weights' moving average kept (decay {config['weight_average_decay']} per step)"
+                if config.get("weight_average_decay") else "")
+    how = {"full": f"both towers fine-tuned on pixels{details}",
            "prototype": "value embeddings learned on the frozen image tower",
            "locked": f"{locked}; text tower and projections trained on its kept activations, "
                      f"{config.get('views', 1)} view(s) per training image"}

@@ -361,7 +361,7 @@ def fit(clip: model.Clip, data: LabeledSet, spec: Spec, config: TrainConfig, spl
                               smoothing=config.label_smoothing)
             take_step(loss, optimizer, scheduler)
             if averaged is not None:
-                averaged.update(clip.model)
+                averaged.update()
         return loss.item()
 
     started = time.monotonic()
@@ -370,8 +370,7 @@ def fit(clip: model.Clip, data: LabeledSet, spec: Spec, config: TrainConfig, spl
                                            started=started)
     if best["state"] is None:
         raise ValueError("validation loss was never finite: check the labels and lower the learning rate")
-    if config.keep_best or averaged is not None:
-        clip.model.load_state_dict(best["state"] if config.keep_best else judged.model.state_dict())
+    clip.model.load_state_dict(best["state"] if config.keep_best else judged.model.state_dict())
     clip.model.eval()
     view = {}
     if config.train_size:
@@ -387,12 +386,14 @@ class MovingAverage:
     it (``module``), updated after each training step. Integer buffers (batch counts) are copied,
     not averaged, and those outside the state dict (position ids) keep their values."""
 
-    def __init__(self, module: torch.nn.Module, decay: float):
-        self.module, self.decay = copy.deepcopy(module), decay
+    def __init__(self, source: torch.nn.Module, decay: float):
+        self.module, self.decay = copy.deepcopy(source), decay
+        # training changes the source's tensors in place: pair them with their averages once
+        self._pairs = list(zip(self.module.state_dict().values(), source.state_dict().values(), strict=True))
 
     @torch.no_grad()
-    def update(self, module: torch.nn.Module) -> None:
-        for average, current in zip(self.module.state_dict().values(), module.state_dict().values(), strict=True):
+    def update(self) -> None:
+        for average, current in self._pairs:
             if average.is_floating_point():
                 average.lerp_(current, 1 - self.decay)
             else:
