@@ -145,8 +145,9 @@ def level_rows(name: str, runs: list[dict], spec: Spec) -> list[dict]:
 
 METHODS = {  # key for --methods: name, training options, seeds (all of --seeds or the first)
     "probe": ("prototype probe", {"mode": "prototype"}, "first"),
-    "locked": ("locked (the default: 4 views)", {}, "all"),
-    "unlocked": ("top 3 blocks unlocked, 2 views", {"unlock_blocks": 3, "views": 2, "epochs": 12, "patience": 4},
+    "locked": ("locked (4 views)", {"mode": "locked"}, "all"),
+    "unlocked": ("top 3 blocks unlocked, 2 views", {"mode": "locked", "unlock_blocks": 3, "views": 2, "epochs": 12,
+                                                    "patience": 4},
                  "first"),
 }
 
@@ -203,7 +204,7 @@ def run(args: argparse.Namespace) -> dict:
     results["tables"]["levels"] = table
     if args.skip_curve:
         return results
-    curve_config = train.config_for(base, seed=seeds[0])
+    curve_config = train.config_for(base, mode="locked", seed=seeds[0])
     curve = curves.learning_curve(make_model, data, spec, config=curve_config, splits=split_of[seeds[0]],
                                   sizes=(3, 10, 30))
     title = "Grocery Store, locked fine-tuning of the EfficientNet-Lite0 dual encoder"

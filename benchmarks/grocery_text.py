@@ -97,7 +97,7 @@ def flag_figures(clip: model.Clip, data: train.LabeledSet, rows: np.ndarray, cal
 
 def run_seed(spec: Spec, data: train.LabeledSet, plain, split, seed: int, views: int) -> dict:
     clip = model.init_model(spec, "efficientnet-lite0")
-    config = train.config_for(clip, seed=seed, views=views)
+    config = train.config_for(clip, mode="locked", seed=seed, views=views)
     cpu = time.process_time()
     outcome = train.train_on(clip, data, spec, config=config, splits=split, plain=plain)
     temperatures = {k: v["temperature"] for k, v in outcome["calibration"].items()}

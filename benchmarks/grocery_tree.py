@@ -44,7 +44,7 @@ def inconsistent_share(chosen: dict[str, tuple[np.ndarray, np.ndarray]], spec: S
 
 def run_seed(spec: Spec, data: train.LabeledSet, plain, split, seed: int, views: int) -> dict:
     clip = model.init_model(spec, "efficientnet-lite0")
-    config = train.config_for(clip, seed=seed, views=views)
+    config = train.config_for(clip, mode="locked", seed=seed, views=views)
     cpu = time.process_time()
     outcome = train.train_on(clip, data, spec, config=config, splits=split, plain=plain)
     cpu = (time.process_time() - cpu) / 60

@@ -162,7 +162,8 @@ def run_finetune(args: argparse.Namespace) -> str:
 
 
 def _train_demo_model(data: Path, output: Path, *, epochs: int, max_minutes: float) -> str:
-    options = FinetuneOptions(arch="efficientnet-lite0", max_minutes=max_minutes, epochs=epochs, seed=0, views=1)
+    options = FinetuneOptions(arch="efficientnet-lite0", mode="locked", max_minutes=max_minutes, epochs=epochs, seed=0,
+                              views=1)
     return _run_flow("flows.finetune", "finetune_model", str(data / "labeled.parquet"), str(data / "spec.yaml"),
                      str(output), options)
 

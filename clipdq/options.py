@@ -81,10 +81,10 @@ class FinetuneOptions(Options):
         "random crops); locked: "
         "keep the image tower frozen (but unlock_blocks) and train the text tower and projections on its kept "
         "activations, minutes instead of tens of them; prototype: learn value embeddings on frozen images. "
-        "Empty: locked for a pretrained image tower with a new text tower, else full."))
+        "Empty: full."))
     epochs: int | None = Field(None, ge=1, description=(
-        "The training budget in epochs (empty: for a pretrained image tower with a new text tower 40, or 16 "
-        "in full mode; else 100)."))
+        "The training budget in epochs (empty: for a pretrained image tower with a new text tower 17, or 40 "
+        "in locked mode; else 100)."))
     max_minutes: float | None = Field(None, gt=0, description="Safety cap on training time; the budget is epochs.")
     seed: int = Field(0, description="Seed of the splits, the sampler and the initialisation.")
     val_fraction: float | None = Field(None, gt=0, lt=1, description=(

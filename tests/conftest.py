@@ -83,7 +83,7 @@ def flagging_model_dir(tmp_path_factory: pytest.TempPathFactory, flagging_labele
     bar needs; the type-specific attributes get gap suggestions but no conflict threshold.
     """
     clip = model.init_model(spec, "efficientnet-lite0")
-    config = train.config_for(clip, val_fraction=0.5, test_fraction=0.0, views=1)
+    config = train.config_for(clip, mode="locked", val_fraction=0.5, test_fraction=0.0, views=1)
     labeled = read_catalog(str(flagging_labeled_dir / "labeled.parquet"))
     train.finetune(clip, labeled, spec, access=access_for(str(flagging_labeled_dir)), config=config)
     folder = tmp_path_factory.mktemp("flagging-model")

@@ -88,8 +88,8 @@ def finetuned(cli_env, sample_dir, flagging_labeled_dir, tmp_path_factory) -> tu
     assert init.returncode == 0, init.stderr[-3000:]
     result = clipdq(cli_env, "finetune", "--catalog", str(flagging_labeled_dir / "labeled.parquet"),
                     "--spec", str(sample_dir / "spec.yaml"), "--base-model", str(folder / "init"),
-                    "--output", str(folder / "model"), "--val-fraction", "0.5", "--test-fraction", "0", "--views", "1",
-                    cwd=folder)
+                    "--output", str(folder / "model"), "--mode", "locked", "--views", "1",
+                    "--val-fraction", "0.5", "--test-fraction", "0", cwd=folder)
     return result, folder / "model"
 
 

@@ -78,7 +78,7 @@ def labeled_at_224(sample_dir, spec) -> train.LabeledSet:
 def test_locked_mode_trains_only_above_the_cut_and_its_logits_match_the_whole_model(spec, labeled_at_224):
     clip = model.init_model(spec, "efficientnet-lite0")
     before = {k: v.clone() for k, v in clip.model.state_dict().items()}
-    config = train.config_for(clip, epochs=3, unlock_blocks=2, views=2)
+    config = train.config_for(clip, mode="locked", epochs=3, unlock_blocks=2, views=2)
     splits = train.default_splits(labeled_at_224, config)
 
     summary, embed = locked.fit(clip, labeled_at_224, spec, config, splits)
@@ -137,8 +137,8 @@ def test_full_mode_trains_the_tower_on_crops_and_chooses_the_audits_view(spec, l
 
     after = clip.model.vision_model.state_dict()
     frozen = ("stem.", *(f"blocks.{i}." for i in range(config.frozen_blocks)))
-    assert config.frozen_blocks == 4 and all(torch.equal(before[k], after[k]) for k in after if k.startswith(frozen))
-    assert not torch.equal(before["blocks.4.depthwise.conv.weight"], after["blocks.4.depthwise.conv.weight"])
+    assert config.frozen_blocks == 5 and all(torch.equal(before[k], after[k]) for k in after if k.startswith(frozen))
+    assert not torch.equal(before["blocks.5.depthwise.conv.weight"], after["blocks.5.depthwise.conv.weight"])
     assert not torch.equal(before["head.bn.running_mean"], after["head.bn.running_mean"])  # statistics of the crops
     with pytest.raises(ValueError, match="needs an EfficientNet image tower"):
         train.freeze_below(model.init_model(spec), 4)  # a CLIP's own vision tower has no blocks to freeze
@@ -183,7 +183,7 @@ def test_full_mode_decodes_photos_at_its_largest_view_and_the_audit_decodes_them
     config = train.config_for(clip, mode="full", epochs=1, test_fraction=0.0)
     largest = dataclasses.replace(TOWER_PIXELS, resize=288, crop=288)  # 224 + 2 x 32: no crop or view is resized up
     assert train.loading_spec(clip, config) == largest
-    assert train.loading_spec(clip, train.config_for(clip)) == TOWER_PIXELS  # locked mode: as the processor says
+    assert train.loading_spec(clip, train.config_for(clip, mode="locked")) == TOWER_PIXELS  # as the processor says
     frame = read_catalog(str(sample_dir / "labeled.parquet"))
 
     train.finetune(clip, frame, spec, access=access_for(str(sample_dir)), config=config)
@@ -252,7 +252,7 @@ def test_learning_curve_and_cross_fitting_run_with_the_pretrained_tower(sample_d
     from clipdq import curves
     from flows.audit import audit_catalog
 
-    config = train.config_for(model.init_model(spec, "efficientnet-lite0"), epochs=5)
+    config = train.config_for(model.init_model(spec, "efficientnet-lite0"), mode="locked", epochs=5)
     table = curves.learning_curve(lambda: model.init_model(spec, "efficientnet-lite0"), labeled_at_224, spec,
                                   config=config, splits=train.default_splits(labeled_at_224, config), sizes=(2, 8))
     color = table.filter(pl.col("attribute") == "color").sort("per_value")

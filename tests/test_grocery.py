@@ -63,7 +63,7 @@ def test_the_pretrained_tower_flags_planted_errors_in_photos_from_other_sessions
     catalog.write_parquet(tmp_path / "catalog.parquet")
 
     clip = model.init_model(spec, "efficientnet-lite0")
-    config = train.config_for(clip, views=1, val_fraction=0.3, test_fraction=0)  # 270 rows: enough for the conflict bar
+    config = train.config_for(clip, mode="locked", views=1, val_fraction=0.3, test_fraction=0)  # 270 rows: enough for the conflict bar
     train.finetune(clip, labeled, spec, access=access_for(str(DEFAULT_DATA)), config=config)
     model.save_model(clip, str(tmp_path / "model"))
     run = audit_catalog(str(tmp_path / "catalog.parquet"), str(tmp_path / "spec.yaml"), str(tmp_path / "model"),

@@ -213,6 +213,24 @@ def test_weight_averaging_is_what_validation_judges_and_fit_keeps_and_leaves_the
         torch.testing.assert_close(nearly_plain[name], weights)
 
 
+def test_the_moving_average_forgets_the_untrained_start_then_decays_as_told():
+    layer = torch.nn.Linear(1, 1, bias=False, dtype=torch.float64)
+    torch.nn.init.zeros_(layer.weight)
+    averaged = train.MovingAverage(layer, decay=0.75)  # reached at the 27th step: 27 / (27 + 9)
+    seen = []
+    for step in range(1, 41):
+        with torch.no_grad():
+            layer.weight.fill_(1.0)  # the trained weights move away from the start (0) and stay
+        averaged.update()
+        seen.append(float(averaged.module.weight))
+
+    # warm-up: decay 1/10 after the first step, then 2/11, 3/12, ...: the start's share is their product
+    assert seen[0] == pytest.approx(0.9) and seen[2] == pytest.approx(1 - 1 / 10 * 2 / 11 * 3 / 12)
+    start_share = [1 - value for value in seen]
+    assert start_share[-1] == pytest.approx(start_share[-2] * 0.75)  # then at most the decay asked for
+    assert start_share[-1] < 1e-6 < 0.75 ** 40  # a fixed 0.75 from the start would keep more of it
+
+
 def test_label_smoothing_spreads_a_share_of_the_target_over_every_value_of_known_rows():
     logits = {"color": torch.tensor([[3.0, 0.0, -1.0], [0.0, 2.0, 0.0]]), "size": torch.tensor([[1.0, 0.0]] * 2)}
     labels = {"color": torch.tensor([0, -1]), "size": torch.tensor([0, 0])}  # -1: unknown, not counted
@@ -286,15 +304,15 @@ def test_config_for_trains_new_models_fast_and_pretrained_ones_gently(spec, trai
     assert chosen.lr == 3e-4
 
 
-def test_a_pretrained_image_tower_stays_locked_unless_told_to_train_whole_on_crops(spec):
+def test_a_pretrained_image_tower_trains_whole_on_crops_unless_told_to_stay_locked(spec):
     tower = model.init_model(spec, "efficientnet-lite0")
-    locked_tower, whole = train.config_for(tower), train.config_for(tower, mode="full")
+    whole, locked_tower = train.config_for(tower), train.config_for(tower, mode="locked")
     new = train.config_for(model.init_model(spec))
 
-    assert (whole.mode, whole.epochs, whole.train_size, whole.image_tower_lr) == ("full", 16, 160, 3e-4)
-    assert (whole.frozen_blocks, whole.val_fraction, whole.test_fraction) == (4, 0.1, 0.0)  # every photo counts
+    assert (whole.mode, whole.epochs, whole.train_size, whole.image_tower_lr) == ("full", 17, 160, 3e-4)
+    assert (whole.frozen_blocks, whole.val_fraction, whole.test_fraction) == (5, 0.1, 0.0)  # every photo counts
     assert (whole.label_smoothing, whole.weight_average_decay) == (0.1, 0.998)
-    assert train.config_for(tower, mode="full", val_fraction=0.3).val_fraction == 0.3  # unless told otherwise
+    assert train.config_for(tower, val_fraction=0.3).val_fraction == 0.3  # unless told otherwise
     assert (locked_tower.mode, locked_tower.epochs, locked_tower.views, locked_tower.image_tower_lr) == (
         "locked", 40, 4, 1e-4)
     assert (new.mode, new.train_size, new.image_tower_lr) == ("full", None, new.lr)  # one rate for a new CLIP
