@@ -250,7 +250,7 @@ def test_faster_backends_of_the_trained_tower_agree_with_fp32(sample_dir, spec, 
 def test_learning_curve_and_cross_fitting_run_with_the_pretrained_tower(sample_dir, spec, labeled_at_224, tmp_path,
                                                                        prefect_harness):
     from clipdq import curves
-    from flows.audit import audit_catalog
+    from flows.audit import audit_catalog, train_fold
 
     config = train.config_for(model.init_model(spec, "efficientnet-lite0"), mode="locked", epochs=5)
     table = curves.learning_curve(lambda: model.init_model(spec, "efficientnet-lite0"), labeled_at_224, spec,
@@ -265,3 +265,9 @@ def test_learning_curve_and_cross_fitting_run_with_the_pretrained_tower(sample_d
     assert findings["product_id"].n_unique() == read_catalog(str(sample_dir / "catalog.parquet")).height
     summary = json.loads((Path(run) / "summary.json").read_text())
     assert summary["cross_fit"] == 2
+
+    # a pretrained tower's fold models train in the quick locked mode, whatever finetune's default
+    rows = read_catalog(str(sample_dir / "labeled.parquet")).head(40)
+    fold_model = train_fold.fn(model.init_model(spec, "efficientnet-lite0"), rows, spec, access_for(str(sample_dir)),
+                               0, 0.05)
+    assert fold_model.meta["train_config"]["mode"] == "locked"
