@@ -59,8 +59,7 @@ def train_fold(start: Clip, rows: pl.DataFrame, spec: Spec, access: ImageAccess,
     from clipdq import train
 
     clip = copy.deepcopy(start)
-    quick = "locked" if train.starting_point(clip) == "pretrained image tower" else None  # minutes per fold, not 15
-    config = train.config_for(clip, mode=quick, max_minutes=max_minutes, seed=fold,
+    config = train.config_for(clip, mode=train.quick_mode(clip), max_minutes=max_minutes, seed=fold,
                               label_noise=spec.expected_error_rate, group_column=group_column)
     return train.finetune(clip, rows, spec, access=access, config=config)
 
