@@ -22,11 +22,12 @@ from pathlib import Path
 
 import numpy as np
 import polars as pl
+from grocery import DEFAULT_DATA, catalog_images
 from PIL import Image
 
-from clipdq import duplicates, images
-from clipdq.cache import digest
-from grocery import DEFAULT_DATA, catalog_images
+from clipdq.checks import duplicates
+from clipdq.io import images
+from clipdq.io.cache import digest
 
 THRESHOLDS = (0.97, 0.98, 0.99)
 
@@ -95,7 +96,9 @@ def _kinds(copies: pl.DataFrame) -> str:
 
 SCALE = """
 import resource, sys, tempfile, threading, time, numpy as np, polars as pl, torch, torch.nn.functional as F
-from clipdq import audit, duplicates, shards
+from clipdq.checks import duplicates
+from clipdq.pipeline import audit, shards
+from clipdq.pipeline import embedding
 n, part_rows = int(sys.argv[1]), 50_000
 rng = np.random.default_rng(0)
 planted = min(1000, n // 10)  # the last images: copies of the first ones with a little noise added
@@ -111,7 +114,7 @@ for start in range(0, n, part_rows):  # written as an audit's shards write their
         signatures[row - start] = np.clip(noisy, 0, 255).astype(np.uint8)
     ids = [str(i) for i in range(start, start + rows)]
     part = pl.DataFrame({"product_id": ids, "sha256": ids, "signature": [s.tobytes() for s in signatures]},
-                        schema=audit.IMAGES_SCHEMA)
+                        schema=embedding.IMAGES_SCHEMA)
     parts.append(f"{folder}/images-{len(parts):05d}.parquet")
     shards.write_parquet(parts[-1], part.to_arrow())
 del signatures, part, coarse, smooth

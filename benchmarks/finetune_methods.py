@@ -22,12 +22,14 @@ import tempfile
 from pathlib import Path
 
 import numpy as np
-
-from clipdq import curves, model, sample_data, train
-from clipdq.catalog import read_catalog
-from clipdq.spec import Spec, parse_spec
-from clipdq.sources import access_for
 from heldout import figures_table, flag_figures, held_out_logits, pooled
+
+from clipdq import sample_data
+from clipdq.core.spec import Spec, parse_spec
+from clipdq.io.catalog import read_catalog
+from clipdq.io.sources import access_for
+from clipdq.model import towers
+from clipdq.training import curves, train
 
 ROOT = Path(__file__).resolve().parents[1]
 SENTENCES = {
@@ -47,7 +49,7 @@ def with_sentences(spec: Spec) -> Spec:
 def run_one(name: str, spec: Spec, data: train.LabeledSet, config: train.TrainConfig) -> tuple[dict, dict, float]:
     """(test metrics, flag figures, minutes) of one run; ``config.seed`` draws the split and the initial weights."""
     splits = train.default_splits(data, config)
-    clip = model.init_model(spec, "tiny", seed=config.seed)
+    clip = towers.init_model(spec, "tiny", seed=config.seed)
     outcome = train.train_on(clip, data, spec, config=config, splits=splits)
     test_labels = train.labels_of(data, splits[2])
     flags = flag_figures(held_out_logits(clip, data, spec, splits[2]), test_labels, spec, outcome["calibration"])
@@ -90,13 +92,13 @@ def main() -> int:
     parser.add_argument("--output", type=Path, default=ROOT / "docs" / "benchmarks" / "sample")
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
-    logging.getLogger("clipdq.train").setLevel(logging.WARNING)
+    logging.getLogger("clipdq.training.train").setLevel(logging.WARNING)
     args.output.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory() as tmp:
         folder = sample_data.generate(tmp)  # the demo's sample: 2400 labeled products
         spec = parse_spec((folder / "spec.yaml").read_text())
         frame = read_catalog(str(folder / "labeled.parquet"))
-        data = train.load_labeled(frame, spec, access=access_for(str(folder)), pixel_spec=model.init_model(spec).pixels)
+        data = train.load_labeled(frame, spec, access=access_for(str(folder)), pixel_spec=towers.init_model(spec).pixels)
     seeds = [int(seed) for seed in args.seeds.split(",")]
     config = train.TrainConfig(seed=seeds[0], epochs=150)
     splits = train.default_splits(data, config)
@@ -108,7 +110,7 @@ def main() -> int:
     columns = ["run", "attribute", "accuracy", "accuracy range", "macro_f1", "conflict precision", "conflict recall",
                "flags / planted", "gap accuracy", "gap recall", "minutes"]
     report = figures_table(rows, columns)
-    curve = curves.learning_curve(lambda: model.init_model(spec, "tiny", seed=0), data, spec,
+    curve = curves.learning_curve(lambda: towers.init_model(spec, "tiny", seed=0), data, spec,
                                   config=full, splits=splits,
                                   sizes=(10, 30, 100, 300))
     title = f"Sample data, full fine-tuning, {args.minutes:g} min per point"

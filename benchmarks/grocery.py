@@ -32,12 +32,13 @@ from pathlib import Path
 import numpy as np
 import polars as pl
 import yaml
-
-from clipdq import curves, evaluation, locked, model, splits, train
-from clipdq.spec import Spec, parse_spec
-from clipdq.sources import access_for
-
 from heldout import figures_table, flag_cells, flag_figures, held_out_logits, pooled
+
+from clipdq.core import evaluation, splits
+from clipdq.core.spec import Spec, parse_spec
+from clipdq.io.sources import access_for
+from clipdq.model import towers
+from clipdq.training import curves, locked, train
 
 ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_DATA = Path(os.environ.get("CLIPDQ_GROCERY_DIR", ROOT.parent / "shared" / "datasets" / "grocery_store"))
@@ -118,7 +119,7 @@ def spread(values: list[float]) -> str:
 def embedded_photos(frame: pl.DataFrame, spec: Spec, data: Path) -> tuple[train.LabeledSet, object, np.ndarray]:
     """(labeled photos, the locked tower's kept activations, its pooled features), decoded and
     embedded once for every seed; prints how long that took."""
-    base = model.init_model(spec, "efficientnet-lite0")
+    base = towers.init_model(spec, "efficientnet-lite0")
     started = time.monotonic()
     labeled = train.load_labeled(frame, spec, access=access_for(str(data)), pixel_spec=base.pixels)
     plain = locked.plain_activations(base, labeled, 0)
@@ -156,8 +157,8 @@ def run(args: argparse.Namespace) -> dict:
     frame = load_catalog(args.data)
     spec = grocery_spec(frame)
 
-    def make_model() -> model.Clip:
-        return model.load_model(args.base_model) if args.base_model else model.init_model(spec, "efficientnet-lite0")
+    def make_model() -> towers.Clip:
+        return towers.load_model(args.base_model) if args.base_model else towers.init_model(spec, "efficientnet-lite0")
 
     base = make_model()
     started = time.monotonic()
@@ -229,7 +230,7 @@ def main() -> int:
         print(f"Grocery Store dataset not found at {args.data}; pass --data or set CLIPDQ_GROCERY_DIR", file=sys.stderr)
         return 2
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
-    for name in ("clipdq.train", "clipdq.locked"):
+    for name in ("clipdq.training.train", "clipdq.training.locked"):
         logging.getLogger(name).setLevel(logging.WARNING)  # per-epoch lines drown the figures
     args.output.mkdir(parents=True, exist_ok=True)
     results = run(args)

@@ -26,7 +26,6 @@ from pathlib import Path
 
 import numpy as np
 import polars as pl
-
 from grocery import DEFAULT_DATA, LEVELS, catalog_images, load_catalog, write_spec
 
 CLIPDQ = [str(Path(sys.executable).parent / "clipdq")]  # the console script, as a user runs it

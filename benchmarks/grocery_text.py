@@ -30,13 +30,15 @@ from pathlib import Path
 import numpy as np
 import polars as pl
 import yaml
-
-from clipdq import audit, evaluation, model, text, train
-from clipdq.compare import TEXTS_SCHEMA
-from clipdq.spec import Spec, parse_spec
-
 from grocery import DEFAULT_DATA, LEVELS, ROOT, embedded_photos, load_catalog, splits_for, spread
 from heldout import figures_table, held_out_logits
+
+from clipdq.checks.schemas import TEXTS_SCHEMA
+from clipdq.core import evaluation, text
+from clipdq.core.spec import Spec, parse_spec
+from clipdq.model import towers
+from clipdq.pipeline import audit
+from clipdq.training import train
 
 PLANTED_SHARE, PLANTINGS = 0.1, 10
 
@@ -69,11 +71,11 @@ def plant(rows: np.ndarray, data: train.LabeledSet, rng: np.random.Generator) ->
     return shown
 
 
-def flag_figures(clip: model.Clip, data: train.LabeledSet, rows: np.ndarray, calibration: text.TextCalibration,
+def flag_figures(clip: towers.Clip, data: train.LabeledSet, rows: np.ndarray, calibration: text.TextCalibration,
                  spec: Spec, seed: int) -> dict:
     """Counts of flags and planted mismatches over PLANTINGS plantings on ``rows``."""
-    image_emb = model.embed_images(clip, data.pixels[rows].numpy())
-    text_emb = dict(zip(np.unique(data.texts), model.embed_texts(clip, np.unique(data.texts).tolist())))
+    image_emb = towers.embed_images(clip, data.pixels[rows].numpy())
+    text_emb = dict(zip(np.unique(data.texts), towers.embed_texts(clip, np.unique(data.texts).tolist())))
     rng, counts = np.random.default_rng(seed), dict.fromkeys(("flags", "planted", "found", "planted_same",
                                                               "found_same"), 0)
     for _ in range(PLANTINGS):
@@ -96,7 +98,7 @@ def flag_figures(clip: model.Clip, data: train.LabeledSet, rows: np.ndarray, cal
 
 
 def run_seed(spec: Spec, data: train.LabeledSet, plain, split, seed: int, views: int) -> dict:
-    clip = model.init_model(spec, "efficientnet-lite0")
+    clip = towers.init_model(spec, "efficientnet-lite0")
     config = train.config_for(clip, mode="locked", seed=seed, views=views)
     cpu = time.process_time()
     outcome = train.train_on(clip, data, spec, config=config, splits=split, plain=plain)

@@ -26,12 +26,13 @@ import time
 from pathlib import Path
 
 import numpy as np
-
-from clipdq import evaluation, model, train
-from clipdq.spec import Spec
-
 from grocery import DEFAULT_DATA, LEVELS, ROOT, embedded_photos, grocery_spec, load_catalog, splits_for, spread
 from heldout import figures_table, flag_cells, flag_figures, held_out_logits, pooled
+
+from clipdq.core import evaluation
+from clipdq.core.spec import Spec
+from clipdq.model import towers
+from clipdq.training import train
 
 
 def inconsistent_share(chosen: dict[str, tuple[np.ndarray, np.ndarray]], spec: Spec) -> float:
@@ -43,7 +44,7 @@ def inconsistent_share(chosen: dict[str, tuple[np.ndarray, np.ndarray]], spec: S
 
 
 def run_seed(spec: Spec, data: train.LabeledSet, plain, split, seed: int, views: int) -> dict:
-    clip = model.init_model(spec, "efficientnet-lite0")
+    clip = towers.init_model(spec, "efficientnet-lite0")
     config = train.config_for(clip, mode="locked", seed=seed, views=views)
     cpu = time.process_time()
     outcome = train.train_on(clip, data, spec, config=config, splits=split, plain=plain)

@@ -16,15 +16,18 @@ from collections.abc import Iterable
 import numpy as np
 import polars as pl
 
-from clipdq import audit, evaluation, model, train
-from clipdq.compare import compare
-from clipdq.predict import Calibration
-from clipdq.spec import Spec
+from clipdq.checks.compare import compare
+from clipdq.core import evaluation
+from clipdq.core.predict import Calibration
+from clipdq.core.spec import Spec
+from clipdq.model import towers
+from clipdq.pipeline import audit
+from clipdq.training import train
 
 
-def held_out_logits(clip: model.Clip, data: train.LabeledSet, spec: Spec, rows: np.ndarray) -> dict[str, np.ndarray]:
-    value_emb = clip.value_emb if clip.value_emb is not None else model.embed_captions(clip, spec)
-    return train.logits_from(model.embed_images(clip, data.pixels[rows].numpy()), value_emb, clip)
+def held_out_logits(clip: towers.Clip, data: train.LabeledSet, spec: Spec, rows: np.ndarray) -> dict[str, np.ndarray]:
+    value_emb = clip.value_emb if clip.value_emb is not None else towers.embed_captions(clip, spec)
+    return train.logits_from(towers.embed_images(clip, data.pixels[rows].numpy()), value_emb, clip)
 
 
 def _share(hits: int, total: int) -> float:

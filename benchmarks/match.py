@@ -8,7 +8,7 @@
     the references' catalog values of the three levels (``--attribute-weight 1``).
 (b) Scale: ``--queries`` x ``--references`` random 256-d embeddings (the EfficientNet dual
     encoder's size) through the exact blockwise top-k, in a child process: time and the OS's peak RSS.
-(c) The approximate index (``clipdq.index``, faiss's inverted lists) on ``--approximate-references``
+(c) The approximate index (``clipdq.checks.index``, faiss's inverted lists) on ``--approximate-references``
     clustered 256-d embeddings (products' centres plus noise: random embeddings have no neighbours
     for an index to find), ``--approximate-queries`` queries: its recall of the exact top-5, time to
     build and search, and peak RSS, in a child process.
@@ -29,26 +29,27 @@ import time
 from pathlib import Path
 
 import polars as pl
-
-from clipdq.match import RESCORED_CANDIDATES
 from grocery import DEFAULT_DATA, LEVELS, catalog_images, load_catalog, write_spec
 from grocery_cli import clipdq
 
+from clipdq.checks.match import RESCORED_CANDIDATES
+
 SCALE = """
 import sys, time, numpy as np
-from clipdq import match
+from clipdq.checks import match
+from clipdq.checks import neighbours
 m, n, d = (int(v) for v in sys.argv[1:4])
 rng = np.random.default_rng(0)
 references = rng.standard_normal((n, d), dtype=np.float32)
 queries = rng.standard_normal((m, d), dtype=np.float32)
 started = time.monotonic()
-found = match.top_k(queries, references, k=5)
+found = neighbours.top_k(queries, references, k=5)
 print(time.monotonic() - started, found.indices.shape)
 """
 
 APPROXIMATE = """
 import sys, tempfile, time, numpy as np
-from clipdq import index, match
+from clipdq.checks import index, match
 m, n, d, products = (int(v) for v in sys.argv[1:5])
 rng = np.random.default_rng(0)
 centres = rng.standard_normal((products, d), dtype=np.float32)
@@ -72,19 +73,19 @@ _, build_s = timed(build_and_keep)
 (built, read), read_s = timed(lambda: index.kept(references, keys, folder))  # as the next runs: read
 assert read
 approximate, search_s = timed(lambda: index.top_k(queries, references, k=5, built=built))
-exact, exact_s = timed(lambda: match.top_k(queries, references, k=5))
+exact, exact_s = timed(lambda: neighbours.top_k(queries, references, k=5))
 recall = recall_of(approximate, exact)
 top1 = np.mean(approximate.indices[:, 0] == exact.indices[:, 0])
 # the agreement: two attributes that follow the product (10 and 100 values), each value's embedding the mean of
 # its products' centres; a tenth of the references without a catalog value; on the first 1,000 queries
 values = [rng.permutation(products) % v for v in (10, 100)]  # every value held by some products
-value_emb = [match.normalised(np.stack([centres[of == v].mean(0) for v in range(of.max() + 1)])) for of in values]
+value_emb = [neighbours.normalised(np.stack([centres[of == v].mean(0) for v in range(of.max() + 1)])) for of in values]
 codes = [np.where(rng.random(n) < 0.1, -1, of[reference_products]) for of in values]
-agreement = match.ValueAgreement(["a", "b"], value_emb, [10.0, 10.0], codes, weight=0.1)
+agreement = neighbours.ValueAgreement(["a", "b"], value_emb, [10.0, 10.0], codes, weight=0.1)
 few = queries[:1000]
 candidates, candidates_s = timed(lambda: index.top_k(few, references, k=match.RESCORED_CANDIDATES, built=built))
-rescored, rescore_s = timed(lambda: match.rescore(candidates, few, references, agreement, k=5))
-exact_both, exact_both_s = timed(lambda: match.top_k(few, references, k=5, agreement=agreement))
+rescored, rescore_s = timed(lambda: neighbours.rescore(candidates, few, references, agreement, k=5))
+exact_both, exact_both_s = timed(lambda: neighbours.top_k(few, references, k=5, agreement=agreement))
 recall_both = recall_of(rescored, exact_both)
 print(build_s, read_s, search_s, exact_s, recall, top1, index.lists_for(n), index.PROBES,
       candidates_s, rescore_s, exact_both_s, recall_both)

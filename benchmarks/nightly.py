@@ -32,7 +32,6 @@ from pathlib import Path
 
 import numpy as np
 import polars as pl
-
 from throughput import change_images, line, make_catalog
 
 MEASURE = ("import resource, subprocess, sys, time; t = time.monotonic(); "

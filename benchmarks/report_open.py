@@ -24,8 +24,8 @@ from pathlib import Path
 import numpy as np
 import polars as pl
 
-from clipdq import report, runs
-from clipdq.compare import FINDINGS_SCHEMA
+from clipdq.checks.schemas import FINDINGS_SCHEMA
+from clipdq.reporting import report, runs
 
 TARGET_S = 3.0
 

@@ -36,11 +36,16 @@ from pathlib import Path
 import numpy as np
 import polars as pl
 
-from clipdq import images, model, predict, report, sample_data
-from clipdq.compare import PREDICTIONS_SCHEMA, compare
-from clipdq.predict import default_calibration
-from clipdq.sources import access_for
-from clipdq.spec import parse_spec
+from clipdq import sample_data
+from clipdq.checks.compare import compare
+from clipdq.checks.schemas import PREDICTIONS_SCHEMA
+from clipdq.core import predict
+from clipdq.core.predict import default_calibration
+from clipdq.core.spec import parse_spec
+from clipdq.io import images
+from clipdq.io.sources import access_for
+from clipdq.model import towers
+from clipdq.reporting import report
 
 
 def make_catalog(folder: Path, n: int, *, size: int = 1600) -> Path:
@@ -66,10 +71,10 @@ def timed(fn, *args, **kwargs) -> tuple[float, object]:
     return time.perf_counter() - started, result
 
 
-def model_only(clip: model.Clip, pixels: np.ndarray, batch_size: int) -> tuple[float, np.ndarray]:
+def model_only(clip: towers.Clip, pixels: np.ndarray, batch_size: int) -> tuple[float, np.ndarray]:
     """(images/s of the image tower on pixels in memory, the embeddings)."""
-    model.embed_images(clip, pixels[:batch_size], batch_size=batch_size)  # warm-up
-    seconds, embeddings = timed(model.embed_images, clip, pixels, batch_size=batch_size)
+    towers.embed_images(clip, pixels[:batch_size], batch_size=batch_size)  # warm-up
+    seconds, embeddings = timed(towers.embed_images, clip, pixels, batch_size=batch_size)
     return len(pixels) / seconds, embeddings
 
 
@@ -144,7 +149,7 @@ def change_images(catalog: Path, share: float) -> int:
 
 def whole_audit(catalog: Path, spec_path: Path, model_dir: str, output: str, batch_size: int, **options) -> tuple[float, dict]:
     """(seconds, the run's summary)."""
-    from clipdq.options import AuditOptions
+    from clipdq.core.options import AuditOptions
     from flows.audit import audit_catalog
 
     seconds, folder = timed(audit_catalog, str(catalog), str(spec_path), model_dir, output,
@@ -179,9 +184,9 @@ def main() -> int:
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--rows", type=int, default=1_000_000, help="products for the compare/report timing")
     parser.add_argument("--memory-rows", default="10000,100000", help="catalog sizes for the peak-memory audit")
-    parser.add_argument("--arch", default="vit-b-32", choices=model.ARCHS, help="the model to time")
+    parser.add_argument("--arch", default="vit-b-32", choices=towers.ARCHS, help="the model to time")
     parser.add_argument("--only-rates", action="store_true", help="(a) and (b) only: tower, decoding, whole audit")
-    parser.add_argument("--backend", default="fp32", choices=model.BACKENDS, help="the image tower's arithmetic "
+    parser.add_argument("--backend", default="fp32", choices=towers.BACKENDS, help="the image tower's arithmetic "
                         "in (a) and (b)")
     args = parser.parse_args()
     if args.backend != "fp32" and not args.only_rates:
@@ -195,8 +200,8 @@ def main() -> int:
         catalog = make_catalog(root / "data", args.images)
         spec_path = root / "data" / "spec.yaml"
         spec = parse_spec(spec_path.read_text())
-        clip = model.init_model(spec, args.arch, seed=0)
-        model_dir = model.save_model(clip, str(root / "model"))
+        clip = towers.init_model(spec, args.arch, seed=0)
+        model_dir = towers.save_model(clip, str(root / "model"))
         frame = pl.read_parquet(catalog)  # changing images later leaves the Parquet as it is
         refs = frame["image"].to_list()
         print(f"{args.images} photos of 1600 px, {args.arch} model, {args.backend}, {os.cpu_count()} CPU cores, "
@@ -205,7 +210,7 @@ def main() -> int:
         seconds, loaded = timed(images.load_images, refs, access_for(str(root / "data")), clip.pixels)
         decode_rate = len(refs) / seconds
         readable = [ref for ref, ok in zip(refs, loaded.ok) if ok]
-        model_rate, reference = model_only(model.on_backend(clip, args.backend), loaded.pixels, args.batch_size)
+        model_rate, reference = model_only(towers.on_backend(clip, args.backend), loaded.pixels, args.batch_size)
         line("(a) model forward pass alone", model_rate, "images/s")
         line("    fetch + decode + preprocess alone", decode_rate, "images/s")
         options = {"backend": args.backend}
@@ -227,7 +232,7 @@ def main() -> int:
         ids = [pid for pid, ok in zip(frame["product_id"], loaded.ok) if ok]
         prototypes = probe_values(reference, ids, pl.read_parquet(root / "data" / "ground_truth.parquet"), spec)
         for backend in ("int8", "bf16"):
-            rate, embeddings = model_only(model.on_backend(clip, backend), loaded.pixels, args.batch_size)
+            rate, embeddings = model_only(towers.on_backend(clip, backend), loaded.pixels, args.batch_size)
             agreement = predict.agreement(reference, embeddings, prototypes)
             line(f"(f) {backend} model forward pass alone", rate, "images/s",
                  f"{rate / model_rate:.1f}x fp32; same values as fp32 for {agreement:.1%} of images (bar 99%)")

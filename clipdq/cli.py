@@ -23,7 +23,7 @@ from typing import Literal, Union, get_args, get_origin
 
 from pydantic import ValidationError
 
-from clipdq.options import AuditOptions, FinetuneOptions, MatchOptions, Options
+from clipdq.core.options import AuditOptions, FinetuneOptions, MatchOptions, Options
 
 os.environ.setdefault("PREFECT_LOGGING_EXTRA_LOGGERS", "clipdq")  # library logs show in Prefect runs
 os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")  # no telemetry from batch jobs
@@ -181,23 +181,26 @@ def _run_flow(module: str, name: str, *args):
 
 
 def run_init_model(args: argparse.Namespace) -> str:
-    from clipdq import model, storage
-    from clipdq.spec import parse_spec
+    from clipdq.core.spec import parse_spec
+    from clipdq.io import storage
+    from clipdq.model import towers
 
     spec, options = parse_spec(storage.read_bytes(args.spec).decode()), _options(args, FinetuneOptions)
-    return model.save_model(model.init_model(spec, options.arch, seed=options.seed), args.output)
+    return towers.save_model(towers.init_model(spec, options.arch, seed=options.seed), args.output)
 
 
 def run_learning_curve(args: argparse.Namespace) -> str:
-    from clipdq import catalog, curves, model, sources, storage, train
-    from clipdq.spec import parse_spec
+    from clipdq.core.spec import parse_spec
+    from clipdq.io import catalog, sources, storage
+    from clipdq.model import towers
+    from clipdq.training import curves, train
 
     spec, o = parse_spec(storage.read_bytes(args.spec).decode()), _options(args, FinetuneOptions)
     frame = catalog.read_catalog(args.catalog)
     catalog.check_schema(frame.schema, spec)
 
-    def make_model() -> model.Clip:
-        return model.load_model(o.base_model) if o.base_model else model.init_model(spec, o.arch, seed=o.seed)
+    def make_model() -> towers.Clip:
+        return towers.load_model(o.base_model) if o.base_model else towers.init_model(spec, o.arch, seed=o.seed)
 
     first = make_model()
     config = train.config_for(first, mode=o.mode, max_minutes=o.max_minutes, seed=o.seed, group_column=o.group_column)
@@ -218,7 +221,7 @@ def run_learning_curve(args: argparse.Namespace) -> str:
 
 
 def run_demo(args: argparse.Namespace) -> str:
-    from clipdq import storage
+    from clipdq.io import storage
     from flows.early_server import started_early
 
     with started_early() as server_is_up:  # one temporary Prefect server for the training and the audit
@@ -267,7 +270,8 @@ def _demo_audit(data: Path, args: argparse.Namespace, server_is_up) -> str:
 
 def run_report(args: argparse.Namespace) -> str:
     """Print the latest run's summary or a diff; a ``--fail-on`` condition that holds ends in FAIL_ON_EXIT."""
-    from clipdq import runs, storage, terminal
+    from clipdq.io import storage
+    from clipdq.reporting import runs, terminal
 
     done = runs.complete_runs(args.output)
     if not done:

@@ -14,24 +14,29 @@ import numpy as np
 import polars as pl
 from prefect import flow, get_run_logger, task, unmapped
 from prefect.artifacts import create_link_artifact, create_markdown_artifact, create_table_artifact
-from prefect.events import emit_event
 from prefect.cache_policies import NO_CACHE
+from prefect.events import emit_event
 from prefect.futures import as_completed
 from prefect.task_runners import ThreadPoolTaskRunner
 
-from clipdq import audit, catalog, images, report, runs, scorer, shards, sources, splits, storage
-from clipdq.cache import cache_key
-from clipdq.compare import TEXTS_SCHEMA
-from clipdq.model_files import ModelFiles
-from clipdq.options import AuditOptions
-from clipdq.sources import ImageAccess
-from clipdq.spec import Spec, parse_spec
-from clipdq.text import TextCalibration
+from clipdq.checks import schemas
+from clipdq.checks.schemas import TEXTS_SCHEMA
+from clipdq.core import splits, values
+from clipdq.core.options import AuditOptions
+from clipdq.core.spec import Spec, parse_spec
+from clipdq.core.text import TextCalibration
+from clipdq.io import catalog, images, sources, storage
+from clipdq.io.cache import cache_key
+from clipdq.io.sources import ImageAccess
+from clipdq.model import scorer
+from clipdq.model.files import ModelFiles
+from clipdq.pipeline import audit, embedding, shards
+from clipdq.reporting import report, runs
 from flows.inputs import read_model, read_spec
 from flows.retries import IO_RETRIES
 
 if TYPE_CHECKING:
-    from clipdq.model import Clip
+    from clipdq.model.towers import Clip
 
 
 @task(**IO_RETRIES, cache_policy=NO_CACHE)
@@ -56,7 +61,7 @@ def train_fold(start: Clip, rows: pl.DataFrame, spec: Spec, access: ImageAccess,
 
     The catalog's labels are as wrong as the spec expects, so calibration allows for that.
     """
-    from clipdq import train
+    from clipdq.training import train
 
     clip = copy.deepcopy(start)
     config = train.config_for(clip, mode=train.quick_mode(clip), max_minutes=max_minutes, seed=fold,
@@ -113,7 +118,7 @@ def find_duplicates(images: pl.DataFrame, signatures: np.ndarray, spec: Spec, ke
         get_run_logger().info("duplicate listings: the same images as run %s, its findings reused",
                               runs.run_id_of(previous))
         return kept
-    from clipdq import duplicates  # imports torch: not needed for a rerun of an unchanged catalog
+    from clipdq.checks import duplicates  # imports torch: not needed for a rerun of an unchanged catalog
 
     found = duplicates.find(images["product_id"].to_list(), images["sha256"].to_list(), signatures,
                             threshold=spec.duplicate_similarity)
@@ -149,10 +154,10 @@ def _cross_fitted(frame: pl.DataFrame, clip: Clip, spec: Spec, *, k: int, fold_m
                   group_column: str | None, access: ImageAccess, batch_size: int, on_batch):
     """(findings, one calibration per fold as JSON, how each fold's texts were judged): each fold
     scored by ``clip`` fine-tuned on the other folds."""
-    from clipdq import train
+    from clipdq.training import train
 
     groups = train.group_keys(frame, group_column)
-    folds = pl.Series(splits.fold_of(train.encode_labels(frame, spec), k=k, seed=0, groups=groups))
+    folds = pl.Series(splits.fold_of(values.labels(frame, spec), k=k, seed=0, groups=groups))
     parts, calibrations, judged = [], [], []
     for fold in range(k):
         get_run_logger().info("cross-fitting: training the model for fold %d of %d", fold + 1, k)
@@ -228,7 +233,7 @@ def audit_catalog(catalog_uri: str, spec_uri: str, model_uri: str, output_uri: s
         previous, changes = _changes_since_previous_run(output_uri, catalog_uri, findings_file)
         key = None if spec.duplicate_similarity is None else audit.images_key(usable, spec.duplicate_similarity)
         duplicates = (find_duplicates(usable, signatures, spec, key, previous) if key
-                      else pl.DataFrame(schema=audit.DUPLICATES_SCHEMA))
+                      else pl.DataFrame(schema=schemas.DUPLICATES_SCHEMA))
         summary = report.summarize(pl.scan_parquet(findings_file), products=source.rows, run=run,
                                    validation=validation, reported=reported,
                                    changes=runs.change_counts(changes, previous) if previous else None,
@@ -277,7 +282,7 @@ def _audit_in_shards(job: shards.Job, source: catalog.CatalogFile, spec: Spec, f
     get_run_logger().info("%d products in %d shards; shard parts in %s", source.rows, len(plan), job.work)
     results = score_shards(task_runner(options.dask_address, options.workers), job, plan, source.rows)
     images_seen = shards.totals(results)
-    audit.check_outage(images_seen["lost_to_outages"], source.rows, spec.max_transient_image_errors)
+    embedding.check_outage(images_seen["lost_to_outages"], source.rows, spec.max_transient_image_errors)
     text_parts = shards.read_parts([result.texts for result in results], TEXTS_SCHEMA)
     texts = pl.concat([pl.DataFrame(schema=TEXTS_SCHEMA), *text_parts])
     text_findings, judged = audit.judge_texts(texts, text_calibration, spec)
@@ -316,13 +321,13 @@ def _audit_cross_fitted(source: catalog.CatalogFile, clip: Clip, spec: Spec, fin
                         ) -> tuple[dict, tuple[pl.DataFrame, np.ndarray], dict]:
     """Cross-fitted findings written to ``findings_file``; returns what the summary says of them,
     the usable images (ids and digests, signatures) and how each fold's texts were judged."""
-    images_seen, usable = dict.fromkeys(audit.COUNT_KEYS, 0), [pl.DataFrame(schema=audit.IMAGES_SCHEMA)]
+    images_seen, usable = dict.fromkeys(embedding.COUNT_KEYS, 0), [pl.DataFrame(schema=embedding.IMAGES_SCHEMA)]
 
-    def on_batch(batch: audit.Batch) -> None:
-        usable.append(audit.usable_images(batch, spec))
-        for key, value in audit.counts(batch).items():
+    def on_batch(batch: embedding.Batch) -> None:
+        usable.append(embedding.usable_images(batch, spec))
+        for key, value in embedding.counts(batch).items():
             images_seen[key] += value
-        audit.check_outage(images_seen["lost_to_outages"], source.rows, spec.max_transient_image_errors)
+        embedding.check_outage(images_seen["lost_to_outages"], source.rows, spec.max_transient_image_errors)
         get_run_logger().info("scored %d/%d products", images_seen["scored"], source.rows)
 
     findings, calibrations, judged = _cross_fitted(source.read(), clip, spec, k=options.cross_fit,
@@ -331,4 +336,4 @@ def _audit_cross_fitted(source: catalog.CatalogFile, clip: Clip, spec: Spec, fin
     findings.write_parquet(findings_file)
     usable = pl.concat(usable)
     return {"calibration": calibrations, "images": images_seen}, (usable.drop("signature"),
-                                                                  audit.signature_rows(usable)), {"folds": judged}
+                                                                  embedding.signature_rows(usable)), {"folds": judged}

@@ -24,8 +24,13 @@ def started_early(*, timeout_s: float = 60.0) -> Iterator[Callable[[], None]]:
     """Within it, flows use a temporary server started on entry (and stopped when the process
     exits); yields a function that waits until it answers. Where a Prefect API is configured,
     nothing is started."""
-    from prefect.settings import (PREFECT_API_URL, PREFECT_FLOWS_HEARTBEAT_FREQUENCY, PREFECT_UI_URL,
-                                  get_current_settings, temporary_settings)
+    from prefect.settings import (
+        PREFECT_API_URL,
+        PREFECT_FLOWS_HEARTBEAT_FREQUENCY,
+        PREFECT_UI_URL,
+        get_current_settings,
+        temporary_settings,
+    )
 
     settings = get_current_settings()
     if settings.api.url or not settings.server.ephemeral.enabled:

@@ -6,23 +6,25 @@ from prefect import flow, get_run_logger, task
 from prefect.artifacts import create_table_artifact
 from prefect.cache_policies import NO_CACHE
 
-from clipdq import catalog, model, sources, storage, train
-from clipdq.options import FinetuneOptions
-from clipdq.spec import parse_spec
+from clipdq.core.options import FinetuneOptions
+from clipdq.core.spec import parse_spec
+from clipdq.io import catalog, sources, storage
+from clipdq.model import towers
+from clipdq.training import train
 from flows.inputs import read_spec
 from flows.retries import IO_RETRIES
 
 
 @task(**IO_RETRIES, cache_policy=NO_CACHE)
-def load_base_model(spec_text: str, base_model: str | None, arch: model.Arch) -> model.Clip:
+def load_base_model(spec_text: str, base_model: str | None, arch: towers.Arch) -> towers.Clip:
     if base_model:
-        return model.load_model(base_model)
-    return model.init_model(parse_spec(spec_text), arch)
+        return towers.load_model(base_model)
+    return towers.init_model(parse_spec(spec_text), arch)
 
 
 @task(cache_policy=NO_CACHE)
-def fit(clip: model.Clip, catalog_uri: str, spec_text: str, config: train.TrainConfig,
-        image_roots: list[str]) -> model.Clip:
+def fit(clip: towers.Clip, catalog_uri: str, spec_text: str, config: train.TrainConfig,
+        image_roots: list[str]) -> towers.Clip:
     frame = catalog.read_catalog(catalog_uri)
     spec = parse_spec(spec_text)
     catalog.check_schema(frame.schema, spec)
@@ -31,8 +33,8 @@ def fit(clip: model.Clip, catalog_uri: str, spec_text: str, config: train.TrainC
 
 
 @task(**IO_RETRIES, cache_policy=NO_CACHE)
-def save(clip: model.Clip, output_uri: str) -> str:
-    return model.save_model(clip, output_uri)
+def save(clip: towers.Clip, output_uri: str) -> str:
+    return towers.save_model(clip, output_uri)
 
 
 @flow(name="clipdq-finetune", log_prints=True)

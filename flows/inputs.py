@@ -5,9 +5,9 @@ from __future__ import annotations
 from prefect import task
 from prefect.cache_policies import NO_CACHE
 
-from clipdq import storage
-from clipdq.model_files import ModelFiles, read_model_files
-from clipdq.spec import parse_spec
+from clipdq.core.spec import parse_spec
+from clipdq.io import storage
+from clipdq.model.files import ModelFiles, read_model_files
 from flows.retries import IO_RETRIES
 
 

@@ -12,10 +12,14 @@ from prefect import flow, get_run_logger, task
 from prefect.artifacts import create_markdown_artifact, create_table_artifact
 from prefect.cache_policies import NO_CACHE
 
-from clipdq import catalog, duplicates, match, report, scorer, sources, storage
-from clipdq.cache import EmbeddingCache, cache_key
-from clipdq.options import MatchOptions
-from clipdq.spec import parse_spec
+from clipdq.checks import duplicates, match
+from clipdq.core.options import MatchOptions
+from clipdq.core.spec import parse_spec
+from clipdq.io import catalog, sources, storage
+from clipdq.io.cache import EmbeddingCache, cache_key
+from clipdq.model import scorer
+from clipdq.pipeline import matching
+from clipdq.reporting import report
 from flows.inputs import read_model, read_spec
 from flows.retries import IO_RETRIES
 
@@ -24,7 +28,7 @@ from flows.retries import IO_RETRIES
 def embed_catalog(uri: str, spec_text: str, model_uri: str, cache: str | None, options: MatchOptions,
                   role: str) -> match.Embedded:
     spec = parse_spec(spec_text)
-    return match.embed_catalog(catalog.CatalogFile(uri), scorer=scorer.of_files(model_uri, spec, text_folder=cache),
+    return matching.embed_catalog(catalog.CatalogFile(uri), scorer=scorer.of_files(model_uri, spec, text_folder=cache),
                                access=sources.catalog_access(uri, spec, options.image_roots),
                                cache=EmbeddingCache(cache) if cache else None, batch_size=options.batch_size, role=role)
 
@@ -37,7 +41,7 @@ def read_labels(uri: str, id_column: str, label_column: str) -> dict[str, str | 
 
 @task(**IO_RETRIES, cache_policy=NO_CACHE)
 def read_values(uri: str, spec_text: str, usable: np.ndarray) -> dict[str, np.ndarray]:
-    return match.catalog_codes(catalog.CatalogFile(uri), parse_spec(spec_text), usable)
+    return matching.reference_labels(catalog.CatalogFile(uri), parse_spec(spec_text), usable)
 
 
 @task(**IO_RETRIES, cache_policy=NO_CACHE)
@@ -81,7 +85,7 @@ def match_catalogs(references_uri: str, queries_uri: str, spec_uri: str, model_u
     queries = embed_catalog(queries_uri, spec_text, model_uri, cache, options, "queries")
     agreement = None
     if options.attribute_weight:
-        agreement = match.value_agreement(scorer.of_files(model_uri, spec, text_folder=cache),
+        agreement = matching.value_agreement(scorer.of_files(model_uri, spec, text_folder=cache),
                                           read_values(references_uri, spec_text, references.ok),
                                           weight=options.attribute_weight)
     matches, found = match.match_embedded(references, queries, k=options.k, agreement=agreement,

@@ -2,9 +2,9 @@
 
 from __future__ import annotations
 
-from clipdq.catalog import CatalogError
-from clipdq.spec import SpecError
-from clipdq.storage import StorageError, is_permanent
+from clipdq.core.spec import SpecError
+from clipdq.io.catalog import CatalogError
+from clipdq.io.storage import StorageError, is_permanent
 
 
 def _transient(task, task_run, state) -> bool:

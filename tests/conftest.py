@@ -8,10 +8,13 @@ from pathlib import Path
 
 import pytest
 
-from clipdq import model, sample_data, storage, train
-from clipdq.catalog import read_catalog
-from clipdq.spec import Spec, parse_spec
-from clipdq.sources import access_for
+from clipdq import sample_data
+from clipdq.core.spec import Spec, parse_spec
+from clipdq.io import storage
+from clipdq.io.catalog import read_catalog
+from clipdq.io.sources import access_for
+from clipdq.model import towers
+from clipdq.training import train
 
 N_LABELED = 60
 N_CATALOG = 100
@@ -43,7 +46,7 @@ def spec(sample_dir: Path) -> Spec:
 @pytest.fixture(scope="session")
 def labeled(sample_dir: Path, spec: Spec) -> train.LabeledSet:
     """The sample's labeled products, loaded at the tiny model's resolution."""
-    pixels = model.init_model(spec).pixels
+    pixels = towers.init_model(spec).pixels
     return train.load_labeled(read_catalog(str(sample_dir / "labeled.parquet")), spec, access=access_for(str(sample_dir)),
                               pixel_spec=pixels)
 
@@ -52,18 +55,18 @@ def labeled(sample_dir: Path, spec: Spec) -> train.LabeledSet:
 def init_model_dir(tmp_path_factory: pytest.TempPathFactory, spec: Spec) -> Path:
     """A saved, untrained tiny CLIP for the sample spec."""
     folder = tmp_path_factory.mktemp("init-model")
-    model.save_model(model.init_model(spec, "tiny", seed=0), str(folder))
+    towers.save_model(towers.init_model(spec, "tiny", seed=0), str(folder))
     return folder
 
 
 @pytest.fixture(scope="session")
 def trained_model_dir(tmp_path_factory: pytest.TempPathFactory, sample_dir: Path, spec: Spec) -> Path:
     """A tiny CLIP fine-tuned for two epochs on the sample's labeled products, saved."""
-    clip = model.init_model(spec, "tiny", seed=0)
+    clip = towers.init_model(spec, "tiny", seed=0)
     labeled = read_catalog(str(sample_dir / "labeled.parquet"))
     train.finetune(clip, labeled, spec, access=access_for(str(sample_dir)), config=train.TrainConfig(epochs=2))
     folder = tmp_path_factory.mktemp("trained-model")
-    model.save_model(clip, str(folder))
+    towers.save_model(clip, str(folder))
     return folder
 
 
@@ -82,12 +85,12 @@ def flagging_model_dir(tmp_path_factory: pytest.TempPathFactory, flagging_labele
     Half of its labeled products validate, so colour (on every product) has the rows its conflict
     bar needs; the type-specific attributes get gap suggestions but no conflict threshold.
     """
-    clip = model.init_model(spec, "efficientnet-lite0")
+    clip = towers.init_model(spec, "efficientnet-lite0")
     config = train.config_for(clip, mode="locked", val_fraction=0.5, test_fraction=0.0, views=1)
     labeled = read_catalog(str(flagging_labeled_dir / "labeled.parquet"))
     train.finetune(clip, labeled, spec, access=access_for(str(flagging_labeled_dir)), config=config)
     folder = tmp_path_factory.mktemp("flagging-model")
-    model.save_model(clip, str(folder))
+    towers.save_model(clip, str(folder))
     return folder
 
 

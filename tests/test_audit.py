@@ -9,9 +9,11 @@ import numpy as np
 import polars as pl
 from polars.testing import assert_frame_equal
 
-from clipdq import audit, cache, images, model, scorer
-from clipdq.catalog import read_catalog
-from clipdq.sources import access_for
+from clipdq.io import cache, images
+from clipdq.io.catalog import read_catalog
+from clipdq.io.sources import access_for
+from clipdq.model import scorer, towers
+from clipdq.pipeline import audit, embedding
 
 
 def test_prepared_batches_keep_the_order_and_work_ahead_of_the_consumer():
@@ -23,7 +25,7 @@ def test_prepared_batches_keep_the_order_and_work_ahead_of_the_consumer():
         return rows
 
     seen = []
-    for rows in audit.prepared_batches(audit.batches(frame, 3), prepare, ahead=2):
+    for rows in embedding.prepared_batches(audit.batches(frame, 3), prepare, ahead=2):
         time.sleep(0.05)  # the model's turn: the next batches are being prepared meanwhile
         seen.append(rows["n"].to_list())
         assert len(started) >= min(4, len(seen) + 2)
@@ -35,15 +37,15 @@ def test_prepared_batches_keep_the_order_and_work_ahead_of_the_consumer():
 def test_scores_of_cached_embeddings_equal_fresh_ones_and_a_failed_first_image_is_kept(
     sample_dir, spec, trained_model_dir, tmp_path
 ):
-    clip = model.load_model(str(trained_model_dir), device="cpu")
+    clip = towers.load_model(str(trained_model_dir), device="cpu")
     frame = read_catalog(str(sample_dir / "catalog.parquet"))
     frame = frame.with_columns(pl.when(pl.int_range(pl.len()) == 0).then(pl.lit("missing.jpg"))
                                .otherwise(pl.col("image")).alias("image"))
     store = cache.EmbeddingCache(str(tmp_path / "cache"))
     options = {"scorer": scorer.of_clip(clip, spec), "cache": store}
 
-    def run() -> tuple[pl.DataFrame, list[audit.Batch]]:
-        prepared = [audit.prepare_batch(rows, spec=spec, access=access_for(str(sample_dir)), pixels=clip.pixels, cache=store)
+    def run() -> tuple[pl.DataFrame, list[embedding.Batch]]:
+        prepared = [embedding.prepare_batch(rows, spec=spec, access=access_for(str(sample_dir)), pixels=clip.pixels, cache=store)
                     for rows in audit.batches(frame, 16)]
         return pl.concat([audit.score_batch(batch, **options) for batch in prepared]), prepared
 
@@ -62,7 +64,7 @@ def test_scores_of_cached_embeddings_equal_fresh_ones_and_a_failed_first_image_i
 
 
 def test_a_faster_backend_is_used_only_where_it_agrees_with_fp32(sample_dir, spec, trained_model_dir):
-    clip = model.load_model(str(trained_model_dir), device="cpu")
+    clip = towers.load_model(str(trained_model_dir), device="cpu")
     rows = read_catalog(str(sample_dir / "catalog.parquet")).head(24)
     options = {"spec": spec, "access": access_for(str(sample_dir))}
 

@@ -13,7 +13,9 @@ import polars as pl
 import pytest
 from PIL import Image
 
-from clipdq import compare, report, sample_data
+from clipdq import sample_data
+from clipdq.checks import schemas
+from clipdq.reporting import report
 from flows.audit import audit_catalog
 
 CHROMIUM = shutil.which("chromium")
@@ -65,7 +67,7 @@ def _problems(n: int) -> pl.DataFrame:
         "product_id": [f"p{i}" for i in range(n)], "attribute": rng.choice(["color", "neckline"], n),
         "existing_value": np.where(statuses == "gap", None, "red"), "predicted_value": "blue",
         "confidence": rng.random(n), "status": statuses, "detail": "x" * 400,  # a long text wraps, not overflows
-    }, schema=compare.FINDINGS_SCHEMA)
+    }, schema=schemas.FINDINGS_SCHEMA)
 
 
 @pytest.mark.skipif(CHROMIUM is None, reason="chromium is not installed: run scripts/install-chromium.sh")

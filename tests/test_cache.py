@@ -9,8 +9,8 @@ import numpy as np
 import pyarrow.parquet as pq
 import pytest
 
-from clipdq import cache, storage
-from clipdq.images import PixelSpec
+from clipdq.io import cache, storage
+from clipdq.io.images import PixelSpec
 
 PIXELS = PixelSpec(32, 32, (0.5, 0.5, 0.5), (0.25, 0.25, 0.25))
 
@@ -70,7 +70,7 @@ def test_a_broken_part_is_skipped_with_a_warning(tmp_path, caplog):
     store.flush()
     (tmp_path / "embeddings" / "part-broken.parquet").write_bytes(b"PAR1 not really")
 
-    with caplog.at_level(logging.WARNING, logger="clipdq.cache"):
+    with caplog.at_level(logging.WARNING, logger="clipdq.io.cache"):
         found = cache.EmbeddingCache(str(tmp_path)).get_many(["a"])
 
     assert list(found) == ["a"]

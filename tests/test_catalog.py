@@ -9,9 +9,9 @@ import polars as pl
 import pytest
 from polars.testing import assert_frame_equal
 
-from clipdq import catalog, storage
-from clipdq.catalog import CatalogError
-from clipdq.spec import parse_spec
+from clipdq.core.spec import parse_spec
+from clipdq.io import catalog, storage
+from clipdq.io.catalog import CatalogError
 
 SPEC = parse_spec("""\
 id_column: sku

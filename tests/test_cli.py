@@ -17,9 +17,10 @@ from pathlib import Path
 
 import polars as pl
 import pytest
-
-from clipdq import cli, model
 from test_flow import assert_planted_flags_found
+
+from clipdq import cli
+from clipdq.model import towers
 
 pytestmark = pytest.mark.subprocess
 
@@ -62,7 +63,7 @@ def test_init_model_prints_the_folder_it_wrote(cli_env, sample_dir, tmp_path):
 
     assert result.returncode == 0, result.stderr
     assert last_line(result.stdout) == str(output)
-    clip = model.load_model(str(output), device="cpu")
+    clip = towers.load_model(str(output), device="cpu")
     assert clip.meta["arch"] == "tiny" and clip.meta["trained"] is False
 
 
@@ -98,7 +99,7 @@ def test_finetune_prints_the_model_folder_it_wrote(finetuned, spec):
 
     assert result.returncode == 0, result.stderr[-3000:]
     assert last_line(result.stdout) == str(output)
-    clip = model.load_model(str(output), device="cpu")
+    clip = towers.load_model(str(output), device="cpu")
     assert clip.meta["train_config"]["mode"] == "locked"  # the preset for a pretrained tower with a new text tower
     assert clip.meta["training"]["stopped_by"] in ("epochs", "patience")
     assert set(clip.meta["metrics"]) == set(spec.names)
@@ -154,7 +155,7 @@ def test_demo_trains_a_model_audits_and_prints_the_run_folder(cli_env, sample_di
     folder = Path(last_line(result.stdout))
     assert (folder / "manifest.json").is_file()
     assert f"Report: {folder / 'report.html'}" in result.stdout
-    assert (data / "model" / model.META_FILE).is_file()
+    assert (data / "model" / towers.META_FILE).is_file()
     text = json.loads((folder / "summary.json").read_text())["text_agreement"]
     title_line = f"{text.get('flagged')} of the conflicts are images that may not show the product their title names."
     assert (title_line in result.stdout) == text["checked"]

@@ -6,9 +6,10 @@ import polars as pl
 import pytest
 from polars.testing import assert_frame_equal
 
-from clipdq.compare import FINDINGS_SCHEMA, PREDICTIONS_SCHEMA, STATUSES, compare
-from clipdq.predict import Calibration
-from clipdq.spec import parse_spec
+from clipdq.checks.compare import compare
+from clipdq.checks.schemas import FINDINGS_SCHEMA, PREDICTIONS_SCHEMA, STATUSES
+from clipdq.core.predict import Calibration
+from clipdq.core.spec import parse_spec
 
 SPEC = parse_spec("""\
 attributes:

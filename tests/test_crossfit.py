@@ -10,11 +10,14 @@ import polars as pl
 import pytest
 import yaml
 
-from clipdq import model, sample_data, splits, train
-from clipdq.catalog import read_catalog
-from clipdq.spec import parse_spec
-from clipdq.sources import access_for
-from clipdq.options import AuditOptions
+from clipdq import sample_data
+from clipdq.core import splits
+from clipdq.core.options import AuditOptions
+from clipdq.core.spec import parse_spec
+from clipdq.io.catalog import read_catalog
+from clipdq.io.sources import access_for
+from clipdq.model import towers
+from clipdq.training import train
 from flows.audit import audit_catalog
 
 COLOR_SPEC = yaml.safe_dump({"target_precision": 0.9,
@@ -55,11 +58,11 @@ def test_cross_fitting_finds_planted_errors_that_an_in_sample_audit_misses(noisy
     spec = parse_spec(spec_path.read_text())
     # In sample: a model fitted closely to the very rows it audits (fixed schedule, last weights),
     # as a large pretrained CLIP is after a few epochs.
-    fitted = model.init_model(spec, seed=0)
+    fitted = towers.init_model(spec, seed=0)
     closely = train.TrainConfig(epochs=60, patience=60, augment=False, keep_best=False)
     train.finetune(fitted, read_catalog(str(catalog)), spec, access=access_for(str(noisy_catalog)), config=closely)
-    model.save_model(fitted, str(tmp_path / "in-sample"))
-    model.save_model(model.init_model(spec, seed=0), str(tmp_path / "init"))
+    towers.save_model(fitted, str(tmp_path / "in-sample"))
+    towers.save_model(towers.init_model(spec, seed=0), str(tmp_path / "init"))
 
     in_sample = audit_catalog(str(catalog), str(spec_path), str(tmp_path / "in-sample"), str(tmp_path / "a"))
     cross_fit = audit_catalog(str(catalog), str(spec_path), str(tmp_path / "init"), str(tmp_path / "b"),

@@ -8,7 +8,8 @@ import numpy as np
 import polars as pl
 from PIL import Image
 
-from clipdq import curves, model, train
+from clipdq.model import towers
+from clipdq.training import curves, train
 
 
 def test_keep_per_value_keeps_n_training_labels_per_value_and_every_held_out_one():
@@ -33,7 +34,7 @@ def test_learning_curve_trains_one_model_per_size_and_stops_once_all_labels_are_
     made = []
 
     def make_model():
-        made.append(model.init_model(spec, seed=0))
+        made.append(towers.init_model(spec, seed=0))
         return made[-1]
 
     table = curves.learning_curve(make_model, labeled, spec, config=config, splits=splits, sizes=(1, 3, 1000, 5000))

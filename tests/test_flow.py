@@ -12,16 +12,17 @@ from datetime import datetime, timedelta, timezone
 from pathlib import Path
 
 import polars as pl
-from polars.testing import assert_frame_equal
 import pytest
 from PIL import Image
+from polars.testing import assert_frame_equal
 from prefect.client.orchestration import get_client
 from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterKey
 
-from clipdq import model, storage
-from clipdq.compare import FINDINGS_SCHEMA, NOT_APPLICABLE, STATUSES
-from clipdq.options import AuditOptions, FinetuneOptions
-from clipdq.spec import parse_spec
+from clipdq.checks.schemas import FINDINGS_SCHEMA, NOT_APPLICABLE, STATUSES
+from clipdq.core.options import AuditOptions, FinetuneOptions
+from clipdq.core.spec import parse_spec
+from clipdq.io import storage
+from clipdq.model import towers
 from flows.audit import audit_catalog
 from flows.finetune import finetune_model
 
@@ -106,7 +107,7 @@ def read_artifacts(key: str) -> list:
 
 @pytest.fixture(scope="module")
 def local_run(prefect_harness, sample_dir: Path, flagging_model_dir: Path, tmp_path_factory) -> tuple[str, str]:
-    """(output folder, run folder) of one audit of the sample catalog with the session's flagging model."""
+    """(output folder, run folder) of one audit of the sample catalog with the session's flagging towers."""
     output = str(tmp_path_factory.mktemp("reports"))
     folder = audit_catalog(str(sample_dir / "catalog.parquet"), str(sample_dir / "spec.yaml"),
                            str(flagging_model_dir), output, AuditOptions(batch_size=16))
@@ -247,7 +248,7 @@ def test_finetune_flow_writes_a_loadable_model_with_metrics(prefect_harness, sam
                             FinetuneOptions(epochs=2))
 
     assert result == output
-    clip = model.load_model(output, device="cpu")
+    clip = towers.load_model(output, device="cpu")
     assert clip.meta["trained"] is True
     assert clip.meta["spec_fingerprint"] == spec.fingerprint()
     assert 1 <= clip.meta["training"]["epochs_run"] <= 2
@@ -291,7 +292,7 @@ def test_repeated_audits_embed_only_new_or_changed_images(prefect_harness, sampl
 
 def test_an_output_bucket_that_does_not_exist_fails_the_audit_before_any_work(s3_bucket, sample_dir, prefect_harness,
                                                                               tmp_path):
-    from clipdq.storage import StorageError
+    from clipdq.io.storage import StorageError
 
     with pytest.raises(StorageError, match="cannot write to s3://no-such-bucket-here/reports: S3 NoSuchBucket"):
         audit_catalog(str(sample_dir / "catalog.parquet"), str(sample_dir / "spec.yaml"), str(tmp_path / "no-model"),

@@ -9,13 +9,15 @@ import numpy as np
 import polars as pl
 import pytest
 import yaml
-
-from clipdq import images, model, train
-from clipdq.spec import parse_spec
-from clipdq.sources import access_for
-from clipdq.options import AuditOptions
-from flows.audit import audit_catalog
 from grocery import DEFAULT_DATA, load_catalog
+
+from clipdq.core.options import AuditOptions
+from clipdq.core.spec import parse_spec
+from clipdq.io import images
+from clipdq.io.sources import access_for
+from clipdq.model import towers
+from clipdq.training import train
+from flows.audit import audit_catalog
 
 pytestmark = pytest.mark.skipif(not (DEFAULT_DATA / "train.txt").exists(),
                                 reason=f"Grocery Store dataset not found at {DEFAULT_DATA}")
@@ -62,10 +64,10 @@ def test_the_pretrained_tower_flags_planted_errors_in_photos_from_other_sessions
     catalog = held_out.with_columns(pl.Series("top", np.where(wrong, replaced, held_out["top"].to_numpy())))
     catalog.write_parquet(tmp_path / "catalog.parquet")
 
-    clip = model.init_model(spec, "efficientnet-lite0")
+    clip = towers.init_model(spec, "efficientnet-lite0")
     config = train.config_for(clip, mode="locked", views=1, val_fraction=0.3, test_fraction=0)  # 270 rows: enough for the conflict bar
     train.finetune(clip, labeled, spec, access=access_for(str(DEFAULT_DATA)), config=config)
-    model.save_model(clip, str(tmp_path / "model"))
+    towers.save_model(clip, str(tmp_path / "model"))
     run = audit_catalog(str(tmp_path / "catalog.parquet"), str(tmp_path / "spec.yaml"), str(tmp_path / "model"),
                         str(tmp_path / "reports"), AuditOptions(image_roots=[str(DEFAULT_DATA)]))  # photos live beside the dataset
 

@@ -14,13 +14,13 @@ import numpy as np
 import polars as pl
 import pytest
 from PIL import Image
-
-from clipdq import sample_data, storage
-from clipdq.audit import ImageOutage
-from clipdq.options import AuditOptions
-from flows.audit import audit_catalog
-
 from test_flow import read_run
+
+from clipdq import sample_data
+from clipdq.core.options import AuditOptions
+from clipdq.io import storage
+from clipdq.pipeline.embedding import ImageOutage
+from flows.audit import audit_catalog
 
 NOT_ALLOWED = ("image path resolves outside the catalog's folder: add its folder to image_roots (spec) or "
                "--image-root to allow it")

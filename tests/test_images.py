@@ -13,8 +13,9 @@ from PIL import Image, ImageDraw, ImageFilter
 from transformers import AutoImageProcessor, CLIPImageProcessor
 from transformers.image_utils import OPENAI_CLIP_MEAN, OPENAI_CLIP_STD
 
-from clipdq import images, model
-from clipdq.sources import access_for
+from clipdq.io import images
+from clipdq.io.sources import access_for
+from clipdq.model import towers
 
 SIZE = 32
 PIXELS = images.PixelSpec(SIZE, SIZE, tuple(OPENAI_CLIP_MEAN), tuple(OPENAI_CLIP_STD))
@@ -210,7 +211,7 @@ def test_to_pixels_matches_transformers_clip_processor(size):
 
 def test_saved_model_processor_and_pixel_spec_agree(init_model_dir):
     processor = AutoImageProcessor.from_pretrained(init_model_dir)
-    pixel_spec = model.load_model(str(init_model_dir), device="cpu").pixels
+    pixel_spec = towers.load_model(str(init_model_dir), device="cpu").pixels
     image = photo(90, 90, seed=9)
 
     ours = images.to_pixels(image, pixel_spec)

@@ -5,9 +5,10 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-
-from clipdq import index, match, storage
 from test_match import agreement_of
+
+from clipdq.checks import index, match, neighbours
+from clipdq.io import storage
 
 
 def clustered(rng: np.random.Generator, centres: np.ndarray, n: int, noise: float = 0.8) -> np.ndarray:
@@ -20,7 +21,7 @@ def test_approximate_top_k_finds_what_the_exact_search_finds() -> None:
     rng = np.random.default_rng(0)
     centres = rng.standard_normal((2000, 64), dtype=np.float32)
     references, queries = clustered(rng, centres, 20000, 0.4), clustered(rng, centres, 300, 0.4)
-    exact = match.top_k(queries, references, k=5)
+    exact = neighbours.top_k(queries, references, k=5)
     approximate = index.top_k(queries, references, k=5)
     recall = np.mean([len(set(a) & set(e)) / 5 for a, e in zip(approximate.indices, exact.indices)])
     assert recall >= 0.9, recall
@@ -67,11 +68,11 @@ def test_candidates_rescored_with_the_agreement_rank_as_the_exact_search_ranks()
     rng = np.random.default_rng(3)
     queries, references = rng.normal(size=(40, 16)), rng.normal(size=(90, 16))
     agreement = agreement_of(rng, 90, 16)
-    exact = match.top_k(queries, references, k=5, agreement=agreement)
+    exact = neighbours.top_k(queries, references, k=5, agreement=agreement)
     shuffled = np.stack([rng.permutation(90) for _ in range(40)])  # every reference a candidate, in any order
     shuffled[:, -1] = -1  # and a missing candidate, as the index leaves when its cells hold too few
-    candidates = match.Neighbours(shuffled, np.zeros((40, 90), np.float32), np.zeros(40, np.int64))
-    rescored = match.rescore(candidates, queries, references, agreement, k=5, query_block=16)
+    candidates = neighbours.Neighbours(shuffled, np.zeros((40, 90), np.float32), np.zeros(40, np.int64))
+    rescored = neighbours.rescore(candidates, queries, references, agreement, k=5, query_block=16)
     left_out = np.array([set(exact.indices[q]) - set(shuffled[q]) for q in range(40)], dtype=object)
     same = np.array([not gone for gone in left_out])  # queries whose exact top 5 are all candidates
     assert same.sum() > 30

@@ -15,14 +15,18 @@ import polars as pl
 import pytest
 from PIL import Image, ImageEnhance
 
-from clipdq import match, model, scorer
-from clipdq.spec import Spec
+from clipdq.checks import neighbours
+from clipdq.core import values
+from clipdq.core.spec import Spec
+from clipdq.io import catalog
+from clipdq.model import scorer, towers
+from clipdq.pipeline import matching
 
 K = 5
 
 
 def brute_force(queries: np.ndarray, references: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
-    scores = match.normalised(queries) @ match.normalised(references).T
+    scores = neighbours.normalised(queries) @ neighbours.normalised(references).T
     order = np.argsort(-scores, axis=1, kind="stable")[:, :k]
     return order, np.take_along_axis(scores, order, 1)
 
@@ -31,7 +35,7 @@ def brute_force(queries: np.ndarray, references: np.ndarray, k: int) -> tuple[np
 def test_top_k_equals_brute_force_whatever_the_blocks(blocks: tuple[int, int]) -> None:
     rng = np.random.default_rng(0)
     queries, references = rng.normal(size=(150, 24)), rng.normal(size=(400, 24))
-    found = match.top_k(queries, references, k=K, query_block=blocks[0], reference_block=blocks[1])
+    found = neighbours.top_k(queries, references, k=K, query_block=blocks[0], reference_block=blocks[1])
     indices, scores = brute_force(queries, references, K)
     np.testing.assert_array_equal(found.indices, indices)
     np.testing.assert_allclose(found.scores, scores, atol=1e-5)
@@ -44,34 +48,34 @@ def test_a_reference_with_the_querys_own_bytes_is_never_its_match() -> None:
     digests = [f"sha-{i}" for i in range(50)]
     digests[7] = digests[3]  # two references hold the same bytes
     queries = references[:10]  # the first ten references themselves, as queries
-    found = match.top_k(queries, references, k=3, query_keys=digests[:10] + [], reference_keys=digests)
+    found = neighbours.top_k(queries, references, k=3, query_keys=digests[:10] + [], reference_keys=digests)
     assert found.excluded.tolist() == [1, 1, 1, 2, 1, 1, 1, 2, 1, 1]
     for q in range(10):
         assert not {q, 3 if q in (3, 7) else q} & set(found.indices[q]), q
-    unkeyed = match.top_k(queries, references, k=1, query_keys=[None] * 10, reference_keys=digests)
+    unkeyed = neighbours.top_k(queries, references, k=1, query_keys=[None] * 10, reference_keys=digests)
     assert unkeyed.indices[:, 0].tolist() == list(range(10))  # no key: nothing is left out
 
 
-def agreement_of(rng: np.random.Generator, references: int, d: int, weight: float = 1.0) -> match.ValueAgreement:
+def agreement_of(rng: np.random.Generator, references: int, d: int, weight: float = 1.0) -> neighbours.ValueAgreement:
     """Two attributes of 3 and 5 values; a third of the references without a catalog value."""
-    value_emb = [match.normalised(rng.normal(size=(k, d))) for k in (3, 5)]
+    value_emb = [neighbours.normalised(rng.normal(size=(k, d))) for k in (3, 5)]
     codes = [np.where(rng.random(references) < 1 / 3, -1, rng.integers(0, k, references)) for k in (3, 5)]
-    return match.ValueAgreement(["a", "b"], value_emb, [10.0, 5.0], codes, weight)
+    return neighbours.ValueAgreement(["a", "b"], value_emb, [10.0, 5.0], codes, weight)
 
 
-def brute_force_agreement(queries: np.ndarray, references: np.ndarray, agreement: match.ValueAgreement) -> np.ndarray:
+def brute_force_agreement(queries: np.ndarray, references: np.ndarray, agreement: neighbours.ValueAgreement) -> np.ndarray:
     """Cosine plus the agreement, written out in numpy: the definition top_k must meet."""
-    q, r = match.normalised(queries), match.normalised(references)
+    q, r = neighbours.normalised(queries), neighbours.normalised(references)
     scores = q @ r.T
-    for values, scale, codes in zip(agreement.value_emb, agreement.scales, agreement.codes):
+    for value_emb, scale, codes in zip(agreement.value_emb, agreement.scales, agreement.codes):
         def probs(x):
-            e = np.exp(scale * x @ values.T - (scale * x @ values.T).max(1, keepdims=True))
+            e = np.exp(scale * x @ value_emb.T - (scale * x @ value_emb.T).max(1, keepdims=True))
             return e / e.sum(1, keepdims=True)
         reference_probs = probs(r)
         known = codes >= 0
-        reference_probs[known] = ((1 - agreement.error_rate) * np.eye(len(values))[codes[known]]
+        reference_probs[known] = ((1 - agreement.error_rate) * np.eye(len(value_emb))[codes[known]]
                                   + agreement.error_rate * reference_probs[known])
-        scores += agreement.weight * np.log(np.maximum(probs(q) @ reference_probs.T, match.AGREEMENT_FLOOR))
+        scores += agreement.weight * np.log(np.maximum(probs(q) @ reference_probs.T, neighbours.AGREEMENT_FLOOR))
     return scores
 
 
@@ -80,7 +84,7 @@ def test_top_k_with_agreement_equals_its_definition_whatever_the_blocks(blocks: 
     rng = np.random.default_rng(2)
     queries, references = rng.normal(size=(40, 16)), rng.normal(size=(90, 16))
     agreement = agreement_of(rng, 90, 16)
-    found = match.top_k(queries, references, k=K, agreement=agreement, query_block=blocks[0],
+    found = neighbours.top_k(queries, references, k=K, agreement=agreement, query_block=blocks[0],
                         reference_block=blocks[1])
     scores = brute_force_agreement(queries, references, agreement)
     order = np.argsort(-scores, axis=1, kind="stable")[:, :K]
@@ -94,32 +98,61 @@ def test_agreement_puts_the_reference_showing_the_querys_value_first() -> None:
     value_emb = [np.eye(3)[:2]]  # attribute of two values, read off the first two dimensions
     query = np.array([[1.0, 0.0, 0.3]])
     references = np.array([[0.9, 0.0, 0.5], [0.5, 0.0, 1.0]])  # the first is nearer
-    agreement = match.ValueAgreement(["a"], value_emb, [20.0], [np.array([1, 0])])  # but its catalog says value 1
-    assert match.top_k(query, references, k=1).indices[0, 0] == 0
-    assert match.top_k(query, references, k=1, agreement=agreement).indices[0, 0] == 1
-    unknown = match.ValueAgreement(["a"], value_emb, [20.0], [np.array([-1, -1])])  # no catalog values: the image's
-    assert match.top_k(query, references, k=1, agreement=unknown).indices[0, 0] == 0
+    agreement = neighbours.ValueAgreement(["a"], value_emb, [20.0], [np.array([1, 0])])  # but its catalog says value 1
+    assert neighbours.top_k(query, references, k=1).indices[0, 0] == 0
+    assert neighbours.top_k(query, references, k=1, agreement=agreement).indices[0, 0] == 1
+    unknown = neighbours.ValueAgreement(["a"], value_emb, [20.0], [np.array([-1, -1])])  # no catalog values: the image's
+    assert neighbours.top_k(query, references, k=1, agreement=unknown).indices[0, 0] == 0
 
 
 def test_only_a_model_trained_on_the_spec_adds_its_reading_of_values(
         spec: Spec, pretrained_dir: Path, flagging_model_dir: Path) -> None:
     codes = {name: np.zeros(3, np.int64) for name in spec.names}
-    assert match.value_agreement(scorer.of_files(str(pretrained_dir), spec), codes, weight=1.0) is None
+    assert matching.value_agreement(scorer.of_files(str(pretrained_dir), spec), codes, weight=1.0) is None
     trained = scorer.of_files(str(flagging_model_dir), spec)
-    assert match.value_agreement(trained, codes, weight=0.0) is None
-    agreement = match.value_agreement(trained, codes, weight=1.0)
+    assert matching.value_agreement(trained, codes, weight=0.0) is None
+    agreement = matching.value_agreement(trained, codes, weight=1.0)
     assert agreement.attributes == spec.names
     assert agreement.scales == [trained.scale / trained.calibration[n].temperature for n in spec.names]
 
 
-def test_value_codes_mark_missing_and_unknown_values() -> None:
-    rows = pl.DataFrame({"color": ["red", None, "mauve", "blue"]})
-    assert match.value_codes(rows, ["blue", "red"], "color").tolist() == [1, -1, -1, 0]
-    assert match.value_codes(rows, ["blue", "red"], "size").tolist() == [-1] * 4
+def test_references_values_read_synonyms_and_spellings_as_the_audit_reads_them(spec: Spec, tmp_path: Path) -> None:
+    """Matching trusts a reference's catalog value through the one value encoder: a synonym or another
+    spelling of a value is that value (before, only exact strings were: "rood" counted as no value)."""
+    colors = spec.attribute("color").values
+    written = pl.DataFrame({spec.id_column: ["a", "b", "c", "d"], spec.image_column: ["a.png"] * 4,
+                            "color": ["red", "rood", " Crimson ", "mauve"]})
+    written.write_parquet(tmp_path / "references.parquet")
+    source = catalog.CatalogFile(str(tmp_path / "references.parquet"))
+
+    labels = matching.reference_labels(source, spec, np.array([True, True, True, True]))
+
+    assert labels["color"].tolist() == [colors.index("red")] * 3 + [-1]
+    assert labels["neckline"].tolist() == [-1] * 4  # no column: no value to trust
+    usable = matching.reference_labels(source, spec, np.array([False, True, False, True]))
+    assert usable["color"].tolist() == [colors.index("red"), -1]
+
+
+def test_a_synonym_in_the_references_matches_as_its_value_does(spec: Spec, flagging_model_dir: Path) -> None:
+    """The same references, once with canonical values and once with synonyms, give the same
+    agreement term, so the same matches."""
+    trained = scorer.of_files(str(flagging_model_dir), spec)
+    rng = np.random.default_rng(0)
+    d = trained.value_emb["color"].shape[1]
+    queries, references = rng.normal(size=(6, d)), rng.normal(size=(8, d))
+    colors = spec.attribute("color").values
+    canonical = pl.DataFrame({"color": [colors[i % len(colors)] for i in range(8)]})
+    synonyms = {value: others[0] for value, others in spec.attribute("color").synonyms.items()}
+    respelled = canonical.with_columns(pl.col("color").replace(synonyms))
+    assert (respelled["color"] != canonical["color"]).all()
+    found = [neighbours.top_k(queries, references, k=3, agreement=matching.value_agreement(
+        trained, values.labels(frame, spec), weight=1.0)) for frame in (canonical, respelled)]
+    np.testing.assert_array_equal(found[0].indices, found[1].indices)
+    np.testing.assert_allclose(found[0].scores, found[1].scores)
 
 
 def test_fewer_references_than_k_leave_empty_ranks() -> None:
-    found = match.top_k(np.eye(3), np.eye(3)[:2], k=4)
+    found = neighbours.top_k(np.eye(3), np.eye(3)[:2], k=4)
     assert found.indices[0].tolist() == [0, 1, -1, -1]
     assert np.isneginf(found.scores[:, 2:]).all()
 
@@ -131,7 +164,7 @@ def test_fewer_references_than_k_leave_empty_ranks() -> None:
 def pretrained_dir(tmp_path_factory: pytest.TempPathFactory, spec: Spec) -> Path:
     """The pretrained EfficientNet-Lite0 tower as `clipdq init-model` makes it: its features see photos."""
     folder = tmp_path_factory.mktemp("pretrained")
-    model.save_model(model.init_model(spec, "efficientnet-lite0"), str(folder))
+    towers.save_model(towers.init_model(spec, "efficientnet-lite0"), str(folder))
     return folder
 
 
@@ -239,7 +272,9 @@ def test_a_trained_model_matches_by_image_with_catalog_values_or_through_the_ind
     references = pl.read_parquet(sample_dir / "catalog.parquet")
     references = references.filter(pl.Series([(sample_dir / image).exists() and _decodes(sample_dir / image)
                                               for image in references["image"]]))  # a usable image
-    valid = {name: int(references[name].is_in(spec.attribute(name).values).sum()) for name in spec.names}
+    labels = values.labels(references, spec)  # synonyms and other spellings count as their values
+    valid = {name: int((labels[name] >= 0).sum()) for name in spec.names}
+    assert valid["color"] > references["color"].is_in(spec.attribute("color").values).sum()  # the sample has synonyms
     assert runs["1"][1]["score"]["attributes"] == {
         name: {"references_with_a_catalog_value": count} for name, count in valid.items()}
     # the agreement is a log-probability: it lowers every pair's score, and reorders some queries' matches

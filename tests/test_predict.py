@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from clipdq import predict
+from clipdq.core import predict
 
 
 def flag_precision(accuracy: float, error_rate: float) -> float:

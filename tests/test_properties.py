@@ -14,9 +14,12 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from PIL import Image
 
-from clipdq import audit, catalog, model, scorer
-from clipdq.compare import NOT_APPLICABLE, STATUSES, compare
-from clipdq.sources import access_for
+from clipdq.checks.compare import compare
+from clipdq.checks.schemas import NOT_APPLICABLE, STATUSES
+from clipdq.io import catalog
+from clipdq.io.sources import access_for
+from clipdq.model import scorer, towers
+from clipdq.pipeline import audit, embedding
 
 
 def _jpeg(seed: int) -> bytes:
@@ -38,7 +41,7 @@ ROW = st.fixed_dictionaries({
 
 @pytest.fixture(scope="module")
 def scoring(trained_model_dir, spec):
-    return scorer.of_clip(model.load_model(str(trained_model_dir), device="cpu"), spec)
+    return scorer.of_clip(towers.load_model(str(trained_model_dir), device="cpu"), spec)
 
 
 @settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
@@ -54,7 +57,7 @@ def test_every_row_is_reported_or_the_catalog_refused_with_a_reason(rows, scorin
         assert ids.null_count() or ids.n_unique() < frame.height  # refused only for ids that cannot tell rows apart
         return
 
-    batch = audit.prepare_batch(frame, spec=spec, access=access_for(str(tmp_path)), pixels=scoring.pixels)
+    batch = embedding.prepare_batch(frame, spec=spec, access=access_for(str(tmp_path)), pixels=scoring.pixels)
     predictions = audit.score_batch(batch, scorer=scoring)
     findings = compare(frame, predictions, spec=spec, calibration=scoring.calibration)
 

@@ -6,10 +6,11 @@ import json
 
 import polars as pl
 
-from clipdq import audit, report, terminal
-from clipdq.compare import FINDINGS_SCHEMA, STATUSES, TEXTS_SCHEMA
-from clipdq.spec import parse_spec
-from clipdq.text import TextCalibration
+from clipdq.checks.schemas import FINDINGS_SCHEMA, STATUSES, TEXTS_SCHEMA
+from clipdq.core.spec import parse_spec
+from clipdq.core.text import TextCalibration
+from clipdq.pipeline import audit
+from clipdq.reporting import report, terminal
 
 
 def findings(rows: list[tuple]) -> pl.DataFrame:

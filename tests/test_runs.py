@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import polars as pl
 
-from clipdq import report, runs
-from clipdq.compare import FINDINGS_SCHEMA
+from clipdq.checks.schemas import FINDINGS_SCHEMA
+from clipdq.reporting import report, runs
 
 
 def findings(rows: list[tuple]) -> pl.DataFrame:

@@ -9,12 +9,14 @@ import sys
 
 import polars as pl
 import pytest
-
-from clipdq import report, shards, storage
-from flows.audit import audit_catalog
 from s3_faults import FaultyS3
 from test_cli import cli_env, reason_lines  # noqa: F401 - the CLI's environment fixture
 from test_flow import read_run
+
+from clipdq.io import storage
+from clipdq.pipeline import shards
+from clipdq.reporting import report
+from flows.audit import audit_catalog
 
 COLUMNS = ["product_id", "attribute", "existing_value", "predicted_value", "status", "detail"]
 

@@ -17,13 +17,14 @@ import polars as pl
 import pyarrow.parquet as pq
 import pytest
 from polars.testing import assert_frame_equal
-
-from clipdq import audit, catalog, shards
-from clipdq.images import SIGNATURE_BYTES
-from clipdq.options import AuditOptions
-from flows.audit import audit_catalog
 from test_cli import cli_env, last_line  # noqa: F401 - the CLI's environment fixture
 from test_flow import assert_findings_match_ground_truth, assert_planted_flags_found, read_run
+
+from clipdq.core.options import AuditOptions
+from clipdq.io import catalog
+from clipdq.io.images import SIGNATURE_BYTES
+from clipdq.pipeline import embedding, shards
+from flows.audit import audit_catalog
 
 COLUMNS = ["product_id", "attribute", "existing_value", "predicted_value", "status", "detail"]
 
@@ -58,7 +59,7 @@ def test_the_images_of_every_shard_are_read_back_with_their_signatures_mapped_fr
     for index, rows in enumerate((3, 0, 2)):  # a shard whose images all failed writes an empty part
         frame = pl.DataFrame({"product_id": [f"p{index}-{i}" for i in range(rows)], "sha256": ["d"] * rows,
                               "signature": [rng.integers(0, 256, SIGNATURE_BYTES, np.uint8).tobytes()
-                                            for _ in range(rows)]}, schema=audit.IMAGES_SCHEMA)
+                                            for _ in range(rows)]}, schema=embedding.IMAGES_SCHEMA)
         shards.write_parquet(str(tmp_path / f"images-{index}.parquet"), frame.to_arrow())
         parts.append(str(tmp_path / f"images-{index}.parquet"))
         written.append(frame)
@@ -68,7 +69,7 @@ def test_the_images_of_every_shard_are_read_back_with_their_signatures_mapped_fr
     everything = pl.concat(written)
     assert images.equals(everything.drop("signature"))
     assert isinstance(signatures, np.memmap) and signatures.shape == (5, SIGNATURE_BYTES)
-    assert np.array_equal(signatures, audit.signature_rows(everything))
+    assert np.array_equal(signatures, embedding.signature_rows(everything))
     assert shards.read_images(parts[1:2], str(tmp_path / "none"))[1].shape == (0, SIGNATURE_BYTES)
 
 
@@ -154,11 +155,11 @@ def test_a_killed_audit_resumes_from_its_finished_shards(cli_env, prefect_harnes
 
 def test_an_unchanged_rerun_never_loads_the_model(prefect_harness, sample_dir, flagging_model_dir, tmp_path,
                                                   monkeypatch):
-    from clipdq import model, scorer
+    from clipdq.model import scorer, towers
 
     loads = []
-    real = model.load_model
-    monkeypatch.setattr(model, "load_model", lambda *args, **kwargs: loads.append(args) or real(*args, **kwargs))
+    real = towers.load_model
+    monkeypatch.setattr(towers, "load_model", lambda *args, **kwargs: loads.append(args) or real(*args, **kwargs))
     args = (str(sample_dir / "catalog.parquet"), str(sample_dir / "spec.yaml"), str(flagging_model_dir),
             str(tmp_path / "out"))
     runs = []

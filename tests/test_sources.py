@@ -11,8 +11,8 @@ from pathlib import Path
 
 import pytest
 
-from clipdq import sources, storage
-from clipdq.sources import ImageAccess, access_for, fetch_one
+from clipdq.io import sources, storage
+from clipdq.io.sources import ImageAccess, access_for, fetch_one
 
 PNG = b"\x89PNG\r\n\x1a\n" + b"\x00" * 32  # the bytes' signature is all fetching looks at
 

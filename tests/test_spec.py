@@ -6,7 +6,7 @@ import textwrap
 
 import pytest
 
-from clipdq.spec import Attribute, SpecError, normalize_value, parse_spec
+from clipdq.core.spec import Attribute, SpecError, normalize_value, parse_spec
 
 GOOD_SPEC = """\
 id_column: sku

@@ -6,9 +6,10 @@ import hashlib
 import json
 import os
 import stat
+
 import pytest
 
-from clipdq import storage
+from clipdq.io import storage
 
 FILES = {"findings.parquet": b"PAR1 not really", "summary.json": b'{"rows": 3}', "report.html": b"<html></html>"}
 

@@ -6,9 +6,11 @@ import numpy as np
 import polars as pl
 import pytest
 
-from clipdq import audit, text
-from clipdq.compare import FINDINGS_SCHEMA, TEXTS_SCHEMA, text_findings
-from clipdq.spec import SpecError, parse_spec
+from clipdq.checks.compare import text_findings
+from clipdq.checks.schemas import FINDINGS_SCHEMA, TEXTS_SCHEMA
+from clipdq.core import text
+from clipdq.core.spec import SpecError, parse_spec
+from clipdq.pipeline import audit
 
 
 def _unit(x: np.ndarray) -> np.ndarray:

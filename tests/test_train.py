@@ -11,35 +11,18 @@ import polars as pl
 import pytest
 import torch
 
-from clipdq import evaluation, model, predict, prototypes, scorer, splits, train
-from clipdq.catalog import read_catalog
-from clipdq.spec import parse_spec
-from clipdq.sources import access_for
-from clipdq.steps import batch_loss
+from clipdq.core import evaluation, predict, splits
+from clipdq.core.spec import parse_spec
+from clipdq.io.catalog import read_catalog
+from clipdq.io.sources import access_for
+from clipdq.model import scorer, towers
+from clipdq.training import prototypes, train
+from clipdq.training.steps import batch_loss
 
 
 @pytest.fixture(scope="module")
 def trained_meta(trained_model_dir: Path) -> dict:
-    return json.loads((trained_model_dir / model.META_FILE).read_text())
-
-
-def test_encode_labels_maps_spellings_and_marks_unknowns():
-    spec = parse_spec("""\
-attributes:
-  color:
-    values: [red, blue]
-    synonyms: {red: [rood, Crimson]}
-  size:
-    values: [small, large]
-""")
-    frame = pl.DataFrame({"color": ["red", " ROOD ", "crimson", "Blue", None, "purple", "", "red\tblue"]})
-
-    labels = train.encode_labels(frame, spec)
-
-    red, blue = spec.attribute("color").values.index("red"), spec.attribute("color").values.index("blue")
-    assert labels["color"].tolist() == [red, red, red, blue, -1, -1, -1, -1]
-    assert labels["size"].tolist() == [-1] * frame.height  # no column: every label unknown
-    assert labels["color"].dtype == np.int64
+    return json.loads((trained_model_dir / towers.META_FILE).read_text())
 
 
 def _labels(n: int, seed: int = 0) -> dict[str, np.ndarray]:
@@ -143,11 +126,11 @@ def test_the_model_card_lists_every_attribute(trained_model_dir, spec):
     assert header in card
     rows = card.split(header)[1].strip().splitlines()[1 : 1 + len(color.values)]
     counts = [[int(c) for c in row.strip("| ").split(" | ")[1:]] for row in rows]
-    assert counts == json.loads((trained_model_dir / model.META_FILE).read_text())["metrics"]["color"]["confusion"]
+    assert counts == json.loads((trained_model_dir / towers.META_FILE).read_text())["metrics"]["color"]["confusion"]
 
 
 def test_the_audit_uses_a_models_calibration_only_for_its_own_spec(trained_model_dir, spec):
-    clip = model.load_model(str(trained_model_dir), device="cpu")
+    clip = towers.load_model(str(trained_model_dir), device="cpu")
     other_spec = parse_spec("attributes:\n  color:\n    values: [red, blue, green, yellow, black, white, grey]\n")
 
     own = scorer.calibration_for(clip, spec)
@@ -162,16 +145,16 @@ def test_the_audit_uses_a_models_calibration_only_for_its_own_spec(trained_model
 def noisy_fits(labeled, spec) -> list[dict]:
     """Short fits with a learning rate far too high, so validation loss jumps around between epochs.
 
-    Each result also holds the validation loss of the weights fit() left in the model.
+    Each result also holds the validation loss of the weights fit() left in the towers.
     """
     config = train.TrainConfig(epochs=5, lr=0.1, warmup_epochs=1, patience=2)
     results = []
     for seed in range(4):
-        clip = model.init_model(spec, seed=seed)
+        clip = towers.init_model(spec, seed=seed)
         seeded = dataclasses.replace(config, seed=seed)
         splits = train.default_splits(labeled, seeded)
         result = train.fit(clip, labeled, spec, seeded, splits)
-        result["restored_loss"], _ = train.evaluate(clip, labeled, splits[1], model.Captions(clip, spec))
+        result["restored_loss"], _ = train.evaluate(clip, labeled, splits[1], towers.Captions(clip, spec))
         result["config"] = dataclasses.replace(config, seed=seed)
         results.append(result)
     return results
@@ -200,9 +183,9 @@ def test_weight_averaging_is_what_validation_judges_and_fit_keeps_and_leaves_the
     parts = train.default_splits(labeled, config)
     fits = {}
     for decay in (0.0, 0.9, 1e-12):
-        clip = model.init_model(spec, seed=0)
+        clip = towers.init_model(spec, seed=0)
         result = train.fit(clip, labeled, spec, dataclasses.replace(config, weight_average_decay=decay), parts)
-        kept_loss, _ = train.evaluate(clip, labeled, parts[1], model.Captions(clip, spec))
+        kept_loss, _ = train.evaluate(clip, labeled, parts[1], towers.Captions(clip, spec))
         fits[decay] = (result["history"], kept_loss, clip.model.state_dict())
     (plain, plain_loss, plain_weights), (averaged, averaged_loss, _), (_, _, nearly_plain) = fits.values()
 
@@ -267,13 +250,13 @@ def test_prototypes_learn_value_embeddings_that_separate_clusters():
 
 
 def test_prototype_mode_trains_saves_and_is_used_by_the_audit(labeled, spec, tmp_path):
-    clip = model.init_model(spec, seed=0)
+    clip = towers.init_model(spec, seed=0)
     config = train.TrainConfig(mode="prototype")
     outcome = train.train_on(clip, labeled, spec, config=config, splits=train.default_splits(labeled, config))
     clip.meta["spec_fingerprint"] = spec.fingerprint()
-    model.save_model(clip, str(tmp_path / "m"))
+    towers.save_model(clip, str(tmp_path / "m"))
 
-    loaded = model.load_model(str(tmp_path / "m"), device="cpu")
+    loaded = towers.load_model(str(tmp_path / "m"), device="cpu")
 
     sizes = outcome["training"]
     assert sizes["train_rows"] + sizes["val_rows"] + sizes["test_rows"] == len(labeled.pixels)
@@ -295,9 +278,9 @@ def test_train_config_rejects_settings_that_cannot_work(options):
 
 
 def test_config_for_trains_new_models_fast_and_pretrained_ones_gently(spec, trained_model_dir):
-    new = train.config_for(model.init_model(spec), epochs=3)
-    pretrained = train.config_for(model.load_model(str(trained_model_dir), device="cpu"))
-    chosen = train.config_for(model.load_model(str(trained_model_dir), device="cpu"), lr=3e-4)
+    new = train.config_for(towers.init_model(spec), epochs=3)
+    pretrained = train.config_for(towers.load_model(str(trained_model_dir), device="cpu"))
+    chosen = train.config_for(towers.load_model(str(trained_model_dir), device="cpu"), lr=3e-4)
 
     assert (new.lr, new.spread_steps, new.epochs) == (1e-3, 100, 3)
     assert (pretrained.lr, pretrained.spread_steps) == (1e-5, 0)
@@ -305,9 +288,9 @@ def test_config_for_trains_new_models_fast_and_pretrained_ones_gently(spec, trai
 
 
 def test_a_pretrained_image_tower_trains_whole_on_crops_unless_told_to_stay_locked(spec):
-    tower = model.init_model(spec, "efficientnet-lite0")
+    tower = towers.init_model(spec, "efficientnet-lite0")
     whole, locked_tower = train.config_for(tower), train.config_for(tower, mode="locked")
-    new = train.config_for(model.init_model(spec))
+    new = train.config_for(towers.init_model(spec))
 
     assert (whole.mode, whole.epochs, whole.train_size, whole.image_tower_lr) == ("full", 17, 160, 3e-4)
     assert (whole.frozen_blocks, whole.val_fraction, whole.test_fraction) == (5, 0.1, 0.0)  # every photo counts
@@ -358,7 +341,7 @@ def test_train_only_rows_and_their_groups_only_train_and_the_shares_apply_to_the
 def test_finetune_keeps_train_only_rows_out_of_calibration_and_says_so(sample_dir, spec):
     frame = read_catalog(str(sample_dir / "labeled.parquet"))
     frame = frame.with_columns(studio=pl.int_range(pl.len()) % 3 == 0)
-    clip = model.init_model(spec)
+    clip = towers.init_model(spec)
     config = train.TrainConfig(epochs=1, mode="prototype", train_only_column="studio", group_column="product_id")
 
     trained = train.finetune(clip, frame, spec, access=access_for(str(sample_dir)), config=config)
@@ -366,7 +349,7 @@ def test_finetune_keeps_train_only_rows_out_of_calibration_and_says_so(sample_di
     training, studio = trained.meta["training"], int(frame["studio"].sum())
     assert training["train_only_rows"] == studio and training["train_rows"] >= studio
     assert training["val_rows"] + training["test_rows"] == pytest.approx(0.3 * (frame.height - studio), abs=2)
-    assert f"of which {studio} train-only" in model.model_card(trained.meta)
+    assert f"of which {studio} train-only" in towers.model_card(trained.meta)
     with pytest.raises(ValueError, match="train-only column 'product_id' must be a boolean"):
         train.load_labeled(frame, spec, access=access_for(str(sample_dir)), pixel_spec=clip.pixels,
                            train_only_column="product_id")
@@ -375,7 +358,7 @@ def test_finetune_keeps_train_only_rows_out_of_calibration_and_says_so(sample_di
 def test_finetune_splits_by_the_group_column(sample_dir, spec):
     frame = read_catalog(str(sample_dir / "labeled.parquet"))
     frame = frame.with_columns((pl.int_range(pl.len()) // 4).cast(pl.String).alias("family"))
-    clip = model.init_model(spec)
+    clip = towers.init_model(spec)
     config = train.TrainConfig(epochs=1, mode="prototype", group_column="family")
 
     data = train.load_labeled(frame, spec, access=access_for(str(sample_dir)), pixel_spec=clip.pixels, group_column="family")

@@ -6,11 +6,13 @@ import numpy as np
 import polars as pl
 import pytest
 
-from clipdq import evaluation, predict, report, tree
-from clipdq.compare import PREDICTIONS_SCHEMA, compare
-from clipdq.predict import Calibration
-from clipdq.spec import SpecError, parse_spec
-from clipdq.train import encode_labels
+from clipdq.checks.compare import compare
+from clipdq.checks.schemas import PREDICTIONS_SCHEMA
+from clipdq.core import evaluation, predict, tree
+from clipdq.core.predict import Calibration
+from clipdq.core.spec import SpecError, parse_spec
+from clipdq.core.values import labels as encode_labels
+from clipdq.reporting import report
 
 SPEC = parse_spec("""\
 attributes:

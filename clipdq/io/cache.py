@@ -30,8 +30,8 @@ import polars as pl
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from clipdq import storage
-from clipdq.images import PixelSpec
+from clipdq.io import storage
+from clipdq.io.images import PixelSpec
 
 log = logging.getLogger(__name__)
 

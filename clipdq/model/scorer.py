@@ -17,17 +17,18 @@ from typing import TYPE_CHECKING
 import numpy as np
 import safetensors.numpy
 
-from clipdq import predict, storage, tree
-from clipdq.images import PixelSpec
-from clipdq.model_files import ModelFiles, read_model_files
-from clipdq.predict import Calibration
-from clipdq.spec import Spec
-from clipdq.text import TextCalibration
+from clipdq.core import predict, tree
+from clipdq.core.predict import Calibration
+from clipdq.core.spec import Spec
+from clipdq.core.text import TextCalibration
+from clipdq.io import storage
+from clipdq.io.images import PixelSpec
+from clipdq.model.files import ModelFiles, read_model_files
 
 EMBED_CHUNK = 16  # images per image-tower call: 64 at once raised a first audit's peak RSS by 0.67 GB
 
 if TYPE_CHECKING:
-    from clipdq.model import Clip
+    from clipdq.model.towers import Clip
 
 log = logging.getLogger(__name__)
 
@@ -63,11 +64,11 @@ def text_calibration_for(model: Clip | ModelFiles, spec: Spec) -> TextCalibratio
 
 def value_embeddings_for(clip: Clip, spec: Spec) -> dict[str, np.ndarray]:
     """The model's learned value embeddings where it was trained on this spec, else its captions'."""
-    from clipdq import model
+    from clipdq.model import towers
 
     if clip.value_emb is not None and clip.meta.get("spec_fingerprint") == spec.fingerprint():
         return clip.value_emb
-    return model.embed_captions(clip, spec)
+    return towers.embed_captions(clip, spec)
 
 
 @dataclass
@@ -89,22 +90,22 @@ class Scorer:
         """(n, d) image embeddings, ``EMBED_CHUNK`` images per call to the image tower."""
         if not len(pixel_values):
             return np.zeros((0, next(iter(self.value_emb.values())).shape[1]), np.float32)
-        from clipdq import model
+        from clipdq.model import towers
 
-        return model.embed_images(self.clip, pixel_values, batch_size=EMBED_CHUNK)
+        return towers.embed_images(self.clip, pixel_values, batch_size=EMBED_CHUNK)
 
     def embed_texts(self, texts: list[str]) -> np.ndarray:
         """(n, d) text embeddings (titles, descriptions)."""
-        from clipdq import model
+        from clipdq.model import towers
 
-        return model.embed_texts(self.clip, texts)
+        return towers.embed_texts(self.clip, texts)
 
 
 def of_clip(clip: Clip, spec: Spec) -> Scorer:
     """A scorer of a model already loaded."""
-    from clipdq import model
+    from clipdq.model import towers
 
-    return Scorer(spec, clip.pixels, value_embeddings_for(clip, spec), model.logit_scale(clip),
+    return Scorer(spec, clip.pixels, value_embeddings_for(clip, spec), towers.logit_scale(clip),
                   calibration_for(clip, spec), load=lambda: clip, text_calibration=text_calibration_for(clip, spec),
                   trained=trained_on(clip, spec))
 
@@ -119,10 +120,10 @@ def of_files(uri: str, spec: Spec, *, backend: str = "fp32", text_folder: str | 
         text = safetensors.numpy.load(storage.read_bytes(kept))
         scale = float(text.pop(SCALE_KEY)[0])
     else:
-        from clipdq import model
+        from clipdq.model import towers
 
         clip = load()
-        text, scale = value_embeddings_for(clip, spec), model.logit_scale(clip)
+        text, scale = value_embeddings_for(clip, spec), towers.logit_scale(clip)
         if kept:
             storage.write_bytes(kept, safetensors.numpy.save(text | {SCALE_KEY: np.array([scale], np.float32)}))
     return Scorer(spec, files.pixels, text, scale, calibration_for(files, spec), load=load,
@@ -136,7 +137,7 @@ def load_model(uri: str, backend: str = "fp32") -> Clip:
 
 @functools.lru_cache(maxsize=2)
 def _load(uri: str, signature: str, backend: str) -> Clip:
-    from clipdq import model
+    from clipdq.model import towers
 
-    clip = _load(uri, signature, "fp32") if backend != "fp32" else model.load_model(uri)
-    return model.on_backend(clip, backend) if backend != "fp32" else clip
+    clip = _load(uri, signature, "fp32") if backend != "fp32" else towers.load_model(uri)
+    return towers.on_backend(clip, backend) if backend != "fp32" else clip

@@ -16,14 +16,17 @@ import polars as pl
 import torch
 import torch.nn.functional as F
 
-from clipdq import evaluation, images, locked, model, predict, prototypes, text
-from clipdq.compare import texts_of, with_levels
-from clipdq.model_files import VIEW_KEYS
-from clipdq.options import MODES, Mode
-from clipdq.sources import ImageAccess
-from clipdq.splits import NEAR_DUPLICATE_COSINE, Splits, near_duplicate_groups, split_indices
-from clipdq.steps import augment_views, balanced_batches, batch_loss, run_epochs, schedule, take_step
-from clipdq.spec import Spec, normalize_value
+from clipdq.core import evaluation, predict, text, values
+from clipdq.core.options import MODES, Mode
+from clipdq.core.spec import Spec
+from clipdq.core.splits import NEAR_DUPLICATE_COSINE, Splits, near_duplicate_groups, split_indices
+from clipdq.core.text import texts_of
+from clipdq.io import images
+from clipdq.io.sources import ImageAccess
+from clipdq.model import towers
+from clipdq.model.files import VIEW_KEYS
+from clipdq.training import locked, prototypes
+from clipdq.training.steps import augment_views, balanced_batches, batch_loss, run_epochs, schedule, take_step
 
 log = logging.getLogger(__name__)
 
@@ -105,20 +108,20 @@ MODE_PRESETS = {  # (starting point, mode) -> further defaults where that pair n
 }
 
 
-def starting_point(clip: model.Clip) -> str:
+def starting_point(clip: towers.Clip) -> str:
     """Which of PRESETS describes ``clip``: plain checkpoints (no metadata) count as pretrained."""
     if clip.meta.get("trained", True):
         return "pretrained"
     return "pretrained image tower" if clip.meta.get("pretrained_image_tower") else "new"
 
 
-def quick_mode(clip: model.Clip) -> Mode | None:
+def quick_mode(clip: towers.Clip) -> Mode | None:
     """The mode for a model trained many times over, as cross-fitting's fold models are: locked for a
     pretrained image tower (minutes instead of a quarter hour), else the default (None)."""
     return "locked" if starting_point(clip) == "pretrained image tower" else None
 
 
-def config_for(clip: model.Clip, **options) -> TrainConfig:
+def config_for(clip: towers.Clip, **options) -> TrainConfig:
     """Defaults that suit the model and its mode (PRESETS, MODE_PRESETS), overridden by the options
     that are not None."""
     given = {name: value for name, value in options.items() if value is not None}
@@ -138,28 +141,6 @@ class LabeledSet:
     train_only: np.ndarray | None = None  # (n,) bool: rows that only train (``TrainConfig.train_only_column``)
 
 
-def encode_labels(frame: pl.DataFrame, spec: Spec) -> dict[str, np.ndarray]:
-    """Value indices per attribute; missing, not applicable or unknown values become -1. A tree's
-    path column gives its levels, and a known value gives its missing parents (a child implies them)."""
-    frame = with_levels(frame, spec)
-    labels = {}
-    for attribute in spec.attributes:
-        index = {v: i for i, v in enumerate(attribute.values)}
-        lookup = attribute.lookup()
-        column = frame[attribute.name].to_list() if attribute.name in frame.columns else [None] * frame.height
-        labels[attribute.name] = np.array(
-            [index.get(lookup.get(normalize_value(str(v)), ""), -1) if v is not None else -1 for v in column],
-            dtype=np.int64,
-        )
-    for tree in spec.trees:
-        for depth in range(len(tree.levels) - 1, 0, -1):
-            child, parent = labels[tree.levels[depth]], labels[tree.levels[depth - 1]]
-            parent_of = np.array(tree.parent_indices(depth))
-            implied = (parent < 0) & (child >= 0)
-            parent[implied] = parent_of[child[implied]]
-    return labels
-
-
 def load_labeled(
     frame: pl.DataFrame, spec: Spec, *, access: ImageAccess, pixel_spec: images.PixelSpec,
     group_column: str | None = None, train_only_column: str | None = None
@@ -168,7 +149,7 @@ def load_labeled(
     loaded = images.load_images(frame[spec.image_column].to_list(), access, pixel_spec)
     if not loaded.ok.any():
         raise ValueError("no labeled image could be read")
-    labels = {k: torch.from_numpy(v[loaded.ok]) for k, v in encode_labels(frame, spec).items()}
+    labels = {k: torch.from_numpy(v[loaded.ok]) for k, v in values.labels(frame, spec).items()}
     texts, categories = (part[loaded.ok] for part in texts_of(frame, spec))
     has_texts = spec.text_column in frame.columns
     return LabeledSet(torch.from_numpy(loaded.pixels), labels, int((~loaded.ok).sum()),
@@ -217,17 +198,17 @@ def augmented(pixels: torch.Tensor, config: TrainConfig, generator: torch.Genera
     return augment(pixels, generator)
 
 
-def parameter_groups(clip: model.Clip, config: TrainConfig) -> list[dict]:
+def parameter_groups(clip: towers.Clip, config: TrainConfig) -> list[dict]:
     """The optimizer's parameter groups: the image tower at ``image_tower_lr``, the rest at ``lr``."""
     named = list(clip.model.named_parameters())
     return [{"params": [p for n, p in named if n.startswith("vision_model.")], "lr": config.image_tower_lr},
             {"params": [p for n, p in named if not n.startswith("vision_model.")], "lr": config.lr}]
 
 
-def _autocast(clip: model.Clip, *, inference: bool = False):
+def _autocast(clip: towers.Clip, *, inference: bool = False):
     """bf16 mixed precision on CUDA, and for inference on CPUs that compute bf16 natively (validation
     runs about 3x faster there; training steps stay fp32 on CPU: their backward pass gains nothing)."""
-    fast = clip.device.type == "cuda" or inference and model.native_bf16(clip.device)
+    fast = clip.device.type == "cuda" or inference and towers.native_bf16(clip.device)
     return torch.autocast(clip.device.type, dtype=torch.bfloat16, enabled=fast)
 
 
@@ -236,14 +217,14 @@ EVAL_BATCH = 32  # images per forward pass when validating: twice as fast on CPU
 
 @torch.inference_mode()
 def evaluate(
-    clip: model.Clip, data: LabeledSet, idx: np.ndarray, captions: model.Captions
+    clip: towers.Clip, data: LabeledSet, idx: np.ndarray, captions: towers.Captions
 ) -> tuple[float, dict[str, np.ndarray]]:
     """(validation loss, per-attribute logits) over the given rows."""
     clip.model.eval()
     pixels = data.pixels[idx].to(clip.device)
     with _autocast(clip, inference=True):
-        chunks = [model.image_embeddings(clip, pixels[i : i + EVAL_BATCH]) for i in range(0, len(pixels), EVAL_BATCH)]
-        logits = {k: v.float() for k, v in model.attribute_logits(clip, torch.cat(chunks), captions).items()}
+        chunks = [towers.image_embeddings(clip, pixels[i : i + EVAL_BATCH]) for i in range(0, len(pixels), EVAL_BATCH)]
+        logits = {k: v.float() for k, v in towers.attribute_logits(clip, torch.cat(chunks), captions).items()}
     labels = {k: v[idx].to(clip.device) for k, v in data.labels.items()}
     return float(batch_loss(logits, labels)), {k: v.cpu().numpy() for k, v in logits.items()}
 
@@ -262,8 +243,8 @@ def audit_views(tower: int) -> list[tuple[int, ...]]:
 
 
 @torch.inference_mode()
-def choose_audit_view(clip: model.Clip, data: LabeledSet, rows: np.ndarray,
-                      captions: model.Captions) -> tuple[dict, np.ndarray]:
+def choose_audit_view(clip: towers.Clip, data: LabeledSet, rows: np.ndarray,
+                      captions: towers.Captions) -> tuple[dict, np.ndarray]:
     """The image sizes the audit uses (``audit_views``: one, or several with their embeddings
     averaged): those with the lowest loss on ``rows`` (validation). A tower trained on small crops
     sees a product larger than it is in the whole photo, so a size between the two suits it best
@@ -271,34 +252,34 @@ def choose_audit_view(clip: model.Clip, data: LabeledSet, rows: np.ndarray,
     averaged with its mirror image's: training flips photos at random, and on grocery photos from
     other sessions the mirror average read fine classes 1 to 3 points better wherever it was
     measured, also in models whose validation loss had preferred the plain view. Sets
-    ``clip.meta``: from then on ``model.image_embeddings`` resizes the photos it is given as they
+    ``clip.meta``: from then on ``towers.image_embeddings`` resizes the photos it is given as they
     were resized here (decoded once, as training decoded them (``loading_spec``), then resized, as
     in training: decoding afresh at each size read grocery fine classes 4 points worse). Returns
     (what was chosen and why, the embeddings of ``rows`` in the chosen view: calibration's, without
     computing them again)."""
     clip.model.eval()
     labels = {k: v[rows].to(clip.device) for k, v in data.labels.items()}
-    views = audit_views(model.tower_size(clip))
+    views = audit_views(towers.tower_size(clip))
     features = {}  # size -> the sum of the plain and the mirrored photos' features
     for size in sorted({size for sizes in views for size in sizes}):
-        pixels = model.resized(data.pixels[rows], size).to(clip.device)
+        pixels = towers.resized(data.pixels[rows], size).to(clip.device)
         with _autocast(clip, inference=True):
-            features[size] = sum(torch.cat([model.image_features(clip.model, p[i : i + EVAL_BATCH]).float()
+            features[size] = sum(torch.cat([towers.image_features(clip.model, p[i : i + EVAL_BATCH]).float()
                                             for i in range(0, len(p), EVAL_BATCH)]) for p in (pixels, pixels.flip(-1)))
-    # averaged as ``model.image_embeddings`` averages them
+    # averaged as ``towers.image_embeddings`` averages them
     in_view = {sizes: F.normalize(sum(features[size] for size in sizes), dim=-1) for sizes in views}
-    losses = {sizes: float(batch_loss(model.attribute_logits(clip, emb, captions), labels))
+    losses = {sizes: float(batch_loss(towers.attribute_logits(clip, emb, captions), labels))
               for sizes, emb in in_view.items()}
     sizes = min(losses, key=losses.get)
     chosen = {"image_sizes": list(sizes), "mirror_average": True}
     clip.meta |= chosen
-    log.info("the audit sees photos at %s px, mirror averaged: validation loss %.3f (%s)", model.sizes_text(sizes),
-             losses[sizes], ", ".join(f"{model.sizes_text(s)} px {v:.3f}" for s, v in losses.items()))
+    log.info("the audit sees photos at %s px, mirror averaged: validation loss %.3f (%s)", towers.sizes_text(sizes),
+             losses[sizes], ", ".join(f"{towers.sizes_text(s)} px {v:.3f}" for s, v in losses.items()))
     return (chosen | {"val_losses": [{"sizes": list(s), "val_loss": v} for s, v in losses.items()]},
             in_view[sizes].cpu().numpy())
 
 
-def spread_captions(clip: model.Clip, captions: model.Captions, *, steps: int, lr: float) -> float:
+def spread_captions(clip: towers.Clip, captions: towers.Captions, *, steps: int, lr: float) -> float:
     """Push apart the caption embeddings of each attribute's values; returns the final max cosine.
 
     A text tower trained from scratch starts with near-identical embeddings for captions that
@@ -334,7 +315,7 @@ def default_splits(data: LabeledSet, config: TrainConfig) -> Splits:
                          seed=config.seed, groups=data.groups, train_only=data.train_only)
 
 
-def fit(clip: model.Clip, data: LabeledSet, spec: Spec, config: TrainConfig, splits: Splits) -> dict:
+def fit(clip: towers.Clip, data: LabeledSet, spec: Spec, config: TrainConfig, splits: Splits) -> dict:
     """Train in place; restores the lowest-validation-loss weights and returns training metrics."""
     torch.manual_seed(config.seed)
     generator = torch.Generator().manual_seed(config.seed)
@@ -342,8 +323,8 @@ def fit(clip: model.Clip, data: LabeledSet, spec: Spec, config: TrainConfig, spl
     if config.frozen_blocks:
         freeze_below(clip, config.frozen_blocks)
     if config.train_size:  # until the audit's view is chosen, validation sees photos at the tower's own size
-        clip.meta["image_sizes"] = [model.tower_size(clip)]
-    captions = model.Captions(clip, spec)
+        clip.meta["image_sizes"] = [towers.tower_size(clip)]
+    captions = towers.Captions(clip, spec)
     labels, (train_idx, val_idx, _) = label_arrays(data), splits
     rng = np.random.default_rng(config.seed)
     steps_per_epoch = max(1, len(train_idx) // config.batch_size)
@@ -362,8 +343,8 @@ def fit(clip: model.Clip, data: LabeledSet, spec: Spec, config: TrainConfig, spl
         for rows in _epoch_batches(labels, train_idx, config, steps_per_epoch, rng):
             pixels = augmented(data.pixels[rows], config, generator) if config.augment else data.pixels[rows]
             with _autocast(clip):
-                image_emb = model.image_features(clip.model, pixels.to(clip.device))
-                logits = model.attribute_logits(clip, image_emb, captions)
+                image_emb = towers.image_features(clip.model, pixels.to(clip.device))
+                logits = towers.attribute_logits(clip, image_emb, captions)
             loss = batch_loss({k: v.float() for k, v in logits.items()},
                               {k: v[rows].to(clip.device) for k, v in data.labels.items()},
                               smoothing=config.label_smoothing)
@@ -413,23 +394,23 @@ class MovingAverage:
                 average.copy_(current)
 
 
-def freeze_below(clip: model.Clip, blocks: int) -> None:
+def freeze_below(clip: towers.Clip, blocks: int) -> None:
     """Keep the stem and the lowest ``blocks`` blocks of an EfficientNet image tower as they are, and
     compute them in bf16 while training where the device does so natively."""
     vision = clip.model.vision_model
     if not 0 < blocks <= len(getattr(vision, "blocks", ())):
         raise ValueError(f"frozen_blocks={blocks} needs an EfficientNet image tower with that many blocks")
-    vision.freeze_below(blocks, dtype=torch.bfloat16 if model.native_bf16(clip.device) else None)
+    vision.freeze_below(blocks, dtype=torch.bfloat16 if towers.native_bf16(clip.device) else None)
 
 
-def fit_prototypes(clip: model.Clip, data: LabeledSet, spec: Spec, config: TrainConfig, splits: Splits) -> dict:
+def fit_prototypes(clip: towers.Clip, data: LabeledSet, spec: Spec, config: TrainConfig, splits: Splits) -> dict:
     """Fast mode: learn value embeddings on frozen image embeddings; sets ``clip.value_emb``."""
     started = time.monotonic()
     train_idx, val_idx, _ = splits
     torch.manual_seed(config.seed)
     clip.value_emb, result = prototypes.fit(
-        model.embed_images(clip, data.pixels.numpy()), label_arrays(data), model.embed_captions(clip, spec),
-        train_idx=train_idx, val_idx=val_idx, scale=model.logit_scale(clip))
+        towers.embed_images(clip, data.pixels.numpy()), label_arrays(data), towers.embed_captions(clip, spec),
+        train_idx=train_idx, val_idx=val_idx, scale=towers.logit_scale(clip))
     log.info("prototypes: best validation loss %.3f at step %d", result["best_val_loss"], result["best_step"])
     return result | {"minutes": round((time.monotonic() - started) / 60, 2), "device": clip.device.type}
 
@@ -439,7 +420,7 @@ def labels_of(data: LabeledSet, idx: np.ndarray) -> dict[str, np.ndarray]:
     return {name: values[idx] for name, values in label_arrays(data).items()}
 
 
-def train_on(clip: model.Clip, data: LabeledSet, spec: Spec, *, config: TrainConfig, splits: Splits,
+def train_on(clip: towers.Clip, data: LabeledSet, spec: Spec, *, config: TrainConfig, splits: Splits,
              plain: torch.Tensor | None = None) -> dict:
     """Train (``config.mode``) on the train rows, calibrate on the validation rows, measure on the
     test rows; returns the metadata that describes the result (see ``finetune``). ``plain``: the
@@ -453,8 +434,8 @@ def train_on(clip: model.Clip, data: LabeledSet, spec: Spec, *, config: TrainCon
         result, embed = locked.fit(clip, data, spec, config, splits, plain=plain)
     else:
         result = (fit_prototypes if config.mode == "prototype" else fit)(clip, data, spec, config, splits)
-        embed = lambda rows: model.embed_images(clip, data.pixels[rows].numpy())  # noqa: E731
-    value_emb = clip.value_emb if clip.value_emb is not None else model.embed_captions(clip, spec)
+        embed = lambda rows: towers.embed_images(clip, data.pixels[rows].numpy())  # noqa: E731
+    value_emb = clip.value_emb if clip.value_emb is not None else towers.embed_captions(clip, spec)
     if data.texts is not None and config.text_epochs:
         clip.value_emb = value_emb  # fixed: teaching the text tower the texts leaves the attributes' predictions as they are
         result["texts"] = fit_texts(clip, data, embed, config, splits)
@@ -479,11 +460,11 @@ def train_on(clip: model.Clip, data: LabeledSet, spec: Spec, *, config: TrainCon
     return outcome
 
 
-def fit_texts(clip: model.Clip, data: LabeledSet, embed, config: TrainConfig, splits: Splits) -> dict:
-    """Teach the text tower the labeled rows' texts (``model.Titles``) against their image
+def fit_texts(clip: towers.Clip, data: LabeledSet, embed, config: TrainConfig, splits: Splits) -> dict:
+    """Teach the text tower the labeled rows' texts (``towers.Titles``) against their image
     embeddings (``embed(rows)``, fixed), keeping the epoch of lowest validation loss."""
     started = time.monotonic()
-    titles = model.Titles(clip, data.texts)
+    titles = towers.Titles(clip, data.texts)
     train_rows, val_rows = (rows[titles.known[rows]] for rows in splits[:2])
     if not len(train_rows) or not len(val_rows):
         return {"epochs_run": 0, "why": "no texts in the train or validation split"}
@@ -517,12 +498,12 @@ def fit_texts(clip: model.Clip, data: LabeledSet, embed, config: TrainConfig, sp
             "epochs_run": config.text_epochs, "minutes": round((time.monotonic() - started) / 60, 2)}
 
 
-def calibrate_texts(clip: model.Clip, data: LabeledSet, spec: Spec, rows: np.ndarray, image_emb: np.ndarray, *,
+def calibrate_texts(clip: towers.Clip, data: LabeledSet, spec: Spec, rows: np.ndarray, image_emb: np.ndarray, *,
                     seed: int) -> text.TextCalibration:
     """Image and text agreement calibrated on the given (validation) rows that have a text."""
     known = data.texts[rows] != ""
     texts = data.texts[rows][known]
-    calibration = text.calibrate(image_emb[known], model.embed_texts(clip, texts.tolist()), texts,
+    calibration = text.calibrate(image_emb[known], towers.embed_texts(clip, texts.tolist()), texts,
                                  data.text_categories[rows][known], column=spec.text_column,
                                  target_precision=spec.target_precision, error_rate=spec.expected_error_rate,
                                  seed=seed)
@@ -531,23 +512,23 @@ def calibrate_texts(clip: model.Clip, data: LabeledSet, spec: Spec, rows: np.nda
     return calibration
 
 
-def logits_from(image_emb: np.ndarray, value_emb: dict[str, np.ndarray], clip: model.Clip) -> dict[str, np.ndarray]:
+def logits_from(image_emb: np.ndarray, value_emb: dict[str, np.ndarray], clip: towers.Clip) -> dict[str, np.ndarray]:
     """Per attribute, (n, k) scaled similarities of image embeddings to the value embeddings."""
-    scale = model.logit_scale(clip)
+    scale = towers.logit_scale(clip)
     return {name: predict.logits_for(image_emb, emb, scale=scale) for name, emb in value_emb.items()}
 
 
-def loading_spec(clip: model.Clip, config: TrainConfig) -> images.PixelSpec:
+def loading_spec(clip: towers.Clip, config: TrainConfig) -> images.PixelSpec:
     """How labeled photos are decoded for training: as the model's processor says, or, where full
     mode trains on random crops, at the largest size an audit view may show them (``audit_views``),
     so that crops and views are resized down from the photo, not up from a smaller copy."""
     if not config.train_size:
         return clip.pixels
-    side = max(max(view) for view in audit_views(model.tower_size(clip)))
+    side = max(max(view) for view in audit_views(towers.tower_size(clip)))
     return replace(clip.pixels, resize=side, crop=side)
 
 
-def group_near_duplicates(clip: model.Clip, data: LabeledSet, config: TrainConfig, plain: torch.Tensor | None) -> str:
+def group_near_duplicates(clip: towers.Clip, data: LabeledSet, config: TrainConfig, plain: torch.Tensor | None) -> str:
     """Sets ``data.groups`` to near-duplicate groups of images, unless a group column gave them or
     the image tower is untrained (its features cannot tell); returns how rows were grouped."""
     if data.groups is not None:
@@ -557,17 +538,17 @@ def group_near_duplicates(clip: model.Clip, data: LabeledSet, config: TrainConfi
     if plain is not None:
         features = locked.pooled_features(clip, plain, config.unlock_blocks)
     else:
-        tower = model.tower_size(clip)
+        tower = towers.tower_size(clip)
         with _autocast(clip, inference=True):  # bf16 where native: 3x faster, alike groups; resized chunk by chunk
-            features = np.concatenate([model.embed_images(clip, model.resized(chunk, tower).numpy())
+            features = np.concatenate([towers.embed_images(clip, towers.resized(chunk, tower).numpy())
                                        for chunk in data.pixels.split(256)])
     data.groups = near_duplicate_groups(features, threshold=config.near_duplicate_cosine)
     log.info("%d labeled images form %d near-duplicate groups", len(features), data.groups.max() + 1)
     return f"near-duplicate images (cosine >= {config.near_duplicate_cosine} between image-tower features)"
 
 
-def finetune(clip: model.Clip, frame: pl.DataFrame, spec: Spec, *, access: ImageAccess, config: TrainConfig
-             ) -> model.Clip:
+def finetune(clip: towers.Clip, frame: pl.DataFrame, spec: Spec, *, access: ImageAccess, config: TrainConfig
+             ) -> towers.Clip:
     """Train on labeled rows (``config.mode``) and record metrics and calibration in the model's metadata."""
     started = time.monotonic()
     decoding = loading_spec(clip, config)

@@ -29,8 +29,8 @@ from pathlib import Path
 
 from botocore.exceptions import BotoCoreError, ClientError
 
-from clipdq import storage
-from clipdq.spec import Spec
+from clipdq.core.spec import Spec
+from clipdq.io import storage
 
 MAX_IMAGE_BYTES = 50 * 2**20
 READ_DEADLINE_S = 30.0  # for the whole read of one image, not per socket operation

@@ -14,14 +14,15 @@ import jinja2
 import polars as pl
 from markupsafe import Markup
 
-from clipdq import charts as charts_svg
-from clipdq import runs, storage
-from clipdq.compare import NOT_APPLICABLE, STATUSES
-from clipdq.spec import Spec
-from clipdq.text import TextCalibration
+from clipdq.checks.schemas import NOT_APPLICABLE, STATUSES
+from clipdq.core.spec import Spec
+from clipdq.core.text import TextCalibration
+from clipdq.io import storage
+from clipdq.reporting import charts as charts_svg
+from clipdq.reporting import runs
 
 TOP_N = 12  # findings shown with thumbnails, per section
-_TEMPLATES = jinja2.Environment(loader=jinja2.PackageLoader("clipdq", "templates"), autoescape=True)
+_TEMPLATES = jinja2.Environment(loader=jinja2.PackageLoader("clipdq.reporting", "templates"), autoescape=True)
 
 
 def new_run(output: str, *, now: datetime | None = None) -> tuple[str, str]:

@@ -8,8 +8,8 @@ from __future__ import annotations
 
 import numpy as np
 
-from clipdq import predict, tree
-from clipdq.spec import Spec
+from clipdq.core import predict, tree
+from clipdq.core.spec import Spec
 
 
 def macro_f1(labels: np.ndarray, predicted: np.ndarray, k: int) -> float:

@@ -1,4 +1,4 @@
-"""Image and text agreement: does a product's image show what its title says? (numpy only)
+"""Image and text agreement: does a product's image show what its title says? (numpy; polars reads the texts)
 
 Vocabulary: ``agreement`` (n,) is the cosine of each image's embedding with its own text's
 embedding; ``categories`` (n,) the group each row belongs to (a catalog column's value, "" where
@@ -23,8 +23,10 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, field
 
 import numpy as np
+import polars as pl
 
-from clipdq.predict import BOUND_Z, MIN_SUPPORT, accuracy_lower_bound
+from clipdq.core.predict import BOUND_Z, MIN_SUPPORT, accuracy_lower_bound
+from clipdq.core.spec import Spec
 
 SHRINK_ROWS = 50  # a category's own median weighs as much as this many rows of the overall one
 PLANTED_PER_ROW = 3  # mismatched texts paired with each validation image
@@ -139,3 +141,14 @@ def calibrate(image_emb: np.ndarray, text_emb: np.ndarray, texts: np.ndarray, ca
     threshold = flag_threshold(own_scores, planted, target_precision=target_precision, error_rate=error_rate)
     return TextCalibration(column, centre, spread, fitted, threshold, len(own), len(planted),
                            (float(planted.mean()), max(float(planted.std()), 1e-3)), error_rate)
+
+
+def texts_of(frame: pl.DataFrame, spec: Spec) -> tuple[np.ndarray, np.ndarray]:
+    """(texts, categories) per row of ``frame`` as (n,) string arrays, "" where missing: the spec's
+    text column (whitespace collapsed) and its text category column."""
+    def column(name: str | None) -> np.ndarray:
+        if name is None or name not in frame.columns:
+            return np.full(frame.height, "", dtype=object)
+        values = pl.col(name).cast(pl.String).str.replace_all(r"\s+", " ").str.strip_chars().fill_null("")
+        return frame.select(values)[name].to_numpy().astype(object)
+    return column(spec.text_column), column(spec.text_category)

@@ -37,14 +37,14 @@ from transformers import (  # noqa: E402
     VisionTextDualEncoderConfig,
     VisionTextDualEncoderModel,
 )
-
 from transformers.image_utils import OPENAI_CLIP_MEAN, OPENAI_CLIP_STD  # noqa: E402
 
-from clipdq import efficientnet, storage  # noqa: E402
-from clipdq.images import PixelSpec  # noqa: E402
-from clipdq.model_files import META_FILE, VALUE_EMB_FILE, ModelFiles, read_model_files  # noqa: E402
-from clipdq.options import ARCHS, BACKENDS, Arch, Backend, check_backend  # noqa: E402, F401 - BACKENDS re-exported
-from clipdq.spec import Spec  # noqa: E402
+from clipdq.core.options import ARCHS, BACKENDS, Arch, Backend, check_backend  # noqa: E402, F401 - BACKENDS re-exported
+from clipdq.core.spec import Spec  # noqa: E402
+from clipdq.io import storage
+from clipdq.io.images import PixelSpec  # noqa: E402
+from clipdq.model import efficientnet  # noqa: E402
+from clipdq.model.files import META_FILE, VALUE_EMB_FILE, ModelFiles, read_model_files  # noqa: E402
 
 log = logging.getLogger(__name__)
 

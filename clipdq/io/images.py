@@ -9,7 +9,7 @@ from dataclasses import dataclass, field
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
-from clipdq.sources import Fetched, ImageAccess, fetch, fetch_all
+from clipdq.io.sources import Fetched, ImageAccess, fetch, fetch_all
 
 DECODE_ERRORS = (OSError, ValueError, SyntaxError, Image.DecompressionBombError, EOFError)
 MAX_PIXELS = 40_000_000  # below Pillow's MAX_IMAGE_PIXELS: what Pillow only warns about is refused here

@@ -12,7 +12,7 @@ Bounded in memory and never all pairs: the signatures may be a memory map (an au
 its shards' signatures to a file and maps it: ``shards.read_images``), read in blocks; each
 image's ``CANDIDATES`` nearest images by its signature at 8 x 8 pixels, and as many by its colour
 histogram (which a crop keeps where its whole-image signature does not), are found blockwise
-(``match.top_k``; past APPROXIMATE_ABOVE images, faiss's inverted lists), and only those pairs
+(``neighbours.top_k``; past APPROXIMATE_CANDIDATES_ABOVE images, faiss's inverted lists), and only those pairs
 are compared: windows of one image on a grid of sides and positions, ``BLOCK`` images at a time,
 then the best window of each close pair moved and resized in small steps until no step improves
 it (a crop is seldom exactly on the grid). Pairs join into groups (connected components), so
@@ -27,13 +27,14 @@ import polars as pl
 import torch
 import torch.nn.functional as F
 
-from clipdq import match
-from clipdq.audit import DUPLICATES_SCHEMA
-from clipdq.images import SIGNATURE_SIZE
-from clipdq.splits import connected_components
+from clipdq.checks import neighbours
+from clipdq.checks.match import Embedded
+from clipdq.checks.schemas import DUPLICATES_SCHEMA
+from clipdq.core.splits import connected_components
+from clipdq.io.images import SIGNATURE_SIZE
 
 CANDIDATES = 5  # nearest images by each descriptor compared per image
-APPROXIMATE_ABOVE = 100_000  # images past which candidates come from an approximate index (clipdq.index)
+APPROXIMATE_CANDIDATES_ABOVE = 100_000  # images past which candidates come from an approximate index (clipdq.checks.index)
 MAX_PAIRS_PER_IMAGE = 32  # an image that is many images' candidate keeps its most similar ones
 BLOCK = 256  # images whose windows exist at a time
 ALIGN_BLOCK = 4096  # pairs aligned at a time
@@ -146,13 +147,13 @@ def _area(boxes: torch.Tensor) -> torch.Tensor:
 def _nearest(descriptors: np.ndarray, sha256: list[str]) -> np.ndarray:
     """(p, 2) row pairs, both ways round, whose ``descriptors`` are among each other's nearest
     (same bytes excluded); an image that is many images' candidate keeps its MAX_PAIRS_PER_IMAGE
-    most similar; searched exactly up to APPROXIMATE_ABOVE images, approximately past them."""
-    if len(descriptors) > APPROXIMATE_ABOVE:
-        from clipdq import index  # faiss: only for catalogs that large
+    most similar; searched exactly up to APPROXIMATE_CANDIDATES_ABOVE images, approximately past them."""
+    if len(descriptors) > APPROXIMATE_CANDIDATES_ABOVE:
+        from clipdq.checks import index  # faiss: only for catalogs that large
 
         search = index.top_k
     else:
-        search = match.top_k
+        search = neighbours.top_k
     found = search(descriptors, descriptors, k=CANDIDATES, query_keys=sha256, reference_keys=sha256)
     keep = found.indices.ravel() >= 0
     pairs = np.stack([np.repeat(np.arange(len(descriptors)), CANDIDATES)[keep], found.indices.ravel()[keep]], axis=1)
@@ -279,7 +280,7 @@ def _best_link(n: int, pairs: np.ndarray, scores: np.ndarray) -> np.ndarray:
     return best
 
 
-def flag_near_identical(matches: pl.DataFrame, references: match.Embedded, queries: match.Embedded, *,
+def flag_near_identical(matches: pl.DataFrame, references: Embedded, queries: Embedded, *,
                         threshold: float) -> tuple[pl.DataFrame, dict]:
     """(``matches`` with each ranked pair whose query and reference images are near-identical
     pixels, at ``threshold`` as for duplicate listings, marked in its detail; what the summary

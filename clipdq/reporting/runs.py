@@ -12,7 +12,7 @@ from pathlib import Path
 
 import polars as pl
 
-from clipdq import storage
+from clipdq.io import storage
 
 PROBLEMS = ("conflict", "gap", "invalid_value", "image_error")  # what a data steward acts on
 CHANGES = ("new", "resolved", "persisting")

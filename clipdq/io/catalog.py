@@ -15,8 +15,8 @@ import polars as pl
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from clipdq import storage
-from clipdq.spec import Spec
+from clipdq.core.spec import Spec
+from clipdq.io import storage
 
 log = logging.getLogger(__name__)
 

@@ -20,8 +20,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from clipdq import model
-from clipdq.steps import augment_views, balanced_batches, batch_loss, run_epochs, schedule, take_step
+from clipdq.model import towers
+from clipdq.training.steps import augment_views, balanced_batches, batch_loss, run_epochs, schedule, take_step
 
 log = logging.getLogger(__name__)
 
@@ -35,7 +35,7 @@ class Tower:
     unlocked: list[torch.nn.Parameter]  # image-tower parameters that train (none when locked)
 
 
-def split_tower(clip: model.Clip, unlock_blocks: int) -> Tower:
+def split_tower(clip: towers.Clip, unlock_blocks: int) -> Tower:
     """The tower of ``clip`` frozen below its top ``unlock_blocks`` blocks (EfficientNet towers only
     unlock blocks; any tower can be locked whole, below its projection)."""
     vision, projection = clip.model.vision_model, clip.model.visual_projection
@@ -62,7 +62,7 @@ def keep_activations(tower: Tower, pixels: torch.Tensor, device: torch.device, *
 
 
 @torch.inference_mode()
-def pooled_features(clip: model.Clip, activations: torch.Tensor, unlock_blocks: int) -> np.ndarray:
+def pooled_features(clip: towers.Clip, activations: torch.Tensor, unlock_blocks: int) -> np.ndarray:
     """(n, d) image-tower features (before the projection) from kept activations: what
     near-duplicate grouping compares."""
     if unlock_blocks == 0:
@@ -72,13 +72,13 @@ def pooled_features(clip: model.Clip, activations: torch.Tensor, unlock_blocks: 
                       for i in range(0, len(activations), 64)]).cpu().numpy()
 
 
-def plain_activations(clip: model.Clip, data, unlock_blocks: int) -> torch.Tensor:
+def plain_activations(clip: towers.Clip, data, unlock_blocks: int) -> torch.Tensor:
     """Kept activations of every labeled row's image as it is (no augmentation)."""
     clip.model.eval()
     return keep_activations(split_tower(clip, unlock_blocks), data.pixels, clip.device)
 
 
-def fit(clip: model.Clip, data, spec, config, splits, *, plain: torch.Tensor | None = None) -> tuple[dict, Callable]:
+def fit(clip: towers.Clip, data, spec, config, splits, *, plain: torch.Tensor | None = None) -> tuple[dict, Callable]:
     """Train in place; returns (training summary, ``embed(rows)``: the image embeddings of any
     labeled rows, as the audit computes them, from the kept activations).
 
@@ -94,7 +94,7 @@ def fit(clip: model.Clip, data, spec, config, splits, *, plain: torch.Tensor | N
     kept_plain = plain_activations(clip, data, config.unlock_blocks) if plain is None else plain
     # Augmented views only train, so they may take the faster arithmetic; the plain activations,
     # which validation and calibration see, are computed as the audit computes them.
-    fast = model.native_bf16(clip.device)
+    fast = towers.native_bf16(clip.device)
     augmented = [keep_activations(tower, augment_views(data.pixels[train_idx], generator), clip.device, bf16=fast)
                  for _ in range(config.views - 1)]
     kept_train = torch.cat([kept_plain[train_idx], *augmented])
@@ -102,7 +102,7 @@ def fit(clip: model.Clip, data, spec, config, splits, *, plain: torch.Tensor | N
     log.info("kept image-tower activations of %d images and %d augmented views in %.1f min", len(kept_plain),
              len(kept_train) - len(train_idx), (time.monotonic() - started) / 60)
 
-    captions = model.Captions(clip, spec)
+    captions = towers.Captions(clip, spec)
     head = [p for n, p in clip.model.named_parameters()
             if n.startswith(("text_model.", "text_projection.", "visual_projection.", "logit_scale"))]
     groups = [{"params": head, "lr": config.lr}]
@@ -125,14 +125,14 @@ def fit(clip: model.Clip, data, spec, config, splits, *, plain: torch.Tensor | N
         with torch.no_grad():
             x = kept_plain[rows]
             truth = {k: v[rows].to(clip.device) for k, v in data.labels.items()}
-            return float(batch_loss(model.attribute_logits(clip, tower.above(x.float()), captions), truth))
+            return float(batch_loss(towers.attribute_logits(clip, tower.above(x.float()), captions), truth))
 
     labels_on_device = {k: torch.from_numpy(v).to(clip.device) for k, v in view_labels.items()}
 
     def train_epoch() -> float:
         for picks in balanced_batches(view_labels, np.arange(len(view_rows)), batch_size=config.batch_size,
                                       steps=steps_per_epoch, rng=rng):
-            loss = batch_loss(model.attribute_logits(clip, tower.above(kept_train[picks].float()), captions),
+            loss = batch_loss(towers.attribute_logits(clip, tower.above(kept_train[picks].float()), captions),
                               {k: v[picks] for k, v in labels_on_device.items()})
             take_step(loss, optimizer, scheduler)
         return loss.item()

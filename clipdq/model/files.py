@@ -17,8 +17,8 @@ from pathlib import Path
 import numpy as np
 import safetensors.numpy
 
-from clipdq import storage
-from clipdq.images import PixelSpec
+from clipdq.io import storage
+from clipdq.io.images import PixelSpec
 
 log = logging.getLogger(__name__)
 

@@ -10,7 +10,7 @@ from collections import Counter
 
 import numpy as np
 
-from clipdq.spec import Spec, Tree
+from clipdq.core.spec import Spec, Tree
 
 TINY = 1e-12  # keeps log(0) finite
 

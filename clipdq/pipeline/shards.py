@@ -25,11 +25,14 @@ import polars as pl
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from clipdq import audit, catalog, progress_log, scorer, sources, storage
-from clipdq.cache import EmbeddingCache
-from clipdq.compare import FINDINGS_SCHEMA
-from clipdq.images import SIGNATURE_BYTES
-from clipdq.spec import parse_spec
+from clipdq.checks.schemas import FINDINGS_SCHEMA
+from clipdq.core.spec import parse_spec
+from clipdq.io import catalog, sources, storage
+from clipdq.io.cache import EmbeddingCache
+from clipdq.io.images import SIGNATURE_BYTES
+from clipdq.model import scorer
+from clipdq.pipeline import audit, embedding
+from clipdq.pipeline.embedding import Tally
 
 log = logging.getLogger(__name__)
 
@@ -94,7 +97,7 @@ def new_job(output_uri: str, *, model_fingerprint: str, rows_per_shard: int, **f
 class ShardResult:
     index: int
     part: str  # URI of the findings part
-    images: str  # URI of its images' ids, digests and signatures (audit.IMAGES_SCHEMA)
+    images: str  # URI of its images' ids, digests and signatures (embedding.IMAGES_SCHEMA)
     texts: str  # URI of its rows' texts and their scores (compare.TEXTS_SCHEMA)
     counts: dict[str, int]  # scored, from_cache, unread, embedded, lost_to_outages
     reused: bool  # written by an earlier, interrupted run
@@ -128,24 +131,17 @@ def run_shard(job: Job, shard: Shard) -> ShardResult:
     use = scorer_for(job)
     source = catalog.CatalogFile(job.catalog_uri, version=job.catalog_version)
     cache = EmbeddingCache(job.cache) if job.cache else None
-    counts, seen = Counter(), [pl.DataFrame(schema=audit.IMAGES_SCHEMA)]
-
-    def on_batch(batch: audit.Batch) -> None:
-        counts.update(audit.counts(batch))
-        seen.append(audit.usable_images(batch, use.spec))
-        audit.check_outage(counts["lost_to_outages"], shard.rows, use.spec.max_transient_image_errors)
-        progress_log.info("shard %d: scored %d/%d products", shard.index, counts["scored"], shard.rows,
-                          extra={"progress": (counts["scored"], shard.rows)})
-
+    tally = Tally(shard.rows, max_transient=use.spec.max_transient_image_errors, what=f"shard {shard.index}")
     findings, texts = audit.findings_of(
         source.batches_between(shard.start, shard.stop, job.batch_size), scorer=use,
-        access=sources.catalog_access(job.catalog_uri, use.spec, job.image_roots), cache=cache, on_batch=on_batch)
+        access=sources.catalog_access(job.catalog_uri, use.spec, job.image_roots), cache=cache, tally=tally)
     if cache is not None:
         cache.flush()  # before the part: a finished part's embeddings are kept
-    write_parquet(images_uri(job, shard), pl.concat(seen).to_arrow())
+    counts = dict(tally.counts)
+    write_parquet(images_uri(job, shard), tally.usable().to_arrow())
     write_parquet(texts_uri(job, shard), texts.to_arrow())
-    write_part(part, findings, dict(counts))
-    return ShardResult(shard.index, part, images_uri(job, shard), texts_uri(job, shard), dict(counts), reused=False)
+    write_part(part, findings, counts)
+    return ShardResult(shard.index, part, images_uri(job, shard), texts_uri(job, shard), counts, reused=False)
 
 
 def write_part(uri: str, findings: pl.DataFrame, counts: dict[str, int]) -> None:
@@ -195,7 +191,7 @@ def totals(results: list[ShardResult]) -> dict[str, int]:
     summed = Counter()
     for result in results:
         summed.update(result.counts)
-    return {key: summed[key] for key in audit.COUNT_KEYS}
+    return {key: summed[key] for key in embedding.COUNT_KEYS}
 
 
 def read_images(parts: list[str], dest: str) -> tuple[pl.DataFrame, np.ndarray]:
@@ -204,8 +200,8 @@ def read_images(parts: list[str], dest: str) -> tuple[pl.DataFrame, np.ndarray]:
     signatures of a million images (3 GB) are never in memory at once."""
     frames = [pl.DataFrame(schema={"product_id": pl.String, "sha256": pl.String})]
     with open(dest, "wb") as out:
-        for part in read_parts(parts, audit.IMAGES_SCHEMA):
-            out.write(audit.signature_rows(part))  # (its buffer: no copy)
+        for part in read_parts(parts, embedding.IMAGES_SCHEMA):
+            out.write(embedding.signature_rows(part))  # (its buffer: no copy)
             frames.append(part.drop("signature"))
     found = pl.concat(frames)
     if not found.height:  # (a memory map cannot be empty)

@@ -15,8 +15,9 @@ import numpy as np
 import polars as pl
 import torch
 
-from clipdq import model, train
-from clipdq.spec import Spec
+from clipdq.core.spec import Spec
+from clipdq.model import towers
+from clipdq.training import train
 
 log = logging.getLogger(__name__)
 
@@ -41,7 +42,7 @@ def keep_per_value(labels: dict[str, np.ndarray], rows: np.ndarray, *, n: int, s
 
 
 def learning_curve(
-    make_model: Callable[[], model.Clip],
+    make_model: Callable[[], towers.Clip],
     data: train.LabeledSet,
     spec: Spec,
     *,

@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import polars as pl
 
-from clipdq import runs, storage
-from clipdq.compare import STATUSES
+from clipdq.checks.schemas import STATUSES
+from clipdq.io import storage
+from clipdq.reporting import runs
 
 
 def text(summary: dict, folder: str) -> str:

@@ -4,7 +4,7 @@ inverted lists.
 The references are clustered into ``lists`` cells (k-means on a sample of them) and kept at 8
 bits per dimension (a quarter of their float32 size); each query compares itself with the
 references of its ``probes`` nearest cells only. Scores are cosine similarities as in
-``match.top_k``, up to the 8-bit rounding; a reference holding the query's own bytes is left out
+``neighbours.top_k``, up to the 8-bit rounding; a reference holding the query's own bytes is left out
 among the candidates searched (``k`` plus ``EXTRA_CANDIDATES``).
 
 Building is most of the work for a large catalog searched by few queries, so ``kept`` stores the
@@ -20,8 +20,8 @@ import logging
 import faiss
 import numpy as np
 
-from clipdq import storage
-from clipdq.match import Neighbours, normalised, shared_codes
+from clipdq.checks.neighbours import Neighbours, normalised, shared_codes
+from clipdq.io import storage
 
 log = logging.getLogger(__name__)
 

@@ -5,87 +5,42 @@ from __future__ import annotations
 import numpy as np
 import polars as pl
 
-from clipdq.predict import Calibration
-from clipdq.spec import Spec, Tree
-from clipdq.text import TextCalibration
-
-STATUSES = ("match", "conflict", "gap", "uncertain", "invalid_value", "image_error", "parent_conflict")
-# parent_conflict: a tree level below the level where the catalog's path first conflicts with the image
-NOT_APPLICABLE = "not_applicable"  # a product none of the attributes applies to: one row, attribute null
-
-FINDINGS_SCHEMA = {
-    "product_id": pl.String,
-    "attribute": pl.String,
-    "existing_value": pl.String,
-    "predicted_value": pl.String,
-    "confidence": pl.Float64,
-    "status": pl.String,
-    "detail": pl.String,
-}
-
-PREDICTIONS_SCHEMA = {
-    "product_id": pl.String,
-    "attribute": pl.String,
-    "predicted_value": pl.String,  # null when the image failed
-    "confidence": pl.Float64,
-    "image_error": pl.String,  # why the image failed, null when it loaded
-}
-
-
-def with_levels(catalog: pl.DataFrame, spec: Spec) -> pl.DataFrame:
-    """``catalog`` with a column per level of each tree that keeps whole paths in one column.
-
-    A path with fewer parts than levels leaves the deeper levels missing; one with more parts
-    than levels is no path of the tree, and every level holds it whole (an invalid value).
-    """
-    columns = []
-    for tree in spec.trees:
-        if tree.path_column and tree.path_column in catalog.columns:
-            path = pl.col(tree.path_column).cast(pl.String).str.strip_chars()
-            parts = pl.when(path != "").then(path.str.split(tree.separator))
-            too_long = parts.list.len() > len(tree.levels)
-            columns += [pl.when(too_long).then(path).otherwise(parts.list.get(depth, null_on_oob=True).str.strip_chars())
-                        .alias(level) for depth, level in enumerate(tree.levels)]
-    return catalog.with_columns(columns) if columns else catalog
-
-
-def texts_of(frame: pl.DataFrame, spec: Spec) -> tuple[np.ndarray, np.ndarray]:
-    """(texts, categories) per row of ``frame`` as (n,) string arrays, "" where missing: the spec's
-    text column (whitespace collapsed) and its text category column."""
-    def column(name: str | None) -> np.ndarray:
-        if name is None or name not in frame.columns:
-            return np.full(frame.height, "", dtype=object)
-        values = pl.col(name).cast(pl.String).str.replace_all(r"\s+", " ").str.strip_chars().fill_null("")
-        return frame.select(values)[name].to_numpy().astype(object)
-    return column(spec.text_column), column(spec.text_category)
+from clipdq.checks.schemas import FINDINGS_SCHEMA, NOT_APPLICABLE
+from clipdq.core import values
+from clipdq.core.predict import Calibration
+from clipdq.core.spec import Spec, Tree
+from clipdq.core.text import TextCalibration
 
 
 def _long_catalog(catalog: pl.DataFrame, spec: Spec) -> pl.DataFrame:
-    """(product_id, attribute, existing_value) for every attribute that applies to a product.
+    """(product_id, attribute, existing_value, canonical, missing) for every attribute that applies
+    to a product: its value as given, the vocabulary value it reads as (``values.codes``: null where
+    it is invalid or missing) and whether it is missing.
 
     An attribute applies unless an ``applies_to`` column holds a value outside its list; a
     missing attribute column counts as all values missing.
     """
+    leveled, found = values.with_levels(catalog, spec), values.codes(catalog, spec)
     parts = []
     for attribute in spec.attributes:
         applies = pl.lit(True)
         for column, allowed in attribute.applies_to.items():
             applies = applies & (pl.col(column).is_null() | pl.col(column).is_in(list(allowed)))
-        existing = pl.col(attribute.name) if attribute.name in catalog.columns else pl.lit(None)
+        existing = pl.col(attribute.name) if attribute.name in leveled.columns else pl.lit(None)
+        code = found[attribute.name]
+        canonical = np.array([*attribute.values, None], dtype=object)[np.where(code >= 0, code, len(attribute.values))]
         parts.append(
-            catalog.filter(applies).select(
+            leveled.with_columns(pl.Series("__canonical", canonical.tolist(), dtype=pl.String),
+                                 pl.Series("__missing", code == values.MISSING))
+            .filter(applies).select(
                 pl.col(spec.id_column).cast(pl.String).alias("product_id"),
                 pl.lit(attribute.name).alias("attribute"),
                 existing.cast(pl.String).alias("existing_value"),
+                pl.col("__canonical").alias("canonical"),
+                pl.col("__missing").alias("missing"),
             )
         )
     return pl.concat(parts)
-
-
-def _vocabulary(spec: Spec) -> pl.DataFrame:
-    """(attribute, normalized spelling, canonical value) for values and synonyms."""
-    rows = [(a.name, spelling, value) for a in spec.attributes for spelling, value in a.lookup().items()]
-    return pl.DataFrame(rows, schema=["attribute", "normalized", "canonical"], orient="row")
 
 
 def _thresholds(calibration: dict[str, Calibration]) -> pl.DataFrame:
@@ -112,15 +67,12 @@ def compare(
 
     ``predictions`` has the columns of PREDICTIONS_SCHEMA for the same products.
     """
-    normalized = pl.col("existing_value").str.replace_all(r"\s+", " ").str.strip_chars().str.to_lowercase()
     frame = (
-        _long_catalog(with_levels(catalog, spec), spec)
-        .with_columns(normalized.alias("normalized"))
-        .join(_vocabulary(spec), on=["attribute", "normalized"], how="left")
+        _long_catalog(catalog, spec)
         .join(predictions, on=["product_id", "attribute"], how="left")
         .join(_thresholds(calibration), on="attribute", how="left")
     )
-    missing = pl.col("existing_value").is_null() | (pl.col("normalized") == "")
+    missing = pl.col("missing")
     no_prediction = pl.col("predicted_value").is_null()
     status = (
         pl.when(missing & pl.col("image_error").is_not_null()).then(pl.lit("image_error"))
@@ -161,15 +113,6 @@ def compare(
     for tree in spec.trees:
         findings = _highest_conflict(findings, tree)
     return pl.concat([findings, _not_applicable(catalog, findings, spec)])
-
-
-TEXTS_SCHEMA = {  # an audited row with a text, before it is judged (text_findings)
-    "product_id": pl.String,
-    "text": pl.String,
-    "category": pl.String,
-    "score": pl.Float64,  # TextCalibration score; null where the image failed or the model has no text calibration
-    "image_error": pl.String,  # why the image failed, null when it loaded
-}
 
 
 def text_findings(texts: pl.DataFrame, *, column: str, calibration: TextCalibration | None,

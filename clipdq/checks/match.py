@@ -1,0 +1,118 @@
+"""Product matching: the nearest reference images of each query image (``neighbours``), ranked
+and accounted for.
+
+With a model fine-tuned on the spec, the score adds what the model reads of each reference's
+attribute values (``neighbours.ValueAgreement``): the log-probability that the query shows the
+reference's catalog values, so a shelf photo meets the products of its category first, and image
+similarity ranks within them. Through the approximate index (``index``), the agreement rescores
+each query's ``RESCORED_CANDIDATES`` nearest references by image. A catalog's images arrive as
+``Embedded`` (``clipdq.pipeline.matching`` embeds them through the audit's own loop).
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from dataclasses import dataclass, field
+
+import numpy as np
+import polars as pl
+
+from clipdq.checks.neighbours import Neighbours, ValueAgreement, rescore, top_k
+from clipdq.checks.schemas import MATCHES_SCHEMA
+
+APPROXIMATE_ABOVE = 1_000_000  # references past which search "auto" uses the approximate index (clipdq.checks.index)
+RESCORED_CANDIDATES = 64  # approximate search with the agreement: candidates by image, rescored by both
+
+
+@dataclass
+class Embedded:
+    """A catalog's images as embeddings: every row's id, digest and image error, and the
+    embeddings of the rows whose image is usable, in row order."""
+
+    ids: list[str] = field(default_factory=list)
+    sha256: list[str | None] = field(default_factory=list)
+    errors: list[str | None] = field(default_factory=list)
+    embeddings: np.ndarray | None = None
+    signatures: np.ndarray | None = None  # (usable rows, 3 * 32 * 32) uint8: images.signature of each
+    counts: Counter = field(default_factory=Counter)  # embedding.COUNT_KEYS
+
+    @property
+    def ok(self) -> np.ndarray:
+        return np.array([error is None for error in self.errors], dtype=bool)
+
+
+def search_method(search: str, references: int) -> str:
+    """"exact" or "approximate": ``search`` as asked, "auto" by the number of references."""
+    if search == "auto":
+        return "approximate" if references > APPROXIMATE_ABOVE else "exact"
+    return search
+
+
+def match_embedded(references: Embedded, queries: Embedded, *, k: int, agreement: ValueAgreement | None = None,
+                   search: str = "exact", index_folder: str | None = None) -> tuple[pl.DataFrame, dict]:
+    """(matches, what the summary says of them): k rows per query with a usable image, ranked from
+    1, and one row with its error for each query whose image failed, so every query is accounted for.
+    ``search``: exact, approximate (faiss's inverted lists) or auto (approximate past a million);
+    ``index_folder``: where the approximate index is kept between runs (None: built every run)."""
+    ref_ok, query_ok = references.ok, queries.ok
+    ref_ids = np.array(references.ids, dtype=object)[ref_ok]
+    keys = {"query_keys": [sha for sha, ok in zip(queries.sha256, query_ok) if ok],
+            "reference_keys": [sha for sha, ok in zip(references.sha256, ref_ok) if ok]}
+    method = search_method(search, int(ref_ok.sum()))
+    found, searched = search_references(queries.embeddings, references.embeddings, keys, k=k, agreement=agreement,
+                                        method=method, index_folder=index_folder)
+    query_ids = np.array(queries.ids, dtype=object)
+    kept = found.indices >= 0
+    rows = np.nonzero(kept)
+    matched = pl.DataFrame({
+        "query_id": query_ids[query_ok][rows[0]].tolist(), "rank": (rows[1] + 1).astype(np.int32),
+        "reference_id": ref_ids[found.indices[kept]].tolist(), "score": found.scores[kept], "detail": None,
+    }, schema=MATCHES_SCHEMA)
+    failed = pl.DataFrame({"query_id": query_ids[~query_ok].tolist(), "rank": None, "reference_id": None,
+                           "score": None, "detail": [e for e in queries.errors if e is not None]},
+                          schema=MATCHES_SCHEMA)
+    summary = {
+        "queries": len(queries.ids), "references": len(references.ids), "k": k,
+        "query_image_errors": int((~query_ok).sum()), "reference_image_errors": int((~ref_ok).sum()),
+        "same_image_excluded": {"queries": int((found.excluded > 0).sum()), "pairs": int(found.excluded.sum())},
+        "search": method, **searched, "score": score_summary(agreement),
+    }
+    return pl.concat([matched, failed]), summary
+
+
+def search_references(queries: np.ndarray, references: np.ndarray, keys: dict, *, k: int,
+                      agreement: ValueAgreement | None, method: str, index_folder: str | None) -> tuple[Neighbours, dict]:
+    """(neighbours, what the summary says of the approximate index): the exact search, or the
+    index's candidates (rescored with ``agreement``), the index kept in ``index_folder``."""
+    if method == "exact":
+        return top_k(queries, references, k=k, agreement=agreement, **keys), {}
+    from clipdq.checks import index
+
+    built, reused = None, False
+    if index_folder is not None and len(references):
+        built, reused = index.kept(references, keys["reference_keys"], index_folder)
+    wanted = k if agreement is None else max(k, RESCORED_CANDIDATES)
+    found = index.top_k(queries, references, k=wanted, built=built, **keys)
+    if agreement is not None:
+        found = rescore(found, queries, references, agreement, k=k)
+    return found, {"approximate_index": {"read_from_an_earlier_run": reused,
+                                         "candidates_rescored": wanted if agreement is not None else None}}
+
+
+def score_summary(agreement: ValueAgreement | None) -> dict:
+    """What the matches' score is made of, for the summary."""
+    if agreement is None:
+        return {"formula": "cosine similarity of the image embeddings", "attributes": {}}
+    return {"formula": f"cosine similarity + {agreement.weight:g} x sum over attributes of log P(same value)",
+            "attributes": {name: {"references_with_a_catalog_value": int((codes >= 0).sum())}
+                           for name, codes in zip(agreement.attributes, agreement.codes)}}
+
+
+def accuracy(matches: pl.DataFrame, expected: dict[str, str | None]) -> dict:
+    """Top-1 and top-5 accuracy over the queries that carry a label and have a usable image."""
+    labeled = {query: label for query, label in expected.items() if label is not None}
+    ranked = (matches.filter(pl.col("rank").is_not_null() & pl.col("query_id").is_in(list(labeled)))
+              .group_by("query_id").agg(pl.col("reference_id").sort_by("rank")))
+    lists = dict(zip(ranked["query_id"].to_list(), ranked["reference_id"].to_list()))
+    hits = {n: sum(labeled[query] in refs[:n] for query, refs in lists.items()) for n in (1, 5)}
+    return {"labeled_queries": len(lists), **{f"top_{n}": hits[n] / len(lists) if lists else None for n in hits}}

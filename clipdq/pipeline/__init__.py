@@ -1,0 +1,1 @@
+"""The audit wired together: batches fetched and embedded once, shards, cross-fitting (no prefect)."""

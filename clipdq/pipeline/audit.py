@@ -1,0 +1,170 @@
+"""The audit's steps as plain functions: batches of products embedded (``embedding``), scored,
+compared with the catalog, and their texts judged.
+
+The shards (``shards``) and cross-fitting (``crossfit``) call these; tests can call them directly.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+from collections.abc import Iterable, Iterator
+from typing import TYPE_CHECKING
+
+import numpy as np
+import polars as pl
+
+from clipdq.checks.compare import compare, text_findings
+from clipdq.checks.schemas import DUPLICATES_SCHEMA, FINDINGS_SCHEMA, PREDICTIONS_SCHEMA, TEXTS_SCHEMA
+from clipdq.core import predict, text, tree
+from clipdq.core.spec import Spec
+from clipdq.core.text import TextCalibration, texts_of
+from clipdq.io import images
+from clipdq.io.cache import EmbeddingCache, digest
+from clipdq.io.sources import ImageAccess
+from clipdq.model.scorer import Scorer, value_embeddings_for
+from clipdq.pipeline.embedding import Batch, Tally, embed_batch, embedded_batches
+
+if TYPE_CHECKING:
+    from clipdq.model.towers import Clip
+
+log = logging.getLogger(__name__)
+
+
+MIN_AGREEMENT = 0.99  # share of images a faster backend must predict exactly as fp32 does
+
+
+def choose_backend(
+    clip: Clip, backend: str, rows: pl.DataFrame, *, spec: Spec, access: ImageAccess,
+    min_agreement: float = MIN_AGREEMENT
+) -> tuple[Clip, dict]:
+    """``clip`` on ``backend`` where, on the images of ``rows``, its predicted values agree with
+    fp32's for at least ``min_agreement`` of the images; else ``clip`` as it is. Also returns what
+    was measured."""
+    if backend == "fp32":
+        return clip, {"requested": backend, "used": backend}
+    from clipdq.model import towers
+
+    fast = towers.on_backend(clip, backend)
+    loaded = images.load_images(rows[spec.image_column].to_list(), access, clip.pixels)
+    share = predict.agreement(towers.embed_images(clip, loaded.pixels), towers.embed_images(fast, loaded.pixels),
+                              value_embeddings_for(clip, spec))
+    agreed = share >= min_agreement  # False when no image could be checked (nan)
+    return (fast if agreed else clip), {"requested": backend, "used": backend if agreed else "fp32",
+                                        "agreement": None if np.isnan(share) else round(share, 4),
+                                        "images_checked": int(loaded.ok.sum())}
+
+
+def batches(frame: pl.DataFrame, size: int) -> Iterator[pl.DataFrame]:
+    for offset in range(0, frame.height, size):
+        yield frame.slice(offset, size)
+
+
+def images_key(images: pl.DataFrame, threshold: float) -> str:
+    """A digest of which image each usable product has, the threshold and the listings' columns:
+    equal keys, equal duplicate listings (a rerun of an unchanged catalog reuses the previous run's)."""
+    rows = images.select("product_id", "sha256").sort("product_id")
+    payload = json.dumps([threshold, list(DUPLICATES_SCHEMA), rows["product_id"].to_list(),
+                          rows["sha256"].to_list()])
+    return hashlib.sha256(payload.encode()).hexdigest()[:16]
+
+
+def score_batch(batch: Batch, *, scorer: Scorer, cache: EmbeddingCache | None = None,
+                image_emb: np.ndarray | None = None) -> pl.DataFrame:
+    """Predictions (PREDICTIONS_SCHEMA) for every row and attribute; failed images keep their error.
+    ``image_emb``: the batch's ``embed_batch`` where the caller has it."""
+    image_emb = embed_batch(batch, scorer, cache) if image_emb is None else image_emb
+    spec = scorer.spec
+    probs = {a.name: predict.softmax(predict.logits_for(image_emb, scorer.value_emb[a.name], scale=scorer.scale),
+                                     temperature=scorer.calibration[a.name].temperature) for a in spec.attributes}
+    return predictions_of(batch.rows[spec.id_column].cast(pl.String).to_list(), tree.choose(probs, spec), spec,
+                          ok=batch.ok, errors=batch.errors)
+
+
+TEXT_KEY = b"text\0"  # prefixes a text's bytes for its key in the embedding cache (images are keyed by theirs)
+
+
+def text_embeddings(texts: list[str], scorer: Scorer, cache: EmbeddingCache | None = None) -> np.ndarray:
+    """(n, d) embeddings of ``texts``, from the cache where it holds them, so that a rerun of an
+    unchanged catalog loads no model; the others are embedded once each and cached."""
+    keys = [digest(TEXT_KEY + t.encode()) for t in texts]
+    found = {key: entry.embedding for key, entry in (cache.get_many(keys) if cache is not None else {}).items()}
+    missing = {key: text for key, text in zip(keys, texts) if key not in found}  # each distinct text once
+    if missing:
+        fresh = scorer.embed_texts(list(missing.values()))
+        found |= dict(zip(missing, fresh))
+        if cache is not None:
+            cache.add(list(missing), fresh, [b""] * len(missing))
+    return np.stack([found[key] for key in keys])
+
+
+def text_scores(batch: Batch, image_emb: np.ndarray, scorer: Scorer,
+                cache: EmbeddingCache | None = None) -> pl.DataFrame:
+    """(TEXTS_SCHEMA) the batch's rows with a text, each scored against its image where both are
+    there and the model is calibrated on texts; empty where the spec names no text column."""
+    spec = scorer.spec
+    if spec.text_column is None:
+        return pl.DataFrame(schema=TEXTS_SCHEMA)
+    texts, categories = texts_of(batch.rows, spec)
+    ok, calibration = batch.ok, scorer.text_calibration
+    score = np.full(len(texts), np.nan)
+    if calibration is not None and ok.any():
+        agreement = text.row_agreement(image_emb, text_embeddings(texts[ok].tolist(), scorer, cache))
+        score[ok] = calibration.scores(agreement, categories[ok])
+    frame = pl.DataFrame({"product_id": batch.rows[spec.id_column].cast(pl.String), "text": texts.tolist(),
+                          "category": categories.tolist(), "score": score, "image_error": batch.errors},
+                         schema=TEXTS_SCHEMA, strict=False)
+    return frame.with_columns(pl.col("score").fill_nan(None)).filter(pl.col("text") != "")
+
+
+def judge_texts(texts: pl.DataFrame, calibration: TextCalibration | None, spec: Spec) -> tuple[pl.DataFrame, dict]:
+    """(findings of image and text agreement for ``texts``, what the summary says of how they were
+    judged): every audited row with a text (TEXTS_SCHEMA), its score judged against the audited
+    catalog's own typical score (``text.catalog_shift``)."""
+    if spec.text_column is None:
+        return pl.DataFrame(schema=FINDINGS_SCHEMA), {}
+    scores = texts["score"].drop_nulls().to_numpy()
+    shift = text.catalog_shift(scores)
+    judged = {"catalog_rows": len(scores), "catalog_shift": round(shift or 0.0, 3),
+              "against": "validation" if shift is None else "this catalog"}
+    return text_findings(texts, column=spec.text_column, calibration=calibration, shift=shift or 0.0), judged
+
+
+def predictions_of(ids: list[str], choices: dict[str, tuple[np.ndarray, np.ndarray]], spec: Spec, *,
+                   ok: np.ndarray | None = None, errors: list[str | None] | None = None) -> pl.DataFrame:
+    """Predictions (PREDICTIONS_SCHEMA) from each attribute's choices (``tree.choose``) for the rows
+    ``ok`` (all by default); the other rows keep their image ``errors``."""
+    ok = np.ones(len(ids), dtype=bool) if ok is None else ok
+    frames = []
+    for attribute in spec.attributes:
+        chosen, probability = choices[attribute.name]
+        values = np.full(len(ids), None, dtype=object)
+        values[ok] = np.array(attribute.values, dtype=object)[chosen]
+        confidence = np.full(len(ids), np.nan)
+        confidence[ok] = probability
+        frames.append(pl.DataFrame(
+            {"product_id": ids, "attribute": attribute.name, "predicted_value": pl.Series(values.tolist(), dtype=pl.String),
+             "confidence": pl.Series(confidence).fill_nan(None), "image_error": errors or [None] * len(ids)},
+            schema=PREDICTIONS_SCHEMA,
+        ))
+    return pl.concat(frames)
+
+
+def findings_of(row_batches: Iterable[pl.DataFrame], *, scorer: Scorer, access: ImageAccess,
+                cache: EmbeddingCache | None = None, tally: Tally | None = None) -> tuple[pl.DataFrame, pl.DataFrame]:
+    """(findings (FINDINGS_SCHEMA), texts (TEXTS_SCHEMA)) of the catalog rows in ``row_batches``,
+    scored by ``scorer``; the texts are judged once all are scored (``judge_texts``).
+
+    Each batch is compared as it is scored, so only findings, not catalog rows, pile up; ``tally``
+    counts each batch once it is scored.
+    """
+    spec = scorer.spec
+    parts, texts = [pl.DataFrame(schema=FINDINGS_SCHEMA)], [pl.DataFrame(schema=TEXTS_SCHEMA)]
+    for batch, image_emb in embedded_batches(row_batches, scorer=scorer, access=access, cache=cache):
+        predictions = score_batch(batch, scorer=scorer, image_emb=image_emb)
+        parts.append(compare(batch.rows, predictions, spec=spec, calibration=scorer.calibration))
+        texts.append(text_scores(batch, image_emb, scorer, cache))
+        if tally is not None:
+            tally.add(batch, spec)
+    return pl.concat(parts), pl.concat(texts)

@@ -1,0 +1,186 @@
+"""The one embedding loop: catalog rows in batches, their images fetched, decoded and embedded once,
+the cache consulted first, with the bookkeeping every caller shares (``Tally``).
+
+Vocabulary: ``row_batches`` are catalog rows (polars frames); a ``Batch`` is those rows with
+their images ready for the model (cached embeddings, or decoded pixels); a row's ``sha256`` is
+the digest of its image's bytes and its ``signature`` the 32 x 32 pixel signature that duplicate
+search compares. The audit (``audit.findings_of``), its shards and cross-fitting, and matching
+(``matching.embed_catalog``) all embed through ``embedded_batches``.
+"""
+
+from __future__ import annotations
+
+import functools
+from collections import Counter, deque
+from collections.abc import Iterable, Iterator
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+
+import numpy as np
+import polars as pl
+
+from clipdq import progress_log
+from clipdq.core.spec import Spec
+from clipdq.io import images, sources
+from clipdq.io.cache import EmbeddingCache, digest
+from clipdq.io.images import PixelSpec
+from clipdq.io.sources import ImageAccess, fetch_all
+from clipdq.model.scorer import Scorer
+
+
+class ImageOutage(RuntimeError):
+    """Too many images were lost to storage or network errors for the run's findings to stand."""
+
+
+def check_outage(lost: int, rows: int, max_share: float) -> None:
+    """Raise ImageOutage once ``lost`` of ``rows`` images exceed ``max_share``: findings made
+    during an outage would report the store's trouble as the catalog's."""
+    if lost and lost > max_share * rows:
+        raise ImageOutage(f"{lost} of {rows} images could not be fetched for transient reasons (storage or "
+                          f"network errors), more than max_transient_image_errors={max_share:g}: nothing published")
+
+
+@dataclass
+class Batch:
+    """Catalog rows with their images ready for the model: cached embeddings or decoded pixels."""
+
+    rows: pl.DataFrame
+    errors: list[str | None]  # per row: why its image failed, None where it is usable
+    sha256: list[str | None]  # per row: digest of the image bytes, None where they could not be fetched
+    cached: dict[int, np.ndarray]  # row position -> embedding found in the cache
+    to_embed: np.ndarray  # row positions of ``pixels``
+    pixels: np.ndarray  # (len(to_embed), 3, h, w) float32
+    signatures: list[bytes | None]  # per row: the image's pixel signature, None where it failed
+    transient: int = 0  # images lost to an outage (storage or network), not to the data
+    unread: int = 0  # images not read at all: unchanged since their embedding was cached
+
+    @property
+    def ok(self) -> np.ndarray:
+        """(n,) bool: the rows whose image is usable."""
+        return np.array([error is None for error in self.errors], dtype=bool)
+
+
+IMAGES_SCHEMA = {"product_id": pl.String, "sha256": pl.String, "signature": pl.Binary}
+
+
+def usable_images(batch: Batch, spec: Spec) -> pl.DataFrame:
+    """(IMAGES_SCHEMA) the id, digest and pixel signature of each row whose image is usable."""
+    ok = batch.ok
+    return pl.DataFrame({"product_id": batch.rows[spec.id_column].cast(pl.String).filter(ok),
+                         "sha256": [sha for sha, good in zip(batch.sha256, ok) if good],
+                         "signature": [sig for sig, good in zip(batch.signatures, ok) if good]}, schema=IMAGES_SCHEMA)
+
+
+def signature_rows(usable: pl.DataFrame) -> np.ndarray:
+    """(n, SIGNATURE_BYTES) uint8: the signatures of ``usable`` (IMAGES_SCHEMA), a row each."""
+    return np.frombuffer(b"".join(usable["signature"].to_list()), np.uint8).reshape(-1, images.SIGNATURE_BYTES)
+
+
+COUNT_KEYS = ("scored", "from_cache", "unread", "embedded", "lost_to_outages")
+
+
+def counts(batch: Batch) -> dict[str, int]:
+    """What became of a batch's images: scored in all, embeddings from the cache (of which unread:
+    not even read, being unchanged), embedded now, lost to outages."""
+    return {"scored": batch.rows.height, "from_cache": len(batch.cached), "unread": batch.unread,
+            "embedded": len(batch.to_embed), "lost_to_outages": batch.transient}
+
+
+def _unchanged(refs: list, access: ImageAccess, cache: EmbeddingCache) -> tuple[list, dict[int, str]]:
+    """(per row: (location, version) or None; row -> sha256 of the rows whose location has the
+    version recorded when their image was read)."""
+    located = sources.versions(refs, access)
+    known = cache.known_digests(dict(entry for entry in located if entry))
+    return located, {i: known[entry[0]] for i, entry in enumerate(located) if entry and entry[0] in known}
+
+
+def prepare_batch(
+    rows: pl.DataFrame, *, spec: Spec, access: ImageAccess, pixels: PixelSpec, cache: EmbeddingCache | None = None
+) -> Batch:
+    """Take embeddings from the cache for images unchanged since they were read, fetch the rest,
+    take embeddings from the cache by the bytes' digest where it has them, decode what is left."""
+    refs = rows[spec.image_column].to_list()
+    sha256: list[str | None] = [None] * len(refs)
+    cached: dict[int, np.ndarray] = {}
+    located, unchanged = [None] * len(refs), {}
+    if cache is not None:
+        located, unchanged = _unchanged(refs, access, cache)
+        hits = cache.get_many(unchanged.values())
+        cached = {i: hits[sha] for i, sha in unchanged.items() if sha in hits}  # row -> cache Entry
+        for i in cached:
+            sha256[i] = unchanged[i]
+    unread = len(cached)
+    to_fetch = [i for i in range(len(refs)) if i not in cached]
+    fetched = dict(zip(to_fetch, fetch_all([refs[i] for i in to_fetch], access)))
+    for i, item in fetched.items():
+        sha256[i] = None if item.data is None else digest(item.data)
+    if cache is not None:
+        hits = cache.get_many(sha256[i] for i in to_fetch if sha256[i])
+        cached |= {i: hits[sha256[i]] for i in to_fetch if sha256[i] in hits}
+        cache.add_locations((*located[i], sha256[i]) for i in to_fetch if located[i] and sha256[i] and i not in unchanged)
+    pending = [i for i, item in fetched.items() if item.data is not None and i not in cached]
+    decoded = images.decode_images([fetched[i] for i in pending], pixels)
+    errors = [fetched[i].error if i in fetched else None for i in range(len(refs))]
+    for i, error in zip(pending, decoded.errors):
+        errors[i] = error
+    to_embed = np.array(pending, dtype=int)[decoded.ok]
+    signatures = {i: entry.signature for i, entry in cached.items()} | dict(zip(to_embed.tolist(), decoded.signatures))
+    return Batch(rows, errors, sha256, {i: entry.embedding for i, entry in cached.items()}, to_embed, decoded.pixels,
+                 [signatures.get(i) for i in range(len(refs))],
+                 transient=sum(item.transient for item in fetched.values()), unread=unread)
+
+
+def embed_batch(batch: Batch, scorer: Scorer, cache: EmbeddingCache | None = None) -> np.ndarray:
+    """(n_usable, d) embeddings of the rows whose image is usable, in row order; new ones are cached."""
+    fresh = scorer.embed(batch.pixels)
+    if cache is not None and len(fresh):
+        cache.add([batch.sha256[i] for i in batch.to_embed], fresh, [batch.signatures[i] for i in batch.to_embed])
+    by_row = dict(batch.cached) | dict(zip(batch.to_embed.tolist(), fresh))
+    usable = np.flatnonzero(batch.ok)
+    return np.stack([by_row[i] for i in usable]) if len(usable) else fresh[:0]
+
+
+def prepared_batches(row_batches: Iterable[pl.DataFrame], prepare, *, ahead: int = 2) -> Iterator[Batch]:
+    """``prepare`` applied to each batch of rows in a background thread, up to ``ahead`` batches in
+    advance, so fetching and decoding overlap with the model working on the current batch."""
+    with ThreadPoolExecutor(max_workers=1) as pool:
+        pending: deque = deque()
+        for rows in row_batches:
+            pending.append(pool.submit(prepare, rows))
+            if len(pending) > ahead:
+                yield pending.popleft().result()
+        while pending:
+            yield pending.popleft().result()
+
+
+def embedded_batches(row_batches: Iterable[pl.DataFrame], *, scorer: Scorer, access: ImageAccess,
+                     cache: EmbeddingCache | None = None) -> Iterator[tuple[Batch, np.ndarray]]:
+    """Each batch of rows with the (usable rows, d) embeddings of its usable images, in row order:
+    images fetched and decoded in a background thread a few batches ahead of the model, embeddings
+    taken from ``cache`` where it holds them and added to it where not."""
+    prepare = functools.partial(prepare_batch, spec=scorer.spec, access=access, pixels=scorer.pixels, cache=cache)
+    for batch in prepared_batches(row_batches, prepare):
+        yield batch, embed_batch(batch, scorer, cache)
+
+
+class Tally:
+    """What became of the images of ``rows`` catalog rows so far (``COUNT_KEYS``), and the usable
+    ones (``IMAGES_SCHEMA``, with ``keep_images``): each batch counted, an outage past
+    ``max_transient`` raised at once (``check_outage``), progress logged as ``what``."""
+
+    def __init__(self, rows: int, *, max_transient: float, what: str, keep_images: bool = True):
+        self.rows, self.max_transient, self.what = rows, max_transient, what
+        self.counts: Counter = Counter(dict.fromkeys(COUNT_KEYS, 0))
+        self.images = [pl.DataFrame(schema=IMAGES_SCHEMA)] if keep_images else None
+
+    def add(self, batch: Batch, spec: Spec) -> None:
+        self.counts.update(counts(batch))
+        if self.images is not None:
+            self.images.append(usable_images(batch, spec))
+        check_outage(self.counts["lost_to_outages"], self.rows, self.max_transient)
+        progress_log.info("%s: %d/%d products done", self.what, self.counts["scored"], self.rows,
+                          extra={"progress": (self.counts["scored"], self.rows)})
+
+    def usable(self) -> pl.DataFrame:
+        """(IMAGES_SCHEMA) the usable images of every batch so far, in order."""
+        return pl.concat(self.images or [pl.DataFrame(schema=IMAGES_SCHEMA)])

@@ -1,0 +1,72 @@
+"""Product matching wired together: each catalog's images embedded through the audit's own loop
+(confined fetches, safe decoding, the embedding cache), and the references' attribute values read
+through the one value encoder (synonyms, normalisation and tree paths as an audit reads them).
+
+Vocabulary as in ``clipdq.checks.match``: ``references`` are the catalog's products, ``queries``
+the photos matched with them; ``labels`` per attribute are each reference's value index
+(``values.labels``), -1 where it has none the vocabulary knows.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import polars as pl
+
+from clipdq.checks.match import Embedded
+from clipdq.checks.neighbours import ValueAgreement
+from clipdq.core import values
+from clipdq.core.spec import Spec
+from clipdq.io import catalog
+from clipdq.io.cache import EmbeddingCache
+from clipdq.io.images import SIGNATURE_BYTES
+from clipdq.io.sources import ImageAccess
+from clipdq.model.scorer import Scorer
+from clipdq.pipeline.embedding import Tally, embedded_batches
+
+
+def embed_catalog(source: catalog.CatalogFile, *, scorer: Scorer, access: ImageAccess,
+                  cache: EmbeddingCache | None = None, batch_size: int = 64, role: str = "images") -> Embedded:
+    """Every row of ``source`` embedded (or taken from ``cache``), one batch of pixels at a time;
+    progress is logged as ``role``. An outage does not stop matching: its images are errors."""
+    spec, out, filled = scorer.spec, Embedded(), 0
+    catalog.check_id_and_image(source.schema, spec)
+    tally = Tally(source.rows, max_transient=1.0, what=role, keep_images=False)
+    kept = signatures = None
+    for batch, embeddings in embedded_batches(source.batches(batch_size, [spec.id_column, spec.image_column]),
+                                              scorer=scorer, access=access, cache=cache):
+        if kept is None:  # one array for the catalog, filled in place: no second copy of a million rows
+            kept = np.empty((source.rows, embeddings.shape[1]), np.float32)
+            signatures = np.empty((source.rows, SIGNATURE_BYTES), np.uint8)
+        kept[filled:filled + len(embeddings)] = embeddings
+        usable = b"".join(sig for sig in batch.signatures if sig is not None)
+        signatures[filled:filled + len(embeddings)] = np.frombuffer(usable, np.uint8).reshape(-1, SIGNATURE_BYTES)
+        filled += len(embeddings)
+        out.ids += batch.rows[spec.id_column].cast(pl.String).to_list()
+        out.sha256 += batch.sha256
+        out.errors += batch.errors
+        tally.add(batch, spec)
+    if cache is not None:
+        cache.flush()
+    out.counts = tally.counts
+    out.embeddings = kept[:filled] if kept is not None else np.zeros((0, 0), np.float32)
+    out.signatures = signatures[:filled] if signatures is not None else np.zeros((0, SIGNATURE_BYTES), np.uint8)
+    return out
+
+
+def reference_labels(source: catalog.CatalogFile, spec: Spec, usable: np.ndarray) -> dict[str, np.ndarray]:
+    """Per attribute, each reference's value index (``values.labels``) where ``usable`` (the rows
+    of ``Embedded.ok``: those with an embedding), read only where matching asks for them."""
+    rows = source.read([spec.id_column, *(name for name in spec.value_columns if name in source.schema)])
+    return {name: labels[usable] for name, labels in values.labels(rows, spec).items()}
+
+
+def value_agreement(scorer: Scorer, labels: dict[str, np.ndarray], *, weight: float) -> ValueAgreement | None:
+    """The agreement of the references' ``labels`` (``reference_labels``) with what the scorer's
+    model reads in the queries; None where the model was not fine-tuned on the spec (its value
+    predictions would be noise) or ``weight`` is 0."""
+    names = scorer.spec.names
+    if not scorer.trained or not weight or not names:
+        return None
+    return ValueAgreement(names, [scorer.value_emb[n] for n in names],
+                          [scorer.scale / scorer.calibration[n].temperature for n in names],
+                          [labels[n] for n in names], weight, scorer.spec.expected_error_rate)
