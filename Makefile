@@ -1,9 +1,10 @@
-# Two entry points: `make demo` (sample-data audit) and `make test`. Both create .venv on first use.
+# Two entry points: `make demo` (sample-data audit) and `make test` (`make check`, then the suite).
+# Both create .venv on first use.
 PYTHON ?= python3
 VENV := .venv
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test benchmark clean
+.PHONY: demo test check benchmark clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -14,7 +15,13 @@ $(STAMP): pyproject.toml
 demo: $(STAMP)
 	$(VENV)/bin/clipdq demo
 
-test: $(STAMP)
+check: $(STAMP)
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
+	$(VENV)/bin/lint-imports
+	$(VENV)/bin/mypy clipdq flows
+
+test: $(STAMP) check
 	scripts/install-chromium.sh
 	$(VENV)/bin/python -m pytest
 

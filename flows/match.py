@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import io
-import json
 from datetime import datetime, timezone
 
 import numpy as np
@@ -16,10 +14,10 @@ from clipdq.checks import duplicates, match
 from clipdq.core.options import MatchOptions
 from clipdq.core.spec import parse_spec
 from clipdq.io import catalog, sources, storage
-from clipdq.io.cache import EmbeddingCache, cache_key
+from clipdq.io.cache import EmbeddingCache
 from clipdq.model import scorer
-from clipdq.pipeline import matching
-from clipdq.reporting import report
+from clipdq.pipeline import embedding, matching
+from clipdq.reporting import report, runs
 from flows.inputs import read_model, read_spec
 from flows.retries import IO_RETRIES
 
@@ -46,11 +44,7 @@ def read_values(uri: str, spec_text: str, usable: np.ndarray) -> dict[str, np.nd
 
 @task(**IO_RETRIES, cache_policy=NO_CACHE)
 def publish(folder: str, matches: pl.DataFrame, summary: dict) -> str:
-    buffer = io.BytesIO()
-    matches.write_parquet(buffer)
-    files = {"matches.parquet": buffer.getvalue(), "summary.json": json.dumps(summary, indent=2).encode()}
-    meta = {"run_id": summary["run_id"], "kind": "match", "rows": matches.height}
-    return storage.publish(folder, files, meta=meta)
+    return runs.publish(folder, summary, {"matches.parquet": matches}, meta={"kind": "match", "rows": matches.height})
 
 
 @flow(name="clipdq-match", log_prints=True)
@@ -79,8 +73,7 @@ def match_catalogs(references_uri: str, queries_uri: str, spec_uri: str, model_u
     spec_text = read_spec(spec_uri)
     spec = parse_spec(spec_text)
     files = read_model(model_uri)
-    key = cache_key(files.fingerprint(), files.pixels, "fp32", files.view())
-    cache = storage.join(output_uri, "_embedding_cache", key) if options.embedding_cache else None
+    cache = embedding.cache_folder(output_uri, files, "fp32") if options.embedding_cache else None
     references = embed_catalog(references_uri, spec_text, model_uri, cache, options, "references")
     queries = embed_catalog(queries_uri, spec_text, model_uri, cache, options, "queries")
     agreement = None

@@ -77,8 +77,8 @@ def test_suggested_fixes_hold_each_gap_and_conflict_with_the_value_to_use():
 
 
 def test_report_html_holds_every_problem_thresholds_and_catalog_checks():
-    summary = report.summarize(FINDINGS, products=3, run={"run_id": "r1", "calibration": {
-        "color": {"gap_threshold": 0.8, "conflict_threshold": 0.9, "gap_rows": 40, "conflict_rows": 134}}},
+    summary = report.summarize(FINDINGS, products=3, run={"run_id": "r1", "calibration": [{
+        "color": {"gap_threshold": 0.8, "conflict_threshold": 0.9, "gap_rows": 40, "conflict_rows": 134}}]},
         validation={"expectations": [{"expectation": "expect_column_values_to_be_unique", "column": "sku",
                                       "success": True, "unexpected_count": 0, "examples": []}]})
     html = report.render_html(FINDINGS, summary, thumbnails={"p2": b"jpeg"})
@@ -89,6 +89,20 @@ def test_report_html_holds_every_problem_thresholds_and_catalog_checks():
     assert "0.900 <span class=\"muted\">(134 rows)" in html  # the conflict threshold and its support
     assert "expect_column_values_to_be_unique" in html and "<svg" in html
     assert "\\u003cscript>alert(1)\\u003c/script>" in html  # escaped inside the table's JSON
+
+
+def test_report_shows_each_fold_models_thresholds_under_cross_fitting():
+    folds = [{"color": {"gap_threshold": 0.8, "conflict_threshold": 0.9, "gap_rows": 40, "conflict_rows": 134}},
+             {"color": {"gap_threshold": 0.7, "conflict_threshold": None, "gap_rows": 31, "conflict_rows": 0}}]
+    summary = report.summarize(FINDINGS, products=3, run={"run_id": "r1", "cross_fit": 2, "calibration": folds},
+                               validation={})
+
+    html = report.render_html(FINDINGS, summary, thumbnails={})
+
+    row = html.split("<td>color</td>", 1)[1].split("</tr>", 1)[0]
+    assert '0.800 <span class="muted">(40 rows)</span> / 0.700 <span class="muted">(31 rows)</span>' in row
+    assert '0.900 <span class="muted">(134 rows)</span> / never' in row
+    assert "one threshold per fold model" in html
 
 
 def test_summary_counts_products_without_any_applicable_attribute_apart():

@@ -10,6 +10,8 @@ import hashlib
 import json
 import logging
 from collections.abc import Iterable, Iterator
+from dataclasses import dataclass
+from datetime import datetime
 from typing import TYPE_CHECKING
 
 import numpy as np
@@ -18,11 +20,14 @@ import polars as pl
 from clipdq.checks.compare import compare, text_findings
 from clipdq.checks.schemas import DUPLICATES_SCHEMA, FINDINGS_SCHEMA, PREDICTIONS_SCHEMA, TEXTS_SCHEMA
 from clipdq.core import predict, text, tree
+from clipdq.core.options import AuditOptions
+from clipdq.core.predict import Calibration
 from clipdq.core.spec import Spec
 from clipdq.core.text import TextCalibration, texts_of
 from clipdq.io import images
 from clipdq.io.cache import EmbeddingCache, digest
 from clipdq.io.sources import ImageAccess
+from clipdq.model.files import ModelFiles
 from clipdq.model.scorer import Scorer, value_embeddings_for
 from clipdq.pipeline.embedding import Batch, Tally, embed_batch, embedded_batches
 
@@ -33,6 +38,52 @@ log = logging.getLogger(__name__)
 
 
 MIN_AGREEMENT = 0.99  # share of images a faster backend must predict exactly as fp32 does
+
+
+@dataclass
+class Scored:
+    """A catalog scored and not yet published: its findings in a local Parquet file, and what the
+    summary says of how they were made."""
+
+    findings_file: str
+    usable: pl.DataFrame  # product_id and sha256 of each row whose image is usable
+    signatures: np.ndarray  # (usable rows, SIGNATURE_BYTES) uint8, a row each: duplicate search's input
+    images: dict[str, int]  # what became of the images (embedding.COUNT_KEYS)
+    calibrations: list[dict[str, Calibration]]  # per model that scored: one, or one per fold (cross-fitting)
+    text_calibration: TextCalibration | None  # how image and text agreement is judged (the model's)
+    texts_judged: dict  # how the texts were judged (judge_texts; per fold under cross-fitting)
+    reported: int | None = None  # products in the findings, where counted along the way
+    shards: dict | None = None  # count, rows_per_shard and reused, for an audit in shards
+
+
+def run_record(scored: Scored, spec: Spec, *, run_id: str, started: datetime, catalog_uri: str, model_uri: str,
+               files: ModelFiles, backend: dict, options: AuditOptions) -> dict:
+    """What summary.json says of the run before its findings are counted: its inputs and options,
+    the backend used, what became of the images, the shards, and the calibration in force, one per
+    model that scored (one; one per fold under cross-fitting)."""
+    return {"run_id": run_id, "started_at": started.isoformat(), "catalog": catalog_uri, "model": model_uri,
+            "model_fingerprint": files.fingerprint(), "target_precision": spec.target_precision,
+            "cross_fit": options.cross_fit, "backend": backend, "options": options.model_dump(),
+            "images": scored.images, **({"shards": scored.shards} if scored.shards else {}),
+            "calibration": [{name: c.to_dict() for name, c in calibration.items()}
+                            for calibration in scored.calibrations]}
+
+
+def duplicate_listings(scored: Scored, spec: Spec, *, kept: pl.DataFrame | None = None) -> pl.DataFrame:
+    """(DUPLICATES_SCHEMA) duplicate listings among the usable images: ``kept`` (the previous run's,
+    where it saw the same images at the same threshold: ``images_key``), else found afresh; none
+    where the spec does not ask for them."""
+    if spec.duplicate_similarity is None:
+        return pl.DataFrame(schema=DUPLICATES_SCHEMA)
+    if kept is not None:
+        return kept
+    from clipdq.checks import duplicates  # imports torch: not needed for a rerun of an unchanged catalog
+
+    found = duplicates.find(scored.usable["product_id"].to_list(), scored.usable["sha256"].to_list(),
+                            scored.signatures, threshold=spec.duplicate_similarity)
+    log.info("duplicate listings: %d products in %d groups among %d images", found.height,
+             found["group"].n_unique(), scored.usable.height)
+    return found
 
 
 def choose_backend(
@@ -61,9 +112,11 @@ def batches(frame: pl.DataFrame, size: int) -> Iterator[pl.DataFrame]:
         yield frame.slice(offset, size)
 
 
-def images_key(images: pl.DataFrame, threshold: float) -> str:
-    """A digest of which image each usable product has, the threshold and the listings' columns:
+def images_key(images: pl.DataFrame, threshold: float | None) -> str | None:
+    """None where the spec asks for no duplicate listings (``threshold`` None), else a digest of which image each usable product has, the threshold and the listings' columns:
     equal keys, equal duplicate listings (a rerun of an unchanged catalog reuses the previous run's)."""
+    if threshold is None:
+        return None
     rows = images.select("product_id", "sha256").sort("product_id")
     payload = json.dumps([threshold, list(DUPLICATES_SCHEMA), rows["product_id"].to_list(),
                           rows["sha256"].to_list()])

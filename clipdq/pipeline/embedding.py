@@ -21,10 +21,11 @@ import polars as pl
 
 from clipdq import progress_log
 from clipdq.core.spec import Spec
-from clipdq.io import images, sources
-from clipdq.io.cache import EmbeddingCache, digest
+from clipdq.io import images, sources, storage
+from clipdq.io.cache import EmbeddingCache, cache_key, digest
 from clipdq.io.images import PixelSpec
 from clipdq.io.sources import ImageAccess, fetch_all
+from clipdq.model.files import ModelFiles
 from clipdq.model.scorer import Scorer
 
 
@@ -184,3 +185,10 @@ class Tally:
     def usable(self) -> pl.DataFrame:
         """(IMAGES_SCHEMA) the usable images of every batch so far, in order."""
         return pl.concat(self.images or [pl.DataFrame(schema=IMAGES_SCHEMA)])
+
+
+def cache_folder(output_uri: str, files: ModelFiles, backend: str) -> str:
+    """Where the embeddings of this model's image tower on ``backend``, with its preprocessing and
+    views, are kept under ``output_uri``."""
+    key = cache_key(files.fingerprint(), files.pixels, backend, files.view())
+    return storage.join(output_uri, "_embedding_cache", key)

@@ -19,18 +19,21 @@ import logging
 from collections import Counter
 from collections.abc import Iterator
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 import polars as pl
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from clipdq.checks.schemas import FINDINGS_SCHEMA
-from clipdq.core.spec import parse_spec
+from clipdq.checks.schemas import FINDINGS_SCHEMA, TEXTS_SCHEMA
+from clipdq.core.options import AuditOptions
+from clipdq.core.spec import Spec, parse_spec
 from clipdq.io import catalog, sources, storage
 from clipdq.io.cache import EmbeddingCache
 from clipdq.io.images import SIGNATURE_BYTES
 from clipdq.model import scorer
+from clipdq.model.files import ModelFiles
 from clipdq.pipeline import audit, embedding
 from clipdq.pipeline.embedding import Tally
 
@@ -91,6 +94,16 @@ def new_job(output_uri: str, *, model_fingerprint: str, rows_per_shard: int, **f
     payload = json.dumps([PARTS_VERSION, model_fingerprint, rows_per_shard, sorted(fields.items())], default=str)
     work = storage.join(output_uri, "_shards", hashlib.sha256(payload.encode()).hexdigest()[:16])
     return Job(work=work, **fields)
+
+
+def job_for(source: catalog.CatalogFile, spec_text: str, files: ModelFiles, output_uri: str, *, backend: str,
+            options: AuditOptions) -> Job:
+    """The Job of an audit of ``source`` with the model ``files`` on ``backend``, as ``options`` ask."""
+    return new_job(output_uri, model_fingerprint=files.fingerprint(), rows_per_shard=options.rows_per_shard,
+                   catalog_uri=source.uri, catalog_version=source.version, spec_text=spec_text,
+                   model_uri=files.source, backend=backend,
+                   cache=embedding.cache_folder(output_uri, files, backend) if options.embedding_cache else None,
+                   image_roots=tuple(sorted(options.image_roots)), batch_size=options.batch_size)
 
 
 @dataclass(frozen=True)
@@ -215,3 +228,22 @@ def read_parts(parts: list[str], schema: dict) -> Iterator[pl.DataFrame]:
         stream, _ = storage.open_read(uri)
         with stream:
             yield pl.from_arrow(pq.ParquetFile(stream).read()).cast(schema)
+
+
+def collect(results: list[ShardResult], *, rows: int, spec: Spec, files: ModelFiles, findings_file: str,
+            rows_per_shard: int) -> audit.Scored:
+    """The run's shards, scored, as one audit: their image counts summed (an outage fails the run
+    here too), the texts judged once all are scored, the parts joined into the local Parquet file
+    ``findings_file``, the usable images' signatures mapped from a file beside it."""
+    images_seen = totals(results)
+    embedding.check_outage(images_seen["lost_to_outages"], rows, spec.max_transient_image_errors)
+    texts = pl.concat([pl.DataFrame(schema=TEXTS_SCHEMA), *read_parts([result.texts for result in results],
+                                                                      TEXTS_SCHEMA)])
+    text_calibration = scorer.text_calibration_for(files, spec)
+    text_findings, judged = audit.judge_texts(texts, text_calibration, spec)
+    reported = assemble([result.part for result in results], findings_file, text_findings)
+    usable, signatures = read_images([result.images for result in results],
+                                     str(Path(findings_file).with_name("signatures")))
+    seen = {"count": len(results), "rows_per_shard": rows_per_shard, "reused": sum(r.reused for r in results)}
+    return audit.Scored(findings_file, usable, signatures, images_seen, [scorer.calibration_for(files, spec)],
+                        text_calibration, judged, reported, seen)

@@ -7,6 +7,7 @@ import io
 import json
 import re
 import uuid
+from concurrent.futures import ThreadPoolExecutor
 from datetime import datetime, timezone
 from pathlib import Path
 
@@ -17,7 +18,9 @@ from markupsafe import Markup
 from clipdq.checks.schemas import NOT_APPLICABLE, STATUSES
 from clipdq.core.spec import Spec
 from clipdq.core.text import TextCalibration
-from clipdq.io import storage
+from clipdq.io import images, storage
+from clipdq.io.catalog import CatalogFile
+from clipdq.io.sources import ImageAccess
 from clipdq.reporting import charts as charts_svg
 from clipdq.reporting import runs
 
@@ -193,14 +196,17 @@ def confusion(findings: Findings) -> list[dict]:
     return tables
 
 
-def thresholds_in_force(summary: dict) -> dict[str, dict]:
-    """Each attribute's calibration, as the run used it; none with cross-fitting (one per fold)."""
-    calibration = summary.get("calibration")
-    return calibration if isinstance(calibration, dict) else {}
+def thresholds_in_force(summary: dict) -> dict[str, list[dict]]:
+    """Per attribute, its calibration as each model that scored the run used it: one, or one per
+    fold under cross-fitting (``summary["calibration"]``, a list)."""
+    models = summary.get("calibration") or []
+    names = dict.fromkeys(name for model in models for name in model)
+    return {name: [model[name] for model in models if name in model] for name in names}
 
 
-def confidence_charts(findings: Findings, thresholds: dict[str, dict]) -> list[str]:
-    """Per attribute, an SVG histogram of confidence by status with its gap and conflict thresholds."""
+def confidence_charts(findings: Findings, thresholds: dict[str, list[dict]]) -> list[str]:
+    """Per attribute, an SVG histogram of confidence by status with its gap and conflict thresholds
+    (where one model scored the run: folds have thresholds of their own)."""
     shown = ("match", "conflict", "gap", "uncertain")
     binned = (findings.lazy().filter(pl.col("confidence").is_not_null() & pl.col("status").is_in(shown))
               .with_columns(bin=(pl.col("confidence") * CONFIDENCE_BINS).floor().clip(0, CONFIDENCE_BINS - 1)
@@ -211,7 +217,8 @@ def confidence_charts(findings: Findings, thresholds: dict[str, dict]) -> list[s
         bins = {status: [0] * CONFIDENCE_BINS for status in shown}
         for status, b, n in binned.filter(pl.col("attribute") == attribute).select("status", "bin", "len").iter_rows():
             bins[status][b] = n
-        limits = thresholds.get(attribute, {})
+        in_force = thresholds.get(attribute, [])
+        limits = in_force[0] if len(in_force) == 1 else {}
         charts.append(charts_svg.histogram(bins, {"gap": limits.get("gap_threshold"),
                                                   "conflict": limits.get("conflict_threshold")}, title=attribute))
     return charts
@@ -292,28 +299,30 @@ def _duplicates_line(duplicates: dict | None) -> str:
     return f" {duplicates['products']} products in {duplicates['groups']} groups of duplicate listings."
 
 
-def _parquet(frame: pl.DataFrame) -> bytes:
-    buffer = io.BytesIO()
-    frame.write_parquet(buffer)
-    return buffer.getvalue()
-
-
 def publish_run(folder: str, findings: pl.DataFrame | Path, summary: dict, html: str, *,
                 validation: dict | None = None, duplicates: pl.DataFrame | None = None) -> str:
-    """Write findings (a frame, or a Parquet file), summary, report, suggested fixes, duplicate
-    listings and the catalog checks' result, then the manifest that marks the run complete."""
+    """Write an audit's findings (a frame, or a Parquet file), summary, report, suggested fixes,
+    duplicate listings and the catalog checks' result, then the manifest that marks the run complete."""
     fixes = suggested_fixes(findings if isinstance(findings, pl.DataFrame) else pl.scan_parquet(findings))
     csv = io.BytesIO()
     fixes.write_csv(csv)
     files = {
-        "findings.parquet": _parquet(findings) if isinstance(findings, pl.DataFrame) else findings.read_bytes(),
-        "suggested_fixes.parquet": _parquet(fixes),
+        "findings.parquet": findings if isinstance(findings, pl.DataFrame) else findings.read_bytes(),
+        "suggested_fixes.parquet": fixes,
         "suggested_fixes.csv": csv.getvalue(),
-        **({} if duplicates is None else {"duplicates.parquet": _parquet(duplicates)}),
+        **({} if duplicates is None else {"duplicates.parquet": duplicates}),
         "validation.json": json.dumps(validation or {}, indent=2, default=str).encode(),
-        "summary.json": json.dumps(summary, indent=2, default=str).encode(),
         "report.html": html.encode(),
     }
-    meta = {"run_id": summary["run_id"], "catalog": summary.get("catalog"), "rows": summary["findings"],
-            "totals": summary["totals"], **({"shards": summary["shards"]} if "shards" in summary else {})}
-    return storage.publish(folder, files, meta=meta)
+    meta = {"catalog": summary.get("catalog"), "rows": summary["findings"], "totals": summary["totals"],
+            **({"shards": summary["shards"]} if "shards" in summary else {})}
+    return runs.publish(folder, summary, files, meta=meta)
+
+
+def thumbnails(findings: Findings, source: CatalogFile, spec: Spec, access: ImageAccess) -> dict[str, bytes | None]:
+    """Product id -> a small JPEG of its image, for the products the report shows (``thumbnail_ids``)."""
+    wanted = pl.Series(thumbnail_ids(findings), dtype=pl.String)
+    refs = source.rows_where(spec.id_column, wanted, [spec.image_column]).rows()
+    with ThreadPoolExecutor(8) as pool:  # image reads: latency-bound on object storage
+        read = pool.map(lambda row: images.thumbnail(row[1], access), refs)
+        return dict(zip([product for product, _ in refs], read))

@@ -1,12 +1,15 @@
-"""Complete runs under an output folder or prefix, and what changed from one to the next.
+"""Runs under an output folder or prefix: publishing one, finding the complete ones, and what
+changed from one to the next.
 
-A run is complete once its ``manifest.json`` exists; runs sort by their folder names, which begin
-with the date and the start time.
+A run is complete once its ``manifest.json`` exists (written last by ``publish``); runs sort by
+their folder names, which begin with the date and the start time.
 """
 
 from __future__ import annotations
 
+import io
 import json
+import logging
 import tempfile
 from pathlib import Path
 
@@ -17,6 +20,24 @@ from clipdq.io import storage
 PROBLEMS = ("conflict", "gap", "invalid_value", "image_error")  # what a data steward acts on
 CHANGES = ("new", "resolved", "persisting")
 KEY = ["product_id", "attribute", "status"]  # a problem: the same finding of the same product and attribute
+
+log = logging.getLogger(__name__)
+
+
+def publish(folder: str, summary: dict, files: dict[str, bytes | pl.DataFrame], *, meta: dict) -> str:
+    """A run's ``files`` (frames as Parquet) and its ``summary.json``, then the manifest, which
+    names the run (``meta``, the summary's run_id) and lists every file with its digest, written
+    last (``storage.publish``): a crash before it leaves no run that looks complete. Returns the
+    manifest's URI."""
+    data = {name: _parquet(value) if isinstance(value, pl.DataFrame) else value for name, value in files.items()}
+    data["summary.json"] = json.dumps(summary, indent=2, default=str).encode()
+    return storage.publish(folder, data, meta={"run_id": summary["run_id"], **meta})
+
+
+def _parquet(frame: pl.DataFrame) -> bytes:
+    buffer = io.BytesIO()
+    frame.write_parquet(buffer)
+    return buffer.getvalue()
 
 
 def complete_runs(output: str) -> list[str]:
@@ -77,8 +98,11 @@ def changed(current: pl.LazyFrame, previous: pl.DataFrame) -> pl.DataFrame:
             .collect())
 
 
-def change_counts(changes: pl.DataFrame, previous_folder: str) -> dict:
-    """What ``summary.json`` says of the changes: totals and per attribute counts of each kind."""
+def change_counts(changes: pl.DataFrame | None, previous_folder: str | None) -> dict | None:
+    """What ``summary.json`` says of the changes: totals and per attribute counts of each kind; None
+    without a previous run."""
+    if changes is None or previous_folder is None:
+        return None
     wide = (changes.group_by("attribute", "change").len()
             .pivot(on="change", index="attribute", values="len"))
     wide = wide.with_columns(pl.lit(0, pl.UInt32).alias(c) for c in CHANGES if c not in wide.columns)
@@ -86,3 +110,33 @@ def change_counts(changes: pl.DataFrame, previous_folder: str) -> dict:
     return {"previous_run": run_id_of(previous_folder),
             "totals": {c: int(by_attribute[c].sum()) for c in CHANGES},
             "by_attribute": by_attribute.to_dicts()}
+
+
+def changes_since_previous(output: str, catalog: str, findings: pl.LazyFrame) -> tuple[str | None, pl.DataFrame | None]:
+    """(the previous complete run of ``catalog`` under ``output``, every problem's change since it),
+    or (None, None) for a first run, or where that run's findings cannot be read: the audit goes on,
+    and says so."""
+    previous = previous_run(output, catalog)
+    if previous is None:
+        return None, None
+    try:
+        return previous, changed(findings, read_problems(previous))
+    except (OSError, pl.exceptions.PolarsError) as error:
+        log.warning("cannot compare with the previous run %s (%s): no changes reported", previous, error)
+        return None, None
+
+
+def kept_duplicates(previous: str | None, images_key: str | None) -> pl.DataFrame | None:
+    """The duplicate listings of the run ``previous`` where it found them among the same images at
+    the same threshold (``images_key``: a rerun of an unchanged catalog), else None."""
+    if previous is None or images_key is None:
+        return None
+    try:
+        if (summary(previous).get("duplicates") or {}).get("images_key") != images_key:
+            return None
+        kept = pl.read_parquet(io.BytesIO(storage.read_bytes(storage.join(previous, "duplicates.parquet"))))
+    except (OSError, ValueError, pl.exceptions.PolarsError) as error:
+        log.warning("cannot reuse the duplicate listings of %s (%s): finding them afresh", previous, error)
+        return None
+    log.info("duplicate listings: the same images as run %s, its findings reused", run_id_of(previous))
+    return kept
