@@ -42,7 +42,7 @@ def validate_catalog(source: catalog.CatalogFile, spec: Spec, cache: str) -> dic
 def choose_backend(model_uri: str, backend: str, source: catalog.CatalogFile, spec: Spec, access: ImageAccess,
                    batch_size: int) -> dict:
     """The backend the run uses, and the agreement with fp32 measured on the catalog's first batch."""
-    if backend == "fp32" or not source.rows:
+    if backend == "fp32" or not source.row_count:
         return {"requested": backend, "used": backend}
     _, checked = audit.choose_backend(scorer.load_model(model_uri), backend, next(source.batches(batch_size)),
                                       spec=spec, access=access)
@@ -73,14 +73,14 @@ def score_in_shards(job: shards.Job, source: catalog.CatalogFile, spec: Spec, fi
     """Every shard of the catalog scored on the options' task runner, within the calling flow run
     (a subflow would cost a second of a small rerun), progress logged as shards finish."""
     logger, plan = get_run_logger(), shards.plan(source.group_rows, rows_per_shard=options.rows_per_shard)
-    logger.info("%d products in %d shards; shard parts in %s", source.rows, len(plan), job.work)
+    logger.info("%d products in %d shards; shard parts in %s", source.row_count, len(plan), job.work)
     with task_runner(options.dask_address, options.workers) as runner:
         results = []
         for future in as_completed(runner.map(score_shard, {"job": unmapped(job), "shard": plan})):
             results.append(future.result())
             logger.info("shard %d done (%d of %d)%s", results[-1].index, len(results), len(plan),
                         ", reused from an interrupted run" if results[-1].reused else "")
-    return shards.collect(sorted(results, key=lambda result: result.index), rows=source.rows, spec=spec,
+    return shards.collect(sorted(results, key=lambda result: result.index), row_count=source.row_count, spec=spec,
                           files=files, findings_file=findings_file, rows_per_shard=options.rows_per_shard)
 
 
@@ -148,7 +148,7 @@ def audit_catalog(catalog_uri: str, spec_uri: str, model_uri: str, output_uri: s
         duplicates = find_duplicates(scored, spec, runs.kept_duplicates(previous, key))
         record = audit.run_record(scored, spec, run_id=run_id, started=started, catalog_uri=catalog_uri,
                                   model_uri=model_uri, files=files, backend=backend, options=options)
-        summary = report.summarize(pl.scan_parquet(findings_file), products=source.rows, run=record,
+        summary = report.summarize(pl.scan_parquet(findings_file), products=source.row_count, run=record,
                                    validation=validation, reported=scored.reported,
                                    changes=runs.change_counts(changes, previous),
                                    duplicates=report.duplicates_summary(duplicates, spec.duplicate_similarity, key),

@@ -71,7 +71,7 @@ def test_batches_cover_every_row_once_in_order_across_row_groups(where, tmp_path
     parts = list(source.batches(8))
     keys = source.read(["sku", "picture"])
 
-    assert source.rows == 50 and source.schema == frame.schema
+    assert source.row_count == 50 and source.schema == frame.schema
     assert max(part.height for part in parts) <= 8
     assert_frame_equal(pl.concat(parts), frame)
     assert_frame_equal(keys, frame.drop("notes"))

@@ -44,7 +44,7 @@ class CatalogFile:
             raise CatalogError(f"catalog not found: {uri}") from error
         except (pa.ArrowException, OSError) as error:
             raise CatalogError(f"catalog is not readable Parquet: {uri}: {error}") from error
-        self.rows = self._parquet.metadata.num_rows
+        self.row_count = self._parquet.metadata.num_rows
         # (``Schema.empty_table`` would import pandas: half a second of a small rerun)
         self.schema = pl.from_arrow(pa.Table.from_batches([], schema=self._parquet.schema_arrow)).schema
         meta = self._parquet.metadata

@@ -20,7 +20,7 @@ BYTES_PER_PIXEL = {"1": 1, "L": 1, "P": 1, "LA": 2, "PA": 2, "I;16": 2, "I;16B":
 SIGNATURE_SIZE = 32  # a pixel signature is the whole image as SIGNATURE_SIZE^2 RGB pixels (uint8)
 SIGNATURE_BYTES = 3 * SIGNATURE_SIZE ** 2
 SIGNATURE_DECODE_SIDE = 2 * SIGNATURE_SIZE  # decoded at least this large, however small the model's input
-SIGNATURES = {"JPEG": (b"\xff\xd8\xff",), "PNG": (b"\x89PNG\r\n\x1a\n",), "GIF": (b"GIF87a", b"GIF89a"),
+FORMAT_MAGIC = {"JPEG": (b"\xff\xd8\xff",), "PNG": (b"\x89PNG\r\n\x1a\n",), "GIF": (b"GIF87a", b"GIF89a"),
               "TIFF": (b"II*\x00", b"MM\x00*"), "BMP": (b"BM",)}
 
 
@@ -46,7 +46,7 @@ def image_format(data: bytes) -> str | None:
     """The allowed format ``data`` starts with (JPEG, PNG, WebP, GIF, TIFF, BMP), judged on the bytes."""
     if data[:4] == b"RIFF" and data[8:12] == b"WEBP":
         return "WEBP"
-    return next((name for name, starts in SIGNATURES.items() if data.startswith(starts)), None)
+    return next((name for name, starts in FORMAT_MAGIC.items() if data.startswith(starts)), None)
 
 
 def decode(data: bytes, *, min_side: int) -> Image.Image:
@@ -77,7 +77,7 @@ def decode(data: bytes, *, min_side: int) -> Image.Image:
     return image.convert("RGB")
 
 
-def to_pixels(image: Image.Image, spec: PixelSpec) -> np.ndarray:
+def to_pixels(image: Image.Image, pixel_spec: PixelSpec) -> np.ndarray:
     """Resize the shortest edge (bicubic), centre-crop and normalise, as CLIP's processor does."""
     width, height = image.size
     short, long = sorted((width, height))
@@ -88,13 +88,13 @@ def to_pixels(image: Image.Image, spec: PixelSpec) -> np.ndarray:
         image = image.crop(box)
         width, height = image.size
         short, long = sorted((width, height))
-    long = int(spec.resize * long / short)  # truncated, as transformers does
-    size = (spec.resize, long) if width <= height else (long, spec.resize)
+    long = int(pixel_spec.resize * long / short)  # truncated, as transformers does
+    size = (pixel_spec.resize, long) if width <= height else (long, pixel_spec.resize)
     image = image.resize(size, Image.Resampling.BICUBIC)
-    left, top = (size[0] - spec.crop) // 2, (size[1] - spec.crop) // 2
-    image = image.crop((left, top, left + spec.crop, top + spec.crop))
+    left, top = (size[0] - pixel_spec.crop) // 2, (size[1] - pixel_spec.crop) // 2
+    image = image.crop((left, top, left + pixel_spec.crop, top + pixel_spec.crop))
     array = np.asarray(image, dtype=np.float32) / 255.0
-    array = (array - np.array(spec.mean, np.float32)) / np.array(spec.std, np.float32)
+    array = (array - np.array(pixel_spec.mean, np.float32)) / np.array(pixel_spec.std, np.float32)
     return array.transpose(2, 0, 1)
 
 
@@ -105,31 +105,31 @@ def signature(image: Image.Image) -> bytes:
     return np.asarray(small, dtype=np.uint8).transpose(2, 0, 1).tobytes()
 
 
-def _pixels_one(data: bytes, spec: PixelSpec) -> tuple[np.ndarray, bytes] | str:
+def _pixels_one(data: bytes, pixel_spec: PixelSpec) -> tuple[np.ndarray, bytes] | str:
     """Model-ready pixels and the signature of image bytes, or why they could not be decoded."""
     try:
-        image = decode(data, min_side=max(spec.resize, SIGNATURE_DECODE_SIDE))
-        return to_pixels(image, spec), signature(image)
+        image = decode(data, min_side=max(pixel_spec.resize, SIGNATURE_DECODE_SIDE))
+        return to_pixels(image, pixel_spec), signature(image)
     except UnidentifiedImageError:  # its message names a memory address: keep statuses reproducible
         return "unreadable image: not a recognised image format"
     except DECODE_ERRORS as error:
         return f"unreadable image: {type(error).__name__}: {error}"[:300]
 
 
-def decode_images(fetched: list[Fetched], spec: PixelSpec, *, workers: int = 4) -> LoadedImages:
+def decode_images(fetched: list[Fetched], pixel_spec: PixelSpec, *, workers: int = 4) -> LoadedImages:
     """Decode and preprocess fetched images in a thread pool; fetch failures pass through."""
     with ThreadPoolExecutor(max_workers=workers) as pool:
-        results = list(pool.map(lambda item: item.error if item.data is None else _pixels_one(item.data, spec),
+        results = list(pool.map(lambda item: item.error if item.data is None else _pixels_one(item.data, pixel_spec),
                                 fetched))
     ok = np.array([not isinstance(r, str) for r in results], dtype=bool)
     loaded = [r for r in results if not isinstance(r, str)]
-    pixels = np.stack([r[0] for r in loaded]) if loaded else np.zeros((0, 3, spec.crop, spec.crop), np.float32)
+    pixels = np.stack([r[0] for r in loaded]) if loaded else np.zeros((0, 3, pixel_spec.crop, pixel_spec.crop), np.float32)
     return LoadedImages(pixels, ok, [r if isinstance(r, str) else None for r in results], [r[1] for r in loaded])
 
 
-def load_images(refs: list, access: ImageAccess, spec: PixelSpec, *, workers: int = 4) -> LoadedImages:
+def load_images(refs: list, access: ImageAccess, pixel_spec: PixelSpec, *, workers: int = 4) -> LoadedImages:
     """Fetch, decode and preprocess images; failures become per-image errors."""
-    return decode_images(fetch_all(refs, access, workers=workers), spec, workers=workers)
+    return decode_images(fetch_all(refs, access, workers=workers), pixel_spec, workers=workers)
 
 
 def thumbnail(ref: str | bytes | None, access: ImageAccess, *, size: int = 96) -> bytes | None:

@@ -247,7 +247,7 @@ def list_files(prefix: str, *, start: str = "") -> list[str]:
     return sorted(str(p.relative_to(root)) for p in files)
 
 
-def signature(prefix: str) -> str:
+def listing_digest(prefix: str) -> str:
     """Changes whenever a file under the folder or prefix is added, removed or rewritten."""
     if is_s3(prefix):
         bucket, key = split_s3(prefix.rstrip("/") + "/")

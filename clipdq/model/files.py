@@ -51,7 +51,7 @@ def read_model_files(uri: str) -> ModelFiles:
     config = json.loads(Path(folder, "config.json").read_text()) if Path(folder, "config.json").exists() else {}
     meta = _read_meta(Path(folder), uri, expected="clipdq_metadata" in config)
     if "fingerprint" not in meta:  # a plain checkpoint: its files identify it (a hub snapshot's path has its commit)
-        meta["fingerprint"] = f"files-{storage.signature(folder)}"
+        meta["fingerprint"] = f"files-{storage.listing_digest(folder)}"
     value_path = Path(folder, VALUE_EMB_FILE)
     value_emb = safetensors.numpy.load_file(str(value_path)) if value_path.exists() else None
     return ModelFiles(uri, folder, meta, pixel_spec(json.loads(Path(folder, PROCESSOR_FILE).read_text())), value_emb)
@@ -82,12 +82,12 @@ def _hub_snapshot(repo_id: str) -> str:
 def local_folder(uri: str) -> str:
     """A local folder for an s3:// prefix or a hub id, else the folder as given.
 
-    S3 downloads are cached by the prefix's content signature, so a model re-saved under the same
+    S3 downloads are cached by the digest of the prefix's listing, so a model re-saved under the same
     prefix is fetched again; a download lands in a temporary folder renamed into place when whole.
     """
     if not storage.is_s3(uri):
         return uri if Path(uri).is_dir() else _hub_snapshot(uri)
-    cache = Path.home() / ".cache" / "clipdq" / "models" / storage.signature(uri)
+    cache = Path.home() / ".cache" / "clipdq" / "models" / storage.listing_digest(uri)
     if not cache.exists():
         log.info("downloading model %s to %s", uri, cache)
         cache.parent.mkdir(parents=True, exist_ok=True)

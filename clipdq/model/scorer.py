@@ -132,12 +132,12 @@ def of_files(uri: str, spec: Spec, *, backend: str = "fp32", text_folder: str | 
 
 def load_model(uri: str, backend: str = "fp32") -> Clip:
     """The model at ``uri`` on ``backend``, loaded once per process while its files stay the same."""
-    return _load(uri, storage.signature(uri) if storage.is_s3(uri) or storage.exists(uri) else uri, backend)
+    return _load(uri, storage.listing_digest(uri) if storage.is_s3(uri) or storage.exists(uri) else uri, backend)
 
 
 @functools.lru_cache(maxsize=2)
-def _load(uri: str, signature: str, backend: str) -> Clip:
+def _load(uri: str, listing: str, backend: str) -> Clip:
     from clipdq.model import towers
 
-    clip = _load(uri, signature, "fp32") if backend != "fp32" else towers.load_model(uri)
+    clip = _load(uri, listing, "fp32") if backend != "fp32" else towers.load_model(uri)
     return towers.on_backend(clip, backend) if backend != "fp32" else clip

@@ -48,7 +48,7 @@ def score(source: CatalogFile, start: towers.Clip, spec: Spec, findings_file: st
     to the local Parquet file ``findings_file``; its texts judged fold by fold."""
     frame = source.read()
     folds = pl.Series(folds_of(frame, spec, k=k, group_column=group_column))
-    tally = Tally(source.rows, max_transient=spec.max_transient_image_errors, what="cross-fitting")
+    tally = Tally(source.row_count, max_transient=spec.max_transient_image_errors, what="cross-fitting")
     parts, calibrations, judged = [], [], []
     for fold in range(k):
         log.info("cross-fitting: training the model for fold %d of %d", fold + 1, k)

@@ -33,11 +33,11 @@ class ImageOutage(RuntimeError):
     """Too many images were lost to storage or network errors for the run's findings to stand."""
 
 
-def check_outage(lost: int, rows: int, max_share: float) -> None:
-    """Raise ImageOutage once ``lost`` of ``rows`` images exceed ``max_share``: findings made
+def check_outage(lost: int, row_count: int, max_share: float) -> None:
+    """Raise ImageOutage once ``lost`` of ``row_count`` images exceed ``max_share``: findings made
     during an outage would report the store's trouble as the catalog's."""
-    if lost and lost > max_share * rows:
-        raise ImageOutage(f"{lost} of {rows} images could not be fetched for transient reasons (storage or "
+    if lost and lost > max_share * row_count:
+        raise ImageOutage(f"{lost} of {row_count} images could not be fetched for transient reasons (storage or "
                           f"network errors), more than max_transient_image_errors={max_share:g}: nothing published")
 
 
@@ -169,8 +169,8 @@ class Tally:
     ones (``IMAGES_SCHEMA``, with ``keep_images``): each batch counted, an outage past
     ``max_transient`` raised at once (``check_outage``), progress logged as ``what``."""
 
-    def __init__(self, rows: int, *, max_transient: float, what: str, keep_images: bool = True):
-        self.rows, self.max_transient, self.what = rows, max_transient, what
+    def __init__(self, row_count: int, *, max_transient: float, what: str, keep_images: bool = True):
+        self.row_count, self.max_transient, self.what = row_count, max_transient, what
         self.counts: Counter = Counter(dict.fromkeys(COUNT_KEYS, 0))
         self.images = [pl.DataFrame(schema=IMAGES_SCHEMA)] if keep_images else None
 
@@ -178,9 +178,9 @@ class Tally:
         self.counts.update(counts(batch))
         if self.images is not None:
             self.images.append(usable_images(batch, spec))
-        check_outage(self.counts["lost_to_outages"], self.rows, self.max_transient)
-        progress_log.info("%s: %d/%d products done", self.what, self.counts["scored"], self.rows,
-                          extra={"progress": (self.counts["scored"], self.rows)})
+        check_outage(self.counts["lost_to_outages"], self.row_count, self.max_transient)
+        progress_log.info("%s: %d/%d products done", self.what, self.counts["scored"], self.row_count,
+                          extra={"progress": (self.counts["scored"], self.row_count)})
 
     def usable(self) -> pl.DataFrame:
         """(IMAGES_SCHEMA) the usable images of every batch so far, in order."""

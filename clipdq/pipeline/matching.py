@@ -30,13 +30,13 @@ def embed_catalog(source: catalog.CatalogFile, *, scorer: Scorer, access: ImageA
     progress is logged as ``role``. An outage does not stop matching: its images are errors."""
     spec, out, filled = scorer.spec, Embedded(), 0
     catalog.check_id_and_image(source.schema, spec)
-    tally = Tally(source.rows, max_transient=1.0, what=role, keep_images=False)
+    tally = Tally(source.row_count, max_transient=1.0, what=role, keep_images=False)
     kept = signatures = None
     for batch, embeddings in embedded_batches(source.batches(batch_size, [spec.id_column, spec.image_column]),
                                               scorer=scorer, access=access, cache=cache):
         if kept is None:  # one array for the catalog, filled in place: no second copy of a million rows
-            kept = np.empty((source.rows, embeddings.shape[1]), np.float32)
-            signatures = np.empty((source.rows, SIGNATURE_BYTES), np.uint8)
+            kept = np.empty((source.row_count, embeddings.shape[1]), np.float32)
+            signatures = np.empty((source.row_count, SIGNATURE_BYTES), np.uint8)
         kept[filled:filled + len(embeddings)] = embeddings
         usable = b"".join(sig for sig in batch.signatures if sig is not None)
         signatures[filled:filled + len(embeddings)] = np.frombuffer(usable, np.uint8).reshape(-1, SIGNATURE_BYTES)

@@ -50,7 +50,7 @@ class Shard:
     stop: int  # one past the last row
 
     @property
-    def rows(self) -> int:
+    def row_count(self) -> int:
         return self.stop - self.start
 
 
@@ -144,7 +144,7 @@ def run_shard(job: Job, shard: Shard) -> ShardResult:
     use = scorer_for(job)
     source = catalog.CatalogFile(job.catalog_uri, version=job.catalog_version)
     cache = EmbeddingCache(job.cache) if job.cache else None
-    tally = Tally(shard.rows, max_transient=use.spec.max_transient_image_errors, what=f"shard {shard.index}")
+    tally = Tally(shard.row_count, max_transient=use.spec.max_transient_image_errors, what=f"shard {shard.index}")
     findings, texts = audit.findings_of(
         source.batches_between(shard.start, shard.stop, job.batch_size), scorer=use,
         access=sources.catalog_access(job.catalog_uri, use.spec, job.image_roots), cache=cache, tally=tally)
@@ -230,13 +230,13 @@ def read_parts(parts: list[str], schema: dict) -> Iterator[pl.DataFrame]:
             yield pl.from_arrow(pq.ParquetFile(stream).read()).cast(schema)
 
 
-def collect(results: list[ShardResult], *, rows: int, spec: Spec, files: ModelFiles, findings_file: str,
+def collect(results: list[ShardResult], *, row_count: int, spec: Spec, files: ModelFiles, findings_file: str,
             rows_per_shard: int) -> audit.Scored:
     """The run's shards, scored, as one audit: their image counts summed (an outage fails the run
     here too), the texts judged once all are scored, the parts joined into the local Parquet file
     ``findings_file``, the usable images' signatures mapped from a file beside it."""
     images_seen = totals(results)
-    embedding.check_outage(images_seen["lost_to_outages"], rows, spec.max_transient_image_errors)
+    embedding.check_outage(images_seen["lost_to_outages"], row_count, spec.max_transient_image_errors)
     texts = pl.concat([pl.DataFrame(schema=TEXTS_SCHEMA), *read_parts([result.texts for result in results],
                                                                       TEXTS_SCHEMA)])
     text_calibration = scorer.text_calibration_for(files, spec)
