@@ -25,11 +25,13 @@ import numpy as np
 from heldout import figures_table, flag_figures, held_out_logits, pooled
 
 from clipdq import sample_data
+from clipdq.core.presets import TrainConfig
 from clipdq.core.spec import Spec, parse_spec
 from clipdq.io.catalog import read_catalog
 from clipdq.io.sources import access_for
 from clipdq.model import towers
 from clipdq.training import curves, train
+from clipdq.training.labeled import LabeledSet, default_splits, labels_of, load_labeled
 
 ROOT = Path(__file__).resolve().parents[1]
 SENTENCES = {
@@ -46,12 +48,12 @@ def with_sentences(spec: Spec) -> Spec:
         dataclasses.replace(a, prompts=(SENTENCES[a.name],)) for a in spec.attributes))
 
 
-def run_one(name: str, spec: Spec, data: train.LabeledSet, config: train.TrainConfig) -> tuple[dict, dict, float]:
+def run_one(name: str, spec: Spec, data: LabeledSet, config: TrainConfig) -> tuple[dict, dict, float]:
     """(test metrics, flag figures, minutes) of one run; ``config.seed`` draws the split and the initial weights."""
-    splits = train.default_splits(data, config)
+    splits = default_splits(data, config)
     clip = towers.init_model(spec, "tiny", seed=config.seed)
     outcome = train.train_on(clip, data, spec, config=config, splits=splits)
-    test_labels = train.labels_of(data, splits[2])
+    test_labels = labels_of(data, splits[2])
     flags = flag_figures(held_out_logits(clip, data, spec, splits[2]), test_labels, spec, outcome["calibration"])
     t = outcome["training"]
     print(f"{name}, seed {config.seed}: {t['minutes']} min, best epoch/step {t.get('best_epoch', t.get('best_step'))}; "
@@ -66,7 +68,7 @@ def flag_columns(figures: dict) -> dict:
             "gap recall": figures["gap_recall"]}
 
 
-def run_seeds(name: str, spec: Spec, data: train.LabeledSet, config: train.TrainConfig, seeds: list[int]) -> list[dict]:
+def run_seeds(name: str, spec: Spec, data: LabeledSet, config: TrainConfig, seeds: list[int]) -> list[dict]:
     """Table rows: per attribute, test accuracy and macro-F1 averaged over the seeds, with the range
     of accuracy, and flags pooled over the seeds."""
     runs = [run_one(name, spec, data, dataclasses.replace(config, seed=seed)) for seed in seeds]
@@ -98,10 +100,10 @@ def main() -> int:
         folder = sample_data.generate(tmp)  # the demo's sample: 2400 labeled products
         spec = parse_spec((folder / "spec.yaml").read_text())
         frame = read_catalog(str(folder / "labeled.parquet"))
-        data = train.load_labeled(frame, spec, access=access_for(str(folder)), pixel_spec=towers.init_model(spec).pixels)
+        data = load_labeled(frame, spec, access=access_for(str(folder)), pixel_spec=towers.init_model(spec).pixels)
     seeds = [int(seed) for seed in args.seeds.split(",")]
-    config = train.TrainConfig(seed=seeds[0], epochs=150)
-    splits = train.default_splits(data, config)
+    config = TrainConfig(seed=seeds[0], epochs=150)
+    splits = default_splits(data, config)
     print(f"train {len(splits[0])}, validation {len(splits[1])}, test {len(splits[2])}; seeds {seeds}", flush=True)
     full = dataclasses.replace(config, max_minutes=args.minutes)
     rows = run_seeds("prototype probe", spec, data, dataclasses.replace(config, mode="prototype"), seeds)

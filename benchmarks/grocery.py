@@ -36,9 +36,11 @@ from heldout import figures_table, flag_cells, flag_figures, held_out_logits, po
 
 from clipdq.core import evaluation, splits
 from clipdq.core.spec import Spec, parse_spec
+from clipdq.core.splits import Splits
 from clipdq.io.sources import access_for
 from clipdq.model import towers
 from clipdq.training import curves, locked, train
+from clipdq.training.labeled import LabeledSet, labels_of, load_labeled
 
 ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_DATA = Path(os.environ.get("CLIPDQ_GROCERY_DIR", ROOT.parent / "shared" / "datasets" / "grocery_store"))
@@ -92,7 +94,7 @@ def write_spec(frame: pl.DataFrame, data: Path, path: Path, *, tree: bool = Fals
     return path
 
 
-def splits_for(frame: pl.DataFrame, features: np.ndarray, *, seed: int) -> train.Splits:
+def splits_for(frame: pl.DataFrame, features: np.ndarray, *, seed: int) -> Splits:
     """(train, validation, test) rows: the dataset's train photos split as ``clipdq finetune`` does
     (a quarter for validation, near-duplicate images grouped by their tower features), and its
     held-out photos for test.
@@ -116,12 +118,12 @@ def spread(values: list[float]) -> str:
     return f"{np.mean(values):.3f} ({min(values):.3f} to {max(values):.3f})" if len(values) > 1 else f"{values[0]:.3f}"
 
 
-def embedded_photos(frame: pl.DataFrame, spec: Spec, data: Path) -> tuple[train.LabeledSet, object, np.ndarray]:
+def embedded_photos(frame: pl.DataFrame, spec: Spec, data: Path) -> tuple[LabeledSet, object, np.ndarray]:
     """(labeled photos, the locked tower's kept activations, its pooled features), decoded and
     embedded once for every seed; prints how long that took."""
     base = towers.init_model(spec, "efficientnet-lite0")
     started = time.monotonic()
-    labeled = train.load_labeled(frame, spec, access=access_for(str(data)), pixel_spec=base.pixels)
+    labeled = load_labeled(frame, spec, access=access_for(str(data)), pixel_spec=base.pixels)
     plain = locked.plain_activations(base, labeled, 0)
     print(f"{len(labeled.pixels)} photos decoded and embedded in {time.monotonic() - started:.0f} s", flush=True)
     return labeled, plain, locked.pooled_features(base, plain, 0)
@@ -162,7 +164,7 @@ def run(args: argparse.Namespace) -> dict:
 
     base = make_model()
     started = time.monotonic()
-    data = train.load_labeled(frame, spec, access=access_for(str(args.data)), pixel_spec=base.pixels)
+    data = load_labeled(frame, spec, access=access_for(str(args.data)), pixel_spec=base.pixels)
     plain = locked.plain_activations(base, data, 0)  # the frozen tower's features of every photo, once
     features = locked.pooled_features(base, plain, 0)
     print(f"{len(data.pixels)} photos decoded and embedded in {time.monotonic() - started:.0f} s", flush=True)
@@ -171,7 +173,7 @@ def run(args: argparse.Namespace) -> dict:
     rows = {name: len(part) for name, part in zip(("train", "val", "test"), split_of[seeds[0]])}
     print(f"rows per split: {rows}", flush=True)
     test_rows = split_of[seeds[0]][2]
-    test_labels = train.labels_of(data, test_rows)
+    test_labels = labels_of(data, test_rows)
     results: dict = {"rows": rows, "tables": {}}
 
     untrained = evaluation.held_out_metrics(held_out_logits(base, data, spec, test_rows), test_labels, spec)
@@ -194,7 +196,8 @@ def run(args: argparse.Namespace) -> dict:
                                  outcome["calibration"])
             runs.append({"seed": seed, "cpu_minutes": round(cpu, 2), "wall_minutes": round(wall, 2),
                          "training": {k: v for k, v in outcome["training"].items() if k != "history"},
-                         "metrics": outcome["metrics"], "calibration": outcome["calibration"], "flags": flags,
+                         "metrics": outcome["metrics"], "flags": flags,
+                         "calibration": {k: v.to_dict() for k, v in outcome["calibration"].items()},
                          "pooled_flags": pooled(flags.values())})
             print(f"{name}, seed {seed}: {cpu:.1f} CPU min ({wall:.1f} min wall), "
                   f"accuracy {[round(outcome['metrics'][lv]['test_accuracy'], 3) for lv in LEVELS]}, "

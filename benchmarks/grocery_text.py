@@ -39,6 +39,7 @@ from clipdq.core.spec import Spec, parse_spec
 from clipdq.model import towers
 from clipdq.pipeline import audit
 from clipdq.training import train
+from clipdq.training.labeled import LabeledSet, labels_of
 
 PLANTED_SHARE, PLANTINGS = 0.1, 10
 
@@ -62,7 +63,7 @@ def text_spec(frame: pl.DataFrame) -> Spec:
                                       "attributes": attributes}))
 
 
-def plant(rows: np.ndarray, data: train.LabeledSet, rng: np.random.Generator) -> np.ndarray:
+def plant(rows: np.ndarray, data: LabeledSet, rng: np.random.Generator) -> np.ndarray:
     """Per row, the row whose title it is shown with: its own, or for PLANTED_SHARE of them another
     product's (another title)."""
     shown = rows.copy()
@@ -71,7 +72,7 @@ def plant(rows: np.ndarray, data: train.LabeledSet, rng: np.random.Generator) ->
     return shown
 
 
-def flag_figures(clip: towers.Clip, data: train.LabeledSet, rows: np.ndarray, calibration: text.TextCalibration,
+def flag_figures(clip: towers.Clip, data: LabeledSet, rows: np.ndarray, calibration: text.TextCalibration,
                  spec: Spec, seed: int) -> dict:
     """Counts of flags and planted mismatches over PLANTINGS plantings on ``rows``."""
     image_emb = towers.embed_images(clip, data.pixels[rows].numpy())
@@ -97,16 +98,16 @@ def flag_figures(clip: towers.Clip, data: train.LabeledSet, rows: np.ndarray, ca
     return counts
 
 
-def run_seed(spec: Spec, data: train.LabeledSet, plain, split, seed: int, views: int) -> dict:
+def run_seed(spec: Spec, data: LabeledSet, plain, split, seed: int, views: int) -> dict:
     clip = towers.init_model(spec, "efficientnet-lite0")
     config = train.config_for(clip, mode="locked", seed=seed, views=views)
     cpu = time.process_time()
     outcome = train.train_on(clip, data, spec, config=config, splits=split, plain=plain)
-    temperatures = {k: v["temperature"] for k, v in outcome["calibration"].items()}
+    temperatures = {k: v.temperature for k, v in outcome["calibration"].items()}
     test = split[2]
     accuracy = {level: figures["test_accuracy"] for level, figures in evaluation.held_out_metrics(
-        held_out_logits(clip, data, spec, test), train.labels_of(data, test), spec, temperatures=temperatures).items()}
-    calibration = text.TextCalibration.from_dict(outcome["text_calibration"])
+        held_out_logits(clip, data, spec, test), labels_of(data, test), spec, temperatures=temperatures).items()}
+    calibration = outcome["text_calibration"]
     result = {"seed": seed, "cpu_minutes": round((time.process_time() - cpu) / 60, 2),
               "text_minutes": outcome["training"]["texts"]["minutes"], "accuracy": accuracy,
               "threshold": calibration.threshold, "flags": flag_figures(clip, data, test, calibration, spec, seed)}

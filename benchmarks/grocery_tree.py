@@ -33,6 +33,7 @@ from clipdq.core import evaluation
 from clipdq.core.spec import Spec
 from clipdq.model import towers
 from clipdq.training import train
+from clipdq.training.labeled import LabeledSet, labels_of
 
 
 def inconsistent_share(chosen: dict[str, tuple[np.ndarray, np.ndarray]], spec: Spec) -> float:
@@ -43,7 +44,7 @@ def inconsistent_share(chosen: dict[str, tuple[np.ndarray, np.ndarray]], spec: S
     return float(np.mean([tuple(int(v) for v in row) not in paths for row in rows]))
 
 
-def run_seed(spec: Spec, data: train.LabeledSet, plain, split, seed: int, views: int) -> dict:
+def run_seed(spec: Spec, data: LabeledSet, plain, split, seed: int, views: int) -> dict:
     clip = towers.init_model(spec, "efficientnet-lite0")
     config = train.config_for(clip, mode="locked", seed=seed, views=views)
     cpu = time.process_time()
@@ -52,10 +53,10 @@ def run_seed(spec: Spec, data: train.LabeledSet, plain, split, seed: int, views:
     val_rows, test_rows = split[1], split[2]
     flat = dataclasses.replace(spec, trees=())
     val_logits, test_logits = (held_out_logits(clip, data, spec, rows) for rows in (val_rows, test_rows))
-    test_labels = train.labels_of(data, test_rows)
-    flat_calibration, _ = evaluation.calibrate(val_logits, train.labels_of(data, val_rows), flat)
-    temperatures = {"flat": {k: v["temperature"] for k, v in flat_calibration.items()},
-                    "tree": {k: v["temperature"] for k, v in outcome["calibration"].items()}}
+    test_labels = labels_of(data, test_rows)
+    flat_calibration, _ = evaluation.calibrate(val_logits, labels_of(data, val_rows), flat)
+    temperatures = {"flat": {k: v.temperature for k, v in flat_calibration.items()},
+                    "tree": {k: v.temperature for k, v in outcome["calibration"].items()}}
     accuracy = {kind: {level: figures["test_accuracy"] for level, figures in evaluation.held_out_metrics(
         test_logits, test_labels, kind_spec, temperatures=temperatures[kind]).items()}
         for kind, kind_spec in (("flat", flat), ("tree", spec))}

@@ -22,12 +22,13 @@ from clipdq.core.predict import Calibration
 from clipdq.core.spec import Spec
 from clipdq.model import towers
 from clipdq.pipeline import audit
-from clipdq.training import train
+from clipdq.training.calibration import logits_from
+from clipdq.training.labeled import LabeledSet
 
 
-def held_out_logits(clip: towers.Clip, data: train.LabeledSet, spec: Spec, rows: np.ndarray) -> dict[str, np.ndarray]:
+def held_out_logits(clip: towers.Clip, data: LabeledSet, spec: Spec, rows: np.ndarray) -> dict[str, np.ndarray]:
     value_emb = clip.value_emb if clip.value_emb is not None else towers.embed_captions(clip, spec)
-    return train.logits_from(towers.embed_images(clip, data.pixels[rows].numpy()), value_emb, clip)
+    return logits_from(towers.embed_images(clip, data.pixels[rows].numpy()), value_emb, clip)
 
 
 def _share(hits: int, total: int) -> float:
@@ -35,7 +36,7 @@ def _share(hits: int, total: int) -> float:
 
 
 def flag_figures(
-    logits: dict[str, np.ndarray], labels: dict[str, np.ndarray], spec: Spec, calibration: dict[str, dict],
+    logits: dict[str, np.ndarray], labels: dict[str, np.ndarray], spec: Spec, calibration: dict[str, Calibration],
     *, share: float = 0.1, repeats: int = 10,
 ) -> dict[str, dict]:
     """Per attribute: conflict precision and recall, gap-suggestion accuracy and recall, with counts,
@@ -60,7 +61,7 @@ def flag_figures(
 
 
 def _planted_audit(
-    logits: dict[str, np.ndarray], labels: dict[str, np.ndarray], spec: Spec, calibration: dict[str, dict],
+    logits: dict[str, np.ndarray], labels: dict[str, np.ndarray], spec: Spec, calibration: dict[str, Calibration],
     *, share: float, seed: int,
 ) -> pl.DataFrame:
     """Findings joined with what was planted, for one random planting of errors and gaps."""
@@ -80,10 +81,9 @@ def _planted_audit(
         values = np.array(attribute.values, dtype=object)
         truth.append(pl.DataFrame({"product_id": ids, "attribute": attribute.name, "planted": planted[attribute.name],
                                    "true_value": list(values[labels[attribute.name].clip(0)])}))
-    temperatures = {name: fitted["temperature"] for name, fitted in calibration.items()}
+    temperatures = {name: fitted.temperature for name, fitted in calibration.items()}
     predictions = audit.predictions_of(ids, evaluation.choices(logits, spec, temperatures), spec)
-    findings = compare(pl.DataFrame(columns), predictions, spec=spec,
-                       calibration={k: Calibration(**v) for k, v in calibration.items()})
+    findings = compare(pl.DataFrame(columns), predictions, spec=spec, calibration=calibration)
     return findings.join(pl.concat(truth), on=["product_id", "attribute"])
 
 

@@ -40,6 +40,7 @@ from clipdq import sample_data
 from clipdq.checks.compare import compare
 from clipdq.checks.schemas import PREDICTIONS_SCHEMA
 from clipdq.core import predict
+from clipdq.core.options import ARCHS, BACKENDS
 from clipdq.core.predict import default_calibration
 from clipdq.core.spec import parse_spec
 from clipdq.io import images
@@ -184,9 +185,9 @@ def main() -> int:
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--rows", type=int, default=1_000_000, help="products for the compare/report timing")
     parser.add_argument("--memory-rows", default="10000,100000", help="catalog sizes for the peak-memory audit")
-    parser.add_argument("--arch", default="vit-b-32", choices=towers.ARCHS, help="the model to time")
+    parser.add_argument("--arch", default="vit-b-32", choices=ARCHS, help="the model to time")
     parser.add_argument("--only-rates", action="store_true", help="(a) and (b) only: tower, decoding, whole audit")
-    parser.add_argument("--backend", default="fp32", choices=towers.BACKENDS, help="the image tower's arithmetic "
+    parser.add_argument("--backend", default="fp32", choices=BACKENDS, help="the image tower's arithmetic "
                         "in (a) and (b)")
     args = parser.parse_args()
     if args.backend != "fp32" and not args.only_rates:

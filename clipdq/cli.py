@@ -193,7 +193,7 @@ def run_learning_curve(args: argparse.Namespace) -> str:
     from clipdq.core.spec import parse_spec
     from clipdq.io import catalog, sources, storage
     from clipdq.model import towers
-    from clipdq.training import curves, train
+    from clipdq.training import curves, labeled, train, views
 
     spec, o = parse_spec(storage.read_bytes(args.spec).decode()), _options(args, FinetuneOptions)
     frame = catalog.read_catalog(args.catalog)
@@ -203,11 +203,11 @@ def run_learning_curve(args: argparse.Namespace) -> str:
         return towers.load_model(o.base_model) if o.base_model else towers.init_model(spec, o.arch, seed=o.seed)
 
     first = make_model()
-    config = train.config_for(first, mode=o.mode, max_minutes=o.max_minutes, seed=o.seed, group_column=o.group_column)
-    data = train.load_labeled(frame, spec, access=sources.catalog_access(args.catalog, spec),
-                              pixel_spec=train.loading_spec(first, config), group_column=o.group_column)
+    config = train.config_for(first, **o.config_options())
+    data = labeled.load_labeled(frame, spec, access=sources.catalog_access(args.catalog, spec),
+                                pixel_spec=views.loading_spec(first, config), group_column=o.group_column)
     sizes = tuple(int(n) for n in args.sizes.split(","))
-    table = curves.learning_curve(make_model, data, spec, config=config, splits=train.default_splits(data, config),
+    table = curves.learning_curve(make_model, data, spec, config=config, splits=labeled.default_splits(data, config),
                                   sizes=sizes)
     text = curves.markdown(table)
     print(text)

@@ -6,7 +6,8 @@ from prefect import flow, get_run_logger, task
 from prefect.artifacts import create_table_artifact
 from prefect.cache_policies import NO_CACHE
 
-from clipdq.core.options import FinetuneOptions
+from clipdq.core.options import Arch, FinetuneOptions
+from clipdq.core.presets import TrainConfig
 from clipdq.core.spec import parse_spec
 from clipdq.io import catalog, sources, storage
 from clipdq.model import towers
@@ -16,15 +17,16 @@ from flows.retries import IO_RETRIES
 
 
 @task(**IO_RETRIES, cache_policy=NO_CACHE)
-def load_base_model(spec_text: str, base_model: str | None, arch: towers.Arch) -> towers.Clip:
+def load_base_model(spec_text: str, base_model: str | None, arch: Arch) -> towers.Clip:
     if base_model:
         return towers.load_model(base_model)
     return towers.init_model(parse_spec(spec_text), arch)
 
 
 @task(cache_policy=NO_CACHE)
-def fit(clip: towers.Clip, catalog_uri: str, spec_text: str, config: train.TrainConfig,
-        image_roots: list[str]) -> towers.Clip:
+def fit(
+    clip: towers.Clip, catalog_uri: str, spec_text: str, config: TrainConfig, image_roots: list[str]
+) -> towers.Clip:
     frame = catalog.read_catalog(catalog_uri)
     spec = parse_spec(spec_text)
     catalog.check_schema(frame.schema, spec)
@@ -38,8 +40,9 @@ def save(clip: towers.Clip, output_uri: str) -> str:
 
 
 @flow(name="clipdq-finetune", log_prints=True)
-def finetune_model(catalog_uri: str, spec_uri: str, output_uri: str,
-                   options: FinetuneOptions = FinetuneOptions()) -> str:
+def finetune_model(
+    catalog_uri: str, spec_uri: str, output_uri: str, options: FinetuneOptions = FinetuneOptions()
+) -> str:
     """Fine-tune a model on labeled products; returns the saved model folder, whose model card and
     ``clipdq.json`` hold its metrics, calibration and how it was trained.
 
@@ -52,15 +55,10 @@ def finetune_model(catalog_uri: str, spec_uri: str, output_uri: str,
     storage.check_writable(output_uri)  # before the training, not after it
     spec_text = read_spec(spec_uri)
     clip = load_base_model(spec_text, options.base_model, options.arch)
-    config = train.config_for(clip, epochs=options.epochs, max_minutes=options.max_minutes, seed=options.seed,
-                              mode=options.mode, val_fraction=options.val_fraction,
-                              test_fraction=options.test_fraction, label_noise=options.label_noise,
-                              group_column=options.group_column, train_only_column=options.train_only_column,
-                              unlock_blocks=options.unlock_blocks,
-                              views=options.views)
+    config = train.config_for(clip, **options.config_options())
     clip = fit(clip, catalog_uri, spec_text, config, options.image_roots)
     save(clip, output_uri)
-    rows = [{"attribute": k, **v} for k, v in clip.meta["metrics"].items()]
+    rows = [{"attribute": k, **v} for k, v in clip.meta.metrics.items()]
     create_table_artifact(key="clipdq-finetune-metrics", table=rows, description=f"Validation metrics, {output_uri}")
     get_run_logger().info("model saved to %s", output_uri)
     return output_uri

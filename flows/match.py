@@ -4,13 +4,12 @@ from __future__ import annotations
 
 from datetime import datetime, timezone
 
-import numpy as np
 import polars as pl
-from prefect import flow, get_run_logger, task
-from prefect.artifacts import create_markdown_artifact, create_table_artifact
+from prefect import flow, task
 from prefect.cache_policies import NO_CACHE
 
-from clipdq.checks import duplicates, match
+from clipdq.checks import match
+from clipdq.checks.neighbours import ValueAgreement
 from clipdq.core.options import MatchOptions
 from clipdq.core.spec import parse_spec
 from clipdq.io import catalog, sources, storage
@@ -18,17 +17,24 @@ from clipdq.io.cache import EmbeddingCache
 from clipdq.model import scorer
 from clipdq.pipeline import embedding, matching
 from clipdq.reporting import report, runs
+from flows.artifacts import announce_match
 from flows.inputs import read_model, read_spec
 from flows.retries import IO_RETRIES
 
 
 @task(**IO_RETRIES, cache_policy=NO_CACHE)
-def embed_catalog(uri: str, spec_text: str, model_uri: str, cache: str | None, options: MatchOptions,
-                  role: str) -> match.Embedded:
+def embed_catalog(
+    uri: str, spec_text: str, model_uri: str, cache: str | None, options: MatchOptions, role: str
+) -> match.Embedded:
     spec = parse_spec(spec_text)
-    return matching.embed_catalog(catalog.CatalogFile(uri), scorer=scorer.of_files(model_uri, spec, text_folder=cache),
-                               access=sources.catalog_access(uri, spec, options.image_roots),
-                               cache=EmbeddingCache(cache) if cache else None, batch_size=options.batch_size, role=role)
+    return matching.embed_catalog(
+        catalog.CatalogFile(uri),
+        scorer=scorer.of_files(model_uri, spec, text_folder=cache),
+        access=sources.catalog_access(uri, spec, options.image_roots),
+        cache=EmbeddingCache(cache) if cache else None,
+        batch_size=options.batch_size,
+        role=role,
+    )
 
 
 @task(**IO_RETRIES, cache_policy=NO_CACHE)
@@ -38,8 +44,17 @@ def read_labels(uri: str, id_column: str, label_column: str) -> dict[str, str | 
 
 
 @task(**IO_RETRIES, cache_policy=NO_CACHE)
-def read_values(uri: str, spec_text: str, usable: np.ndarray) -> dict[str, np.ndarray]:
-    return matching.reference_labels(catalog.CatalogFile(uri), parse_spec(spec_text), usable)
+def read_agreement(
+    uri: str, references: match.Embedded, spec_text: str, model_uri: str, cache: str | None, weight: float
+) -> ValueAgreement | None:
+    return matching.agreement_for(
+        catalog.CatalogFile(uri),
+        references,
+        parse_spec(spec_text),
+        model_uri=model_uri,
+        text_folder=cache,
+        weight=weight,
+    )
 
 
 @task(**IO_RETRIES, cache_policy=NO_CACHE)
@@ -48,8 +63,14 @@ def publish(folder: str, matches: pl.DataFrame, summary: dict) -> str:
 
 
 @flow(name="clipdq-match", log_prints=True)
-def match_catalogs(references_uri: str, queries_uri: str, spec_uri: str, model_uri: str, output_uri: str,
-                   options: MatchOptions = MatchOptions()) -> str:
+def match_catalogs(
+    references_uri: str,
+    queries_uri: str,
+    spec_uri: str,
+    model_uri: str,
+    output_uri: str,
+    options: MatchOptions = MatchOptions(),
+) -> str:
     """Find the nearest catalog products of other photos; returns the run folder holding
     ``matches.parquet`` (query_id, rank from 1, reference_id, score), ``summary.json`` and the
     manifest (written last: the run is complete). The score is the cosine similarity of the image
@@ -76,36 +97,21 @@ def match_catalogs(references_uri: str, queries_uri: str, spec_uri: str, model_u
     cache = embedding.cache_folder(output_uri, files, "fp32") if options.embedding_cache else None
     references = embed_catalog(references_uri, spec_text, model_uri, cache, options, "references")
     queries = embed_catalog(queries_uri, spec_text, model_uri, cache, options, "queries")
-    agreement = None
-    if options.attribute_weight:
-        agreement = matching.value_agreement(scorer.of_files(model_uri, spec, text_folder=cache),
-                                          read_values(references_uri, spec_text, references.ok),
-                                          weight=options.attribute_weight)
-    matches, found = match.match_embedded(references, queries, k=options.k, agreement=agreement,
-                                          search=options.search,
-                                          index_folder=storage.join(cache, "approximate_index") if cache else None)
-    if spec.duplicate_similarity is not None:
-        matches, found["near_identical_pixels"] = duplicates.flag_near_identical(
-            matches, references, queries, threshold=spec.duplicate_similarity)
-    summary = {"run_id": run_id, "started_at": started.isoformat(), "references_catalog": references_uri,
-               "queries_catalog": queries_uri, "model": model_uri, "model_fingerprint": files.fingerprint(),
-               "options": options.model_dump(), **found, "accuracy": None}
+    agreement = read_agreement(references_uri, references, spec_text, model_uri, cache, options.attribute_weight)
+    matches, found = matching.ranked(references, queries, spec, options=options, agreement=agreement, cache=cache)
+    summary = {
+        "run_id": run_id,
+        "started_at": started.isoformat(),
+        "references_catalog": references_uri,
+        "queries_catalog": queries_uri,
+        "model": model_uri,
+        "model_fingerprint": files.fingerprint(),
+        "options": options.model_dump(),
+        **found,
+        "accuracy": None,
+    }
     if options.label_column:
         summary["accuracy"] = match.accuracy(matches, read_labels(queries_uri, spec.id_column, options.label_column))
     publish(folder, matches, summary)
-    _announce(summary, folder, matches)
+    announce_match(summary, folder, matches)
     return folder
-
-
-def _announce(summary: dict, folder: str, matches: pl.DataFrame) -> None:
-    excluded, acc = summary["same_image_excluded"], summary["accuracy"]
-    line = (f"{summary['queries']} queries matched against {summary['references']} references; "
-            f"{excluded['pairs']} same-image pairs left out ({excluded['queries']} queries)")
-    if acc:
-        line += f"; top-1 {acc['top_1']:.3f}, top-5 {acc['top_5']:.3f} over {acc['labeled_queries']} labeled queries"
-    get_run_logger().info("%s; matches: %s", line, storage.join(folder, "matches.parquet"))
-    create_markdown_artifact(key="clipdq-match-report", markdown=f"{line}.\n\nRun folder: `{folder}`",
-                             description="What product matching found")
-    best = matches.filter(pl.col("rank") == 1).sort("score").head(25).with_columns(pl.col("score").round(3))
-    create_table_artifact(key="clipdq-weakest-matches", table=best.drop("rank", "detail").to_dicts(),
-                          description=f"The 25 queries whose best match is weakest, run {summary['run_id']}")

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 from clipdq.core.spec import SpecError
 from clipdq.io.catalog import CatalogError
 from clipdq.io.storage import StorageError, is_permanent
@@ -18,4 +20,4 @@ def _transient(task, task_run, state) -> bool:
     return False
 
 
-IO_RETRIES = {"retries": 2, "retry_delay_seconds": 5, "retry_condition_fn": _transient}
+IO_RETRIES: dict[str, Any] = {"retries": 2, "retry_delay_seconds": 5, "retry_condition_fn": _transient}

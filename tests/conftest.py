@@ -3,18 +3,21 @@ Prefect test harness. Everything expensive is built once per session."""
 
 from __future__ import annotations
 
+import json
 import uuid
 from pathlib import Path
 
 import pytest
 
 from clipdq import sample_data
+from clipdq.core.presets import TrainConfig
 from clipdq.core.spec import Spec, parse_spec
 from clipdq.io import storage
 from clipdq.io.catalog import read_catalog
 from clipdq.io.sources import access_for
 from clipdq.model import towers
 from clipdq.training import train
+from clipdq.training.labeled import LabeledSet, load_labeled
 
 N_LABELED = 60
 N_CATALOG = 100
@@ -44,11 +47,11 @@ def spec(sample_dir: Path) -> Spec:
 
 
 @pytest.fixture(scope="session")
-def labeled(sample_dir: Path, spec: Spec) -> train.LabeledSet:
+def labeled(sample_dir: Path, spec: Spec) -> LabeledSet:
     """The sample's labeled products, loaded at the tiny model's resolution."""
     pixels = towers.init_model(spec).pixels
-    return train.load_labeled(read_catalog(str(sample_dir / "labeled.parquet")), spec, access=access_for(str(sample_dir)),
-                              pixel_spec=pixels)
+    return load_labeled(read_catalog(str(sample_dir / "labeled.parquet")), spec, access=access_for(str(sample_dir)),
+                        pixel_spec=pixels)
 
 
 @pytest.fixture(scope="session")
@@ -61,10 +64,15 @@ def init_model_dir(tmp_path_factory: pytest.TempPathFactory, spec: Spec) -> Path
 
 @pytest.fixture(scope="session")
 def trained_model_dir(tmp_path_factory: pytest.TempPathFactory, sample_dir: Path, spec: Spec) -> Path:
-    """A tiny CLIP fine-tuned for two epochs on the sample's labeled products, saved."""
+    """A tiny CLIP fine-tuned for two epochs on the sample's labeled products, saved.
+
+    Its 11 to 13 validation rows cannot show any threshold (the Wilson bound needs 15 clean rows
+    for the gap bar), so it never flags a conflict or suggests a gap: tests of flags, thresholds or
+    suggested fixes use ``flagging_model_dir``.
+    """
     clip = towers.init_model(spec, "tiny", seed=0)
     labeled = read_catalog(str(sample_dir / "labeled.parquet"))
-    train.finetune(clip, labeled, spec, access=access_for(str(sample_dir)), config=train.TrainConfig(epochs=2))
+    train.finetune(clip, labeled, spec, access=access_for(str(sample_dir)), config=TrainConfig(epochs=2))
     folder = tmp_path_factory.mktemp("trained-model")
     towers.save_model(clip, str(folder))
     return folder
@@ -91,6 +99,9 @@ def flagging_model_dir(tmp_path_factory: pytest.TempPathFactory, flagging_labele
     train.finetune(clip, labeled, spec, access=access_for(str(flagging_labeled_dir)), config=config)
     folder = tmp_path_factory.mktemp("flagging-model")
     towers.save_model(clip, str(folder))
+    color = json.loads((folder / "clipdq.json").read_text())["calibration"]["color"]
+    assert color["gap_threshold"] is not None and color["conflict_threshold"] is not None, (
+        f"the flagging model cannot flag colour (calibration {color}): tests of flags would prove nothing")
     return folder
 
 

@@ -64,7 +64,7 @@ def test_init_model_prints_the_folder_it_wrote(cli_env, sample_dir, tmp_path):
     assert result.returncode == 0, result.stderr
     assert last_line(result.stdout) == str(output)
     clip = towers.load_model(str(output), device="cpu")
-    assert clip.meta["arch"] == "tiny" and clip.meta["trained"] is False
+    assert clip.meta.arch == "tiny" and clip.meta.trained is False
 
 
 def test_init_model_with_bad_yaml_fails_with_a_one_line_reason(cli_env, tmp_path):
@@ -100,11 +100,11 @@ def test_finetune_prints_the_model_folder_it_wrote(finetuned, spec):
     assert result.returncode == 0, result.stderr[-3000:]
     assert last_line(result.stdout) == str(output)
     clip = towers.load_model(str(output), device="cpu")
-    assert clip.meta["train_config"]["mode"] == "locked"  # the preset for a pretrained tower with a new text tower
-    assert clip.meta["training"]["stopped_by"] in ("epochs", "patience")
-    assert set(clip.meta["metrics"]) == set(spec.names)
-    assert clip.meta["calibration"]["color"]["conflict_threshold"] is not None  # colour can flag conflicts
-    assert clip.meta["calibration"]["color"]["conflict_rows"] > 100
+    assert clip.meta.train_config["mode"] == "locked"  # the preset for a pretrained tower with a new text tower
+    assert clip.meta.training["stopped_by"] in ("epochs", "patience")
+    assert set(clip.meta.metrics) == set(spec.names)
+    assert clip.meta.calibration["color"].conflict_threshold is not None  # colour can flag conflicts
+    assert clip.meta.calibration["color"].conflict_rows > 100
     assert "locked" in (output / "README.md").read_text()
 
 

@@ -13,10 +13,13 @@ import yaml
 from clipdq import sample_data
 from clipdq.core import splits
 from clipdq.core.options import AuditOptions
+from clipdq.core.presets import TrainConfig
 from clipdq.core.spec import parse_spec
+from clipdq.io import catalog
 from clipdq.io.catalog import read_catalog
 from clipdq.io.sources import access_for
 from clipdq.model import towers
+from clipdq.pipeline import crossfit
 from clipdq.training import train
 from flows.audit import audit_catalog
 
@@ -47,6 +50,35 @@ def noisy_catalog(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return folder
 
 
+def test_cross_fitting_scores_every_row_once_with_one_calibration_per_fold(noisy_catalog, tmp_path):
+    """The library call alone, without Prefect: each fold judged by its own model."""
+    spec = parse_spec((noisy_catalog / "color.yaml").read_text())
+    towers.save_model(towers.init_model(spec, seed=0), str(tmp_path / "init"))
+    source = catalog.CatalogFile(str(noisy_catalog / "catalog.parquet"))
+    findings_file = str(tmp_path / "findings.parquet")
+
+    scored = crossfit.score(source, str(tmp_path / "init"), spec, findings_file, access=access_for(str(noisy_catalog)),
+                            options=AuditOptions(cross_fit=2, fold_minutes=0.5))
+
+    findings = pl.read_parquet(findings_file)
+    assert sorted(findings["product_id"]) == sorted(pl.read_parquet(noisy_catalog / "catalog.parquet")["product_id"])
+    assert len(scored.calibrations) == 2 and all(set(c) == {"color"} for c in scored.calibrations)
+    assert len(scored.texts_judged["folds"]) == 2
+    assert scored.images["scored"] == source.row_count
+    usable = findings.filter(pl.col("status") != "image_error")["product_id"].unique()
+    assert sorted(scored.usable["product_id"]) == sorted(usable) and scored.signatures.shape[0] == len(usable)
+
+
+def test_folds_keep_a_group_together(noisy_catalog):
+    spec = parse_spec((noisy_catalog / "color.yaml").read_text())
+    frame = pl.read_parquet(noisy_catalog / "catalog.parquet").with_columns(family=pl.int_range(pl.len()) // 10)
+
+    folds = crossfit.folds_of(frame, spec, k=3, group_column="family")
+
+    assert set(folds) == {0, 1, 2}
+    assert frame.with_columns(fold=folds).group_by("family").agg(pl.col("fold").n_unique())["fold"].max() == 1
+
+
 def planted_conflicts(folder: Path, run: str) -> pl.DataFrame:
     truth = pl.read_parquet(folder / "ground_truth.parquet").filter(pl.col("attribute") == "color")
     findings = pl.read_parquet(Path(run) / "findings.parquet")
@@ -59,7 +91,7 @@ def test_cross_fitting_finds_planted_errors_that_an_in_sample_audit_misses(noisy
     # In sample: a model fitted closely to the very rows it audits (fixed schedule, last weights),
     # as a large pretrained CLIP is after a few epochs.
     fitted = towers.init_model(spec, seed=0)
-    closely = train.TrainConfig(epochs=60, patience=60, augment=False, keep_best=False)
+    closely = TrainConfig(epochs=60, patience=60, augment=False, keep_best=False)
     train.finetune(fitted, read_catalog(str(catalog)), spec, access=access_for(str(noisy_catalog)), config=closely)
     towers.save_model(fitted, str(tmp_path / "in-sample"))
     towers.save_model(towers.init_model(spec, seed=0), str(tmp_path / "init"))

@@ -8,8 +8,10 @@ import numpy as np
 import polars as pl
 from PIL import Image
 
+from clipdq.core.presets import TrainConfig
 from clipdq.model import towers
-from clipdq.training import curves, train
+from clipdq.training import curves
+from clipdq.training.labeled import default_splits, label_arrays
 
 
 def test_keep_per_value_keeps_n_training_labels_per_value_and_every_held_out_one():
@@ -29,8 +31,8 @@ def test_keep_per_value_keeps_n_training_labels_per_value_and_every_held_out_one
 
 
 def test_learning_curve_trains_one_model_per_size_and_stops_once_all_labels_are_used(labeled, spec):
-    config = train.TrainConfig(mode="prototype")
-    splits = train.default_splits(labeled, config)
+    config = TrainConfig(mode="prototype")
+    splits = default_splits(labeled, config)
     made = []
 
     def make_model():
@@ -46,7 +48,7 @@ def test_learning_curve_trains_one_model_per_size_and_stops_once_all_labels_are_
     for row in ones.iter_rows(named=True):
         assert row["train_labels"] <= len(spec.attribute(row["attribute"]).values)
     everything = table.filter(pl.col("per_value") == 1000)
-    labels = train.label_arrays(labeled)
+    labels = label_arrays(labeled)
     for row in everything.iter_rows(named=True):
         assert row["train_labels"] == (labels[row["attribute"]][splits[0]] >= 0).sum()
         assert 0 <= row["test_accuracy"] <= 1 and 0 <= row["test_macro_f1"] <= 1

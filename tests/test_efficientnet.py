@@ -17,7 +17,9 @@ from clipdq.io import images
 from clipdq.io.catalog import read_catalog
 from clipdq.io.sources import access_for
 from clipdq.model import efficientnet, towers
-from clipdq.training import locked, train
+from clipdq.model.card import sizes_text
+from clipdq.training import calibration, full, locked, train, views
+from clipdq.training.labeled import LabeledSet, default_splits, load_labeled
 
 GROCERY = Path(__file__).resolve().parents[2] / "shared" / "datasets" / "grocery_store"
 TOWER_PIXELS = images.PixelSpec(224, 224, efficientnet.PIXEL_MEAN, efficientnet.PIXEL_STD)
@@ -73,16 +75,16 @@ def test_init_model_keeps_the_pretrained_tower_in_a_safetensors_folder_that_auto
 
 
 @pytest.fixture(scope="module")
-def labeled_at_224(sample_dir, spec) -> train.LabeledSet:
-    return train.load_labeled(read_catalog(str(sample_dir / "labeled.parquet")), spec, access=access_for(str(sample_dir)),
-                              pixel_spec=TOWER_PIXELS)
+def labeled_at_224(sample_dir, spec) -> LabeledSet:
+    return load_labeled(read_catalog(str(sample_dir / "labeled.parquet")), spec, access=access_for(str(sample_dir)),
+                        pixel_spec=TOWER_PIXELS)
 
 
 def test_locked_mode_trains_only_above_the_cut_and_its_logits_match_the_whole_model(spec, labeled_at_224):
     clip = towers.init_model(spec, "efficientnet-lite0")
     before = {k: v.clone() for k, v in clip.model.state_dict().items()}
     config = train.config_for(clip, mode="locked", epochs=3, unlock_blocks=2, views=2)
-    splits = train.default_splits(labeled_at_224, config)
+    splits = default_splits(labeled_at_224, config)
 
     summary, embed = locked.fit(clip, labeled_at_224, spec, config, splits)
 
@@ -94,8 +96,8 @@ def test_locked_mode_trains_only_above_the_cut_and_its_logits_match_the_whole_mo
     assert not changed & {"0", "1", "10"}  # frozen below the cut
     assert summary["unlock_blocks"] == 2 and summary["views"] == 2 and summary["stopped_by"] in ("epochs", "patience")
     # calibration reads kept activations: the whole model on pixels gives the same logits
-    whole = train.evaluate(clip, labeled_at_224, splits[1], towers.Captions(clip, spec))[1]
-    kept = train.logits_from(embed(splits[1]), towers.embed_captions(clip, spec), clip)
+    whole = full.evaluate(clip, labeled_at_224, splits[1], towers.Captions(clip, spec))[1]
+    kept = calibration.logits_from(embed(splits[1]), towers.embed_captions(clip, spec), clip)
     for name in whole:  # kept activations are bfloat16: close, not equal
         np.testing.assert_allclose(kept[name], whole[name], atol=0.5)
         assert (kept[name].argmax(1) == whole[name].argmax(1)).mean() >= 0.95
@@ -104,8 +106,8 @@ def test_locked_mode_trains_only_above_the_cut_and_its_logits_match_the_whole_mo
 def _in_view(clip: towers.Clip, photos: torch.Tensor) -> torch.Tensor:
     """The embeddings of ``photos`` in the model's view, spelled out: resized to each of its sizes,
     mirrored too where it says so, the image features averaged."""
-    shown = [towers.resized(photos, size) for size in clip.meta["image_sizes"]]
-    seen = [*shown, *(p.flip(-1) for p in shown)] if clip.meta["mirror_average"] else shown
+    shown = [towers.resized(photos, size) for size in clip.meta.image_sizes]
+    seen = [*shown, *(p.flip(-1) for p in shown)] if clip.meta.mirror_average else shown
     return torch.nn.functional.normalize(sum(towers.image_features(clip.model, p) for p in seen), dim=-1)
 
 
@@ -130,13 +132,13 @@ def test_frozen_blocks_compute_in_bf16_while_training_only_and_pass_no_gradient(
 
 
 def test_full_mode_trains_the_tower_on_crops_and_chooses_the_audits_view(spec, labeled_at_224, tmp_path):
-    data = train.LabeledSet(labeled_at_224.pixels.clone(), labeled_at_224.labels, 0)  # a copy: the fixture is shared
+    data = LabeledSet(labeled_at_224.pixels.clone(), labeled_at_224.labels, 0)  # a copy: the fixture is shared
     clip = towers.init_model(spec, "efficientnet-lite0")
     before = {k: v.clone() for k, v in clip.model.vision_model.state_dict().items()}
     config = train.config_for(clip, mode="full", epochs=1, test_fraction=0.0)
     assert config.train_size == 160  # the full mode's preset for a pretrained image tower
 
-    outcome = train.train_on(clip, data, spec, config=config, splits=train.default_splits(data, config))
+    outcome = train.train_on(clip, data, spec, config=config, splits=default_splits(data, config))
 
     after = clip.model.vision_model.state_dict()
     frozen = ("stem.", *(f"blocks.{i}." for i in range(config.frozen_blocks)))
@@ -144,39 +146,39 @@ def test_full_mode_trains_the_tower_on_crops_and_chooses_the_audits_view(spec, l
     assert not torch.equal(before["blocks.5.depthwise.conv.weight"], after["blocks.5.depthwise.conv.weight"])
     assert not torch.equal(before["head.bn.running_mean"], after["head.bn.running_mean"])  # statistics of the crops
     with pytest.raises(ValueError, match="needs an EfficientNet image tower"):
-        train.freeze_below(towers.init_model(spec), 4)  # a CLIP's own vision tower has no blocks to freeze
+        full.freeze_below(towers.init_model(spec), 4)  # a CLIP's own vision tower has no blocks to freeze
     view = outcome["training"]["audit_view"]
     assert [v["sizes"] for v in view["val_losses"]] == [[192], [208], [224], [192, 224, 256],
                                                         [160, 192, 224, 256, 288]]
     best = min(view["val_losses"], key=lambda v: v["val_loss"])
     assert view["image_sizes"] == best["sizes"] and view["mirror_average"]  # training flips photos: always averaged
-    assert clip.meta["image_sizes"] == view["image_sizes"] and clip.pixels.crop == data.pixels.shape[-1] == 224
-    chosen = dict(clip.meta)
+    assert clip.meta.image_sizes == view["image_sizes"] and clip.pixels.crop == data.pixels.shape[-1] == 224
+    chosen = clip.meta
     photos = data.pixels[:4]
     for sizes, mirrored in ((view["image_sizes"], view["mirror_average"]), ([192, 256], True), ([208], False)):
-        clip.meta |= {"image_sizes": sizes, "mirror_average": mirrored}
+        clip.meta = dataclasses.replace(chosen, image_sizes=sizes, mirror_average=mirrored)
         with torch.inference_mode():  # photos are loaded as in training, then resized as they were validated
             torch.testing.assert_close(towers.image_embeddings(clip, photos), _in_view(clip, photos))
-    legacy = {"image_size": 208, "mirror_average": False}  # as models trained before several sizes were recorded it
-    clip.meta = {k: v for k, v in clip.meta.items() if k != "image_sizes"} | legacy
+    # as models trained before several sizes were recorded it
+    clip.meta = dataclasses.replace(chosen, image_sizes=None, image_size=208, mirror_average=False)
     with torch.inference_mode():
         torch.testing.assert_close(towers.image_embeddings(clip, photos),
                                    towers.image_features(clip.model, towers.resized(photos, 208)))
-    clip.meta = chosen
 
-    clip.meta.update(outcome | {"trained": True, "train_config": dataclasses.asdict(config)})  # as finetune records
+    # as finetune records
+    clip.meta = dataclasses.replace(chosen, trained=True, train_config=dataclasses.asdict(config), **outcome)
     towers.save_model(clip, str(tmp_path / "model"))
     loaded = towers.load_model(str(tmp_path / "model"), device="cpu")
-    assert loaded.pixels == clip.pixels and loaded.meta["mirror_average"] == view["mirror_average"]
+    assert loaded.pixels == clip.pixels and loaded.meta.mirror_average == view["mirror_average"]
     photos = data.pixels[:4].numpy()
     np.testing.assert_allclose(towers.embed_images(loaded, photos), towers.embed_images(clip, photos), atol=1e-5)
     mirrored = np.ascontiguousarray(photos[..., ::-1])
     for averaged in (True, False):  # averaged with the mirror image, an embedding cannot tell the two apart
-        loaded.meta["mirror_average"] = averaged
+        loaded.meta.mirror_average = averaged
         same = np.allclose(towers.embed_images(loaded, photos), towers.embed_images(loaded, mirrored), atol=1e-5)
         assert same == averaged
     card = (tmp_path / "model" / "README.md").read_text()
-    sizes = towers.sizes_text(view["image_sizes"])
+    sizes = sizes_text(view["image_sizes"])
     assert "160-px random crops" in card and "labels smoothed by 0.1" in card and "moving average kept" in card
     assert f"The audit sees each photo at {sizes} px and mirrored" in card
 
@@ -185,14 +187,14 @@ def test_full_mode_decodes_photos_at_its_largest_view_and_the_audit_decodes_them
     clip = towers.init_model(spec, "efficientnet-lite0")
     config = train.config_for(clip, mode="full", epochs=1, test_fraction=0.0)
     largest = dataclasses.replace(TOWER_PIXELS, resize=288, crop=288)  # 224 + 2 x 32: no crop or view is resized up
-    assert train.loading_spec(clip, config) == largest
-    assert train.loading_spec(clip, train.config_for(clip, mode="locked")) == TOWER_PIXELS  # as the processor says
+    assert views.loading_spec(clip, config) == largest
+    assert views.loading_spec(clip, train.config_for(clip, mode="locked")) == TOWER_PIXELS  # as the processor says
     frame = read_catalog(str(sample_dir / "labeled.parquet"))
 
     train.finetune(clip, frame, spec, access=access_for(str(sample_dir)), config=config)
 
     loaded = towers.load_model(towers.save_model(clip, str(tmp_path / "model")), device="cpu")
-    assert loaded.pixels == largest and towers.tower_size(loaded) == 224 and max(loaded.meta["image_sizes"]) <= 288
+    assert loaded.pixels == largest and towers.tower_size(loaded) == 224 and max(loaded.meta.image_sizes) <= 288
     photos = images.load_images(frame["image"].to_list()[:2], access_for(str(sample_dir)), loaded.pixels).pixels
     assert photos.shape == (2, 3, 288, 288)
     with torch.inference_mode():  # the audit resizes them to the chosen sizes, as validation did
@@ -252,12 +254,13 @@ def test_faster_backends_of_the_trained_tower_agree_with_fp32(sample_dir, spec, 
 
 def test_learning_curve_and_cross_fitting_run_with_the_pretrained_tower(sample_dir, spec, labeled_at_224, tmp_path,
                                                                        prefect_harness):
+    from clipdq.pipeline import crossfit
     from clipdq.training import curves
-    from flows.audit import audit_catalog, train_fold
+    from flows.audit import audit_catalog
 
     config = train.config_for(towers.init_model(spec, "efficientnet-lite0"), mode="locked", epochs=5)
     table = curves.learning_curve(lambda: towers.init_model(spec, "efficientnet-lite0"), labeled_at_224, spec,
-                                  config=config, splits=train.default_splits(labeled_at_224, config), sizes=(2, 8))
+                                  config=config, splits=default_splits(labeled_at_224, config), sizes=(2, 8))
     color = table.filter(pl.col("attribute") == "color").sort("per_value")
     assert color["per_value"].to_list() == [2, 8]
 
@@ -271,6 +274,6 @@ def test_learning_curve_and_cross_fitting_run_with_the_pretrained_tower(sample_d
 
     # a pretrained tower's fold models train in the quick locked mode, whatever finetune's default
     rows = read_catalog(str(sample_dir / "labeled.parquet")).head(40)
-    fold_model = train_fold.fn(towers.init_model(spec, "efficientnet-lite0"), rows, spec, access_for(str(sample_dir)),
-                               0, 0.05)
-    assert fold_model.meta["train_config"]["mode"] == "locked"
+    fold_model = crossfit.fold_model(towers.init_model(spec, "efficientnet-lite0"), rows, spec,
+                                     access=access_for(str(sample_dir)), fold=0, max_minutes=0.05, group_column=None)
+    assert fold_model.meta.train_config["mode"] == "locked"

@@ -249,10 +249,10 @@ def test_finetune_flow_writes_a_loadable_model_with_metrics(prefect_harness, sam
 
     assert result == output
     clip = towers.load_model(output, device="cpu")
-    assert clip.meta["trained"] is True
-    assert clip.meta["spec_fingerprint"] == spec.fingerprint()
-    assert 1 <= clip.meta["training"]["epochs_run"] <= 2
-    assert set(clip.meta["metrics"]) == set(clip.meta["calibration"]) == set(spec.names)
+    assert clip.meta.trained is True
+    assert clip.meta.spec_fingerprint == spec.fingerprint()
+    assert 1 <= clip.meta.training["epochs_run"] <= 2
+    assert set(clip.meta.metrics) == set(clip.meta.calibration) == set(spec.names)
     metrics = [a for a in read_artifacts("clipdq-finetune-metrics") if output in (a.description or "")]
     assert len(metrics) == 1
 

@@ -40,15 +40,15 @@ def test_local_round_trip_keeps_weights_tokenizer_and_metadata(clip, spec, tmp_p
     loaded = towers.load_model(folder, device="cpu")
 
     assert_same_model(loaded, clip, spec)
-    assert loaded.meta["spec_fingerprint"] == spec.fingerprint()
-    assert loaded.fingerprint() == clip.meta["fingerprint"]
+    assert loaded.meta.spec_fingerprint == spec.fingerprint()
+    assert loaded.fingerprint() == clip.meta.fingerprint
 
 
 def test_model_folder_holds_hugging_face_files_and_clipdq_metadata(clip, tmp_path):
     folder = Path(towers.save_model(clip, str(tmp_path / "model")))
     names = {p.name for p in folder.iterdir()}
 
-    assert {"config.json", "towers.safetensors", "preprocessor_config.json", "tokenizer_config.json",
+    assert {"config.json", "model.safetensors", "preprocessor_config.json", "tokenizer_config.json",
             towers.META_FILE} <= names
     assert "tokenizer.json" in names or {"vocab.json", "merges.txt"} <= names
     assert not {n for n in names if n.endswith((".bin", ".pt", ".pkl", ".pickle"))}, "no pickled weights"
@@ -158,7 +158,7 @@ def offline_hub(tmp_path, monkeypatch) -> Path:
 def test_a_hub_id_loads_from_the_hub_cache_with_clipdq_metadata(clip, spec, offline_hub):
     commit = "0123456789abcdef0123456789abcdef01234567"
     repo = offline_hub / "models--acme--clip-tiny"
-    clip.meta |= {"trained": True, "calibration": {}}
+    clip.meta.trained, clip.meta.calibration = True, {}
     towers.save_model(clip, str(repo / "snapshots" / commit))  # the hub cache's layout
     (repo / "refs").mkdir()
     (repo / "refs" / "main").write_text(commit)
@@ -198,7 +198,7 @@ def test_unknown_backend_is_refused(clip):
 def test_s3_round_trip(clip, spec, s3_bucket, isolated_home):
     uri = towers.save_model(clip, f"{s3_bucket}/models/tiny")
 
-    assert {"config.json", "towers.safetensors", towers.META_FILE} <= set(storage.list_files(uri))
+    assert {"config.json", "model.safetensors", towers.META_FILE} <= set(storage.list_files(uri))
     assert_same_model(towers.load_model(uri, device="cpu"), clip, spec)
 
 

@@ -57,3 +57,34 @@ def test_only_complete_runs_of_the_same_catalog_count_as_previous(tmp_path):
     assert runs.previous_run(str(tmp_path), "c.parquet") == first
     assert runs.previous_run(str(tmp_path), "new.parquet") is None
     assert runs.previous_run(str(tmp_path), "c.parquet", before=first) is None  # nothing older than the first
+
+
+def test_changes_since_the_previous_run_are_none_for_a_first_run_and_listed_after_it(tmp_path):
+    assert runs.changes_since_previous(str(tmp_path), "c.parquet", AFTER.lazy()) == (None, None)
+    before = publish(tmp_path, BEFORE, "c.parquet")
+
+    previous, changes = runs.changes_since_previous(str(tmp_path), "c.parquet", AFTER.lazy())
+
+    assert previous == before
+    assert sorted(changes.filter(pl.col("change") == "new").rows()) == [("p3", "color", "conflict", "new")]
+    assert runs.change_counts(None, None) is None
+
+
+def test_an_unreadable_previous_run_gives_no_changes_and_the_audit_goes_on(tmp_path):
+    before = publish(tmp_path, BEFORE, "c.parquet")
+    (tmp_path / before.split(str(tmp_path) + "/", 1)[1] / "findings.parquet").write_bytes(b"not parquet")
+
+    assert runs.changes_since_previous(str(tmp_path), "c.parquet", AFTER.lazy()) == (None, None)
+
+
+def test_duplicate_listings_are_kept_only_from_a_run_of_the_same_images(tmp_path):
+    listings = pl.DataFrame({"group": [0, 0], "product_id": ["p1", "p2"]})
+    run_id, folder = report.new_run(str(tmp_path))
+    summary = report.summarize(BEFORE, products=4, validation={}, run={"run_id": run_id, "catalog": "c.parquet"},
+                               duplicates={"images_key": "k1"})
+    report.publish_run(folder, BEFORE, summary, "<html></html>", duplicates=listings)
+
+    assert runs.kept_duplicates(folder, "k1").equals(listings)
+    assert runs.kept_duplicates(folder, "k2") is None  # other images, or another threshold
+    assert runs.kept_duplicates(None, "k1") is None  # a first run
+    assert runs.kept_duplicates(folder, None) is None  # the spec asks for no listings

@@ -11,13 +11,19 @@ import polars as pl
 import pytest
 import torch
 
-from clipdq.core import evaluation, predict, splits
+from clipdq.core import evaluation, predict, presets, splits
+from clipdq.core.options import FinetuneOptions
+from clipdq.core.presets import TrainConfig
 from clipdq.core.spec import parse_spec
+from clipdq.core.text import TextCalibration
 from clipdq.io.catalog import read_catalog
 from clipdq.io.sources import access_for
 from clipdq.model import scorer, towers
-from clipdq.training import prototypes, train
-from clipdq.training.steps import batch_loss
+from clipdq.model.card import model_card
+from clipdq.model.meta import ModelMeta
+from clipdq.training import full, prototypes, train
+from clipdq.training.labeled import default_splits, load_labeled
+from clipdq.training.steps import balanced_batches, batch_loss
 
 
 @pytest.fixture(scope="module")
@@ -62,7 +68,7 @@ def test_balanced_batches_cover_rare_values_evenly():
     rng = np.random.default_rng(0)
     labels = {"color": np.array([0] * 95 + [1] * 5), "lid": np.array([-1] * 50 + [0] * 45 + [1] * 5)}
     rows = np.arange(100)
-    batches = list(train.balanced_batches(labels, rows, batch_size=40, steps=10, rng=rng))
+    batches = list(balanced_batches(labels, rows, batch_size=40, steps=10, rng=rng))
 
     picked = np.concatenate(batches)
     assert all(len(b) == 40 for b in batches)
@@ -136,7 +142,7 @@ def test_the_audit_uses_a_models_calibration_only_for_its_own_spec(trained_model
     own = scorer.calibration_for(clip, spec)
     other = scorer.calibration_for(clip, other_spec)
 
-    assert {k: v.to_dict() for k, v in own.items()} == clip.meta["calibration"]
+    assert own == clip.meta.calibration
     default = predict.default_calibration(other_spec.target_precision, other_spec.expected_error_rate)
     assert other == {"color": default}
 
@@ -147,14 +153,14 @@ def noisy_fits(labeled, spec) -> list[dict]:
 
     Each result also holds the validation loss of the weights fit() left in the towers.
     """
-    config = train.TrainConfig(epochs=5, lr=0.1, warmup_epochs=1, patience=2)
+    config = TrainConfig(epochs=5, lr=0.1, warmup_epochs=1, patience=2)
     results = []
     for seed in range(4):
         clip = towers.init_model(spec, seed=seed)
         seeded = dataclasses.replace(config, seed=seed)
-        splits = train.default_splits(labeled, seeded)
-        result = train.fit(clip, labeled, spec, seeded, splits)
-        result["restored_loss"], _ = train.evaluate(clip, labeled, splits[1], towers.Captions(clip, spec))
+        splits = default_splits(labeled, seeded)
+        result = full.fit(clip, labeled, spec, seeded, splits)
+        result["restored_loss"], _ = full.evaluate(clip, labeled, splits[1], towers.Captions(clip, spec))
         result["config"] = dataclasses.replace(config, seed=seed)
         results.append(result)
     return results
@@ -179,13 +185,13 @@ def test_fit_stops_after_patience_epochs_without_improvement(noisy_fits):
 
 
 def test_weight_averaging_is_what_validation_judges_and_fit_keeps_and_leaves_the_steps_alone(labeled, spec):
-    config = train.TrainConfig(epochs=2, warmup_epochs=1, keep_best=False)  # keeps the last (averaged) weights
-    parts = train.default_splits(labeled, config)
+    config = TrainConfig(epochs=2, warmup_epochs=1, keep_best=False)  # keeps the last (averaged) weights
+    parts = default_splits(labeled, config)
     fits = {}
     for decay in (0.0, 0.9, 1e-12):
         clip = towers.init_model(spec, seed=0)
-        result = train.fit(clip, labeled, spec, dataclasses.replace(config, weight_average_decay=decay), parts)
-        kept_loss, _ = train.evaluate(clip, labeled, parts[1], towers.Captions(clip, spec))
+        result = full.fit(clip, labeled, spec, dataclasses.replace(config, weight_average_decay=decay), parts)
+        kept_loss, _ = full.evaluate(clip, labeled, parts[1], towers.Captions(clip, spec))
         fits[decay] = (result["history"], kept_loss, clip.model.state_dict())
     (plain, plain_loss, plain_weights), (averaged, averaged_loss, _), (_, _, nearly_plain) = fits.values()
 
@@ -199,7 +205,7 @@ def test_weight_averaging_is_what_validation_judges_and_fit_keeps_and_leaves_the
 def test_the_moving_average_forgets_the_untrained_start_then_decays_as_told():
     layer = torch.nn.Linear(1, 1, bias=False, dtype=torch.float64)
     torch.nn.init.zeros_(layer.weight)
-    averaged = train.MovingAverage(layer, decay=0.75)  # reached at the 27th step: 27 / (27 + 9)
+    averaged = full.MovingAverage(layer, decay=0.75)  # reached at the 27th step: 27 / (27 + 9)
     seen = []
     for step in range(1, 41):
         with torch.no_grad():
@@ -251,9 +257,9 @@ def test_prototypes_learn_value_embeddings_that_separate_clusters():
 
 def test_prototype_mode_trains_saves_and_is_used_by_the_audit(labeled, spec, tmp_path):
     clip = towers.init_model(spec, seed=0)
-    config = train.TrainConfig(mode="prototype")
-    outcome = train.train_on(clip, labeled, spec, config=config, splits=train.default_splits(labeled, config))
-    clip.meta["spec_fingerprint"] = spec.fingerprint()
+    config = TrainConfig(mode="prototype")
+    outcome = train.train_on(clip, labeled, spec, config=config, splits=default_splits(labeled, config))
+    clip.meta.spec_fingerprint = spec.fingerprint()
     towers.save_model(clip, str(tmp_path / "m"))
 
     loaded = towers.load_model(str(tmp_path / "m"), device="cpu")
@@ -274,7 +280,42 @@ def test_prototype_mode_trains_saves_and_is_used_by_the_audit(labeled, spec, tmp
                                      {"mode": "locked", "frozen_blocks": 2}, {"frozen_blocks": -1}])
 def test_train_config_rejects_settings_that_cannot_work(options):
     with pytest.raises(ValueError):
-        train.TrainConfig(**options)
+        TrainConfig(**options)
+
+
+@pytest.mark.parametrize(("name", "value"), [("epochs", 0), ("max_minutes", 0.0), ("val_fraction", 1.0),
+                                           ("test_fraction", -0.1), ("label_noise", 0.5), ("unlock_blocks", -1),
+                                           ("views", 0)])
+def test_the_options_and_the_config_reject_the_same_settings(name, value):
+    assert name in presets.BOUNDS
+    with pytest.raises(ValueError):
+        FinetuneOptions(**{name: value})
+    with pytest.raises(ValueError):
+        TrainConfig(**{name: value})
+
+
+def test_the_options_help_gives_the_presets_defaults():
+    help_of = {name: field.description for name, field in FinetuneOptions.model_fields.items()}
+    lite_full, lite_locked = (presets.PRESETS["pretrained image tower", mode] for mode in ("full", "locked"))
+
+    assert (f"{lite_full['epochs']} in full mode and {lite_locked['epochs']} in locked mode from a pretrained image "
+            f"tower with a new text tower; else {TrainConfig.epochs}") in help_of["epochs"]
+    assert f"{lite_locked['views']} in locked mode" in help_of["views"]
+    assert f"else {TrainConfig.views}" in help_of["views"]
+    assert f"else {TrainConfig.val_fraction}" in help_of["val_fraction"]
+    assert set(FinetuneOptions().config_options()) <= {f.name for f in dataclasses.fields(TrainConfig)}
+
+
+def test_model_metadata_is_typed_in_memory_and_written_as_it_was_read(trained_meta):
+    raw = trained_meta | {"image_size": 208, "added_later": {"x": 1}}  # an older field and a newer one
+
+    meta = ModelMeta.from_json(raw)
+
+    assert isinstance(meta.calibration["color"], predict.Calibration) and isinstance(meta.text_calibration,
+                                                                                     TextCalibration)
+    assert meta.other == {"added_later": {"x": 1}} and meta.view_sizes() == [208]
+    assert meta.starting_point == "pretrained" and ModelMeta().starting_point == "pretrained"  # a plain checkpoint
+    assert json.dumps(meta.to_json(), sort_keys=True) == json.dumps(raw, sort_keys=True)
 
 
 def test_config_for_trains_new_models_fast_and_pretrained_ones_gently(spec, trained_model_dir):
@@ -342,29 +383,29 @@ def test_finetune_keeps_train_only_rows_out_of_calibration_and_says_so(sample_di
     frame = read_catalog(str(sample_dir / "labeled.parquet"))
     frame = frame.with_columns(studio=pl.int_range(pl.len()) % 3 == 0)
     clip = towers.init_model(spec)
-    config = train.TrainConfig(epochs=1, mode="prototype", train_only_column="studio", group_column="product_id")
+    config = TrainConfig(epochs=1, mode="prototype", train_only_column="studio", group_column="product_id")
 
     trained = train.finetune(clip, frame, spec, access=access_for(str(sample_dir)), config=config)
 
-    training, studio = trained.meta["training"], int(frame["studio"].sum())
+    training, studio = trained.meta.training, int(frame["studio"].sum())
     assert training["train_only_rows"] == studio and training["train_rows"] >= studio
     assert training["val_rows"] + training["test_rows"] == pytest.approx(0.3 * (frame.height - studio), abs=2)
-    assert f"of which {studio} train-only" in towers.model_card(trained.meta)
+    assert f"of which {studio} train-only" in model_card(trained.meta)
     with pytest.raises(ValueError, match="train-only column 'product_id' must be a boolean"):
-        train.load_labeled(frame, spec, access=access_for(str(sample_dir)), pixel_spec=clip.pixels,
-                           train_only_column="product_id")
+        load_labeled(frame, spec, access=access_for(str(sample_dir)), pixel_spec=clip.pixels,
+                     train_only_column="product_id")
 
 
 def test_finetune_splits_by_the_group_column(sample_dir, spec):
     frame = read_catalog(str(sample_dir / "labeled.parquet"))
     frame = frame.with_columns((pl.int_range(pl.len()) // 4).cast(pl.String).alias("family"))
     clip = towers.init_model(spec)
-    config = train.TrainConfig(epochs=1, mode="prototype", group_column="family")
+    config = TrainConfig(epochs=1, mode="prototype", group_column="family")
 
-    data = train.load_labeled(frame, spec, access=access_for(str(sample_dir)), pixel_spec=clip.pixels, group_column="family")
-    splits = train.default_splits(data, config)
+    data = load_labeled(frame, spec, access=access_for(str(sample_dir)), pixel_spec=clip.pixels, group_column="family")
+    splits = default_splits(data, config)
 
     sides = [set(data.groups[rows]) for rows in splits]
     assert not (sides[0] & sides[1] or sides[0] & sides[2] or sides[1] & sides[2])
     with pytest.raises(ValueError, match="group column 'nope'"):
-        train.load_labeled(frame, spec, access=access_for(str(sample_dir)), pixel_spec=clip.pixels, group_column="nope")
+        load_labeled(frame, spec, access=access_for(str(sample_dir)), pixel_spec=clip.pixels, group_column="nope")

@@ -106,16 +106,16 @@ def test_calibration_measures_the_values_the_audit_chooses():
     for name in SPEC.names:
         logits[name][np.arange(n), labels[name]] += 3.0
     calibration, metrics = evaluation.calibrate(logits, labels, SPEC)
-    chosen = evaluation.choices(logits, SPEC, {k: v["temperature"] for k, v in calibration.items()})
+    chosen = evaluation.choices(logits, SPEC, {k: v.temperature for k, v in calibration.items()})
 
     rates = tree.conflict_error_rates(SPEC)
     for level in ("top", "coarse", "fine"):
         values, confidence = chosen[level]
         assert metrics[level]["val_accuracy"] == pytest.approx(np.mean(values == labels[level]))
         expected = predict.thresholds_for(confidence, values == labels[level], k=len(SPEC.attribute(level).values),
-                                          temperature=calibration[level]["temperature"], target_precision=0.9,
+                                          temperature=calibration[level].temperature, target_precision=0.9,
                                           error_rate=rates[level])
-        assert calibration[level] == expected.to_dict()
+        assert calibration[level] == expected
 
 
 def test_each_level_s_conflict_bar_allows_for_the_errors_left_where_the_levels_above_agree():

@@ -22,6 +22,8 @@ window's area, how much the crop keeps.
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import numpy as np
 import polars as pl
 import torch
@@ -148,6 +150,7 @@ def _nearest(descriptors: np.ndarray, sha256: list[str]) -> np.ndarray:
     """(p, 2) row pairs, both ways round, whose ``descriptors`` are among each other's nearest
     (same bytes excluded); an image that is many images' candidate keeps its MAX_PAIRS_PER_IMAGE
     most similar; searched exactly up to APPROXIMATE_CANDIDATES_ABOVE images, approximately past them."""
+    search: Callable[..., neighbours.Neighbours]
     if len(descriptors) > APPROXIMATE_CANDIDATES_ABOVE:
         from clipdq.checks import index  # faiss: only for catalogs that large
 
@@ -206,9 +209,9 @@ def pair_similarity(signatures: np.ndarray, pairs: np.ndarray) -> tuple[np.ndarr
         part = close[start:start + ALIGN_BLOCK]
         aligned, boxes = aligned_similarity(_pixels(signatures[pairs[part, 0]]), _pixels(signatures[pairs[part, 1]]),
                                             grid[torch.from_numpy(best_window[part])])
-        aligned = aligned.numpy()
-        better = aligned > out[part]
-        out[part[better]] = aligned[better]
+        similarity = aligned.numpy()
+        better = similarity > out[part]
+        out[part[better]] = similarity[better]
         area[part[better]] = _area(boxes).numpy()[better]
     return out, area
 
@@ -267,7 +270,7 @@ def _positions(pairs: np.ndarray, wanted: np.ndarray) -> tuple[np.ndarray, np.nd
 
 def _same_bytes(digests: np.ndarray) -> np.ndarray:
     """(p, 2) pairs linking each image to the first image of the same digest."""
-    first = {}
+    first: dict[int, int] = {}
     pairs = [(first.setdefault(code, i), i) for i, code in enumerate(digests.tolist()) if first.setdefault(code, i) != i]
     return np.array(pairs, dtype=np.int64).reshape(-1, 2)
 

@@ -71,7 +71,7 @@ def kept(references: np.ndarray, reference_keys: list[str | None], folder: str) 
                 return read, True
     log.info("building the approximate index of %d references (about a minute per million on 2 cores)", len(references))
     built = build(references)
-    storage.write_bytes(uri, faiss.serialize_index(built))  # bytes of the array: no second copy locally
+    storage.write_bytes(uri, faiss.serialize_index(built).data)  # the array's bytes: no second copy
     for other in storage.list_files(folder):
         if other != name and other.endswith(".faiss"):  # another set of references: it will not be read again
             storage.delete(storage.join(folder, other))
@@ -91,14 +91,15 @@ def top_k(queries: np.ndarray, references: np.ndarray, *, k: int, query_keys=Non
     if not len(references):
         return Neighbours(indices, scores, excluded)
     built = built if built is not None else build(references, lists=lists)
-    built.nprobe = min(probes, built.nlist)
+    cells = faiss.extract_index_ivf(built)
+    cells.nprobe = min(probes, cells.nlist)
     q_codes, r_codes = shared_codes(query_keys, reference_keys, m, len(references))
     wanted = min(k + (EXTRA_CANDIDATES if q_codes is not None else 0), len(references))
     for start in range(0, m, QUERY_BLOCK):
         rows = slice(start, start + QUERY_BLOCK)
         found_s, found_i = built.search(normalised(queries[rows]), wanted)
         found_s[found_i < 0] = -np.inf  # fewer candidates in the cells searched than asked for
-        if q_codes is not None:
+        if q_codes is not None and r_codes is not None:
             same = (found_i >= 0) & (q_codes[rows, None] >= 0) & (r_codes[found_i] == q_codes[rows, None])
             found_s[same], excluded[rows] = -np.inf, same.sum(axis=1)
         order = np.argsort(-found_s, axis=1, kind="stable")[:, :k]

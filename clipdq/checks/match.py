@@ -32,8 +32,9 @@ class Embedded:
     ids: list[str] = field(default_factory=list)
     sha256: list[str | None] = field(default_factory=list)
     errors: list[str | None] = field(default_factory=list)
-    embeddings: np.ndarray | None = None
-    signatures: np.ndarray | None = None  # (usable rows, 3 * 32 * 32) uint8: images.signature of each
+    embeddings: np.ndarray = field(default_factory=lambda: np.zeros((0, 0), np.float32))  # (usable rows, d)
+    signatures: np.ndarray = field(default_factory=lambda: np.zeros((0, 0), np.uint8))  # (usable rows, 3 * 32 * 32)
+    # uint8: images.signature of each
     counts: Counter = field(default_factory=Counter)  # embedding.COUNT_KEYS
 
     @property

@@ -62,9 +62,9 @@ class ValueAgreement:
 
         out = []
         for reference_probs, codes in zip(self.probabilities(references), self.codes):
-            codes = torch.from_numpy(codes[rows])
-            known = codes >= 0
-            catalog = torch.nn.functional.one_hot(codes[known], reference_probs.shape[1]).float()
+            labels = torch.from_numpy(codes[rows])
+            known = labels >= 0
+            catalog = torch.nn.functional.one_hot(labels[known], reference_probs.shape[1]).float()
             reference_probs[known] = (1 - self.error_rate) * catalog + self.error_rate * reference_probs[known]
             out.append(reference_probs)
         return out
@@ -117,13 +117,13 @@ def top_k(queries: np.ndarray, references: np.ndarray, *, k: int, query_keys=Non
         rows = slice(q0, q0 + query_block)
         best_s = torch.full((len(q_all[rows]), kept), -torch.inf)
         best_i = torch.full((len(q_all[rows]), kept), -1, dtype=torch.int64)
-        query_probs = agreement.probabilities(q_all[rows]) if agreement is not None else None
+        query_probs = agreement.probabilities(q_all[rows]) if agreement is not None else []
         for r0 in range(0, len(r_all), reference_block):
             block = (q_all[rows] @ r_all[r0:r0 + reference_block].T).div_(r_norms[r0:r0 + reference_block])
             if agreement is not None:
                 normal = r_all[r0:r0 + reference_block] / r_norms[r0:r0 + reference_block, None]
                 block += agreement.term(query_probs, normal, r0)
-            if q_codes is not None:
+            if q_codes is not None and r_codes is not None:
                 same = (q_codes[rows, None] == r_codes[None, r0:r0 + reference_block]) & (q_codes[rows, None] >= 0)
                 block.masked_fill_(same, -torch.inf)
                 excluded[rows] += same.sum(dim=1).numpy()

@@ -34,7 +34,7 @@ def choices(logits: dict[str, np.ndarray], spec: Spec, temperatures: dict[str, f
 
 def calibrate(
     logits: dict[str, np.ndarray], labels: dict[str, np.ndarray], spec: Spec, *, label_noise: float = 0.0
-) -> tuple[dict, dict]:
+) -> tuple[dict[str, predict.Calibration], dict]:
     """(calibration, validation metrics) per attribute with at least two known labels.
 
     Temperatures are fitted per attribute; thresholds on the values the audit would choose (a
@@ -53,7 +53,7 @@ def calibrate(
         calibration[name] = predict.thresholds_for(
             confidence, values == y, temperature=temperatures[name], k=x.shape[1],
             target_precision=spec.target_precision, error_rate=error_rates[name], label_noise=label_noise,
-        ).to_dict()
+        )
         metrics[name] = {
             "val_rows": int(rows.sum()),
             "val_accuracy": float((values == y).mean()),

@@ -1,25 +1,25 @@
 """The options of each job, defined once: the flows take these models (their field descriptions
 become the Prefect UI's form help), the CLI makes its flags, choices and defaults from them.
+Fine-tuning's defaults and bounds come from ``presets``, so its help cannot drift from them.
 
 Kept free of heavy imports (pydantic only), so the CLI can parse its flags without loading torch.
 """
 
 from __future__ import annotations
 
+from dataclasses import fields
 from typing import Literal, get_args
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
+from clipdq.core.presets import BOUNDS, PRESETS, Mode, TrainConfig, default_text
+
 # tiny, vit-b-32: CLIPs initialised at random; efficientnet-lite0: the pretrained ImageNet tower with a new text tower
 Arch = Literal["tiny", "vit-b-32", "efficientnet-lite0"]
-# full: train both towers on pixels; locked: the image tower frozen (its top ``unlock_blocks`` blocks
-# excepted) and its activations kept, the text tower and projections train; prototype: learn value
-# embeddings on frozen image embeddings
-Mode = Literal["full", "locked", "prototype"]
 # how the image tower computes; int8: dynamic quantization of its linear layers (CPU)
 Backend = Literal["fp32", "int8", "bf16"]
 
-ARCHS, MODES, BACKENDS = get_args(Arch), get_args(Mode), get_args(Backend)
+ARCHS, BACKENDS = get_args(Arch), get_args(Backend)
 
 GROUP_HELP = ("Rows with the same value in this column (product family, photo session) stay on one side of every "
               "split; without it, near-duplicate images are grouped.")
@@ -69,7 +69,7 @@ class AuditOptions(Options):
 
 
 class FinetuneOptions(Options):
-    """How a model is fine-tuned. Left empty, mode and epochs follow the model."""
+    """How a model is fine-tuned. Left empty, a setting follows the model (``presets.PRESETS``)."""
 
     base_model: str | None = Field(None, description=(
         "Start from this CLIP (model folder, s3:// prefix or Hugging Face hub id); empty: a new model of `arch`."))
@@ -77,32 +77,39 @@ class FinetuneOptions(Options):
         "The new model's architecture: efficientnet-lite0 pairs the pretrained ImageNet image tower with a new "
         "text tower; tiny and vit-b-32 are CLIPs initialised at random."))
     mode: Mode | None = Field(None, description=(
-        "full: fine-tune both towers on pixels (a pretrained image tower gently, above its lowest blocks, on 160-px "
-        "random crops); locked: "
+        "full: fine-tune both towers on pixels (a pretrained image tower gently, above its lowest blocks, on "
+        f"{PRESETS['pretrained image tower', 'full']['train_size']}-px random crops); locked: "
         "keep the image tower frozen (but unlock_blocks) and train the text tower and projections on its kept "
         "activations, minutes instead of tens of them; prototype: learn value embeddings on frozen images. "
-        "Empty: full."))
-    epochs: int | None = Field(None, ge=1, description=(
-        "The training budget in epochs (empty: for a pretrained image tower with a new text tower 17, or 40 "
-        "in locked mode; else 100)."))
-    max_minutes: float | None = Field(None, gt=0, description="Safety cap on training time; the budget is epochs.")
-    seed: int = Field(0, description="Seed of the splits, the sampler and the initialisation.")
-    val_fraction: float | None = Field(None, gt=0, lt=1, description=(
-        "Share of products for validation and calibration (empty: 0.2; 0.1 in full mode from a pretrained image "
-        "tower, which gains most from more training photos)."))
-    test_fraction: float | None = Field(None, ge=0, lt=1, description=(
-        "Share of products held out for the model card (empty: 0.1; 0 in full mode from a pretrained image tower)."))
-    label_noise: float = Field(0.0, ge=0, lt=1, description=(
+        f"Empty: {default_text('mode')}."))
+    epochs: int | None = Field(None, **BOUNDS["epochs"], description=(
+        f"The training budget in epochs (empty: {default_text('epochs')})."))
+    max_minutes: float | None = Field(None, **BOUNDS["max_minutes"],
+                                      description="Safety cap on training time; the budget is epochs.")
+    seed: int = Field(TrainConfig.seed, description="Seed of the splits, the sampler and the initialisation.")
+    val_fraction: float | None = Field(None, **BOUNDS["val_fraction"], description=(
+        "Share of products for validation and calibration; a pretrained image tower trained whole gains most "
+        f"from more training photos (empty: {default_text('val_fraction')})."))
+    test_fraction: float | None = Field(None, **BOUNDS["test_fraction"], description=(
+        f"Share of products held out for the model card (empty: {default_text('test_fraction')})."))
+    label_noise: float = Field(TrainConfig.label_noise, **BOUNDS["label_noise"], description=(
         "Share of wrong labels to allow for in calibration (0 for curated labels)."))
     group_column: str | None = Field(None, description=GROUP_HELP)
     train_only_column: str | None = Field(None, description=(
         "Rows where this boolean column is true only train, with their near-duplicates: labeled images unlike "
         "those the audits check (studio packshots beside the shelf photos audited), which validation and "
         "calibration must not judge the model on."))
-    unlock_blocks: int | None = Field(None, ge=0, description="Locked mode: top EfficientNet blocks that train too.")
-    views: int | None = Field(None, ge=1, description=(
-        "Locked mode: kept views per training image (the image itself, then augmented ones)."))
+    unlock_blocks: int | None = Field(None, **BOUNDS["unlock_blocks"], description=(
+        f"Locked mode: top EfficientNet blocks that train too (empty: {default_text('unlock_blocks')})."))
+    views: int | None = Field(None, **BOUNDS["views"], description=(
+        "Locked mode: kept views per training image (the image itself, then augmented ones; empty: "
+        f"{default_text('views')})."))
     image_roots: list[str] = Field(default_factory=list, description=IMAGE_ROOTS_HELP)
+
+    def config_options(self) -> dict:
+        """The options that are settings of the training config: ``config_for``'s keyword arguments."""
+        settings = {f.name for f in fields(TrainConfig)}
+        return {name: getattr(self, name) for name in type(self).model_fields if name in settings}
 
 
 class MatchOptions(Options):

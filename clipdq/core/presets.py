@@ -41,6 +41,8 @@ _COMPARISONS = {"ge": (operator.ge, ">="), "gt": (operator.gt, ">"), "lt": (oper
 
 @dataclass
 class TrainConfig:
+    """How a model is fine-tuned: every setting, with its default for a new CLIP (see PRESETS)."""
+
     epochs: int = 100  # upper bound; early stopping or max_minutes may end sooner
     batch_size: int = 32
     lr: float = 1e-3  # AdamW peak learning rate for models trained from scratch; ~1e-5 for pretrained

@@ -112,4 +112,4 @@ def split_indices(
     if not (assigned == 1).any():
         assigned[order[0]] = 1
     assigned = assigned[row_group]
-    return tuple(np.flatnonzero(assigned == s) for s in (0, 1, 2))
+    return np.flatnonzero(assigned == 0), np.flatnonzero(assigned == 1), np.flatnonzero(assigned == 2)

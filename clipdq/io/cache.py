@@ -105,7 +105,7 @@ class SortedParts:
             except (OSError, pa.ArrowException) as error:
                 log.warning("skipping unreadable cache part %s: %s", name, error)
                 continue
-            frames.append(pl.from_arrow(table).filter(pl.col(self.key).is_in(wanted)))
+            frames.append(pl.DataFrame(table).filter(pl.col(self.key).is_in(wanted)))
         return pl.concat(frames) if frames else pl.DataFrame()
 
     def write(self, frame: pl.DataFrame) -> str:
@@ -123,7 +123,7 @@ class SortedParts:
         small = [name for name, index in self.parts().items() if index.rows < SMALL_PART_ROWS]
         if len(small) < COMPACT_AT_PARTS:
             return None
-        frames = [pl.from_arrow(self._open(storage.join(self.folder, name)).read()) for name in small]
+        frames = [pl.DataFrame(self._open(storage.join(self.folder, name)).read()) for name in small]
         merged = self.write(pl.concat(frames).unique(self.key, keep="first"))
         for name in small:  # after the merged part is written, so nothing is ever missing
             storage.delete(storage.join(self.folder, name))

@@ -46,7 +46,7 @@ class CatalogFile:
             raise CatalogError(f"catalog is not readable Parquet: {uri}: {error}") from error
         self.row_count = self._parquet.metadata.num_rows
         # (``Schema.empty_table`` would import pandas: half a second of a small rerun)
-        self.schema = pl.from_arrow(pa.Table.from_batches([], schema=self._parquet.schema_arrow)).schema
+        self.schema = pl.DataFrame(pa.Table.from_batches([], schema=self._parquet.schema_arrow)).schema
         meta = self._parquet.metadata
         self.group_rows = [meta.row_group(i).num_rows for i in range(meta.num_row_groups)]
 
@@ -71,7 +71,7 @@ class CatalogFile:
     def _rows(self, arrow_batches) -> Iterator[pl.DataFrame]:
         try:
             for batch in arrow_batches:
-                yield pl.from_arrow(batch)
+                yield pl.DataFrame(batch)
         except storage.StorageError as error:  # the object changed under the reader
             raise CatalogError(str(error)) from error
         except (pa.ArrowException, OSError) as error:
@@ -154,9 +154,10 @@ def run_expectations(keys: pl.DataFrame, spec: Spec) -> tuple[list[dict], dict]:
     ``keys`` holds the id and image columns, or their ``_stand_ins``.
     """
     import great_expectations as gx
+    from great_expectations.data_context.types.base import ProgressBarsConfig
 
     context = gx.get_context(mode="ephemeral")
-    context.variables.progress_bars = {"globally": False}
+    context.variables.progress_bars = ProgressBarsConfig(globally=False)
     asset = context.data_sources.add_pandas("catalog").add_dataframe_asset("catalog")
     frame = keys.select(spec.id_column, spec.image_column).to_pandas(use_pyarrow_extension_array=True)
     batch = asset.add_batch_definition_whole_dataframe("all").get_batch(batch_parameters={"dataframe": frame})

@@ -58,9 +58,10 @@ def decode(data: bytes, *, min_side: int) -> Image.Image:
     kind = image_format(data)
     if kind is None:
         raise UnidentifiedImageError("not an allowed image format (JPEG, PNG, WebP, GIF, TIFF, BMP)")
-    image = Image.open(io.BytesIO(data), formats=[kind])
-    if image.format == "JPEG":
-        image.draft("RGB", (min_side, min_side))
+    opened = Image.open(io.BytesIO(data), formats=[kind])
+    if opened.format == "JPEG":
+        opened.draft("RGB", (min_side, min_side))
+    image: Image.Image = opened
     width, height = image.size
     if width * height > MAX_PIXELS or width * height * BYTES_PER_PIXEL.get(image.mode, 4) > MAX_DECODED_BYTES:
         raise Image.DecompressionBombError(f"{width}x{height} {image.mode} is too large to decode")
@@ -94,8 +95,8 @@ def to_pixels(image: Image.Image, pixel_spec: PixelSpec) -> np.ndarray:
     left, top = (size[0] - pixel_spec.crop) // 2, (size[1] - pixel_spec.crop) // 2
     image = image.crop((left, top, left + pixel_spec.crop, top + pixel_spec.crop))
     array = np.asarray(image, dtype=np.float32) / 255.0
-    array = (array - np.array(pixel_spec.mean, np.float32)) / np.array(pixel_spec.std, np.float32)
-    return array.transpose(2, 0, 1)
+    normalised = (array - np.array(pixel_spec.mean, np.float32)) / np.array(pixel_spec.std, np.float32)
+    return normalised.transpose(2, 0, 1)
 
 
 def signature(image: Image.Image) -> bytes:

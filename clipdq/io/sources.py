@@ -185,12 +185,13 @@ class _PinnedHTTPS(http.client.HTTPSConnection):
     """HTTPS to an address already checked, with the certificate checked against the URL's host."""
 
     def __init__(self, address: str, host: str, port: int, timeout: float):
-        super().__init__(host, port, timeout=timeout, context=ssl.create_default_context())
+        self._tls = ssl.create_default_context()
+        super().__init__(host, port, timeout=timeout, context=self._tls)
         self._address = address
 
     def connect(self) -> None:
         sock = socket.create_connection((self._address, self.port), self.timeout)
-        self.sock = self._context.wrap_socket(sock, server_hostname=self.host)
+        self.sock = self._tls.wrap_socket(sock, server_hostname=self.host)
 
 
 def _open_url(url: str, access: ImageAccess, deadline: float) -> http.client.HTTPResponse:
@@ -202,6 +203,7 @@ def _open_url(url: str, access: ImageAccess, deadline: float) -> http.client.HTT
     address = _public_address(parts.hostname, access)
     port = parts.port or (443 if parts.scheme == "https" else 80)
     timeout = max(0.1, deadline - time.monotonic())
+    connection: http.client.HTTPConnection
     if parts.scheme == "https":
         connection = _PinnedHTTPS(address, parts.hostname, port, timeout)
     else:

@@ -16,6 +16,7 @@ import shutil
 import tempfile
 import uuid
 from pathlib import Path
+from typing import NoReturn
 
 import boto3
 from botocore.config import Config
@@ -153,7 +154,7 @@ def _head(uri: str) -> dict:
         _raise_readable(error, uri)
 
 
-def _raise_readable(error: ClientError, uri: str):
+def _raise_readable(error: ClientError, uri: str) -> NoReturn:
     """A missing object as FileNotFoundError, a refusal as StorageError in one line, else ``error``."""
     if _not_found(error):
         raise FileNotFoundError(f"no such object: {uri}") from error
@@ -179,7 +180,8 @@ def open_read(uri: str, *, expected: str | None = None) -> tuple[io.BufferedIOBa
     """
     if is_s3(uri):
         head = _head(uri)
-        stream, found = io.BufferedReader(_S3Reader(uri, head), buffer_size=1 << 20), head["ETag"]
+        stream: io.BufferedReader = io.BufferedReader(_S3Reader(uri, head), buffer_size=1 << 20)
+        found = head["ETag"]
     else:
         stream = open(uri, "rb")
         found = _local_version(os.fstat(stream.fileno()))
@@ -202,10 +204,10 @@ def exists(uri: str) -> bool:
     return Path(uri).exists()
 
 
-def write_bytes(uri: str, data: bytes, *, create_only: bool = False) -> None:
+def write_bytes(uri: str, data: bytes | memoryview, *, create_only: bool = False) -> None:
     """Write a whole object; a local file is renamed into place, so readers never see half.
     ``create_only`` refuses to replace what is there (StorageError), on S3 and locally alike.
-    ``data`` may be any bytes-like object (a numpy array of bytes: written locally without a copy)."""
+    ``data`` may be a memoryview (of a numpy array of bytes: written locally without a copy)."""
     if is_s3(uri):
         bucket, key = split_s3(uri)
         try:
@@ -296,7 +298,7 @@ def upload_folder(folder: Path, prefix: str, *, last: str | None = None) -> None
     Files left from an earlier upload are deleted first, so they cannot mix with the new ones.
     """
     names = list_files(str(folder))
-    for stale in set(list_files(prefix)) - set(names) | ({last} & set(list_files(prefix))):
+    for stale in set(list_files(prefix)) - set(names) | ({last} - {None} & set(list_files(prefix))):
         delete(join(prefix, stale))
     for name in sorted(names, key=lambda name: name == last):
         write_bytes(join(prefix, name), (folder / name).read_bytes())

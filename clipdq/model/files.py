@@ -19,39 +19,39 @@ import safetensors.numpy
 
 from clipdq.io import storage
 from clipdq.io.images import PixelSpec
+from clipdq.model.meta import ModelMeta
 
 log = logging.getLogger(__name__)
 
 META_FILE = "clipdq.json"
 VALUE_EMB_FILE = "value_embeddings.safetensors"
 PROCESSOR_FILE = "preprocessor_config.json"
-VIEW_KEYS = ("image_size", "image_sizes", "mirror_average")  # clipdq.json: how training chose to show the model photos
 
 
 @dataclass(frozen=True)
 class ModelFiles:
     source: str  # the URI or hub id as given
     folder: str  # a local folder holding the files
-    meta: dict  # contents of clipdq.json; only a fingerprint for plain checkpoints
+    meta: ModelMeta  # clipdq.json; only a fingerprint for plain checkpoints
     pixels: PixelSpec
     value_emb: dict[str, np.ndarray] | None  # learned value embeddings (fast mode), else None
 
     def fingerprint(self) -> str:
-        return self.meta["fingerprint"]
+        return self.meta.fingerprint
 
     def view(self) -> tuple:
-        """How the model's training chose to show it photos (``train.choose_audit_view``), where it
+        """How the model's training chose to show it photos (``views.choose_audit_view``), where it
         chose: its embeddings depend on this as much as on the weights."""
-        return tuple((key, self.meta[key]) for key in VIEW_KEYS if key in self.meta)
+        return self.meta.view()
 
 
 def read_model_files(uri: str) -> ModelFiles:
     """The files of the model at a hub id, a local folder or an s3:// prefix."""
     folder = local_folder(uri)
     config = json.loads(Path(folder, "config.json").read_text()) if Path(folder, "config.json").exists() else {}
-    meta = _read_meta(Path(folder), uri, expected="clipdq_metadata" in config)
-    if "fingerprint" not in meta:  # a plain checkpoint: its files identify it (a hub snapshot's path has its commit)
-        meta["fingerprint"] = f"files-{storage.listing_digest(folder)}"
+    meta = ModelMeta.from_json(_read_meta(Path(folder), uri, expected="clipdq_metadata" in config))
+    if meta.fingerprint is None:  # a plain checkpoint: its files identify it (a hub snapshot's path has its commit)
+        meta.fingerprint = f"files-{storage.listing_digest(folder)}"
     value_path = Path(folder, VALUE_EMB_FILE)
     value_emb = safetensors.numpy.load_file(str(value_path)) if value_path.exists() else None
     return ModelFiles(uri, folder, meta, pixel_spec(json.loads(Path(folder, PROCESSOR_FILE).read_text())), value_emb)

@@ -37,36 +37,36 @@ SCALE_KEY = "__logit_scale__"  # beside the value embeddings in a kept text side
 
 def trained_on(model: Clip | ModelFiles, spec: Spec) -> bool:
     """Whether the model was fine-tuned and calibrated on this spec: its value predictions mean something."""
-    return bool(model.meta.get("calibration")) and model.meta.get("spec_fingerprint") == spec.fingerprint()
+    return bool(model.meta.calibration) and model.meta.spec_fingerprint == spec.fingerprint()
 
 
 def calibration_for(model: Clip | ModelFiles, spec: Spec) -> dict[str, Calibration]:
     """The model's fitted calibration where it was trained on this spec, else defaults from the spec."""
-    fitted = model.meta["calibration"] if trained_on(model, spec) else {}
-    if model.meta.get("calibration") and not fitted:
+    fitted = model.meta.calibration if trained_on(model, spec) else {}
+    if model.meta.calibration and not fitted:
         log.warning("model %s was trained on another spec: its calibration is ignored", model.source)
     rates = tree.conflict_error_rates(spec)
-    return {name: Calibration(**fitted[name]) if name in fitted
-            else predict.default_calibration(spec.target_precision, rates[name]) for name in spec.names}
+    return {name: fitted[name] if name in fitted else predict.default_calibration(spec.target_precision, rates[name])
+            for name in spec.names}
 
 
 def text_calibration_for(model: Clip | ModelFiles, spec: Spec) -> TextCalibration | None:
     """The model's image and text calibration where it was fitted on the spec's text column."""
-    fitted = model.meta.get("text_calibration")
-    if spec.text_column is None or not fitted:
+    fitted = model.meta.text_calibration
+    if spec.text_column is None or fitted is None:
         return None
-    if fitted.get("column") != spec.text_column:
+    if fitted.column != spec.text_column:
         log.warning("model %s was calibrated on texts of %r, not %r: agreement is not judged", model.source,
-                    fitted.get("column"), spec.text_column)
+                    fitted.column, spec.text_column)
         return None
-    return TextCalibration.from_dict(fitted)
+    return fitted
 
 
 def value_embeddings_for(clip: Clip, spec: Spec) -> dict[str, np.ndarray]:
     """The model's learned value embeddings where it was trained on this spec, else its captions'."""
     from clipdq.model import towers
 
-    if clip.value_emb is not None and clip.meta.get("spec_fingerprint") == spec.fingerprint():
+    if clip.value_emb is not None and clip.meta.spec_fingerprint == spec.fingerprint():
         return clip.value_emb
     return towers.embed_captions(clip, spec)
 

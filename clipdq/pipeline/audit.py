@@ -20,15 +20,16 @@ import polars as pl
 from clipdq.checks.compare import compare, text_findings
 from clipdq.checks.schemas import DUPLICATES_SCHEMA, FINDINGS_SCHEMA, PREDICTIONS_SCHEMA, TEXTS_SCHEMA
 from clipdq.core import predict, text, tree
-from clipdq.core.options import AuditOptions
+from clipdq.core.options import AuditOptions, Backend
 from clipdq.core.predict import Calibration
 from clipdq.core.spec import Spec
 from clipdq.core.text import TextCalibration, texts_of
 from clipdq.io import images
 from clipdq.io.cache import EmbeddingCache, digest
+from clipdq.io.catalog import CatalogFile
 from clipdq.io.sources import ImageAccess
 from clipdq.model.files import ModelFiles
-from clipdq.model.scorer import Scorer, value_embeddings_for
+from clipdq.model.scorer import Scorer, load_model, value_embeddings_for
 from clipdq.pipeline.embedding import Batch, Tally, embed_batch, embedded_batches
 
 if TYPE_CHECKING:
@@ -38,6 +39,21 @@ log = logging.getLogger(__name__)
 
 
 MIN_AGREEMENT = 0.99  # share of images a faster backend must predict exactly as fp32 does
+
+
+@dataclass(frozen=True)
+class AuditInputs:
+    """One audit's inputs, read and opened once: what its steps share."""
+
+    catalog_uri: str
+    model_uri: str
+    output_uri: str
+    spec_text: str  # as read: a shard parses it again in its own process
+    spec: Spec
+    source: CatalogFile
+    files: ModelFiles  # the model's files: its weights load only where an image must be embedded
+    access: ImageAccess  # where the catalog's images may be read from
+    options: AuditOptions
 
 
 @dataclass
@@ -56,17 +72,16 @@ class Scored:
     shards: dict | None = None  # count, rows_per_shard and reused, for an audit in shards
 
 
-def run_record(scored: Scored, spec: Spec, *, run_id: str, started: datetime, catalog_uri: str, model_uri: str,
-               files: ModelFiles, backend: dict, options: AuditOptions) -> dict:
+def run_record(scored: Scored, inputs: AuditInputs, *, run_id: str, started: datetime, backend: dict) -> dict:
     """What summary.json says of the run before its findings are counted: its inputs and options,
     the backend used, what became of the images, the shards, and the calibration in force, one per
     model that scored (one; one per fold under cross-fitting)."""
-    return {"run_id": run_id, "started_at": started.isoformat(), "catalog": catalog_uri, "model": model_uri,
-            "model_fingerprint": files.fingerprint(), "target_precision": spec.target_precision,
-            "cross_fit": options.cross_fit, "backend": backend, "options": options.model_dump(),
-            "images": scored.images, **({"shards": scored.shards} if scored.shards else {}),
-            "calibration": [{name: c.to_dict() for name, c in calibration.items()}
-                            for calibration in scored.calibrations]}
+    calibrations = [{name: c.to_dict() for name, c in calibration.items()} for calibration in scored.calibrations]
+    return {"run_id": run_id, "started_at": started.isoformat(), "catalog": inputs.catalog_uri,
+            "model": inputs.model_uri, "model_fingerprint": inputs.files.fingerprint(),
+            "target_precision": inputs.spec.target_precision, "cross_fit": inputs.options.cross_fit,
+            "backend": backend, "options": inputs.options.model_dump(), "images": scored.images,
+            **({"shards": scored.shards} if scored.shards else {}), "calibration": calibrations}
 
 
 def duplicate_listings(scored: Scored, spec: Spec, *, kept: pl.DataFrame | None = None) -> pl.DataFrame:
@@ -87,7 +102,7 @@ def duplicate_listings(scored: Scored, spec: Spec, *, kept: pl.DataFrame | None 
 
 
 def choose_backend(
-    clip: Clip, backend: str, rows: pl.DataFrame, *, spec: Spec, access: ImageAccess,
+    clip: Clip, backend: Backend, rows: pl.DataFrame, *, spec: Spec, access: ImageAccess,
     min_agreement: float = MIN_AGREEMENT
 ) -> tuple[Clip, dict]:
     """``clip`` on ``backend`` where, on the images of ``rows``, its predicted values agree with
@@ -105,6 +120,20 @@ def choose_backend(
     return (fast if agreed else clip), {"requested": backend, "used": backend if agreed else "fp32",
                                         "agreement": None if np.isnan(share) else round(share, 4),
                                         "images_checked": int(loaded.ok.sum())}
+
+
+def backend_check(inputs: AuditInputs) -> dict:
+    """What summary.json says of the backend: the one requested, the one used (the requested one
+    where its predictions on the catalog's first batch agree with fp32's: ``choose_backend``) and
+    the agreement."""
+    backend, source = inputs.options.backend, inputs.source
+    if backend == "fp32" or not source.row_count:
+        return {"requested": backend, "used": backend}
+    rows = next(source.batches(inputs.options.batch_size))
+    _, checked = choose_backend(load_model(inputs.model_uri), backend, rows, spec=inputs.spec, access=inputs.access)
+    log.info("backend %s: predictions agree with fp32 for %s of %d images checked; using %s", backend,
+             checked["agreement"], checked["images_checked"], checked["used"])
+    return checked
 
 
 def batches(frame: pl.DataFrame, size: int) -> Iterator[pl.DataFrame]:

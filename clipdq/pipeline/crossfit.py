@@ -17,12 +17,11 @@ import polars as pl
 
 from clipdq.core import splits, values
 from clipdq.core.spec import Spec
-from clipdq.io.catalog import CatalogFile
 from clipdq.io.sources import ImageAccess
 from clipdq.model import scorer, towers
 from clipdq.pipeline import audit
 from clipdq.pipeline.embedding import Tally, signature_rows
-from clipdq.training import train
+from clipdq.training import labeled, train
 
 log = logging.getLogger(__name__)
 
@@ -39,23 +38,25 @@ def fold_model(start: towers.Clip, rows: pl.DataFrame, spec: Spec, *, access: Im
 
 def folds_of(frame: pl.DataFrame, spec: Spec, *, k: int, group_column: str | None) -> np.ndarray:
     """(rows,) the fold of each catalog row, 0 to k - 1."""
-    return splits.fold_of(values.labels(frame, spec), k=k, seed=0, groups=train.group_keys(frame, group_column))
+    return splits.fold_of(values.labels(frame, spec), k=k, seed=0, groups=labeled.group_keys(frame, group_column))
 
 
-def score(source: CatalogFile, start: towers.Clip, spec: Spec, findings_file: str, *, k: int, access: ImageAccess,
-          batch_size: int, fold_minutes: float | None = None, group_column: str | None = None) -> audit.Scored:
-    """The catalog's findings, each fold scored by ``start`` fine-tuned on the other folds, written
-    to the local Parquet file ``findings_file``; its texts judged fold by fold."""
+def score(inputs: audit.AuditInputs, findings_file: str) -> audit.Scored:
+    """The catalog's findings, each of ``options.cross_fit`` folds scored by the model fine-tuned
+    on the other folds, written to the local Parquet file ``findings_file``; its texts judged fold
+    by fold."""
+    source, spec, access, options = inputs.source, inputs.spec, inputs.access, inputs.options
+    start, k = scorer.load_model(inputs.model_uri), options.cross_fit
     frame = source.read()
-    folds = pl.Series(folds_of(frame, spec, k=k, group_column=group_column))
+    folds = pl.Series(folds_of(frame, spec, k=k, group_column=options.group_column))
     tally = Tally(source.row_count, max_transient=spec.max_transient_image_errors, what="cross-fitting")
     parts, calibrations, judged = [], [], []
     for fold in range(k):
         log.info("cross-fitting: training the model for fold %d of %d", fold + 1, k)
         clip = fold_model(start, frame.filter(folds != fold), spec, access=access, fold=fold,
-                          max_minutes=fold_minutes, group_column=group_column)
+                          max_minutes=options.fold_minutes, group_column=options.group_column)
         fold_scorer = scorer.of_clip(clip, spec)
-        findings, texts = audit.findings_of(audit.batches(frame.filter(folds == fold), batch_size),
+        findings, texts = audit.findings_of(audit.batches(frame.filter(folds == fold), options.batch_size),
                                             scorer=fold_scorer, access=access, tally=tally)
         text_findings, fold_judged = audit.judge_texts(texts, fold_scorer.text_calibration, spec)
         parts += [findings, text_findings]

@@ -22,7 +22,7 @@ import polars as pl
 from clipdq import progress_log
 from clipdq.core.spec import Spec
 from clipdq.io import images, sources, storage
-from clipdq.io.cache import EmbeddingCache, cache_key, digest
+from clipdq.io.cache import EmbeddingCache, Entry, cache_key, digest
 from clipdq.io.images import PixelSpec
 from clipdq.io.sources import ImageAccess, fetch_all
 from clipdq.model.files import ModelFiles
@@ -61,7 +61,7 @@ class Batch:
         return np.array([error is None for error in self.errors], dtype=bool)
 
 
-IMAGES_SCHEMA = {"product_id": pl.String, "sha256": pl.String, "signature": pl.Binary}
+IMAGES_SCHEMA = pl.Schema({"product_id": pl.String, "sha256": pl.String, "signature": pl.Binary})
 
 
 def usable_images(batch: Batch, spec: Spec) -> pl.DataFrame:
@@ -87,12 +87,26 @@ def counts(batch: Batch) -> dict[str, int]:
             "embedded": len(batch.to_embed), "lost_to_outages": batch.transient}
 
 
-def _unchanged(refs: list, access: ImageAccess, cache: EmbeddingCache) -> tuple[list, dict[int, str]]:
+Location = tuple[str, str]  # (location, version) of an image file or object (``sources.versions``)
+
+
+def _unchanged(refs: list, access: ImageAccess, cache: EmbeddingCache) -> tuple[list[Location | None], dict[int, str]]:
     """(per row: (location, version) or None; row -> sha256 of the rows whose location has the
     version recorded when their image was read)."""
     located = sources.versions(refs, access)
     known = cache.known_digests(dict(entry for entry in located if entry))
     return located, {i: known[entry[0]] for i, entry in enumerate(located) if entry and entry[0] in known}
+
+
+def _from_cache(cache: EmbeddingCache | None, refs: list, access: ImageAccess
+                ) -> tuple[list[Location | None], dict[int, str], dict[int, Entry]]:
+    """(per row: its location or None; row -> sha256 of the rows unchanged since they were read;
+    row -> cache entry of those the cache holds)."""
+    if cache is None:
+        return [None] * len(refs), {}, {}
+    located, unchanged = _unchanged(refs, access, cache)
+    hits = cache.get_many(unchanged.values())
+    return located, unchanged, {i: hits[sha] for i, sha in unchanged.items() if sha in hits}
 
 
 def prepare_batch(
@@ -101,24 +115,18 @@ def prepare_batch(
     """Take embeddings from the cache for images unchanged since they were read, fetch the rest,
     take embeddings from the cache by the bytes' digest where it has them, decode what is left."""
     refs = rows[spec.image_column].to_list()
-    sha256: list[str | None] = [None] * len(refs)
-    cached: dict[int, np.ndarray] = {}
-    located, unchanged = [None] * len(refs), {}
-    if cache is not None:
-        located, unchanged = _unchanged(refs, access, cache)
-        hits = cache.get_many(unchanged.values())
-        cached = {i: hits[sha] for i, sha in unchanged.items() if sha in hits}  # row -> cache Entry
-        for i in cached:
-            sha256[i] = unchanged[i]
+    located, unchanged, cached = _from_cache(cache, refs, access)
+    sha256: list[str | None] = [unchanged[i] if i in cached else None for i in range(len(refs))]
     unread = len(cached)
     to_fetch = [i for i in range(len(refs)) if i not in cached]
     fetched = dict(zip(to_fetch, fetch_all([refs[i] for i in to_fetch], access)))
     for i, item in fetched.items():
         sha256[i] = None if item.data is None else digest(item.data)
     if cache is not None:
-        hits = cache.get_many(sha256[i] for i in to_fetch if sha256[i])
-        cached |= {i: hits[sha256[i]] for i in to_fetch if sha256[i] in hits}
-        cache.add_locations((*located[i], sha256[i]) for i in to_fetch if located[i] and sha256[i] and i not in unchanged)
+        read = {i: sha for i in to_fetch if (sha := sha256[i]) is not None}
+        hits = cache.get_many(read.values())
+        cached |= {i: hits[sha] for i, sha in read.items() if sha in hits}
+        cache.add_locations((*where, read[i]) for i in read if (where := located[i]) and i not in unchanged)
     pending = [i for i, item in fetched.items() if item.data is not None and i not in cached]
     decoded = images.decode_images([fetched[i] for i in pending], pixels)
     errors = [fetched[i].error if i in fetched else None for i in range(len(refs))]
@@ -137,8 +145,8 @@ def embed_batch(batch: Batch, scorer: Scorer, cache: EmbeddingCache | None = Non
     if cache is not None and len(fresh):
         cache.add([batch.sha256[i] for i in batch.to_embed], fresh, [batch.signatures[i] for i in batch.to_embed])
     by_row = dict(batch.cached) | dict(zip(batch.to_embed.tolist(), fresh))
-    usable = np.flatnonzero(batch.ok)
-    return np.stack([by_row[i] for i in usable]) if len(usable) else fresh[:0]
+    usable = np.flatnonzero(batch.ok).tolist()
+    return np.stack([by_row[i] for i in usable]) if usable else fresh[:0]
 
 
 def prepared_batches(row_batches: Iterable[pl.DataFrame], prepare, *, ahead: int = 2) -> Iterator[Batch]:

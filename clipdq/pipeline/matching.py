@@ -12,14 +12,17 @@ from __future__ import annotations
 import numpy as np
 import polars as pl
 
+from clipdq.checks import duplicates, match
 from clipdq.checks.match import Embedded
 from clipdq.checks.neighbours import ValueAgreement
 from clipdq.core import values
+from clipdq.core.options import MatchOptions
 from clipdq.core.spec import Spec
-from clipdq.io import catalog
+from clipdq.io import catalog, storage
 from clipdq.io.cache import EmbeddingCache
 from clipdq.io.images import SIGNATURE_BYTES
 from clipdq.io.sources import ImageAccess
+from clipdq.model import scorer as scorers
 from clipdq.model.scorer import Scorer
 from clipdq.pipeline.embedding import Tally, embedded_batches
 
@@ -31,7 +34,8 @@ def embed_catalog(source: catalog.CatalogFile, *, scorer: Scorer, access: ImageA
     spec, out, filled = scorer.spec, Embedded(), 0
     catalog.check_id_and_image(source.schema, spec)
     tally = Tally(source.row_count, max_transient=1.0, what=role, keep_images=False)
-    kept = signatures = None
+    kept: np.ndarray | None = None
+    signatures = np.zeros((0, SIGNATURE_BYTES), np.uint8)
     for batch, embeddings in embedded_batches(source.batches(batch_size, [spec.id_column, spec.image_column]),
                                               scorer=scorer, access=access, cache=cache):
         if kept is None:  # one array for the catalog, filled in place: no second copy of a million rows
@@ -49,7 +53,7 @@ def embed_catalog(source: catalog.CatalogFile, *, scorer: Scorer, access: ImageA
         cache.flush()
     out.counts = tally.counts
     out.embeddings = kept[:filled] if kept is not None else np.zeros((0, 0), np.float32)
-    out.signatures = signatures[:filled] if signatures is not None else np.zeros((0, SIGNATURE_BYTES), np.uint8)
+    out.signatures = signatures[:filled]
     return out
 
 
@@ -70,3 +74,27 @@ def value_agreement(scorer: Scorer, labels: dict[str, np.ndarray], *, weight: fl
     return ValueAgreement(names, [scorer.value_emb[n] for n in names],
                           [scorer.scale / scorer.calibration[n].temperature for n in names],
                           [labels[n] for n in names], weight, scorer.spec.expected_error_rate)
+
+
+def agreement_for(source: catalog.CatalogFile, references: Embedded, spec: Spec, *, model_uri: str,
+                  text_folder: str | None, weight: float) -> ValueAgreement | None:
+    """The score's second term for the references of ``source`` (``value_agreement``), their values
+    read only where ``weight`` asks for it."""
+    if not weight:
+        return None
+    reading = scorers.of_files(model_uri, spec, text_folder=text_folder)
+    return value_agreement(reading, reference_labels(source, spec, references.ok), weight=weight)
+
+
+def ranked(references: Embedded, queries: Embedded, spec: Spec, *, options: MatchOptions,
+           agreement: ValueAgreement | None, cache: str | None) -> tuple[pl.DataFrame, dict]:
+    """(matches, what the summary says of them): ``options.k`` references per query
+    (``match.match_embedded``, the approximate index kept under ``cache``), and the pairs whose
+    pixels are near-identical marked where the spec asks for duplicate listings."""
+    index_folder = storage.join(cache, "approximate_index") if cache else None
+    matches, found = match.match_embedded(references, queries, k=options.k, agreement=agreement,
+                                          search=options.search, index_folder=index_folder)
+    if spec.duplicate_similarity is not None:
+        matches, found["near_identical_pixels"] = duplicates.flag_near_identical(
+            matches, references, queries, threshold=spec.duplicate_similarity)
+    return matches, found

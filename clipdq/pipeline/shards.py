@@ -27,13 +27,11 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from clipdq.checks.schemas import FINDINGS_SCHEMA, TEXTS_SCHEMA
-from clipdq.core.options import AuditOptions
-from clipdq.core.spec import Spec, parse_spec
+from clipdq.core.spec import parse_spec
 from clipdq.io import catalog, sources, storage
 from clipdq.io.cache import EmbeddingCache
 from clipdq.io.images import SIGNATURE_BYTES
 from clipdq.model import scorer
-from clipdq.model.files import ModelFiles
 from clipdq.pipeline import audit, embedding
 from clipdq.pipeline.embedding import Tally
 
@@ -96,13 +94,13 @@ def new_job(output_uri: str, *, model_fingerprint: str, rows_per_shard: int, **f
     return Job(work=work, **fields)
 
 
-def job_for(source: catalog.CatalogFile, spec_text: str, files: ModelFiles, output_uri: str, *, backend: str,
-            options: AuditOptions) -> Job:
-    """The Job of an audit of ``source`` with the model ``files`` on ``backend``, as ``options`` ask."""
-    return new_job(output_uri, model_fingerprint=files.fingerprint(), rows_per_shard=options.rows_per_shard,
-                   catalog_uri=source.uri, catalog_version=source.version, spec_text=spec_text,
-                   model_uri=files.source, backend=backend,
-                   cache=embedding.cache_folder(output_uri, files, backend) if options.embedding_cache else None,
+def job_for(inputs: audit.AuditInputs, *, backend: str) -> Job:
+    """The Job of an audit of ``inputs`` with its image tower on ``backend``."""
+    options, files = inputs.options, inputs.files
+    cache = embedding.cache_folder(inputs.output_uri, files, backend) if options.embedding_cache else None
+    return new_job(inputs.output_uri, model_fingerprint=files.fingerprint(), rows_per_shard=options.rows_per_shard,
+                   catalog_uri=inputs.catalog_uri, catalog_version=inputs.source.version,
+                   spec_text=inputs.spec_text, model_uri=inputs.model_uri, backend=backend, cache=cache,
                    image_roots=tuple(sorted(options.image_roots)), batch_size=options.batch_size)
 
 
@@ -111,7 +109,7 @@ class ShardResult:
     index: int
     part: str  # URI of the findings part
     images: str  # URI of its images' ids, digests and signatures (embedding.IMAGES_SCHEMA)
-    texts: str  # URI of its rows' texts and their scores (compare.TEXTS_SCHEMA)
+    texts: str  # URI of its rows' texts and their scores (schemas.TEXTS_SCHEMA)
     counts: dict[str, int]  # scored, from_cache, unread, embedded, lost_to_outages
     reused: bool  # written by an earlier, interrupted run
 
@@ -201,7 +199,7 @@ def assemble(parts: list[str], dest: str, text_findings: pl.DataFrame) -> int:
 
 def totals(results: list[ShardResult]) -> dict[str, int]:
     """The image counts of a run, summed over its shards."""
-    summed = Counter()
+    summed: Counter[str] = Counter()
     for result in results:
         summed.update(result.counts)
     return {key: summed[key] for key in embedding.COUNT_KEYS}
@@ -214,7 +212,7 @@ def read_images(parts: list[str], dest: str) -> tuple[pl.DataFrame, np.ndarray]:
     frames = [pl.DataFrame(schema={"product_id": pl.String, "sha256": pl.String})]
     with open(dest, "wb") as out:
         for part in read_parts(parts, embedding.IMAGES_SCHEMA):
-            out.write(embedding.signature_rows(part))  # (its buffer: no copy)
+            out.write(embedding.signature_rows(part).data)  # (its buffer: no copy)
             frames.append(part.drop("signature"))
     found = pl.concat(frames)
     if not found.height:  # (a memory map cannot be empty)
@@ -222,28 +220,29 @@ def read_images(parts: list[str], dest: str) -> tuple[pl.DataFrame, np.ndarray]:
     return found, np.memmap(dest, np.uint8, mode="r", shape=(found.height, SIGNATURE_BYTES))
 
 
-def read_parts(parts: list[str], schema: dict) -> Iterator[pl.DataFrame]:
+def read_parts(parts: list[str], schema: pl.Schema) -> Iterator[pl.DataFrame]:
     """Each of the parts (images, texts) of a run's shards, in order, as a frame of ``schema``."""
     for uri in parts:
         stream, _ = storage.open_read(uri)
         with stream:
-            yield pl.from_arrow(pq.ParquetFile(stream).read()).cast(schema)
+            yield pl.DataFrame(pq.ParquetFile(stream).read()).cast(schema)
 
 
-def collect(results: list[ShardResult], *, row_count: int, spec: Spec, files: ModelFiles, findings_file: str,
-            rows_per_shard: int) -> audit.Scored:
+def collect(results: list[ShardResult], inputs: audit.AuditInputs, findings_file: str) -> audit.Scored:
     """The run's shards, scored, as one audit: their image counts summed (an outage fails the run
     here too), the texts judged once all are scored, the parts joined into the local Parquet file
     ``findings_file``, the usable images' signatures mapped from a file beside it."""
+    spec, files = inputs.spec, inputs.files
     images_seen = totals(results)
-    embedding.check_outage(images_seen["lost_to_outages"], row_count, spec.max_transient_image_errors)
-    texts = pl.concat([pl.DataFrame(schema=TEXTS_SCHEMA), *read_parts([result.texts for result in results],
-                                                                      TEXTS_SCHEMA)])
+    embedding.check_outage(images_seen["lost_to_outages"], inputs.source.row_count, spec.max_transient_image_errors)
+    parts = read_parts([result.texts for result in results], TEXTS_SCHEMA)
     text_calibration = scorer.text_calibration_for(files, spec)
-    text_findings, judged = audit.judge_texts(texts, text_calibration, spec)
+    text_findings, judged = audit.judge_texts(pl.concat([pl.DataFrame(schema=TEXTS_SCHEMA), *parts]),
+                                              text_calibration, spec)
     reported = assemble([result.part for result in results], findings_file, text_findings)
     usable, signatures = read_images([result.images for result in results],
                                      str(Path(findings_file).with_name("signatures")))
-    seen = {"count": len(results), "rows_per_shard": rows_per_shard, "reused": sum(r.reused for r in results)}
+    seen = {"count": len(results), "rows_per_shard": inputs.options.rows_per_shard,
+            "reused": sum(result.reused for result in results)}
     return audit.Scored(findings_file, usable, signatures, images_seen, [scorer.calibration_for(files, spec)],
                         text_calibration, judged, reported, seen)

@@ -48,8 +48,8 @@ def counts(findings: Findings) -> pl.DataFrame:
 
 
 def duplicates_summary(found: pl.DataFrame, threshold: float | None, images_key: str | None = None) -> dict:
-    """What summary.json says of the duplicate listings (audit.DUPLICATES_SCHEMA) found among the
-    images ``images_key`` names (audit.images_key)."""
+    """What summary.json says of the duplicate listings (DUPLICATES_SCHEMA) found among the
+    images ``images_key`` names (``pipeline.audit.images_key``)."""
     if threshold is None:
         return {"checked": False, "why": "duplicate_similarity is null in the spec"}
     identical = found.group_by("group").agg(pl.col("kind").eq("identical bytes").all())["kind"].sum()
@@ -108,8 +108,8 @@ def summarize(findings: Findings, *, products: int, run: dict, validation: dict,
     }
 
 
-FIXES_SCHEMA = {"product_id": pl.String, "attribute": pl.String, "current_value": pl.String,
-                "suggested_value": pl.String, "confidence": pl.Float64, "status": pl.String}
+FIXES_SCHEMA = pl.Schema({"product_id": pl.String, "attribute": pl.String, "current_value": pl.String,
+                "suggested_value": pl.String, "confidence": pl.Float64, "status": pl.String})
 
 
 def suggested_fixes(findings: Findings) -> pl.DataFrame:

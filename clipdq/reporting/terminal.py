@@ -40,6 +40,7 @@ def text(summary: dict, folder: str) -> str:
 def diff_text(changes: pl.DataFrame, older: str, newer: str, *, listed: int = 20) -> str:
     """What changed between two runs: counts per attribute, then the first new and resolved problems."""
     counts = runs.change_counts(changes, older)
+    assert counts is not None  # both runs are given
     lines = [f"run {runs.run_id_of(newer)} against run {runs.run_id_of(older)}: {counts['totals']['new']} new, "
              f"{counts['totals']['resolved']} resolved, {counts['totals']['persisting']} persisting problems",
              _text_table(counts["by_attribute"], ["attribute", "new", "resolved", "persisting"])]

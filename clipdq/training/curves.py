@@ -15,9 +15,12 @@ import numpy as np
 import polars as pl
 import torch
 
+from clipdq.core.presets import TrainConfig
 from clipdq.core.spec import Spec
+from clipdq.core.splits import Splits
 from clipdq.model import towers
 from clipdq.training import train
+from clipdq.training.labeled import LabeledSet, label_arrays
 
 log = logging.getLogger(__name__)
 
@@ -43,24 +46,24 @@ def keep_per_value(labels: dict[str, np.ndarray], rows: np.ndarray, *, n: int, s
 
 def learning_curve(
     make_model: Callable[[], towers.Clip],
-    data: train.LabeledSet,
+    data: LabeledSet,
     spec: Spec,
     *,
-    config: train.TrainConfig,
-    splits: train.Splits,
+    config: TrainConfig,
+    splits: Splits,
     sizes: tuple[int, ...] = SIZES,
 ) -> pl.DataFrame:
     """One row per size and attribute: labels used, test accuracy and macro-F1, minutes.
 
     Sizes past the point where every training label is used are skipped.
     """
-    labels, (train_idx, val_idx, test_idx) = train.label_arrays(data), splits
+    labels, (train_idx, val_idx, test_idx) = label_arrays(data), splits
     available = sum(int((labels[name][train_idx] >= 0).sum()) for name in labels)
     rows = []
     for n in sorted(sizes):
         kept = keep_per_value(labels, train_idx, n=n, seed=config.seed)
         used = {name: int((kept[name][train_idx] >= 0).sum()) for name in kept}
-        subset = train.LabeledSet(data.pixels, {k: torch.from_numpy(v) for k, v in kept.items()}, data.dropped)
+        subset = LabeledSet(data.pixels, {k: torch.from_numpy(v) for k, v in kept.items()}, data.dropped)
         rows_used = train_idx[np.any([kept[name][train_idx] >= 0 for name in kept], axis=0)]
         log.info("learning curve: %d per value (%d labeled training rows)", n, len(rows_used))
         outcome = train.train_on(make_model(), subset, spec, config=config, splits=(rows_used, val_idx, test_idx))

@@ -6,7 +6,7 @@ the logit scale and, for an EfficientNet tower, its top ``unlock_blocks`` blocks
 learning rate). Because nothing below is recomputed, an epoch costs what the unlocked part costs:
 seconds with the tower locked.
 
-Vocabulary as in ``train``: ``data`` a LabeledSet, ``splits`` (train, val, test) row indices.
+Vocabulary as in ``labeled``: ``data`` a LabeledSet, ``splits`` (train, val, test) row indices.
 """
 
 from __future__ import annotations
@@ -21,7 +21,15 @@ import torch
 import torch.nn.functional as F
 
 from clipdq.model import towers
-from clipdq.training.steps import augment_views, balanced_batches, batch_loss, run_epochs, schedule, take_step
+from clipdq.training.steps import (
+    attribute_logits,
+    augment_views,
+    balanced_batches,
+    batch_loss,
+    run_epochs,
+    schedule,
+    take_step,
+)
 
 log = logging.getLogger(__name__)
 
@@ -78,6 +86,49 @@ def plain_activations(clip: towers.Clip, data, unlock_blocks: int) -> torch.Tens
     return keep_activations(split_tower(clip, unlock_blocks), data.pixels, clip.device)
 
 
+def _kept_views(clip: towers.Clip, tower: Tower, data, config, train_idx: np.ndarray, generator: torch.Generator,
+                plain: torch.Tensor | None, started: float) -> tuple[torch.Tensor, torch.Tensor, np.ndarray]:
+    """(kept activations of every row's plain image, of the training views, the row of each view):
+    the plain image of each training row, then ``config.views - 1`` augmented views of each."""
+    kept_plain = plain_activations(clip, data, config.unlock_blocks) if plain is None else plain
+    # Augmented views only train, so they may take the faster arithmetic; the plain activations,
+    # which validation and calibration see, are computed as the audit computes them.
+    fast = towers.native_bf16(clip.device)
+    augmented = [keep_activations(tower, augment_views(data.pixels[train_idx], generator), clip.device, bf16=fast)
+                 for _ in range(config.views - 1)]
+    kept_train = torch.cat([kept_plain[train_idx], *augmented])
+    log.info("kept image-tower activations of %d images and %d augmented views in %.1f min", len(kept_plain),
+             len(kept_train) - len(train_idx), (time.monotonic() - started) / 60)
+    return kept_plain, kept_train, np.tile(train_idx, config.views)
+
+
+def _optimizer(clip: towers.Clip, tower: Tower, config) -> torch.optim.Optimizer:
+    """AdamW over what trains (the text tower, both projections, the logit scale and the unlocked
+    blocks, at ``image_tower_lr``); every other parameter stops requiring gradients."""
+    head = [p for n, p in clip.model.named_parameters()
+            if n.startswith(("text_model.", "text_projection.", "visual_projection.", "logit_scale"))]
+    groups = [{"params": head, "lr": config.lr}]
+    if tower.unlocked:
+        groups.append({"params": tower.unlocked, "lr": config.image_tower_lr})
+    optimizer = torch.optim.AdamW(groups, weight_decay=config.weight_decay)
+    for p in clip.model.parameters():
+        p.requires_grad_(False)
+    for p in head + tower.unlocked:
+        p.requires_grad_(True)
+    return optimizer
+
+
+def _embedder(tower: Tower, kept_plain: torch.Tensor) -> Callable[[np.ndarray], np.ndarray]:
+    """``embed(rows)``: the image embeddings of labeled rows from their kept activations."""
+
+    @torch.no_grad()
+    def embed(rows: np.ndarray) -> np.ndarray:
+        x = kept_plain[rows]
+        return torch.cat([tower.above(x[i : i + 256].float()) for i in range(0, len(x), 256)]).float().cpu().numpy()
+
+    return embed
+
+
 def fit(clip: towers.Clip, data, spec, config, splits, *, plain: torch.Tensor | None = None) -> tuple[dict, Callable]:
     """Train in place; returns (training summary, ``embed(rows)``: the image embeddings of any
     labeled rows, as the audit computes them, from the kept activations).
@@ -91,48 +142,26 @@ def fit(clip: towers.Clip, data, spec, config, splits, *, plain: torch.Tensor | 
     clip.model.eval()  # batch-norm statistics stay as pretrained; nothing below the cut trains
     tower = split_tower(clip, config.unlock_blocks)
     started = time.monotonic()
-    kept_plain = plain_activations(clip, data, config.unlock_blocks) if plain is None else plain
-    # Augmented views only train, so they may take the faster arithmetic; the plain activations,
-    # which validation and calibration see, are computed as the audit computes them.
-    fast = towers.native_bf16(clip.device)
-    augmented = [keep_activations(tower, augment_views(data.pixels[train_idx], generator), clip.device, bf16=fast)
-                 for _ in range(config.views - 1)]
-    kept_train = torch.cat([kept_plain[train_idx], *augmented])
-    view_rows = np.tile(train_idx, config.views)
-    log.info("kept image-tower activations of %d images and %d augmented views in %.1f min", len(kept_plain),
-             len(kept_train) - len(train_idx), (time.monotonic() - started) / 60)
-
+    kept_plain, kept_train, view_rows = _kept_views(clip, tower, data, config, train_idx, generator, plain, started)
     captions = towers.Captions(clip, spec)
-    head = [p for n, p in clip.model.named_parameters()
-            if n.startswith(("text_model.", "text_projection.", "visual_projection.", "logit_scale"))]
-    groups = [{"params": head, "lr": config.lr}]
-    if tower.unlocked:
-        groups.append({"params": tower.unlocked, "lr": config.image_tower_lr})
-    optimizer = torch.optim.AdamW(groups, weight_decay=config.weight_decay)
-    for p in clip.model.parameters():
-        p.requires_grad_(False)
-    for p in head + tower.unlocked:
-        p.requires_grad_(True)
-    labels = {k: v.numpy() for k, v in data.labels.items()}
-    view_labels = {k: v[view_rows] for k, v in labels.items()}
+    optimizer = _optimizer(clip, tower, config)
+    view_labels = {k: v.numpy()[view_rows] for k, v in data.labels.items()}
     steps_per_epoch = max(1, len(view_rows) // config.batch_size)
-    total = config.epochs * steps_per_epoch
-    warmup = config.warmup_epochs * steps_per_epoch
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: schedule(s, warmup=warmup, total=total))
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: schedule(
+        s, warmup=config.warmup_epochs * steps_per_epoch, total=config.epochs * steps_per_epoch))
     rng = np.random.default_rng(config.seed)
 
     def loss_on(rows: np.ndarray) -> float:
         with torch.no_grad():
-            x = kept_plain[rows]
             truth = {k: v[rows].to(clip.device) for k, v in data.labels.items()}
-            return float(batch_loss(towers.attribute_logits(clip, tower.above(x.float()), captions), truth))
+            return float(batch_loss(attribute_logits(clip, tower.above(kept_plain[rows].float()), captions), truth))
 
     labels_on_device = {k: torch.from_numpy(v).to(clip.device) for k, v in view_labels.items()}
 
     def train_epoch() -> float:
         for picks in balanced_batches(view_labels, np.arange(len(view_rows)), batch_size=config.batch_size,
                                       steps=steps_per_epoch, rng=rng):
-            loss = batch_loss(towers.attribute_logits(clip, tower.above(kept_train[picks].float()), captions),
+            loss = batch_loss(attribute_logits(clip, tower.above(kept_train[picks].float()), captions),
                               {k: v[picks] for k, v in labels_on_device.items()})
             take_step(loss, optimizer, scheduler)
         return loss.item()
@@ -142,14 +171,8 @@ def fit(clip: towers.Clip, data, spec, config, splits, *, plain: torch.Tensor | 
     for p in clip.model.parameters():
         p.requires_grad_(True)
     clip.model.load_state_dict(best["state"])
-
-    @torch.no_grad()
-    def embed(rows: np.ndarray) -> np.ndarray:
-        x = kept_plain[rows]
-        return torch.cat([tower.above(x[i : i + 256].float()) for i in range(0, len(x), 256)]).float().cpu().numpy()
-
     summary = {"best_epoch": best["epoch"], "best_val_loss": best["val_loss"], "epochs_run": len(history),
                "stopped_by": stopped_by, "minutes": round((time.monotonic() - started) / 60, 2),
                "device": clip.device.type, "views": config.views, "unlock_blocks": config.unlock_blocks,
                "history": history}
-    return summary, embed
+    return summary, _embedder(tower, kept_plain)

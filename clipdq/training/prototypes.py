@@ -1,15 +1,29 @@
-"""Fast mode: learn each attribute's value embeddings on frozen image embeddings.
+"""Prototype mode: learn each attribute's value embeddings on frozen image embeddings.
 
 A cosine prototype classifier: the image tower stays as it is; each value's embedding starts
 from its caption embedding and is trained with cross-entropy on the labeled rows, keeping the
 step with the lowest validation loss. Seconds on a CPU, since images are embedded only once.
+
+``fit`` works on embeddings alone; ``fit_model`` on a model and its labeled set (vocabulary as in
+``labeled``).
 """
 
 from __future__ import annotations
 
+import logging
+import time
+
 import numpy as np
 import torch
 import torch.nn.functional as F
+
+from clipdq.core.presets import TrainConfig
+from clipdq.core.spec import Spec
+from clipdq.core.splits import Splits
+from clipdq.model import towers
+from clipdq.training.labeled import LabeledSet, label_arrays
+
+log = logging.getLogger(__name__)
 
 
 def fit(
@@ -58,3 +72,15 @@ def fit(
             best = {"val_loss": val_loss, "step": step,
                     "weights": {k: F.normalize(w.detach(), dim=-1).numpy().copy() for k, w in weights.items()}}
     return best["weights"], {"best_step": best["step"], "best_val_loss": best["val_loss"], "steps_run": step + 1}
+
+
+def fit_model(clip: towers.Clip, data: LabeledSet, spec: Spec, config: TrainConfig, splits: Splits) -> dict:
+    """Learn value embeddings on the model's frozen image embeddings; sets ``clip.value_emb``."""
+    started = time.monotonic()
+    train_idx, val_idx, _ = splits
+    torch.manual_seed(config.seed)
+    clip.value_emb, result = fit(
+        towers.embed_images(clip, data.pixels.numpy()), label_arrays(data), towers.embed_captions(clip, spec),
+        train_idx=train_idx, val_idx=val_idx, scale=towers.logit_scale(clip))
+    log.info("prototypes: best validation loss %.3f at step %d", result["best_val_loss"], result["best_step"])
+    return result | {"minutes": round((time.monotonic() - started) / 60, 2), "device": clip.device.type}

@@ -1,5 +1,6 @@
-"""What the trainers share (``train`` on pixels, ``locked`` on kept activations): balanced
-batches, augmented views of photos, the loss, the learning-rate schedule and when to stop.
+"""What the trainers share (``full`` on pixels, ``locked`` on kept activations): balanced
+batches, augmented views of photos, the logits and the loss, mixed precision, the learning-rate
+schedule and when to stop.
 
 ``labels`` map attribute -> (n,) value indices with -1 where unknown; ``logits`` attribute -> (n, k).
 """
@@ -16,8 +17,11 @@ import torch
 import torch.nn.functional as F
 
 from clipdq import progress_log
+from clipdq.model import towers
 
 log = logging.getLogger(__name__)
+
+EVAL_BATCH = 32  # images per forward pass when validating: twice as fast on CPU as 256 at 224 px
 
 
 def balanced_batches(
@@ -61,6 +65,12 @@ def augment_views(pixels: torch.Tensor, generator: torch.Generator, *, size: int
     return ((out - mean) * jitter() + mean * jitter()).clamp(-3, 3)  # contrast, brightness
 
 
+def attribute_logits(clip: towers.Clip, image_emb: torch.Tensor, captions: towers.Captions) -> dict[str, torch.Tensor]:
+    """Per attribute, (n, k) scaled similarities of images to the value captions; differentiable."""
+    scale = clip.model.logit_scale.exp().clamp(max=100.0)
+    return {name: scale * image_emb @ emb.T for name, emb in captions.value_embeddings(clip).items()}
+
+
 def batch_loss(logits: dict[str, torch.Tensor], labels: dict[str, torch.Tensor], *,
                smoothing: float = 0.0) -> torch.Tensor:
     """Mean over attributes of the cross-entropy (with ``smoothing`` of the labels) on rows whose
@@ -68,6 +78,13 @@ def batch_loss(logits: dict[str, torch.Tensor], labels: dict[str, torch.Tensor],
     losses = [F.cross_entropy(logits[k][labels[k] >= 0], labels[k][labels[k] >= 0], label_smoothing=smoothing)
               for k in logits if (labels[k] >= 0).any()]
     return torch.stack(losses).mean()
+
+
+def autocast(clip: towers.Clip, *, inference: bool = False):
+    """bf16 mixed precision on CUDA, and for inference on CPUs that compute bf16 natively (validation
+    runs about 3x faster there; training steps stay fp32 on CPU: their backward pass gains nothing)."""
+    fast = clip.device.type == "cuda" or inference and towers.native_bf16(clip.device)
+    return torch.autocast(clip.device.type, dtype=torch.bfloat16, enabled=fast)
 
 
 def schedule(step: int, *, warmup: int, total: int) -> float:
