@@ -65,10 +65,14 @@ def grocery(data: Path) -> None:
     signatures = _signatures(blobs)
     pairs = duplicates.candidate_pairs(signatures, [digest(blob) for blob in blobs])
     scores = duplicates.pair_similarity(signatures, pairs)[0]
-    print(f"{n} distinct products: highest similarity between two of them "
-          f"{scores[duplicates.better_way(pairs, scores)].max():.4f}")
-    print("| copy | " + " | ".join(f"grouped at {t}" for t in THRESHOLDS) + f" | the copy's kind at {THRESHOLDS[-1]} "
-          "(crop area: median) |")
+    print(
+        f"{n} distinct products: highest similarity between two of them "
+        f"{scores[duplicates.better_way(pairs, scores)].max():.4f}"
+    )
+    print(
+        "| copy | " + " | ".join(f"grouped at {t}" for t in THRESHOLDS) + f" | the copy's kind at {THRESHOLDS[-1]} "
+        "(crop area: median) |"
+    )
     print("|---|" + "---|" * (len(THRESHOLDS) + 1))
     originals = [Image.open(io.BytesIO(blob)).convert("RGB") for blob in blobs]
     for way, make in WAYS.items():
@@ -80,8 +84,10 @@ def grocery(data: Path) -> None:
             found = duplicates.find(ids + [f"{i}-copy" for i in ids], shas, sigs, threshold=threshold)
             group = dict(found.select("product_id", "group").rows())
             grouped = sum(f"{i}-copy" in group and group[f"{i}-copy"] == group.get(i) for i in ids)
-            wrong = sum(len({pid.split("-")[0] for pid in members}) > 1
-                        for members in found.group_by("group").agg("product_id")["product_id"].to_list())
+            wrong = sum(
+                len({pid.split("-")[0] for pid in members}) > 1
+                for members in found.group_by("group").agg("product_id")["product_id"].to_list()
+            )
             cells.append(f"{grouped}/{n}" + (f" ({wrong} groups of distinct products)" if wrong else ""))
         listed = found.filter(pl.col("product_id").str.ends_with("-copy"))
         print(f"| {way} | " + " | ".join(cells) + f" | {_kinds(listed)} |")
@@ -90,8 +96,9 @@ def grocery(data: Path) -> None:
 def _kinds(copies: pl.DataFrame) -> str:
     """How many copies each kind names, with the median crop area of those named crops."""
     counts = copies.group_by("kind").agg(pl.len(), pl.col("crop_area").median()).sort("len", descending=True)
-    return ", ".join(f"{kind} {count}" + ("" if area is None else f" ({area:.2f})")
-                     for kind, count, area in counts.rows())
+    return ", ".join(
+        f"{kind} {count}" + ("" if area is None else f" ({area:.2f})") for kind, count, area in counts.rows()
+    )
 
 
 SCALE = """
@@ -129,9 +136,11 @@ started = time.monotonic()
 images, signatures = shards.read_images(parts, f"{folder}/signatures")  # as the audit flow reads them
 found = duplicates.find(images["product_id"].to_list(), images["sha256"].to_list(), signatures, threshold=0.99)
 group = dict(found.select("product_id", "group").rows())
-grouped = sum(group.get(str(i)) is not None and group.get(str(i)) == group.get(str(n - planted + i)) for i in range(planted))
+pairs = [(group.get(str(i)), group.get(str(n - planted + i))) for i in range(planted)]
+grouped = sum(copy is not None and copy == original for copy, original in pairs)
+peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 print(f"{n:,} images: {time.monotonic() - started:.1f} s, {grouped} of {planted} planted copies grouped with their "
-      f"original, {found.height} images in groups, peak RSS {resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024:,.0f} MB "
+      f"original, {found.height} images in groups, peak RSS {peak:,.0f} MB "
       f"(of it the process's own memory at most {anonymous[0]:,} MB; the rest, mapped signatures, the system reclaims)")
 """
 

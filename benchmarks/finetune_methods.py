@@ -44,8 +44,9 @@ SENTENCES = {
 
 
 def with_sentences(spec: Spec) -> Spec:
-    return dataclasses.replace(spec, attributes=tuple(
-        dataclasses.replace(a, prompts=(SENTENCES[a.name],)) for a in spec.attributes))
+    return dataclasses.replace(
+        spec, attributes=tuple(dataclasses.replace(a, prompts=(SENTENCES[a.name],)) for a in spec.attributes)
+    )
 
 
 def run_one(name: str, spec: Spec, data: LabeledSet, config: TrainConfig) -> tuple[dict, dict, float]:
@@ -56,16 +57,23 @@ def run_one(name: str, spec: Spec, data: LabeledSet, config: TrainConfig) -> tup
     test_labels = labels_of(data, splits[2])
     flags = flag_figures(held_out_logits(clip, data, spec, splits[2]), test_labels, spec, outcome["calibration"])
     t = outcome["training"]
-    print(f"{name}, seed {config.seed}: {t['minutes']} min, best epoch/step {t.get('best_epoch', t.get('best_step'))}; "
-          f"accuracy {({k: round(m['test_accuracy'], 3) for k, m in outcome['metrics'].items()})}; "
-          f"pooled flags {pooled(flags.values())}", flush=True)
+    print(
+        f"{name}, seed {config.seed}: {t['minutes']} min, best epoch/step {t.get('best_epoch', t.get('best_step'))}; "
+        f"accuracy { ({k: round(m['test_accuracy'], 3) for k, m in outcome['metrics'].items()}) }; "
+        f"pooled flags {pooled(flags.values())}",
+        flush=True,
+    )
     return outcome["metrics"], flags, t["minutes"]
 
 
 def flag_columns(figures: dict) -> dict:
-    return {"conflict precision": figures["conflict_precision"], "conflict recall": figures["conflict_recall"],
-            "flags / planted": f"{figures['flags']} / {figures['planted']}", "gap accuracy": figures["gap_accuracy"],
-            "gap recall": figures["gap_recall"]}
+    return {
+        "conflict precision": figures["conflict_precision"],
+        "conflict recall": figures["conflict_recall"],
+        "flags / planted": f"{figures['flags']} / {figures['planted']}",
+        "gap accuracy": figures["gap_accuracy"],
+        "gap recall": figures["gap_recall"],
+    }
 
 
 def run_seeds(name: str, spec: Spec, data: LabeledSet, config: TrainConfig, seeds: list[int]) -> list[dict]:
@@ -76,10 +84,17 @@ def run_seeds(name: str, spec: Spec, data: LabeledSet, config: TrainConfig, seed
     rows = []
     for attribute in spec.names:
         accuracy = [metrics[attribute]["test_accuracy"] for metrics, _, _ in runs]
-        rows.append({"run": name, "attribute": attribute, "accuracy": float(np.mean(accuracy)),
-                     "accuracy range": f"{min(accuracy):.3f} to {max(accuracy):.3f}",
-                     "macro_f1": float(np.mean([metrics[attribute]["test_macro_f1"] for metrics, _, _ in runs])),
-                     **flag_columns(pooled(flags[attribute] for _, flags, _ in runs)), "minutes": minutes})
+        rows.append(
+            {
+                "run": name,
+                "attribute": attribute,
+                "accuracy": float(np.mean(accuracy)),
+                "accuracy range": f"{min(accuracy):.3f} to {max(accuracy):.3f}",
+                "macro_f1": float(np.mean([metrics[attribute]["test_macro_f1"] for metrics, _, _ in runs])),
+                **flag_columns(pooled(flags[attribute] for _, flags, _ in runs)),
+                "minutes": minutes,
+            }
+        )
     everything = pooled(figures for _, flags, _ in runs for figures in flags.values())
     rows.append({"run": name, "attribute": "all (pooled flags)", **flag_columns(everything), "minutes": minutes})
     return rows
@@ -87,10 +102,14 @@ def run_seeds(name: str, spec: Spec, data: LabeledSet, config: TrainConfig, seed
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--minutes", type=float, default=3.5,
-                        help="CPU budget per full fine-tuning run and per learning-curve point")
-    parser.add_argument("--seeds", default="0,1,2",
-                        help="each seed draws its own split and initial weights; figures are means over them")
+    parser.add_argument(
+        "--minutes", type=float, default=3.5, help="CPU budget per full fine-tuning run and per learning-curve point"
+    )
+    parser.add_argument(
+        "--seeds",
+        default="0,1,2",
+        help="each seed draws its own split and initial weights; figures are means over them",
+    )
     parser.add_argument("--output", type=Path, default=ROOT / "docs" / "benchmarks" / "sample")
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
@@ -109,12 +128,28 @@ def main() -> int:
     rows = run_seeds("prototype probe", spec, data, dataclasses.replace(config, mode="prototype"), seeds)
     rows += run_seeds("full, label-only captions", spec, data, full, seeds)
     rows += run_seeds("full, sentence captions", with_sentences(spec), data, full, seeds)
-    columns = ["run", "attribute", "accuracy", "accuracy range", "macro_f1", "conflict precision", "conflict recall",
-               "flags / planted", "gap accuracy", "gap recall", "minutes"]
+    columns = [
+        "run",
+        "attribute",
+        "accuracy",
+        "accuracy range",
+        "macro_f1",
+        "conflict precision",
+        "conflict recall",
+        "flags / planted",
+        "gap accuracy",
+        "gap recall",
+        "minutes",
+    ]
     report = figures_table(rows, columns)
-    curve = curves.learning_curve(lambda: towers.init_model(spec, "tiny", seed=0), data, spec,
-                                  config=full, splits=splits,
-                                  sizes=(10, 30, 100, 300))
+    curve = curves.learning_curve(
+        lambda: towers.init_model(spec, "tiny", seed=0),
+        data,
+        spec,
+        config=full,
+        splits=splits,
+        sizes=(10, 30, 100, 300),
+    )
     title = f"Sample data, full fine-tuning, {args.minutes:g} min per point"
     (args.output / "curve_full.png").write_bytes(curves.plot_png(curve, title=title))
     (args.output / "curve_full.md").write_text(curves.markdown(curve))

@@ -50,15 +50,25 @@ LEVELS = ("top", "coarse", "fine")
 def load_catalog(data: Path) -> pl.DataFrame:
     """One row per photo: product_id, image path, split (train / holdout) and the three levels."""
     with open(data / "classes.csv", newline="") as handle:
-        classes = {int(r["Class ID (int)"]): (r["Coarse Class Name (str)"], r["Class Name (str)"])
-                   for r in csv.DictReader(handle)}
+        classes = {
+            int(r["Class ID (int)"]): (r["Coarse Class Name (str)"], r["Class Name (str)"])
+            for r in csv.DictReader(handle)
+        }
     rows = []
     for split, listing in (("train", "train.txt"), ("holdout", "val.txt")):
         for line in (data / listing).read_text().splitlines():
             path, fine_id, _ = (part.strip() for part in line.split(","))
             coarse, fine = classes[int(fine_id)]
-            rows.append({"product_id": path.rsplit(".", 1)[0], "image": str(data / path), "split": split,
-                         "top": path.split("/")[1], "coarse": coarse, "fine": fine})
+            rows.append(
+                {
+                    "product_id": path.rsplit(".", 1)[0],
+                    "image": str(data / path),
+                    "split": split,
+                    "top": path.split("/")[1],
+                    "coarse": coarse,
+                    "fine": fine,
+                }
+            )
     return pl.DataFrame(rows)
 
 
@@ -67,11 +77,16 @@ def catalog_images(data: Path) -> pl.DataFrame:
     with open(data / "classes.csv", newline="") as handle:
         classes = list(csv.DictReader(handle))
     paths = [r["Iconic Image Path (str)"].lstrip("/") for r in classes]  # iconic-images-.../<top>/...
-    return pl.DataFrame({"product_id": [f"iconic/{r['Class Name (str)']}" for r in classes],
-                         "image": [str(data / p) for p in paths], "split": "catalog",
-                         "top": [p.split("/")[1] for p in paths],
-                         "coarse": [r["Coarse Class Name (str)"] for r in classes],
-                         "fine": [r["Class Name (str)"] for r in classes]})
+    return pl.DataFrame(
+        {
+            "product_id": [f"iconic/{r['Class Name (str)']}" for r in classes],
+            "image": [str(data / p) for p in paths],
+            "split": "catalog",
+            "top": [p.split("/")[1] for p in paths],
+            "coarse": [r["Coarse Class Name (str)"] for r in classes],
+            "fine": [r["Class Name (str)"] for r in classes],
+        }
+    )
 
 
 def spec_document(frame: pl.DataFrame, *, tree: bool = False) -> dict:
@@ -80,8 +95,10 @@ def spec_document(frame: pl.DataFrame, *, tree: bool = False) -> dict:
     if tree:
         paths = sorted({"/".join(row) for row in frame.select(LEVELS).iter_rows()})
         return {"target_precision": 0.9, "attributes": {"category": {"levels": list(LEVELS), "paths": paths}}}
-    return {"target_precision": 0.9,
-            "attributes": {level: {"values": sorted(frame[level].unique().to_list())} for level in LEVELS}}
+    return {
+        "target_precision": 0.9,
+        "attributes": {level: {"values": sorted(frame[level].unique().to_list())} for level in LEVELS},
+    }
 
 
 def grocery_spec(frame: pl.DataFrame, *, tree: bool = False) -> Spec:
@@ -136,11 +153,17 @@ def level_rows(name: str, runs: list[dict], spec: Spec) -> list[dict]:
         accuracy = [r["metrics"][level]["test_accuracy"] for r in runs]
         f = pooled(r["flags"][level] for r in runs)
         spread = f" ({min(accuracy):.3f} to {max(accuracy):.3f})" if len(runs) > 1 else ""
-        rows.append({"model": f"{name} ({len(runs)} seed{'s' if len(runs) > 1 else ''}, "
-                              f"{np.mean([r['cpu_minutes'] for r in runs]):.1f} CPU min)",
-                     "level": level, "values": len(spec.attribute(level).values),
-                     "accuracy": f"{np.mean(accuracy):.3f}{spread}",
-                     "macro_f1": float(np.mean([r["metrics"][level]["test_macro_f1"] for r in runs]))} | flag_cells(f))
+        rows.append(
+            {
+                "model": f"{name} ({len(runs)} seed{'s' if len(runs) > 1 else ''}, "
+                f"{np.mean([r['cpu_minutes'] for r in runs]):.1f} CPU min)",
+                "level": level,
+                "values": len(spec.attribute(level).values),
+                "accuracy": f"{np.mean(accuracy):.3f}{spread}",
+                "macro_f1": float(np.mean([r["metrics"][level]["test_macro_f1"] for r in runs])),
+            }
+            | flag_cells(f)
+        )
     pooled_all = pooled(r["flags"][level] for r in runs for level in LEVELS)
     rows.append({"model": "", "level": "pooled"} | flag_cells(pooled_all))
     return rows
@@ -149,9 +172,11 @@ def level_rows(name: str, runs: list[dict], spec: Spec) -> list[dict]:
 METHODS = {  # key for --methods: name, training options, seeds (all of --seeds or the first)
     "probe": ("prototype probe", {"mode": "prototype"}, "first"),
     "locked": ("locked (4 views)", {"mode": "locked"}, "all"),
-    "unlocked": ("top 3 blocks unlocked, 2 views", {"mode": "locked", "unlock_blocks": 3, "views": 2, "epochs": 12,
-                                                    "patience": 4},
-                 "first"),
+    "unlocked": (
+        "top 3 blocks unlocked, 2 views",
+        {"mode": "locked", "unlock_blocks": 3, "views": 2, "epochs": 12, "patience": 4},
+        "first",
+    ),
 }
 
 
@@ -179,29 +204,49 @@ def run(args: argparse.Namespace) -> dict:
     untrained = evaluation.held_out_metrics(held_out_logits(base, data, spec, test_rows), test_labels, spec)
     majority = {level: float(np.bincount(test_labels[level]).max() / len(test_labels[level])) for level in LEVELS}
     first_row = f"zero-shot {args.base_model}" if args.base_model else "new text tower (chance)"
-    table = [{"model": first_row, "level": level, "values": len(spec.attribute(level).values),
-              "accuracy": untrained[level]["test_accuracy"], "macro_f1": untrained[level]["test_macro_f1"],
-              "chance": 1 / len(spec.attribute(level).values), "majority": majority[level]} for level in LEVELS]
+    table = [
+        {
+            "model": first_row,
+            "level": level,
+            "values": len(spec.attribute(level).values),
+            "accuracy": untrained[level]["test_accuracy"],
+            "macro_f1": untrained[level]["test_macro_f1"],
+            "chance": 1 / len(spec.attribute(level).values),
+            "majority": majority[level],
+        }
+        for level in LEVELS
+    ]
 
     for name, options, which in (METHODS[key] for key in args.methods.split(",")):
         runs = []
-        for seed in (seeds if which == "all" else seeds[:1]):
+        for seed in seeds if which == "all" else seeds[:1]:
             clip = make_model()
             config = train.config_for(clip, seed=seed, **options)
             cpu, wall = time.process_time(), time.monotonic()
             kept = plain if config.mode == "locked" and not config.unlock_blocks else None
             outcome = train.train_on(clip, data, spec, config=config, splits=split_of[seed], plain=kept)
             cpu, wall = (time.process_time() - cpu) / 60, (time.monotonic() - wall) / 60
-            flags = flag_figures(held_out_logits(clip, data, spec, test_rows), test_labels, spec,
-                                 outcome["calibration"])
-            runs.append({"seed": seed, "cpu_minutes": round(cpu, 2), "wall_minutes": round(wall, 2),
-                         "training": {k: v for k, v in outcome["training"].items() if k != "history"},
-                         "metrics": outcome["metrics"], "flags": flags,
-                         "calibration": {k: v.to_dict() for k, v in outcome["calibration"].items()},
-                         "pooled_flags": pooled(flags.values())})
-            print(f"{name}, seed {seed}: {cpu:.1f} CPU min ({wall:.1f} min wall), "
-                  f"accuracy {[round(outcome['metrics'][lv]['test_accuracy'], 3) for lv in LEVELS]}, "
-                  f"pooled flags {runs[-1]['pooled_flags']}", flush=True)
+            flags = flag_figures(
+                held_out_logits(clip, data, spec, test_rows), test_labels, spec, outcome["calibration"]
+            )
+            runs.append(
+                {
+                    "seed": seed,
+                    "cpu_minutes": round(cpu, 2),
+                    "wall_minutes": round(wall, 2),
+                    "training": {k: v for k, v in outcome["training"].items() if k != "history"},
+                    "metrics": outcome["metrics"],
+                    "flags": flags,
+                    "calibration": {k: v.to_dict() for k, v in outcome["calibration"].items()},
+                    "pooled_flags": pooled(flags.values()),
+                }
+            )
+            print(
+                f"{name}, seed {seed}: {cpu:.1f} CPU min ({wall:.1f} min wall), "
+                f"accuracy {[round(outcome['metrics'][lv]['test_accuracy'], 3) for lv in LEVELS]}, "
+                f"pooled flags {runs[-1]['pooled_flags']}",
+                flush=True,
+            )
         results[name] = runs
         table += level_rows(name, runs, spec)
 
@@ -209,8 +254,9 @@ def run(args: argparse.Namespace) -> dict:
     if args.skip_curve:
         return results
     curve_config = train.config_for(base, mode="locked", seed=seeds[0])
-    curve = curves.learning_curve(make_model, data, spec, config=curve_config, splits=split_of[seeds[0]],
-                                  sizes=(3, 10, 30))
+    curve = curves.learning_curve(
+        make_model, data, spec, config=curve_config, splits=split_of[seeds[0]], sizes=(3, 10, 30)
+    )
     title = "Grocery Store, locked fine-tuning of the EfficientNet-Lite0 dual encoder"
     (args.output / "curve_locked.png").write_bytes(curves.plot_png(curve, title=title))
     (args.output / "curve_locked.md").write_text(curves.markdown(curve))
@@ -226,8 +272,10 @@ def main() -> int:
     parser.add_argument("--output", type=Path, default=ROOT / "docs" / "benchmarks" / "grocery")
     parser.add_argument("--methods", default=",".join(METHODS), help=f"which to train, of {', '.join(METHODS)}")
     parser.add_argument("--skip-curve", action="store_true", help="no learning curve")
-    parser.add_argument("--base-model", help="start from this model (hub id, folder, s3://) instead of a new "
-                        "EfficientNet-Lite0 dual encoder")
+    parser.add_argument(
+        "--base-model",
+        help="start from this model (hub id, folder, s3://) instead of a new EfficientNet-Lite0 dual encoder",
+    )
     args = parser.parse_args()
     if not (args.data / "train.txt").exists():
         print(f"Grocery Store dataset not found at {args.data}; pass --data or set CLIPDQ_GROCERY_DIR", file=sys.stderr)
@@ -237,8 +285,20 @@ def main() -> int:
         logging.getLogger(name).setLevel(logging.WARNING)  # per-epoch lines drown the figures
     args.output.mkdir(parents=True, exist_ok=True)
     results = run(args)
-    columns = ["model", "level", "values", "accuracy", "macro_f1", "chance", "majority", "conflict precision",
-               "conflict recall", "flags / planted", "gap accuracy", "gap recall"]
+    columns = [
+        "model",
+        "level",
+        "values",
+        "accuracy",
+        "macro_f1",
+        "chance",
+        "majority",
+        "conflict precision",
+        "conflict recall",
+        "flags / planted",
+        "gap accuracy",
+        "gap recall",
+    ]
     report = figures_table(results["tables"]["levels"], columns)
     (args.output / "results.md").write_text(report + "\n")
     (args.output / "results.json").write_text(json.dumps(results, default=float))

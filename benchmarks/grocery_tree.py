@@ -55,19 +55,35 @@ def run_seed(spec: Spec, data: LabeledSet, plain, split, seed: int, views: int) 
     val_logits, test_logits = (held_out_logits(clip, data, spec, rows) for rows in (val_rows, test_rows))
     test_labels = labels_of(data, test_rows)
     flat_calibration, _ = evaluation.calibrate(val_logits, labels_of(data, val_rows), flat)
-    temperatures = {"flat": {k: v.temperature for k, v in flat_calibration.items()},
-                    "tree": {k: v.temperature for k, v in outcome["calibration"].items()}}
-    accuracy = {kind: {level: figures["test_accuracy"] for level, figures in evaluation.held_out_metrics(
-        test_logits, test_labels, kind_spec, temperatures=temperatures[kind]).items()}
-        for kind, kind_spec in (("flat", flat), ("tree", spec))}
+    temperatures = {
+        "flat": {k: v.temperature for k, v in flat_calibration.items()},
+        "tree": {k: v.temperature for k, v in outcome["calibration"].items()},
+    }
+    accuracy = {
+        kind: {
+            level: figures["test_accuracy"]
+            for level, figures in evaluation.held_out_metrics(
+                test_logits, test_labels, kind_spec, temperatures=temperatures[kind]
+            ).items()
+        }
+        for kind, kind_spec in (("flat", flat), ("tree", spec))
+    }
     flags = flag_figures(test_logits, test_labels, spec, outcome["calibration"])
-    result = {"seed": seed, "cpu_minutes": round(cpu, 2), "accuracy": accuracy, "flags": flags,
-              "pooled_flags": pooled(flags.values()),
-              "inconsistent_flat": inconsistent_share(evaluation.choices(test_logits, flat, temperatures["flat"]), spec),
-              "inconsistent_tree": inconsistent_share(evaluation.choices(test_logits, spec, temperatures["tree"]), spec)}
-    print(f"seed {seed}: {cpu:.1f} CPU min, accuracy {accuracy}, inconsistent paths level by level "
-          f"{result['inconsistent_flat']:.3f}, with the tree {result['inconsistent_tree']:.3f}; "
-          f"pooled flags {result['pooled_flags']}", flush=True)
+    result = {
+        "seed": seed,
+        "cpu_minutes": round(cpu, 2),
+        "accuracy": accuracy,
+        "flags": flags,
+        "pooled_flags": pooled(flags.values()),
+        "inconsistent_flat": inconsistent_share(evaluation.choices(test_logits, flat, temperatures["flat"]), spec),
+        "inconsistent_tree": inconsistent_share(evaluation.choices(test_logits, spec, temperatures["tree"]), spec),
+    }
+    print(
+        f"seed {seed}: {cpu:.1f} CPU min, accuracy {accuracy}, inconsistent paths level by level "
+        f"{result['inconsistent_flat']:.3f}, with the tree {result['inconsistent_tree']:.3f}; "
+        f"pooled flags {result['pooled_flags']}",
+        flush=True,
+    )
     return result
 
 
@@ -76,12 +92,23 @@ def table(runs: list[dict]) -> list[dict]:
     rows = []
     for level in LEVELS:
         f = pooled(r["flags"][level] for r in runs)
-        rows.append({"level": level, "level by level": spread([r["accuracy"]["flat"][level] for r in runs]),
-                     "whole path": spread([r["accuracy"]["tree"][level] for r in runs])} | flag_cells(f))
+        rows.append(
+            {
+                "level": level,
+                "level by level": spread([r["accuracy"]["flat"][level] for r in runs]),
+                "whole path": spread([r["accuracy"]["tree"][level] for r in runs]),
+            }
+            | flag_cells(f)
+        )
     f = pooled(r["flags"][level] for r in runs for level in LEVELS)
-    rows.append({"level": "pooled", "level by level": "inconsistent paths: "
-                 + spread([r["inconsistent_flat"] for r in runs]),
-                 "whole path": "inconsistent paths: " + spread([r["inconsistent_tree"] for r in runs])} | flag_cells(f))
+    rows.append(
+        {
+            "level": "pooled",
+            "level by level": "inconsistent paths: " + spread([r["inconsistent_flat"] for r in runs]),
+            "whole path": "inconsistent paths: " + spread([r["inconsistent_tree"] for r in runs]),
+        }
+        | flag_cells(f)
+    )
     return rows
 
 
@@ -99,10 +126,20 @@ def main() -> int:
     frame = load_catalog(args.data)
     spec = grocery_spec(frame, tree=True)
     data, plain, features = embedded_photos(frame, spec, args.data)
-    runs = [run_seed(spec, data, plain, splits_for(frame, features, seed=seed), seed, args.views)
-            for seed in (int(s) for s in args.seeds.split(","))]
-    columns = ["level", "level by level", "whole path", "conflict precision", "conflict recall", "flags / planted",
-               "gap accuracy", "gap recall"]
+    runs = [
+        run_seed(spec, data, plain, splits_for(frame, features, seed=seed), seed, args.views)
+        for seed in (int(s) for s in args.seeds.split(","))
+    ]
+    columns = [
+        "level",
+        "level by level",
+        "whole path",
+        "conflict precision",
+        "conflict recall",
+        "flags / planted",
+        "gap accuracy",
+        "gap recall",
+    ]
     report = figures_table(table(runs), columns)
     args.output.mkdir(parents=True, exist_ok=True)
     (args.output / "results.md").write_text(report + "\n")

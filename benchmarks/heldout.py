@@ -36,8 +36,13 @@ def _share(hits: int, total: int) -> float:
 
 
 def flag_figures(
-    logits: dict[str, np.ndarray], labels: dict[str, np.ndarray], spec: Spec, calibration: dict[str, Calibration],
-    *, share: float = 0.1, repeats: int = 10,
+    logits: dict[str, np.ndarray],
+    labels: dict[str, np.ndarray],
+    spec: Spec,
+    calibration: dict[str, Calibration],
+    *,
+    share: float = 0.1,
+    repeats: int = 10,
 ) -> dict[str, dict]:
     """Per attribute: conflict precision and recall, gap-suggestion accuracy and recall, with counts,
     pooled over ``repeats`` independent plantings in the same held-out rows."""
@@ -49,20 +54,30 @@ def flag_figures(
         flagged, planted = rows.filter(pl.col("status") == "conflict"), rows.filter(pl.col("planted") == "conflict")
         suggested, gaps = rows.filter(pl.col("status") == "gap"), rows.filter(pl.col("planted") == "gap")
         out[name] = {
-            "conflict_precision": _share(flagged.filter(pl.col("existing_value") != pl.col("true_value")).height,
-                                         flagged.height),
+            "conflict_precision": _share(
+                flagged.filter(pl.col("existing_value") != pl.col("true_value")).height, flagged.height
+            ),
             "conflict_recall": _share(planted.filter(pl.col("status") == "conflict").height, planted.height),
-            "flags": flagged.height, "planted": planted.height,
-            "gap_accuracy": _share(suggested.filter(pl.col("predicted_value") == pl.col("true_value")).height,
-                                   suggested.height),
-            "gap_recall": _share(suggested.height, gaps.height), "suggestions": suggested.height, "gaps": gaps.height,
+            "flags": flagged.height,
+            "planted": planted.height,
+            "gap_accuracy": _share(
+                suggested.filter(pl.col("predicted_value") == pl.col("true_value")).height, suggested.height
+            ),
+            "gap_recall": _share(suggested.height, gaps.height),
+            "suggestions": suggested.height,
+            "gaps": gaps.height,
         }
     return out
 
 
 def _planted_audit(
-    logits: dict[str, np.ndarray], labels: dict[str, np.ndarray], spec: Spec, calibration: dict[str, Calibration],
-    *, share: float, seed: int,
+    logits: dict[str, np.ndarray],
+    labels: dict[str, np.ndarray],
+    spec: Spec,
+    calibration: dict[str, Calibration],
+    *,
+    share: float,
+    seed: int,
 ) -> pl.DataFrame:
     """Findings joined with what was planted, for one random planting of errors and gaps."""
     rng = np.random.default_rng(seed)
@@ -72,15 +87,24 @@ def _planted_audit(
     planted = {}
     for attribute in spec.attributes:
         if spec.tree_of(attribute.name) is None:
-            columns[attribute.name], planted[attribute.name] = _plant_value(labels[attribute.name], attribute.values,
-                                                                            rng, share)
+            columns[attribute.name], planted[attribute.name] = _plant_value(
+                labels[attribute.name], attribute.values, rng, share
+            )
     for tree in spec.trees:
         for level, (existing, kind) in _plant_path(labels, tree, rng, share).items():
             columns[level], planted[level] = existing, kind
     for attribute in spec.attributes:
         values = np.array(attribute.values, dtype=object)
-        truth.append(pl.DataFrame({"product_id": ids, "attribute": attribute.name, "planted": planted[attribute.name],
-                                   "true_value": list(values[labels[attribute.name].clip(0)])}))
+        truth.append(
+            pl.DataFrame(
+                {
+                    "product_id": ids,
+                    "attribute": attribute.name,
+                    "planted": planted[attribute.name],
+                    "true_value": list(values[labels[attribute.name].clip(0)]),
+                }
+            )
+        )
     temperatures = {name: fitted.temperature for name, fitted in calibration.items()}
     predictions = audit.predictions_of(ids, evaluation.choices(logits, spec, temperatures), spec)
     findings = compare(pl.DataFrame(columns), predictions, spec=spec, calibration=calibration)
@@ -91,7 +115,9 @@ def _plant_value(y: np.ndarray, vocabulary, rng: np.random.Generator, share: flo
     """(catalog values, what was planted per row): a ``share`` replaced by another value, another blanked."""
     k, values = len(vocabulary), np.array(vocabulary, dtype=object)
     draw, other = rng.random(len(y)), (y + rng.integers(1, k, len(y))) % k
-    planted = np.where(y < 0, "unlabeled", np.where(draw < share, "conflict", np.where(draw < 2 * share, "gap", "none")))
+    planted = np.where(
+        y < 0, "unlabeled", np.where(draw < share, "conflict", np.where(draw < 2 * share, "gap", "none"))
+    )
     existing = np.where(planted == "conflict", values[other], values[y.clip(0)])
     existing[(planted == "gap") | (planted == "unlabeled")] = None
     return list(existing), planted
@@ -129,20 +155,29 @@ def pooled(figures: Iterable[dict]) -> dict[str, float]:
     right_flags = sum(f["conflict_precision"] * f["flags"] for f in figures if f["flags"])
     found = sum(f["conflict_recall"] * f["planted"] for f in figures if f["planted"])
     right_gaps = sum(f["gap_accuracy"] * f["suggestions"] for f in figures if f["suggestions"])
-    return {"conflict_precision": _share(right_flags, total["flags"]), "conflict_recall": _share(found, total["planted"]),
-            "gap_accuracy": _share(right_gaps, total["suggestions"]), "gap_recall": _share(total["suggestions"], total["gaps"]),
-            **total}
+    return {
+        "conflict_precision": _share(right_flags, total["flags"]),
+        "conflict_recall": _share(found, total["planted"]),
+        "gap_accuracy": _share(right_gaps, total["suggestions"]),
+        "gap_recall": _share(total["suggestions"], total["gaps"]),
+        **total,
+    }
 
 
 def flag_cells(figures: dict) -> dict:
     """The table cells of one set of flag figures (``flag_figures`` or ``pooled``)."""
-    return {"conflict precision": figures["conflict_precision"], "conflict recall": figures["conflict_recall"],
-            "flags / planted": f"{figures['flags']} / {figures['planted']}", "gap accuracy": figures["gap_accuracy"],
-            "gap recall": figures["gap_recall"]}
+    return {
+        "conflict precision": figures["conflict_precision"],
+        "conflict recall": figures["conflict_recall"],
+        "flags / planted": f"{figures['flags']} / {figures['planted']}",
+        "gap accuracy": figures["gap_accuracy"],
+        "gap recall": figures["gap_recall"],
+    }
 
 
 def figures_table(rows: list[dict], columns: list[str]) -> str:
     """A Markdown table of dicts, floats to three decimals."""
+
     def cell(value) -> str:
         return f"{value:.3f}" if isinstance(value, float) else str(value)
 

@@ -107,51 +107,101 @@ def grocery(data: Path, finetuned: str | None) -> None:
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(tmp)
         references, queries, spec = grocery_catalogs(data, work)
-        seconds, model_dir = clipdq("init-model", "--spec", str(spec), "--arch", "efficientnet-lite0",
-                                    "--output", str(work / "model"))
-        runs = [("pretrained tower, new projection", model_dir, "0", "exact"), ("fine-tuned", finetuned, "0", "exact"),
-                ("fine-tuned, with the references' category values", finetuned, "1", "exact"),
-                ("the same through the approximate index (81 references: one cell)", finetuned, "1", "approximate")]
+        seconds, model_dir = clipdq(
+            "init-model", "--spec", str(spec), "--arch", "efficientnet-lite0", "--output", str(work / "model")
+        )
+        runs = [
+            ("pretrained tower, new projection", model_dir, "0", "exact"),
+            ("fine-tuned", finetuned, "0", "exact"),
+            ("fine-tuned, with the references' category values", finetuned, "1", "exact"),
+            ("the same through the approximate index (81 references: one cell)", finetuned, "1", "approximate"),
+        ]
         for name, model_uri, weight, search in runs:
             if not model_uri:
                 continue
-            seconds, folder = clipdq("match", "--references", str(references), "--queries", str(queries),
-                                     "--spec", str(spec), "--model", model_uri, "--output", str(work / "out"),
-                                     "--label-column", "expected_id", "--no-embedding-cache",
-                                     "--attribute-weight", weight, "--search", search)
+            seconds, folder = clipdq(
+                "match",
+                "--references",
+                str(references),
+                "--queries",
+                str(queries),
+                "--spec",
+                str(spec),
+                "--model",
+                model_uri,
+                "--output",
+                str(work / "out"),
+                "--label-column",
+                "expected_id",
+                "--no-embedding-cache",
+                "--attribute-weight",
+                weight,
+                "--search",
+                search,
+            )
             summary = json.loads((Path(folder) / "summary.json").read_text())
             acc = summary["accuracy"]
-            print(f"(a) {name}: top-1 {acc['top_1']:.3f}, top-5 {acc['top_5']:.3f} over {acc['labeled_queries']} "
-                  f"val photos, {summary['references']} references; same-image pairs left out: "
-                  f"{summary['same_image_excluded']['pairs']}; clipdq match {seconds:.1f} s", flush=True)
+            print(
+                f"(a) {name}: top-1 {acc['top_1']:.3f}, top-5 {acc['top_5']:.3f} over {acc['labeled_queries']} "
+                f"val photos, {summary['references']} references; same-image pairs left out: "
+                f"{summary['same_image_excluded']['pairs']}; clipdq match {seconds:.1f} s",
+                flush=True,
+            )
 
 
 def scale(queries: int, references: int) -> None:
     started = time.monotonic()
-    result = subprocess.run([sys.executable, "-c", SCALE, str(queries), str(references), "256"],
-                            capture_output=True, text=True, check=True)
+    result = subprocess.run(
+        [sys.executable, "-c", SCALE, str(queries), str(references), "256"], capture_output=True, text=True, check=True
+    )
     peak = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024
     inner = float(result.stdout.split()[0])
-    print(f"(b) {queries:,} queries x {references:,} references, 256-d, exact top-5: {inner:.0f} s in top_k "
-          f"({queries * references / inner / 1e6:,.0f} M pairs/s), {time.monotonic() - started:.0f} s whole process; "
-          f"peak RSS {peak:,.0f} MB (target < 2048 MB)", flush=True)
+    print(
+        f"(b) {queries:,} queries x {references:,} references, 256-d, exact top-5: {inner:.0f} s in top_k "
+        f"({queries * references / inner / 1e6:,.0f} M pairs/s), {time.monotonic() - started:.0f} s whole process; "
+        f"peak RSS {peak:,.0f} MB (target < 2048 MB)",
+        flush=True,
+    )
 
 
 def approximate(queries: int, references: int) -> None:
     started = time.monotonic()
-    result = subprocess.run([sys.executable, "-c", APPROXIMATE, str(queries), str(references), "256",
-                             str(references // 100)], capture_output=True, text=True, check=True)
+    result = subprocess.run(
+        [sys.executable, "-c", APPROXIMATE, str(queries), str(references), "256", str(references // 100)],
+        capture_output=True,
+        text=True,
+        check=True,
+    )
     peak = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024  # the larger of (b)'s and this child's
     figures = [float(v) for v in result.stdout.split()]
-    build_s, read_s, search_s, exact_s, recall, top1, lists, probes, candidates_s, rescore_s, exact_both_s, recall_both = figures
-    print(f"(c) approximate index, {queries:,} queries x {references:,} clustered references ({references // 100:,} "
-          f"products), {lists:.0f} lists, {probes:.0f} probes: recall of the exact top-5 {recall:.3f}, same first "
-          f"{top1:.3f}; {build_s:.0f} s to build and keep the index, {read_s:.1f} s to read it kept, {search_s:.0f} s to "
-          f"search (exact: {exact_s:.0f} s)", flush=True)
-    print(f"    with the attribute agreement (1,000 queries, {RESCORED_CANDIDATES} candidates by image rescored): "
-          f"recall of the exact top-5 {recall_both:.3f}; {candidates_s:.1f} s to search, {rescore_s:.1f} s to "
-          f"rescore (exact with the agreement: {exact_both_s:.0f} s); {time.monotonic() - started:.0f} s whole "
-          f"process; peak RSS {peak:,.0f} MB", flush=True)
+    (
+        build_s,
+        read_s,
+        search_s,
+        exact_s,
+        recall,
+        top1,
+        lists,
+        probes,
+        candidates_s,
+        rescore_s,
+        exact_both_s,
+        recall_both,
+    ) = figures
+    print(
+        f"(c) approximate index, {queries:,} queries x {references:,} clustered references ({references // 100:,} "
+        f"products), {lists:.0f} lists, {probes:.0f} probes: recall of the exact top-5 {recall:.3f}, same first "
+        f"{top1:.3f}; {build_s:.0f} s to build and keep the index, {read_s:.1f} s to read it kept, {search_s:.0f} s to "
+        f"search (exact: {exact_s:.0f} s)",
+        flush=True,
+    )
+    print(
+        f"    with the attribute agreement (1,000 queries, {RESCORED_CANDIDATES} candidates by image rescored): "
+        f"recall of the exact top-5 {recall_both:.3f}; {candidates_s:.1f} s to search, {rescore_s:.1f} s to "
+        f"rescore (exact with the agreement: {exact_both_s:.0f} s); {time.monotonic() - started:.0f} s whole "
+        f"process; peak RSS {peak:,.0f} MB",
+        flush=True,
+    )
 
 
 def main() -> int:

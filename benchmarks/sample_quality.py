@@ -17,8 +17,14 @@ from pathlib import Path
 
 import polars as pl
 
-TARGETS = {"conflict_precision": 0.95, "conflict_recall": 0.85, "gap_suggestion_accuracy": 0.95,
-           "title_mismatch_precision": 0.9, "invalid_value_found": 1.0, "image_error_found": 1.0}
+TARGETS = {
+    "conflict_precision": 0.95,
+    "conflict_recall": 0.85,
+    "gap_suggestion_accuracy": 0.95,
+    "title_mismatch_precision": 0.9,
+    "invalid_value_found": 1.0,
+    "image_error_found": 1.0,
+}
 
 
 def newest_run(reports: Path) -> Path:
@@ -40,8 +46,9 @@ def score(findings: pl.DataFrame, truth: pl.DataFrame) -> dict[str, tuple[float,
     return {
         "conflict_precision": _share(values.filter(status == "conflict"), planted == "conflict"),
         "conflict_recall": _share(values.filter(planted == "conflict"), status == "conflict"),
-        "gap_suggestion_accuracy": _share(joined.filter(status == "gap"),
-                                          pl.col("predicted_value") == pl.col("true_value")),
+        "gap_suggestion_accuracy": _share(
+            joined.filter(status == "gap"), pl.col("predicted_value") == pl.col("true_value")
+        ),
         "gap_recall": _share(joined.filter(planted == "gap"), status == "gap"),
         "invalid_value_found": _share(joined.filter(planted == "invalid_value"), status == "invalid_value"),
         "image_error_found": _share(joined.filter(planted == "image_error"), status == "image_error"),

@@ -90,8 +90,10 @@ def probe_values(embeddings: np.ndarray, ids: list[str], truth: pl.DataFrame, sp
     for attribute in spec.attributes:
         true = dict(truth.filter(pl.col("attribute") == attribute.name).select("product_id", "true_value").iter_rows())
         labels = np.array([true.get(i) for i in ids], dtype=object)
-        means = [centred[labels == value].mean(axis=0) if (labels == value).any() else np.zeros(centred.shape[1])
-                 for value in attribute.values]
+        means = [
+            centred[labels == value].mean(axis=0) if (labels == value).any() else np.zeros(centred.shape[1])
+            for value in attribute.values
+        ]
         prototypes[attribute.name] = np.stack([m / (np.linalg.norm(m) or 1.0) for m in means]).astype(np.float32)
     return prototypes
 
@@ -113,15 +115,23 @@ def compare_and_report(spec, n: int = 1_000_000) -> float:
     """Seconds to compare n products x the spec's attributes and summarise and render the report."""
     rng = np.random.default_rng(0)
     ids = pl.Series("product_id", [f"P{i}" for i in range(n)])
-    catalog = pl.DataFrame({"product_id": ids, "image": ids,
-                            "product_type": rng.choice(["apparel", "cookware"], n)})
+    catalog = pl.DataFrame({"product_id": ids, "image": ids, "product_type": rng.choice(["apparel", "cookware"], n)})
     predictions = []
     for attribute in spec.attributes:
         values = np.array(attribute.values, dtype=object)
         catalog = catalog.with_columns(pl.Series(attribute.name, values[rng.integers(0, len(values), n)]))
-        predictions.append(pl.DataFrame({"product_id": ids, "attribute": attribute.name,
-                                         "predicted_value": values[rng.integers(0, len(values), n)],
-                                         "confidence": rng.random(n), "image_error": None}, schema=PREDICTIONS_SCHEMA))
+        predictions.append(
+            pl.DataFrame(
+                {
+                    "product_id": ids,
+                    "attribute": attribute.name,
+                    "predicted_value": values[rng.integers(0, len(values), n)],
+                    "confidence": rng.random(n),
+                    "image_error": None,
+                },
+                schema=PREDICTIONS_SCHEMA,
+            )
+        )
     predictions = pl.concat(predictions)
     calibration = {name: default_calibration(spec.target_precision, spec.expected_error_rate) for name in spec.names}
     started = time.perf_counter()
@@ -148,13 +158,16 @@ def change_images(catalog: Path, share: float) -> int:
     return changed
 
 
-def whole_audit(catalog: Path, spec_path: Path, model_dir: str, output: str, batch_size: int, **options) -> tuple[float, dict]:
+def whole_audit(
+    catalog: Path, spec_path: Path, model_dir: str, output: str, batch_size: int, **options
+) -> tuple[float, dict]:
     """(seconds, the run's summary)."""
     from clipdq.core.options import AuditOptions
     from flows.audit import audit_catalog
 
-    seconds, folder = timed(audit_catalog, str(catalog), str(spec_path), model_dir, output,
-                            AuditOptions(batch_size=batch_size, **options))
+    seconds, folder = timed(
+        audit_catalog, str(catalog), str(spec_path), model_dir, output, AuditOptions(batch_size=batch_size, **options)
+    )
     return seconds, json.loads((Path(folder) / "summary.json").read_text())
 
 
@@ -166,10 +179,27 @@ def peak_memory_mb(catalog: Path, rows: int, spec_path: Path, model_dir: str, ou
     big = big.with_columns(pl.format("R{}", pl.int_range(pl.len())).alias("product_id"))
     path = catalog.parent / f"catalog-{rows}.parquet"
     big.write_parquet(path)
-    measure = ("import resource, subprocess, sys; subprocess.run(sys.argv[1:], check=True, capture_output=True); "
-               "print(resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss)")
-    command = [sys.executable, "-c", measure, sys.executable, "-m", "clipdq.cli", "audit", "--catalog", str(path),
-               "--spec", str(spec_path), "--model", model_dir, "--output", str(output)]
+    measure = (
+        "import resource, subprocess, sys; subprocess.run(sys.argv[1:], check=True, capture_output=True); "
+        "print(resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss)"
+    )
+    command = [
+        sys.executable,
+        "-c",
+        measure,
+        sys.executable,
+        "-m",
+        "clipdq.cli",
+        "audit",
+        "--catalog",
+        str(path),
+        "--spec",
+        str(spec_path),
+        "--model",
+        model_dir,
+        "--output",
+        str(output),
+    ]
     result = subprocess.run(command, check=True, capture_output=True, text=True)
     return int(result.stdout.split()[-1]) / 1024
 
@@ -187,8 +217,9 @@ def main() -> int:
     parser.add_argument("--memory-rows", default="10000,100000", help="catalog sizes for the peak-memory audit")
     parser.add_argument("--arch", default="vit-b-32", choices=ARCHS, help="the model to time")
     parser.add_argument("--only-rates", action="store_true", help="(a) and (b) only: tower, decoding, whole audit")
-    parser.add_argument("--backend", default="fp32", choices=BACKENDS, help="the image tower's arithmetic "
-                        "in (a) and (b)")
+    parser.add_argument(
+        "--backend", default="fp32", choices=BACKENDS, help="the image tower's arithmetic in (a) and (b)"
+    )
     args = parser.parse_args()
     if args.backend != "fp32" and not args.only_rates:
         parser.error("--backend applies to --only-rates (the full run compares each backend with fp32 itself)")
@@ -205,8 +236,11 @@ def main() -> int:
         model_dir = towers.save_model(clip, str(root / "model"))
         frame = pl.read_parquet(catalog)  # changing images later leaves the Parquet as it is
         refs = frame["image"].to_list()
-        print(f"{args.images} photos of 1600 px, {args.arch} model, {args.backend}, {os.cpu_count()} CPU cores, "
-              f"batch {args.batch_size}\n", flush=True)
+        print(
+            f"{args.images} photos of 1600 px, {args.arch} model, {args.backend}, {os.cpu_count()} CPU cores, "
+            f"batch {args.batch_size}\n",
+            flush=True,
+        )
 
         seconds, loaded = timed(images.load_images, refs, access_for(str(root / "data")), clip.pixels)
         decode_rate = len(refs) / seconds
@@ -219,14 +253,22 @@ def main() -> int:
         first, summary = whole_audit(catalog, spec_path, model_dir, str(root / "out"), args.batch_size, **options)
         audit_rate = summary["images"]["embedded"] / first
         slower = min(model_rate, decode_rate)
-        line("(b) whole audit, Parquet to findings", audit_rate, "images/s",
-             f"{audit_rate / slower:.0%} of the slower of the two above; target >= 85%; "
-             f"ran on {summary['backend']['used']}")
+        line(
+            "(b) whole audit, Parquet to findings",
+            audit_rate,
+            "images/s",
+            f"{audit_rate / slower:.0%} of the slower of the two above; target >= 85%; "
+            f"ran on {summary['backend']['used']}",
+        )
         if args.only_rates:
             return 0
         again, summary = whole_audit(catalog, spec_path, model_dir, str(root / "out"), args.batch_size)
-        line("    second audit, unchanged catalog", again, "s",
-             f"{again / first:.0%} of the first run; target <= 10%; {summary['images']['embedded']} embedded")
+        line(
+            "    second audit, unchanged catalog",
+            again,
+            "s",
+            f"{again / first:.0%} of the first run; target <= 10%; {summary['images']['embedded']} embedded",
+        )
         changed = change_images(catalog, 0.01)
         after, summary = whole_audit(catalog, spec_path, model_dir, str(root / "out"), args.batch_size)
         line(f"    after changing {changed} images", after, "s", f"{summary['images']['embedded']} embedded")
@@ -235,22 +277,39 @@ def main() -> int:
         for backend in ("int8", "bf16"):
             rate, embeddings = model_only(towers.on_backend(clip, backend), loaded.pixels, args.batch_size)
             agreement = predict.agreement(reference, embeddings, prototypes)
-            line(f"(f) {backend} model forward pass alone", rate, "images/s",
-                 f"{rate / model_rate:.1f}x fp32; same values as fp32 for {agreement:.1%} of images (bar 99%)")
-            seconds, summary = whole_audit(catalog, spec_path, model_dir, str(root / f"out-{backend}"),
-                                           args.batch_size, backend=backend)
+            line(
+                f"(f) {backend} model forward pass alone",
+                rate,
+                "images/s",
+                f"{rate / model_rate:.1f}x fp32; same values as fp32 for {agreement:.1%} of images (bar 99%)",
+            )
+            seconds, summary = whole_audit(
+                catalog, spec_path, model_dir, str(root / f"out-{backend}"), args.batch_size, backend=backend
+            )
             rate = summary["images"]["embedded"] / seconds
-            line(f"    whole audit with --backend {backend}", rate, "images/s",
-                 f"{rate / audit_rate:.1f}x the fp32 audit; ran on {summary['backend']['used']}")
+            line(
+                f"    whole audit with --backend {backend}",
+                rate,
+                "images/s",
+                f"{rate / audit_rate:.1f}x the fp32 audit; ran on {summary['backend']['used']}",
+            )
         pipeline_rate = hf_pipeline(model_dir, readable[: args.pipeline_images], str(root / "data"), spec)
-        line("(c) HF zero-shot pipeline, one call per attribute", pipeline_rate, "images/s",
-             f"(b) is {audit_rate / pipeline_rate:.1f}x; target >= 5x")
+        line(
+            "(c) HF zero-shot pipeline, one call per attribute",
+            pipeline_rate,
+            "images/s",
+            f"(b) is {audit_rate / pipeline_rate:.1f}x; target >= 5x",
+        )
         peaks = {}
         for rows in (int(n) for n in args.memory_rows.split(",")):
             peaks[rows] = peak_memory_mb(catalog, rows, spec_path, model_dir, root / f"memory-{rows}")
             growth = f"; {peaks[rows] / min(peaks.values()) - 1:+.0%} from the smallest, target < +20%"
-            line(f"(e) peak RSS, audit of {rows:,} rows (images repeat)", peaks[rows], "MB",
-                 "target < 2048 MB" + (growth if len(peaks) > 1 else ""))
+            line(
+                f"(e) peak RSS, audit of {rows:,} rows (images repeat)",
+                peaks[rows],
+                "MB",
+                "target < 2048 MB" + (growth if len(peaks) > 1 else ""),
+            )
     seconds = compare_and_report(spec, args.rows)
     line(f"(d) compare + report, {args.rows:,} products x {len(spec.attributes)}", seconds, "s", "target < 15 s")
     return 0

@@ -325,7 +325,9 @@ def _plant_titles(rng: random.Random, rows: list[dict[str, Any]], image_errors: 
         planted = "image_error" if row["product_id"] in image_errors else "mismatch" if i in mismatched else "none"
         if planted == "mismatch":
             row["title"] = rng.choice([t for t in titles if t != titles[i]])
-        truth.append({"product_id": row["product_id"], "attribute": "title", "true_value": titles[i], "planted": planted})
+        truth.append(
+            {"product_id": row["product_id"], "attribute": "title", "true_value": titles[i], "planted": planted}
+        )
     return truth
 
 

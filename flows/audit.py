@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import tempfile
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 
 import polars as pl
@@ -101,7 +101,7 @@ def audit_catalog(
             catalog checks kept between runs.
         options: How the audit runs; every field has a default.
     """
-    started = datetime.now(timezone.utc)
+    started = datetime.now(UTC)
     run_id, folder = report.new_run(output_uri, now=started)
     storage.check_writable(output_uri)  # a missing bucket or a read-only role fails now, not after the scoring
     spec_text = read_spec(spec_uri)

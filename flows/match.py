@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 
 import polars as pl
 from prefect import flow, task
@@ -88,7 +88,7 @@ def match_catalogs(
         output_uri: The folder or s3:// prefix that receives run folders and the embedding cache.
         options: How matching runs; every field has a default.
     """
-    started = datetime.now(timezone.utc)
+    started = datetime.now(UTC)
     run_id, folder = report.new_run(output_uri, now=started)
     storage.check_writable(output_uri)
     spec_text = read_spec(spec_uri)

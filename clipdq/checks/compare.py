@@ -30,9 +30,12 @@ def _long_catalog(catalog: pl.DataFrame, spec: Spec) -> pl.DataFrame:
         code = found[attribute.name]
         canonical = np.array([*attribute.values, None], dtype=object)[np.where(code >= 0, code, len(attribute.values))]
         parts.append(
-            leveled.with_columns(pl.Series("__canonical", canonical.tolist(), dtype=pl.String),
-                                 pl.Series("__missing", code == values.MISSING))
-            .filter(applies).select(
+            leveled.with_columns(
+                pl.Series("__canonical", canonical.tolist(), dtype=pl.String),
+                pl.Series("__missing", code == values.MISSING),
+            )
+            .filter(applies)
+            .select(
                 pl.col(spec.id_column).cast(pl.String).alias("product_id"),
                 pl.lit(attribute.name).alias("attribute"),
                 existing.cast(pl.String).alias("existing_value"),
@@ -58,6 +61,70 @@ def _p(column: str) -> pl.Expr:
     return pl.col(column).round(3).cast(pl.String).fill_null("never")
 
 
+def _status() -> pl.Expr:
+    """Each row's status, from its value (missing, canonical) and its prediction's confidence."""
+    missing = pl.col("missing")
+    no_prediction = pl.col("predicted_value").is_null()
+    return (
+        pl.when(missing & pl.col("image_error").is_not_null())
+        .then(pl.lit("image_error"))
+        .when(missing & no_prediction)
+        .then(pl.lit("uncertain"))
+        .when(missing & _confident("gap_threshold"))
+        .then(pl.lit("gap"))
+        .when(missing)
+        .then(pl.lit("uncertain"))
+        .when(pl.col("canonical").is_null())
+        .then(pl.lit("invalid_value"))
+        .when(pl.col("image_error").is_not_null() | no_prediction)
+        .then(pl.lit("image_error"))
+        .when(pl.col("predicted_value") == pl.col("canonical"))
+        .then(pl.lit("match"))
+        .when(_confident("conflict_threshold"))
+        .then(pl.lit("conflict"))
+        .otherwise(pl.lit("uncertain"))
+    )
+
+
+def _detail() -> pl.Expr:
+    """Why each row has its status, in words."""
+    missing = pl.col("missing")
+    return (
+        pl.when(pl.col("status") == "image_error")
+        .then(pl.coalesce("image_error", pl.lit("no prediction for this product")))
+        .when(pl.col("status") == "invalid_value")
+        .then(pl.format("'{}' is not a known {} value", "existing_value", "attribute"))
+        .when(pl.col("status") == "gap")
+        .then(pl.format("missing; the image shows '{}' (p={})", "predicted_value", _p("confidence")))
+        .when(pl.col("status") == "conflict")
+        .then(
+            pl.format(
+                "catalog says '{}', the image shows '{}' (p={})", "canonical", "predicted_value", _p("confidence")
+            )
+        )
+        .when((pl.col("status") == "uncertain") & missing)
+        .then(
+            pl.format(
+                "missing; best guess '{}' (p={}), threshold to suggest: {}",
+                "predicted_value",
+                _p("confidence"),
+                _p("gap_threshold"),
+            )
+        )
+        .when(pl.col("status") == "uncertain")
+        .then(
+            pl.format(
+                "the image suggests '{}' (p={}), threshold to flag: {}",
+                "predicted_value",
+                _p("confidence"),
+                _p("conflict_threshold"),
+            )
+        )
+        .when(pl.col("existing_value") != pl.col("canonical"))
+        .then(pl.format("'{}' read as '{}'", "existing_value", "canonical"))
+    )
+
+
 def compare(
     catalog: pl.DataFrame, predictions: pl.DataFrame, *, spec: Spec, calibration: dict[str, Calibration]
 ) -> pl.DataFrame:
@@ -72,41 +139,9 @@ def compare(
         .join(predictions, on=["product_id", "attribute"], how="left")
         .join(_thresholds(calibration), on="attribute", how="left")
     )
-    missing = pl.col("missing")
-    no_prediction = pl.col("predicted_value").is_null()
-    status = (
-        pl.when(missing & pl.col("image_error").is_not_null()).then(pl.lit("image_error"))
-        .when(missing & no_prediction).then(pl.lit("uncertain"))
-        .when(missing & _confident("gap_threshold")).then(pl.lit("gap"))
-        .when(missing).then(pl.lit("uncertain"))
-        .when(pl.col("canonical").is_null()).then(pl.lit("invalid_value"))
-        .when(pl.col("image_error").is_not_null() | no_prediction).then(pl.lit("image_error"))
-        .when(pl.col("predicted_value") == pl.col("canonical")).then(pl.lit("match"))
-        .when(_confident("conflict_threshold")).then(pl.lit("conflict"))
-        .otherwise(pl.lit("uncertain"))
-    )
-    detail = (
-        pl.when(pl.col("status") == "image_error")
-        .then(pl.coalesce("image_error", pl.lit("no prediction for this product")))
-        .when(pl.col("status") == "invalid_value")
-        .then(pl.format("'{}' is not a known {} value", "existing_value", "attribute"))
-        .when(pl.col("status") == "gap")
-        .then(pl.format("missing; the image shows '{}' (p={})", "predicted_value", _p("confidence")))
-        .when(pl.col("status") == "conflict")
-        .then(pl.format("catalog says '{}', the image shows '{}' (p={})", "canonical", "predicted_value",
-                        _p("confidence")))
-        .when((pl.col("status") == "uncertain") & missing)
-        .then(pl.format("missing; best guess '{}' (p={}), threshold to suggest: {}", "predicted_value",
-                        _p("confidence"), _p("gap_threshold")))
-        .when(pl.col("status") == "uncertain")
-        .then(pl.format("the image suggests '{}' (p={}), threshold to flag: {}", "predicted_value",
-                        _p("confidence"), _p("conflict_threshold")))
-        .when(pl.col("existing_value") != pl.col("canonical"))
-        .then(pl.format("'{}' read as '{}'", "existing_value", "canonical"))
-    )
     findings = (
-        frame.with_columns(status.alias("status"))
-        .with_columns(detail.alias("detail"))
+        frame.with_columns(_status().alias("status"))
+        .with_columns(_detail().alias("detail"))
         .select(list(FINDINGS_SCHEMA))
         .cast(FINDINGS_SCHEMA)
     )
@@ -115,8 +150,9 @@ def compare(
     return pl.concat([findings, _not_applicable(catalog, findings, spec)])
 
 
-def text_findings(texts: pl.DataFrame, *, column: str, calibration: TextCalibration | None,
-                  shift: float = 0.0) -> pl.DataFrame:
+def text_findings(
+    texts: pl.DataFrame, *, column: str, calibration: TextCalibration | None, shift: float = 0.0
+) -> pl.DataFrame:
     """Findings (FINDINGS_SCHEMA) of image and text agreement, attribute ``column``, for each row
     of ``texts`` (TEXTS_SCHEMA): ``conflict`` where the image may not show the product its text
     describes, ``match`` where they agree, ``uncertain`` where the model cannot tell at the target
@@ -130,13 +166,26 @@ def text_findings(texts: pl.DataFrame, *, column: str, calibration: TextCalibrat
     mismatch = calibration.mismatch_probability(score) if calibration else np.full(len(score), np.nan)
     threshold = None if calibration is None else calibration.threshold
     flagged = np.zeros(len(score), dtype=bool) if threshold is None else ok & (score <= threshold)
-    status = np.where(~ok, "image_error", np.where(flagged, "conflict", "match" if threshold is not None else "uncertain"))
-    detail = [_text_detail(*row, column=column, calibration=calibration)
-              for row in zip(status, texts["image_error"], score, texts["category"])]
-    frame = pl.DataFrame({
-        "product_id": texts["product_id"], "attribute": column, "existing_value": texts["text"], "predicted_value": None,
-        "confidence": np.where(flagged, mismatch, 1 - mismatch), "status": status.tolist(), "detail": detail,
-    }, schema=FINDINGS_SCHEMA, strict=False)
+    status = np.where(
+        ~ok, "image_error", np.where(flagged, "conflict", "match" if threshold is not None else "uncertain")
+    )
+    detail = [
+        _text_detail(*row, column=column, calibration=calibration)
+        for row in zip(status, texts["image_error"], score, texts["category"])
+    ]
+    frame = pl.DataFrame(
+        {
+            "product_id": texts["product_id"],
+            "attribute": column,
+            "existing_value": texts["text"],
+            "predicted_value": None,
+            "confidence": np.where(flagged, mismatch, 1 - mismatch),
+            "status": status.tolist(),
+            "detail": detail,
+        },
+        schema=FINDINGS_SCHEMA,
+        strict=False,
+    )
     return frame.with_columns(pl.col("confidence").fill_nan(None))
 
 
@@ -145,21 +194,35 @@ def _highest_conflict(findings: pl.DataFrame, tree: Tree) -> pl.DataFrame:
     whole paths in its detail; conflicts at deeper levels become ``parent_conflict``."""
     depth = pl.col("attribute").replace_strict({level: d for d, level in enumerate(tree.levels)}, default=None)
     levels = findings.filter(pl.col("attribute").is_in(tree.levels)).with_columns(depth.alias("depth"))
-    path = {column: pl.col(column).fill_null("?").sort_by("depth").str.join(tree.separator)
-            for column in ("existing_value", "predicted_value")}
+    path = {
+        column: pl.col(column).fill_null("?").sort_by("depth").str.join(tree.separator)
+        for column in ("existing_value", "predicted_value")
+    }
     per_product = levels.group_by("product_id").agg(
         pl.col("depth").filter(pl.col("status") == "conflict").min().alias("first_conflict"),
-        path["existing_value"].alias("catalog_path"), path["predicted_value"].alias("image_path"))
+        path["existing_value"].alias("catalog_path"),
+        path["predicted_value"].alias("image_path"),
+    )
     frame = findings.with_columns(depth.alias("depth")).join(per_product, on="product_id", how="left")
     first_level = pl.col("first_conflict").replace_strict(dict(enumerate(tree.levels)), default=None)
     below = (pl.col("status") == "conflict") & (pl.col("depth") > pl.col("first_conflict"))
     at = (pl.col("status") == "conflict") & (pl.col("depth") == pl.col("first_conflict"))
     return frame.with_columns(
         pl.when(below).then(pl.lit("parent_conflict")).otherwise("status").alias("status"),
-        pl.when(below).then(pl.format("follows from the conflict at {}: catalog says '{}', the image shows '{}' (p={})",
-                                      first_level, "existing_value", "predicted_value", _p("confidence")))
-        .when(at).then(pl.format("{}; catalog path '{}', the image's '{}'", "detail", "catalog_path", "image_path"))
-        .otherwise("detail").alias("detail"),
+        pl.when(below)
+        .then(
+            pl.format(
+                "follows from the conflict at {}: catalog says '{}', the image shows '{}' (p={})",
+                first_level,
+                "existing_value",
+                "predicted_value",
+                _p("confidence"),
+            )
+        )
+        .when(at)
+        .then(pl.format("{}; catalog path '{}', the image's '{}'", "detail", "catalog_path", "image_path"))
+        .otherwise("detail")
+        .alias("detail"),
     ).select(list(FINDINGS_SCHEMA))
 
 
@@ -175,8 +238,9 @@ def _not_applicable(catalog: pl.DataFrame, findings: pl.DataFrame, spec: Spec) -
     )
 
 
-def _text_detail(status: str, error: str | None, score: float, category: str, *, column: str,
-                 calibration: TextCalibration | None) -> str | None:
+def _text_detail(
+    status: str, error: str | None, score: float, category: str, *, column: str, calibration: TextCalibration | None
+) -> str | None:
     if status == "image_error":
         return error
     if calibration is None:
@@ -184,6 +248,8 @@ def _text_detail(status: str, error: str | None, score: float, category: str, *,
     if calibration.threshold is None:
         return f"agreement score {score:.2f}; the model cannot flag mismatched texts at the target precision"
     if status == "conflict":
-        return (f"the image may not show this product: it agrees with its {column} unusually little for "
-                f"{category or 'the catalog'} (score {score:.2f}, flagged at {calibration.threshold:.2f} or below)")
+        return (
+            f"the image may not show this product: it agrees with its {column} unusually little for "
+            f"{category or 'the catalog'} (score {score:.2f}, flagged at {calibration.threshold:.2f} or below)"
+        )
     return None

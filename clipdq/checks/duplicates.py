@@ -36,7 +36,9 @@ from clipdq.core.splits import connected_components
 from clipdq.io.images import SIGNATURE_SIZE
 
 CANDIDATES = 5  # nearest images by each descriptor compared per image
-APPROXIMATE_CANDIDATES_ABOVE = 100_000  # images past which candidates come from an approximate index (clipdq.checks.index)
+APPROXIMATE_CANDIDATES_ABOVE = (
+    100_000  # images past which candidates come from an approximate index (clipdq.checks.index)
+)
 MAX_PAIRS_PER_IMAGE = 32  # an image that is many images' candidate keeps its most similar ones
 BLOCK = 256  # images whose windows exist at a time
 ALIGN_BLOCK = 4096  # pairs aligned at a time
@@ -73,7 +75,7 @@ def _colours(images: torch.Tensor) -> torch.Tensor:
     """(n, COLOUR_BINS ** 3): the square roots of each image's colour histogram, unit length."""
     levels = (images * (COLOUR_BINS / 256)).long().clamp_(0, COLOUR_BINS - 1)
     codes = ((levels[:, 0] * COLOUR_BINS + levels[:, 1]) * COLOUR_BINS + levels[:, 2]).flatten(1)
-    counts = torch.zeros(len(images), COLOUR_BINS ** 3).scatter_add_(1, codes, torch.ones(codes.shape))
+    counts = torch.zeros(len(images), COLOUR_BINS**3).scatter_add_(1, codes, torch.ones(codes.shape))
     return F.normalize(counts.sqrt(), dim=1)
 
 
@@ -92,15 +94,17 @@ def _windows(images: torch.Tensor) -> torch.Tensor:
     """(n, windows, 3 * FINE * FINE) centred, unit-length: the grid's windows of each image."""
     grid = _grid()
     resized = {side: F.interpolate(images, size=(side, side), mode="area") for side in {side for side, _, _ in grid}}
-    windows = torch.stack([resized[side][:, :, y:y + FINE, x:x + FINE].flatten(1) for side, y, x in grid], dim=1)
+    windows = torch.stack([resized[side][:, :, y : y + FINE, x : x + FINE].flatten(1) for side, y, x in grid], dim=1)
     return _unit(windows)
 
 
 def _boxes() -> torch.Tensor:
     """(windows, 4): the grid's windows as (half width, half height, centre x, centre y) in the
     image's coordinates, -1 to 1 across."""
-    return torch.tensor([[FINE / side, FINE / side, (2 * x + FINE) / side - 1, (2 * y + FINE) / side - 1]
-                         for side, y, x in _grid()], dtype=torch.float32)
+    return torch.tensor(
+        [[FINE / side, FINE / side, (2 * x + FINE) / side - 1, (2 * y + FINE) / side - 1] for side, y, x in _grid()],
+        dtype=torch.float32,
+    )
 
 
 def _render(images: torch.Tensor, boxes: torch.Tensor) -> torch.Tensor:
@@ -121,8 +125,9 @@ def _inside(boxes: torch.Tensor) -> torch.Tensor:
     return torch.cat([sides, boxes[..., 2:].clamp(-(1 - sides), 1 - sides)], dim=-1)
 
 
-def aligned_similarity(first: torch.Tensor, second: torch.Tensor, boxes: torch.Tensor
-                       ) -> tuple[torch.Tensor, torch.Tensor]:
+def aligned_similarity(
+    first: torch.Tensor, second: torch.Tensor, boxes: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
     """((n,) the best correlation between a window of each ``first`` image and the whole ``second``
     image, (n, 4) that window), searched from the windows ``boxes`` (n, 4) by moving each side and
     centre coordinate in steps that halve whenever no move improves it."""
@@ -172,15 +177,17 @@ def candidate_pairs(signatures: np.ndarray, sha256: list[str]) -> np.ndarray:
     """(p, 2) row pairs, both ways round and sorted, that are among each other's nearest by coarse
     signature or by colour histogram (same bytes excluded: those are grouped by their digest)."""
     coarse = _described(signatures, lambda images: _centred(images, COARSE))
-    return np.unique(np.concatenate([_nearest(coarse, sha256), _nearest(_described(signatures, _colours), sha256)]),
-                     axis=0)
+    return np.unique(
+        np.concatenate([_nearest(coarse, sha256), _nearest(_described(signatures, _colours), sha256)]), axis=0
+    )
 
 
 def _described(signatures: np.ndarray, describe) -> np.ndarray:
     """``describe`` (a tensor of images to a tensor of rows) of every signature, 4096 at a time:
     never all images' float pixels at once."""
-    return np.concatenate([describe(_pixels(signatures[start:start + 4096])).numpy()
-                           for start in range(0, len(signatures), 4096)])
+    return np.concatenate(
+        [describe(_pixels(signatures[start : start + 4096])).numpy() for start in range(0, len(signatures), 4096)]
+    )
 
 
 def pair_similarity(signatures: np.ndarray, pairs: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -198,7 +205,7 @@ def pair_similarity(signatures: np.ndarray, pairs: np.ndarray) -> tuple[np.ndarr
         block = pairs[lo:hi]
         rows = torch.from_numpy(block[:, 0] - start)
         slots = torch.from_numpy(np.arange(hi - lo) - np.searchsorted(block[:, 0], block[:, 0]))
-        windows = _windows(_pixels(signatures[start:start + BLOCK]))  # (images, windows, values)
+        windows = _windows(_pixels(signatures[start : start + BLOCK]))  # (images, windows, values)
         others = torch.zeros(len(windows), int(slots.max()) + 1, windows.shape[2])
         others[rows, slots] = _centred(_pixels(signatures[block[:, 1]]), FINE)
         scores, at = torch.bmm(others, windows.transpose(1, 2)).max(dim=2)  # over windows
@@ -206,9 +213,12 @@ def pair_similarity(signatures: np.ndarray, pairs: np.ndarray) -> tuple[np.ndarr
     area = _area(grid).numpy()[best_window]
     close = np.flatnonzero(out >= ALIGN_FROM)
     for start in range(0, len(close), ALIGN_BLOCK):
-        part = close[start:start + ALIGN_BLOCK]
-        aligned, boxes = aligned_similarity(_pixels(signatures[pairs[part, 0]]), _pixels(signatures[pairs[part, 1]]),
-                                            grid[torch.from_numpy(best_window[part])])
+        part = close[start : start + ALIGN_BLOCK]
+        aligned, boxes = aligned_similarity(
+            _pixels(signatures[pairs[part, 0]]),
+            _pixels(signatures[pairs[part, 1]]),
+            grid[torch.from_numpy(best_window[part])],
+        )
         similarity = aligned.numpy()
         better = similarity > out[part]
         out[part[better]] = similarity[better]
@@ -237,17 +247,28 @@ def find(ids: list[str], sha256: list[str], signatures: np.ndarray, *, threshold
     roots = connected_components(n, np.concatenate([pairs[keep], same]))
     sizes = np.bincount(roots, minlength=n)
     linked = np.concatenate([pairs[keep], same, same[:, ::-1]])  # then each same-bytes link: 1, kind 0, whole
-    similarity, kind, area = (np.concatenate([values[keep], np.full(2 * len(same), fill, values.dtype)])
-                              for values, fill in ((scores, 1), (kinds, 0), (areas, 1)))
+    similarity, kind, area = (
+        np.concatenate([values[keep], np.full(2 * len(same), fill, values.dtype)])
+        for values, fill in ((scores, 1), (kinds, 0), (areas, 1))
+    )
     members = np.flatnonzero(sizes[roots] >= 2)
     best = _best_link(n, linked, similarity)[members]
-    return pl.DataFrame({
-        "group": np.unique(roots[members], return_inverse=True)[1].astype(np.int64),
-        "product_id": [ids[i] for i in members], "group_size": sizes[roots[members]].astype(np.int32),
-        "other_id": [ids[i] for i in linked[best, 1]], "similarity": similarity[best],
-        "kind": [KINDS[k] for k in kind[best]],
-        "crop_area": np.where(kind[best] >= 2, area[best], np.nan),
-    }, schema=DUPLICATES_SCHEMA).with_columns(pl.col("crop_area").fill_nan(None)).sort("group", "product_id")
+    return (
+        pl.DataFrame(
+            {
+                "group": np.unique(roots[members], return_inverse=True)[1].astype(np.int64),
+                "product_id": [ids[i] for i in members],
+                "group_size": sizes[roots[members]].astype(np.int32),
+                "other_id": [ids[i] for i in linked[best, 1]],
+                "similarity": similarity[best],
+                "kind": [KINDS[k] for k in kind[best]],
+                "crop_area": np.where(kind[best] >= 2, area[best], np.nan),
+            },
+            schema=DUPLICATES_SCHEMA,
+        )
+        .with_columns(pl.col("crop_area").fill_nan(None))
+        .sort("group", "product_id")
+    )
 
 
 def better_way(pairs: np.ndarray, scores: np.ndarray) -> np.ndarray:
@@ -271,7 +292,9 @@ def _positions(pairs: np.ndarray, wanted: np.ndarray) -> tuple[np.ndarray, np.nd
 def _same_bytes(digests: np.ndarray) -> np.ndarray:
     """(p, 2) pairs linking each image to the first image of the same digest."""
     first: dict[int, int] = {}
-    pairs = [(first.setdefault(code, i), i) for i, code in enumerate(digests.tolist()) if first.setdefault(code, i) != i]
+    pairs = [
+        (first.setdefault(code, i), i) for i, code in enumerate(digests.tolist()) if first.setdefault(code, i) != i
+    ]
     return np.array(pairs, dtype=np.int64).reshape(-1, 2)
 
 
@@ -283,8 +306,9 @@ def _best_link(n: int, pairs: np.ndarray, scores: np.ndarray) -> np.ndarray:
     return best
 
 
-def flag_near_identical(matches: pl.DataFrame, references: Embedded, queries: Embedded, *,
-                        threshold: float) -> tuple[pl.DataFrame, dict]:
+def flag_near_identical(
+    matches: pl.DataFrame, references: Embedded, queries: Embedded, *, threshold: float
+) -> tuple[pl.DataFrame, dict]:
     """(``matches`` with each ranked pair whose query and reference images are near-identical
     pixels, at ``threshold`` as for duplicate listings, marked in its detail; what the summary
     says of them). The same photo on both sides says nothing of the model."""
@@ -305,6 +329,11 @@ def flag_near_identical(matches: pl.DataFrame, references: Embedded, queries: Em
     near = np.flatnonzero(similarity >= threshold)
     detail = matches["detail"].to_list()
     for i in near:
-        detail[i] = f"near-identical pixels (similarity {similarity[i]:.4f}): this query shows the reference's own image"
+        detail[i] = (
+            f"near-identical pixels (similarity {similarity[i]:.4f}): this query shows the reference's own image"
+        )
     return matches.with_columns(detail=pl.Series(detail, dtype=pl.String)), {
-        "threshold": threshold, "pairs": len(near), "queries": matches["query_id"][near].n_unique()}
+        "threshold": threshold,
+        "pairs": len(near),
+        "queries": matches["query_id"][near].n_unique(),
+    }

@@ -42,13 +42,18 @@ def build(references: np.ndarray, *, lists: int | None = None, seed: int = 0) ->
     """An inverted-list index of the (unnormalised) reference embeddings, by cosine similarity."""
     references = np.asarray(references, dtype=np.float32)
     lists = lists or lists_for(len(references))
-    index = faiss.IndexIVFScalarQuantizer(faiss.IndexFlatIP(references.shape[1]), references.shape[1], lists,
-                                          faiss.ScalarQuantizer.QT_8bit, faiss.METRIC_INNER_PRODUCT)
+    index = faiss.IndexIVFScalarQuantizer(
+        faiss.IndexFlatIP(references.shape[1]),
+        references.shape[1],
+        lists,
+        faiss.ScalarQuantizer.QT_8bit,
+        faiss.METRIC_INNER_PRODUCT,
+    )
     rng = np.random.default_rng(seed)
     sample = np.sort(rng.choice(len(references), size=min(len(references), lists * TRAIN_PER_LIST), replace=False))
     index.train(normalised(references[sample]))
     for start in range(0, len(references), ADD_BLOCK):
-        index.add(normalised(references[start:start + ADD_BLOCK]))
+        index.add(normalised(references[start : start + ADD_BLOCK]))
     return index
 
 
@@ -79,8 +84,17 @@ def kept(references: np.ndarray, reference_keys: list[str | None], folder: str) 
     return built, False
 
 
-def top_k(queries: np.ndarray, references: np.ndarray, *, k: int, query_keys=None, reference_keys=None,
-          probes: int = PROBES, lists: int | None = None, built: faiss.Index | None = None) -> Neighbours:
+def top_k(
+    queries: np.ndarray,
+    references: np.ndarray,
+    *,
+    k: int,
+    query_keys=None,
+    reference_keys=None,
+    probes: int = PROBES,
+    lists: int | None = None,
+    built: faiss.Index | None = None,
+) -> Neighbours:
     """The ``k`` nearest references of every query by cosine similarity, approximately; ``built``: the
     references' index (``build``) where it exists already."""
     if k < 1:
@@ -105,5 +119,5 @@ def top_k(queries: np.ndarray, references: np.ndarray, *, k: int, query_keys=Non
         order = np.argsort(-found_s, axis=1, kind="stable")[:, :k]
         best_s = np.take_along_axis(found_s, order, 1)
         best_i = np.where(np.isfinite(best_s), np.take_along_axis(found_i, order, 1), -1)
-        indices[rows, :order.shape[1]], scores[rows, :order.shape[1]] = best_i, best_s
+        indices[rows, : order.shape[1]], scores[rows, : order.shape[1]] = best_i, best_s
     return Neighbours(indices, scores, excluded)

@@ -43,46 +43,96 @@ class Embedded:
 
 
 def search_method(search: str, references: int) -> str:
-    """"exact" or "approximate": ``search`` as asked, "auto" by the number of references."""
+    """ "exact" or "approximate": ``search`` as asked, "auto" by the number of references."""
     if search == "auto":
         return "approximate" if references > APPROXIMATE_ABOVE else "exact"
     return search
 
 
-def match_embedded(references: Embedded, queries: Embedded, *, k: int, agreement: ValueAgreement | None = None,
-                   search: str = "exact", index_folder: str | None = None) -> tuple[pl.DataFrame, dict]:
+def match_embedded(
+    references: Embedded,
+    queries: Embedded,
+    *,
+    k: int,
+    agreement: ValueAgreement | None = None,
+    search: str = "exact",
+    index_folder: str | None = None,
+) -> tuple[pl.DataFrame, dict]:
     """(matches, what the summary says of them): k rows per query with a usable image, ranked from
     1, and one row with its error for each query whose image failed, so every query is accounted for.
     ``search``: exact, approximate (faiss's inverted lists) or auto (approximate past a million);
     ``index_folder``: where the approximate index is kept between runs (None: built every run)."""
     ref_ok, query_ok = references.ok, queries.ok
-    ref_ids = np.array(references.ids, dtype=object)[ref_ok]
-    keys = {"query_keys": [sha for sha, ok in zip(queries.sha256, query_ok) if ok],
-            "reference_keys": [sha for sha, ok in zip(references.sha256, ref_ok) if ok]}
+    keys = {
+        "query_keys": [sha for sha, ok in zip(queries.sha256, query_ok) if ok],
+        "reference_keys": [sha for sha, ok in zip(references.sha256, ref_ok) if ok],
+    }
     method = search_method(search, int(ref_ok.sum()))
-    found, searched = search_references(queries.embeddings, references.embeddings, keys, k=k, agreement=agreement,
-                                        method=method, index_folder=index_folder)
+    found, searched = search_references(
+        queries.embeddings,
+        references.embeddings,
+        keys,
+        k=k,
+        agreement=agreement,
+        method=method,
+        index_folder=index_folder,
+    )
+    matches = ranked_rows(found, references, queries)
+    summary = {
+        "queries": len(queries.ids),
+        "references": len(references.ids),
+        "k": k,
+        "query_image_errors": int((~query_ok).sum()),
+        "reference_image_errors": int((~ref_ok).sum()),
+        "same_image_excluded": {"queries": int((found.excluded > 0).sum()), "pairs": int(found.excluded.sum())},
+        "search": method,
+        **searched,
+        "score": score_summary(agreement),
+    }
+    return matches, summary
+
+
+def ranked_rows(found: Neighbours, references: Embedded, queries: Embedded) -> pl.DataFrame:
+    """(MATCHES_SCHEMA) the neighbours ``found`` for the usable queries as ranked rows, then one row
+    with its error for each query whose image failed."""
+    ref_ids = np.array(references.ids, dtype=object)[references.ok]
+    query_ok = queries.ok
     query_ids = np.array(queries.ids, dtype=object)
     kept = found.indices >= 0
     rows = np.nonzero(kept)
-    matched = pl.DataFrame({
-        "query_id": query_ids[query_ok][rows[0]].tolist(), "rank": (rows[1] + 1).astype(np.int32),
-        "reference_id": ref_ids[found.indices[kept]].tolist(), "score": found.scores[kept], "detail": None,
-    }, schema=MATCHES_SCHEMA)
-    failed = pl.DataFrame({"query_id": query_ids[~query_ok].tolist(), "rank": None, "reference_id": None,
-                           "score": None, "detail": [e for e in queries.errors if e is not None]},
-                          schema=MATCHES_SCHEMA)
-    summary = {
-        "queries": len(queries.ids), "references": len(references.ids), "k": k,
-        "query_image_errors": int((~query_ok).sum()), "reference_image_errors": int((~ref_ok).sum()),
-        "same_image_excluded": {"queries": int((found.excluded > 0).sum()), "pairs": int(found.excluded.sum())},
-        "search": method, **searched, "score": score_summary(agreement),
-    }
-    return pl.concat([matched, failed]), summary
+    matched = pl.DataFrame(
+        {
+            "query_id": query_ids[query_ok][rows[0]].tolist(),
+            "rank": (rows[1] + 1).astype(np.int32),
+            "reference_id": ref_ids[found.indices[kept]].tolist(),
+            "score": found.scores[kept],
+            "detail": None,
+        },
+        schema=MATCHES_SCHEMA,
+    )
+    failed = pl.DataFrame(
+        {
+            "query_id": query_ids[~query_ok].tolist(),
+            "rank": None,
+            "reference_id": None,
+            "score": None,
+            "detail": [e for e in queries.errors if e is not None],
+        },
+        schema=MATCHES_SCHEMA,
+    )
+    return pl.concat([matched, failed])
 
 
-def search_references(queries: np.ndarray, references: np.ndarray, keys: dict, *, k: int,
-                      agreement: ValueAgreement | None, method: str, index_folder: str | None) -> tuple[Neighbours, dict]:
+def search_references(
+    queries: np.ndarray,
+    references: np.ndarray,
+    keys: dict,
+    *,
+    k: int,
+    agreement: ValueAgreement | None,
+    method: str,
+    index_folder: str | None,
+) -> tuple[Neighbours, dict]:
     """(neighbours, what the summary says of the approximate index): the exact search, or the
     index's candidates (rescored with ``agreement``), the index kept in ``index_folder``."""
     if method == "exact":
@@ -96,24 +146,35 @@ def search_references(queries: np.ndarray, references: np.ndarray, keys: dict, *
     found = index.top_k(queries, references, k=wanted, built=built, **keys)
     if agreement is not None:
         found = rescore(found, queries, references, agreement, k=k)
-    return found, {"approximate_index": {"read_from_an_earlier_run": reused,
-                                         "candidates_rescored": wanted if agreement is not None else None}}
+    return found, {
+        "approximate_index": {
+            "read_from_an_earlier_run": reused,
+            "candidates_rescored": wanted if agreement is not None else None,
+        }
+    }
 
 
 def score_summary(agreement: ValueAgreement | None) -> dict:
     """What the matches' score is made of, for the summary."""
     if agreement is None:
         return {"formula": "cosine similarity of the image embeddings", "attributes": {}}
-    return {"formula": f"cosine similarity + {agreement.weight:g} x sum over attributes of log P(same value)",
-            "attributes": {name: {"references_with_a_catalog_value": int((codes >= 0).sum())}
-                           for name, codes in zip(agreement.attributes, agreement.codes)}}
+    return {
+        "formula": f"cosine similarity + {agreement.weight:g} x sum over attributes of log P(same value)",
+        "attributes": {
+            name: {"references_with_a_catalog_value": int((codes >= 0).sum())}
+            for name, codes in zip(agreement.attributes, agreement.codes)
+        },
+    }
 
 
 def accuracy(matches: pl.DataFrame, expected: dict[str, str | None]) -> dict:
     """Top-1 and top-5 accuracy over the queries that carry a label and have a usable image."""
     labeled = {query: label for query, label in expected.items() if label is not None}
-    ranked = (matches.filter(pl.col("rank").is_not_null() & pl.col("query_id").is_in(list(labeled)))
-              .group_by("query_id").agg(pl.col("reference_id").sort_by("rank")))
+    ranked = (
+        matches.filter(pl.col("rank").is_not_null() & pl.col("query_id").is_in(list(labeled)))
+        .group_by("query_id")
+        .agg(pl.col("reference_id").sort_by("rank"))
+    )
     lists = dict(zip(ranked["query_id"].to_list(), ranked["reference_id"].to_list()))
     hits = {n: sum(labeled[query] in refs[:n] for query, refs in lists.items()) for n in (1, 5)}
     return {"labeled_queries": len(lists), **{f"top_{n}": hits[n] / len(lists) if lists else None for n in hits}}

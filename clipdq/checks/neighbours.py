@@ -52,8 +52,10 @@ class ValueAgreement:
         """Per attribute, (rows, values) probabilities of L2-normalised ``embeddings`` (a tensor)."""
         import torch
 
-        return [torch.softmax(scale * embeddings @ torch.from_numpy(values.astype(np.float32)).T, dim=1)
-                for values, scale in zip(self.value_emb, self.scales)]
+        return [
+            torch.softmax(scale * embeddings @ torch.from_numpy(values.astype(np.float32)).T, dim=1)
+            for values, scale in zip(self.value_emb, self.scales)
+        ]
 
     def reference_probabilities(self, references, rows: np.ndarray | slice) -> list:
         """Per attribute, (references, values): the distributions of normalised reference embeddings
@@ -94,9 +96,17 @@ class ValueAgreement:
         return total.mul_(self.weight)
 
 
-def top_k(queries: np.ndarray, references: np.ndarray, *, k: int, query_keys=None, reference_keys=None,
-          agreement: ValueAgreement | None = None, query_block: int = QUERY_BLOCK,
-          reference_block: int = REFERENCE_BLOCK) -> Neighbours:
+def top_k(
+    queries: np.ndarray,
+    references: np.ndarray,
+    *,
+    k: int,
+    query_keys=None,
+    reference_keys=None,
+    agreement: ValueAgreement | None = None,
+    query_block: int = QUERY_BLOCK,
+    reference_block: int = REFERENCE_BLOCK,
+) -> Neighbours:
     """The ``k`` best-scoring references of every query, exactly (torch's matrix product and top-k
     on the CPU: ten times faster than numpy's argpartition): cosine similarity, plus ``agreement``."""
     import torch
@@ -107,8 +117,10 @@ def top_k(queries: np.ndarray, references: np.ndarray, *, k: int, query_keys=Non
     r_all = torch.from_numpy(np.asarray(references, dtype=np.float32))
     r_norms = torch.linalg.vector_norm(r_all, dim=1).clamp_min(1e-12) if len(r_all) else torch.ones(0)
     q_all = torch.from_numpy(normalised(queries))
-    q_codes, r_codes = (None if codes is None else torch.from_numpy(codes)
-                        for codes in shared_codes(query_keys, reference_keys, len(q_all), len(r_all)))
+    q_codes, r_codes = (
+        None if codes is None else torch.from_numpy(codes)
+        for codes in shared_codes(query_keys, reference_keys, len(q_all), len(r_all))
+    )
     kept = min(k, len(r_all))
     indices = np.full((len(q_all), k), -1, dtype=np.int64)
     scores = np.full((len(q_all), k), -np.inf, dtype=np.float32)
@@ -119,12 +131,12 @@ def top_k(queries: np.ndarray, references: np.ndarray, *, k: int, query_keys=Non
         best_i = torch.full((len(q_all[rows]), kept), -1, dtype=torch.int64)
         query_probs = agreement.probabilities(q_all[rows]) if agreement is not None else []
         for r0 in range(0, len(r_all), reference_block):
-            block = (q_all[rows] @ r_all[r0:r0 + reference_block].T).div_(r_norms[r0:r0 + reference_block])
+            block = (q_all[rows] @ r_all[r0 : r0 + reference_block].T).div_(r_norms[r0 : r0 + reference_block])
             if agreement is not None:
-                normal = r_all[r0:r0 + reference_block] / r_norms[r0:r0 + reference_block, None]
+                normal = r_all[r0 : r0 + reference_block] / r_norms[r0 : r0 + reference_block, None]
                 block += agreement.term(query_probs, normal, r0)
             if q_codes is not None and r_codes is not None:
-                same = (q_codes[rows, None] == r_codes[None, r0:r0 + reference_block]) & (q_codes[rows, None] >= 0)
+                same = (q_codes[rows, None] == r_codes[None, r0 : r0 + reference_block]) & (q_codes[rows, None] >= 0)
                 block.masked_fill_(same, -torch.inf)
                 excluded[rows] += same.sum(dim=1).numpy()
             block_s, block_i = torch.topk(block, min(kept, block.shape[1]), dim=1)
@@ -135,8 +147,15 @@ def top_k(queries: np.ndarray, references: np.ndarray, *, k: int, query_keys=Non
     return Neighbours(indices, scores, excluded)
 
 
-def rescore(found: Neighbours, queries: np.ndarray, references: np.ndarray, agreement: ValueAgreement, *,
-            k: int, query_block: int = QUERY_BLOCK) -> Neighbours:
+def rescore(
+    found: Neighbours,
+    queries: np.ndarray,
+    references: np.ndarray,
+    agreement: ValueAgreement,
+    *,
+    k: int,
+    query_block: int = QUERY_BLOCK,
+) -> Neighbours:
     """The ``k`` best of each query's candidates (``found``, from the approximate index) by the exact
     search's score: their cosine similarity recomputed in float32, plus ``agreement``."""
     import torch
@@ -154,8 +173,8 @@ def rescore(found: Neighbours, queries: np.ndarray, references: np.ndarray, agre
         block += agreement.pair_term(agreement.probabilities(query), candidates, candidate_rows)
         block.masked_fill_(~torch.from_numpy(present), -torch.inf)
         best_s, position = torch.topk(block, min(k, block.shape[1]), dim=1)
-        scores[rows, :position.shape[1]] = best_s.numpy()
-        indices[rows, :position.shape[1]] = np.take_along_axis(candidate_rows, position.numpy(), 1)
+        scores[rows, : position.shape[1]] = best_s.numpy()
+        indices[rows, : position.shape[1]] = np.take_along_axis(candidate_rows, position.numpy(), 1)
     indices[~np.isfinite(scores)] = -1
     return Neighbours(indices, scores, found.excluded)
 
@@ -168,7 +187,8 @@ def shared_codes(query_keys, reference_keys, m: int, n: int) -> tuple[np.ndarray
     code_of = {key: i for i, key in enumerate(dict.fromkeys(key for key in reference_keys if key is not None))}
 
     def codes(keys, length):
-        return np.array([code_of.get(key, -1) if key is not None else -1 for key in keys],
-                        dtype=np.int64).reshape(length)
+        return np.array([code_of.get(key, -1) if key is not None else -1 for key in keys], dtype=np.int64).reshape(
+            length
+        )
 
     return codes(query_keys, m), codes(reference_keys, n)

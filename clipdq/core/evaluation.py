@@ -23,8 +23,9 @@ def macro_f1(labels: np.ndarray, predicted: np.ndarray, k: int) -> float:
     return float(np.mean(scores))
 
 
-def choices(logits: dict[str, np.ndarray], spec: Spec, temperatures: dict[str, float] | None = None
-            ) -> dict[str, tuple[np.ndarray, np.ndarray]]:
+def choices(
+    logits: dict[str, np.ndarray], spec: Spec, temperatures: dict[str, float] | None = None
+) -> dict[str, tuple[np.ndarray, np.ndarray]]:
     """Per attribute, (value index, its probability) as the audit chooses them: at each
     attribute's temperature (1 where not given), consistent with the spec's trees."""
     temperatures = temperatures or {}
@@ -42,8 +43,10 @@ def calibrate(
     ``predict.calibrate``)."""
     known = {name: labels[name] >= 0 for name in logits}
     fitted = [name for name in logits if known[name].sum() >= 2]
-    temperatures = {name: predict.fit_temperature(logits[name][known[name]], labels[name][known[name]],
-                                                  label_noise=label_noise) for name in fitted}
+    temperatures = {
+        name: predict.fit_temperature(logits[name][known[name]], labels[name][known[name]], label_noise=label_noise)
+        for name in fitted
+    }
     chosen = choices(logits, spec, temperatures)
     error_rates = tree.conflict_error_rates(spec)
     calibration, metrics = {}, {}
@@ -51,8 +54,13 @@ def calibrate(
         rows, y, x = known[name], labels[name][known[name]], logits[name][known[name]]
         values, confidence = (part[rows] for part in chosen[name])
         calibration[name] = predict.thresholds_for(
-            confidence, values == y, temperature=temperatures[name], k=x.shape[1],
-            target_precision=spec.target_precision, error_rate=error_rates[name], label_noise=label_noise,
+            confidence,
+            values == y,
+            temperature=temperatures[name],
+            k=x.shape[1],
+            target_precision=spec.target_precision,
+            error_rate=error_rates[name],
+            label_noise=label_noise,
         )
         metrics[name] = {
             "val_rows": int(rows.sum()),
@@ -63,8 +71,13 @@ def calibrate(
     return calibration, metrics
 
 
-def held_out_metrics(logits: dict[str, np.ndarray], labels: dict[str, np.ndarray], spec: Spec, *,
-                     temperatures: dict[str, float] | None = None) -> dict:
+def held_out_metrics(
+    logits: dict[str, np.ndarray],
+    labels: dict[str, np.ndarray],
+    spec: Spec,
+    *,
+    temperatures: dict[str, float] | None = None,
+) -> dict:
     """Per attribute: accuracy, macro-F1 and the confusion matrix (rows: true value) of the values
     the audit would choose (see ``choices``)."""
     chosen = choices(logits, spec, temperatures)
@@ -77,6 +90,10 @@ def held_out_metrics(logits: dict[str, np.ndarray], labels: dict[str, np.ndarray
         truth, k = labels[attribute.name][known], len(attribute.values)
         confusion = np.zeros((k, k), dtype=int)
         np.add.at(confusion, (truth, predicted), 1)
-        out[attribute.name] = {"test_rows": int(known.sum()), "test_accuracy": float((predicted == truth).mean()),
-                               "test_macro_f1": macro_f1(truth, predicted, k), "confusion": confusion.tolist()}
+        out[attribute.name] = {
+            "test_rows": int(known.sum()),
+            "test_accuracy": float((predicted == truth).mean()),
+            "test_macro_f1": macro_f1(truth, predicted, k),
+            "confusion": confusion.tolist(),
+        }
     return out

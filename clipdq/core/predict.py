@@ -132,14 +132,26 @@ def calibrate(
     """
     temperature = fit_temperature(logits, labels, label_noise=label_noise)
     probs = softmax(logits, temperature=temperature)
-    return thresholds_for(probs.max(axis=1), probs.argmax(axis=1) == labels, temperature=temperature,
-                          k=logits.shape[1], target_precision=target_precision, error_rate=error_rate,
-                          label_noise=label_noise)
+    return thresholds_for(
+        probs.max(axis=1),
+        probs.argmax(axis=1) == labels,
+        temperature=temperature,
+        k=logits.shape[1],
+        target_precision=target_precision,
+        error_rate=error_rate,
+        label_noise=label_noise,
+    )
 
 
 def thresholds_for(
-    confidence: np.ndarray, correct: np.ndarray, *, temperature: float, k: int, target_precision: float,
-    error_rate: float, label_noise: float = 0.0
+    confidence: np.ndarray,
+    correct: np.ndarray,
+    *,
+    temperature: float,
+    k: int,
+    target_precision: float,
+    error_rate: float,
+    label_noise: float = 0.0,
 ) -> Calibration:
     """Thresholds meeting the target on validation and in theory, from each validation row's
     confidence and whether its prediction was right (among ``k`` values).
@@ -147,6 +159,7 @@ def thresholds_for(
     Each threshold is the larger of the empirical one (validation accuracy) and the one a
     perfectly calibrated model would need, so a small validation set cannot set it too low.
     """
+
     def threshold(required: float) -> tuple[float | None, int]:
         empirical = threshold_for_accuracy(confidence, correct, required, label_noise=label_noise, k=k)
         if empirical is None:
@@ -170,6 +183,9 @@ def expected_calibration_error(pred_probs: np.ndarray, labels: np.ndarray, *, bi
     correct = pred_probs.argmax(axis=1) == labels
     edges = np.linspace(0, 1, bins + 1)
     which = np.clip(np.digitize(confidence, edges[1:-1]), 0, bins - 1)
-    gaps = [abs(confidence[which == b].mean() - correct[which == b].mean()) * (which == b).mean()
-            for b in range(bins) if (which == b).any()]
+    gaps = [
+        abs(confidence[which == b].mean() - correct[which == b].mean()) * (which == b).mean()
+        for b in range(bins)
+        if (which == b).any()
+    ]
     return float(sum(gaps))

@@ -9,8 +9,9 @@ it trains (``Mode``). Kept free of heavy imports, so the CLI builds its help wit
 from __future__ import annotations
 
 import operator
+from collections.abc import Callable
 from dataclasses import dataclass, fields
-from typing import Literal, get_args
+from typing import Any, Literal, TypedDict, get_args
 
 from clipdq.core.splits import NEAR_DUPLICATE_COSINE
 
@@ -22,11 +23,24 @@ Mode = Literal["full", "locked", "prototype"]
 # tower: a pretrained image tower with a new text tower; new: a CLIP initialised at random
 StartingPoint = Literal["pretrained", "pretrained image tower", "new"]
 MODES, STARTING_POINTS = get_args(Mode), get_args(StartingPoint)
-STARTING_POINT_WORDS = {"pretrained": "a pretrained CLIP", "new": "a new CLIP",
-                        "pretrained image tower": "a pretrained image tower with a new text tower"}
+STARTING_POINT_WORDS = {
+    "pretrained": "a pretrained CLIP",
+    "new": "a new CLIP",
+    "pretrained image tower": "a pretrained image tower with a new text tower",
+}
 
-# the allowed range of each bounded setting, in pydantic's terms (ge: >=, gt: >, lt: <)
-BOUNDS = {
+
+
+class Bound(TypedDict, total=False):
+    """A setting's allowed range, in pydantic's terms (ge: >=, gt: >, lt: <)."""
+
+    ge: float
+    gt: float
+    lt: float
+
+
+# the allowed range of each bounded setting
+BOUNDS: dict[str, Bound] = {
     "epochs": {"ge": 1},
     "max_minutes": {"gt": 0},
     "val_fraction": {"gt": 0, "lt": 1},
@@ -36,7 +50,7 @@ BOUNDS = {
     "frozen_blocks": {"ge": 0},
     "views": {"ge": 1},
 }
-_COMPARISONS = {"ge": (operator.ge, ">="), "gt": (operator.gt, ">"), "lt": (operator.lt, "<")}
+_COMPARISONS: dict[str, tuple[Callable[[Any, Any], bool], str]] = {"ge": (operator.ge, ">="), "gt": (operator.gt, ">"), "lt": (operator.lt, "<")}
 
 
 @dataclass
@@ -77,8 +91,10 @@ class TrainConfig:
         for name in BOUNDS:
             check_bounds(name, getattr(self, name))
         if self.val_fraction + self.test_fraction >= 1:
-            raise ValueError(f"val_fraction and test_fraction must sum to less than 1, not {self.val_fraction} "
-                             f"and {self.test_fraction}")
+            raise ValueError(
+                f"val_fraction and test_fraction must sum to less than 1, not {self.val_fraction} "
+                f"and {self.test_fraction}"
+            )
         if self.mode not in MODES:
             raise ValueError(f"mode must be one of {MODES}, not {self.mode!r}")
         if self.unlock_blocks and self.mode != "locked":
@@ -114,13 +130,20 @@ PRESETS: dict[tuple[StartingPoint, Mode], dict] = {
     # labels smoothed and the weights averaged (grocery coarse / fine classes 0.894 / 0.803 on other sessions'
     # photos, three seeds); the whole tower gains most from photos, so a tenth is held out for validation and
     # calibration and none for a test split (docs/benchmarks.md)
-    ("pretrained image tower", "full"): {"epochs": 17, "patience": 4, "warmup_epochs": 1, "train_size": 160,
-                                         "tower_lr": 3e-4, "frozen_blocks": 5, "label_smoothing": 0.1,
-                                         "weight_average_decay": 0.998, "val_fraction": 0.1,
-                                         "test_fraction": 0.0},
+    ("pretrained image tower", "full"): {
+        "epochs": 17,
+        "patience": 4,
+        "warmup_epochs": 1,
+        "train_size": 160,
+        "tower_lr": 3e-4,
+        "frozen_blocks": 5,
+        "label_smoothing": 0.1,
+        "weight_average_decay": 0.998,
+        "val_fraction": 0.1,
+        "test_fraction": 0.0,
+    },
     # 4 views: grocery fine-class accuracy 0.764 against 0.73 with 2 (docs/benchmarks.md)
-    ("pretrained image tower", "locked"): {"epochs": 40, "patience": 8, "batch_size": 64, "views": 4,
-                                           "tower_lr": 1e-4},
+    ("pretrained image tower", "locked"): {"epochs": 40, "patience": 8, "batch_size": 64, "views": 4, "tower_lr": 1e-4},
     ("pretrained image tower", "prototype"): {},
     # a new CLIP: learn fast, first spread the captions apart (TrainConfig's own defaults)
     ("new", "full"): {},

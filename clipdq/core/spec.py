@@ -164,8 +164,11 @@ def _attribute(name: str, raw: Any, values: tuple[str, ...] | None = None) -> At
         values = _strings(raw["values"], f"attributes.{name}.values")
     if len(values) < 2 or len({normalize_value(v) for v in values}) != len(values):
         raise SpecError(f"attributes.{name}.values needs at least two distinct values")
-    synonyms = {value: others for value, others in _mapping(raw.get("synonyms"), f"attributes.{name}.synonyms").items()
-                if value in values or "levels" not in raw}  # a tree's synonyms serve whichever level has the value
+    synonyms = {
+        value: others
+        for value, others in _mapping(raw.get("synonyms"), f"attributes.{name}.synonyms").items()
+        if value in values or "levels" not in raw
+    }  # a tree's synonyms serve whichever level has the value
     unknown = set(synonyms) - set(values)
     if unknown:
         raise SpecError(f"attributes.{name}.synonyms names values not in its vocabulary: {sorted(unknown)}")
@@ -183,11 +186,15 @@ def _tree(name: str, raw: dict) -> Tree:
     if len(levels) < 2 or len(set(levels)) != len(levels):
         raise SpecError(f"{where}.levels needs at least two distinct level names, top level first")
     separator = str(raw.get("separator", "/"))
-    paths = tuple(tuple(part.strip() for part in path.split(separator))
-                  for path in _strings(raw.get("paths", []), f"{where}.paths"))
+    paths = tuple(
+        tuple(part.strip() for part in path.split(separator))
+        for path in _strings(raw.get("paths", []), f"{where}.paths")
+    )
     for path in paths:
         if len(path) != len(levels) or not all(path):
-            raise SpecError(f"{where}.paths: {separator.join(path)!r} does not name one value for each of {list(levels)}")
+            raise SpecError(
+                f"{where}.paths: {separator.join(path)!r} does not name one value for each of {list(levels)}"
+            )
     if len(set(paths)) != len(paths):
         raise SpecError(f"{where}.paths lists a path twice")
     tree = Tree(name, levels, paths, raw.get("path_column"), separator)
@@ -195,8 +202,10 @@ def _tree(name: str, raw: dict) -> Tree:
         for value in tree.values_at(depth):
             under = {path[depth - 1] for path in paths if path[depth] == value}
             if len(under) > 1:
-                raise SpecError(f"{where}: {levels[depth]} value {value!r} sits under several {levels[depth - 1]} "
-                                f"values {sorted(under)}; a value needs one parent (name them apart)")
+                raise SpecError(
+                    f"{where}: {levels[depth]} value {value!r} sits under several {levels[depth - 1]} "
+                    f"values {sorted(under)}; a value needs one parent (name them apart)"
+                )
     return tree
 
 

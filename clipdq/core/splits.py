@@ -20,8 +20,9 @@ Splits = tuple[np.ndarray, np.ndarray, np.ndarray]  # (train, val, test) row ind
 NEAR_DUPLICATE_COSINE = 0.8  # centred image-tower features; on shelf photos: one session, not merely one product
 
 
-def near_duplicate_groups(image_emb: np.ndarray, *, threshold: float = NEAR_DUPLICATE_COSINE,
-                          block: int = 2048) -> np.ndarray:
+def near_duplicate_groups(
+    image_emb: np.ndarray, *, threshold: float = NEAR_DUPLICATE_COSINE, block: int = 2048
+) -> np.ndarray:
     """(n,) group number per image: connected components of the pairs with cosine >= ``threshold``.
 
     ``image_emb`` is (n, d); rows are centred on their mean (features after a ReLU are all positive,
@@ -82,8 +83,13 @@ def fold_of(labels: dict[str, np.ndarray], *, k: int, seed: int, groups: np.ndar
 
 
 def split_indices(
-    labels: dict[str, np.ndarray], *, val_fraction: float, test_fraction: float, seed: int,
-    groups: np.ndarray | None = None, train_only: np.ndarray | None = None,
+    labels: dict[str, np.ndarray],
+    *,
+    val_fraction: float,
+    test_fraction: float,
+    seed: int,
+    groups: np.ndarray | None = None,
+    train_only: np.ndarray | None = None,
 ) -> Splits:
     """(train, val, test) row indices, stratified on the joint labels of all attributes.
 

@@ -98,8 +98,9 @@ def fit_categories(agreement: np.ndarray, categories: np.ndarray) -> tuple[float
     return centre, spread, fitted
 
 
-def planted_pairs(texts: np.ndarray, rng: np.random.Generator, *, per_row: int = PLANTED_PER_ROW
-                  ) -> tuple[np.ndarray, np.ndarray]:
+def planted_pairs(
+    texts: np.ndarray, rng: np.random.Generator, *, per_row: int = PLANTED_PER_ROW
+) -> tuple[np.ndarray, np.ndarray]:
     """(image rows, text rows): each row paired with up to ``per_row`` other rows whose text differs."""
     images, others = [], []
     for i, text in enumerate(texts):
@@ -111,8 +112,7 @@ def planted_pairs(texts: np.ndarray, rng: np.random.Generator, *, per_row: int =
     return np.array(images, dtype=int), np.array(others, dtype=int)
 
 
-def flag_threshold(own: np.ndarray, planted: np.ndarray, *, target_precision: float, error_rate: float
-                   ) -> float | None:
+def flag_threshold(own: np.ndarray, planted: np.ndarray, *, target_precision: float, error_rate: float) -> float | None:
     """The highest score at or below which flags are right ``target_precision`` of the time,
     judged by lower confidence bounds: of the share of mismatches flagged (recall) and of the
     share of right texts left alone; None where no threshold with MIN_SUPPORT planted rows qualifies."""
@@ -126,8 +126,17 @@ def flag_threshold(own: np.ndarray, planted: np.ndarray, *, target_precision: fl
     return float(candidates[np.flatnonzero(ok).max()]) if ok.any() else None
 
 
-def calibrate(image_emb: np.ndarray, text_emb: np.ndarray, texts: np.ndarray, categories: np.ndarray, *,
-              column: str, target_precision: float, error_rate: float, seed: int = 0) -> TextCalibration:
+def calibrate(
+    image_emb: np.ndarray,
+    text_emb: np.ndarray,
+    texts: np.ndarray,
+    categories: np.ndarray,
+    *,
+    column: str,
+    target_precision: float,
+    error_rate: float,
+    seed: int = 0,
+) -> TextCalibration:
     """A TextCalibration from validation rows whose texts (of ``column``) describe their images."""
     own = row_agreement(image_emb, text_emb)
     centre, spread, fitted = fit_categories(own, categories)
@@ -139,16 +148,27 @@ def calibrate(image_emb: np.ndarray, text_emb: np.ndarray, texts: np.ndarray, ca
     # a mismatched listing keeps its text's category: the catalog row is the text's product
     planted = calibration.scores(row_agreement(image_emb[images], text_emb[others]), categories[others])
     threshold = flag_threshold(own_scores, planted, target_precision=target_precision, error_rate=error_rate)
-    return TextCalibration(column, centre, spread, fitted, threshold, len(own), len(planted),
-                           (float(planted.mean()), max(float(planted.std()), 1e-3)), error_rate)
+    return TextCalibration(
+        column,
+        centre,
+        spread,
+        fitted,
+        threshold,
+        len(own),
+        len(planted),
+        (float(planted.mean()), max(float(planted.std()), 1e-3)),
+        error_rate,
+    )
 
 
 def texts_of(frame: pl.DataFrame, spec: Spec) -> tuple[np.ndarray, np.ndarray]:
     """(texts, categories) per row of ``frame`` as (n,) string arrays, "" where missing: the spec's
     text column (whitespace collapsed) and its text category column."""
+
     def column(name: str | None) -> np.ndarray:
         if name is None or name not in frame.columns:
             return np.full(frame.height, "", dtype=object)
         values = pl.col(name).cast(pl.String).str.replace_all(r"\s+", " ").str.strip_chars().fill_null("")
         return frame.select(values)[name].to_numpy().astype(object)
+
     return column(spec.text_column), column(spec.text_category)

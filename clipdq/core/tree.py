@@ -19,8 +19,9 @@ def path_probabilities(pred_probs: dict[str, np.ndarray], tree: Tree) -> np.ndar
     """(n, paths) probability of each path through ``tree``: the product of its levels'
     probabilities, normalised over the tree's paths."""
     index = np.array(tree.path_indices())
-    log_p = np.sum([np.log(pred_probs[level][:, index[:, depth]] + TINY) for depth, level in enumerate(tree.levels)],
-                   axis=0)
+    log_p = np.sum(
+        [np.log(pred_probs[level][:, index[:, depth]] + TINY) for depth, level in enumerate(tree.levels)], axis=0
+    )
     log_p = log_p - log_p.max(axis=1, keepdims=True)
     p = np.exp(log_p)
     return p / p.sum(axis=1, keepdims=True)

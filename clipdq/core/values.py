@@ -37,8 +37,13 @@ def with_levels(catalog: pl.DataFrame, spec: Spec) -> pl.DataFrame:
             path = pl.col(tree.path_column).cast(pl.String).str.strip_chars()
             parts = pl.when(path != "").then(path.str.split(tree.separator))
             too_long = parts.list.len() > len(tree.levels)
-            columns += [pl.when(too_long).then(path).otherwise(parts.list.get(depth, null_on_oob=True).str.strip_chars())
-                        .alias(level) for depth, level in enumerate(tree.levels)]
+            columns += [
+                pl.when(too_long)
+                .then(path)
+                .otherwise(parts.list.get(depth, null_on_oob=True).str.strip_chars())
+                .alias(level)
+                for depth, level in enumerate(tree.levels)
+            ]
     return catalog.with_columns(columns) if columns else catalog
 
 
@@ -53,8 +58,11 @@ def codes(catalog: pl.DataFrame, spec: Spec) -> dict[str, np.ndarray]:
             continue
         index = {spelling: attribute.values.index(value) for spelling, value in attribute.lookup().items()}
         text = normalized(pl.col(attribute.name))
-        code = (pl.when(text.is_null() | (text == "")).then(pl.lit(MISSING, pl.Int64))
-                .otherwise(text.replace_strict(index, default=INVALID, return_dtype=pl.Int64)))
+        code = (
+            pl.when(text.is_null() | (text == ""))
+            .then(pl.lit(MISSING, pl.Int64))
+            .otherwise(text.replace_strict(index, default=INVALID, return_dtype=pl.Int64))
+        )
         out[attribute.name] = catalog.select(code.alias("code"))["code"].to_numpy().astype(np.int64)
     return out
 

@@ -156,8 +156,12 @@ class EmbeddingCache:
         found = {sha: self.new[sha] for sha in wanted & self.new.keys()}
         kept = self.embeddings.lookup(wanted - found.keys())
         if kept.height:
-            found |= {sha: Entry(embedding, signature) for sha, embedding, signature in
-                      zip(kept["sha256"].to_list(), kept["embedding"].to_numpy(), kept["signature"].to_list())}
+            found |= {
+                sha: Entry(embedding, signature)
+                for sha, embedding, signature in zip(
+                    kept["sha256"].to_list(), kept["embedding"].to_numpy(), kept["signature"].to_list()
+                )
+            }
         return found
 
     def known_digests(self, versions: dict[str, str]) -> dict[str, str]:
@@ -179,14 +183,24 @@ class EmbeddingCache:
         uri = None
         if self.new:
             entries = list(self.new.values())
-            uri = self.embeddings.write(pl.DataFrame({
-                "sha256": list(self.new), "embedding": np.stack([entry.embedding for entry in entries]),
-                "signature": pl.Series([entry.signature for entry in entries], dtype=pl.Binary)}))
+            uri = self.embeddings.write(
+                pl.DataFrame(
+                    {
+                        "sha256": list(self.new),
+                        "embedding": np.stack([entry.embedding for entry in entries]),
+                        "signature": pl.Series([entry.signature for entry in entries], dtype=pl.Binary),
+                    }
+                )
+            )
             log.info("embedding cache: %d new embeddings written to %s", len(self.new), uri)
         if self.new_locations:
-            self.locations.write(pl.DataFrame(
-                [(loc, ver, sha) for loc, (ver, sha) in self.new_locations.items()],
-                schema={"location": pl.String, "version": pl.String, "sha256": pl.String}, orient="row"))
+            self.locations.write(
+                pl.DataFrame(
+                    [(loc, ver, sha) for loc, (ver, sha) in self.new_locations.items()],
+                    schema={"location": pl.String, "version": pl.String, "sha256": pl.String},
+                    orient="row",
+                )
+            )
         self.new, self.new_locations = {}, {}
         self.embeddings.compact()
         self.locations.compact()

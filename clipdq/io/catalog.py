@@ -82,7 +82,9 @@ class CatalogFile:
         read batch by batch: memory holds one batch, not the column."""
         key = pl.col(column).cast(pl.String)
         wanted = values.cast(pl.String).implode()
-        parts = [batch.select(key, *columns).filter(key.is_in(wanted)) for batch in self.batches(1 << 16, [column, *columns])]
+        parts = [
+            batch.select(key, *columns).filter(key.is_in(wanted)) for batch in self.batches(1 << 16, [column, *columns])
+        ]
         return pl.concat(parts) if parts else pl.DataFrame(schema={column: pl.String})
 
     def read(self, columns: list[str] | None = None) -> pl.DataFrame:
@@ -112,13 +114,22 @@ def check_schema(schema: pl.Schema, spec: Spec) -> list[str]:
     missing = sorted(applies_to - set(schema.names()))
     if missing:
         raise CatalogError(f"catalog lacks required columns {missing}; it has {schema.names()}")
-    warnings = [f"catalog has no column {name!r}: every value counts as missing"
-                for name in spec.value_columns if name not in schema]
+    warnings = [
+        f"catalog has no column {name!r}: every value counts as missing"
+        for name in spec.value_columns
+        if name not in schema
+    ]
     text = [name for name in (spec.text_column, spec.text_category) if name]
-    warnings += [f"catalog has no text column {name!r}: image and text agreement is judged without it"
-                 for name in text if name not in schema]
-    for kind, names in (("attribute", [n for n in spec.value_columns if n in schema]), ("applies_to", sorted(applies_to)),
-                        ("text", [n for n in text if n in schema])):
+    warnings += [
+        f"catalog has no text column {name!r}: image and text agreement is judged without it"
+        for name in text
+        if name not in schema
+    ]
+    for kind, names in (
+        ("attribute", [n for n in spec.value_columns if n in schema]),
+        ("applies_to", sorted(applies_to)),
+        ("text", [n for n in text if n in schema]),
+    ):
         for name in names:
             if not isinstance(schema[name], TEXT):
                 raise CatalogError(f"{kind} column {name!r} must hold strings, not {schema[name]}")
@@ -165,14 +176,16 @@ def run_expectations(keys: pl.DataFrame, spec: Spec) -> tuple[list[dict], dict]:
     results = []
     for result in validation.results:
         info = result.exception_info or {}
-        results.append({
-            "expectation": result.expectation_config.type,
-            "column": result.expectation_config.kwargs.get("column"),
-            "success": bool(result.success),
-            "unexpected_count": result.result.get("unexpected_count"),
-            "examples": [str(v) for v in (result.result.get("partial_unexpected_list") or [])[:5]],
-            "error": info.get("exception_message") if info.get("raised_exception") else None,
-        })
+        results.append(
+            {
+                "expectation": result.expectation_config.type,
+                "column": result.expectation_config.kwargs.get("column"),
+                "success": bool(result.success),
+                "unexpected_count": result.result.get("unexpected_count"),
+                "examples": [str(v) for v in (result.result.get("partial_unexpected_list") or [])[:5]],
+                "error": info.get("exception_message") if info.get("raised_exception") else None,
+            }
+        )
     return results, validation.to_json_dict()
 
 
@@ -223,9 +236,13 @@ def _stand_ins(key_batches: Iterator[pl.DataFrame], spec: Spec) -> pl.DataFrame:
     """What the key checks look at, in 9 bytes a row: a 64-bit hash of each id and whether each
     image is given, null where the id or the image is."""
     ids, images = pl.col(spec.id_column), pl.col(spec.image_column)
-    parts = [batch.select(pl.when(ids.is_not_null()).then(ids.hash(seed=0)).alias(spec.id_column),
-                          pl.when(images.is_not_null()).then(True).alias(spec.image_column))
-             for batch in key_batches]
+    parts = [
+        batch.select(
+            pl.when(ids.is_not_null()).then(ids.hash(seed=0)).alias(spec.id_column),
+            pl.when(images.is_not_null()).then(True).alias(spec.image_column),
+        )
+        for batch in key_batches
+    ]
     schema = {spec.id_column: pl.UInt64, spec.image_column: pl.Boolean}
     return pl.concat(parts) if parts else pl.DataFrame(schema=schema)
 
@@ -239,8 +256,9 @@ def _duplicate_ids(key_batches: Iterator[pl.DataFrame], stand_ins: pl.DataFrame,
     return suspects[spec.id_column].filter(suspects[spec.id_column].is_duplicated())
 
 
-def _validated(stand_ins: pl.DataFrame, key_batches: Callable[[], Iterator[pl.DataFrame]], spec: Spec,
-               warnings: list[str]) -> dict:
+def _validated(
+    stand_ins: pl.DataFrame, key_batches: Callable[[], Iterator[pl.DataFrame]], spec: Spec, warnings: list[str]
+) -> dict:
     """Checks on the keys' ``stand_ins``; ``key_batches()`` reads the keys again to name ids that repeat."""
     checks, raw = run_expectations(stand_ins, spec)
     for check in checks:
@@ -248,8 +266,11 @@ def _validated(stand_ins: pl.DataFrame, key_batches: Callable[[], Iterator[pl.Da
             raise CatalogError(f"catalog check {check['expectation']} failed to run: {check['error']}")
         if check["expectation"] == "expect_column_values_to_be_unique" and not check["success"]:
             repeated = _duplicate_ids(key_batches(), stand_ins, spec)  # the ids themselves, not their hashes
-            check |= {"success": repeated.is_empty(), "unexpected_count": repeated.len(),
-                      "examples": [str(v) for v in repeated.head(5)]}
+            check |= {
+                "success": repeated.is_empty(),
+                "unexpected_count": repeated.len(),
+                "examples": [str(v) for v in repeated.head(5)],
+            }
         if check["column"] == spec.id_column and not check["success"]:
             raise CatalogError(
                 f"{check['expectation']} failed for {spec.id_column!r}: "

@@ -15,13 +15,32 @@ DECODE_ERRORS = (OSError, ValueError, SyntaxError, Image.DecompressionBombError,
 MAX_PIXELS = 40_000_000  # below Pillow's MAX_IMAGE_PIXELS: what Pillow only warns about is refused here
 MAX_DECODED_BYTES = 160 * 2**20  # per decoding worker
 MAX_ASPECT = 4  # longer sides are cropped to this many times the shorter before resizing
-BYTES_PER_PIXEL = {"1": 1, "L": 1, "P": 1, "LA": 2, "PA": 2, "I;16": 2, "I;16B": 2, "I;16L": 2, "RGB": 3, "YCbCr": 3,
-                   "RGBA": 4, "CMYK": 4, "I": 4, "F": 4}
+BYTES_PER_PIXEL = {
+    "1": 1,
+    "L": 1,
+    "P": 1,
+    "LA": 2,
+    "PA": 2,
+    "I;16": 2,
+    "I;16B": 2,
+    "I;16L": 2,
+    "RGB": 3,
+    "YCbCr": 3,
+    "RGBA": 4,
+    "CMYK": 4,
+    "I": 4,
+    "F": 4,
+}
 SIGNATURE_SIZE = 32  # a pixel signature is the whole image as SIGNATURE_SIZE^2 RGB pixels (uint8)
-SIGNATURE_BYTES = 3 * SIGNATURE_SIZE ** 2
+SIGNATURE_BYTES = 3 * SIGNATURE_SIZE**2
 SIGNATURE_DECODE_SIDE = 2 * SIGNATURE_SIZE  # decoded at least this large, however small the model's input
-FORMAT_MAGIC = {"JPEG": (b"\xff\xd8\xff",), "PNG": (b"\x89PNG\r\n\x1a\n",), "GIF": (b"GIF87a", b"GIF89a"),
-              "TIFF": (b"II*\x00", b"MM\x00*"), "BMP": (b"BM",)}
+FORMAT_MAGIC = {
+    "JPEG": (b"\xff\xd8\xff",),
+    "PNG": (b"\x89PNG\r\n\x1a\n",),
+    "GIF": (b"GIF87a", b"GIF89a"),
+    "TIFF": (b"II*\x00", b"MM\x00*"),
+    "BMP": (b"BM",),
+}
 
 
 @dataclass(frozen=True)
@@ -84,8 +103,11 @@ def to_pixels(image: Image.Image, pixel_spec: PixelSpec) -> np.ndarray:
     short, long = sorted((width, height))
     if long > MAX_ASPECT * short:  # keep the centre the crop will use, or a 4000x3 strip resizes to 224x298666
         keep = MAX_ASPECT * short
-        box = ((width - keep) // 2, 0, (width + keep) // 2, height) if width > height else \
-            (0, (height - keep) // 2, width, (height + keep) // 2)
+        box = (
+            ((width - keep) // 2, 0, (width + keep) // 2, height)
+            if width > height
+            else (0, (height - keep) // 2, width, (height + keep) // 2)
+        )
         image = image.crop(box)
         width, height = image.size
         short, long = sorted((width, height))
@@ -120,11 +142,14 @@ def _pixels_one(data: bytes, pixel_spec: PixelSpec) -> tuple[np.ndarray, bytes] 
 def decode_images(fetched: list[Fetched], pixel_spec: PixelSpec, *, workers: int = 4) -> LoadedImages:
     """Decode and preprocess fetched images in a thread pool; fetch failures pass through."""
     with ThreadPoolExecutor(max_workers=workers) as pool:
-        results = list(pool.map(lambda item: item.error if item.data is None else _pixels_one(item.data, pixel_spec),
-                                fetched))
+        results = list(
+            pool.map(lambda item: item.error if item.data is None else _pixels_one(item.data, pixel_spec), fetched)
+        )
     ok = np.array([not isinstance(r, str) for r in results], dtype=bool)
     loaded = [r for r in results if not isinstance(r, str)]
-    pixels = np.stack([r[0] for r in loaded]) if loaded else np.zeros((0, 3, pixel_spec.crop, pixel_spec.crop), np.float32)
+    pixels = (
+        np.stack([r[0] for r in loaded]) if loaded else np.zeros((0, 3, pixel_spec.crop, pixel_spec.crop), np.float32)
+    )
     return LoadedImages(pixels, ok, [r if isinstance(r, str) else None for r in results], [r[1] for r in loaded])
 
 

@@ -12,6 +12,7 @@ Vocabulary: ``ref`` a catalog cell (path, ``s3://`` URI, URL, or the image bytes
 
 from __future__ import annotations
 
+import functools
 import http.client
 import ipaddress
 import os
@@ -99,8 +100,10 @@ def _locate_s3(uri: str, access: ImageAccess) -> str:
         raise ImageError("image reference leaves its prefix through '.' or '..'")
     uri = f"s3://{bucket}/{posixpath.normpath(key)}"
     if not any(storage.is_s3(root) and _inside(uri, root.rstrip("/")) for root in access.allowed()):
-        raise ImageError(f"image {uri} is outside the catalog's prefix: add its prefix to image_roots "
-                         "(spec) or --image-root to allow it")
+        raise ImageError(
+            f"image {uri} is outside the catalog's prefix: add its prefix to image_roots "
+            "(spec) or --image-root to allow it"
+        )
     return uri
 
 
@@ -108,8 +111,10 @@ def _locate_local(path: str, access: ImageAccess) -> str:
     """``path`` with ``..`` and symlinks resolved, where that lies in an allowed folder."""
     path = os.path.realpath(path)
     if not any(not storage.is_s3(root) and _inside(path, os.path.realpath(root)) for root in access.allowed()):
-        raise ImageError("image path resolves outside the catalog's folder: add its folder to image_roots "
-                         "(spec) or --image-root to allow it")
+        raise ImageError(
+            "image path resolves outside the catalog's folder: add its folder to image_roots "
+            "(spec) or --image-root to allow it"
+        )
     return path
 
 
@@ -230,9 +235,9 @@ def _read_url(url: str, access: ImageAccess, deadline: float) -> bytes:
             length = response.getheader("Content-Length")
             if length and length.isdigit() and int(length) > MAX_IMAGE_BYTES:
                 raise ImageError(f"image larger than {MAX_IMAGE_BYTES} bytes")
-            return _bounded(iter(lambda: response.read1(1 << 16), b""), deadline)
+            return _bounded(iter(functools.partial(response.read1, 1 << 16), b""), deadline)
         raise ImageError(f"image URL redirected more than {MAX_REDIRECTS} times")
-    except (TimeoutError, socket.timeout):
+    except TimeoutError:
         raise ImageError(f"image read took longer than {READ_DEADLINE_S:.0f} s", transient=True) from None
     except (OSError, http.client.HTTPException) as error:
         raise ImageError(f"image fetch failed: {type(error).__name__}: {error}"[:300], transient=True) from None
@@ -292,8 +297,9 @@ def versions(refs: list, access: ImageAccess, *, workers: int = 8) -> list[tuple
 
 def access_for(base: str, roots: Iterable[str] = (), *, urls: bool = False) -> ImageAccess:
     """The access of a catalog in ``base`` (its folder or prefix), local roots made absolute."""
-    return ImageAccess(base=base, roots=tuple(r if storage.is_s3(r) else str(Path(r).resolve()) for r in roots),
-                       urls=urls)
+    return ImageAccess(
+        base=base, roots=tuple(r if storage.is_s3(r) else str(Path(r).resolve()) for r in roots), urls=urls
+    )
 
 
 def catalog_access(catalog_uri: str, spec: Spec, roots: Iterable[str] = ()) -> ImageAccess:

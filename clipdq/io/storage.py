@@ -23,10 +23,28 @@ from botocore.config import Config
 from botocore.exceptions import ClientError
 
 MANIFEST = "manifest.json"
-PERMANENT_S3_CODES = {"NoSuchBucket", "AccessDenied", "AllAccessDisabled", "InvalidAccessKeyId", "SignatureDoesNotMatch",
-                      "InvalidBucketName", "NoSuchKey", "403", "404"}  # retrying cannot help
-TRANSIENT_S3_CODES = {"SlowDown", "ServiceUnavailable", "InternalError", "RequestTimeout", "Throttling",
-                      "500", "502", "503", "504"}  # a later try may succeed
+PERMANENT_S3_CODES = {
+    "NoSuchBucket",
+    "AccessDenied",
+    "AllAccessDisabled",
+    "InvalidAccessKeyId",
+    "SignatureDoesNotMatch",
+    "InvalidBucketName",
+    "NoSuchKey",
+    "403",
+    "404",
+}  # retrying cannot help
+TRANSIENT_S3_CODES = {
+    "SlowDown",
+    "ServiceUnavailable",
+    "InternalError",
+    "RequestTimeout",
+    "Throttling",
+    "500",
+    "502",
+    "503",
+    "504",
+}  # a later try may succeed
 
 
 class StorageError(OSError):
@@ -88,8 +106,9 @@ def parent(uri: str) -> str:
 
 @functools.cache
 def s3_client():
-    return boto3.client("s3", config=Config(retries={"mode": "standard", "max_attempts": 5}, connect_timeout=10,
-                                            read_timeout=30))  # a stalled read cannot hold a run for long
+    return boto3.client(
+        "s3", config=Config(retries={"mode": "standard", "max_attempts": 5}, connect_timeout=10, read_timeout=30)
+    )  # a stalled read cannot hold a run for long
 
 
 def read_bytes(uri: str) -> bytes:
@@ -134,8 +153,9 @@ class _S3Reader(io.RawIOBase):
         if end <= self._position:
             return 0
         try:
-            reply = s3_client().get_object(Bucket=self._bucket, Key=self._key, IfMatch=self._etag,
-                                           Range=f"bytes={self._position}-{end - 1}")
+            reply = s3_client().get_object(
+                Bucket=self._bucket, Key=self._key, IfMatch=self._etag, Range=f"bytes={self._position}-{end - 1}"
+            )
         except ClientError as error:
             if error.response["Error"]["Code"] in ("PreconditionFailed", "412"):
                 raise StorageError(f"{self._uri} changed while being read: run again on a stable copy") from None
@@ -211,7 +231,9 @@ def write_bytes(uri: str, data: bytes | memoryview, *, create_only: bool = False
     if is_s3(uri):
         bucket, key = split_s3(uri)
         try:
-            s3_client().put_object(Bucket=bucket, Key=key, Body=bytes(data), **({"IfNoneMatch": "*"} if create_only else {}))
+            s3_client().put_object(
+                Bucket=bucket, Key=key, Body=bytes(data), **({"IfNoneMatch": "*"} if create_only else {})
+            )
         except ClientError as error:
             if create_only and error.response["Error"]["Code"] in ("PreconditionFailed", "412"):
                 raise StorageError(f"{uri} already exists: runs are written once") from None
@@ -242,7 +264,7 @@ def list_files(prefix: str, *, start: str = "") -> list[str]:
     if is_s3(prefix):
         bucket, key = split_s3(prefix.rstrip("/") + "/")
         pages = s3_client().get_paginator("list_objects_v2").paginate(Bucket=bucket, Prefix=key + start)
-        return sorted(obj["Key"][len(key):] for page in pages for obj in page.get("Contents", []))
+        return sorted(obj["Key"][len(key) :] for page in pages for obj in page.get("Contents", []))
     root = Path(prefix)
     tops = list(root.glob(glob.escape(start) + "*")) if root.is_dir() else []
     files = [p for top in tops for p in (top.rglob("*") if top.is_dir() else [top]) if p.is_file()]
@@ -298,7 +320,7 @@ def upload_folder(folder: Path, prefix: str, *, last: str | None = None) -> None
     Files left from an earlier upload are deleted first, so they cannot mix with the new ones.
     """
     names = list_files(str(folder))
-    for stale in set(list_files(prefix)) - set(names) | ({last} - {None} & set(list_files(prefix))):
+    for stale in set(list_files(prefix)) - set(names) | (set(list_files(prefix)) & {last}):
         delete(join(prefix, stale))
     for name in sorted(names, key=lambda name: name == last):
         write_bytes(join(prefix, name), (folder / name).read_bytes())

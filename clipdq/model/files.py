@@ -37,6 +37,7 @@ class ModelFiles:
     value_emb: dict[str, np.ndarray] | None  # learned value embeddings (fast mode), else None
 
     def fingerprint(self) -> str:
+        assert self.meta.fingerprint is not None  # read_model_files gives plain checkpoints one
         return self.meta.fingerprint
 
     def view(self) -> tuple:
@@ -75,8 +76,10 @@ def _hub_snapshot(repo_id: str) -> str:
     try:
         return snapshot_download(repo_id, allow_patterns=["*.json", "*.txt", "*.safetensors"])
     except (HfHubHTTPError, OSError, ValueError) as error:
-        raise FileNotFoundError(f"no model at {repo_id!r}: not a local folder, and not a Hugging Face hub model "
-                                f"that can be fetched or is cached ({error})") from error
+        raise FileNotFoundError(
+            f"no model at {repo_id!r}: not a local folder, and not a Hugging Face hub model "
+            f"that can be fetched or is cached ({error})"
+        ) from error
 
 
 def local_folder(uri: str) -> str:

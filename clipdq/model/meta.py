@@ -8,6 +8,7 @@ the audit's embeddings depend on it as much as on the weights.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass, field, fields
 
 from clipdq.core.predict import Calibration
@@ -45,7 +46,7 @@ class ModelMeta:
             return "pretrained"
         return "pretrained image tower" if self.pretrained_image_tower else "new"
 
-    def view_sizes(self) -> list[int | None]:
+    def view_sizes(self) -> Sequence[int | None]:
         """The sizes the audit resizes photos to; [None]: as they are loaded."""
         return self.image_sizes or [self.image_size]
 
@@ -69,10 +70,11 @@ class ModelMeta:
     @classmethod
     def from_json(cls, raw: dict) -> ModelMeta:
         known = {f.name for f in fields(cls)} - {"other"}
-        meta = cls(**{key: value for key, value in raw.items() if key in known},
-                   other={key: value for key, value in raw.items() if key not in known})
-        if meta.calibration is not None:
-            meta.calibration = {name: Calibration(**fitted) for name, fitted in meta.calibration.items()}
-        if meta.text_calibration is not None:
-            meta.text_calibration = TextCalibration.from_dict(meta.text_calibration)
-        return meta
+        given = {key: value for key, value in raw.items() if key in known}
+        calibration, text_calibration = given.pop("calibration", None), given.pop("text_calibration", None)
+        return cls(
+            **given,
+            calibration=None if calibration is None else {n: Calibration(**f) for n, f in calibration.items()},
+            text_calibration=None if text_calibration is None else TextCalibration.from_dict(text_calibration),
+            other={key: value for key, value in raw.items() if key not in known},
+        )

@@ -46,8 +46,10 @@ def calibration_for(model: Clip | ModelFiles, spec: Spec) -> dict[str, Calibrati
     if model.meta.calibration and not fitted:
         log.warning("model %s was trained on another spec: its calibration is ignored", model.source)
     rates = tree.conflict_error_rates(spec)
-    return {name: fitted[name] if name in fitted else predict.default_calibration(spec.target_precision, rates[name])
-            for name in spec.names}
+    return {
+        name: fitted[name] if name in fitted else predict.default_calibration(spec.target_precision, rates[name])
+        for name in spec.names
+    }
 
 
 def text_calibration_for(model: Clip | ModelFiles, spec: Spec) -> TextCalibration | None:
@@ -56,8 +58,12 @@ def text_calibration_for(model: Clip | ModelFiles, spec: Spec) -> TextCalibratio
     if spec.text_column is None or fitted is None:
         return None
     if fitted.column != spec.text_column:
-        log.warning("model %s was calibrated on texts of %r, not %r: agreement is not judged", model.source,
-                    fitted.column, spec.text_column)
+        log.warning(
+            "model %s was calibrated on texts of %r, not %r: agreement is not judged",
+            model.source,
+            fitted.column,
+            spec.text_column,
+        )
         return None
     return fitted
 
@@ -105,9 +111,16 @@ def of_clip(clip: Clip, spec: Spec) -> Scorer:
     """A scorer of a model already loaded."""
     from clipdq.model import towers
 
-    return Scorer(spec, clip.pixels, value_embeddings_for(clip, spec), towers.logit_scale(clip),
-                  calibration_for(clip, spec), load=lambda: clip, text_calibration=text_calibration_for(clip, spec),
-                  trained=trained_on(clip, spec))
+    return Scorer(
+        spec,
+        clip.pixels,
+        value_embeddings_for(clip, spec),
+        towers.logit_scale(clip),
+        calibration_for(clip, spec),
+        load=lambda: clip,
+        text_calibration=text_calibration_for(clip, spec),
+        trained=trained_on(clip, spec),
+    )
 
 
 def of_files(uri: str, spec: Spec, *, backend: str = "fp32", text_folder: str | None = None) -> Scorer:
@@ -126,8 +139,16 @@ def of_files(uri: str, spec: Spec, *, backend: str = "fp32", text_folder: str | 
         text, scale = value_embeddings_for(clip, spec), towers.logit_scale(clip)
         if kept:
             storage.write_bytes(kept, safetensors.numpy.save(text | {SCALE_KEY: np.array([scale], np.float32)}))
-    return Scorer(spec, files.pixels, text, scale, calibration_for(files, spec), load=load,
-                  text_calibration=text_calibration_for(files, spec), trained=trained_on(files, spec))
+    return Scorer(
+        spec,
+        files.pixels,
+        text,
+        scale,
+        calibration_for(files, spec),
+        load=load,
+        text_calibration=text_calibration_for(files, spec),
+        trained=trained_on(files, spec),
+    )
 
 
 def load_model(uri: str, backend: str = "fp32") -> Clip:

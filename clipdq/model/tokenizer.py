@@ -31,7 +31,7 @@ def _apply_merges(symbols: list[str], ranks: dict[tuple[str, str], int]) -> list
         rank, i = min((ranks.get(pair, len(ranks)), i) for i, pair in enumerate(zip(symbols, symbols[1:])))
         if rank == len(ranks):
             break
-        symbols = [*symbols[:i], symbols[i] + symbols[i + 1], *symbols[i + 2:]]
+        symbols = [*symbols[:i], symbols[i] + symbols[i + 1], *symbols[i + 2 :]]
     return symbols
 
 
@@ -54,5 +54,6 @@ def build_tokenizer(texts: list[str]) -> CLIPTokenizer:
             ranks[(pieces[0], pieces[1])] = len(ranks)
             vocab.setdefault(pieces[0] + pieces[1], len(vocab))
             pieces = _apply_merges(pieces, ranks)
-    merges = sorted(ranks, key=ranks.get)
-    return CLIPTokenizer(vocab=vocab, merges=merges, model_max_length=MAX_TOKENS)
+    merges = sorted(ranks, key=ranks.__getitem__)
+    # transformers annotates merges as strings; the tokenizers BPE it passes them to takes (left, right) pairs
+    return CLIPTokenizer(vocab=vocab, merges=merges, model_max_length=MAX_TOKENS)  # type: ignore[arg-type]

@@ -73,21 +73,33 @@ class Clip:
         return self.meta.fingerprint or hashlib.sha256(self.source.encode()).hexdigest()[:16]
 
 
-SMALL_TEXT = {"hidden_size": 128, "intermediate_size": 512, "num_hidden_layers": 2, "num_attention_heads": 4,
-              "max_position_embeddings": MAX_TOKENS}  # enough to tell a spec's value captions apart; trains in seconds
+SMALL_TEXT = {
+    "hidden_size": 128,
+    "intermediate_size": 512,
+    "num_hidden_layers": 2,
+    "num_attention_heads": 4,
+    "max_position_embeddings": MAX_TOKENS,
+}  # enough to tell a spec's value captions apart; trains in seconds
 
 
 def _config(arch: Arch, vocab_size: int, bos: int, eos: int) -> CLIPConfig | VisionTextDualEncoderConfig:
     text = {"vocab_size": vocab_size, "bos_token_id": bos, "eos_token_id": eos, "pad_token_id": eos}
     if arch == "tiny":  # trains from scratch on CPU in minutes; 32 px in 16 patches learns shapes fast
-        vision = {"hidden_size": 128, "intermediate_size": 512, "num_hidden_layers": 3,
-                  "num_attention_heads": 4, "image_size": 32, "patch_size": 8}
+        vision = {
+            "hidden_size": 128,
+            "intermediate_size": 512,
+            "num_hidden_layers": 3,
+            "num_attention_heads": 4,
+            "image_size": 32,
+            "patch_size": 8,
+        }
         return CLIPConfig(text_config=text | SMALL_TEXT, vision_config=vision, projection_dim=128)
     if arch == "vit-b-32":  # CLIPConfig's defaults are ViT-B/32
         return CLIPConfig(text_config=text | {"max_position_embeddings": 77}, vision_config={}, projection_dim=512)
     if arch in efficientnet.VARIANTS:  # LiT: a pretrained image tower, a new text tower trained to meet it
         return VisionTextDualEncoderConfig.from_vision_text_configs(
-            efficientnet.config_for(arch), CLIPTextConfig(**text, **SMALL_TEXT), projection_dim=256)
+            efficientnet.config_for(arch), CLIPTextConfig(**text, **SMALL_TEXT), projection_dim=256
+        )
     raise ValueError(f"unknown arch {arch!r}; choose one of {ARCHS}")
 
 
@@ -107,8 +119,9 @@ def init_model(spec: Spec, arch: Arch = "tiny", *, seed: int = 0) -> Clip:
         pixels = (config.vision_config.image_size, efficientnet.PIXEL_MEAN, efficientnet.PIXEL_STD)
         meta.pretrained_image_tower = f"{arch} (ImageNet)"
     size, mean, std = pixels
-    return Clip(model.eval(), tokenizer, PixelSpec(size, size, tuple(mean), tuple(std)), source=f"init:{arch}",
-                meta=meta)
+    return Clip(
+        model.eval(), tokenizer, PixelSpec(size, size, tuple(mean), tuple(std)), source=f"init:{arch}", meta=meta
+    )
 
 
 def save_model(clip: Clip, folder: str) -> str:
@@ -186,9 +199,14 @@ def resized(pixels: torch.Tensor, size: int) -> torch.Tensor:
     the size is right."""
     if pixels.shape[-1] == size:
         return pixels
-    return torch.cat([torch.nn.functional.interpolate(pixels[i : i + 256], size=(size, size), mode="bilinear",
-                                                      align_corners=False, antialias=True)
-                      for i in range(0, len(pixels), 256)])
+    return torch.cat(
+        [
+            torch.nn.functional.interpolate(
+                pixels[i : i + 256], size=(size, size), mode="bilinear", align_corners=False, antialias=True
+            )
+            for i in range(0, len(pixels), 256)
+        ]
+    )
 
 
 def tokenize(clip: Clip, texts: list[str]) -> dict[str, torch.Tensor]:
@@ -215,8 +233,9 @@ class Captions:
                 owner[k, start + k * per_value : start + (k + 1) * per_value] = 1.0 / per_value
             self.owners[attribute.name] = owner
         self.tokens = tokenize(clip, texts)
-        self.owners = {k: torch.nn.functional.pad(v, (0, len(texts) - v.shape[1])).to(clip.device)
-                       for k, v in self.owners.items()}
+        self.owners = {
+            k: torch.nn.functional.pad(v, (0, len(texts) - v.shape[1])).to(clip.device) for k, v in self.owners.items()
+        }
 
     def value_embeddings(self, clip: Clip) -> dict[str, torch.Tensor]:
         """Per attribute, (k, d): the normalised mean embedding of each value's captions."""
@@ -238,8 +257,9 @@ def on_backend(clip: Clip, backend: Backend) -> Clip:
         if clip.device.type != "cpu":
             raise ValueError("the int8 backend runs on CPU; use bf16 on a GPU")
         quantized = copy.deepcopy(clip.model)
-        tower = torch.nn.ModuleDict({"vision_model": quantized.vision_model,
-                                     "visual_projection": quantized.visual_projection})
+        tower = torch.nn.ModuleDict(
+            {"vision_model": quantized.vision_model, "visual_projection": quantized.visual_projection}
+        )
         with warnings.catch_warnings():  # deprecated in favour of torchao, still working in the pinned torch
             warnings.simplefilter("ignore", (DeprecationWarning, UserWarning))
             tower = torch.ao.quantization.quantize_dynamic(tower, {torch.nn.Linear}, dtype=torch.qint8)
@@ -277,8 +297,10 @@ def embed_images(clip: Clip, pixel_values: np.ndarray, *, batch_size: int = 16) 
 @torch.inference_mode()
 def embed_texts(clip: Clip, texts: list[str], *, batch_size: int = 256) -> np.ndarray:
     """(n, d) float32 embeddings of free texts (titles, descriptions), truncated to the text tower's length."""
-    chunks = [text_features(clip, tokenize(clip, texts[i : i + batch_size])).float().cpu()
-              for i in range(0, len(texts), batch_size)]
+    chunks = [
+        text_features(clip, tokenize(clip, texts[i : i + batch_size])).float().cpu()
+        for i in range(0, len(texts), batch_size)
+    ]
     return torch.cat(chunks).numpy() if chunks else np.zeros((0, clip.model.config.projection_dim), np.float32)
 
 

@@ -77,11 +77,20 @@ def run_record(scored: Scored, inputs: AuditInputs, *, run_id: str, started: dat
     the backend used, what became of the images, the shards, and the calibration in force, one per
     model that scored (one; one per fold under cross-fitting)."""
     calibrations = [{name: c.to_dict() for name, c in calibration.items()} for calibration in scored.calibrations]
-    return {"run_id": run_id, "started_at": started.isoformat(), "catalog": inputs.catalog_uri,
-            "model": inputs.model_uri, "model_fingerprint": inputs.files.fingerprint(),
-            "target_precision": inputs.spec.target_precision, "cross_fit": inputs.options.cross_fit,
-            "backend": backend, "options": inputs.options.model_dump(), "images": scored.images,
-            **({"shards": scored.shards} if scored.shards else {}), "calibration": calibrations}
+    return {
+        "run_id": run_id,
+        "started_at": started.isoformat(),
+        "catalog": inputs.catalog_uri,
+        "model": inputs.model_uri,
+        "model_fingerprint": inputs.files.fingerprint(),
+        "target_precision": inputs.spec.target_precision,
+        "cross_fit": inputs.options.cross_fit,
+        "backend": backend,
+        "options": inputs.options.model_dump(),
+        "images": scored.images,
+        **({"shards": scored.shards} if scored.shards else {}),
+        "calibration": calibrations,
+    }
 
 
 def duplicate_listings(scored: Scored, spec: Spec, *, kept: pl.DataFrame | None = None) -> pl.DataFrame:
@@ -94,16 +103,29 @@ def duplicate_listings(scored: Scored, spec: Spec, *, kept: pl.DataFrame | None 
         return kept
     from clipdq.checks import duplicates  # imports torch: not needed for a rerun of an unchanged catalog
 
-    found = duplicates.find(scored.usable["product_id"].to_list(), scored.usable["sha256"].to_list(),
-                            scored.signatures, threshold=spec.duplicate_similarity)
-    log.info("duplicate listings: %d products in %d groups among %d images", found.height,
-             found["group"].n_unique(), scored.usable.height)
+    found = duplicates.find(
+        scored.usable["product_id"].to_list(),
+        scored.usable["sha256"].to_list(),
+        scored.signatures,
+        threshold=spec.duplicate_similarity,
+    )
+    log.info(
+        "duplicate listings: %d products in %d groups among %d images",
+        found.height,
+        found["group"].n_unique(),
+        scored.usable.height,
+    )
     return found
 
 
 def choose_backend(
-    clip: Clip, backend: Backend, rows: pl.DataFrame, *, spec: Spec, access: ImageAccess,
-    min_agreement: float = MIN_AGREEMENT
+    clip: Clip,
+    backend: Backend,
+    rows: pl.DataFrame,
+    *,
+    spec: Spec,
+    access: ImageAccess,
+    min_agreement: float = MIN_AGREEMENT,
 ) -> tuple[Clip, dict]:
     """``clip`` on ``backend`` where, on the images of ``rows``, its predicted values agree with
     fp32's for at least ``min_agreement`` of the images; else ``clip`` as it is. Also returns what
@@ -114,12 +136,18 @@ def choose_backend(
 
     fast = towers.on_backend(clip, backend)
     loaded = images.load_images(rows[spec.image_column].to_list(), access, clip.pixels)
-    share = predict.agreement(towers.embed_images(clip, loaded.pixels), towers.embed_images(fast, loaded.pixels),
-                              value_embeddings_for(clip, spec))
+    share = predict.agreement(
+        towers.embed_images(clip, loaded.pixels),
+        towers.embed_images(fast, loaded.pixels),
+        value_embeddings_for(clip, spec),
+    )
     agreed = share >= min_agreement  # False when no image could be checked (nan)
-    return (fast if agreed else clip), {"requested": backend, "used": backend if agreed else "fp32",
-                                        "agreement": None if np.isnan(share) else round(share, 4),
-                                        "images_checked": int(loaded.ok.sum())}
+    return (fast if agreed else clip), {
+        "requested": backend,
+        "used": backend if agreed else "fp32",
+        "agreement": None if np.isnan(share) else round(share, 4),
+        "images_checked": int(loaded.ok.sum()),
+    }
 
 
 def backend_check(inputs: AuditInputs) -> dict:
@@ -131,8 +159,13 @@ def backend_check(inputs: AuditInputs) -> dict:
         return {"requested": backend, "used": backend}
     rows = next(source.batches(inputs.options.batch_size))
     _, checked = choose_backend(load_model(inputs.model_uri), backend, rows, spec=inputs.spec, access=inputs.access)
-    log.info("backend %s: predictions agree with fp32 for %s of %d images checked; using %s", backend,
-             checked["agreement"], checked["images_checked"], checked["used"])
+    log.info(
+        "backend %s: predictions agree with fp32 for %s of %d images checked; using %s",
+        backend,
+        checked["agreement"],
+        checked["images_checked"],
+        checked["used"],
+    )
     return checked
 
 
@@ -142,26 +175,37 @@ def batches(frame: pl.DataFrame, size: int) -> Iterator[pl.DataFrame]:
 
 
 def images_key(images: pl.DataFrame, threshold: float | None) -> str | None:
-    """None where the spec asks for no duplicate listings (``threshold`` None), else a digest of which image each usable product has, the threshold and the listings' columns:
-    equal keys, equal duplicate listings (a rerun of an unchanged catalog reuses the previous run's)."""
+    """A digest of which image each usable product has, the threshold and the listings' columns:
+    equal keys, equal duplicate listings (a rerun of an unchanged catalog reuses the previous
+    run's); None where the spec asks for no duplicate listings (``threshold`` None)."""
     if threshold is None:
         return None
     rows = images.select("product_id", "sha256").sort("product_id")
-    payload = json.dumps([threshold, list(DUPLICATES_SCHEMA), rows["product_id"].to_list(),
-                          rows["sha256"].to_list()])
+    payload = json.dumps([threshold, list(DUPLICATES_SCHEMA), rows["product_id"].to_list(), rows["sha256"].to_list()])
     return hashlib.sha256(payload.encode()).hexdigest()[:16]
 
 
-def score_batch(batch: Batch, *, scorer: Scorer, cache: EmbeddingCache | None = None,
-                image_emb: np.ndarray | None = None) -> pl.DataFrame:
+def score_batch(
+    batch: Batch, *, scorer: Scorer, cache: EmbeddingCache | None = None, image_emb: np.ndarray | None = None
+) -> pl.DataFrame:
     """Predictions (PREDICTIONS_SCHEMA) for every row and attribute; failed images keep their error.
     ``image_emb``: the batch's ``embed_batch`` where the caller has it."""
     image_emb = embed_batch(batch, scorer, cache) if image_emb is None else image_emb
     spec = scorer.spec
-    probs = {a.name: predict.softmax(predict.logits_for(image_emb, scorer.value_emb[a.name], scale=scorer.scale),
-                                     temperature=scorer.calibration[a.name].temperature) for a in spec.attributes}
-    return predictions_of(batch.rows[spec.id_column].cast(pl.String).to_list(), tree.choose(probs, spec), spec,
-                          ok=batch.ok, errors=batch.errors)
+    probs = {
+        a.name: predict.softmax(
+            predict.logits_for(image_emb, scorer.value_emb[a.name], scale=scorer.scale),
+            temperature=scorer.calibration[a.name].temperature,
+        )
+        for a in spec.attributes
+    }
+    return predictions_of(
+        batch.rows[spec.id_column].cast(pl.String).to_list(),
+        tree.choose(probs, spec),
+        spec,
+        ok=batch.ok,
+        errors=batch.errors,
+    )
 
 
 TEXT_KEY = b"text\0"  # prefixes a text's bytes for its key in the embedding cache (images are keyed by theirs)
@@ -181,8 +225,9 @@ def text_embeddings(texts: list[str], scorer: Scorer, cache: EmbeddingCache | No
     return np.stack([found[key] for key in keys])
 
 
-def text_scores(batch: Batch, image_emb: np.ndarray, scorer: Scorer,
-                cache: EmbeddingCache | None = None) -> pl.DataFrame:
+def text_scores(
+    batch: Batch, image_emb: np.ndarray, scorer: Scorer, cache: EmbeddingCache | None = None
+) -> pl.DataFrame:
     """(TEXTS_SCHEMA) the batch's rows with a text, each scored against its image where both are
     there and the model is calibrated on texts; empty where the spec names no text column."""
     spec = scorer.spec
@@ -194,9 +239,17 @@ def text_scores(batch: Batch, image_emb: np.ndarray, scorer: Scorer,
     if calibration is not None and ok.any():
         agreement = text.row_agreement(image_emb, text_embeddings(texts[ok].tolist(), scorer, cache))
         score[ok] = calibration.scores(agreement, categories[ok])
-    frame = pl.DataFrame({"product_id": batch.rows[spec.id_column].cast(pl.String), "text": texts.tolist(),
-                          "category": categories.tolist(), "score": score, "image_error": batch.errors},
-                         schema=TEXTS_SCHEMA, strict=False)
+    frame = pl.DataFrame(
+        {
+            "product_id": batch.rows[spec.id_column].cast(pl.String),
+            "text": texts.tolist(),
+            "category": categories.tolist(),
+            "score": score,
+            "image_error": batch.errors,
+        },
+        schema=TEXTS_SCHEMA,
+        strict=False,
+    )
     return frame.with_columns(pl.col("score").fill_nan(None)).filter(pl.col("text") != "")
 
 
@@ -208,13 +261,22 @@ def judge_texts(texts: pl.DataFrame, calibration: TextCalibration | None, spec: 
         return pl.DataFrame(schema=FINDINGS_SCHEMA), {}
     scores = texts["score"].drop_nulls().to_numpy()
     shift = text.catalog_shift(scores)
-    judged = {"catalog_rows": len(scores), "catalog_shift": round(shift or 0.0, 3),
-              "against": "validation" if shift is None else "this catalog"}
+    judged = {
+        "catalog_rows": len(scores),
+        "catalog_shift": round(shift or 0.0, 3),
+        "against": "validation" if shift is None else "this catalog",
+    }
     return text_findings(texts, column=spec.text_column, calibration=calibration, shift=shift or 0.0), judged
 
 
-def predictions_of(ids: list[str], choices: dict[str, tuple[np.ndarray, np.ndarray]], spec: Spec, *,
-                   ok: np.ndarray | None = None, errors: list[str | None] | None = None) -> pl.DataFrame:
+def predictions_of(
+    ids: list[str],
+    choices: dict[str, tuple[np.ndarray, np.ndarray]],
+    spec: Spec,
+    *,
+    ok: np.ndarray | None = None,
+    errors: list[str | None] | None = None,
+) -> pl.DataFrame:
     """Predictions (PREDICTIONS_SCHEMA) from each attribute's choices (``tree.choose``) for the rows
     ``ok`` (all by default); the other rows keep their image ``errors``."""
     ok = np.ones(len(ids), dtype=bool) if ok is None else ok
@@ -225,16 +287,29 @@ def predictions_of(ids: list[str], choices: dict[str, tuple[np.ndarray, np.ndarr
         values[ok] = np.array(attribute.values, dtype=object)[chosen]
         confidence = np.full(len(ids), np.nan)
         confidence[ok] = probability
-        frames.append(pl.DataFrame(
-            {"product_id": ids, "attribute": attribute.name, "predicted_value": pl.Series(values.tolist(), dtype=pl.String),
-             "confidence": pl.Series(confidence).fill_nan(None), "image_error": errors or [None] * len(ids)},
-            schema=PREDICTIONS_SCHEMA,
-        ))
+        frames.append(
+            pl.DataFrame(
+                {
+                    "product_id": ids,
+                    "attribute": attribute.name,
+                    "predicted_value": pl.Series(values.tolist(), dtype=pl.String),
+                    "confidence": pl.Series(confidence).fill_nan(None),
+                    "image_error": errors or [None] * len(ids),
+                },
+                schema=PREDICTIONS_SCHEMA,
+            )
+        )
     return pl.concat(frames)
 
 
-def findings_of(row_batches: Iterable[pl.DataFrame], *, scorer: Scorer, access: ImageAccess,
-                cache: EmbeddingCache | None = None, tally: Tally | None = None) -> tuple[pl.DataFrame, pl.DataFrame]:
+def findings_of(
+    row_batches: Iterable[pl.DataFrame],
+    *,
+    scorer: Scorer,
+    access: ImageAccess,
+    cache: EmbeddingCache | None = None,
+    tally: Tally | None = None,
+) -> tuple[pl.DataFrame, pl.DataFrame]:
     """(findings (FINDINGS_SCHEMA), texts (TEXTS_SCHEMA)) of the catalog rows in ``row_batches``,
     scored by ``scorer``; the texts are judged once all are scored (``judge_texts``).
 

@@ -26,13 +26,27 @@ from clipdq.training import labeled, train
 log = logging.getLogger(__name__)
 
 
-def fold_model(start: towers.Clip, rows: pl.DataFrame, spec: Spec, *, access: ImageAccess, fold: int,
-               max_minutes: float | None, group_column: str | None) -> towers.Clip:
+def fold_model(
+    start: towers.Clip,
+    rows: pl.DataFrame,
+    spec: Spec,
+    *,
+    access: ImageAccess,
+    fold: int,
+    max_minutes: float | None,
+    group_column: str | None,
+) -> towers.Clip:
     """A copy of ``start`` fine-tuned on ``rows`` (the catalog outside one fold), as quickly as its
     kind of model trains well (``train.quick_mode``)."""
     clip = copy.deepcopy(start)
-    config = train.config_for(clip, mode=train.quick_mode(clip), max_minutes=max_minutes, seed=fold,
-                              label_noise=spec.expected_error_rate, group_column=group_column)
+    config = train.config_for(
+        clip,
+        mode=train.quick_mode(clip),
+        max_minutes=max_minutes,
+        seed=fold,
+        label_noise=spec.expected_error_rate,
+        group_column=group_column,
+    )
     return train.finetune(clip, rows, spec, access=access, config=config)
 
 
@@ -53,16 +67,34 @@ def score(inputs: audit.AuditInputs, findings_file: str) -> audit.Scored:
     parts, calibrations, judged = [], [], []
     for fold in range(k):
         log.info("cross-fitting: training the model for fold %d of %d", fold + 1, k)
-        clip = fold_model(start, frame.filter(folds != fold), spec, access=access, fold=fold,
-                          max_minutes=options.fold_minutes, group_column=options.group_column)
+        clip = fold_model(
+            start,
+            frame.filter(folds != fold),
+            spec,
+            access=access,
+            fold=fold,
+            max_minutes=options.fold_minutes,
+            group_column=options.group_column,
+        )
         fold_scorer = scorer.of_clip(clip, spec)
-        findings, texts = audit.findings_of(audit.batches(frame.filter(folds == fold), options.batch_size),
-                                            scorer=fold_scorer, access=access, tally=tally)
+        findings, texts = audit.findings_of(
+            audit.batches(frame.filter(folds == fold), options.batch_size),
+            scorer=fold_scorer,
+            access=access,
+            tally=tally,
+        )
         text_findings, fold_judged = audit.judge_texts(texts, fold_scorer.text_calibration, spec)
         parts += [findings, text_findings]
         calibrations.append(fold_scorer.calibration)
         judged.append(fold_judged)
     pl.concat(parts).write_parquet(findings_file)
     usable = tally.usable()
-    return audit.Scored(findings_file, usable.drop("signature"), signature_rows(usable), dict(tally.counts),
-                        calibrations, scorer.text_calibration_for(start, spec), {"folds": judged})
+    return audit.Scored(
+        findings_file,
+        usable.drop("signature"),
+        signature_rows(usable),
+        dict(tally.counts),
+        calibrations,
+        scorer.text_calibration_for(start, spec),
+        {"folds": judged},
+    )

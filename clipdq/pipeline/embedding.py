@@ -37,8 +37,10 @@ def check_outage(lost: int, row_count: int, max_share: float) -> None:
     """Raise ImageOutage once ``lost`` of ``row_count`` images exceed ``max_share``: findings made
     during an outage would report the store's trouble as the catalog's."""
     if lost and lost > max_share * row_count:
-        raise ImageOutage(f"{lost} of {row_count} images could not be fetched for transient reasons (storage or "
-                          f"network errors), more than max_transient_image_errors={max_share:g}: nothing published")
+        raise ImageOutage(
+            f"{lost} of {row_count} images could not be fetched for transient reasons (storage or "
+            f"network errors), more than max_transient_image_errors={max_share:g}: nothing published"
+        )
 
 
 @dataclass
@@ -67,9 +69,14 @@ IMAGES_SCHEMA = pl.Schema({"product_id": pl.String, "sha256": pl.String, "signat
 def usable_images(batch: Batch, spec: Spec) -> pl.DataFrame:
     """(IMAGES_SCHEMA) the id, digest and pixel signature of each row whose image is usable."""
     ok = batch.ok
-    return pl.DataFrame({"product_id": batch.rows[spec.id_column].cast(pl.String).filter(ok),
-                         "sha256": [sha for sha, good in zip(batch.sha256, ok) if good],
-                         "signature": [sig for sig, good in zip(batch.signatures, ok) if good]}, schema=IMAGES_SCHEMA)
+    return pl.DataFrame(
+        {
+            "product_id": batch.rows[spec.id_column].cast(pl.String).filter(ok),
+            "sha256": [sha for sha, good in zip(batch.sha256, ok) if good],
+            "signature": [sig for sig, good in zip(batch.signatures, ok) if good],
+        },
+        schema=IMAGES_SCHEMA,
+    )
 
 
 def signature_rows(usable: pl.DataFrame) -> np.ndarray:
@@ -83,8 +90,13 @@ COUNT_KEYS = ("scored", "from_cache", "unread", "embedded", "lost_to_outages")
 def counts(batch: Batch) -> dict[str, int]:
     """What became of a batch's images: scored in all, embeddings from the cache (of which unread:
     not even read, being unchanged), embedded now, lost to outages."""
-    return {"scored": batch.rows.height, "from_cache": len(batch.cached), "unread": batch.unread,
-            "embedded": len(batch.to_embed), "lost_to_outages": batch.transient}
+    return {
+        "scored": batch.rows.height,
+        "from_cache": len(batch.cached),
+        "unread": batch.unread,
+        "embedded": len(batch.to_embed),
+        "lost_to_outages": batch.transient,
+    }
 
 
 Location = tuple[str, str]  # (location, version) of an image file or object (``sources.versions``)
@@ -98,8 +110,9 @@ def _unchanged(refs: list, access: ImageAccess, cache: EmbeddingCache) -> tuple[
     return located, {i: known[entry[0]] for i, entry in enumerate(located) if entry and entry[0] in known}
 
 
-def _from_cache(cache: EmbeddingCache | None, refs: list, access: ImageAccess
-                ) -> tuple[list[Location | None], dict[int, str], dict[int, Entry]]:
+def _from_cache(
+    cache: EmbeddingCache | None, refs: list, access: ImageAccess
+) -> tuple[list[Location | None], dict[int, str], dict[int, Entry]]:
     """(per row: its location or None; row -> sha256 of the rows unchanged since they were read;
     row -> cache entry of those the cache holds)."""
     if cache is None:
@@ -134,9 +147,17 @@ def prepare_batch(
         errors[i] = error
     to_embed = np.array(pending, dtype=int)[decoded.ok]
     signatures = {i: entry.signature for i, entry in cached.items()} | dict(zip(to_embed.tolist(), decoded.signatures))
-    return Batch(rows, errors, sha256, {i: entry.embedding for i, entry in cached.items()}, to_embed, decoded.pixels,
-                 [signatures.get(i) for i in range(len(refs))],
-                 transient=sum(item.transient for item in fetched.values()), unread=unread)
+    return Batch(
+        rows,
+        errors,
+        sha256,
+        {i: entry.embedding for i, entry in cached.items()},
+        to_embed,
+        decoded.pixels,
+        [signatures.get(i) for i in range(len(refs))],
+        transient=sum(item.transient for item in fetched.values()),
+        unread=unread,
+    )
 
 
 def embed_batch(batch: Batch, scorer: Scorer, cache: EmbeddingCache | None = None) -> np.ndarray:
@@ -162,8 +183,9 @@ def prepared_batches(row_batches: Iterable[pl.DataFrame], prepare, *, ahead: int
             yield pending.popleft().result()
 
 
-def embedded_batches(row_batches: Iterable[pl.DataFrame], *, scorer: Scorer, access: ImageAccess,
-                     cache: EmbeddingCache | None = None) -> Iterator[tuple[Batch, np.ndarray]]:
+def embedded_batches(
+    row_batches: Iterable[pl.DataFrame], *, scorer: Scorer, access: ImageAccess, cache: EmbeddingCache | None = None
+) -> Iterator[tuple[Batch, np.ndarray]]:
     """Each batch of rows with the (usable rows, d) embeddings of its usable images, in row order:
     images fetched and decoded in a background thread a few batches ahead of the model, embeddings
     taken from ``cache`` where it holds them and added to it where not."""
@@ -187,8 +209,13 @@ class Tally:
         if self.images is not None:
             self.images.append(usable_images(batch, spec))
         check_outage(self.counts["lost_to_outages"], self.row_count, self.max_transient)
-        progress_log.info("%s: %d/%d products done", self.what, self.counts["scored"], self.row_count,
-                          extra={"progress": (self.counts["scored"], self.row_count)})
+        progress_log.info(
+            "%s: %d/%d products done",
+            self.what,
+            self.counts["scored"],
+            self.row_count,
+            extra={"progress": (self.counts["scored"], self.row_count)},
+        )
 
     def usable(self) -> pl.DataFrame:
         """(IMAGES_SCHEMA) the usable images of every batch so far, in order."""

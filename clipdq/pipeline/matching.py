@@ -27,8 +27,15 @@ from clipdq.model.scorer import Scorer
 from clipdq.pipeline.embedding import Tally, embedded_batches
 
 
-def embed_catalog(source: catalog.CatalogFile, *, scorer: Scorer, access: ImageAccess,
-                  cache: EmbeddingCache | None = None, batch_size: int = 64, role: str = "images") -> Embedded:
+def embed_catalog(
+    source: catalog.CatalogFile,
+    *,
+    scorer: Scorer,
+    access: ImageAccess,
+    cache: EmbeddingCache | None = None,
+    batch_size: int = 64,
+    role: str = "images",
+) -> Embedded:
     """Every row of ``source`` embedded (or taken from ``cache``), one batch of pixels at a time;
     progress is logged as ``role``. An outage does not stop matching: its images are errors."""
     spec, out, filled = scorer.spec, Embedded(), 0
@@ -36,14 +43,15 @@ def embed_catalog(source: catalog.CatalogFile, *, scorer: Scorer, access: ImageA
     tally = Tally(source.row_count, max_transient=1.0, what=role, keep_images=False)
     kept: np.ndarray | None = None
     signatures = np.zeros((0, SIGNATURE_BYTES), np.uint8)
-    for batch, embeddings in embedded_batches(source.batches(batch_size, [spec.id_column, spec.image_column]),
-                                              scorer=scorer, access=access, cache=cache):
+    for batch, embeddings in embedded_batches(
+        source.batches(batch_size, [spec.id_column, spec.image_column]), scorer=scorer, access=access, cache=cache
+    ):
         if kept is None:  # one array for the catalog, filled in place: no second copy of a million rows
             kept = np.empty((source.row_count, embeddings.shape[1]), np.float32)
             signatures = np.empty((source.row_count, SIGNATURE_BYTES), np.uint8)
-        kept[filled:filled + len(embeddings)] = embeddings
+        kept[filled : filled + len(embeddings)] = embeddings
         usable = b"".join(sig for sig in batch.signatures if sig is not None)
-        signatures[filled:filled + len(embeddings)] = np.frombuffer(usable, np.uint8).reshape(-1, SIGNATURE_BYTES)
+        signatures[filled : filled + len(embeddings)] = np.frombuffer(usable, np.uint8).reshape(-1, SIGNATURE_BYTES)
         filled += len(embeddings)
         out.ids += batch.rows[spec.id_column].cast(pl.String).to_list()
         out.sha256 += batch.sha256
@@ -71,13 +79,25 @@ def value_agreement(scorer: Scorer, labels: dict[str, np.ndarray], *, weight: fl
     names = scorer.spec.names
     if not scorer.trained or not weight or not names:
         return None
-    return ValueAgreement(names, [scorer.value_emb[n] for n in names],
-                          [scorer.scale / scorer.calibration[n].temperature for n in names],
-                          [labels[n] for n in names], weight, scorer.spec.expected_error_rate)
+    return ValueAgreement(
+        names,
+        [scorer.value_emb[n] for n in names],
+        [scorer.scale / scorer.calibration[n].temperature for n in names],
+        [labels[n] for n in names],
+        weight,
+        scorer.spec.expected_error_rate,
+    )
 
 
-def agreement_for(source: catalog.CatalogFile, references: Embedded, spec: Spec, *, model_uri: str,
-                  text_folder: str | None, weight: float) -> ValueAgreement | None:
+def agreement_for(
+    source: catalog.CatalogFile,
+    references: Embedded,
+    spec: Spec,
+    *,
+    model_uri: str,
+    text_folder: str | None,
+    weight: float,
+) -> ValueAgreement | None:
     """The score's second term for the references of ``source`` (``value_agreement``), their values
     read only where ``weight`` asks for it."""
     if not weight:
@@ -86,15 +106,24 @@ def agreement_for(source: catalog.CatalogFile, references: Embedded, spec: Spec,
     return value_agreement(reading, reference_labels(source, spec, references.ok), weight=weight)
 
 
-def ranked(references: Embedded, queries: Embedded, spec: Spec, *, options: MatchOptions,
-           agreement: ValueAgreement | None, cache: str | None) -> tuple[pl.DataFrame, dict]:
+def ranked(
+    references: Embedded,
+    queries: Embedded,
+    spec: Spec,
+    *,
+    options: MatchOptions,
+    agreement: ValueAgreement | None,
+    cache: str | None,
+) -> tuple[pl.DataFrame, dict]:
     """(matches, what the summary says of them): ``options.k`` references per query
     (``match.match_embedded``, the approximate index kept under ``cache``), and the pairs whose
     pixels are near-identical marked where the spec asks for duplicate listings."""
     index_folder = storage.join(cache, "approximate_index") if cache else None
-    matches, found = match.match_embedded(references, queries, k=options.k, agreement=agreement,
-                                          search=options.search, index_folder=index_folder)
+    matches, found = match.match_embedded(
+        references, queries, k=options.k, agreement=agreement, search=options.search, index_folder=index_folder
+    )
     if spec.duplicate_similarity is not None:
         matches, found["near_identical_pixels"] = duplicates.flag_near_identical(
-            matches, references, queries, threshold=spec.duplicate_similarity)
+            matches, references, queries, threshold=spec.duplicate_similarity
+        )
     return matches, found

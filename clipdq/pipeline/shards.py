@@ -98,10 +98,19 @@ def job_for(inputs: audit.AuditInputs, *, backend: str) -> Job:
     """The Job of an audit of ``inputs`` with its image tower on ``backend``."""
     options, files = inputs.options, inputs.files
     cache = embedding.cache_folder(inputs.output_uri, files, backend) if options.embedding_cache else None
-    return new_job(inputs.output_uri, model_fingerprint=files.fingerprint(), rows_per_shard=options.rows_per_shard,
-                   catalog_uri=inputs.catalog_uri, catalog_version=inputs.source.version,
-                   spec_text=inputs.spec_text, model_uri=inputs.model_uri, backend=backend, cache=cache,
-                   image_roots=tuple(sorted(options.image_roots)), batch_size=options.batch_size)
+    return new_job(
+        inputs.output_uri,
+        model_fingerprint=files.fingerprint(),
+        rows_per_shard=options.rows_per_shard,
+        catalog_uri=inputs.catalog_uri,
+        catalog_version=inputs.source.version,
+        spec_text=inputs.spec_text,
+        model_uri=inputs.model_uri,
+        backend=backend,
+        cache=cache,
+        image_roots=tuple(sorted(options.image_roots)),
+        batch_size=options.batch_size,
+    )
 
 
 @dataclass(frozen=True)
@@ -144,8 +153,12 @@ def run_shard(job: Job, shard: Shard) -> ShardResult:
     cache = EmbeddingCache(job.cache) if job.cache else None
     tally = Tally(shard.row_count, max_transient=use.spec.max_transient_image_errors, what=f"shard {shard.index}")
     findings, texts = audit.findings_of(
-        source.batches_between(shard.start, shard.stop, job.batch_size), scorer=use,
-        access=sources.catalog_access(job.catalog_uri, use.spec, job.image_roots), cache=cache, tally=tally)
+        source.batches_between(shard.start, shard.stop, job.batch_size),
+        scorer=use,
+        access=sources.catalog_access(job.catalog_uri, use.spec, job.image_roots),
+        cache=cache,
+        tally=tally,
+    )
     if cache is not None:
         cache.flush()  # before the part: a finished part's embeddings are kept
     counts = dict(tally.counts)
@@ -237,12 +250,26 @@ def collect(results: list[ShardResult], inputs: audit.AuditInputs, findings_file
     embedding.check_outage(images_seen["lost_to_outages"], inputs.source.row_count, spec.max_transient_image_errors)
     parts = read_parts([result.texts for result in results], TEXTS_SCHEMA)
     text_calibration = scorer.text_calibration_for(files, spec)
-    text_findings, judged = audit.judge_texts(pl.concat([pl.DataFrame(schema=TEXTS_SCHEMA), *parts]),
-                                              text_calibration, spec)
+    text_findings, judged = audit.judge_texts(
+        pl.concat([pl.DataFrame(schema=TEXTS_SCHEMA), *parts]), text_calibration, spec
+    )
     reported = assemble([result.part for result in results], findings_file, text_findings)
-    usable, signatures = read_images([result.images for result in results],
-                                     str(Path(findings_file).with_name("signatures")))
-    seen = {"count": len(results), "rows_per_shard": inputs.options.rows_per_shard,
-            "reused": sum(result.reused for result in results)}
-    return audit.Scored(findings_file, usable, signatures, images_seen, [scorer.calibration_for(files, spec)],
-                        text_calibration, judged, reported, seen)
+    usable, signatures = read_images(
+        [result.images for result in results], str(Path(findings_file).with_name("signatures"))
+    )
+    seen = {
+        "count": len(results),
+        "rows_per_shard": inputs.options.rows_per_shard,
+        "reused": sum(result.reused for result in results),
+    }
+    return audit.Scored(
+        findings_file,
+        usable,
+        signatures,
+        images_seen,
+        [scorer.calibration_for(files, spec)],
+        text_calibration,
+        judged,
+        reported,
+        seen,
+    )

@@ -8,7 +8,7 @@ import json
 import re
 import uuid
 from concurrent.futures import ThreadPoolExecutor
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 
 import jinja2
@@ -30,7 +30,7 @@ _TEMPLATES = jinja2.Environment(loader=jinja2.PackageLoader("clipdq.reporting", 
 
 def new_run(output: str, *, now: datetime | None = None) -> tuple[str, str]:
     """(run_id, run folder) as ``<output>/run_date=YYYY-MM-DD/run_id=<id>``."""
-    now = now or datetime.now(timezone.utc)
+    now = now or datetime.now(UTC)
     run_id = f"{now:%Y%m%dT%H%M%SZ}-{uuid.uuid4().hex[:6]}"
     return run_id, storage.join(output, f"run_date={now:%Y-%m-%d}", f"run_id={run_id}")
 
@@ -40,8 +40,13 @@ Findings = pl.DataFrame | pl.LazyFrame  # a run's findings, in memory or scanned
 
 def counts(findings: Findings) -> pl.DataFrame:
     """One row per attribute, one column per status, zeros included."""
-    per_status = (findings.lazy().filter(pl.col("attribute").is_not_null())  # not_applicable rows name none
-                  .group_by("attribute", "status").len().collect())
+    per_status = (
+        findings.lazy()
+        .filter(pl.col("attribute").is_not_null())  # not_applicable rows name none
+        .group_by("attribute", "status")
+        .len()
+        .collect()
+    )
     wide = per_status.pivot(on="status", index="attribute", values="len")
     missing = [pl.lit(0, pl.UInt32).alias(s) for s in STATUSES if s not in wide.columns]
     return wide.with_columns(missing).select("attribute", *STATUSES).fill_null(0).sort("attribute")
@@ -53,9 +58,15 @@ def duplicates_summary(found: pl.DataFrame, threshold: float | None, images_key:
     if threshold is None:
         return {"checked": False, "why": "duplicate_similarity is null in the spec"}
     identical = found.group_by("group").agg(pl.col("kind").eq("identical bytes").all())["kind"].sum()
-    return {"checked": True, "similarity_threshold": threshold, "groups": found["group"].n_unique(),
-            "products": found.height, "groups_of_identical_bytes": int(identical),
-            "crops": int((found["kind"] == "cropped from the other").sum()), "images_key": images_key}
+    return {
+        "checked": True,
+        "similarity_threshold": threshold,
+        "groups": found["group"].n_unique(),
+        "products": found.height,
+        "groups_of_identical_bytes": int(identical),
+        "crops": int((found["kind"] == "cropped from the other").sum()),
+        "images_key": images_key,
+    }
 
 
 def text_summary(spec: Spec, calibration: TextCalibration | None, judged: dict) -> dict:
@@ -64,16 +75,33 @@ def text_summary(spec: Spec, calibration: TextCalibration | None, judged: dict) 
     if spec.text_column is None:
         return {"checked": False, "why": "the spec names no text_column"}
     if calibration is None:
-        return {"checked": False, "column": spec.text_column,
-                "why": f"the model was not calibrated on texts of {spec.text_column!r} (fine-tune it on a catalog "
-                       f"with that column)"}
-    return {"checked": True, "column": spec.text_column, "category_column": spec.text_category,
-            "threshold": calibration.threshold, "validation_rows": calibration.rows,
-            "planted_rows": calibration.planted_rows} | judged
+        return {
+            "checked": False,
+            "column": spec.text_column,
+            "why": f"the model was not calibrated on texts of {spec.text_column!r} (fine-tune it on a catalog "
+            f"with that column)",
+        }
+    return {
+        "checked": True,
+        "column": spec.text_column,
+        "category_column": spec.text_category,
+        "threshold": calibration.threshold,
+        "validation_rows": calibration.rows,
+        "planted_rows": calibration.planted_rows,
+    } | judged
 
 
-def summarize(findings: Findings, *, products: int, run: dict, validation: dict, reported: int | None = None,
-              changes: dict | None = None, duplicates: dict | None = None, text: dict | None = None) -> dict:
+def summarize(
+    findings: Findings,
+    *,
+    products: int,
+    run: dict,
+    validation: dict,
+    reported: int | None = None,
+    changes: dict | None = None,
+    duplicates: dict | None = None,
+    text: dict | None = None,
+) -> dict:
     """Summary JSON: what was checked, with what, how many findings of each kind, and what changed
     since the previous complete run (``runs.change_counts``; null for a first run).
 
@@ -82,8 +110,9 @@ def summarize(findings: Findings, *, products: int, run: dict, validation: dict,
     """
     by_attribute = counts(findings)
     products_in = pl.col("product_id").n_unique() if reported is None else pl.lit(reported)
-    rows, not_applicable, reported = findings.lazy().select(
-        pl.len(), (pl.col("status") == NOT_APPLICABLE).sum(), products_in).collect().row(0)
+    rows, not_applicable, reported = (
+        findings.lazy().select(pl.len(), (pl.col("status") == NOT_APPLICABLE).sum(), products_in).collect().row(0)
+    )
     warnings = list(validation.get("warnings", []))
     if not_applicable:
         warnings.append(f"{not_applicable} products have no attribute that applies to them (applies_to)")
@@ -108,25 +137,44 @@ def summarize(findings: Findings, *, products: int, run: dict, validation: dict,
     }
 
 
-FIXES_SCHEMA = pl.Schema({"product_id": pl.String, "attribute": pl.String, "current_value": pl.String,
-                "suggested_value": pl.String, "confidence": pl.Float64, "status": pl.String})
+FIXES_SCHEMA = pl.Schema(
+    {
+        "product_id": pl.String,
+        "attribute": pl.String,
+        "current_value": pl.String,
+        "suggested_value": pl.String,
+        "confidence": pl.Float64,
+        "status": pl.String,
+    }
+)
 
 
 def suggested_fixes(findings: Findings) -> pl.DataFrame:
     """One row per gap and conflict (and per tree level below a conflict, so a fix sets the whole
     path), ready to import into a product information system: the value the catalog holds (null
     for a gap), the value the image suggests, and how sure."""
-    return (findings.lazy().filter(pl.col("status").is_in(["conflict", "gap", "parent_conflict"]))
-            .select("product_id", "attribute", pl.col("existing_value").alias("current_value"),
-                    pl.col("predicted_value").alias("suggested_value"), "confidence", "status")
-            .sort("status", "attribute", "confidence", descending=[False, False, True])
-            .collect().cast(FIXES_SCHEMA))
+    return (
+        findings.lazy()
+        .filter(pl.col("status").is_in(["conflict", "gap", "parent_conflict"]))
+        .select(
+            "product_id",
+            "attribute",
+            pl.col("existing_value").alias("current_value"),
+            pl.col("predicted_value").alias("suggested_value"),
+            "confidence",
+            "status",
+        )
+        .sort("status", "attribute", "confidence", "product_id", descending=[False, False, True, False])
+        .collect()
+        .cast(FIXES_SCHEMA)
+    )
 
 
 def top_findings(findings: Findings, status: str, n: int = TOP_N) -> pl.DataFrame:
     """The most confident findings of a status, taking attributes in turn so each is shown."""
     return (
-        findings.lazy().filter(pl.col("status") == status)
+        findings.lazy()
+        .filter(pl.col("status") == status)
         .sort("confidence", descending=True, nulls_last=True)
         .with_columns(pl.int_range(pl.len()).over("attribute").alias("turn"))
         .sort("turn", maintain_order=True)
@@ -149,8 +197,16 @@ def featured(findings: Findings) -> pl.DataFrame:
     return pl.concat([top_findings(findings, status) for status in SECTIONS])
 
 
-TABLE_COLUMNS = ("product_id", "attribute", "status", "existing_value", "predicted_value", "confidence", "change",
-                 "detail")
+TABLE_COLUMNS = (
+    "product_id",
+    "attribute",
+    "status",
+    "existing_value",
+    "predicted_value",
+    "confidence",
+    "change",
+    "detail",
+)
 TABLE_ROWS = 100_000  # problems in the report's table, the most confident first (all are in suggested_fixes)
 TABLE_THUMBNAILS = 200  # problems shown with a thumbnail in the table, the most confident first
 RESOLVED_SHOWN = 200  # resolved problems listed by name
@@ -182,17 +238,31 @@ def thumbnail_ids(findings: Findings) -> list[str]:
 
 def confusion(findings: Findings) -> list[dict]:
     """Per attribute, counts of each (catalog value, predicted value) pair among the rows that have both."""
-    pairs = (findings.lazy().filter(pl.col("existing_value").is_not_null() & pl.col("predicted_value").is_not_null())
-             .group_by("attribute", "existing_value", "predicted_value").len().collect())
+    pairs = (
+        findings.lazy()
+        .filter(pl.col("existing_value").is_not_null() & pl.col("predicted_value").is_not_null())
+        .group_by("attribute", "existing_value", "predicted_value")
+        .len()
+        .collect()
+    )
     tables = []
     for (attribute,), part in pairs.sort("attribute").group_by("attribute", maintain_order=True):
-        by_count = part.group_by("existing_value").agg(pl.col("len").sum()).sort("len", "existing_value",
-                                                                               descending=[True, False])
+        by_count = (
+            part.group_by("existing_value")
+            .agg(pl.col("len").sum())
+            .sort("len", "existing_value", descending=[True, False])
+        )
         rows = by_count["existing_value"].head(CONFUSION_VALUES).to_list()
         columns = sorted(part["predicted_value"].unique().to_list())
         cells = {(r, c): n for r, c, n in part.select("existing_value", "predicted_value", "len").iter_rows()}
-        tables.append({"attribute": attribute, "columns": columns, "more": by_count.height - len(rows),
-                       "rows": [{"value": r, "cells": [cells.get((r, c), 0) for c in columns]} for r in rows]})
+        tables.append(
+            {
+                "attribute": attribute,
+                "columns": columns,
+                "more": by_count.height - len(rows),
+                "rows": [{"value": r, "cells": [cells.get((r, c), 0) for c in columns]} for r in rows],
+            }
+        )
     return tables
 
 
@@ -208,10 +278,14 @@ def confidence_charts(findings: Findings, thresholds: dict[str, list[dict]]) -> 
     """Per attribute, an SVG histogram of confidence by status with its gap and conflict thresholds
     (where one model scored the run: folds have thresholds of their own)."""
     shown = ("match", "conflict", "gap", "uncertain")
-    binned = (findings.lazy().filter(pl.col("confidence").is_not_null() & pl.col("status").is_in(shown))
-              .with_columns(bin=(pl.col("confidence") * CONFIDENCE_BINS).floor().clip(0, CONFIDENCE_BINS - 1)
-                            .cast(pl.Int32))
-              .group_by("attribute", "status", "bin").len().collect())
+    binned = (
+        findings.lazy()
+        .filter(pl.col("confidence").is_not_null() & pl.col("status").is_in(shown))
+        .with_columns(bin=(pl.col("confidence") * CONFIDENCE_BINS).floor().clip(0, CONFIDENCE_BINS - 1).cast(pl.Int32))
+        .group_by("attribute", "status", "bin")
+        .len()
+        .collect()
+    )
     charts = []
     for attribute in sorted(binned["attribute"].unique().to_list()):
         bins = {status: [0] * CONFIDENCE_BINS for status in shown}
@@ -219,8 +293,13 @@ def confidence_charts(findings: Findings, thresholds: dict[str, list[dict]]) -> 
             bins[status][b] = n
         in_force = thresholds.get(attribute, [])
         limits = in_force[0] if len(in_force) == 1 else {}
-        charts.append(charts_svg.histogram(bins, {"gap": limits.get("gap_threshold"),
-                                                  "conflict": limits.get("conflict_threshold")}, title=attribute))
+        charts.append(
+            charts_svg.histogram(
+                bins,
+                {"gap": limits.get("gap_threshold"), "conflict": limits.get("conflict_threshold")},
+                title=attribute,
+            )
+        )
     return charts
 
 
@@ -229,8 +308,13 @@ def _script_json(value) -> Markup:
     return Markup(json.dumps(value, ensure_ascii=False, default=str).replace("<", "\\u003c"))
 
 
-def render_html(findings: Findings, summary: dict, thumbnails: dict[str, bytes | None],
-                changes: pl.DataFrame | None = None, duplicates: pl.DataFrame | None = None) -> str:
+def render_html(
+    findings: Findings,
+    summary: dict,
+    thumbnails: dict[str, bytes | None],
+    changes: pl.DataFrame | None = None,
+    duplicates: pl.DataFrame | None = None,
+) -> str:
     """A self-contained page for a data steward: counts, rates and thresholds per attribute, charts,
     every problem in a sortable and filterable table, catalog x predicted values, duplicate listings,
     the catalog checks, what changed since the previous run, and the most confident findings with
@@ -247,23 +331,37 @@ def render_html(findings: Findings, summary: dict, thumbnails: dict[str, bytes |
     resolved = [] if changes is None else changes.filter(pl.col("change") == "resolved").head(RESOLVED_SHOWN).to_dicts()
     thresholds = thresholds_in_force(summary)
     text = summary.get("text_agreement") or {}
-    text_flags = [] if not text.get("column") else (
-        findings.lazy().filter((pl.col("attribute") == text["column"]) & (pl.col("status") == "conflict"))
-        .sort("confidence", descending=True).head(TEXT_FLAGS_SHOWN).collect().to_dicts())
+    text_flags = (
+        []
+        if not text.get("column")
+        else (
+            findings.lazy()
+            .filter((pl.col("attribute") == text["column"]) & (pl.col("status") == "conflict"))
+            .sort("confidence", descending=True)
+            .head(TEXT_FLAGS_SHOWN)
+            .collect()
+            .to_dicts()
+        )
+    )
     template = _TEMPLATES.get_template("report.html.j2")
     return template.render(
-        summary=summary, statuses=STATUSES, problems=runs.PROBLEMS, nonce=uuid.uuid4().hex,
+        summary=summary,
+        statuses=STATUSES,
+        problems=runs.PROBLEMS,
+        nonce=uuid.uuid4().hex,
         sections=[{"title": title, "rows": cards(status)} for status, title in SECTIONS.items()],
         thresholds=thresholds,
         per_attribute=[row | {"total": sum(row[s] for s in STATUSES)} for row in summary["by_attribute"]],
         status_chart=Markup(charts_svg.status_bars(summary["by_attribute"], STATUSES)),
         confidence_charts=[Markup(chart) for chart in confidence_charts(findings, thresholds)],
-        confusion=confusion(findings), resolved=resolved,
+        confusion=confusion(findings),
+        resolved=resolved,
         duplicates=[] if duplicates is None else duplicates.head(DUPLICATES_SHOWN).to_dicts(),
         duplicates_more=duplicates is not None and duplicates.height > DUPLICATES_SHOWN,
         text_flags=[row | {"thumbnail": images.get(row["product_id"])} for row in text_flags],
         table=_script_json({"columns": TABLE_COLUMNS, "rows": table.rows(), "total": problems}),
-        table_images=_script_json({pid: images[pid] for pid in table["product_id"].unique() if pid in images}))
+        table_images=_script_json({pid: images[pid] for pid in table["product_id"].unique() if pid in images}),
+    )
 
 
 def _code_span(text: str) -> str:
@@ -275,15 +373,20 @@ def _code_span(text: str) -> str:
 def markdown(summary: dict, folder: str) -> str:
     """Short run summary for a Prefect markdown artifact."""
     t, changes = summary["totals"], summary.get("changes")
-    since = (f"\n\nSince run {_code_span(changes['previous_run'])}: {changes['totals']['new']} new, "
-             f"{changes['totals']['resolved']} resolved, {changes['totals']['persisting']} persisting problems."
-             if changes else "\n\nNo earlier complete run of this catalog to compare with.")
+    since = (
+        f"\n\nSince run {_code_span(changes['previous_run'])}: {changes['totals']['new']} new, "
+        f"{changes['totals']['resolved']} resolved, {changes['totals']['persisting']} persisting problems."
+        if changes
+        else "\n\nNo earlier complete run of this catalog to compare with."
+    )
     return (
         f"# clipdq audit {summary['run_id']}\n\n"
         f"Report: {_code_span(storage.join(folder, 'report.html'))}\n\n"
         f"{summary['products']} products: **{t['conflict']} conflicts**, **{t['gap']} gaps** with a suggested "
         f"value, {t['invalid_value']} invalid values, {t['image_error']} image errors, {t['uncertain']} uncertain."
-        + _duplicates_line(summary.get("duplicates")) + _text_line(summary.get("text_agreement")) + since
+        + _duplicates_line(summary.get("duplicates"))
+        + _text_line(summary.get("text_agreement"))
+        + since
     )
 
 
@@ -299,8 +402,15 @@ def _duplicates_line(duplicates: dict | None) -> str:
     return f" {duplicates['products']} products in {duplicates['groups']} groups of duplicate listings."
 
 
-def publish_run(folder: str, findings: pl.DataFrame | Path, summary: dict, html: str, *,
-                validation: dict | None = None, duplicates: pl.DataFrame | None = None) -> str:
+def publish_run(
+    folder: str,
+    findings: pl.DataFrame | Path,
+    summary: dict,
+    html: str,
+    *,
+    validation: dict | None = None,
+    duplicates: pl.DataFrame | None = None,
+) -> str:
     """Write an audit's findings (a frame, or a Parquet file), summary, report, suggested fixes,
     duplicate listings and the catalog checks' result, then the manifest that marks the run complete."""
     fixes = suggested_fixes(findings if isinstance(findings, pl.DataFrame) else pl.scan_parquet(findings))
@@ -314,8 +424,12 @@ def publish_run(folder: str, findings: pl.DataFrame | Path, summary: dict, html:
         "validation.json": json.dumps(validation or {}, indent=2, default=str).encode(),
         "report.html": html.encode(),
     }
-    meta = {"catalog": summary.get("catalog"), "rows": summary["findings"], "totals": summary["totals"],
-            **({"shards": summary["shards"]} if "shards" in summary else {})}
+    meta = {
+        "catalog": summary.get("catalog"),
+        "rows": summary["findings"],
+        "totals": summary["totals"],
+        **({"shards": summary["shards"]} if "shards" in summary else {}),
+    }
     return runs.publish(folder, summary, files, meta=meta)
 
 

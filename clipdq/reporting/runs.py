@@ -42,8 +42,11 @@ def _parquet(frame: pl.DataFrame) -> bytes:
 
 def complete_runs(output: str) -> list[str]:
     """Folders of the complete runs under ``output``, oldest first."""
-    manifests = [name for name in storage.list_files(output, start="run_date=")
-                 if name.endswith("/" + storage.MANIFEST) and "/run_id=" in name]
+    manifests = [
+        name
+        for name in storage.list_files(output, start="run_date=")
+        if name.endswith("/" + storage.MANIFEST) and "/run_id=" in name
+    ]
     return sorted(storage.join(output, name.rsplit("/", 1)[0]) for name in manifests)
 
 
@@ -92,10 +95,18 @@ def read_problems(folder: str) -> pl.DataFrame:
 def changed(current: pl.LazyFrame, previous: pl.DataFrame) -> pl.DataFrame:
     """Every problem of either run with its ``change``: new (only now), resolved (only before) or persisting."""
     now, before = problems(current).with_columns(now=True), previous.lazy().with_columns(before=True)
-    return (now.join(before, on=KEY, how="full", coalesce=True)
-            .select(*KEY, change=pl.when(pl.col("now").is_null()).then(pl.lit("resolved"))
-                    .when(pl.col("before").is_null()).then(pl.lit("new")).otherwise(pl.lit("persisting")))
-            .collect())
+    return (
+        now.join(before, on=KEY, how="full", coalesce=True)
+        .select(
+            *KEY,
+            change=pl.when(pl.col("now").is_null())
+            .then(pl.lit("resolved"))
+            .when(pl.col("before").is_null())
+            .then(pl.lit("new"))
+            .otherwise(pl.lit("persisting")),
+        )
+        .collect()
+    )
 
 
 def change_counts(changes: pl.DataFrame | None, previous_folder: str | None) -> dict | None:
@@ -103,13 +114,14 @@ def change_counts(changes: pl.DataFrame | None, previous_folder: str | None) -> 
     without a previous run."""
     if changes is None or previous_folder is None:
         return None
-    wide = (changes.group_by("attribute", "change").len()
-            .pivot(on="change", index="attribute", values="len"))
+    wide = changes.group_by("attribute", "change").len().pivot(on="change", index="attribute", values="len")
     wide = wide.with_columns(pl.lit(0, pl.UInt32).alias(c) for c in CHANGES if c not in wide.columns)
     by_attribute = wide.select("attribute", *CHANGES).fill_null(0).sort("attribute")
-    return {"previous_run": run_id_of(previous_folder),
-            "totals": {c: int(by_attribute[c].sum()) for c in CHANGES},
-            "by_attribute": by_attribute.to_dicts()}
+    return {
+        "previous_run": run_id_of(previous_folder),
+        "totals": {c: int(by_attribute[c].sum()) for c in CHANGES},
+        "by_attribute": by_attribute.to_dicts(),
+    }
 
 
 def changes_since_previous(output: str, catalog: str, findings: pl.LazyFrame) -> tuple[str | None, pl.DataFrame | None]:

@@ -28,29 +28,54 @@ def logits_from(image_emb: np.ndarray, value_emb: dict[str, np.ndarray], clip: t
     return {name: predict.logits_for(image_emb, emb, scale=scale) for name, emb in value_emb.items()}
 
 
-def calibrate_attributes(clip: towers.Clip, data: LabeledSet, spec: Spec, val_idx: np.ndarray, val_emb: np.ndarray,
-                         value_emb: dict[str, np.ndarray], *, label_noise: float
-                         ) -> tuple[dict[str, Calibration], dict[str, dict]]:
+def calibrate_attributes(
+    clip: towers.Clip,
+    data: LabeledSet,
+    spec: Spec,
+    val_idx: np.ndarray,
+    val_emb: np.ndarray,
+    value_emb: dict[str, np.ndarray],
+    *,
+    label_noise: float,
+) -> tuple[dict[str, Calibration], dict[str, dict]]:
     """(calibration, validation figures) per attribute with at least two known validation labels."""
-    return evaluation.calibrate(logits_from(val_emb, value_emb, clip), labels_of(data, val_idx), spec,
-                                label_noise=label_noise)
+    return evaluation.calibrate(
+        logits_from(val_emb, value_emb, clip), labels_of(data, val_idx), spec, label_noise=label_noise
+    )
 
 
 def calibration_basis(spec: Spec, val_idx: np.ndarray, *, label_noise: float) -> dict:
     """What the thresholds rest on, for the model card (the grouping is added by ``train.finetune``)."""
-    return {"split": "validation", "rows": len(val_idx), "bound": BOUND, "target_precision": spec.target_precision,
-            "expected_error_rate": spec.expected_error_rate, "label_noise": label_noise}
+    return {
+        "split": "validation",
+        "rows": len(val_idx),
+        "bound": BOUND,
+        "target_precision": spec.target_precision,
+        "expected_error_rate": spec.expected_error_rate,
+        "label_noise": label_noise,
+    }
 
 
-def calibrate_texts(clip: towers.Clip, data: LabeledSet, spec: Spec, rows: np.ndarray, image_emb: np.ndarray, *,
-                    seed: int) -> text.TextCalibration:
+def calibrate_texts(
+    clip: towers.Clip, data: LabeledSet, spec: Spec, rows: np.ndarray, image_emb: np.ndarray, *, seed: int
+) -> text.TextCalibration:
     """Image and text agreement calibrated on the given (validation) rows that have a text."""
     known = data.texts[rows] != ""
     texts = data.texts[rows][known]
-    calibration = text.calibrate(image_emb[known], towers.embed_texts(clip, texts.tolist()), texts,
-                                 data.text_categories[rows][known], column=spec.text_column,
-                                 target_precision=spec.target_precision, error_rate=spec.expected_error_rate,
-                                 seed=seed)
-    log.info("image and text agreement: threshold %s from %d validation rows and %d planted mismatches",
-             calibration.threshold, calibration.rows, calibration.planted_rows)
+    calibration = text.calibrate(
+        image_emb[known],
+        towers.embed_texts(clip, texts.tolist()),
+        texts,
+        data.text_categories[rows][known],
+        column=spec.text_column,
+        target_precision=spec.target_precision,
+        error_rate=spec.expected_error_rate,
+        seed=seed,
+    )
+    log.info(
+        "image and text agreement: threshold %s from %d validation rows and %d planted mismatches",
+        calibration.threshold,
+        calibration.rows,
+        calibration.planted_rows,
+    )
     return calibration

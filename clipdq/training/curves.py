@@ -69,9 +69,16 @@ def learning_curve(
         outcome = train.train_on(make_model(), subset, spec, config=config, splits=(rows_used, val_idx, test_idx))
         for name in spec.names:
             metrics = outcome["metrics"].get(name, {})
-            rows.append({"per_value": n, "attribute": name, "train_labels": used[name],
-                         "test_accuracy": metrics.get("test_accuracy"), "test_macro_f1": metrics.get("test_macro_f1"),
-                         "minutes": outcome["training"]["minutes"]})
+            rows.append(
+                {
+                    "per_value": n,
+                    "attribute": name,
+                    "train_labels": used[name],
+                    "test_accuracy": metrics.get("test_accuracy"),
+                    "test_macro_f1": metrics.get("test_macro_f1"),
+                    "minutes": outcome["training"]["minutes"],
+                }
+            )
         if sum(used.values()) == available:
             break
     return pl.DataFrame(rows)
@@ -80,10 +87,14 @@ def learning_curve(
 def markdown(table: pl.DataFrame) -> str:
     """The curve as a Markdown table: one row per size, accuracy / macro-F1 per attribute."""
     names = table["attribute"].unique(maintain_order=True).to_list()
-    lines = ["| labeled per value | " + " | ".join(f"{n} acc / F1" for n in names) + " |",
-             "|---|" + "---|" * len(names)]
+    lines = [
+        "| labeled per value | " + " | ".join(f"{n} acc / F1" for n in names) + " |",
+        "|---|" + "---|" * len(names),
+    ]
     for (n,), group in table.group_by("per_value", maintain_order=True):
-        cells = {r["attribute"]: f"{r['test_accuracy']:.3f} / {r['test_macro_f1']:.3f}" for r in group.iter_rows(named=True)}
+        cells = {
+            r["attribute"]: f"{r['test_accuracy']:.3f} / {r['test_macro_f1']:.3f}" for r in group.iter_rows(named=True)
+        }
         lines.append(f"| {n} | " + " | ".join(cells.get(name, "-") for name in names) + " |")
     return "\n".join(lines) + "\n"
 

@@ -63,8 +63,10 @@ def augmented(pixels: torch.Tensor, config: TrainConfig, generator: torch.Genera
 def parameter_groups(clip: towers.Clip, config: TrainConfig) -> list[dict]:
     """The optimizer's parameter groups: the image tower at ``image_tower_lr``, the rest at ``lr``."""
     named = list(clip.model.named_parameters())
-    return [{"params": [p for n, p in named if n.startswith("vision_model.")], "lr": config.image_tower_lr},
-            {"params": [p for n, p in named if not n.startswith("vision_model.")], "lr": config.lr}]
+    return [
+        {"params": [p for n, p in named if n.startswith("vision_model.")], "lr": config.image_tower_lr},
+        {"params": [p for n, p in named if not n.startswith("vision_model.")], "lr": config.lr},
+    ]
 
 
 def freeze_below(clip: towers.Clip, blocks: int) -> None:
@@ -145,8 +147,10 @@ def fit(clip: towers.Clip, data: LabeledSet, spec: Spec, config: TrainConfig, sp
     rng = np.random.default_rng(config.seed)
     steps_per_epoch = max(1, len(train_idx) // config.batch_size)
     optimizer = torch.optim.AdamW(parameter_groups(clip, config), weight_decay=config.weight_decay)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: schedule(
-        s, warmup=config.warmup_epochs * steps_per_epoch, total=config.epochs * steps_per_epoch))
+    scheduler = torch.optim.lr_scheduler.LambdaLR(
+        optimizer,
+        lambda s: schedule(s, warmup=config.warmup_epochs * steps_per_epoch, total=config.epochs * steps_per_epoch),
+    )
 
     averaged = MovingAverage(clip.model, config.weight_average_decay) if config.weight_average_decay else None
     judged = replace(clip, model=averaged.module) if averaged is not None else clip  # what validation judges and keeps
@@ -158,18 +162,24 @@ def fit(clip: towers.Clip, data: LabeledSet, spec: Spec, config: TrainConfig, sp
             with autocast(clip):
                 image_emb = towers.image_features(clip.model, pixels.to(clip.device))
                 logits = attribute_logits(clip, image_emb, captions)
-            loss = batch_loss({k: v.float() for k, v in logits.items()},
-                              {k: v[rows].to(clip.device) for k, v in data.labels.items()},
-                              smoothing=config.label_smoothing)
+            loss = batch_loss(
+                {k: v.float() for k, v in logits.items()},
+                {k: v[rows].to(clip.device) for k, v in data.labels.items()},
+                smoothing=config.label_smoothing,
+            )
             take_step(loss, optimizer, scheduler)
             if averaged is not None:
                 averaged.update()
         return loss.item()
 
     started = time.monotonic()
-    best, history, stopped_by = run_epochs(config, train_epoch=train_epoch, state=judged.model.state_dict,
-                                           val_loss=lambda: evaluate(judged, data, val_idx, captions)[0],
-                                           started=started)
+    best, history, stopped_by = run_epochs(
+        config,
+        train_epoch=train_epoch,
+        state=judged.model.state_dict,
+        val_loss=lambda: evaluate(judged, data, val_idx, captions)[0],
+        started=started,
+    )
     if best["state"] is None:
         raise ValueError("validation loss was never finite: check the labels and lower the learning rate")
     clip.model.load_state_dict(best["state"] if config.keep_best else judged.model.state_dict())
@@ -178,6 +188,12 @@ def fit(clip: towers.Clip, data: LabeledSet, spec: Spec, config: TrainConfig, sp
     if config.train_size:
         chosen, val_embeddings = choose_audit_view(clip, data, val_idx, captions)
         view = {"audit_view": chosen, "val_embeddings": val_embeddings}
-    return {"best_epoch": best["epoch"], "best_val_loss": best["val_loss"], "epochs_run": len(history),
-            "stopped_by": stopped_by, "minutes": round((time.monotonic() - started) / 60, 2),
-            "device": clip.device.type, "history": history} | view
+    return {
+        "best_epoch": best["epoch"],
+        "best_val_loss": best["val_loss"],
+        "epochs_run": len(history),
+        "stopped_by": stopped_by,
+        "minutes": round((time.monotonic() - started) / 60, 2),
+        "device": clip.device.type,
+        "history": history,
+    } | view

@@ -42,8 +42,13 @@ class LabeledSet:
 
 
 def load_labeled(
-    frame: pl.DataFrame, spec: Spec, *, access: ImageAccess, pixel_spec: images.PixelSpec,
-    group_column: str | None = None, train_only_column: str | None = None
+    frame: pl.DataFrame,
+    spec: Spec,
+    *,
+    access: ImageAccess,
+    pixel_spec: images.PixelSpec,
+    group_column: str | None = None,
+    train_only_column: str | None = None,
 ) -> LabeledSet:
     groups, train_only = group_keys(frame, group_column), train_only_rows(frame, train_only_column)
     loaded = images.load_images(frame[spec.image_column].to_list(), access, pixel_spec)
@@ -52,9 +57,15 @@ def load_labeled(
     labels = {k: torch.from_numpy(v[loaded.ok]) for k, v in values.labels(frame, spec).items()}
     texts, categories = (part[loaded.ok] for part in texts_of(frame, spec))
     has_texts = spec.text_column in frame.columns
-    return LabeledSet(torch.from_numpy(loaded.pixels), labels, int((~loaded.ok).sum()),
-                      None if groups is None else groups[loaded.ok], texts if has_texts else None,
-                      categories if has_texts else None, None if train_only is None else train_only[loaded.ok])
+    return LabeledSet(
+        torch.from_numpy(loaded.pixels),
+        labels,
+        int((~loaded.ok).sum()),
+        None if groups is None else groups[loaded.ok],
+        texts if has_texts else None,
+        categories if has_texts else None,
+        None if train_only is None else train_only[loaded.ok],
+    )
 
 
 def group_keys(frame: pl.DataFrame, column: str | None) -> np.ndarray | None:
@@ -85,8 +96,14 @@ def labels_of(data: LabeledSet, idx: np.ndarray) -> dict[str, np.ndarray]:
 
 
 def default_splits(data: LabeledSet, config: TrainConfig) -> Splits:
-    return split_indices(label_arrays(data), val_fraction=config.val_fraction, test_fraction=config.test_fraction,
-                         seed=config.seed, groups=data.groups, train_only=data.train_only)
+    return split_indices(
+        label_arrays(data),
+        val_fraction=config.val_fraction,
+        test_fraction=config.test_fraction,
+        seed=config.seed,
+        groups=data.groups,
+        train_only=data.train_only,
+    )
 
 
 def group_near_duplicates(clip: towers.Clip, data: LabeledSet, config: TrainConfig, plain: torch.Tensor | None) -> str:
@@ -102,8 +119,12 @@ def group_near_duplicates(clip: towers.Clip, data: LabeledSet, config: TrainConf
     else:
         tower = towers.tower_size(clip)
         with autocast(clip, inference=True):  # bf16 where native: 3x faster, alike groups; resized chunk by chunk
-            features = np.concatenate([towers.embed_images(clip, towers.resized(chunk, tower).numpy())
-                                       for chunk in data.pixels.split(GROUPING_CHUNK)])
+            features = np.concatenate(
+                [
+                    towers.embed_images(clip, towers.resized(chunk, tower).numpy())
+                    for chunk in data.pixels.split(GROUPING_CHUNK)
+                ]
+            )
     data.groups = near_duplicate_groups(features, threshold=config.near_duplicate_cosine)
     log.info("%d labeled images form %d near-duplicate groups", len(features), data.groups.max() + 1)
     return f"near-duplicate images (cosine >= {config.near_duplicate_cosine} between image-tower features)"

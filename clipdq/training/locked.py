@@ -48,25 +48,31 @@ def split_tower(clip: towers.Clip, unlock_blocks: int) -> Tower:
     unlock blocks; any tower can be locked whole, below its projection)."""
     vision, projection = clip.model.vision_model, clip.model.visual_projection
     if unlock_blocks == 0:
-        return Tower(lambda pixels: vision(pixel_values=pixels).pooler_output,
-                     lambda x: F.normalize(projection(x), dim=-1), [])
+        return Tower(
+            lambda pixels: vision(pixel_values=pixels).pooler_output, lambda x: F.normalize(projection(x), dim=-1), []
+        )
     blocks = getattr(vision, "blocks", None)
     if blocks is None or not 0 < unlock_blocks <= len(blocks):
         raise ValueError(f"unlock_blocks={unlock_blocks} needs an EfficientNet image tower with that many blocks")
     start = len(blocks) - unlock_blocks
     unlocked = [p for block in blocks[start:] for p in block.parameters()] + list(vision.head.parameters())
-    return Tower(lambda pixels: vision.features_below(pixels, start),
-                 lambda x: F.normalize(projection(vision.features_from(x, start)), dim=-1), unlocked)
+    return Tower(
+        lambda pixels: vision.features_below(pixels, start),
+        lambda x: F.normalize(projection(vision.features_from(x, start)), dim=-1),
+        unlocked,
+    )
 
 
 @torch.inference_mode()
-def keep_activations(tower: Tower, pixels: torch.Tensor, device: torch.device, *, chunk: int = 16,
-                     bf16: bool = False) -> torch.Tensor:
+def keep_activations(
+    tower: Tower, pixels: torch.Tensor, device: torch.device, *, chunk: int = 16, bf16: bool = False
+) -> torch.Tensor:
     """``tower.below`` of every image, stored in bfloat16 (half the memory; the tower is frozen),
     computed in bf16 arithmetic where ``bf16``."""
     with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
-        return torch.cat([tower.below(pixels[i : i + chunk].to(device)).to(torch.bfloat16)
-                          for i in range(0, len(pixels), chunk)])
+        return torch.cat(
+            [tower.below(pixels[i : i + chunk].to(device)).to(torch.bfloat16) for i in range(0, len(pixels), chunk)]
+        )
 
 
 @torch.inference_mode()
@@ -76,8 +82,13 @@ def pooled_features(clip: towers.Clip, activations: torch.Tensor, unlock_blocks:
     if unlock_blocks == 0:
         return activations.float().cpu().numpy()
     vision, start = clip.model.vision_model, len(clip.model.vision_model.blocks) - unlock_blocks
-    return torch.cat([vision.features_from(activations[i : i + 64].float(), start)
-                      for i in range(0, len(activations), 64)]).cpu().numpy()
+    return (
+        torch.cat(
+            [vision.features_from(activations[i : i + 64].float(), start) for i in range(0, len(activations), 64)]
+        )
+        .cpu()
+        .numpy()
+    )
 
 
 def plain_activations(clip: towers.Clip, data, unlock_blocks: int) -> torch.Tensor:
@@ -86,27 +97,44 @@ def plain_activations(clip: towers.Clip, data, unlock_blocks: int) -> torch.Tens
     return keep_activations(split_tower(clip, unlock_blocks), data.pixels, clip.device)
 
 
-def _kept_views(clip: towers.Clip, tower: Tower, data, config, train_idx: np.ndarray, generator: torch.Generator,
-                plain: torch.Tensor | None, started: float) -> tuple[torch.Tensor, torch.Tensor, np.ndarray]:
+def _kept_views(
+    clip: towers.Clip,
+    tower: Tower,
+    data,
+    config,
+    train_idx: np.ndarray,
+    generator: torch.Generator,
+    plain: torch.Tensor | None,
+    started: float,
+) -> tuple[torch.Tensor, torch.Tensor, np.ndarray]:
     """(kept activations of every row's plain image, of the training views, the row of each view):
     the plain image of each training row, then ``config.views - 1`` augmented views of each."""
     kept_plain = plain_activations(clip, data, config.unlock_blocks) if plain is None else plain
     # Augmented views only train, so they may take the faster arithmetic; the plain activations,
     # which validation and calibration see, are computed as the audit computes them.
     fast = towers.native_bf16(clip.device)
-    augmented = [keep_activations(tower, augment_views(data.pixels[train_idx], generator), clip.device, bf16=fast)
-                 for _ in range(config.views - 1)]
+    augmented = [
+        keep_activations(tower, augment_views(data.pixels[train_idx], generator), clip.device, bf16=fast)
+        for _ in range(config.views - 1)
+    ]
     kept_train = torch.cat([kept_plain[train_idx], *augmented])
-    log.info("kept image-tower activations of %d images and %d augmented views in %.1f min", len(kept_plain),
-             len(kept_train) - len(train_idx), (time.monotonic() - started) / 60)
+    log.info(
+        "kept image-tower activations of %d images and %d augmented views in %.1f min",
+        len(kept_plain),
+        len(kept_train) - len(train_idx),
+        (time.monotonic() - started) / 60,
+    )
     return kept_plain, kept_train, np.tile(train_idx, config.views)
 
 
 def _optimizer(clip: towers.Clip, tower: Tower, config) -> torch.optim.Optimizer:
     """AdamW over what trains (the text tower, both projections, the logit scale and the unlocked
     blocks, at ``image_tower_lr``); every other parameter stops requiring gradients."""
-    head = [p for n, p in clip.model.named_parameters()
-            if n.startswith(("text_model.", "text_projection.", "visual_projection.", "logit_scale"))]
+    head = [
+        p
+        for n, p in clip.model.named_parameters()
+        if n.startswith(("text_model.", "text_projection.", "visual_projection.", "logit_scale"))
+    ]
     groups = [{"params": head, "lr": config.lr}]
     if tower.unlocked:
         groups.append({"params": tower.unlocked, "lr": config.image_tower_lr})
@@ -147,8 +175,10 @@ def fit(clip: towers.Clip, data, spec, config, splits, *, plain: torch.Tensor | 
     optimizer = _optimizer(clip, tower, config)
     view_labels = {k: v.numpy()[view_rows] for k, v in data.labels.items()}
     steps_per_epoch = max(1, len(view_rows) // config.batch_size)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: schedule(
-        s, warmup=config.warmup_epochs * steps_per_epoch, total=config.epochs * steps_per_epoch))
+    scheduler = torch.optim.lr_scheduler.LambdaLR(
+        optimizer,
+        lambda s: schedule(s, warmup=config.warmup_epochs * steps_per_epoch, total=config.epochs * steps_per_epoch),
+    )
     rng = np.random.default_rng(config.seed)
 
     def loss_on(rows: np.ndarray) -> float:
@@ -159,20 +189,31 @@ def fit(clip: towers.Clip, data, spec, config, splits, *, plain: torch.Tensor | 
     labels_on_device = {k: torch.from_numpy(v).to(clip.device) for k, v in view_labels.items()}
 
     def train_epoch() -> float:
-        for picks in balanced_batches(view_labels, np.arange(len(view_rows)), batch_size=config.batch_size,
-                                      steps=steps_per_epoch, rng=rng):
-            loss = batch_loss(attribute_logits(clip, tower.above(kept_train[picks].float()), captions),
-                              {k: v[picks] for k, v in labels_on_device.items()})
+        for picks in balanced_batches(
+            view_labels, np.arange(len(view_rows)), batch_size=config.batch_size, steps=steps_per_epoch, rng=rng
+        ):
+            loss = batch_loss(
+                attribute_logits(clip, tower.above(kept_train[picks].float()), captions),
+                {k: v[picks] for k, v in labels_on_device.items()},
+            )
             take_step(loss, optimizer, scheduler)
         return loss.item()
 
-    best, history, stopped_by = run_epochs(config, train_epoch=train_epoch, val_loss=lambda: loss_on(val_idx),
-                                           state=clip.model.state_dict, started=started)
+    best, history, stopped_by = run_epochs(
+        config, train_epoch=train_epoch, val_loss=lambda: loss_on(val_idx), state=clip.model.state_dict, started=started
+    )
     for p in clip.model.parameters():
         p.requires_grad_(True)
     clip.model.load_state_dict(best["state"])
-    summary = {"best_epoch": best["epoch"], "best_val_loss": best["val_loss"], "epochs_run": len(history),
-               "stopped_by": stopped_by, "minutes": round((time.monotonic() - started) / 60, 2),
-               "device": clip.device.type, "views": config.views, "unlock_blocks": config.unlock_blocks,
-               "history": history}
+    summary = {
+        "best_epoch": best["epoch"],
+        "best_val_loss": best["val_loss"],
+        "epochs_run": len(history),
+        "stopped_by": stopped_by,
+        "minutes": round((time.monotonic() - started) / 60, 2),
+        "device": clip.device.type,
+        "views": config.views,
+        "unlock_blocks": config.unlock_blocks,
+        "history": history,
+    }
     return summary, _embedder(tower, kept_plain)

@@ -23,16 +23,27 @@ from clipdq.training.labeled import LabeledSet, labels_of
 
 def split_sizes(data: LabeledSet, splits: Splits) -> dict[str, int]:
     train_idx, val_idx, test_idx = splits
-    return {"train_rows": len(train_idx), "val_rows": len(val_idx), "test_rows": len(test_idx),
-            "train_only_rows": 0 if data.train_only is None else int(data.train_only.sum())}
+    return {
+        "train_rows": len(train_idx),
+        "val_rows": len(val_idx),
+        "test_rows": len(test_idx),
+        "train_only_rows": 0 if data.train_only is None else int(data.train_only.sum()),
+    }
 
 
-def add_test_metrics(metrics: dict[str, dict], clip: towers.Clip, data: LabeledSet, spec: Spec, test_idx: np.ndarray,
-                     embed: Callable[[np.ndarray], np.ndarray], value_emb: dict[str, np.ndarray],
-                     calibration: dict[str, Calibration]) -> None:
+def add_test_metrics(
+    metrics: dict[str, dict],
+    clip: towers.Clip,
+    data: LabeledSet,
+    spec: Spec,
+    test_idx: np.ndarray,
+    embed: Callable[[np.ndarray], np.ndarray],
+    value_emb: dict[str, np.ndarray],
+    calibration: dict[str, Calibration],
+) -> None:
     """Adds each attribute's test figures to its validation figures in ``metrics``."""
     temperatures = {name: fitted.temperature for name, fitted in calibration.items()}
-    for name, figures in evaluation.held_out_metrics(logits_from(embed(test_idx), value_emb, clip),
-                                                     labels_of(data, test_idx), spec,
-                                                     temperatures=temperatures).items():
+    for name, figures in evaluation.held_out_metrics(
+        logits_from(embed(test_idx), value_emb, clip), labels_of(data, test_idx), spec, temperatures=temperatures
+    ).items():
         metrics.setdefault(name, {}).update(figures)

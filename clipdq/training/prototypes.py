@@ -69,8 +69,11 @@ def fit(
         with torch.no_grad():
             val_loss = float(loss_on(val_idx))
         if val_loss < best["val_loss"]:
-            best = {"val_loss": val_loss, "step": step,
-                    "weights": {k: F.normalize(w.detach(), dim=-1).numpy().copy() for k, w in weights.items()}}
+            best = {
+                "val_loss": val_loss,
+                "step": step,
+                "weights": {k: F.normalize(w.detach(), dim=-1).numpy().copy() for k, w in weights.items()},
+            }
     return best["weights"], {"best_step": best["step"], "best_val_loss": best["val_loss"], "steps_run": step + 1}
 
 
@@ -80,7 +83,12 @@ def fit_model(clip: towers.Clip, data: LabeledSet, spec: Spec, config: TrainConf
     train_idx, val_idx, _ = splits
     torch.manual_seed(config.seed)
     clip.value_emb, result = fit(
-        towers.embed_images(clip, data.pixels.numpy()), label_arrays(data), towers.embed_captions(clip, spec),
-        train_idx=train_idx, val_idx=val_idx, scale=towers.logit_scale(clip))
+        towers.embed_images(clip, data.pixels.numpy()),
+        label_arrays(data),
+        towers.embed_captions(clip, spec),
+        train_idx=train_idx,
+        val_idx=val_idx,
+        scale=towers.logit_scale(clip),
+    )
     log.info("prototypes: best validation loss %.3f at step %d", result["best_val_loss"], result["best_step"])
     return result | {"minutes": round((time.monotonic() - started) / 60, 2), "device": clip.device.type}

@@ -29,16 +29,18 @@ def balanced_batches(
 ):
     """Batches that cover every value of every attribute evenly: picks rotate over the
     (attribute, value) pools of the given rows, each pick drawn at random from its pool."""
-    pools = [rows[labels[name][rows] == value] for name in labels for value in np.unique(labels[name][rows])
-             if value >= 0]
+    pools = [
+        rows[labels[name][rows] == value] for name in labels for value in np.unique(labels[name][rows]) if value >= 0
+    ]
     offset = 0
     for _ in range(steps):
         yield np.array([rng.choice(pools[(offset + i) % len(pools)]) for i in range(batch_size)])
         offset += batch_size
 
 
-def augment_views(pixels: torch.Tensor, generator: torch.Generator, *, size: int | None = None,
-                  min_area: float = 0.55) -> torch.Tensor:
+def augment_views(
+    pixels: torch.Tensor, generator: torch.Generator, *, size: int | None = None, min_area: float = 0.55
+) -> torch.Tensor:
     """Shelf-photo augmentation of normalised pixels: a random crop of ``min_area`` to 100% of the
     area (aspect 3:4 to 4:3) resized to ``size`` (default: the input's), a horizontal flip, and
     brightness, contrast and saturation jitter of up to 20%."""
@@ -53,8 +55,11 @@ def augment_views(pixels: torch.Tensor, generator: torch.Generator, *, size: int
         top = int(rand(1) * (h - crop_h[i] + 1))
         left = int(rand(1) * (w - crop_w[i] + 1))
         patch = pixels[i : i + 1, :, top : top + crop_h[i], left : left + crop_w[i]]
-        out.append(F.interpolate(patch, size=(size, size), mode="bilinear", align_corners=False,
-                                 antialias=bool(crop_h[i] > size)))  # no aliasing where the crop shrinks
+        out.append(
+            F.interpolate(
+                patch, size=(size, size), mode="bilinear", align_corners=False, antialias=bool(crop_h[i] > size)
+            )
+        )  # no aliasing where the crop shrinks
     out = torch.cat(out)
     flip = rand(n) < 0.5
     out[flip] = out[flip].flip(-1)
@@ -71,12 +76,16 @@ def attribute_logits(clip: towers.Clip, image_emb: torch.Tensor, captions: tower
     return {name: scale * image_emb @ emb.T for name, emb in captions.value_embeddings(clip).items()}
 
 
-def batch_loss(logits: dict[str, torch.Tensor], labels: dict[str, torch.Tensor], *,
-               smoothing: float = 0.0) -> torch.Tensor:
+def batch_loss(
+    logits: dict[str, torch.Tensor], labels: dict[str, torch.Tensor], *, smoothing: float = 0.0
+) -> torch.Tensor:
     """Mean over attributes of the cross-entropy (with ``smoothing`` of the labels) on rows whose
     value is known."""
-    losses = [F.cross_entropy(logits[k][labels[k] >= 0], labels[k][labels[k] >= 0], label_smoothing=smoothing)
-              for k in logits if (labels[k] >= 0).any()]
+    losses = [
+        F.cross_entropy(logits[k][labels[k] >= 0], labels[k][labels[k] >= 0], label_smoothing=smoothing)
+        for k in logits
+        if (labels[k] >= 0).any()
+    ]
     return torch.stack(losses).mean()
 
 
@@ -100,8 +109,12 @@ def stop_reason(config, *, epoch: int, best_epoch: int, minutes: float) -> str:
     if epoch - best_epoch >= config.patience:
         return "patience"
     if config.max_minutes and minutes >= config.max_minutes:
-        log.warning("training stopped by the %g-minute safety cap after %d epochs: the result depends on "
-                    "how fast this machine ran", config.max_minutes, epoch + 1)
+        log.warning(
+            "training stopped by the %g-minute safety cap after %d epochs: the result depends on "
+            "how fast this machine ran",
+            config.max_minutes,
+            epoch + 1,
+        )
         return "time cap"
     return "epochs"
 
@@ -113,8 +126,14 @@ def take_step(loss: torch.Tensor, optimizer: torch.optim.Optimizer, scheduler) -
     scheduler.step()
 
 
-def run_epochs(config, *, train_epoch: Callable[[], float], val_loss: Callable[[], float],
-               state: Callable[[], dict], started: float) -> tuple[dict, list[dict], str]:
+def run_epochs(
+    config,
+    *,
+    train_epoch: Callable[[], float],
+    val_loss: Callable[[], float],
+    state: Callable[[], dict],
+    started: float,
+) -> tuple[dict, list[dict], str]:
     """The epoch loop of every trainer: ``train_epoch`` (returns its last loss), then ``val_loss``;
     keeps a copy of ``state()`` at the lowest validation loss, stops on patience, the epoch budget
     or the safety cap. Returns (best: val_loss, epoch, state; history; why it stopped)."""
@@ -124,8 +143,14 @@ def run_epochs(config, *, train_epoch: Callable[[], float], val_loss: Callable[[
         train_loss, loss = train_epoch(), val_loss()
         history.append({"epoch": epoch, "train_loss": train_loss, "val_loss": loss})
         minutes = (time.monotonic() - started) / 60
-        progress_log.info("epoch %d: train loss %.3f, val loss %.3f (%.1f min)", epoch, train_loss, loss,
-                          minutes, extra={"progress": (epoch + 1, config.epochs)})
+        progress_log.info(
+            "epoch %d: train loss %.3f, val loss %.3f (%.1f min)",
+            epoch,
+            train_loss,
+            loss,
+            minutes,
+            extra={"progress": (epoch + 1, config.epochs)},
+        )
         if loss < best["val_loss"]:
             best = {"val_loss": loss, "epoch": epoch, "state": copy.deepcopy(state())}
         stopped_by = stop_reason(config, epoch=epoch, best_epoch=best["epoch"], minutes=minutes)

@@ -71,8 +71,15 @@ def spread_captions(clip: towers.Clip, captions: towers.Captions, *, steps: int,
     return worst
 
 
-def _text_epoch(clip: towers.Clip, titles: Titles, optimizer, rows: np.ndarray, image_emb: torch.Tensor,
-                order: np.ndarray, batch_size: int) -> None:
+def _text_epoch(
+    clip: towers.Clip,
+    titles: Titles,
+    optimizer,
+    rows: np.ndarray,
+    image_emb: torch.Tensor,
+    order: np.ndarray,
+    batch_size: int,
+) -> None:
     """One pass over ``rows`` (with their ``image_emb``) in the given ``order``."""
     for start in range(0, len(order), batch_size):
         picks = order[start : start + batch_size]
@@ -103,11 +110,15 @@ def fit_texts(clip: towers.Clip, data: LabeledSet, embed, config: TrainConfig, s
 
     best = {"epoch": 0, "val_loss": val_loss(), "state": text_state()}
     for epoch in range(1, config.text_epochs + 1):
-        _text_epoch(clip, titles, optimizer, train_rows, train_emb, rng.permutation(len(train_rows)),
-                    config.batch_size)
+        _text_epoch(clip, titles, optimizer, train_rows, train_emb, rng.permutation(len(train_rows)), config.batch_size)
         if (current := val_loss()) < best["val_loss"]:
             best = {"epoch": epoch, "val_loss": current, "state": text_state()}
     clip.model.load_state_dict(best["state"], strict=False)
     log.info("texts: best validation loss %.3f at epoch %d of %d", best["val_loss"], best["epoch"], config.text_epochs)
-    return {"rows": len(train_rows), "best_epoch": best["epoch"], "best_val_loss": best["val_loss"],
-            "epochs_run": config.text_epochs, "minutes": round((time.monotonic() - started) / 60, 2)}
+    return {
+        "rows": len(train_rows),
+        "best_epoch": best["epoch"],
+        "best_val_loss": best["val_loss"],
+        "epochs_run": config.text_epochs,
+        "minutes": round((time.monotonic() - started) / 60, 2),
+    }

@@ -47,8 +47,9 @@ def quick_mode(clip: towers.Clip) -> Mode | None:
     return "locked" if clip.meta.starting_point == "pretrained image tower" else None
 
 
-def _fit(clip: towers.Clip, data: LabeledSet, spec: Spec, config: TrainConfig, splits: Splits,
-         plain: torch.Tensor | None) -> tuple[dict, Callable[[np.ndarray], np.ndarray]]:
+def _fit(
+    clip: towers.Clip, data: LabeledSet, spec: Spec, config: TrainConfig, splits: Splits, plain: torch.Tensor | None
+) -> tuple[dict, Callable[[np.ndarray], np.ndarray]]:
     """Train in ``config.mode``; returns (training summary, ``embed(rows)``: image embeddings of
     labeled rows as the audit computes them)."""
     if config.mode == "locked":
@@ -57,8 +58,15 @@ def _fit(clip: towers.Clip, data: LabeledSet, spec: Spec, config: TrainConfig, s
     return result, lambda rows: towers.embed_images(clip, data.pixels[rows].numpy())
 
 
-def train_on(clip: towers.Clip, data: LabeledSet, spec: Spec, *, config: TrainConfig, splits: Splits,
-             plain: torch.Tensor | None = None) -> dict:
+def train_on(
+    clip: towers.Clip,
+    data: LabeledSet,
+    spec: Spec,
+    *,
+    config: TrainConfig,
+    splits: Splits,
+    plain: torch.Tensor | None = None,
+) -> dict:
     """Train (``config.mode``) on the train rows, calibrate on the validation rows, measure on the
     test rows; returns the metadata that describes the result (``ModelMeta`` fields, see
     ``finetune``). ``plain``: the locked mode's kept activations of every row, where the caller
@@ -70,40 +78,64 @@ def train_on(clip: towers.Clip, data: LabeledSet, spec: Spec, *, config: TrainCo
     result, embed = _fit(clip, data, spec, config, splits, plain)
     value_emb = clip.value_emb if clip.value_emb is not None else towers.embed_captions(clip, spec)
     if data.texts is not None and config.text_epochs:
-        clip.value_emb = value_emb  # fixed: teaching the text tower the texts leaves the attributes' predictions as they are
+        clip.value_emb = (
+            value_emb  # fixed: teaching the text tower the texts leaves the attributes' predictions as they are
+        )
         result["texts"] = texts.fit_texts(clip, data, embed, config, splits)
     val_emb = result.pop("val_embeddings", None)  # the audit's view chosen on them, in validation's arithmetic
     val_emb = embed(val_idx) if val_emb is None else val_emb
-    calibration, metrics = calibrate_attributes(clip, data, spec, val_idx, val_emb, value_emb,
-                                                label_noise=config.label_noise)
+    calibration, metrics = calibrate_attributes(
+        clip, data, spec, val_idx, val_emb, value_emb, label_noise=config.label_noise
+    )
     if len(test_idx):
         add_test_metrics(metrics, clip, data, spec, test_idx, embed, value_emb, calibration)
-    outcome = {"training": result | split_sizes(data, splits), "metrics": metrics, "calibration": calibration,
-               "calibration_basis": calibration_basis(spec, val_idx, label_noise=config.label_noise)}
+    outcome = {
+        "training": result | split_sizes(data, splits),
+        "metrics": metrics,
+        "calibration": calibration,
+        "calibration_basis": calibration_basis(spec, val_idx, label_noise=config.label_noise),
+    }
     if data.texts is not None:
         outcome["text_calibration"] = calibrate_texts(clip, data, spec, val_idx, val_emb, seed=config.seed)
     return outcome
 
 
-def finetune(clip: towers.Clip, frame: pl.DataFrame, spec: Spec, *, access: ImageAccess, config: TrainConfig
-             ) -> towers.Clip:
+def finetune(
+    clip: towers.Clip, frame: pl.DataFrame, spec: Spec, *, access: ImageAccess, config: TrainConfig
+) -> towers.Clip:
     """Train on labeled rows (``config.mode``) and record metrics and calibration in the model's metadata."""
     started = time.monotonic()
     decoding = loading_spec(clip, config)
-    data = load_labeled(frame, spec, access=access, pixel_spec=decoding, group_column=config.group_column,
-                        train_only_column=config.train_only_column)
+    data = load_labeled(
+        frame,
+        spec,
+        access=access,
+        pixel_spec=decoding,
+        group_column=config.group_column,
+        train_only_column=config.train_only_column,
+    )
     log.info("training on %d labeled products (%d without a readable image)", len(data.pixels), data.dropped)
     plain = locked.plain_activations(clip, data, config.unlock_blocks) if config.mode == "locked" else None
     grouping = group_near_duplicates(clip, data, config, plain)
     rows = default_splits(data, config)
     outcome = train_on(clip, data, spec, config=config, splits=rows, plain=plain)
     clip.pixels = decoding  # saved as the processor: the audit decodes photos as training did
-    outcome["training"] |= {"labeled_rows": frame.height, "unreadable_images": data.dropped,
-                            "total_minutes": round((time.monotonic() - started) / 60, 2)}  # images read, kept, trained
-    outcome["calibration_basis"] |= {"grouping": grouping,
-                                     "val_groups": len(np.unique(data.groups[rows[1]])) if data.groups is not None
-                                     else len(rows[1])}
-    clip.meta = replace(clip.meta, trained=True, spec_fingerprint=spec.fingerprint(), train_config=asdict(config),
-                        values={a.name: list(a.values) for a in spec.attributes},
-                        fingerprint=f"unsaved-{uuid.uuid4().hex[:12]}", **outcome)  # new weights; saving sets it
+    outcome["training"] |= {
+        "labeled_rows": frame.height,
+        "unreadable_images": data.dropped,
+        "total_minutes": round((time.monotonic() - started) / 60, 2),
+    }  # images read, kept, trained
+    outcome["calibration_basis"] |= {
+        "grouping": grouping,
+        "val_groups": len(np.unique(data.groups[rows[1]])) if data.groups is not None else len(rows[1]),
+    }
+    clip.meta = replace(
+        clip.meta,
+        trained=True,
+        spec_fingerprint=spec.fingerprint(),
+        train_config=asdict(config),
+        values={a.name: list(a.values) for a in spec.attributes},
+        fingerprint=f"unsaved-{uuid.uuid4().hex[:12]}",
+        **outcome,
+    )  # new weights; saving sets it
     return clip

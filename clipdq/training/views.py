@@ -51,13 +51,18 @@ def _mirrored_features(clip: towers.Clip, pixels: torch.Tensor, size: int) -> to
     """The sum of the image features of ``pixels`` at ``size`` and of their mirror images."""
     pixels = towers.resized(pixels, size).to(clip.device)
     with autocast(clip, inference=True):
-        return sum(torch.cat([towers.image_features(clip.model, p[i : i + EVAL_BATCH]).float()
-                              for i in range(0, len(p), EVAL_BATCH)]) for p in (pixels, pixels.flip(-1)))
+        return sum(
+            torch.cat(
+                [towers.image_features(clip.model, p[i : i + EVAL_BATCH]).float() for i in range(0, len(p), EVAL_BATCH)]
+            )
+            for p in (pixels, pixels.flip(-1))
+        )
 
 
 @torch.inference_mode()
-def choose_audit_view(clip: towers.Clip, data: LabeledSet, rows: np.ndarray,
-                      captions: towers.Captions) -> tuple[dict, np.ndarray]:
+def choose_audit_view(
+    clip: towers.Clip, data: LabeledSet, rows: np.ndarray, captions: towers.Captions
+) -> tuple[dict, np.ndarray]:
     """The image sizes the audit uses (``audit_views``: one, or several with their embeddings
     averaged): those with the lowest loss on ``rows`` (validation). A tower trained on small crops
     sees a product larger than it is in the whole photo, so a size between the two suits it best
@@ -73,16 +78,23 @@ def choose_audit_view(clip: towers.Clip, data: LabeledSet, rows: np.ndarray,
     clip.model.eval()
     labels = {k: v[rows].to(clip.device) for k, v in data.labels.items()}
     views = audit_views(towers.tower_size(clip))
-    features = {size: _mirrored_features(clip, data.pixels[rows], size)
-                for size in sorted({size for sizes in views for size in sizes})}
+    features = {
+        size: _mirrored_features(clip, data.pixels[rows], size)
+        for size in sorted({size for sizes in views for size in sizes})
+    }
     # averaged as ``towers.image_embeddings`` averages them
     in_view = {sizes: F.normalize(sum(features[size] for size in sizes), dim=-1) for sizes in views}
-    losses = {sizes: float(batch_loss(attribute_logits(clip, emb, captions), labels))
-              for sizes, emb in in_view.items()}
+    losses = {sizes: float(batch_loss(attribute_logits(clip, emb, captions), labels)) for sizes, emb in in_view.items()}
     sizes = min(losses, key=losses.get)
     clip.meta.image_sizes, clip.meta.mirror_average = list(sizes), True
-    log.info("the audit sees photos at %s px, mirror averaged: validation loss %.3f (%s)", sizes_text(sizes),
-             losses[sizes], ", ".join(f"{sizes_text(s)} px {v:.3f}" for s, v in losses.items()))
+    log.info(
+        "the audit sees photos at %s px, mirror averaged: validation loss %.3f (%s)",
+        sizes_text(sizes),
+        losses[sizes],
+        ", ".join(f"{sizes_text(s)} px {v:.3f}" for s, v in losses.items()),
+    )
     chosen = {"image_sizes": list(sizes), "mirror_average": True}
-    return (chosen | {"val_losses": [{"sizes": list(s), "val_loss": v} for s, v in losses.items()]},
-            in_view[sizes].cpu().numpy())
+    return (
+        chosen | {"val_losses": [{"sizes": list(s), "val_loss": v} for s, v in losses.items()]},
+        in_view[sizes].cpu().numpy(),
+    )
