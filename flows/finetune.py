@@ -58,6 +58,7 @@ def finetune_model(
     config = train.config_for(clip, **options.config_options())
     clip = fit(clip, catalog_uri, spec_text, config, options.image_roots)
     save(clip, output_uri)
+    assert clip.meta.metrics is not None  # training records them
     rows = [{"attribute": k, **v} for k, v in clip.meta.metrics.items()]
     create_table_artifact(key="clipdq-finetune-metrics", table=rows, description=f"Validation metrics, {output_uri}")
     get_run_logger().info("model saved to %s", output_uri)

@@ -30,7 +30,6 @@ STARTING_POINT_WORDS = {
 }
 
 
-
 class Bound(TypedDict, total=False):
     """A setting's allowed range, in pydantic's terms (ge: >=, gt: >, lt: <)."""
 
@@ -50,7 +49,11 @@ BOUNDS: dict[str, Bound] = {
     "frozen_blocks": {"ge": 0},
     "views": {"ge": 1},
 }
-_COMPARISONS: dict[str, tuple[Callable[[Any, Any], bool], str]] = {"ge": (operator.ge, ">="), "gt": (operator.gt, ">"), "lt": (operator.lt, "<")}
+_COMPARISONS: dict[str, tuple[Callable[[Any, Any], bool], str]] = {
+    "ge": (operator.ge, ">="),
+    "gt": (operator.gt, ">"),
+    "lt": (operator.lt, "<"),
+}
 
 
 @dataclass

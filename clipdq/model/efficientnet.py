@@ -121,7 +121,7 @@ class EfficientNetLiteModel(PreTrainedModel):
     config_class = EfficientNetLiteConfig
     base_model_prefix = "efficientnet_lite"
     main_input_name = "pixel_values"
-    input_modalities = ("image",)  # type: ignore[assignment]  # transformers' own image models use tuples too
+    input_modalities = ("image",)  # type: ignore[assignment]  # transformers' own models set tuples too
 
     def __init__(self, config: EfficientNetLiteConfig):
         super().__init__(config)

@@ -74,7 +74,7 @@ class ModelMeta:
         calibration, text_calibration = given.pop("calibration", None), given.pop("text_calibration", None)
         return cls(
             **given,
-            calibration=None if calibration is None else {n: Calibration(**f) for n, f in calibration.items()},
+            calibration=None if calibration is None else {k: Calibration(**v) for k, v in calibration.items()},
             text_calibration=None if text_calibration is None else TextCalibration.from_dict(text_calibration),
             other={key: value for key, value in raw.items() if key not in known},
         )

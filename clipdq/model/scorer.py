@@ -18,6 +18,7 @@ import numpy as np
 import safetensors.numpy
 
 from clipdq.core import predict, tree
+from clipdq.core.options import Backend
 from clipdq.core.predict import Calibration
 from clipdq.core.spec import Spec
 from clipdq.core.text import TextCalibration
@@ -42,7 +43,7 @@ def trained_on(model: Clip | ModelFiles, spec: Spec) -> bool:
 
 def calibration_for(model: Clip | ModelFiles, spec: Spec) -> dict[str, Calibration]:
     """The model's fitted calibration where it was trained on this spec, else defaults from the spec."""
-    fitted = model.meta.calibration if trained_on(model, spec) else {}
+    fitted = (model.meta.calibration or {}) if trained_on(model, spec) else {}  # trained_on: it has one
     if model.meta.calibration and not fitted:
         log.warning("model %s was trained on another spec: its calibration is ignored", model.source)
     rates = tree.conflict_error_rates(spec)
@@ -123,7 +124,7 @@ def of_clip(clip: Clip, spec: Spec) -> Scorer:
     )
 
 
-def of_files(uri: str, spec: Spec, *, backend: str = "fp32", text_folder: str | None = None) -> Scorer:
+def of_files(uri: str, spec: Spec, *, backend: Backend = "fp32", text_folder: str | None = None) -> Scorer:
     """A scorer of the model at ``uri`` that loads it only when it must: to embed an image, or to
     embed the spec's captions where ``text_folder`` does not hold them from an earlier run."""
     files = read_model_files(uri)
@@ -151,13 +152,13 @@ def of_files(uri: str, spec: Spec, *, backend: str = "fp32", text_folder: str | 
     )
 
 
-def load_model(uri: str, backend: str = "fp32") -> Clip:
+def load_model(uri: str, backend: Backend = "fp32") -> Clip:
     """The model at ``uri`` on ``backend``, loaded once per process while its files stay the same."""
     return _load(uri, storage.listing_digest(uri) if storage.is_s3(uri) or storage.exists(uri) else uri, backend)
 
 
 @functools.lru_cache(maxsize=2)
-def _load(uri: str, listing: str, backend: str) -> Clip:
+def _load(uri: str, listing: str, backend: Backend) -> Clip:
     from clipdq.model import towers
 
     clip = _load(uri, listing, "fp32") if backend != "fp32" else towers.load_model(uri)

@@ -18,6 +18,7 @@ import tempfile
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any, cast
 
 import numpy as np
 import safetensors.numpy
@@ -33,7 +34,8 @@ from transformers import (  # noqa: E402
     CLIPImageProcessor,
     CLIPModel,
     CLIPTextConfig,
-    CLIPTokenizer,
+    PreTrainedConfig,
+    PreTrainedTokenizerBase,
     VisionTextDualEncoderConfig,
     VisionTextDualEncoderModel,
 )
@@ -52,12 +54,13 @@ from clipdq.model.tokenizer import MAX_TOKENS, build_tokenizer  # noqa: E402
 log = logging.getLogger(__name__)
 
 DualEncoder = CLIPModel | VisionTextDualEncoderModel  # both: vision_model, visual_projection, text_model, logit_scale
+RGB = tuple[float, float, float]  # a mean or std per colour channel
 
 
 @dataclass
 class Clip:
     model: DualEncoder
-    tokenizer: CLIPTokenizer
+    tokenizer: PreTrainedTokenizerBase  # a CLIPTokenizer for the models init_model makes
     pixels: PixelSpec
     source: str
     meta: ModelMeta = field(default_factory=ModelMeta)  # clipdq.json; only a fingerprint for plain checkpoints
@@ -73,7 +76,7 @@ class Clip:
         return self.meta.fingerprint or hashlib.sha256(self.source.encode()).hexdigest()[:16]
 
 
-SMALL_TEXT = {
+SMALL_TEXT: dict[str, Any] = {
     "hidden_size": 128,
     "intermediate_size": 512,
     "num_hidden_layers": 2,
@@ -83,7 +86,7 @@ SMALL_TEXT = {
 
 
 def _config(arch: Arch, vocab_size: int, bos: int, eos: int) -> CLIPConfig | VisionTextDualEncoderConfig:
-    text = {"vocab_size": vocab_size, "bos_token_id": bos, "eos_token_id": eos, "pad_token_id": eos}
+    text: dict[str, Any] = {"vocab_size": vocab_size, "bos_token_id": bos, "eos_token_id": eos, "pad_token_id": eos}
     if arch == "tiny":  # trains from scratch on CPU in minutes; 32 px in 16 patches learns shapes fast
         vision = {
             "hidden_size": 128,
@@ -111,17 +114,22 @@ def init_model(spec: Spec, arch: Arch = "tiny", *, seed: int = 0) -> Clip:
     config = _config(arch, len(tokenizer), tokenizer.bos_token_id, tokenizer.eos_token_id)
     torch.manual_seed(seed)
     meta = ModelMeta(arch=arch, spec_fingerprint=spec.fingerprint(), trained=False)
+    model: DualEncoder
     if isinstance(config, CLIPConfig):
-        model, pixels = CLIPModel(config), (config.vision_config.image_size, OPENAI_CLIP_MEAN, OPENAI_CLIP_STD)
+        model, mean, std = CLIPModel(config), tuple(OPENAI_CLIP_MEAN), tuple(OPENAI_CLIP_STD)
     else:
         model = VisionTextDualEncoderModel(config)
         model.vision_model.load_state_dict(efficientnet.pretrained_state_dict(arch)[0])
-        pixels = (config.vision_config.image_size, efficientnet.PIXEL_MEAN, efficientnet.PIXEL_STD)
+        mean, std = efficientnet.PIXEL_MEAN, efficientnet.PIXEL_STD
         meta.pretrained_image_tower = f"{arch} (ImageNet)"
-    size, mean, std = pixels
-    return Clip(
-        model.eval(), tokenizer, PixelSpec(size, size, tuple(mean), tuple(std)), source=f"init:{arch}", meta=meta
-    )
+    size = _image_size(config)  # transformers lists OpenAI's mean and std as list[float]: three each
+    pixels = PixelSpec(size, size, cast(RGB, mean), cast(RGB, std))
+    return Clip(model.eval(), tokenizer, pixels, source=f"init:{arch}", meta=meta)
+
+
+def _image_size(config: CLIPConfig | VisionTextDualEncoderConfig) -> int:
+    """The side of the photos the image tower of ``config`` is built for."""
+    return cast(PreTrainedConfig, config.vision_config).image_size  # both configs turn a dict given into a config
 
 
 def save_model(clip: Clip, folder: str) -> str:
@@ -166,7 +174,9 @@ def load_model(uri: str, *, device: str | None = None, files: ModelFiles | None 
         raise ValueError(f"{uri} holds a {type(model).__name__}, not a CLIP-style dual encoder")
     tokenizer = AutoTokenizer.from_pretrained(files.folder)
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
-    return Clip(model.to(device), tokenizer, files.pixels, source=uri, meta=files.meta, value_emb=files.value_emb)
+    # transformers wraps Module.to with functools.wraps, which mypy does not bind to the model
+    model = model.to(device)  # type: ignore[arg-type]
+    return Clip(model, tokenizer, files.pixels, source=uri, meta=files.meta, value_emb=files.value_emb)
 
 
 def image_features(model: DualEncoder, pixel_values: torch.Tensor) -> torch.Tensor:
@@ -180,18 +190,19 @@ def image_embeddings(clip: Clip, pixel_values: torch.Tensor) -> torch.Tensor:
     validation loss (``views.choose_audit_view``): the photos resized to each of its view sizes,
     each also mirrored where ``mirror_average``, and the embeddings averaged."""
     mirrored = clip.meta.mirror_average
-    total = 0
+    total: torch.Tensor | int = 0
     for size in clip.meta.view_sizes():
         shown = resized(pixel_values, size) if size else pixel_values
         total = total + image_features(clip.model, shown)
         if mirrored:
             total = total + image_features(clip.model, shown.flip(-1))
+    assert isinstance(total, torch.Tensor)  # view_sizes is never empty
     return torch.nn.functional.normalize(total, dim=-1)
 
 
 def tower_size(clip: Clip) -> int:
     """The side of the photos the image tower was built for (its config's ``image_size``)."""
-    return clip.model.config.vision_config.image_size
+    return _image_size(clip.model.config)
 
 
 def resized(pixels: torch.Tensor, size: int) -> torch.Tensor:
@@ -223,7 +234,8 @@ class Captions:
     """Every caption of every attribute value, tokenized once; embeds them all in one pass."""
 
     def __init__(self, clip: Clip, spec: Spec):
-        texts, self.owners = [], {}  # owners[attribute] @ caption embeddings = mean per value, (k, d)
+        texts: list[str] = []
+        self.owners: dict[str, torch.Tensor] = {}  # owners[attribute] @ caption embeddings = mean per value, (k, d)
         for attribute in spec.attributes:
             start = len(texts)
             texts.extend(c for v in attribute.values for c in attribute.captions(v))
@@ -283,6 +295,13 @@ def _image_arithmetic(clip: Clip):
     return contextlib.nullcontext()
 
 
+def _no_embeddings(clip: Clip) -> np.ndarray:
+    """(0, d) float32: the embeddings of no images or texts."""
+    dim = clip.model.config.projection_dim
+    assert dim is not None  # both towers project to it
+    return np.zeros((0, dim), np.float32)
+
+
 @torch.inference_mode()
 def embed_images(clip: Clip, pixel_values: np.ndarray, *, batch_size: int = 16) -> np.ndarray:
     """Image embeddings for an (n, 3, h, w) float32 array, as (n, d) float32."""
@@ -291,7 +310,7 @@ def embed_images(clip: Clip, pixel_values: np.ndarray, *, batch_size: int = 16) 
             image_embeddings(clip, torch.from_numpy(pixel_values[i : i + batch_size]).to(clip.device)).float().cpu()
             for i in range(0, len(pixel_values), batch_size)
         ]
-    return torch.cat(chunks).numpy() if chunks else np.zeros((0, clip.model.config.projection_dim), np.float32)
+    return torch.cat(chunks).numpy() if chunks else _no_embeddings(clip)
 
 
 @torch.inference_mode()
@@ -301,7 +320,7 @@ def embed_texts(clip: Clip, texts: list[str], *, batch_size: int = 256) -> np.nd
         text_features(clip, tokenize(clip, texts[i : i + batch_size])).float().cpu()
         for i in range(0, len(texts), batch_size)
     ]
-    return torch.cat(chunks).numpy() if chunks else np.zeros((0, clip.model.config.projection_dim), np.float32)
+    return torch.cat(chunks).numpy() if chunks else _no_embeddings(clip)
 
 
 @torch.inference_mode()

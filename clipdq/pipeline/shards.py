@@ -27,6 +27,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from clipdq.checks.schemas import FINDINGS_SCHEMA, TEXTS_SCHEMA
+from clipdq.core.options import Backend
 from clipdq.core.spec import parse_spec
 from clipdq.io import catalog, sources, storage
 from clipdq.io.cache import EmbeddingCache
@@ -79,7 +80,7 @@ class Job:
     catalog_version: str  # a shard refuses a catalog rewritten since the run began
     spec_text: str
     model_uri: str
-    backend: str  # the image tower's backend the run chose
+    backend: Backend  # the image tower's backend the run chose
     work: str  # folder of the shards' parts
     cache: str | None = None  # embedding cache folder, None to embed every image
     image_roots: tuple[str, ...] = ()
@@ -94,7 +95,7 @@ def new_job(output_uri: str, *, model_fingerprint: str, rows_per_shard: int, **f
     return Job(work=work, **fields)
 
 
-def job_for(inputs: audit.AuditInputs, *, backend: str) -> Job:
+def job_for(inputs: audit.AuditInputs, *, backend: Backend) -> Job:
     """The Job of an audit of ``inputs`` with its image tower on ``backend``."""
     options, files = inputs.options, inputs.files
     cache = embedding.cache_folder(inputs.output_uri, files, backend) if options.embedding_cache else None

@@ -60,6 +60,8 @@ def calibrate_texts(
     clip: towers.Clip, data: LabeledSet, spec: Spec, rows: np.ndarray, image_emb: np.ndarray, *, seed: int
 ) -> text.TextCalibration:
     """Image and text agreement calibrated on the given (validation) rows that have a text."""
+    # the rows have texts and categories only where the spec has a text column
+    assert data.texts is not None and data.text_categories is not None and spec.text_column is not None
     known = data.texts[rows] != ""
     texts = data.texts[rows][known]
     calibration = text.calibrate(

@@ -11,6 +11,7 @@ import copy
 import logging
 import time
 from dataclasses import replace
+from typing import Generic, TypeVar, cast
 
 import numpy as np
 import torch
@@ -19,7 +20,7 @@ import torch.nn.functional as F
 from clipdq.core.presets import TrainConfig
 from clipdq.core.spec import Spec
 from clipdq.core.splits import Splits
-from clipdq.model import towers
+from clipdq.model import efficientnet, towers
 from clipdq.training.labeled import LabeledSet, label_arrays
 from clipdq.training.steps import (
     EVAL_BATCH,
@@ -38,6 +39,7 @@ from clipdq.training.views import choose_audit_view
 log = logging.getLogger(__name__)
 
 TOWER_CROP_AREA = 0.25  # full mode's crops at ``train_size`` keep 25 to 100% of a photo's area
+ModuleT = TypeVar("ModuleT", bound=torch.nn.Module)
 
 
 def augment(pixels: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
@@ -75,10 +77,11 @@ def freeze_below(clip: towers.Clip, blocks: int) -> None:
     vision = clip.model.vision_model
     if not 0 < blocks <= len(getattr(vision, "blocks", ())):
         raise ValueError(f"frozen_blocks={blocks} needs an EfficientNet image tower with that many blocks")
-    vision.freeze_below(blocks, dtype=torch.bfloat16 if towers.native_bf16(clip.device) else None)
+    tower = cast(efficientnet.EfficientNetLiteModel, vision)  # only EfficientNet towers have blocks
+    tower.freeze_below(blocks, dtype=torch.bfloat16 if towers.native_bf16(clip.device) else None)
 
 
-class MovingAverage:
+class MovingAverage(Generic[ModuleT]):
     """An exponential moving average of a module's weights and batch-norm statistics, in a copy of
     it (``module``), updated after each training step. Integer buffers (batch counts) are copied,
     not averaged, and those outside the state dict (position ids) keep their values. The decay
@@ -86,7 +89,7 @@ class MovingAverage:
     untrained start (at a fixed 0.998, 9% of the average after 1,184 steps was still the new
     text tower's random weights, and its validation loss lagged the weights' own)."""
 
-    def __init__(self, source: torch.nn.Module, decay: float):
+    def __init__(self, source: ModuleT, decay: float):
         self.module, self.decay, self.steps = copy.deepcopy(source), decay, 0
         # training changes the source's tensors in place: pair them with their averages once
         self._pairs = list(zip(self.module.state_dict().values(), source.state_dict().values(), strict=True))

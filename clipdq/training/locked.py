@@ -15,12 +15,13 @@ import logging
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import cast
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 
-from clipdq.model import towers
+from clipdq.model import efficientnet, towers
 from clipdq.training.steps import (
     attribute_logits,
     augment_views,
@@ -54,11 +55,12 @@ def split_tower(clip: towers.Clip, unlock_blocks: int) -> Tower:
     blocks = getattr(vision, "blocks", None)
     if blocks is None or not 0 < unlock_blocks <= len(blocks):
         raise ValueError(f"unlock_blocks={unlock_blocks} needs an EfficientNet image tower with that many blocks")
+    tower = cast(efficientnet.EfficientNetLiteModel, vision)  # only EfficientNet towers have blocks
     start = len(blocks) - unlock_blocks
-    unlocked = [p for block in blocks[start:] for p in block.parameters()] + list(vision.head.parameters())
+    unlocked = [p for block in blocks[start:] for p in block.parameters()] + list(tower.head.parameters())
     return Tower(
-        lambda pixels: vision.features_below(pixels, start),
-        lambda x: F.normalize(projection(vision.features_from(x, start)), dim=-1),
+        lambda pixels: tower.features_below(pixels, start),
+        lambda x: F.normalize(projection(tower.features_from(x, start)), dim=-1),
         unlocked,
     )
 
@@ -81,7 +83,8 @@ def pooled_features(clip: towers.Clip, activations: torch.Tensor, unlock_blocks:
     near-duplicate grouping compares."""
     if unlock_blocks == 0:
         return activations.float().cpu().numpy()
-    vision, start = clip.model.vision_model, len(clip.model.vision_model.blocks) - unlock_blocks
+    vision = cast(efficientnet.EfficientNetLiteModel, clip.model.vision_model)  # split_tower checked its blocks
+    start = len(vision.blocks) - unlock_blocks
     return (
         torch.cat(
             [vision.features_from(activations[i : i + 64].float(), start) for i in range(0, len(activations), 64)]

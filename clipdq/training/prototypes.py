@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import logging
 import time
+from typing import Any
 
 import numpy as np
 import torch
@@ -58,7 +59,7 @@ def fit(
                 losses.append(F.cross_entropy(logits, y[name][known]))
         return torch.stack(losses).mean()
 
-    best = {"val_loss": float("inf"), "step": -1, "weights": None}
+    best: dict[str, Any] = {"val_loss": float("inf"), "step": -1, "weights": None}
     for step in range(steps):
         if step - best["step"] > patience:
             break

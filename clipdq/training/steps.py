@@ -11,6 +11,7 @@ import copy
 import logging
 import time
 from collections.abc import Callable
+from typing import Any
 
 import numpy as np
 import torch
@@ -50,17 +51,17 @@ def augment_views(
     area, aspect = min_area + (1 - min_area) * rand(n), torch.exp((rand(n) - 0.5) * 0.575)
     crop_h = (h * torch.sqrt(area / aspect)).clamp(max=h).long()
     crop_w = (w * torch.sqrt(area * aspect)).clamp(max=w).long()
-    out = []
+    patches: list[torch.Tensor] = []
     for i in range(n):
         top = int(rand(1) * (h - crop_h[i] + 1))
         left = int(rand(1) * (w - crop_w[i] + 1))
         patch = pixels[i : i + 1, :, top : top + crop_h[i], left : left + crop_w[i]]
-        out.append(
+        patches.append(
             F.interpolate(
                 patch, size=(size, size), mode="bilinear", align_corners=False, antialias=bool(crop_h[i] > size)
             )
         )  # no aliasing where the crop shrinks
-    out = torch.cat(out)
+    out = torch.cat(patches)
     flip = rand(n) < 0.5
     out[flip] = out[flip].flip(-1)
     jitter = lambda: 1 + 0.4 * (rand(n, 1, 1, 1) - 0.5)  # noqa: E731
@@ -137,7 +138,7 @@ def run_epochs(
     """The epoch loop of every trainer: ``train_epoch`` (returns its last loss), then ``val_loss``;
     keeps a copy of ``state()`` at the lowest validation loss, stops on patience, the epoch budget
     or the safety cap. Returns (best: val_loss, epoch, state; history; why it stopped)."""
-    best = {"val_loss": float("inf"), "epoch": -1, "state": None}
+    best: dict[str, Any] = {"val_loss": float("inf"), "epoch": -1, "state": None}
     history, stopped_by = [], "epochs"
     for epoch in range(config.epochs):
         train_loss, loss = train_epoch(), val_loss()

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import logging
 import time
+from typing import Any
 
 import numpy as np
 import torch
@@ -93,6 +94,7 @@ def fit_texts(clip: towers.Clip, data: LabeledSet, embed, config: TrainConfig, s
     """Teach the text tower the labeled rows' texts (``Titles``) against their image embeddings
     (``embed(rows)``, fixed), keeping the epoch of lowest validation loss."""
     started = time.monotonic()
+    assert data.texts is not None  # train_on teaches texts only where the rows have them
     titles = Titles(clip, data.texts)
     train_rows, val_rows = (rows[titles.known[rows]] for rows in splits[:2])
     if not len(train_rows) or not len(val_rows):
@@ -108,7 +110,7 @@ def fit_texts(clip: towers.Clip, data: LabeledSet, embed, config: TrainConfig, s
     def text_state() -> dict:
         return {k: v.detach().clone() for k, v in clip.model.state_dict().items() if k.startswith(TEXT_TOWER)}
 
-    best = {"epoch": 0, "val_loss": val_loss(), "state": text_state()}
+    best: dict[str, Any] = {"epoch": 0, "val_loss": val_loss(), "state": text_state()}
     for epoch in range(1, config.text_epochs + 1):
         _text_epoch(clip, titles, optimizer, train_rows, train_emb, rng.permutation(len(train_rows)), config.batch_size)
         if (current := val_loss()) < best["val_loss"]:

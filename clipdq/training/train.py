@@ -14,6 +14,7 @@ import time
 import uuid
 from collections.abc import Callable
 from dataclasses import asdict, replace
+from typing import Any
 
 import numpy as np
 import polars as pl
@@ -72,7 +73,8 @@ def train_on(
     ``finetune``). ``plain``: the locked mode's kept activations of every row, where the caller
     has them."""
     if torch.cuda.is_available():
-        clip.model.cuda()
+        # transformers wraps Module.cuda with functools.wraps, which mypy does not bind to the model
+        clip.model.cuda()  # type: ignore[call-arg]
     _, val_idx, test_idx = splits
     clip.meta.clear_view()  # only training on crops sets it again
     result, embed = _fit(clip, data, spec, config, splits, plain)
@@ -89,7 +91,7 @@ def train_on(
     )
     if len(test_idx):
         add_test_metrics(metrics, clip, data, spec, test_idx, embed, value_emb, calibration)
-    outcome = {
+    outcome: dict[str, Any] = {
         "training": result | split_sizes(data, splits),
         "metrics": metrics,
         "calibration": calibration,

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import logging
 from dataclasses import replace
+from typing import cast
 
 import numpy as np
 import torch
@@ -51,12 +52,13 @@ def _mirrored_features(clip: towers.Clip, pixels: torch.Tensor, size: int) -> to
     """The sum of the image features of ``pixels`` at ``size`` and of their mirror images."""
     pixels = towers.resized(pixels, size).to(clip.device)
     with autocast(clip, inference=True):
-        return sum(
+        total = sum(
             torch.cat(
                 [towers.image_features(clip.model, p[i : i + EVAL_BATCH]).float() for i in range(0, len(p), EVAL_BATCH)]
             )
             for p in (pixels, pixels.flip(-1))
         )
+    return cast(torch.Tensor, total)  # a sum of tensors (sum is typed as if it might add none)
 
 
 @torch.inference_mode()
@@ -83,9 +85,9 @@ def choose_audit_view(
         for size in sorted({size for sizes in views for size in sizes})
     }
     # averaged as ``towers.image_embeddings`` averages them
-    in_view = {sizes: F.normalize(sum(features[size] for size in sizes), dim=-1) for sizes in views}
+    in_view = {sizes: F.normalize(cast(torch.Tensor, sum(features[size] for size in sizes)), dim=-1) for sizes in views}
     losses = {sizes: float(batch_loss(attribute_logits(clip, emb, captions), labels)) for sizes, emb in in_view.items()}
-    sizes = min(losses, key=losses.get)
+    sizes = min(losses, key=losses.__getitem__)
     clip.meta.image_sizes, clip.meta.mirror_average = list(sizes), True
     log.info(
         "the audit sees photos at %s px, mirror averaged: validation loss %.3f (%s)",
