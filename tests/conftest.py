@@ -4,6 +4,7 @@ Prefect test harness. Everything expensive is built once per session."""
 from __future__ import annotations
 
 import json
+import os
 import uuid
 from pathlib import Path
 
@@ -50,8 +51,9 @@ def spec(sample_dir: Path) -> Spec:
 def labeled(sample_dir: Path, spec: Spec) -> LabeledSet:
     """The sample's labeled products, loaded at the tiny model's resolution."""
     pixels = towers.init_model(spec).pixels
-    return load_labeled(read_catalog(str(sample_dir / "labeled.parquet")), spec, access=access_for(str(sample_dir)),
-                        pixel_spec=pixels)
+    return load_labeled(
+        read_catalog(str(sample_dir / "labeled.parquet")), spec, access=access_for(str(sample_dir)), pixel_spec=pixels
+    )
 
 
 @pytest.fixture(scope="session")
@@ -81,8 +83,9 @@ def trained_model_dir(tmp_path_factory: pytest.TempPathFactory, sample_dir: Path
 @pytest.fixture(scope="session")
 def flagging_labeled_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """Other labeled products of the sample kind (seed 1), enough to calibrate flags on."""
-    return sample_data.generate(tmp_path_factory.mktemp("flagging-sample"), seed=1, n_labeled=N_FLAGGING_LABELED,
-                                n_catalog=10)
+    return sample_data.generate(
+        tmp_path_factory.mktemp("flagging-sample"), seed=1, n_labeled=N_FLAGGING_LABELED, n_catalog=10
+    )
 
 
 @pytest.fixture(scope="session")
@@ -101,7 +104,8 @@ def flagging_model_dir(tmp_path_factory: pytest.TempPathFactory, flagging_labele
     towers.save_model(clip, str(folder))
     color = json.loads((folder / "clipdq.json").read_text())["calibration"]["color"]
     assert color["gap_threshold"] is not None and color["conflict_threshold"] is not None, (
-        f"the flagging model cannot flag colour (calibration {color}): tests of flags would prove nothing")
+        f"the flagging model cannot flag colour (calibration {color}): tests of flags would prove nothing"
+    )
     return folder
 
 
@@ -174,3 +178,19 @@ def prefect_harness(tmp_path_factory: pytest.TempPathFactory) -> Path:
             patch.setenv(setting.name, str(value).lower() if isinstance(value, bool) else str(value))
         with temporary_settings(settings), prefect_test_harness(server_startup_timeout=120):
             yield home / "results"
+
+
+# --------------------------------------------------------------------------- the CLI in a child process
+
+
+@pytest.fixture(scope="module")
+def cli_env(tmp_path_factory: pytest.TempPathFactory) -> dict[str, str]:
+    """The inherited environment with a private Prefect home and result storage, and no API URL."""
+    prefect_home = tmp_path_factory.mktemp("cli-prefect")
+    env = {k: v for k, v in os.environ.items() if k not in ("PREFECT_API_URL", "PREFECT_PROFILE")}
+    env.update(
+        PREFECT_HOME=str(prefect_home),
+        PREFECT_RESULTS_LOCAL_STORAGE_PATH=str(prefect_home / "results"),
+        PREFECT_SERVER_ANALYTICS_ENABLED="false",
+    )
+    return env

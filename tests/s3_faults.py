@@ -71,22 +71,30 @@ class FaultyS3:
                     return
                 if fault:
                     status, code, message = ERRORS[fault]
-                    self._answer(status, {"Content-Type": "application/xml"},
-                                 f"<Error><Code>{code}</Code><Message>{message}</Message></Error>".encode())
+                    self._answer(
+                        status,
+                        {"Content-Type": "application/xml"},
+                        f"<Error><Code>{code}</Code><Message>{message}</Message></Error>".encode(),
+                    )
                     return
                 upstream = http.client.HTTPConnection(proxy.upstream.hostname, proxy.upstream.port, timeout=30)
                 headers = {k: v for k, v in self.headers.items() if k.lower() != "expect"}
                 upstream.request(self.command, self.path, body=body, headers=headers)
                 reply = upstream.getresponse()
                 data = reply.read()
-                kept = {k: v for k, v in reply.getheaders() if k.lower() not in ("transfer-encoding", "connection",
-                                                                                  "content-length")}
+                kept = {
+                    k: v
+                    for k, v in reply.getheaders()
+                    if k.lower() not in ("transfer-encoding", "connection", "content-length")
+                }
                 upstream.close()
-                self._answer(reply.status, kept, data, head=self.command == "HEAD",
-                             length=reply.getheader("Content-Length"))
+                self._answer(
+                    reply.status, kept, data, head=self.command == "HEAD", length=reply.getheader("Content-Length")
+                )
 
-            def _answer(self, status: int, headers: dict, data: bytes, *, head: bool = False,
-                        length: str | None = None) -> None:
+            def _answer(
+                self, status: int, headers: dict, data: bytes, *, head: bool = False, length: str | None = None
+            ) -> None:
                 self.send_response(status)
                 for key, value in headers.items():
                     self.send_header(key, value)

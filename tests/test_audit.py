@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import threading
-import time
 
 import numpy as np
 import polars as pl
@@ -17,21 +16,28 @@ from clipdq.pipeline import audit, embedding
 
 
 def test_prepared_batches_keep_the_order_and_work_ahead_of_the_consumer():
-    frame = pl.DataFrame({"n": range(10)})
-    started = []
+    frame = pl.DataFrame({"n": range(10)})  # four batches of 3, 3, 3 and 1 rows
+    started, workers, changed = [], set(), threading.Condition()
 
     def prepare(rows):
-        started.append(rows["n"][0])
+        with changed:
+            started.append(rows["n"][0] // 3)  # which batch
+            workers.add(threading.get_ident())
+            changed.notify_all()
         return rows
 
     seen = []
-    for rows in embedding.prepared_batches(audit.batches(frame, 3), prepare, ahead=2):
-        time.sleep(0.05)  # the model's turn: the next batches are being prepared meanwhile
+    for held, rows in enumerate(embedding.prepared_batches(audit.batches(frame, 3), prepare, ahead=2)):
+        ahead = min(held + 2, 3)
+        with changed:  # the model's turn: the next two batches are prepared meanwhile, and no more
+            assert changed.wait_for(lambda: ahead in started, timeout=60), f"batch {ahead} not prepared"  # noqa: B023
+            assert max(started) == ahead
         seen.append(rows["n"].to_list())
-        assert len(started) >= min(4, len(seen) + 2)
 
     assert seen == [[0, 1, 2], [3, 4, 5], [6, 7, 8], [9]]
-    assert threading.active_count() >= 1
+    assert started == [0, 1, 2, 3]  # each batch prepared once, in order
+    assert threading.get_ident() not in workers  # in the background ...
+    assert not workers & {thread.ident for thread in threading.enumerate()}  # ... by a thread gone once done
 
 
 def test_scores_of_cached_embeddings_equal_fresh_ones_and_a_failed_first_image_is_kept(
@@ -39,14 +45,19 @@ def test_scores_of_cached_embeddings_equal_fresh_ones_and_a_failed_first_image_i
 ):
     clip = towers.load_model(str(trained_model_dir), device="cpu")
     frame = read_catalog(str(sample_dir / "catalog.parquet"))
-    frame = frame.with_columns(pl.when(pl.int_range(pl.len()) == 0).then(pl.lit("missing.jpg"))
-                               .otherwise(pl.col("image")).alias("image"))
+    frame = frame.with_columns(
+        pl.when(pl.int_range(pl.len()) == 0).then(pl.lit("missing.jpg")).otherwise(pl.col("image")).alias("image")
+    )
     store = cache.EmbeddingCache(str(tmp_path / "cache"))
     options = {"scorer": scorer.of_clip(clip, spec), "cache": store}
 
     def run() -> tuple[pl.DataFrame, list[embedding.Batch]]:
-        prepared = [embedding.prepare_batch(rows, spec=spec, access=access_for(str(sample_dir)), pixels=clip.pixels, cache=store)
-                    for rows in audit.batches(frame, 16)]
+        prepared = [
+            embedding.prepare_batch(
+                rows, spec=spec, access=access_for(str(sample_dir)), pixels=clip.pixels, cache=store
+            )
+            for rows in audit.batches(frame, 16)
+        ]
         return pl.concat([audit.score_batch(batch, **options) for batch in prepared]), prepared
 
     fresh, first = run()
@@ -70,13 +81,18 @@ def test_a_faster_backend_is_used_only_where_it_agrees_with_fp32(sample_dir, spe
 
     fast, used = audit.choose_backend(clip, "int8", rows, **options, min_agreement=0.0)
     kept, refused = audit.choose_backend(clip, "int8", rows, **options, min_agreement=1.01)
-    unreadable, unchecked = audit.choose_backend(clip, "int8", rows.with_columns(image=pl.lit("nope.jpg")),
-                                                 **options, min_agreement=0.0)
+    unreadable, unchecked = audit.choose_backend(
+        clip, "int8", rows.with_columns(image=pl.lit("nope.jpg")), **options, min_agreement=0.0
+    )
 
     readable = images.load_images(rows["image"].to_list(), access_for(str(sample_dir)), clip.pixels).ok.sum()
     assert used["images_checked"] == refused["images_checked"] == readable > 0
     assert 0.9 <= used["agreement"] == refused["agreement"] <= 1.0
     assert (fast.backend, used["used"]) == ("int8", "int8")
     assert kept is clip and refused["used"] == "fp32"
-    assert unreadable is clip and unchecked == {"requested": "int8", "used": "fp32", "agreement": None,
-                                                "images_checked": 0}
+    assert unreadable is clip and unchecked == {
+        "requested": "int8",
+        "used": "fp32",
+        "agreement": None,
+        "images_checked": 0,
+    }

@@ -31,9 +31,21 @@ PAYLOADS = [
 
 
 def _dom_after_load(path, fragment: str = "") -> str:
-    result = subprocess.run([CHROMIUM, "--headless", "--no-sandbox", "--disable-gpu", "--virtual-time-budget=3000",
-                             "--dump-dom", path.as_uri() + fragment], capture_output=True, text=True, timeout=120,
-                            check=True)
+    result = subprocess.run(
+        [
+            CHROMIUM,
+            "--headless",
+            "--no-sandbox",
+            "--disable-gpu",
+            "--virtual-time-budget=3000",
+            "--dump-dom",
+            path.as_uri() + fragment,
+        ],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=True,
+    )
     return result.stdout
 
 
@@ -43,14 +55,23 @@ def test_a_report_of_injection_strings_runs_no_script(trained_model_dir, prefect
     folder.mkdir()
     pixels = np.random.default_rng(0).integers(0, 255, (48, 64, 3), dtype=np.uint8)
     Image.fromarray(pixels).save(folder / "a.jpg")
-    rows = [{"product_id": payload, "image": "a.jpg" if i % 2 else "missing-" + payload.replace("/", "_"),
-             "product_type": "apparel", "color": payload, "sleeve_length": None, "neckline": "v-neck"}
-            for i, payload in enumerate(PAYLOADS)]
+    rows = [
+        {
+            "product_id": payload,
+            "image": "a.jpg" if i % 2 else "missing-" + payload.replace("/", "_"),
+            "product_type": "apparel",
+            "color": payload,
+            "sleeve_length": None,
+            "neckline": "v-neck",
+        }
+        for i, payload in enumerate(PAYLOADS)
+    ]
     pl.DataFrame(rows).write_parquet(folder / "catalog.parquet")
     (folder / "spec.yaml").write_text(sample_data.SPEC_YAML)
 
-    run = audit_catalog(str(folder / "catalog.parquet"), str(folder / "spec.yaml"), str(trained_model_dir),
-                        str(tmp_path / "out"))
+    run = audit_catalog(
+        str(folder / "catalog.parquet"), str(folder / "spec.yaml"), str(trained_model_dir), str(tmp_path / "out")
+    )
 
     report = tmp_path / "out" / run.split("/out/", 1)[1] / "report.html"
     dom = _dom_after_load(report)
@@ -63,11 +84,18 @@ def test_a_report_of_injection_strings_runs_no_script(trained_model_dir, prefect
 def _problems(n: int) -> pl.DataFrame:
     rng = np.random.default_rng(0)
     statuses = rng.choice(["conflict", "gap", "match", "uncertain"], n)
-    return pl.DataFrame({
-        "product_id": [f"p{i}" for i in range(n)], "attribute": rng.choice(["color", "neckline"], n),
-        "existing_value": np.where(statuses == "gap", None, "red"), "predicted_value": "blue",
-        "confidence": rng.random(n), "status": statuses, "detail": "x" * 400,  # a long text wraps, not overflows
-    }, schema=schemas.FINDINGS_SCHEMA)
+    return pl.DataFrame(
+        {
+            "product_id": [f"p{i}" for i in range(n)],
+            "attribute": rng.choice(["color", "neckline"], n),
+            "existing_value": np.where(statuses == "gap", None, "red"),
+            "predicted_value": "blue",
+            "confidence": rng.random(n),
+            "status": statuses,
+            "detail": "x" * 400,  # a long text wraps, not overflows
+        },
+        schema=schemas.FINDINGS_SCHEMA,
+    )
 
 
 @pytest.mark.skipif(CHROMIUM is None, reason="chromium is not installed: run scripts/install-chromium.sh")
@@ -79,8 +107,9 @@ def test_the_problem_table_filters_from_a_link_and_pages(tmp_path):
 
     dom = _dom_after_load(page, "#status=conflict&attribute=color&text=p1")
 
-    expected = findings.filter((pl.col("status") == "conflict") & (pl.col("attribute") == "color")
-                               & pl.col("product_id").str.contains("p1"))
+    expected = findings.filter(
+        (pl.col("status") == "conflict") & (pl.col("attribute") == "color") & pl.col("product_id").str.contains("p1")
+    )
     assert f'data-shown="{expected.height}"' in dom
     assert f"{expected.height} of {findings.filter(pl.col('status').is_in(['conflict', 'gap'])).height} problems" in dom
     shown_rows = re.findall(r"<tr><td></td><td>(p\d+)</td>", dom)

@@ -4,6 +4,8 @@ looked up by row group, compacted, and a broken part skipped."""
 from __future__ import annotations
 
 import logging
+import subprocess
+import sys
 
 import numpy as np
 import pyarrow.parquet as pq
@@ -41,8 +43,9 @@ def test_entries_survive_a_reload_and_only_new_ones_are_written(where, tmp_path,
     assert found["b"].signature == signatures(3)[1]
     again.add(["d"], first[:1] * 2, signatures(1))
     second = again.flush()
-    assert storage.list_files(storage.join(folder, "embeddings")) == sorted(uri.rsplit("/", 1)[1]
-                                                                            for uri in (written, second))
+    assert storage.list_files(storage.join(folder, "embeddings")) == sorted(
+        uri.rsplit("/", 1)[1] for uri in (written, second)
+    )
     assert set(cache.EmbeddingCache(folder).get_many("abcdz")) == set("abcd")
 
 
@@ -54,8 +57,11 @@ def test_a_lookup_reads_only_the_row_groups_that_hold_wanted_keys(tmp_path, monk
     store.flush()
     read = []
     original = pq.ParquetFile.read_row_groups
-    monkeypatch.setattr(pq.ParquetFile, "read_row_groups",
-                        lambda self, groups, **kw: read.append(list(groups)) or original(self, groups, **kw))
+    monkeypatch.setattr(
+        pq.ParquetFile,
+        "read_row_groups",
+        lambda self, groups, **kw: read.append(list(groups)) or original(self, groups, **kw),
+    )
 
     found = cache.EmbeddingCache(str(tmp_path)).get_many(["0005", "0006", "0031"])
 
@@ -100,16 +106,30 @@ def test_a_location_is_known_only_at_the_version_it_was_read(tmp_path):
 
     again = cache.EmbeddingCache(str(tmp_path))
     assert again.known_digests({"/img/a.jpg": "10:111", "/img/b.jpg": "20:999", "/img/c.jpg": "1:1"}) == {
-        "/img/a.jpg": "sha-a"}
+        "/img/a.jpg": "sha-a"
+    }
 
 
 def test_the_key_changes_with_the_model_and_with_preprocessing():
     other_pixels = PixelSpec(224, 224, (0.5, 0.5, 0.5), (0.25, 0.25, 0.25))
     keys = {cache.cache_key("abc", PIXELS), cache.cache_key("abd", PIXELS), cache.cache_key("abc", other_pixels)}
     assert len(keys) == 3
-    assert cache.cache_key("abc", PIXELS) == cache.cache_key("abc", PIXELS)
-    views = {cache.cache_key("abc", PIXELS, view=view) for view in
-             [(), (("image_sizes", [208]), ("mirror_average", False)), (("image_sizes", [208]), ("mirror_average", True)),
-              (("image_sizes", [192, 224, 256]), ("mirror_average", True))]}
+    # a later run, another process, must find the cache: no per-process hash in the key
+    code = (
+        "from clipdq.io import cache; from clipdq.io.images import PixelSpec; "
+        "print(cache.cache_key('abc', PixelSpec(32, 32, (0.5, 0.5, 0.5), (0.25, 0.25, 0.25))))"
+    )
+    other = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, timeout=120)
+    assert other.stdout.strip() == cache.cache_key("abc", PIXELS)
+    assert len({cache.cache_key("abc", PIXELS, backend) for backend in ("fp32", "int8", "bf16")}) == 3
+    views = {
+        cache.cache_key("abc", PIXELS, view=view)
+        for view in [
+            (),
+            (("image_sizes", [208]), ("mirror_average", False)),
+            (("image_sizes", [208]), ("mirror_average", True)),
+            (("image_sizes", [192, 224, 256]), ("mirror_average", True)),
+        ]
+    }
     assert len(views) == 4 and cache.cache_key("abc", PIXELS, view=()) == cache.cache_key("abc", PIXELS)
     assert cache.digest(b"x") == "2d711642b726b04401627ca9fbac32f5c8530fb1903cc4db02258717921a4881"

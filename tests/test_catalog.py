@@ -58,8 +58,9 @@ def test_read_catalog_from_s3(s3_bucket):
 
 @pytest.mark.parametrize("where", ["local", "s3"])
 def test_batches_cover_every_row_once_in_order_across_row_groups(where, tmp_path, request):
-    frame = pl.DataFrame({"sku": [f"p{i}" for i in range(50)], "picture": [f"{i}.jpg" for i in range(50)],
-                          "notes": ["x" * 100] * 50})
+    frame = pl.DataFrame(
+        {"sku": [f"p{i}" for i in range(50)], "picture": [f"{i}.jpg" for i in range(50)], "notes": ["x" * 100] * 50}
+    )
     out = io.BytesIO()
     frame.write_parquet(out, row_group_size=7)
     uri = str(tmp_path / "catalog.parquet")
@@ -151,19 +152,31 @@ def test_missing_attribute_column_is_a_warning():
     [
         pytest.param(good_catalog().drop("sku"), "lacks required columns ['sku']", id="no-id-column"),
         pytest.param(good_catalog().drop("picture"), "lacks required columns ['picture']", id="no-image-column"),
-        pytest.param(good_catalog().drop("product_type"), "lacks required columns ['product_type']",
-                     id="no-applies-to-column"),
+        pytest.param(
+            good_catalog().drop("product_type"), "lacks required columns ['product_type']", id="no-applies-to-column"
+        ),
         pytest.param(good_catalog(color=[1, 2, 3]), "attribute column 'color' must hold strings", id="int-attribute"),
-        pytest.param(good_catalog(sku=["a1", "a2", "a1"]), "expect_column_values_to_be_unique failed for 'sku'",
-                     id="duplicate-ids"),
-        pytest.param(good_catalog(sku=["a1", None, "a3"]), "expect_column_values_to_not_be_null failed for 'sku'",
-                     id="null-ids"),
-        pytest.param(good_catalog(sku=[b"a1", b"a2", b"a3"]), "id column 'sku' must hold strings or integers",
-                     id="binary-ids"),
-        pytest.param(good_catalog(picture=[1.0, 2.0, 3.0]), "image column 'picture' must hold paths, URIs or image",
-                     id="float-images"),
-        pytest.param(good_catalog(product_type=[1, 2, 1]), "applies_to column 'product_type' must hold strings",
-                     id="int-applies-to"),
+        pytest.param(
+            good_catalog(sku=["a1", "a2", "a1"]),
+            "expect_column_values_to_be_unique failed for 'sku'",
+            id="duplicate-ids",
+        ),
+        pytest.param(
+            good_catalog(sku=["a1", None, "a3"]), "expect_column_values_to_not_be_null failed for 'sku'", id="null-ids"
+        ),
+        pytest.param(
+            good_catalog(sku=[b"a1", b"a2", b"a3"]), "id column 'sku' must hold strings or integers", id="binary-ids"
+        ),
+        pytest.param(
+            good_catalog(picture=[1.0, 2.0, 3.0]),
+            "image column 'picture' must hold paths, URIs or image",
+            id="float-images",
+        ),
+        pytest.param(
+            good_catalog(product_type=[1, 2, 1]),
+            "applies_to column 'product_type' must hold strings",
+            id="int-applies-to",
+        ),
     ],
 )
 def test_unusable_catalogs_raise_catalog_error(frame, message):
@@ -204,8 +217,12 @@ attributes:
     good_catalog(product_type=[1, 2, 1]).write_parquet(tmp_path / "catalog.parquet")
 
     with pytest.raises(CatalogError, match="applies_to column 'product_type' must hold strings"):  # not a model error
-        audit_catalog(str(tmp_path / "catalog.parquet"), str(tmp_path / "spec.yaml"), str(tmp_path / "no-model"),
-                      str(tmp_path / "out"))
+        audit_catalog(
+            str(tmp_path / "catalog.parquet"),
+            str(tmp_path / "spec.yaml"),
+            str(tmp_path / "no-model"),
+            str(tmp_path / "out"),
+        )
 
     assert not (tmp_path / "out").exists()
 
@@ -214,8 +231,9 @@ def test_a_catalog_overwritten_while_it_is_read_fails_instead_of_mixing_versions
     import numpy as np
 
     rng = np.random.default_rng(0)
-    frame = pl.DataFrame({"sku": [f"p{i}" for i in range(20_000)],
-                          "picture": [rng.bytes(300) for _ in range(20_000)]})  # incompressible: 6 MB
+    frame = pl.DataFrame(
+        {"sku": [f"p{i}" for i in range(20_000)], "picture": [rng.bytes(300) for _ in range(20_000)]}
+    )  # incompressible: 6 MB
     out = io.BytesIO()
     frame.write_parquet(out, row_group_size=2_000)
     uri = f"{s3_bucket}/catalog.parquet"
@@ -253,7 +271,8 @@ def test_keys_are_checked_batch_by_batch_and_repeats_across_batches_are_named(tm
     monkeypatch.setattr(catalog, "KEY_BATCH", 3)  # ten rows in four batches
     skus = [f"s{i}" for i in range(10)]
     frame = pl.DataFrame({"sku": skus, "picture": [f"images/{s}.jpg" for s in skus]}).with_columns(
-        pl.lit("red").alias("color"), pl.lit("cookware").alias("product_type"))
+        pl.lit("red").alias("color"), pl.lit("cookware").alias("product_type")
+    )
     frame.write_parquet(tmp_path / "good.parquet", row_group_size=4)
     frame.with_columns(pl.Series("sku", skus[:9] + ["s1"])).write_parquet(tmp_path / "bad.parquet", row_group_size=4)
 

@@ -9,7 +9,6 @@ from __future__ import annotations
 import io
 import json
 import logging
-import os
 import shutil
 import subprocess
 import sys
@@ -27,22 +26,10 @@ pytestmark = pytest.mark.subprocess
 ERROR_PREFIX = "clipdq {command}: error: "
 
 
-@pytest.fixture(scope="module")
-def cli_env(tmp_path_factory: pytest.TempPathFactory) -> dict[str, str]:
-    """The inherited environment with a private Prefect home and result storage, and no API URL."""
-    prefect_home = tmp_path_factory.mktemp("cli-prefect")
-    env = {k: v for k, v in os.environ.items() if k not in ("PREFECT_API_URL", "PREFECT_PROFILE")}
-    env.update(
-        PREFECT_HOME=str(prefect_home),
-        PREFECT_RESULTS_LOCAL_STORAGE_PATH=str(prefect_home / "results"),
-        PREFECT_SERVER_ANALYTICS_ENABLED="false",
-    )
-    return env
-
-
 def clipdq(env: dict[str, str], *args: str, cwd: Path) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "clipdq.cli", *args], env=env, cwd=cwd, capture_output=True,
-                          text=True, timeout=600)
+    return subprocess.run(
+        [sys.executable, "-m", "clipdq.cli", *args], env=env, cwd=cwd, capture_output=True, text=True, timeout=600
+    )
 
 
 def last_line(text: str) -> str:
@@ -58,8 +45,9 @@ def reason_lines(result: subprocess.CompletedProcess, command: str) -> list[str]
 def test_init_model_prints_the_folder_it_wrote(cli_env, sample_dir, tmp_path):
     output = tmp_path / "init-model"
 
-    result = clipdq(cli_env, "init-model", "--spec", str(sample_dir / "spec.yaml"), "--output", str(output),
-                    cwd=tmp_path)
+    result = clipdq(
+        cli_env, "init-model", "--spec", str(sample_dir / "spec.yaml"), "--output", str(output), cwd=tmp_path
+    )
 
     assert result.returncode == 0, result.stderr
     assert last_line(result.stdout) == str(output)
@@ -84,13 +72,39 @@ def test_init_model_with_bad_yaml_fails_with_a_one_line_reason(cli_env, tmp_path
 def finetuned(cli_env, sample_dir, flagging_labeled_dir, tmp_path_factory) -> tuple[subprocess.CompletedProcess, Path]:
     """``clipdq init-model --arch efficientnet-lite0``, then ``clipdq finetune`` from it (locked mode)."""
     folder = tmp_path_factory.mktemp("cli-finetune")
-    init = clipdq(cli_env, "init-model", "--spec", str(sample_dir / "spec.yaml"), "--arch", "efficientnet-lite0",
-                  "--output", str(folder / "init"), cwd=folder)
+    init = clipdq(
+        cli_env,
+        "init-model",
+        "--spec",
+        str(sample_dir / "spec.yaml"),
+        "--arch",
+        "efficientnet-lite0",
+        "--output",
+        str(folder / "init"),
+        cwd=folder,
+    )
     assert init.returncode == 0, init.stderr[-3000:]
-    result = clipdq(cli_env, "finetune", "--catalog", str(flagging_labeled_dir / "labeled.parquet"),
-                    "--spec", str(sample_dir / "spec.yaml"), "--base-model", str(folder / "init"),
-                    "--output", str(folder / "model"), "--mode", "locked", "--views", "1",
-                    "--val-fraction", "0.5", "--test-fraction", "0", cwd=folder)
+    result = clipdq(
+        cli_env,
+        "finetune",
+        "--catalog",
+        str(flagging_labeled_dir / "labeled.parquet"),
+        "--spec",
+        str(sample_dir / "spec.yaml"),
+        "--base-model",
+        str(folder / "init"),
+        "--output",
+        str(folder / "model"),
+        "--mode",
+        "locked",
+        "--views",
+        "1",
+        "--val-fraction",
+        "0.5",
+        "--test-fraction",
+        "0",
+        cwd=folder,
+    )
     return result, folder / "model"
 
 
@@ -112,9 +126,19 @@ def test_audit_prints_the_run_folder_it_wrote(finetuned, cli_env, sample_dir, tm
     _, model_dir = finetuned
     output = tmp_path / "reports"
 
-    result = clipdq(cli_env, "audit", "--catalog", str(sample_dir / "catalog.parquet"),
-                    "--spec", str(sample_dir / "spec.yaml"), "--model", str(model_dir), "--output", str(output),
-                    cwd=tmp_path)
+    result = clipdq(
+        cli_env,
+        "audit",
+        "--catalog",
+        str(sample_dir / "catalog.parquet"),
+        "--spec",
+        str(sample_dir / "spec.yaml"),
+        "--model",
+        str(model_dir),
+        "--output",
+        str(output),
+        cwd=tmp_path,
+    )
 
     assert result.returncode == 0, result.stderr[-3000:]
     folder = Path(last_line(result.stdout))
@@ -130,8 +154,19 @@ def test_audit_prints_the_run_folder_it_wrote(finetuned, cli_env, sample_dir, tm
 def test_audit_of_a_missing_catalog_fails_with_a_one_line_reason(cli_env, sample_dir, tmp_path):
     missing = tmp_path / "no-such-catalog.parquet"
 
-    result = clipdq(cli_env, "audit", "--catalog", str(missing), "--spec", str(sample_dir / "spec.yaml"),
-                    "--model", "unused-model", "--output", str(tmp_path / "reports"), cwd=tmp_path)
+    result = clipdq(
+        cli_env,
+        "audit",
+        "--catalog",
+        str(missing),
+        "--spec",
+        str(sample_dir / "spec.yaml"),
+        "--model",
+        "unused-model",
+        "--output",
+        str(tmp_path / "reports"),
+        cwd=tmp_path,
+    )
 
     assert result.returncode != 0
     assert "run_id=" not in result.stdout
@@ -146,8 +181,9 @@ def test_demo_trains_a_model_audits_and_prints_the_run_folder(cli_env, sample_di
     data = tmp_path / "data"
     shutil.copytree(sample_dir, data)  # a small sample in place: the demo reuses it rather than generating
 
-    result = clipdq(cli_env, "demo", "--data-dir", str(data), "--output", str(tmp_path / "reports"),
-                    "--epochs", "1", cwd=tmp_path)
+    result = clipdq(
+        cli_env, "demo", "--data-dir", str(data), "--output", str(tmp_path / "reports"), "--epochs", "1", cwd=tmp_path
+    )
 
     assert result.returncode == 0, result.stderr[-3000:]
     assert "[2/3] training the demo model" in result.stdout
@@ -162,9 +198,21 @@ def test_demo_trains_a_model_audits_and_prints_the_run_folder(cli_env, sample_di
 
 
 def test_learning_curve_writes_table_and_plot(cli_env, sample_dir, tmp_path):
-    result = clipdq(cli_env, "learning-curve", "--catalog", str(sample_dir / "labeled.parquet"), "--spec",
-                    str(sample_dir / "spec.yaml"), "--output", str(tmp_path / "curve"), "--mode", "prototype",
-                    "--sizes", "2,5", cwd=tmp_path)
+    result = clipdq(
+        cli_env,
+        "learning-curve",
+        "--catalog",
+        str(sample_dir / "labeled.parquet"),
+        "--spec",
+        str(sample_dir / "spec.yaml"),
+        "--output",
+        str(tmp_path / "curve"),
+        "--mode",
+        "prototype",
+        "--sizes",
+        "2,5",
+        cwd=tmp_path,
+    )
 
     assert result.returncode == 0, result.stderr
     assert result.stdout.splitlines()[-1] == str(tmp_path / "curve")
@@ -178,16 +226,27 @@ def test_a_fixed_value_shows_as_resolved_in_the_next_run_and_in_report_diff(fine
     _, model_dir = finetuned
     data, output = tmp_path / "data", tmp_path / "reports"
     shutil.copytree(sample_dir, data)
-    audit = ["audit", "--catalog", str(data / "catalog.parquet"), "--spec", str(data / "spec.yaml"),
-             "--model", str(model_dir), "--output", str(output)]
+    audit = [
+        "audit",
+        "--catalog",
+        str(data / "catalog.parquet"),
+        "--spec",
+        str(data / "spec.yaml"),
+        "--model",
+        str(model_dir),
+        "--output",
+        str(output),
+    ]
     first = clipdq(cli_env, *audit, cwd=tmp_path)
     assert first.returncode == 0, first.stderr[-3000:]
     conflicts = pl.read_parquet(Path(last_line(first.stdout)) / "suggested_fixes.parquet").filter(
-        pl.col("status") == "conflict")
+        pl.col("status") == "conflict"
+    )
     pid, attribute, _, suggested, *_ = conflicts.row(0)
     catalog = pl.read_parquet(data / "catalog.parquet")
-    catalog.with_columns(pl.when(pl.col("product_id") == pid).then(pl.lit(suggested)).otherwise(pl.col(attribute))
-                         .alias(attribute)).write_parquet(data / "catalog.parquet")  # the steward applies the fix
+    catalog.with_columns(
+        pl.when(pl.col("product_id") == pid).then(pl.lit(suggested)).otherwise(pl.col(attribute)).alias(attribute)
+    ).write_parquet(data / "catalog.parquet")  # the steward applies the fix
 
     second = clipdq(cli_env, *audit, cwd=tmp_path)
     diff = clipdq(cli_env, "report", str(output), "--diff", cwd=tmp_path)
@@ -201,8 +260,10 @@ def test_a_fixed_value_shows_as_resolved_in_the_next_run_and_in_report_diff(fine
     assert summary["changes"]["totals"]["resolved"] >= 1
     by_attribute = {row["attribute"]: row for row in summary["changes"]["by_attribute"]}
     assert by_attribute[attribute]["resolved"] >= 1
-    assert f"<td>{pid}</td><td class=\"text\">{attribute}</td><td class=\"text\">conflict</td>" in (
-        folder / "report.html").read_text()
+    assert (
+        f'<td>{pid}</td><td class="text">{attribute}</td><td class="text">conflict</td>'
+        in (folder / "report.html").read_text()
+    )
     assert diff.returncode == 0, diff.stderr[-3000:]
     assert f"resolved: {pid} {attribute} conflict" in diff.stdout
     assert last_line(diff.stdout) == str(folder)
@@ -221,8 +282,12 @@ def test_progress_records_redraw_one_bar_and_other_records_pass():
         extra = {} if progress is None else {"progress": progress}
         return logger.makeRecord(logger.name, logging.INFO, __file__, 0, message, (), None, extra=extra)
 
-    passed = [bar.filter(record("scored 1/4", (1, 4))), bar.filter(record("scored 2/4", (2, 4))),
-              bar.filter(record("a warning")), bar.filter(record("scored 4/4", (4, 4)))]
+    passed = [
+        bar.filter(record("scored 1/4", (1, 4))),
+        bar.filter(record("scored 2/4", (2, 4))),
+        bar.filter(record("a warning")),
+        bar.filter(record("scored 4/4", (4, 4))),
+    ]
 
     assert passed == [False, False, True, False]  # progress is drawn, not logged; the rest is logged
     lines = stream.getvalue().split("\n")

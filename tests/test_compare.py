@@ -29,31 +29,91 @@ IMAGE_ERROR = "unreadable image: OSError: image file is truncated"
 # (value, confidence), an optional image error, and the status expected per attribute.
 # A product whose attribute does not apply has no expected entry for it.
 PRODUCTS = [
-    # id,                  type,       color,     sleeve,  predictions,                                    error, expected
-    ("match",              "apparel",  "red",     "short", {"color": ("red", 0.40), "sleeve_length": ("short", 0.9)}, None,
-     {"color": "match", "sleeve_length": "match"}),
-    ("synonym-odd-case",   "apparel",  " ROOD ",  "Long ", {"color": ("red", 0.55), "sleeve_length": ("long", 0.6)}, None,
-     {"color": "match", "sleeve_length": "match"}),
-    ("conflict",           "apparel",  "blue",    "short", {"color": ("green", 0.97), "sleeve_length": ("long", 0.99)}, None,
-     {"color": "conflict", "sleeve_length": "conflict"}),
-    ("conflict-at-bar",    "cookware", "blue",    None,    {"color": ("red", 0.95)}, None,
-     {"color": "conflict"}),
-    ("disagree-unsure",    "apparel",  "green",   "long",  {"color": ("red", 0.94), "sleeve_length": ("short", 0.5)}, None,
-     {"color": "uncertain", "sleeve_length": "uncertain"}),
-    ("gap",                "apparel",  None,      None,    {"color": ("blue", 0.85), "sleeve_length": ("long", 0.80)}, None,
-     {"color": "gap", "sleeve_length": "gap"}),
-    ("gap-unsure",         "cookware", None,      None,    {"color": ("green", 0.79)}, None,
-     {"color": "uncertain"}),
-    ("blank",              "apparel",  "   ",     "",      {"color": ("red", 0.99), "sleeve_length": ("short", 0.3)}, None,
-     {"color": "gap", "sleeve_length": "uncertain"}),
-    ("invalid",            "apparel",  "purple",  "3/4",   {"color": ("red", 0.99), "sleeve_length": ("long", 0.99)}, None,
-     {"color": "invalid_value", "sleeve_length": "invalid_value"}),
-    ("broken-image",       "apparel",  "red",     None,    {}, IMAGE_ERROR,
-     {"color": "image_error", "sleeve_length": "image_error"}),
-    ("not-apparel",        "cookware", "green",   "short", {"color": ("green", 0.99)}, None,
-     {"color": "match"}),  # sleeve_length does not apply to cookware, whatever the catalog says
-    ("untyped",            None,       "blue",    "long",  {"color": ("blue", 0.7), "sleeve_length": ("long", 0.7)}, None,
-     {"color": "match", "sleeve_length": "match"}),  # a null applies_to column does not exclude
+    # id, type, color, sleeve, predictions, error, expected
+    (
+        "match",
+        "apparel",
+        "red",
+        "short",
+        {"color": ("red", 0.40), "sleeve_length": ("short", 0.9)},
+        None,
+        {"color": "match", "sleeve_length": "match"},
+    ),
+    (
+        "synonym-odd-case",
+        "apparel",
+        " ROOD ",
+        "Long ",
+        {"color": ("red", 0.55), "sleeve_length": ("long", 0.6)},
+        None,
+        {"color": "match", "sleeve_length": "match"},
+    ),
+    (
+        "conflict",
+        "apparel",
+        "blue",
+        "short",
+        {"color": ("green", 0.97), "sleeve_length": ("long", 0.99)},
+        None,
+        {"color": "conflict", "sleeve_length": "conflict"},
+    ),
+    ("conflict-at-bar", "cookware", "blue", None, {"color": ("red", 0.95)}, None, {"color": "conflict"}),
+    (
+        "disagree-unsure",
+        "apparel",
+        "green",
+        "long",
+        {"color": ("red", 0.94), "sleeve_length": ("short", 0.5)},
+        None,
+        {"color": "uncertain", "sleeve_length": "uncertain"},
+    ),
+    (
+        "gap",
+        "apparel",
+        None,
+        None,
+        {"color": ("blue", 0.85), "sleeve_length": ("long", 0.80)},
+        None,
+        {"color": "gap", "sleeve_length": "gap"},
+    ),
+    ("gap-unsure", "cookware", None, None, {"color": ("green", 0.79)}, None, {"color": "uncertain"}),
+    (
+        "blank",
+        "apparel",
+        "   ",
+        "",
+        {"color": ("red", 0.99), "sleeve_length": ("short", 0.3)},
+        None,
+        {"color": "gap", "sleeve_length": "uncertain"},
+    ),
+    (
+        "invalid",
+        "apparel",
+        "purple",
+        "3/4",
+        {"color": ("red", 0.99), "sleeve_length": ("long", 0.99)},
+        None,
+        {"color": "invalid_value", "sleeve_length": "invalid_value"},
+    ),
+    ("broken-image", "apparel", "red", None, {}, IMAGE_ERROR, {"color": "image_error", "sleeve_length": "image_error"}),
+    (
+        "not-apparel",
+        "cookware",
+        "green",
+        "short",
+        {"color": ("green", 0.99)},
+        None,
+        {"color": "match"},
+    ),  # sleeve_length does not apply to cookware, whatever the catalog says
+    (
+        "untyped",
+        None,
+        "blue",
+        "long",
+        {"color": ("blue", 0.7), "sleeve_length": ("long", 0.7)},
+        None,
+        {"color": "match", "sleeve_length": "match"},
+    ),  # a null applies_to column does not exclude
 ]
 # pattern is in no catalog column: missing for every product, so gap or uncertain by confidence
 PATTERN = {pid: ("striped", 0.9 if i % 2 else 0.5) for i, (pid, *_rest) in enumerate(PRODUCTS)}
@@ -64,8 +124,13 @@ NOT_APPLICABLE = {"sleeve_length": ("short", 0.99)}  # the model scores cookware
 def catalog_frame() -> pl.DataFrame:
     rows = [(pid, ptype, f"images/{pid}.jpg", color, sleeve) for pid, ptype, color, sleeve, *_ in PRODUCTS]
     rows.append((UNSCORED, "cookware", "images/x.jpg", "red", None))
-    schema = {"product_id": pl.String, "product_type": pl.String, "image": pl.String,
-              "color": pl.String, "sleeve_length": pl.String}
+    schema = {
+        "product_id": pl.String,
+        "product_type": pl.String,
+        "image": pl.String,
+        "color": pl.String,
+        "sleeve_length": pl.String,
+    }
     return pl.DataFrame(rows, schema=schema, orient="row")
 
 
@@ -89,7 +154,9 @@ def expected_statuses() -> dict[tuple[str, str], str]:
         if error:
             expected[(pid, "pattern")] = "image_error"
         else:
-            expected[(pid, "pattern")] = "gap" if PATTERN[pid][1] >= CALIBRATION["pattern"].gap_threshold else "uncertain"
+            expected[(pid, "pattern")] = (
+                "gap" if PATTERN[pid][1] >= CALIBRATION["pattern"].gap_threshold else "uncertain"
+            )
     expected[(UNSCORED, "color")] = "image_error"
     expected[(UNSCORED, "pattern")] = "uncertain"  # missing value and nothing to suggest
     return expected
@@ -177,9 +244,7 @@ def test_findings_round_trip_through_parquet_exactly(findings, tmp_path):
 @pytest.mark.parametrize("spelling", ["red\t", "\nred", "red\u00a0"])
 def test_any_whitespace_around_a_value_is_ignored(spelling):
     catalog = pl.DataFrame({"product_id": ["p"], "image": ["p.jpg"], "color": [spelling]})
-    predictions = pl.DataFrame(
-        [("p", "color", "red", 0.5, None)], schema=PREDICTIONS_SCHEMA, orient="row"
-    )
+    predictions = pl.DataFrame([("p", "color", "red", 0.5, None)], schema=PREDICTIONS_SCHEMA, orient="row")
     spec = parse_spec("attributes:\n  color:\n    values: [red, blue]\n")
 
     result = compare(catalog, predictions, spec=spec, calibration={"color": CALIBRATION["color"]})
@@ -191,7 +256,8 @@ def test_a_missing_threshold_never_flags_even_a_certain_prediction():
     catalog = pl.DataFrame({"product_id": ["conflict", "gap"], "image": ["a", "b"], "color": ["blue", None]})
     predictions = pl.DataFrame(
         [("conflict", "color", "red", 1.0, None), ("gap", "color", "red", 1.0, None)],
-        schema=PREDICTIONS_SCHEMA, orient="row",
+        schema=PREDICTIONS_SCHEMA,
+        orient="row",
     )
     spec = parse_spec("attributes:\n  color:\n    values: [red, blue]\n")
     never = Calibration(temperature=1.0, gap_threshold=None, conflict_threshold=None)

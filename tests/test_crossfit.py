@@ -23,8 +23,7 @@ from clipdq.pipeline import crossfit
 from clipdq.training import train
 from flows.audit import audit_catalog
 
-COLOR_SPEC = yaml.safe_dump({"target_precision": 0.9,
-                             "attributes": {"color": sample_data.SPEC["attributes"]["color"]}})
+COLOR_SPEC = yaml.safe_dump({"target_precision": 0.9, "attributes": {"color": sample_data.SPEC["attributes"]["color"]}})
 
 
 def test_folds_cover_every_row_once_and_spread_each_value_evenly():
@@ -57,8 +56,14 @@ def test_cross_fitting_scores_every_row_once_with_one_calibration_per_fold(noisy
     source = catalog.CatalogFile(str(noisy_catalog / "catalog.parquet"))
     findings_file = str(tmp_path / "findings.parquet")
 
-    scored = crossfit.score(source, str(tmp_path / "init"), spec, findings_file, access=access_for(str(noisy_catalog)),
-                            options=AuditOptions(cross_fit=2, fold_minutes=0.5))
+    scored = crossfit.score(
+        source,
+        str(tmp_path / "init"),
+        spec,
+        findings_file,
+        access=access_for(str(noisy_catalog)),
+        options=AuditOptions(cross_fit=2, fold_minutes=0.5),
+    )
 
     findings = pl.read_parquet(findings_file)
     assert sorted(findings["product_id"]) == sorted(pl.read_parquet(noisy_catalog / "catalog.parquet")["product_id"])
@@ -97,8 +102,9 @@ def test_cross_fitting_finds_planted_errors_that_an_in_sample_audit_misses(noisy
     towers.save_model(towers.init_model(spec, seed=0), str(tmp_path / "init"))
 
     in_sample = audit_catalog(str(catalog), str(spec_path), str(tmp_path / "in-sample"), str(tmp_path / "a"))
-    cross_fit = audit_catalog(str(catalog), str(spec_path), str(tmp_path / "init"), str(tmp_path / "b"),
-                              AuditOptions(cross_fit=2))
+    cross_fit = audit_catalog(
+        str(catalog), str(spec_path), str(tmp_path / "init"), str(tmp_path / "b"), AuditOptions(cross_fit=2)
+    )
 
     missed, found = planted_conflicts(noisy_catalog, in_sample), planted_conflicts(noisy_catalog, cross_fit)
     assert found.height == missed.height > 20

@@ -25,8 +25,9 @@ def test_keep_per_value_keeps_n_training_labels_per_value_and_every_held_out_one
         for value in range(values.max() + 1):
             assert (kept[name][train_rows] == value).sum() == 7
         assert set(np.flatnonzero(kept[name][train_rows] >= 0)) <= set(np.flatnonzero(values[train_rows] >= 0))
-        np.testing.assert_array_equal(kept[name][train_rows][kept[name][train_rows] >= 0],
-                                      values[train_rows][kept[name][train_rows] >= 0])  # labels kept, not changed
+        np.testing.assert_array_equal(
+            kept[name][train_rows][kept[name][train_rows] >= 0], values[train_rows][kept[name][train_rows] >= 0]
+        )  # labels kept, not changed
         np.testing.assert_array_equal(kept[name][held_out], values[held_out])
 
 
@@ -55,9 +56,16 @@ def test_learning_curve_trains_one_model_per_size_and_stops_once_all_labels_are_
 
 
 def test_curve_table_and_plot_render():
-    table = pl.DataFrame({"per_value": [10, 10, 30, 30], "attribute": ["a", "b", "a", "b"], "train_labels": [20, 30, 60, 90],
-                          "test_accuracy": [0.5, 0.6, 0.8, 0.9], "test_macro_f1": [0.4, 0.5, 0.7, 0.85],
-                          "minutes": [0.1] * 4})
+    table = pl.DataFrame(
+        {
+            "per_value": [10, 10, 30, 30],
+            "attribute": ["a", "b", "a", "b"],
+            "train_labels": [20, 30, 60, 90],
+            "test_accuracy": [0.5, 0.6, 0.8, 0.9],
+            "test_macro_f1": [0.4, 0.5, 0.7, 0.85],
+            "minutes": [0.1] * 4,
+        }
+    )
 
     text = curves.markdown(table)
     png = Image.open(io.BytesIO(curves.plot_png(table, title="t")))

@@ -49,11 +49,18 @@ def served_prefect(tmp_path_factory: pytest.TempPathFactory):
     home = tmp_path_factory.mktemp("served-prefect")
     port = _free_port()
     env = {k: v for k, v in os.environ.items() if not k.startswith("PREFECT_")}
-    env |= {"PREFECT_HOME": str(home), "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
-            "PREFECT_API_URL": f"http://127.0.0.1:{port}/api"}
+    env |= {
+        "PREFECT_HOME": str(home),
+        "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
+        "PREFECT_API_URL": f"http://127.0.0.1:{port}/api",
+    }
     log = open(home / "server.log", "w")
-    server = subprocess.Popen([*PREFECT, "server", "start", "--host", "127.0.0.1", "--port", str(port)],
-                              env=env, stdout=log, stderr=subprocess.STDOUT)
+    server = subprocess.Popen(
+        [*PREFECT, "server", "start", "--host", "127.0.0.1", "--port", str(port)],
+        env=env,
+        stdout=log,
+        stderr=subprocess.STDOUT,
+    )
     try:
         _wait_healthy(env["PREFECT_API_URL"], server)
         yield env
@@ -73,8 +80,9 @@ def api(env: dict, method: str, path: str, body: dict | None = None, attempts: i
     """A call to the served Prefect's REST API, as its UI makes them; retried while the server
     answers 503 (its SQLite database busy with its own services), as Prefect's clients do."""
     data = None if body is None else json.dumps(body).encode()
-    request = urllib.request.Request(env["PREFECT_API_URL"] + path, data=data, method=method,
-                                     headers={"Content-Type": "application/json"})
+    request = urllib.request.Request(
+        env["PREFECT_API_URL"] + path, data=data, method=method, headers={"Content-Type": "application/json"}
+    )
     for attempt in range(attempts):
         try:
             with urllib.request.urlopen(request, timeout=30) as response:
@@ -90,9 +98,12 @@ def deployed(served_prefect, sample_dir, flagging_model_dir, tmp_path_factory) -
     """The served Prefect with a process work pool and deploy/prefect.yaml deployed; the env to use them."""
     output = tmp_path_factory.mktemp("deployed-reports")
     env = served_prefect | {
-        "CLIPDQ_HOME": str(ROOT), "CLIPDQ_CATALOG": str(sample_dir / "catalog.parquet"),
-        "CLIPDQ_SPEC": str(sample_dir / "spec.yaml"), "CLIPDQ_MODEL": str(flagging_model_dir),
-        "CLIPDQ_OUTPUT": str(output), "CLIPDQ_LABELED": str(sample_dir / "labeled.parquet"),
+        "CLIPDQ_HOME": str(ROOT),
+        "CLIPDQ_CATALOG": str(sample_dir / "catalog.parquet"),
+        "CLIPDQ_SPEC": str(sample_dir / "spec.yaml"),
+        "CLIPDQ_MODEL": str(flagging_model_dir),
+        "CLIPDQ_OUTPUT": str(output),
+        "CLIPDQ_LABELED": str(sample_dir / "labeled.parquet"),
     }
     prefect(env, "work-pool", "create", "clipdq", "--type", "process")
     prefect(env, "--no-prompt", "deploy", "--all", "--prefect-file", "deploy/prefect.yaml")
@@ -125,11 +136,18 @@ def ui_run(deployed, tmp_path_factory) -> dict:
     deployment = api(deployed, "GET", "/deployments/name/clipdq-audit/on-demand-audit")
     edited = tmp_path_factory.mktemp("edited-output")
     parameters = deployment["parameters"] | {"output_uri": str(edited), "options": {"batch_size": 16, "workers": 0}}
-    flow_run = api(deployed, "POST", f"/deployments/{deployment['id']}/create_flow_run",
-                   {"parameters": parameters, "state": {"type": "SCHEDULED"}, "enforce_parameter_schema": True})
+    flow_run = api(
+        deployed,
+        "POST",
+        f"/deployments/{deployment['id']}/create_flow_run",
+        {"parameters": parameters, "state": {"type": "SCHEDULED"}, "enforce_parameter_schema": True},
+    )
     prefect(deployed, "worker", "start", "--pool", "clipdq", "--run-once")
-    return {"deployment": deployment, "flow_run": api(deployed, "GET", f"/flow_runs/{flow_run['id']}"),
-            "output": edited}
+    return {
+        "deployment": deployment,
+        "flow_run": api(deployed, "GET", f"/flow_runs/{flow_run['id']}"),
+        "output": edited,
+    }
 
 
 def test_a_run_from_the_ui_form_uses_its_edited_parameters_and_leaves_artifacts(deployed, ui_run):
@@ -164,19 +182,31 @@ def _event_payloads(env: dict, name: str, resource: str, timeout: float = 60) ->
 
 def _browse(url: str, screenshot: Path | None = None, *, height: int = 1300) -> str:
     """The DOM of a page once its scripts settle, and a screenshot of it."""
-    command = [shutil.which("chromium"), "--headless", "--no-sandbox", "--disable-gpu", f"--window-size=1400,{height}",
-               "--virtual-time-budget=20000"]
+    command = [
+        shutil.which("chromium"),
+        "--headless",
+        "--no-sandbox",
+        "--disable-gpu",
+        f"--window-size=1400,{height}",
+        "--virtual-time-budget=20000",
+    ]
     if screenshot:
         subprocess.run([*command, f"--screenshot={screenshot}", url], capture_output=True, timeout=120, check=True)
     return subprocess.run([*command, "--dump-dom", url], capture_output=True, text=True, timeout=120, check=True).stdout
 
 
-@pytest.mark.skipif(shutil.which("chromium") is None, reason="chromium is not installed: run scripts/install-chromium.sh")
+@pytest.mark.skipif(
+    shutil.which("chromium") is None, reason="chromium is not installed: run scripts/install-chromium.sh"
+)
 def test_the_prefect_ui_shows_the_run_form_with_help_the_run_and_its_artifacts(deployed, ui_run, tmp_path):
     shots = Path(os.environ.get("CLIPDQ_SCREENSHOTS", tmp_path))  # docs/screenshots refreshes the README's
     ui, run_id = deployed["PREFECT_API_URL"].removesuffix("/api"), ui_run["flow_run"]["id"]
-    top = api(deployed, "POST", "/artifacts/filter", {"artifacts": {"flow_run_id": {"any_": [run_id]},
-                                                                    "key": {"any_": ["clipdq-top-problems"]}}})[0]
+    top = api(
+        deployed,
+        "POST",
+        "/artifacts/filter",
+        {"artifacts": {"flow_run_id": {"any_": [run_id]}, "key": {"any_": ["clipdq-top-problems"]}}},
+    )[0]
 
     form = _browse(f"{ui}/deployments/deployment/{ui_run['deployment']['id']}/run", shots / "prefect-run-form.png")
     run = _browse(f"{ui}/runs/flow-run/{run_id}", shots / "prefect-flow-run.png")

@@ -8,7 +8,6 @@ import urllib.request
 from pathlib import Path
 
 import pytest
-from test_cli import cli_env  # noqa: F401 - the CLI's environment fixture (no Prefect API)
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -37,8 +36,9 @@ def answers(url: str) -> bool:
 
 @pytest.mark.subprocess
 def test_a_flow_runs_on_the_early_server_which_stops_with_the_process(cli_env):  # noqa: F811
-    child = subprocess.run([sys.executable, "-c", CHILD], env=cli_env, cwd=ROOT, capture_output=True, text=True,
-                           timeout=300)
+    child = subprocess.run(
+        [sys.executable, "-c", CHILD], env=cli_env, cwd=ROOT, capture_output=True, text=True, timeout=300
+    )
 
     assert child.returncode == 0, child.stderr
     heartbeats, url, result = child.stdout.split()[-3:]

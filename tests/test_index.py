@@ -50,8 +50,12 @@ def test_approximate_top_k_with_fewer_references_than_k() -> None:
 
 def embedded(embeddings: np.ndarray, prefix: str) -> match.Embedded:
     n = len(embeddings)
-    return match.Embedded(ids=[f"{prefix}{i}" for i in range(n)], sha256=[f"{prefix}-sha-{i}" for i in range(n)],
-                          errors=[None] * n, embeddings=embeddings)
+    return match.Embedded(
+        ids=[f"{prefix}{i}" for i in range(n)],
+        sha256=[f"{prefix}-sha-{i}" for i in range(n)],
+        errors=[None] * n,
+        embeddings=embeddings,
+    )
 
 
 def test_search_auto_goes_approximate_past_the_bound(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -88,7 +92,10 @@ def test_approximate_search_with_the_agreement_rescores_the_images_candidates() 
     agreement = agreement_of(rng, 3000, 16, weight=0.05)
     exact, _ = match.match_embedded(references, queries, k=3, search="exact", agreement=agreement)
     approximate, summary = match.match_embedded(references, queries, k=3, search="approximate", agreement=agreement)
-    assert summary["search"] == "approximate" and summary["approximate_index"]["candidates_rescored"] == match.RESCORED_CANDIDATES
+    assert (
+        summary["search"] == "approximate"
+        and summary["approximate_index"]["candidates_rescored"] == match.RESCORED_CANDIDATES
+    )
     assert approximate.height == 150
     both = approximate.join(exact, on=["query_id", "rank"], suffix="_exact")
     assert (both["reference_id"] == both["reference_id_exact"]).mean() >= 0.9
@@ -102,8 +109,7 @@ def test_the_built_index_is_kept_and_read_while_the_references_stay_the_same(whe
     queries = embedded(clustered(rng, centres, 30, 0.5), "q")
     root = str(tmp_path) if where == "local" else request.getfixturevalue("s3_bucket")
     folder = storage.join(root, "approximate_index")
-    runs = [match.match_embedded(references, queries, k=3, search="approximate", index_folder=folder)
-            for _ in range(2)]
+    runs = [match.match_embedded(references, queries, k=3, search="approximate", index_folder=folder) for _ in range(2)]
     assert [summary["approximate_index"]["read_from_an_earlier_run"] for _, summary in runs] == [False, True]
     assert runs[0][0].equals(runs[1][0])
     first = storage.list_files(folder)

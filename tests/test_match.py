@@ -63,18 +63,23 @@ def agreement_of(rng: np.random.Generator, references: int, d: int, weight: floa
     return neighbours.ValueAgreement(["a", "b"], value_emb, [10.0, 5.0], codes, weight)
 
 
-def brute_force_agreement(queries: np.ndarray, references: np.ndarray, agreement: neighbours.ValueAgreement) -> np.ndarray:
+def brute_force_agreement(
+    queries: np.ndarray, references: np.ndarray, agreement: neighbours.ValueAgreement
+) -> np.ndarray:
     """Cosine plus the agreement, written out in numpy: the definition top_k must meet."""
     q, r = neighbours.normalised(queries), neighbours.normalised(references)
     scores = q @ r.T
     for value_emb, scale, codes in zip(agreement.value_emb, agreement.scales, agreement.codes):
-        def probs(x):
+
+        def probs(x, scale=scale, value_emb=value_emb):
             e = np.exp(scale * x @ value_emb.T - (scale * x @ value_emb.T).max(1, keepdims=True))
             return e / e.sum(1, keepdims=True)
+
         reference_probs = probs(r)
         known = codes >= 0
-        reference_probs[known] = ((1 - agreement.error_rate) * np.eye(len(value_emb))[codes[known]]
-                                  + agreement.error_rate * reference_probs[known])
+        reference_probs[known] = (1 - agreement.error_rate) * np.eye(len(value_emb))[
+            codes[known]
+        ] + agreement.error_rate * reference_probs[known]
         scores += agreement.weight * np.log(np.maximum(probs(q) @ reference_probs.T, neighbours.AGREEMENT_FLOOR))
     return scores
 
@@ -84,8 +89,9 @@ def test_top_k_with_agreement_equals_its_definition_whatever_the_blocks(blocks: 
     rng = np.random.default_rng(2)
     queries, references = rng.normal(size=(40, 16)), rng.normal(size=(90, 16))
     agreement = agreement_of(rng, 90, 16)
-    found = neighbours.top_k(queries, references, k=K, agreement=agreement, query_block=blocks[0],
-                        reference_block=blocks[1])
+    found = neighbours.top_k(
+        queries, references, k=K, agreement=agreement, query_block=blocks[0], reference_block=blocks[1]
+    )
     scores = brute_force_agreement(queries, references, agreement)
     order = np.argsort(-scores, axis=1, kind="stable")[:, :K]
     np.testing.assert_array_equal(found.indices, order)
@@ -101,12 +107,15 @@ def test_agreement_puts_the_reference_showing_the_querys_value_first() -> None:
     agreement = neighbours.ValueAgreement(["a"], value_emb, [20.0], [np.array([1, 0])])  # but its catalog says value 1
     assert neighbours.top_k(query, references, k=1).indices[0, 0] == 0
     assert neighbours.top_k(query, references, k=1, agreement=agreement).indices[0, 0] == 1
-    unknown = neighbours.ValueAgreement(["a"], value_emb, [20.0], [np.array([-1, -1])])  # no catalog values: the image's
+    unknown = neighbours.ValueAgreement(
+        ["a"], value_emb, [20.0], [np.array([-1, -1])]
+    )  # no catalog values: the image's
     assert neighbours.top_k(query, references, k=1, agreement=unknown).indices[0, 0] == 0
 
 
 def test_only_a_model_trained_on_the_spec_adds_its_reading_of_values(
-        spec: Spec, pretrained_dir: Path, flagging_model_dir: Path) -> None:
+    spec: Spec, pretrained_dir: Path, flagging_model_dir: Path
+) -> None:
     codes = {name: np.zeros(3, np.int64) for name in spec.names}
     assert matching.value_agreement(scorer.of_files(str(pretrained_dir), spec), codes, weight=1.0) is None
     trained = scorer.of_files(str(flagging_model_dir), spec)
@@ -120,8 +129,13 @@ def test_references_values_read_synonyms_and_spellings_as_the_audit_reads_them(s
     """Matching trusts a reference's catalog value through the one value encoder: a synonym or another
     spelling of a value is that value (before, only exact strings were: "rood" counted as no value)."""
     colors = spec.attribute("color").values
-    written = pl.DataFrame({spec.id_column: ["a", "b", "c", "d"], spec.image_column: ["a.png"] * 4,
-                            "color": ["red", "rood", " Crimson ", "mauve"]})
+    written = pl.DataFrame(
+        {
+            spec.id_column: ["a", "b", "c", "d"],
+            spec.image_column: ["a.png"] * 4,
+            "color": ["red", "rood", " Crimson ", "mauve"],
+        }
+    )
     written.write_parquet(tmp_path / "references.parquet")
     source = catalog.CatalogFile(str(tmp_path / "references.parquet"))
 
@@ -145,8 +159,15 @@ def test_a_synonym_in_the_references_matches_as_its_value_does(spec: Spec, flagg
     synonyms = {value: others[0] for value, others in spec.attribute("color").synonyms.items()}
     respelled = canonical.with_columns(pl.col("color").replace(synonyms))
     assert (respelled["color"] != canonical["color"]).all()
-    found = [neighbours.top_k(queries, references, k=3, agreement=matching.value_agreement(
-        trained, values.labels(frame, spec), weight=1.0)) for frame in (canonical, respelled)]
+    found = [
+        neighbours.top_k(
+            queries,
+            references,
+            k=3,
+            agreement=matching.value_agreement(trained, values.labels(frame, spec), weight=1.0),
+        )
+        for frame in (canonical, respelled)
+    ]
     np.testing.assert_array_equal(found[0].indices, found[1].indices)
     np.testing.assert_allclose(found[0].scores, found[1].scores)
 
@@ -181,8 +202,11 @@ def altered(source: Path, dest: Path, rng: np.random.Generator) -> None:
 def queries(sample_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict]:
     """Queries of 30 catalog products: 26 altered photos, 3 byte-for-byte copies, one broken file."""
     references = pl.read_parquet(sample_dir / "catalog.parquet")
-    usable = [row for row in references.iter_rows(named=True)
-              if (sample_dir / row["image"]).exists() and _decodes(sample_dir / row["image"])][:30]
+    usable = [
+        row
+        for row in references.iter_rows(named=True)
+        if (sample_dir / row["image"]).exists() and _decodes(sample_dir / row["image"])
+    ][:30]
     folder = tmp_path_factory.mktemp("queries")
     (folder / "images").mkdir()
     rng, rows = np.random.default_rng(0), []
@@ -210,11 +234,27 @@ def _decodes(path: Path) -> bool:
 
 @pytest.mark.subprocess
 def test_clipdq_match_finds_the_product_of_altered_photos_and_leaves_out_copies(
-        sample_dir: Path, pretrained_dir: Path, queries: tuple[Path, dict], tmp_path: Path) -> None:
+    sample_dir: Path, pretrained_dir: Path, queries: tuple[Path, dict], tmp_path: Path
+) -> None:
     queries_file, expected = queries
-    command = [sys.executable, "-m", "clipdq.cli", "match", "--references", str(sample_dir / "catalog.parquet"),
-               "--queries", str(queries_file), "--spec", str(sample_dir / "spec.yaml"), "--model", str(pretrained_dir),
-               "--output", str(tmp_path / "out"), "--label-column", "expected_id"]
+    command = [
+        sys.executable,
+        "-m",
+        "clipdq.cli",
+        "match",
+        "--references",
+        str(sample_dir / "catalog.parquet"),
+        "--queries",
+        str(queries_file),
+        "--spec",
+        str(sample_dir / "spec.yaml"),
+        "--model",
+        str(pretrained_dir),
+        "--output",
+        str(tmp_path / "out"),
+        "--label-column",
+        "expected_id",
+    ]
     result = subprocess.run(command, capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stderr[-3000:]
     folder = Path(result.stdout.strip().splitlines()[-1])
@@ -238,8 +278,11 @@ def test_clipdq_match_finds_the_product_of_altered_photos_and_leaves_out_copies(
     assert altered_right >= 18, f"{altered_right} of 26 altered photos matched first"
     near = ranked.filter(pl.col("detail").str.starts_with("near-identical pixels"))
     assert near.height and all(expected[q] == r for q, r in near.select("query_id", "reference_id").iter_rows())
-    assert summary["near_identical_pixels"] == {"threshold": 0.99, "pairs": near.height,
-                                                "queries": near["query_id"].n_unique()}
+    assert summary["near_identical_pixels"] == {
+        "threshold": 0.99,
+        "pairs": near.height,
+        "queries": near["query_id"].n_unique(),
+    }
     assert summary["score"]["attributes"] == {}  # an untrained text tower's reading of values is not used
     assert summary["query_image_errors"] == 1
     assert summary["accuracy"]["labeled_queries"] == 29
@@ -248,13 +291,27 @@ def test_clipdq_match_finds_the_product_of_altered_photos_and_leaves_out_copies(
 
 @pytest.mark.subprocess
 def test_a_trained_model_matches_by_image_with_catalog_values_or_through_the_index(
-        sample_dir: Path, spec: Spec, flagging_model_dir: Path, queries: tuple[Path, dict], tmp_path: Path) -> None:
+    sample_dir: Path, spec: Spec, flagging_model_dir: Path, queries: tuple[Path, dict], tmp_path: Path
+) -> None:
     queries_file, _ = queries
-    common = ["--references", str(sample_dir / "catalog.parquet"), "--queries", str(queries_file), "--spec",
-              str(sample_dir / "spec.yaml"), "--model", str(flagging_model_dir), "--label-column", "expected_id"]
+    common = [
+        "--references",
+        str(sample_dir / "catalog.parquet"),
+        "--queries",
+        str(queries_file),
+        "--spec",
+        str(sample_dir / "spec.yaml"),
+        "--model",
+        str(flagging_model_dir),
+        "--label-column",
+        "expected_id",
+    ]
     runs = {}  # one output: the later runs take the images' embeddings from the first run's cache
-    for name, flags in {"0": ["--attribute-weight", "0"], "1": ["--attribute-weight", "1"],
-                        "index": ["--search", "approximate", "--attribute-weight", "1"]}.items():
+    for name, flags in {
+        "0": ["--attribute-weight", "0"],
+        "1": ["--attribute-weight", "1"],
+        "index": ["--search", "approximate", "--attribute-weight", "1"],
+    }.items():
         command = [sys.executable, "-m", "clipdq.cli", "match", *common, "--output", str(tmp_path), *flags]
         result = subprocess.run(command, capture_output=True, text=True, timeout=600)
         assert result.returncode == 0, result.stderr[-3000:]
@@ -264,22 +321,30 @@ def test_a_trained_model_matches_by_image_with_catalog_values_or_through_the_ind
     assert [runs[name][1]["search"] for name in runs] == ["exact", "exact", "approximate"]
     # a few hundred references make a handful of cells, all searched: the index's candidates, rescored with the
     # agreement, give the exact search's matches
-    first = {name: runs[name][0].filter(pl.col("rank") == 1).sort("query_id")["reference_id"] for name in ("1", "index")}
+    first = {
+        name: runs[name][0].filter(pl.col("rank") == 1).sort("query_id")["reference_id"] for name in ("1", "index")
+    }
     assert (first["1"] == first["index"]).mean() >= 0.9
     assert runs["index"][1]["same_image_excluded"] == runs["1"][1]["same_image_excluded"]
     assert runs["index"][1]["approximate_index"] == {"read_from_an_earlier_run": False, "candidates_rescored": 64}
     assert len(list(tmp_path.glob("_embedding_cache/*/approximate_index/*.faiss"))) == 1  # kept for the next run
     references = pl.read_parquet(sample_dir / "catalog.parquet")
-    references = references.filter(pl.Series([(sample_dir / image).exists() and _decodes(sample_dir / image)
-                                              for image in references["image"]]))  # a usable image
+    references = references.filter(
+        pl.Series([(sample_dir / image).exists() and _decodes(sample_dir / image) for image in references["image"]])
+    )  # a usable image
     labels = values.labels(references, spec)  # synonyms and other spellings count as their values
     valid = {name: int((labels[name] >= 0).sum()) for name in spec.names}
     assert valid["color"] > references["color"].is_in(spec.attribute("color").values).sum()  # the sample has synonyms
     assert runs["1"][1]["score"]["attributes"] == {
-        name: {"references_with_a_catalog_value": count} for name, count in valid.items()}
+        name: {"references_with_a_catalog_value": count} for name, count in valid.items()
+    }
     # the agreement is a log-probability: it lowers every pair's score, and reorders some queries' matches
     both = runs["1"][0].join(runs["0"][0], on=["query_id", "reference_id"], suffix="_image").drop_nulls("rank")
     assert both.height and (both["score"] <= both["score_image"] + 1e-5).all()
     assert (both["score"] < both["score_image"] - 0.01).any()
-    assert not runs["1"][0].filter(pl.col("rank") == 1).sort("query_id").equals(
-        runs["0"][0].filter(pl.col("rank") == 1).sort("query_id"))
+    assert (
+        not runs["1"][0]
+        .filter(pl.col("rank") == 1)
+        .sort("query_id")
+        .equals(runs["0"][0].filter(pl.col("rank") == 1).sort("query_id"))
+    )

@@ -48,8 +48,13 @@ def test_model_folder_holds_hugging_face_files_and_clipdq_metadata(clip, tmp_pat
     folder = Path(towers.save_model(clip, str(tmp_path / "model")))
     names = {p.name for p in folder.iterdir()}
 
-    assert {"config.json", "model.safetensors", "preprocessor_config.json", "tokenizer_config.json",
-            towers.META_FILE} <= names
+    assert {
+        "config.json",
+        "model.safetensors",
+        "preprocessor_config.json",
+        "tokenizer_config.json",
+        towers.META_FILE,
+    } <= names
     assert "tokenizer.json" in names or {"vocab.json", "merges.txt"} <= names
     assert not {n for n in names if n.endswith((".bin", ".pt", ".pkl", ".pickle"))}, "no pickled weights"
     meta = json.loads((folder / towers.META_FILE).read_text())

@@ -132,8 +132,9 @@ def test_the_default_conflict_bar_needs_134_clean_validation_rows():
     required = predict.required_accuracy(0.9, 0.1)  # 0.988, as the README says
 
     def cut(clean: int) -> tuple | None:  # the `clean` most confident rows right, 20 more wrong
-        return predict.threshold_for_accuracy(np.linspace(0.99, 0.5, clean + 20), np.arange(clean + 20) < clean,
-                                              required)
+        return predict.threshold_for_accuracy(
+            np.linspace(0.99, 0.5, clean + 20), np.arange(clean + 20) < clean, required
+        )
 
     assert cut(133) is None
     assert cut(134) is not None

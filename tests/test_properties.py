@@ -31,12 +31,16 @@ def _jpeg(seed: int) -> bytes:
 TEXT = st.text(alphabet=st.characters(codec="utf-8"), max_size=16)
 VALUES = st.one_of(st.none(), TEXT, st.sampled_from(["red", " Rood ", "NAVY", "longsleeved", "lid", ""]))
 IMAGES = st.one_of(st.none(), st.binary(max_size=64), st.sampled_from([_jpeg(0), _jpeg(1), b"", b"\xff\xd8\xff"]))
-ROW = st.fixed_dictionaries({
-    "product_id": st.one_of(st.none(), TEXT),
-    "image": IMAGES,
-    "product_type": st.one_of(st.none(), st.sampled_from(["apparel", "cookware", "furniture"]), TEXT),
-    "color": VALUES, "sleeve_length": VALUES, "has_lid": VALUES,
-})
+ROW = st.fixed_dictionaries(
+    {
+        "product_id": st.one_of(st.none(), TEXT),
+        "image": IMAGES,
+        "product_type": st.one_of(st.none(), st.sampled_from(["apparel", "cookware", "furniture"]), TEXT),
+        "color": VALUES,
+        "sleeve_length": VALUES,
+        "has_lid": VALUES,
+    }
+)
 
 
 @pytest.fixture(scope="module")
@@ -47,8 +51,17 @@ def scoring(trained_model_dir, spec):
 @settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(rows=st.lists(ROW, min_size=1, max_size=10))
 def test_every_row_is_reported_or_the_catalog_refused_with_a_reason(rows, scoring, spec, tmp_path):
-    frame = pl.DataFrame(rows, schema={"product_id": pl.String, "image": pl.Binary, "product_type": pl.String,
-                                       "color": pl.String, "sleeve_length": pl.String, "has_lid": pl.String})
+    frame = pl.DataFrame(
+        rows,
+        schema={
+            "product_id": pl.String,
+            "image": pl.Binary,
+            "product_type": pl.String,
+            "color": pl.String,
+            "sleeve_length": pl.String,
+            "has_lid": pl.String,
+        },
+    )
     try:
         catalog.validate(frame, spec)
     except catalog.CatalogError as refused:

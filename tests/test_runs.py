@@ -12,18 +12,22 @@ def findings(rows: list[tuple]) -> pl.DataFrame:
     return pl.DataFrame([(*row, None) for row in rows], schema=FINDINGS_SCHEMA, orient="row")
 
 
-BEFORE = findings([
-    ("p1", "color", "blue", "red", 0.99, "conflict"),
-    ("p2", "color", None, "red", 0.97, "gap"),
-    ("p3", "color", "red", "red", 0.99, "match"),
-    ("p4", "lid", "maybe", "lid", 0.6, "invalid_value"),
-])
-AFTER = findings([
-    ("p1", "color", "blue", "red", 0.99, "conflict"),  # persists
-    ("p2", "color", "red", "red", 0.97, "match"),  # the gap was filled: resolved
-    ("p3", "color", "blue", "red", 0.99, "conflict"),  # new
-    ("p4", "lid", "maybe", "lid", 0.6, "invalid_value"),  # persists
-])
+BEFORE = findings(
+    [
+        ("p1", "color", "blue", "red", 0.99, "conflict"),
+        ("p2", "color", None, "red", 0.97, "gap"),
+        ("p3", "color", "red", "red", 0.99, "match"),
+        ("p4", "lid", "maybe", "lid", 0.6, "invalid_value"),
+    ]
+)
+AFTER = findings(
+    [
+        ("p1", "color", "blue", "red", 0.99, "conflict"),  # persists
+        ("p2", "color", "red", "red", 0.97, "match"),  # the gap was filled: resolved
+        ("p3", "color", "blue", "red", 0.99, "conflict"),  # new
+        ("p4", "lid", "maybe", "lid", 0.6, "invalid_value"),  # persists
+    ]
+)
 
 
 def publish(output, frame: pl.DataFrame, catalog: str) -> str:
@@ -37,13 +41,19 @@ def test_changes_name_new_resolved_and_persisting_problems_per_attribute(tmp_pat
     before = publish(tmp_path, BEFORE, "c.parquet")
     changes = runs.changed(AFTER.lazy(), runs.read_problems(before))
 
-    assert sorted(changes.rows()) == [("p1", "color", "conflict", "persisting"), ("p2", "color", "gap", "resolved"),
-                                      ("p3", "color", "conflict", "new"), ("p4", "lid", "invalid_value", "persisting")]
+    assert sorted(changes.rows()) == [
+        ("p1", "color", "conflict", "persisting"),
+        ("p2", "color", "gap", "resolved"),
+        ("p3", "color", "conflict", "new"),
+        ("p4", "lid", "invalid_value", "persisting"),
+    ]
     counts = runs.change_counts(changes, before)
     assert counts["previous_run"] == runs.run_id_of(before)
     assert counts["totals"] == {"new": 1, "resolved": 1, "persisting": 2}
-    assert counts["by_attribute"] == [{"attribute": "color", "new": 1, "resolved": 1, "persisting": 1},
-                                      {"attribute": "lid", "new": 0, "resolved": 0, "persisting": 1}]
+    assert counts["by_attribute"] == [
+        {"attribute": "color", "new": 1, "resolved": 1, "persisting": 1},
+        {"attribute": "lid", "new": 0, "resolved": 0, "persisting": 1},
+    ]
 
 
 def test_only_complete_runs_of_the_same_catalog_count_as_previous(tmp_path):
@@ -80,8 +90,13 @@ def test_an_unreadable_previous_run_gives_no_changes_and_the_audit_goes_on(tmp_p
 def test_duplicate_listings_are_kept_only_from_a_run_of_the_same_images(tmp_path):
     listings = pl.DataFrame({"group": [0, 0], "product_id": ["p1", "p2"]})
     run_id, folder = report.new_run(str(tmp_path))
-    summary = report.summarize(BEFORE, products=4, validation={}, run={"run_id": run_id, "catalog": "c.parquet"},
-                               duplicates={"images_key": "k1"})
+    summary = report.summarize(
+        BEFORE,
+        products=4,
+        validation={},
+        run={"run_id": run_id, "catalog": "c.parquet"},
+        duplicates={"images_key": "k1"},
+    )
     report.publish_run(folder, BEFORE, summary, "<html></html>", duplicates=listings)
 
     assert runs.kept_duplicates(folder, "k1").equals(listings)

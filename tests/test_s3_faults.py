@@ -10,7 +10,7 @@ import sys
 import polars as pl
 import pytest
 from s3_faults import FaultyS3
-from test_cli import cli_env, reason_lines  # noqa: F401 - the CLI's environment fixture
+from test_cli import reason_lines
 from test_flow import read_run
 
 from clipdq.io import storage
@@ -51,19 +51,27 @@ def test_throttling_and_connection_resets_are_retried_and_the_audit_succeeds(
 
 def refuse(what: str | None):
     """A rule: AccessDenied for writes (a read-only role), for any request naming ``what``, or for nothing."""
+
     def rule(method: str, path: str, n: int) -> str | None:
         if what == "writes":
             return "denied" if method in ("PUT", "POST", "DELETE") else None
         return "denied" if what and what in path else None
+
     return rule
 
 
 CASES = {  # case -> (what the proxy refuses, where the run writes, the one line it fails with)
     "read-only role": ("writes", "{s3}/reports", "StorageError: cannot write to {s3}/reports: S3 AccessDenied"),
-    "catalog refused": ("catalog.parquet", "{s3}/reports",
-                        "CatalogError: cannot read {s3}/sample/catalog.parquet: S3 403"),
-    "missing output bucket": (None, "s3://no-such-bucket-for-clipdq/reports",
-                              "StorageError: cannot write to s3://no-such-bucket-for-clipdq/reports: S3 NoSuchBucket"),
+    "catalog refused": (
+        "catalog.parquet",
+        "{s3}/reports",
+        "CatalogError: cannot read {s3}/sample/catalog.parquet: S3 403",
+    ),
+    "missing output bucket": (
+        None,
+        "s3://no-such-bucket-for-clipdq/reports",
+        "StorageError: cannot write to s3://no-such-bucket-for-clipdq/reports: S3 NoSuchBucket",
+    ),
 }
 
 
@@ -79,8 +87,9 @@ def test_a_refusal_fails_the_audit_before_any_scoring_without_retries(
     with FaultyS3(moto_endpoint, rule) as proxy:
         point_s3_at(proxy.url, monkeypatch)
         with pytest.raises(Exception) as failure:
-            audit_catalog(f"{s3_bucket}/sample/catalog.parquet", f"{s3_bucket}/sample/spec.yaml",
-                          str(flagging_model_dir), output)
+            audit_catalog(
+                f"{s3_bucket}/sample/catalog.parquet", f"{s3_bucket}/sample/spec.yaml", str(flagging_model_dir), output
+            )
     point_s3_at(moto_endpoint, monkeypatch)
 
     assert f"{type(failure.value).__name__}: {failure.value}" == reason
@@ -90,28 +99,60 @@ def test_a_refusal_fails_the_audit_before_any_scoring_without_retries(
 
 
 @pytest.mark.subprocess
-def test_the_cli_says_why_in_one_line(cli_env, sample_dir, flagging_model_dir, s3_bucket, moto_endpoint,  # noqa: F811
-                                      tmp_path):
+def test_the_cli_says_why_in_one_line(
+    cli_env,
+    sample_dir,
+    flagging_model_dir,
+    s3_bucket,
+    moto_endpoint,  # noqa: F811
+    tmp_path,
+):
     storage.upload_folder(sample_dir, f"{s3_bucket}/sample")
     with FaultyS3(moto_endpoint, refuse("writes")) as proxy:
-        env = cli_env | {"AWS_ENDPOINT_URL": proxy.url, "AWS_ACCESS_KEY_ID": "testing",
-                         "AWS_SECRET_ACCESS_KEY": "testing", "AWS_DEFAULT_REGION": "us-east-1"}
+        env = cli_env | {
+            "AWS_ENDPOINT_URL": proxy.url,
+            "AWS_ACCESS_KEY_ID": "testing",
+            "AWS_SECRET_ACCESS_KEY": "testing",
+            "AWS_DEFAULT_REGION": "us-east-1",
+        }
         result = subprocess.run(
-            [sys.executable, "-m", "clipdq.cli", "audit", "--catalog", f"{s3_bucket}/sample/catalog.parquet",
-             "--spec", f"{s3_bucket}/sample/spec.yaml", "--model", str(flagging_model_dir), "--output",
-             f"{s3_bucket}/reports"], env=env, cwd=tmp_path, capture_output=True, text=True, timeout=600)
+            [
+                sys.executable,
+                "-m",
+                "clipdq.cli",
+                "audit",
+                "--catalog",
+                f"{s3_bucket}/sample/catalog.parquet",
+                "--spec",
+                f"{s3_bucket}/sample/spec.yaml",
+                "--model",
+                str(flagging_model_dir),
+                "--output",
+                f"{s3_bucket}/reports",
+            ],
+            env=env,
+            cwd=tmp_path,
+            capture_output=True,
+            text=True,
+            timeout=600,
+        )
 
     assert result.returncode == 1
     assert reason_lines(result, "audit") == [
-        f"clipdq audit: error: StorageError: cannot write to {s3_bucket}/reports: S3 AccessDenied"]
+        f"clipdq audit: error: StorageError: cannot write to {s3_bucket}/reports: S3 AccessDenied"
+    ]
 
 
 def test_an_unchanged_image_on_s3_is_not_downloaded_again(
     prefect_harness, sample_dir, flagging_model_dir, s3_bucket, moto_endpoint, monkeypatch, isolated_home
 ):
     storage.upload_folder(sample_dir, f"{s3_bucket}/sample")
-    args = (f"{s3_bucket}/sample/catalog.parquet", f"{s3_bucket}/sample/spec.yaml", str(flagging_model_dir),
-            f"{s3_bucket}/reports")
+    args = (
+        f"{s3_bucket}/sample/catalog.parquet",
+        f"{s3_bucket}/sample/spec.yaml",
+        str(flagging_model_dir),
+        f"{s3_bucket}/reports",
+    )
     stored = set(storage.list_files(f"{s3_bucket}/sample"))
     referenced = set(pl.read_parquet(sample_dir / "catalog.parquet")["image"].drop_nulls().to_list())
     images = {f"/{s3_bucket.removeprefix('s3://')}/sample/{name}" for name in stored & referenced}  # that exist
@@ -131,4 +172,6 @@ def test_an_unchanged_image_on_s3_is_not_downloaded_again(
     shown = len(report.thumbnail_ids(read_run(again)[0]))
     # ... and only images that never embedded are read again, besides the report's thumbnails
     assert len(of_images(rerun, "GET")) == len(images) - unread + shown
-    assert unread >= len(images) - 6  # all but the sample's broken images
+    truth = pl.read_parquet(sample_dir / "ground_truth.parquet")
+    broken = truth.filter(pl.col("planted") == "image_error")["product_id"].n_unique()
+    assert broken and unread >= len(images) - broken  # all but the sample's broken images

@@ -17,7 +17,7 @@ import polars as pl
 import pyarrow.parquet as pq
 import pytest
 from polars.testing import assert_frame_equal
-from test_cli import cli_env, last_line  # noqa: F401 - the CLI's environment fixture
+from test_cli import last_line
 from test_flow import assert_findings_match_ground_truth, assert_planted_flags_found, read_run
 
 from clipdq.core.options import AuditOptions
@@ -29,13 +29,16 @@ from flows.audit import audit_catalog
 COLUMNS = ["product_id", "attribute", "existing_value", "predicted_value", "status", "detail"]
 
 
-@pytest.mark.parametrize(("groups", "per_shard", "expected"), [
-    ([10, 10, 10], 25, [(0, 20), (20, 30)]),
-    ([10, 10, 10], 10, [(0, 10), (10, 20), (20, 30)]),
-    ([100], 30, [(0, 30), (30, 60), (60, 90), (90, 100)]),  # one large row group, cut into ranges
-    ([5, 70, 5], 30, [(0, 5), (5, 35), (35, 65), (65, 75), (75, 80)]),
-    ([], 30, []),
-])
+@pytest.mark.parametrize(
+    ("groups", "per_shard", "expected"),
+    [
+        ([10, 10, 10], 25, [(0, 20), (20, 30)]),
+        ([10, 10, 10], 10, [(0, 10), (10, 20), (20, 30)]),
+        ([100], 30, [(0, 30), (30, 60), (60, 90), (90, 100)]),  # one large row group, cut into ranges
+        ([5, 70, 5], 30, [(0, 5), (5, 35), (35, 65), (65, 75), (75, 80)]),
+        ([], 30, []),
+    ],
+)
 def test_shards_follow_row_groups_and_cover_every_row_once(groups, per_shard, expected):
     plan = shards.plan(groups, rows_per_shard=per_shard)
     assert [(s.start, s.stop) for s in plan] == expected
@@ -57,9 +60,14 @@ def test_the_images_of_every_shard_are_read_back_with_their_signatures_mapped_fr
     rng = np.random.default_rng(0)
     parts, written = [], []
     for index, rows in enumerate((3, 0, 2)):  # a shard whose images all failed writes an empty part
-        frame = pl.DataFrame({"product_id": [f"p{index}-{i}" for i in range(rows)], "sha256": ["d"] * rows,
-                              "signature": [rng.integers(0, 256, SIGNATURE_BYTES, np.uint8).tobytes()
-                                            for _ in range(rows)]}, schema=embedding.IMAGES_SCHEMA)
+        frame = pl.DataFrame(
+            {
+                "product_id": [f"p{index}-{i}" for i in range(rows)],
+                "sha256": ["d"] * rows,
+                "signature": [rng.integers(0, 256, SIGNATURE_BYTES, np.uint8).tobytes() for _ in range(rows)],
+            },
+            schema=embedding.IMAGES_SCHEMA,
+        )
         shards.write_parquet(str(tmp_path / f"images-{index}.parquet"), frame.to_arrow())
         parts.append(str(tmp_path / f"images-{index}.parquet"))
         written.append(frame)
@@ -88,8 +96,11 @@ def sharded_sample(sample_dir: Path, folder: Path, *, rows_per_group: int) -> Pa
     """The sample catalog rewritten with small row groups, beside a copy of its images."""
     shutil.copytree(sample_dir, folder, ignore=shutil.ignore_patterns("*.parquet", "model"))
     shutil.copy(sample_dir / "ground_truth.parquet", folder)
-    pq.write_table(pl.read_parquet(sample_dir / "catalog.parquet").to_arrow(), folder / "catalog.parquet",
-                   row_group_size=rows_per_group)
+    pq.write_table(
+        pl.read_parquet(sample_dir / "catalog.parquet").to_arrow(),
+        folder / "catalog.parquet",
+        row_group_size=rows_per_group,
+    )
     return folder
 
 
@@ -100,8 +111,9 @@ def test_two_dask_workers_give_the_findings_of_one_process(prefect_harness, samp
     args = (str(data / "catalog.parquet"), str(data / "spec.yaml"), str(flagging_model_dir))
     single = audit_catalog(*args, str(tmp_path / "single"), AuditOptions(rows_per_shard=25))
     with LocalCluster(n_workers=2, threads_per_worker=1, processes=True, dashboard_address=None) as cluster:
-        distributed = audit_catalog(*args, str(tmp_path / "dask"),
-                                    AuditOptions(rows_per_shard=25, dask_address=cluster.scheduler_address))
+        distributed = audit_catalog(
+            *args, str(tmp_path / "dask"), AuditOptions(rows_per_shard=25, dask_address=cluster.scheduler_address)
+        )
         workers = {worker["id"] for worker in cluster.scheduler_info["workers"].values()}
 
     one, one_summary, _, _ = read_run(single)
@@ -118,15 +130,38 @@ def test_two_dask_workers_give_the_findings_of_one_process(prefect_harness, samp
 
 
 @pytest.mark.subprocess
-def test_a_killed_audit_resumes_from_its_finished_shards(cli_env, prefect_harness, sample_dir, flagging_model_dir,  # noqa: F811
-                                                         tmp_path):
+def test_a_killed_audit_resumes_from_its_finished_shards(
+    cli_env,
+    prefect_harness,
+    sample_dir,
+    flagging_model_dir,  # noqa: F811
+    tmp_path,
+):
     data = sharded_sample(sample_dir, tmp_path / "sample", rows_per_group=10)
     inputs = str(data / "catalog.parquet"), str(data / "spec.yaml"), str(flagging_model_dir)
-    command = [sys.executable, "-m", "clipdq.cli", "audit", "--catalog", inputs[0], "--spec", inputs[1],
-               "--model", inputs[2], "--rows-per-shard", "10"]
+    command = [
+        sys.executable,
+        "-m",
+        "clipdq.cli",
+        "audit",
+        "--catalog",
+        inputs[0],
+        "--spec",
+        inputs[1],
+        "--model",
+        inputs[2],
+        "--rows-per-shard",
+        "10",
+    ]
     output = tmp_path / "out"
-    run = subprocess.Popen([*command, "--output", str(output)], env=cli_env, cwd=tmp_path, start_new_session=True,
-                           stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    run = subprocess.Popen(
+        [*command, "--output", str(output)],
+        env=cli_env,
+        cwd=tmp_path,
+        start_new_session=True,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
     try:
         deadline = time.monotonic() + 300
         while len(list((output / "_shards").glob("*/shard-*.parquet"))) < 3 and time.monotonic() < deadline:
@@ -138,10 +173,12 @@ def test_a_killed_audit_resumes_from_its_finished_shards(cli_env, prefect_harnes
     finished = len(list((output / "_shards").glob("*/shard-*.parquet")))
     assert 3 <= finished < 10 and not list(output.rglob("manifest.json"))
 
-    resumed = subprocess.run([*command, "--output", str(output)], env=cli_env, cwd=tmp_path, capture_output=True,
-                             text=True, timeout=600)
-    fresh = audit_catalog(*inputs, str(tmp_path / "fresh"),
-                          AuditOptions(rows_per_shard=10))  # in this process: no third server to start
+    resumed = subprocess.run(
+        [*command, "--output", str(output)], env=cli_env, cwd=tmp_path, capture_output=True, text=True, timeout=600
+    )
+    fresh = audit_catalog(
+        *inputs, str(tmp_path / "fresh"), AuditOptions(rows_per_shard=10)
+    )  # in this process: no third server to start
 
     assert resumed.returncode == 0, resumed.stderr[-2000:]
     findings, summary, _, _ = read_run(last_line(resumed.stdout))
@@ -153,15 +190,20 @@ def test_a_killed_audit_resumes_from_its_finished_shards(cli_env, prefect_harnes
     assert not list((output / "_shards").rglob("*.parquet"))  # published: the parts are gone
 
 
-def test_an_unchanged_rerun_never_loads_the_model(prefect_harness, sample_dir, flagging_model_dir, tmp_path,
-                                                  monkeypatch):
+def test_an_unchanged_rerun_never_loads_the_model(
+    prefect_harness, sample_dir, flagging_model_dir, tmp_path, monkeypatch
+):
     from clipdq.model import scorer, towers
 
     loads = []
     real = towers.load_model
     monkeypatch.setattr(towers, "load_model", lambda *args, **kwargs: loads.append(args) or real(*args, **kwargs))
-    args = (str(sample_dir / "catalog.parquet"), str(sample_dir / "spec.yaml"), str(flagging_model_dir),
-            str(tmp_path / "out"))
+    args = (
+        str(sample_dir / "catalog.parquet"),
+        str(sample_dir / "spec.yaml"),
+        str(flagging_model_dir),
+        str(tmp_path / "out"),
+    )
     runs = []
     for _ in range(2):
         scorer._load.cache_clear()  # as in a new process

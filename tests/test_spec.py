@@ -71,20 +71,40 @@ def test_fingerprint_changes_with_vocabulary_but_not_with_synonyms():
         pytest.param("id_column: sku\n", "at least one attribute", id="no-attributes-key"),
         pytest.param("attributes: {}\n", "at least one attribute", id="empty-attributes"),
         pytest.param("- just\n- a list\n", "at least one attribute", id="not-a-mapping"),
-        pytest.param(spec_with("values: [only]\n"), "attributes.a.values needs at least two distinct values", id="one-value"),
-        pytest.param(spec_with("values: [Red, ' red ']\n"), "attributes.a.values needs at least two distinct values", id="duplicate-values"),
+        pytest.param(
+            spec_with("values: [only]\n"), "attributes.a.values needs at least two distinct values", id="one-value"
+        ),
+        pytest.param(
+            spec_with("values: [Red, ' red ']\n"),
+            "attributes.a.values needs at least two distinct values",
+            id="duplicate-values",
+        ),
         pytest.param(spec_with("prompts: ['{}']\n"), "attribute 'a' needs a 'values' list", id="no-values"),
-        pytest.param(spec_with("values: [x, 3]\n"), "attributes.a.values must be a list of strings", id="non-string-value"),
+        pytest.param(
+            spec_with("values: [x, 3]\n"), "attributes.a.values must be a list of strings", id="non-string-value"
+        ),
         pytest.param(
             spec_with("values: [x, y]\nsynonyms: {z: [zed]}\n"),
             "attributes.a.synonyms names values not in its vocabulary: ['z']",
             id="synonym-of-unknown-value",
         ),
-        pytest.param(spec_with("values: [x, y]\nprompts: ['a photo']\n"), "attributes.a.prompts must each contain '{}'", id="prompt-without-slot"),
-        pytest.param(spec_with("values: [x, y]\nprompts: [3]\n"), "attributes.a.prompts must be a list of strings", id="prompt-not-string"),
+        pytest.param(
+            spec_with("values: [x, y]\nprompts: ['a photo']\n"),
+            "attributes.a.prompts must each contain '{}'",
+            id="prompt-without-slot",
+        ),
+        pytest.param(
+            spec_with("values: [x, y]\nprompts: [3]\n"),
+            "attributes.a.prompts must be a list of strings",
+            id="prompt-not-string",
+        ),
         pytest.param("attributes: [unclosed\n", "not valid YAML", id="bad-yaml"),
-        pytest.param(spec_with("values: [x, y]\n", header="target_precision: 1.0\n"), "target_precision", id="target-1"),
-        pytest.param(spec_with("values: [x, y]\n", header="target_precision: 0.3\n"), "target_precision", id="target-low"),
+        pytest.param(
+            spec_with("values: [x, y]\n", header="target_precision: 1.0\n"), "target_precision", id="target-1"
+        ),
+        pytest.param(
+            spec_with("values: [x, y]\n", header="target_precision: 0.3\n"), "target_precision", id="target-low"
+        ),
         pytest.param(
             spec_with("values: [x, y]\nprompts: ['{} and {}']\n"),
             "attributes.a.prompts",

@@ -30,8 +30,9 @@ def test_a_model_that_tells_products_apart_gets_a_threshold_that_keeps_the_promi
     image_emb, text_emb, texts = embeddings(rng, 400, 40, noise=0.15)
     categories = np.array(["a", "b"] * 200, dtype=object)
 
-    fitted = text.calibrate(image_emb, text_emb, texts, categories, column="title", target_precision=0.9,
-                            error_rate=0.1)
+    fitted = text.calibrate(
+        image_emb, text_emb, texts, categories, column="title", target_precision=0.9, error_rate=0.1
+    )
 
     assert fitted.threshold is not None and fitted.rows == 400 and fitted.planted_rows == 1200
     assert set(fitted.categories) == {"a", "b"}
@@ -50,8 +51,9 @@ def test_a_model_blind_to_the_texts_never_flags():
     text_emb = _unit(rng.normal(size=(300, 32)))  # unrelated to the images
     texts = np.array([f"t{i % 30}" for i in range(300)], dtype=object)
 
-    fitted = text.calibrate(image_emb, text_emb, texts, np.full(300, "", dtype=object), column="title",
-                            target_precision=0.9, error_rate=0.1)
+    fitted = text.calibrate(
+        image_emb, text_emb, texts, np.full(300, "", dtype=object), column="title", target_precision=0.9, error_rate=0.1
+    )
 
     assert fitted.threshold is None
 
@@ -81,9 +83,16 @@ def test_planted_pairs_never_pair_a_row_with_its_own_text():
 
 def texts_frame(scores: list[float | None], errors: list[str | None] | None = None) -> pl.DataFrame:
     n = len(scores)
-    return pl.DataFrame({"product_id": [f"p{i}" for i in range(n)], "text": [f"title {i}" for i in range(n)],
-                         "category": ["apparel"] * n, "score": scores, "image_error": errors or [None] * n},
-                        schema=TEXTS_SCHEMA)
+    return pl.DataFrame(
+        {
+            "product_id": [f"p{i}" for i in range(n)],
+            "text": [f"title {i}" for i in range(n)],
+            "category": ["apparel"] * n,
+            "score": scores,
+            "image_error": errors or [None] * n,
+        },
+        schema=TEXTS_SCHEMA,
+    )
 
 
 def test_text_findings_flag_low_scores_and_account_for_every_row_with_a_text():

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
+import statistics
 from pathlib import Path
 
 import numpy as np
@@ -57,8 +59,9 @@ def test_split_indices_stratify_on_label_combinations():
 
 
 def test_split_indices_depend_on_the_seed_only():
-    first, again, other = (splits.split_indices(_labels(50), val_fraction=0.2, test_fraction=0.1, seed=s)
-                           for s in (1, 1, 2))
+    first, again, other = (
+        splits.split_indices(_labels(50), val_fraction=0.2, test_fraction=0.1, seed=s) for s in (1, 1, 2)
+    )
 
     np.testing.assert_array_equal(first[1], again[1])
     assert not np.array_equal(first[1], other[1])
@@ -104,7 +107,17 @@ def test_two_epoch_fit_keeps_the_best_validation_epoch(trained_meta):
     assert training["train_rows"] + training["val_rows"] + training["test_rows"] == training["labeled_rows"]
 
 
+def clean_rows_to_show(bar: float) -> int:
+    """Validation rows, every one right, whose one-sided 90% Wilson lower bound reaches ``bar``:
+    with n rows all right the bound is 1 / (1 + z^2 / n)."""
+    z = statistics.NormalDist().inv_cdf(0.9)
+    return math.ceil(z**2 * bar / (1 - bar))
+
+
 def test_fit_writes_metrics_and_calibration_for_every_attribute(trained_meta, spec):
+    """The tiny model's dozen validation rows cannot show any bar: it sets no threshold at all
+    (thresholds that are set: test_thresholds_lie_between_the_bars_the_spec_sets_and_certainty)."""
+    assert min(m["val_rows"] for m in trained_meta["metrics"].values()) < clean_rows_to_show(spec.target_precision)
     assert set(trained_meta["metrics"]) == set(spec.names)
     assert set(trained_meta["calibration"]) == set(spec.names)
     conflict_bar = predict.required_accuracy(spec.target_precision, spec.expected_error_rate)
@@ -115,12 +128,30 @@ def test_fit_writes_metrics_and_calibration_for_every_attribute(trained_meta, sp
         assert 0.0 <= metrics["ece_before"] <= 1.0 and 0.0 <= metrics["ece_after"] <= 1.0
         assert predict.TEMPERATURES[0] <= calibration["temperature"] <= predict.TEMPERATURES[-1]
         for key, bar in (("gap_threshold", spec.target_precision), ("conflict_threshold", conflict_bar)):
-            assert calibration[key] is None or bar <= calibration[key] <= 1.0
+            if metrics["val_rows"] < clean_rows_to_show(bar):  # too few rows to show the bar: it declines to flag
+                assert calibration[key] is None, (name, key)
         k = len(spec.attribute(name).values)
         assert np.array(metrics["confusion"]).shape == (k, k)
         assert np.array(metrics["confusion"]).sum() == metrics["test_rows"]
         assert np.trace(metrics["confusion"]) / metrics["test_rows"] == pytest.approx(metrics["test_accuracy"])
     assert trained_meta["spec_fingerprint"] == spec.fingerprint()
+
+
+def test_thresholds_lie_between_the_bars_the_spec_sets_and_certainty(flagging_model_dir, spec):
+    """On 200 validation rows the flagging model sets thresholds: a gap bar where suggestions are
+    right target_precision of the time, a conflict bar where flags are, given expected_error_rate."""
+    calibration = json.loads((flagging_model_dir / "clipdq.json").read_text())["calibration"]
+    p, e = spec.target_precision, spec.expected_error_rate
+    bars = {"gap_threshold": p, "conflict_threshold": p * (1 - e) / (p * (1 - e) + e * (1 - p))}
+
+    thresholds = {
+        (name, key): calibration[name][key] for name in spec.names for key in bars if calibration[name][key] is not None
+    }
+
+    assert {("color", "gap_threshold"), ("color", "conflict_threshold")} <= set(thresholds)
+    for (name, key), threshold in thresholds.items():
+        assert bars[key] <= threshold <= 1.0, (name, key, threshold)
+        assert calibration[name][key.replace("threshold", "rows")] >= 1, (name, key)
 
 
 def test_the_model_card_lists_every_attribute(trained_model_dir, spec):
@@ -207,7 +238,7 @@ def test_the_moving_average_forgets_the_untrained_start_then_decays_as_told():
     torch.nn.init.zeros_(layer.weight)
     averaged = full.MovingAverage(layer, decay=0.75)  # reached at the 27th step: 27 / (27 + 9)
     seen = []
-    for step in range(1, 41):
+    for _ in range(40):
         with torch.no_grad():
             layer.weight.fill_(1.0)  # the trained weights move away from the start (0) and stay
         averaged.update()
@@ -217,7 +248,7 @@ def test_the_moving_average_forgets_the_untrained_start_then_decays_as_told():
     assert seen[0] == pytest.approx(0.9) and seen[2] == pytest.approx(1 - 1 / 10 * 2 / 11 * 3 / 12)
     start_share = [1 - value for value in seen]
     assert start_share[-1] == pytest.approx(start_share[-2] * 0.75)  # then at most the decay asked for
-    assert start_share[-1] < 1e-6 < 0.75 ** 40  # a fixed 0.75 from the start would keep more of it
+    assert start_share[-1] < 1e-6 < 0.75**40  # a fixed 0.75 from the start would keep more of it
 
 
 def test_label_smoothing_spreads_a_share_of_the_target_over_every_value_of_known_rows():
@@ -225,8 +256,10 @@ def test_label_smoothing_spreads_a_share_of_the_target_over_every_value_of_known
     labels = {"color": torch.tensor([0, -1]), "size": torch.tensor([0, 0])}  # -1: unknown, not counted
 
     log_p = {k: torch.log_softmax(v, dim=1) for k, v in logits.items()}
-    smoothed = {k: -(0.9 * log_p[k][rows, labels[k][rows]] + 0.1 * log_p[k][rows].mean(dim=1)).mean()
-                for k, rows in (("color", [0]), ("size", [0, 1]))}
+    smoothed = {
+        k: -(0.9 * log_p[k][rows, labels[k][rows]] + 0.1 * log_p[k][rows].mean(dim=1)).mean()
+        for k, rows in (("color", [0]), ("size", [0, 1]))
+    }
 
     assert float(batch_loss(logits, labels, smoothing=0.1)) == pytest.approx(float(sum(smoothed.values()) / 2))
     # right and sure: smoothing costs
@@ -243,8 +276,14 @@ def test_prototypes_learn_value_embeddings_that_separate_clusters():
     init /= np.linalg.norm(init, axis=1, keepdims=True)
     train_idx, val_idx = np.arange(200), np.arange(200, 300)
 
-    learned, summary = prototypes.fit(image_emb.astype(np.float32), {"a": labels}, {"a": init.astype(np.float32)},
-                                      train_idx=train_idx, val_idx=val_idx, scale=20.0)
+    learned, summary = prototypes.fit(
+        image_emb.astype(np.float32),
+        {"a": labels},
+        {"a": init.astype(np.float32)},
+        train_idx=train_idx,
+        val_idx=val_idx,
+        scale=20.0,
+    )
 
     def accuracy(emb):
         return ((image_emb[val_idx] @ emb.T).argmax(1) == labels[val_idx]).mean()
@@ -275,17 +314,35 @@ def test_prototype_mode_trains_saves_and_is_used_by_the_audit(labeled, spec, tmp
     assert set(scorer.value_embeddings_for(loaded, other)) == {"color"}  # another spec: captions again
 
 
-@pytest.mark.parametrize("options", [{"val_fraction": 0.0}, {"val_fraction": 0.8, "test_fraction": 0.2},
-                                     {"test_fraction": -0.1}, {"label_noise": 0.5}, {"mode": "probe"},
-                                     {"mode": "locked", "frozen_blocks": 2}, {"frozen_blocks": -1}])
+@pytest.mark.parametrize(
+    "options",
+    [
+        {"val_fraction": 0.0},
+        {"val_fraction": 0.8, "test_fraction": 0.2},
+        {"test_fraction": -0.1},
+        {"label_noise": 0.5},
+        {"mode": "probe"},
+        {"mode": "locked", "frozen_blocks": 2},
+        {"frozen_blocks": -1},
+    ],
+)
 def test_train_config_rejects_settings_that_cannot_work(options):
     with pytest.raises(ValueError):
         TrainConfig(**options)
 
 
-@pytest.mark.parametrize(("name", "value"), [("epochs", 0), ("max_minutes", 0.0), ("val_fraction", 1.0),
-                                           ("test_fraction", -0.1), ("label_noise", 0.5), ("unlock_blocks", -1),
-                                           ("views", 0)])
+@pytest.mark.parametrize(
+    ("name", "value"),
+    [
+        ("epochs", 0),
+        ("max_minutes", 0.0),
+        ("val_fraction", 1.0),
+        ("test_fraction", -0.1),
+        ("label_noise", 0.5),
+        ("unlock_blocks", -1),
+        ("views", 0),
+    ],
+)
 def test_the_options_and_the_config_reject_the_same_settings(name, value):
     assert name in presets.BOUNDS
     with pytest.raises(ValueError):
@@ -298,8 +355,10 @@ def test_the_options_help_gives_the_presets_defaults():
     help_of = {name: field.description for name, field in FinetuneOptions.model_fields.items()}
     lite_full, lite_locked = (presets.PRESETS["pretrained image tower", mode] for mode in ("full", "locked"))
 
-    assert (f"{lite_full['epochs']} in full mode and {lite_locked['epochs']} in locked mode from a pretrained image "
-            f"tower with a new text tower; else {TrainConfig.epochs}") in help_of["epochs"]
+    assert (
+        f"{lite_full['epochs']} in full mode and {lite_locked['epochs']} in locked mode from a pretrained image "
+        f"tower with a new text tower; else {TrainConfig.epochs}"
+    ) in help_of["epochs"]
     assert f"{lite_locked['views']} in locked mode" in help_of["views"]
     assert f"else {TrainConfig.views}" in help_of["views"]
     assert f"else {TrainConfig.val_fraction}" in help_of["val_fraction"]
@@ -311,8 +370,9 @@ def test_model_metadata_is_typed_in_memory_and_written_as_it_was_read(trained_me
 
     meta = ModelMeta.from_json(raw)
 
-    assert isinstance(meta.calibration["color"], predict.Calibration) and isinstance(meta.text_calibration,
-                                                                                     TextCalibration)
+    assert isinstance(meta.calibration["color"], predict.Calibration) and isinstance(
+        meta.text_calibration, TextCalibration
+    )
     assert meta.other == {"added_later": {"x": 1}} and meta.view_sizes() == [208]
     assert meta.starting_point == "pretrained" and ModelMeta().starting_point == "pretrained"  # a plain checkpoint
     assert json.dumps(meta.to_json(), sort_keys=True) == json.dumps(raw, sort_keys=True)
@@ -338,7 +398,11 @@ def test_a_pretrained_image_tower_trains_whole_on_crops_unless_told_to_stay_lock
     assert (whole.label_smoothing, whole.weight_average_decay) == (0.1, 0.998)
     assert train.config_for(tower, val_fraction=0.3).val_fraction == 0.3  # unless told otherwise
     assert (locked_tower.mode, locked_tower.epochs, locked_tower.views, locked_tower.image_tower_lr) == (
-        "locked", 40, 4, 1e-4)
+        "locked",
+        40,
+        4,
+        1e-4,
+    )
     assert (new.mode, new.train_size, new.image_tower_lr) == ("full", None, new.lr)  # one rate for a new CLIP
 
 
@@ -366,8 +430,9 @@ def test_train_only_rows_and_their_groups_only_train_and_the_shares_apply_to_the
     labels = {"color": rng.integers(0, 3, 600)}
     train_only = rng.random(600) < 0.1
 
-    train_rows, val_rows, test_rows = splits.split_indices(labels, val_fraction=0.2, test_fraction=0.1, seed=0,
-                                                           groups=groups, train_only=train_only)
+    train_rows, val_rows, test_rows = splits.split_indices(
+        labels, val_fraction=0.2, test_fraction=0.1, seed=0, groups=groups, train_only=train_only
+    )
 
     forced = np.isin(groups, groups[train_only])  # a near-copy of a train-only image trains too
     assert forced[train_rows].sum() == forced.sum() and not forced[np.concatenate([val_rows, test_rows])].any()
@@ -392,8 +457,9 @@ def test_finetune_keeps_train_only_rows_out_of_calibration_and_says_so(sample_di
     assert training["val_rows"] + training["test_rows"] == pytest.approx(0.3 * (frame.height - studio), abs=2)
     assert f"of which {studio} train-only" in model_card(trained.meta)
     with pytest.raises(ValueError, match="train-only column 'product_id' must be a boolean"):
-        load_labeled(frame, spec, access=access_for(str(sample_dir)), pixel_spec=clip.pixels,
-                     train_only_column="product_id")
+        load_labeled(
+            frame, spec, access=access_for(str(sample_dir)), pixel_spec=clip.pixels, train_only_column="product_id"
+        )
 
 
 def test_finetune_splits_by_the_group_column(sample_dir, spec):

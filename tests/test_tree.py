@@ -32,11 +32,14 @@ def test_a_tree_expands_into_one_attribute_per_level_and_reads_its_path_column()
     assert SPEC.trees[0].parent_indices(2) == [0, 0, 1, 2]
 
 
-@pytest.mark.parametrize("entry, message", [
-    ("levels: [top, fine]\n    paths: [A/x, B/x]", "sits under several"),
-    ("levels: [top, fine]\n    paths: [A/x, B]", "one value for each"),
-    ("levels: [top]\n    paths: [A, B]", "at least two distinct level names"),
-])
+@pytest.mark.parametrize(
+    "entry, message",
+    [
+        ("levels: [top, fine]\n    paths: [A/x, B/x]", "sits under several"),
+        ("levels: [top, fine]\n    paths: [A/x, B]", "one value for each"),
+        ("levels: [top]\n    paths: [A, B]", "at least two distinct level names"),
+    ],
+)
 def test_a_malformed_tree_is_refused_with_the_reason(entry, message):
     with pytest.raises(SpecError, match=message):
         parse_spec(f"attributes:\n  category:\n    {entry}\n")
@@ -44,12 +47,18 @@ def test_a_malformed_tree_is_refused_with_the_reason(entry, message):
 
 def test_the_whole_path_is_chosen_and_a_parent_is_as_sure_as_its_child():
     # Fruit's two coarse values split 0.6 between them; Vegetables' one child has 0.4.
-    probs = {"top": np.array([[0.5, 0.5]]), "coarse": np.array([[0.3, 0.3, 0.4]]),
-             "fine": np.array([[0.25, 0.25, 0.25, 0.25]])}
+    probs = {
+        "top": np.array([[0.5, 0.5]]),
+        "coarse": np.array([[0.3, 0.3, 0.4]]),
+        "fine": np.array([[0.25, 0.25, 0.25, 0.25]]),
+    }
     chosen = tree.choose(probs, SPEC)
 
     assert [SPEC.attribute(level).values[chosen[level][0][0]] for level in ("top", "coarse", "fine")] == [
-        "Vegetables", "Carrot", "Carrot"]
+        "Vegetables",
+        "Carrot",
+        "Carrot",
+    ]
     assert chosen["top"][1][0] >= chosen["coarse"][1][0] >= chosen["fine"][1][0] > 0
 
 
@@ -73,20 +82,32 @@ def test_a_child_label_implies_its_parents_in_training():
 
 def _findings(paths: dict[str, str | None], predicted: tuple[str, str, str], confidence: float) -> pl.DataFrame:
     catalog = pl.DataFrame({"product_id": list(paths), "color": "red", "category": list(paths.values())})
-    rows = [(pid, name, value, confidence, None) for pid in paths
-            for name, value in zip(SPEC.names, ("red", *predicted))]
-    return compare(catalog, pl.DataFrame(rows, schema=PREDICTIONS_SCHEMA, orient="row"), spec=SPEC,
-                   calibration=CALIBRATION)
+    rows = [
+        (pid, name, value, confidence, None) for pid in paths for name, value in zip(SPEC.names, ("red", *predicted))
+    ]
+    return compare(
+        catalog, pl.DataFrame(rows, schema=PREDICTIONS_SCHEMA, orient="row"), spec=SPEC, calibration=CALIBRATION
+    )
 
 
 def test_a_conflict_is_reported_at_the_highest_level_with_the_paths_in_its_detail():
-    findings = _findings({"wrong-top": "Vegetables/Carrot/Carrot", "wrong-fine": "Fruit/Apple/Granny-Smith",
-                          "right": "Fruit/Apple/Pink-Lady", "no-fine": "Fruit/Apple"},
-                         ("Fruit", "Apple", "Pink-Lady"), 0.95)
+    findings = _findings(
+        {
+            "wrong-top": "Vegetables/Carrot/Carrot",
+            "wrong-fine": "Fruit/Apple/Granny-Smith",
+            "right": "Fruit/Apple/Pink-Lady",
+            "no-fine": "Fruit/Apple",
+        },
+        ("Fruit", "Apple", "Pink-Lady"),
+        0.95,
+    )
     status = {(r["product_id"], r["attribute"]): r["status"] for r in findings.iter_rows(named=True)}
 
     assert [status[("wrong-top", level)] for level in ("top", "coarse", "fine")] == [
-        "conflict", "parent_conflict", "parent_conflict"]
+        "conflict",
+        "parent_conflict",
+        "parent_conflict",
+    ]
     assert [status[("wrong-fine", level)] for level in ("top", "coarse", "fine")] == ["match", "match", "conflict"]
     assert [status[("right", level)] for level in ("top", "coarse", "fine")] == ["match"] * 3
     assert status[("no-fine", "fine")] == "gap"
@@ -101,7 +122,9 @@ def test_calibration_measures_the_values_the_audit_chooses():
     n = 400
     leaf = rng.integers(0, 4, n)
     paths = np.array(SPEC.trees[0].path_indices())
-    labels = {"color": rng.integers(0, 2, n)} | {level: paths[leaf, d] for d, level in enumerate(("top", "coarse", "fine"))}
+    labels = {"color": rng.integers(0, 2, n)} | {
+        level: paths[leaf, d] for d, level in enumerate(("top", "coarse", "fine"))
+    }
     logits = {name: rng.normal(size=(n, len(SPEC.attribute(name).values))) for name in SPEC.names}
     for name in SPEC.names:
         logits[name][np.arange(n), labels[name]] += 3.0
@@ -112,9 +135,14 @@ def test_calibration_measures_the_values_the_audit_chooses():
     for level in ("top", "coarse", "fine"):
         values, confidence = chosen[level]
         assert metrics[level]["val_accuracy"] == pytest.approx(np.mean(values == labels[level]))
-        expected = predict.thresholds_for(confidence, values == labels[level], k=len(SPEC.attribute(level).values),
-                                          temperature=calibration[level].temperature, target_precision=0.9,
-                                          error_rate=rates[level])
+        expected = predict.thresholds_for(
+            confidence,
+            values == labels[level],
+            k=len(SPEC.attribute(level).values),
+            temperature=calibration[level].temperature,
+            target_precision=0.9,
+            error_rate=rates[level],
+        )
         assert calibration[level] == expected
 
 

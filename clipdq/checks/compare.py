@@ -191,7 +191,8 @@ def text_findings(
 
 def _highest_conflict(findings: pl.DataFrame, tree: Tree) -> pl.DataFrame:
     """Each product's conflict with ``tree`` reported at the highest level where it occurs, the
-    whole paths in its detail; conflicts at deeper levels become ``parent_conflict``."""
+    whole paths in its detail; the deeper levels whose value the image reads otherwise (conflicts,
+    and values it is less sure of) become ``parent_conflict``, so the suggested fixes set a path."""
     depth = pl.col("attribute").replace_strict({level: d for d, level in enumerate(tree.levels)}, default=None)
     levels = findings.filter(pl.col("attribute").is_in(tree.levels)).with_columns(depth.alias("depth"))
     path = {
@@ -205,7 +206,12 @@ def _highest_conflict(findings: pl.DataFrame, tree: Tree) -> pl.DataFrame:
     )
     frame = findings.with_columns(depth.alias("depth")).join(per_product, on="product_id", how="left")
     first_level = pl.col("first_conflict").replace_strict(dict(enumerate(tree.levels)), default=None)
-    below = (pl.col("status") == "conflict") & (pl.col("depth") > pl.col("first_conflict"))
+    # below the first conflict, every level the image reads otherwise follows from it, however sure:
+    # its fix completes the image's path (the choice is a whole path of the tree)
+    differs = (pl.col("status") == "conflict") | (
+        (pl.col("status") == "uncertain") & (pl.col("existing_value").str.strip_chars() != "")
+    )
+    below = differs & (pl.col("depth") > pl.col("first_conflict"))
     at = (pl.col("status") == "conflict") & (pl.col("depth") == pl.col("first_conflict"))
     return frame.with_columns(
         pl.when(below).then(pl.lit("parent_conflict")).otherwise("status").alias("status"),

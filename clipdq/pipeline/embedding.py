@@ -195,12 +195,22 @@ def embedded_batches(
 
 
 class Tally:
-    """What became of the images of ``rows`` catalog rows so far (``COUNT_KEYS``), and the usable
-    ones (``IMAGES_SCHEMA``, with ``keep_images``): each batch counted, an outage past
-    ``max_transient`` raised at once (``check_outage``), progress logged as ``what``."""
+    """What became of the images of ``row_count`` catalog rows so far (``COUNT_KEYS``), and the
+    usable ones (``IMAGES_SCHEMA``, with ``keep_images``): each batch counted, an outage past
+    ``max_transient`` of the ``catalog_rows`` (default ``row_count``: a shard's catalog has more)
+    raised at once (``check_outage``), progress logged as ``what``."""
 
-    def __init__(self, row_count: int, *, max_transient: float, what: str, keep_images: bool = True):
+    def __init__(
+        self,
+        row_count: int,
+        *,
+        max_transient: float,
+        what: str,
+        keep_images: bool = True,
+        catalog_rows: int | None = None,
+    ):
         self.row_count, self.max_transient, self.what = row_count, max_transient, what
+        self.catalog_rows = row_count if catalog_rows is None else catalog_rows
         self.counts: Counter = Counter(dict.fromkeys(COUNT_KEYS, 0))
         self.images = [pl.DataFrame(schema=IMAGES_SCHEMA)] if keep_images else None
 
@@ -208,7 +218,7 @@ class Tally:
         self.counts.update(counts(batch))
         if self.images is not None:
             self.images.append(usable_images(batch, spec))
-        check_outage(self.counts["lost_to_outages"], self.row_count, self.max_transient)
+        check_outage(self.counts["lost_to_outages"], self.catalog_rows, self.max_transient)
         progress_log.info(
             "%s: %d/%d products done",
             self.what,

@@ -78,6 +78,7 @@ class Job:
 
     catalog_uri: str
     catalog_version: str  # a shard refuses a catalog rewritten since the run began
+    catalog_rows: int  # an outage is a share of the catalog's images, not of a shard's
     spec_text: str
     model_uri: str
     backend: Backend  # the image tower's backend the run chose
@@ -105,6 +106,7 @@ def job_for(inputs: audit.AuditInputs, *, backend: Backend) -> Job:
         rows_per_shard=options.rows_per_shard,
         catalog_uri=inputs.catalog_uri,
         catalog_version=inputs.source.version,
+        catalog_rows=inputs.source.row_count,
         spec_text=inputs.spec_text,
         model_uri=inputs.model_uri,
         backend=backend,
@@ -152,7 +154,12 @@ def run_shard(job: Job, shard: Shard) -> ShardResult:
     use = scorer_for(job)
     source = catalog.CatalogFile(job.catalog_uri, version=job.catalog_version)
     cache = EmbeddingCache(job.cache) if job.cache else None
-    tally = Tally(shard.row_count, max_transient=use.spec.max_transient_image_errors, what=f"shard {shard.index}")
+    tally = Tally(
+        shard.row_count,
+        max_transient=use.spec.max_transient_image_errors,
+        what=f"shard {shard.index}",
+        catalog_rows=job.catalog_rows,
+    )
     findings, texts = audit.findings_of(
         source.batches_between(shard.start, shard.stop, job.batch_size),
         scorer=use,
