@@ -19,7 +19,8 @@ from clipdq.io import catalog
 from clipdq.io.catalog import read_catalog
 from clipdq.io.sources import access_for
 from clipdq.model import towers
-from clipdq.pipeline import crossfit
+from clipdq.model.files import read_model_files
+from clipdq.pipeline import audit, crossfit
 from clipdq.training import train
 from flows.audit import audit_catalog
 
@@ -55,15 +56,20 @@ def test_cross_fitting_scores_every_row_once_with_one_calibration_per_fold(noisy
     towers.save_model(towers.init_model(spec, seed=0), str(tmp_path / "init"))
     source = catalog.CatalogFile(str(noisy_catalog / "catalog.parquet"))
     findings_file = str(tmp_path / "findings.parquet")
-
-    scored = crossfit.score(
-        source,
-        str(tmp_path / "init"),
+    model_uri, spec_text = str(tmp_path / "init"), (noisy_catalog / "color.yaml").read_text()
+    inputs = audit.AuditInputs(
+        source.uri,
+        model_uri,
+        str(tmp_path / "out"),
+        spec_text,
         spec,
-        findings_file,
-        access=access_for(str(noisy_catalog)),
-        options=AuditOptions(cross_fit=2, fold_minutes=0.5),
+        source,
+        read_model_files(model_uri),
+        access_for(str(noisy_catalog)),
+        AuditOptions(cross_fit=2, fold_minutes=0.5),
     )
+
+    scored = crossfit.score(inputs, findings_file)
 
     findings = pl.read_parquet(findings_file)
     assert sorted(findings["product_id"]) == sorted(pl.read_parquet(noisy_catalog / "catalog.parquet")["product_id"])
