@@ -20,7 +20,7 @@ def _long_catalog(catalog: pl.DataFrame, spec: Spec) -> pl.DataFrame:
     An attribute applies unless an ``applies_to`` column holds a value outside its list; a
     missing attribute column counts as all values missing.
     """
-    leveled, found = values.with_levels(catalog, spec), values.codes(catalog, spec)
+    leveled, found = values.leveled_codes(catalog, spec)
     parts = []
     for attribute in spec.attributes:
         applies = pl.lit(True)

@@ -50,6 +50,11 @@ def with_levels(catalog: pl.DataFrame, spec: Spec) -> pl.DataFrame:
 def codes(catalog: pl.DataFrame, spec: Spec) -> dict[str, np.ndarray]:
     """Per attribute, (rows,) int64: each row's code of the catalog's value as given (a missing
     attribute column: every row ``MISSING``)."""
+    return leveled_codes(catalog, spec)[1]
+
+
+def leveled_codes(catalog: pl.DataFrame, spec: Spec) -> tuple[pl.DataFrame, dict[str, np.ndarray]]:
+    """(``catalog`` with its tree levels (``with_levels``), its ``codes``): the paths split once."""
     catalog = with_levels(catalog, spec)
     out = {}
     for attribute in spec.attributes:
@@ -64,7 +69,7 @@ def codes(catalog: pl.DataFrame, spec: Spec) -> dict[str, np.ndarray]:
             .otherwise(text.replace_strict(index, default=INVALID, return_dtype=pl.Int64))
         )
         out[attribute.name] = catalog.select(code.alias("code"))["code"].to_numpy().astype(np.int64)
-    return out
+    return catalog, out
 
 
 def labels(catalog: pl.DataFrame, spec: Spec) -> dict[str, np.ndarray]:
