@@ -1,38 +1,41 @@
-"""What a nightly audit costs, measured as its user runs it: whole ``clipdq audit`` processes,
-from start to exit, timed by the clock and their peak memory (RSS) read from the OS.
+"""What a nightly audit costs at catalog scale, measured as its user runs it: whole ``clipdq audit``
+processes, from process start to exit, timed by the clock, their peak memory (RSS) read from the OS.
 
-On generated 1600 px product photos and the pretrained EfficientNet-Lite0 dual encoder
-(``clipdq init-model --arch efficientnet-lite0``):
+It builds a catalog of ``--rows`` products in the sample spec's shape, each with its own small
+distinct image (24 px PNG: a block of colour on white, so decoding and embedding cost little and
+per-row overhead shows), row groups of 20,000 rows, and a tiny model (``clipdq init-model --arch tiny``); then runs
 
-(a) the first audit of a catalog of ``--images`` photos, an unchanged rerun (its share of the
-    first), and a rerun after 1% of the images changed (what was read and embedded again), with a
-    served Prefect (``prefect server start``, as deployments run) and with the temporary server a
-    command starts where no Prefect API is configured;
-(b) shards on a local 2-process Dask cluster (``--workers 2``) against one process, on the same
-    catalog and cache: time, and whether the findings are identical;
-(c) peak RSS and time of audits of ``--memory-rows`` rows cycling over those photos, with a cache
-    that already holds their embeddings.
+1. the first audit (nothing kept from an earlier night),
+2. an unchanged rerun (findings must equal the first run's),
+3. a rerun after 1% of the images were rewritten (new bytes),
 
-    python benchmarks/nightly.py [--images 1024] [--memory-rows 100000,1000000] [--skip-dask]
+and prints seconds, rows/s and peak RSS for each, with how many images were read and embedded.
+``--workers 2`` runs the shards on a local 2-process Dask cluster. ``--check`` exits non-zero when
+the unchanged rerun read an image or its findings differ from the first run's (the test suite runs
+it this way at a small size).
+
+    python benchmarks/nightly.py --rows 200000 [--workers 2] [--folder DIR] [--check]
 """
 
 from __future__ import annotations
 
 import argparse
-import contextlib
 import json
 import os
-import socket
 import subprocess
 import sys
 import tempfile
-import time
-import urllib.request
+from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 
 import numpy as np
 import polars as pl
-from throughput import change_images, line, make_catalog
+
+from clipdq import sample_data
+
+ROW_GROUP_ROWS = 20_000
+IMAGE_SIDE = 24
+FOLDER_FILES = 1_000  # images per folder
 
 MEASURE = (
     "import resource, subprocess, sys, time; t = time.monotonic(); "
@@ -42,198 +45,127 @@ MEASURE = (
 )
 
 
-ENV = dict(os.environ)  # the environment of the audits: with PREFECT_API_URL once a server is served
+def image_path(index: int) -> str:
+    return f"images/{index // FOLDER_FILES:05d}/{index:08d}.png"
 
 
-@contextlib.contextmanager
-def served_prefect(home: Path):
-    """``prefect server start`` on a free loopback port; the audits meanwhile use it."""
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        port = probe.getsockname()[1]
-    env = {k: v for k, v in os.environ.items() if not k.startswith("PREFECT_")}
-    env |= {
-        "PREFECT_HOME": str(home),
-        "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
-        "PREFECT_API_URL": f"http://127.0.0.1:{port}/api",
+def write_images(folder: Path, indices: range, generation: int = 0) -> None:
+    """A distinct small PNG for each index (``generation`` gives other bytes for the same index)."""
+    from PIL import Image
+
+    made: set[Path] = set()
+    for index in indices:
+        path = folder / image_path(index)
+        if path.parent not in made:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            made.add(path.parent)
+        rng = np.random.default_rng([index, generation])
+        pixels = np.full((IMAGE_SIDE, IMAGE_SIDE, 3), 255, np.int16)  # a product on a white background
+        (top, bottom), (left, right) = np.sort(rng.integers(0, IMAGE_SIDE + 1, (2, 2)), axis=1)
+        pixels[top : bottom + 2, left : right + 2] = rng.integers(0, 256, 3)
+        pixels = (pixels + rng.integers(-8, 9, pixels.shape)).clip(0, 255).astype(np.uint8)
+        Image.fromarray(pixels).save(path, compress_level=1)
+
+
+def make_catalog(folder: Path, rows: int) -> Path:
+    """``rows`` products with the sample spec's columns, values drawn at random (some missing), each
+    with its own image; returns the catalog's path."""
+    folder.mkdir(parents=True, exist_ok=True)
+    chunks = [range(lo, min(lo + 50_000, rows)) for lo in range(0, rows, 50_000)]
+    with ProcessPoolExecutor(max_workers=os.cpu_count()) as pool:
+        list(pool.map(write_images, [folder] * len(chunks), chunks))
+    rng = np.random.default_rng(0)
+    columns: dict[str, object] = {
+        "product_id": [f"P{i:08d}" for i in range(rows)],
+        "image": [image_path(i) for i in range(rows)],
     }
-    server = subprocess.Popen(
-        [sys.executable, "-m", "prefect", "server", "start", "--host", "127.0.0.1", "--port", str(port)],
-        env=env,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-    )
-    try:
-        for _ in range(120):
-            try:
-                urllib.request.urlopen(f"{env['PREFECT_API_URL']}/health", timeout=2).close()
-                break
-            except OSError:
-                time.sleep(1)
-        ENV.update(env)
-        yield
-    finally:
-        for key in env:
-            ENV.pop(key, None)
-        ENV.update(os.environ)
-        server.terminate()
-        server.wait(timeout=30)
+    kinds = rng.choice(sample_data.PRODUCT_TYPES, rows).tolist()
+    columns["product_type"] = kinds
+    columns["title"] = [f"{kind} item {i}" for i, kind in enumerate(kinds)]
+    for name in sample_data.ATTRIBUTES:
+        values = np.array(sample_data.SPEC["attributes"][name]["values"] + [None], dtype=object)
+        columns[name] = pl.Series(values[rng.integers(0, len(values), rows)].tolist(), dtype=pl.String)
+    path = folder / "catalog.parquet"
+    pl.DataFrame(columns).write_parquet(path, row_group_size=ROW_GROUP_ROWS)
+    (folder / "spec.yaml").write_text(sample_data.SPEC_YAML)
+    return path
 
 
-def audit(catalog: Path, spec: Path, model_dir: str, output: Path, *extra: str) -> tuple[float, float, str]:
-    """(seconds, peak RSS in MB, run folder) of one ``clipdq audit`` process."""
-    command = [
-        sys.executable,
-        "-c",
-        MEASURE,
-        sys.executable,
-        "-m",
-        "clipdq.cli",
-        "audit",
-        "--catalog",
-        str(catalog),
-        "--spec",
-        str(spec),
-        "--model",
-        model_dir,
-        "--output",
-        str(output),
-        *extra,
-    ]
-    result = subprocess.run(command, capture_output=True, text=True, check=True, env=ENV)
+def change_images(folder: Path, rows: int, share: float) -> int:
+    """New bytes for ``share`` of the images, spread over the catalog; returns how many."""
+    picked = np.random.default_rng(1).choice(rows, max(1, int(rows * share)), replace=False)
+    for index in picked:
+        write_images(folder, range(int(index), int(index) + 1), generation=int(index) + 1)
+    return len(picked)
+
+
+def audit(folder: Path, model: Path, output: Path, *extra: str) -> dict:
+    """Seconds, peak RSS (MB) and the run's summary of one ``clipdq audit`` process."""
+    command = [sys.executable, "-c", MEASURE, sys.executable, "-m", "clipdq.cli", "audit"]
+    command += ["--catalog", str(folder / "catalog.parquet"), "--spec", str(folder / "spec.yaml")]
+    command += ["--model", str(model), "--output", str(output), *extra]
+    result = subprocess.run(command, capture_output=True, text=True, check=True)
     code, seconds, rss_kb = result.stdout.split()[-3:]
     if code != "0":
         raise RuntimeError(f"audit failed:\n{result.stdout[-4000:]}")
-    folder = [row for row in result.stdout.splitlines() if "run_id=" in row][-1].strip()
-    return float(seconds), int(rss_kb) / 1024, folder
+    run = [row for row in result.stdout.splitlines() if "run_id=" in row][-1].strip()
+    summary = json.loads((Path(run) / "summary.json").read_text())
+    return {"seconds": float(seconds), "rss_mb": int(rss_kb) / 1024, "run": run, "summary": summary}
 
 
-def images_line(folder: str) -> dict:
-    return json.loads((Path(folder) / "summary.json").read_text())["images"]
+def report(name: str, rows: int, measured: dict) -> None:
+    seen = measured["summary"]["images"]
+    print(
+        f"{name:<28}{measured['seconds']:>9.1f} s {rows / measured['seconds']:>10,.0f} rows/s "
+        f"{measured['rss_mb']:>8,.0f} MB peak RSS   "
+        f"{seen['scored'] - seen['unread']:,} images read, {seen['embedded']:,} embedded",
+        flush=True,
+    )
 
 
-def findings(folder: str) -> pl.DataFrame:
-    return pl.read_parquet(Path(folder) / "findings.parquet")
-
-
-def cycled(catalog: Path, rows: int) -> Path:
-    """A catalog of ``rows`` products cycling over the images of ``catalog``."""
-    frame = pl.read_parquet(catalog)
-    big = frame.select(pl.all().gather(np.arange(rows) % frame.height))
-    big = big.with_columns(pl.format("R{}", pl.int_range(pl.len())).alias("product_id"))
-    path = catalog.parent / f"catalog-{rows}.parquet"
-    big.write_parquet(path, row_group_size=20_000)
-    return path
+def findings(run: str) -> pl.DataFrame:
+    return pl.read_parquet(Path(run) / "findings.parquet").sort("product_id", "attribute")
 
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--images", type=int, default=1024)
-    parser.add_argument("--memory-rows", default="100000,1000000", help='catalog sizes for peak memory ("" for none)')
-    parser.add_argument("--skip-dask", action="store_true")
-    parser.add_argument("--only-memory", action="store_true", help="warm the cache with one audit, then (c) only")
+    parser.add_argument("--rows", type=int, default=200_000)
+    parser.add_argument("--workers", type=int, default=1, help="Dask worker processes (1: shards in this process)")
+    parser.add_argument(
+        "--folder", type=Path, help="keep the catalog, model and runs here (default: a temporary folder)"
+    )
+    parser.add_argument("--check", action="store_true", help="fail unless reruns reuse and findings are identical")
     args = parser.parse_args()
     os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
-    with tempfile.TemporaryDirectory() as tmp:
-        root = Path(tmp)
-        catalog = make_catalog(root / "data", args.images)
-        spec = root / "data" / "spec.yaml"
-        model_dir = str(root / "model")
-        subprocess.run(
-            [
-                sys.executable,
-                "-m",
-                "clipdq.cli",
-                "init-model",
-                "--spec",
-                str(spec),
-                "--arch",
-                "efficientnet-lite0",
-                "--output",
-                model_dir,
-            ],
-            check=True,
-            capture_output=True,
-        )
-        print(
-            f"{args.images} photos of 1600 px, efficientnet-lite0, fp32, {os.cpu_count()} CPU cores; "
-            "whole `clipdq audit` processes\n",
-            flush=True,
-        )
-        if args.only_memory:
-            with served_prefect(root / "prefect"):
-                audit(catalog, spec, model_dir, root / "out-served")
-                _dask_and_memory(args, catalog, spec, model_dir, root, root / "out-served", dask=False)
-            return 0
-        first_runs = {}
-        for mode in ("temporary server", "served Prefect"):
-            with served_prefect(root / "prefect") if mode == "served Prefect" else contextlib.nullcontext():
-                out = root / f"out-{mode.split()[0]}"
-                first_runs[mode], rss, folder = audit(catalog, spec, model_dir, out)
-                line(
-                    f"(a) first audit, {mode}",
-                    first_runs[mode],
-                    "s",
-                    f"{images_line(folder)['embedded']} embedded; peak RSS {rss:,.0f} MB",
-                )
-                again, _, folder = audit(catalog, spec, model_dir, out)
-                seen = images_line(folder)
-                line(
-                    f"    unchanged rerun, {mode}",
-                    again,
-                    "s",
-                    f"{again / first_runs[mode]:.1%} of the first; target <= 10%; "
-                    f"{seen['unread']} of {seen['scored']} images not read, {seen['embedded']} embedded",
-                )
-        with served_prefect(root / "prefect"):
-            changed = change_images(catalog, 0.01)
-            after, _, folder = audit(catalog, spec, model_dir, out)
-            seen = images_line(folder)
-            line(
-                f"    rerun after {changed} images changed",
-                after,
-                "s",
-                f"{seen['scored'] - seen['unread']} read again, {seen['embedded']} embedded",
-            )
-            _dask_and_memory(args, catalog, spec, model_dir, root, out)
+    with tempfile.TemporaryDirectory() as scratch:
+        root = args.folder or Path(scratch)
+        data, model, output = root / f"catalog-{args.rows}", root / "model", root / f"runs-{args.rows}-{args.workers}"
+        if not (data / "catalog.parquet").exists():
+            make_catalog(data, args.rows)
+        if not model.exists():
+            init = ["init-model", "--spec", str(data / "spec.yaml"), "--arch", "tiny", "--output", str(model)]
+            subprocess.run([sys.executable, "-m", "clipdq.cli", *init], check=True, capture_output=True)
+        extra = ("--workers", str(args.workers)) if args.workers > 1 else ()
+        print(f"{args.rows:,} products, {IMAGE_SIDE} px PNGs, tiny model, {os.cpu_count()} CPU cores, {extra or ''}")
+        first = audit(data, model, output, *extra)
+        report("first run", args.rows, first)
+        again = audit(data, model, output, *extra)
+        report("unchanged rerun", args.rows, again)
+        same = findings(again["run"]).equals(findings(first["run"]))
+        print(f"    findings identical to the first run: {same}")
+        changed = change_images(data, args.rows, 0.01)
+        after = audit(data, model, output, *extra)
+        report(f"rerun, {changed:,} images changed", args.rows, after)
+        extra_cost = after["seconds"] / again["seconds"]
+        print(f"    the changed rerun costs {extra_cost:.2f}x the unchanged rerun")
+        if args.check:
+            unread, embedded = again["summary"]["images"]["unread"], after["summary"]["images"]["embedded"]
+            problems = [] if same else ["the unchanged rerun's findings differ from the first run's"]
+            problems += [] if unread == args.rows else [f"the unchanged rerun read {args.rows - unread} images"]
+            problems += [] if embedded == changed else [f"{embedded} images embedded after {changed} changed"]
+            print("\n".join(problems) or "reuse and findings: as expected")
+            return 1 if problems else 0
     return 0
-
-
-def _dask_and_memory(
-    args, catalog: Path, spec: Path, model_dir: str, root: Path, out: Path, *, dask: bool = True
-) -> None:
-    if dask and not args.skip_dask:
-        sharded = cycled(catalog, 4 * args.images)  # four shards' worth
-        for name, extra in (("one process", ()), ("--workers 2", ("--workers", "2"))):
-            seconds, rss, folder = audit(
-                sharded,
-                spec,
-                model_dir,
-                root / f"dask-{name}",
-                "--rows-per-shard",
-                str(args.images),
-                *extra,
-                "--no-embedding-cache",
-            )
-            line(
-                f"(b) {len(pl.read_parquet(sharded)):,} rows, 4 shards, {name}", seconds, "s", f"peak RSS {rss:,.0f} MB"
-            )
-            if name == "one process":
-                reference = findings(folder)
-            else:
-                same = findings(folder).drop("confidence").equals(reference.drop("confidence"))
-                gap = (findings(folder)["confidence"] - reference["confidence"]).abs().max()
-                print(f"    findings identical to one process: {same} (largest confidence difference {gap:.2g})")
-    peaks = {}
-    for rows in (int(n) for n in args.memory_rows.split(",") if n):
-        seconds, peaks[rows], folder = audit(cycled(catalog, rows), spec, model_dir, out)
-        growth = f", {peaks[rows] / min(peaks.values()) - 1:+.0%} from the smallest" if len(peaks) > 1 else ""
-        line(
-            f"(c) peak RSS, {rows:,} rows, cache warm",
-            peaks[rows],
-            "MB",
-            f"target < 2048 MB, growth < +20%{growth}; {seconds:.0f} s, {rows / seconds:,.0f} rows/s",
-        )
 
 
 if __name__ == "__main__":

@@ -23,7 +23,7 @@ from test_flow import assert_findings_match_ground_truth, assert_planted_flags_f
 from clipdq.core.options import AuditOptions
 from clipdq.io import catalog
 from clipdq.io.images import SIGNATURE_BYTES
-from clipdq.pipeline import embedding, shards
+from clipdq.pipeline import embedding, shards, state
 from flows.audit import audit_catalog
 
 COLUMNS = ["product_id", "attribute", "existing_value", "predicted_value", "status", "detail"]
@@ -58,27 +58,32 @@ def test_a_shard_reads_exactly_its_rows(tmp_path):
 
 def test_the_images_of_every_shard_are_read_back_with_their_signatures_mapped_from_one_file(tmp_path):
     rng = np.random.default_rng(0)
-    parts, written = [], []
+    results, written = [], []
     for index, rows in enumerate((3, 0, 2)):  # a shard whose images all failed writes an empty part
         frame = pl.DataFrame(
             {
                 "product_id": [f"p{index}-{i}" for i in range(rows)],
-                "sha256": ["d"] * rows,
+                "sha256": [f"d{index}-{i}" for i in range(rows)],
                 "signature": [rng.integers(0, 256, SIGNATURE_BYTES, np.uint8).tobytes() for _ in range(rows)],
             },
             schema=embedding.IMAGES_SCHEMA,
         )
-        shards.write_parquet(str(tmp_path / f"images-{index}.parquet"), frame.to_arrow())
-        parts.append(str(tmp_path / f"images-{index}.parquet"))
+        kept = None
+        if index == 2:  # its state keeps the signatures: the part leaves them null
+            kept = str(tmp_path / "state")
+            state.Parts.of(kept).write(pl.concat([pl.DataFrame(schema=state.STATE_SCHEMA), frame], how="diagonal"), base=True)
+        part = frame.with_columns(signature=None) if kept else frame
+        shards.write_parquet(str(tmp_path / f"images-{index}.parquet"), part.to_arrow())
+        results.append(shards.ShardResult(index, "", str(tmp_path / f"images-{index}.parquet"), "", {}, False, kept))
         written.append(frame)
 
-    images, signatures = shards.read_images(parts, str(tmp_path / "signatures"))
+    images, signatures = shards.read_images(results), shards.write_signatures(results, str(tmp_path / "signatures"))
 
     everything = pl.concat(written)
     assert images.equals(everything.drop("signature"))
     assert isinstance(signatures, np.memmap) and signatures.shape == (5, SIGNATURE_BYTES)
     assert np.array_equal(signatures, embedding.signature_rows(everything))
-    assert shards.read_images(parts[1:2], str(tmp_path / "none"))[1].shape == (0, SIGNATURE_BYTES)
+    assert shards.write_signatures(results[1:2], str(tmp_path / "none")).shape == (0, SIGNATURE_BYTES)
 
 
 def test_a_catalog_rewritten_since_the_run_began_is_refused(tmp_path):

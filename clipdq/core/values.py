@@ -83,3 +83,8 @@ def labels(catalog: pl.DataFrame, spec: Spec) -> dict[str, np.ndarray]:
             implied = (parent < 0) & (child >= 0)
             parent[implied] = parent_of[child[implied]]
     return out
+
+
+def row_hashes(frame: pl.DataFrame) -> pl.Series:
+    """(UInt64) a hash of each row of ``frame``: equal rows, equal hashes (within one polars version)."""
+    return frame.hash_rows(seed=0)

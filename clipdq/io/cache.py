@@ -37,7 +37,7 @@ log = logging.getLogger(__name__)
 
 PREPROCESS_VERSION = 2  # bump when decoding or preprocessing changes the pixels an image gives
 ROW_GROUP_ROWS = 256  # rows a lookup reads at least per wanted key: small groups, little read for a few keys
-SMALL_PART_ROWS = 100_000  # parts below this are merged by ``compact``
+SMALL_PART_ROWS = 100_000  # parts below this are merged by ``compact``, at most this many rows at a time
 COMPACT_AT_PARTS = 8  # ``compact`` merges once a table has this many small parts
 
 
@@ -93,7 +93,9 @@ class SortedParts:
         return pq.ParquetFile(storage.open_read(uri)[0], pre_buffer=False)
 
     def lookup(self, keys: Iterable[str]) -> pl.DataFrame:
-        """The rows whose key is one of ``keys`` (any order; a key kept twice may appear twice)."""
+        """The rows whose key is one of ``keys`` (any order; a key kept twice may appear twice).
+        Only the key column of the row groups whose range may hold a key is read first, then whole
+        only the groups that do hold one."""
         wanted = sorted(set(keys))
         frames = []
         for name, index in self.parts().items() if wanted else ():
@@ -101,11 +103,16 @@ class SortedParts:
             if not groups:
                 continue
             try:
-                table = self._open(storage.join(self.folder, name)).read_row_groups(groups)
+                part = self._open(storage.join(self.folder, name))
+                held = [
+                    g for g in groups if pl.Series(part.read_row_group(g, [self.key]).column(0)).is_in(wanted).any()
+                ]
+                table = part.read_row_groups(held) if held else None
             except (OSError, pa.ArrowException) as error:
                 log.warning("skipping unreadable cache part %s: %s", name, error)
                 continue
-            frames.append(pl.DataFrame(table).filter(pl.col(self.key).is_in(wanted)))
+            if table is not None:
+                frames.append(pl.DataFrame(table).filter(pl.col(self.key).is_in(wanted)))
         return pl.concat(frames) if frames else pl.DataFrame()
 
     def write(self, frame: pl.DataFrame) -> str:
@@ -118,11 +125,14 @@ class SortedParts:
         return uri
 
     def compact(self) -> str | None:
-        """Merge the small parts into one once there are ``COMPACT_AT_PARTS`` of them; returns the
-        new part's URI. A key in several parts is kept once. Large parts stay as they are."""
-        small = [name for name, index in self.parts().items() if index.rows < SMALL_PART_ROWS]
-        if len(small) < COMPACT_AT_PARTS:
+        """Merge the smallest parts into one once there are ``COMPACT_AT_PARTS`` small ones (at most
+        SMALL_PART_ROWS rows at once, so memory stays bounded); returns the new part's URI. A key in
+        several parts is kept once. Large parts stay as they are."""
+        sizes = sorted((index.rows, name) for name, index in self.parts().items() if index.rows < SMALL_PART_ROWS)
+        if len(sizes) < COMPACT_AT_PARTS:
             return None
+        totals = np.cumsum([rows for rows, _ in sizes])  # the smallest first, SMALL_PART_ROWS at most at once
+        small = [name for i, ((_, name), total) in enumerate(zip(sizes, totals)) if total <= SMALL_PART_ROWS or i < 2]
         frames = [pl.DataFrame(self._open(storage.join(self.folder, name)).read()) for name in small]
         merged = self.write(pl.concat(frames).unique(self.key, keep="first"))
         for name in small:  # after the merged part is written, so nothing is ever missing
@@ -172,6 +182,13 @@ class EmbeddingCache:
 
     def add(self, sha256s: list[str], embeddings: np.ndarray, signatures: list[bytes]) -> None:
         self.new.update(zip(sha256s, map(Entry, embeddings.astype(np.float32), signatures)))
+
+    def forget(self, sha256s: Iterable[str], locations: Iterable[str]) -> None:
+        """Drop what was added of ``sha256s`` and ``locations`` (kept elsewhere: a shard's state)."""
+        for sha in sha256s:
+            self.new.pop(sha, None)
+        for location in locations:
+            self.new_locations.pop(location, None)
 
     def add_locations(self, entries: Iterable[tuple[str, str, str]]) -> None:
         """(location, version, sha256) of images read whole."""

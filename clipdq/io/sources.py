@@ -287,12 +287,79 @@ def _version(ref: str | bytes | None, access: ImageAccess) -> tuple[str, str] | 
         return None
 
 
+LISTED_SHARE = 100  # an S3 listing goes on while it finds at least one wanted key per this many it lists
+
+
 def versions(refs: list, access: ImageAccess, *, workers: int = 8) -> list[tuple[str, str] | None]:
     """Per catalog cell, (location, version) of a file or S3 object where that can be learnt
     without reading it (size and modification time, or the ETag), else None: URLs, inline bytes,
-    and references whose read will fail and say why."""
+    and references whose read will fail and say why.
+
+    In bulk: a local file is ``lstat``-ed in the folder its folder resolves to (each folder resolved
+    once; a symlinked file is resolved on its own); S3 objects are listed, 1,000 a request, in the
+    key range a folder's references span, with a HEAD each for what the listing leaves."""
+    found: dict[int, tuple[str, str] | None] = {}
+    s3: dict[int, str] = {}
+    folders: dict[str, str | None] = {}
+    for i, ref in enumerate(refs):
+        if not isinstance(ref, str) or not ref or ref.startswith(("http://", "https://")):
+            found[i] = None
+        elif storage.is_s3(ref) or (storage.is_s3(access.base) and not ref.startswith("/")):
+            try:
+                s3[i] = locate(ref, access)
+            except ImageError:
+                found[i] = None
+        else:
+            found[i] = _local_version(ref, access, folders)
+    found |= _s3_versions(s3, workers=workers)
+    return [found[i] for i in range(len(refs))]
+
+
+def _local_version(ref: str, access: ImageAccess, folders: dict[str, str | None]) -> tuple[str, str] | None:
+    """(location, version) of a local reference, its folder resolved once per ``folders`` (folder ->
+    resolved folder where allowed, else None)."""
+    path = ref if os.path.isabs(ref) else os.path.join(access.base, ref)
+    folder, name = os.path.split(path)
+    if folder not in folders:
+        try:
+            folders[folder] = _locate_local(folder, access) if folder else None
+        except ImageError:
+            folders[folder] = None
+    resolved = folders[folder]
+    if resolved is None or name in ("", ".", ".."):
+        return _version(ref, access)
+    location = os.path.join(resolved, name)
+    try:
+        info = os.lstat(location)
+    except OSError:
+        return None  # the read reports why
+    if not stat.S_ISREG(info.st_mode):  # a symlink is judged by where it leads
+        return _version(ref, access)
+    return location, storage.stat_version(info)
+
+
+def _s3_versions(uris: dict[int, str], *, workers: int) -> dict[int, tuple[str, str] | None]:
+    """(location, ETag) of S3 objects: each folder's keys listed in the range they span, while the
+    listing pays (``LISTED_SHARE``); a HEAD for each key it did not reach."""
+    by_folder: dict[tuple[str, str], list[str]] = {}
+    for uri in set(uris.values()):
+        bucket, key = storage.split_s3(uri)
+        by_folder.setdefault((bucket, posixpath.dirname(key)), []).append(key)
+    listed: dict[str, str | None] = {}
+    for (bucket, _), keys in by_folder.items():
+        covered = storage.list_etags(bucket, sorted(keys), min_share=1 / LISTED_SHARE)
+        listed |= {f"s3://{bucket}/{key}": etag for key, etag in covered.items()}
+    rest = [uri for uri in set(uris.values()) if uri not in listed]
     with ThreadPoolExecutor(max_workers=workers) as pool:
-        return list(pool.map(lambda ref: _version(ref, access), refs))
+        listed |= dict(zip(rest, pool.map(_etag, rest)))
+    return {i: (uri, etag) if (etag := listed[uri]) else None for i, uri in uris.items()}
+
+
+def _etag(uri: str) -> str | None:
+    try:
+        return storage.version(uri)
+    except (OSError, ClientError, BotoCoreError):  # the read reports why
+        return None
 
 
 def access_for(base: str, roots: Iterable[str] = (), *, urls: bool = False) -> ImageAccess:

@@ -12,6 +12,7 @@ import hashlib
 import io
 import json
 import os
+import posixpath
 import shutil
 import tempfile
 import uuid
@@ -183,13 +184,13 @@ def _raise_readable(error: ClientError, uri: str) -> NoReturn:
     raise error
 
 
-def _local_version(info: os.stat_result) -> str:
+def stat_version(info: os.stat_result) -> str:
     return f"{info.st_size}:{info.st_mtime_ns}"
 
 
 def version(uri: str) -> str:
     """Changes whenever the file or object is rewritten: size and modification time, or the ETag."""
-    return _head(uri)["ETag"] if is_s3(uri) else _local_version(os.stat(uri))
+    return _head(uri)["ETag"] if is_s3(uri) else stat_version(os.stat(uri))
 
 
 def open_read(uri: str, *, expected: str | None = None) -> tuple[io.BufferedIOBase, str]:
@@ -204,7 +205,7 @@ def open_read(uri: str, *, expected: str | None = None) -> tuple[io.BufferedIOBa
         found = head["ETag"]
     else:
         stream = open(uri, "rb")
-        found = _local_version(os.fstat(stream.fileno()))
+        found = stat_version(os.fstat(stream.fileno()))
     if expected is not None and found != expected:
         stream.close()
         raise StorageError(f"{uri} changed since the run began: run again on a stable copy")
@@ -269,6 +270,27 @@ def list_files(prefix: str, *, start: str = "") -> list[str]:
     tops = list(root.glob(glob.escape(start) + "*")) if root.is_dir() else []
     files = [p for top in tops for p in (top.rglob("*") if top.is_dir() else [top]) if p.is_file()]
     return sorted(str(p.relative_to(root)) for p in files)
+
+
+def list_etags(bucket: str, keys: list[str], *, min_share: float) -> dict[str, str | None]:
+    """ETag, or None where there is no such object, of the sorted ``keys`` (all in one folder) that
+    a listing of their range reaches: 1,000 a request, from the first key on, stopping once a page
+    holds fewer than ``min_share`` wanted keys (the rest are cheaper asked one by one)."""
+    folder = posixpath.dirname(keys[0]) + "/" if "/" in keys[0] else ""
+    wanted, found = set(keys), dict[str, str | None]()
+    pages = (
+        s3_client()
+        .get_paginator("list_objects_v2")
+        .paginate(Bucket=bucket, Prefix=folder, Delimiter="/", StartAfter=keys[0][:-1])
+    )
+    for page in pages:
+        listed = page.get("Contents", [])
+        found |= {obj["Key"]: obj["ETag"] for obj in listed if obj["Key"] in wanted}
+        last = listed[-1]["Key"] if listed and page.get("IsTruncated") else keys[-1]  # listed up to here
+        hits = sum(obj["Key"] in wanted for obj in listed)
+        if last >= keys[-1] or hits < min_share * len(listed):
+            return found | {key: found.get(key) for key in keys if key <= last}
+    return found
 
 
 def listing_digest(prefix: str) -> str:

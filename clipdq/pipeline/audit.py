@@ -9,7 +9,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from datetime import datetime
 from typing import TYPE_CHECKING
@@ -19,7 +19,7 @@ import polars as pl
 
 from clipdq.checks.compare import compare, text_findings
 from clipdq.checks.schemas import DUPLICATES_SCHEMA, FINDINGS_SCHEMA, PREDICTIONS_SCHEMA, TEXTS_SCHEMA
-from clipdq.core import predict, text, tree
+from clipdq.core import predict, text, tree, values
 from clipdq.core.options import AuditOptions, Backend
 from clipdq.core.predict import Calibration
 from clipdq.core.spec import Spec
@@ -63,7 +63,8 @@ class Scored:
 
     findings_file: str
     usable: pl.DataFrame  # product_id and sha256 of each row whose image is usable
-    signatures: np.ndarray  # (usable rows, SIGNATURE_BYTES) uint8, a row each: duplicate search's input
+    signatures: Callable[[], np.ndarray]  # (usable rows, SIGNATURE_BYTES) uint8, a row each: duplicate search's
+    # input, read only where the search runs
     images: dict[str, int]  # what became of the images (embedding.COUNT_KEYS)
     calibrations: list[dict[str, Calibration]]  # per model that scored: one, or one per fold (cross-fitting)
     text_calibration: TextCalibration | None  # how image and text agreement is judged (the model's)
@@ -106,7 +107,7 @@ def duplicate_listings(scored: Scored, spec: Spec, *, kept: pl.DataFrame | None 
     found = duplicates.find(
         scored.usable["product_id"].to_list(),
         scored.usable["sha256"].to_list(),
-        scored.signatures,
+        scored.signatures(),
         threshold=spec.duplicate_similarity,
     )
     log.info(
@@ -181,8 +182,10 @@ def images_key(images: pl.DataFrame, threshold: float | None) -> str | None:
     if threshold is None:
         return None
     rows = images.select("product_id", "sha256").sort("product_id")
-    payload = json.dumps([threshold, list(DUPLICATES_SCHEMA), rows["product_id"].to_list(), rows["sha256"].to_list()])
-    return hashlib.sha256(payload.encode()).hexdigest()[:16]
+    digest = hashlib.sha256(json.dumps([pl.__version__, threshold, list(DUPLICATES_SCHEMA), rows.height]).encode())
+    for offset in range(0, rows.height, 1 << 20):  # in the columns' hash: no Python object per row
+        digest.update(values.row_hashes(rows.slice(offset, 1 << 20)).to_numpy().tobytes())
+    return digest.hexdigest()[:16]
 
 
 def score_batch(

@@ -10,6 +10,7 @@ for that (``label_noise``). Every row is judged once, by a model that never saw 
 from __future__ import annotations
 
 import copy
+import functools
 import logging
 
 import numpy as np
@@ -92,7 +93,7 @@ def score(inputs: audit.AuditInputs, findings_file: str) -> audit.Scored:
     return audit.Scored(
         findings_file,
         usable.drop("signature"),
-        signature_rows(usable),
+        functools.partial(signature_rows, usable),
         dict(tally.counts),
         calibrations,
         scorer.text_calibration_for(start, spec),

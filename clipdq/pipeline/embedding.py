@@ -84,14 +84,16 @@ def signature_rows(usable: pl.DataFrame) -> np.ndarray:
     return np.frombuffer(b"".join(usable["signature"].to_list()), np.uint8).reshape(-1, images.SIGNATURE_BYTES)
 
 
-COUNT_KEYS = ("scored", "from_cache", "unread", "embedded", "lost_to_outages")
+COUNT_KEYS = ("scored", "reused", "from_cache", "unread", "embedded", "lost_to_outages")
 
 
 def counts(batch: Batch) -> dict[str, int]:
     """What became of a batch's images: scored in all, embeddings from the cache (of which unread:
-    not even read, being unchanged), embedded now, lost to outages."""
+    not even read, being unchanged), embedded now, lost to outages. (``reused``: rows whose findings
+    a shard's state kept, ``Tally.add_reused``.)"""
     return {
         "scored": batch.rows.height,
+        "reused": 0,
         "from_cache": len(batch.cached),
         "unread": batch.unread,
         "embedded": len(batch.to_embed),
@@ -226,6 +228,10 @@ class Tally:
             self.row_count,
             extra={"progress": (self.counts["scored"], self.row_count)},
         )
+
+    def add_reused(self, rows: int) -> None:
+        """``rows`` whose findings were reused as a shard's state kept them: their images unread."""
+        self.counts.update(dict.fromkeys(("scored", "reused", "from_cache", "unread"), rows))
 
     def usable(self) -> pl.DataFrame:
         """(IMAGES_SCHEMA) the usable images of every batch so far, in order."""

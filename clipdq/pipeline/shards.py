@@ -33,7 +33,7 @@ from clipdq.io import catalog, sources, storage
 from clipdq.io.cache import EmbeddingCache
 from clipdq.io.images import SIGNATURE_BYTES
 from clipdq.model import scorer
-from clipdq.pipeline import audit, embedding
+from clipdq.pipeline import audit, embedding, reuse, state
 from clipdq.pipeline.embedding import Tally
 
 log = logging.getLogger(__name__)
@@ -84,6 +84,7 @@ class Job:
     backend: Backend  # the image tower's backend the run chose
     work: str  # folder of the shards' parts
     cache: str | None = None  # embedding cache folder, None to embed every image
+    state: str | None = None  # folder of the shards' states (``state``), None to keep none
     image_roots: tuple[str, ...] = ()
     batch_size: int = 64
 
@@ -111,19 +112,28 @@ def job_for(inputs: audit.AuditInputs, *, backend: Backend) -> Job:
         model_uri=inputs.model_uri,
         backend=backend,
         cache=cache,
+        state=state_folder(inputs.output_uri, inputs.catalog_uri, cache) if cache else None,
         image_roots=tuple(sorted(options.image_roots)),
         batch_size=options.batch_size,
     )
+
+
+def state_folder(output_uri: str, catalog_uri: str, cache: str) -> str:
+    """Where the shards of audits of ``catalog_uri`` with the embeddings kept in ``cache`` keep their
+    state: ``<output>/_state/<catalog>-<model and preprocessing>``."""
+    catalog_key = hashlib.sha256(catalog_uri.encode()).hexdigest()[:12]
+    return storage.join(output_uri, "_state", f"{catalog_key}-{cache.rstrip('/').rsplit('/', 1)[-1]}")
 
 
 @dataclass(frozen=True)
 class ShardResult:
     index: int
     part: str  # URI of the findings part
-    images: str  # URI of its images' ids, digests and signatures (embedding.IMAGES_SCHEMA)
+    images: str  # URI of its images' ids, digests and signatures (embedding.IMAGES_SCHEMA; null: in ``state``)
     texts: str  # URI of its rows' texts and their scores (schemas.TEXTS_SCHEMA)
     counts: dict[str, int]  # scored, from_cache, unread, embedded, lost_to_outages
     reused: bool  # written by an earlier, interrupted run
+    state: str | None = None  # folder of the shard's state
 
 
 def part_uri(job: Job, shard: Shard) -> str:
@@ -145,12 +155,14 @@ def scorer_for(job: Job) -> scorer.Scorer:
 
 
 def run_shard(job: Job, shard: Shard) -> ShardResult:
-    """Score one shard's rows and write its findings part, or reuse the part an earlier run wrote."""
-    part = part_uri(job, shard)
+    """Score one shard's rows and write its findings part, or reuse the part an earlier run wrote.
+    With a state, rows unchanged since the last night reuse their findings (``reuse``) and the
+    state keeps what changed."""
+    part, folder = part_uri(job, shard), state.shard_folder(job.state, shard.index) if job.state else None
     counts = read_counts(part)
     if counts is not None:
         log.info("shard %d: finished by an earlier run, reusing %s", shard.index, part)
-        return ShardResult(shard.index, part, images_uri(job, shard), texts_uri(job, shard), counts, reused=True)
+        return ShardResult(shard.index, part, images_uri(job, shard), texts_uri(job, shard), counts, True, folder)
     use = scorer_for(job)
     source = catalog.CatalogFile(job.catalog_uri, version=job.catalog_version)
     cache = EmbeddingCache(job.cache) if job.cache else None
@@ -159,21 +171,50 @@ def run_shard(job: Job, shard: Shard) -> ShardResult:
         max_transient=use.spec.max_transient_image_errors,
         what=f"shard {shard.index}",
         catalog_rows=job.catalog_rows,
+        keep_images=False,
     )
-    findings, texts = audit.findings_of(
-        source.batches_between(shard.start, shard.stop, job.batch_size),
+    kept = state.Parts.of(folder) if folder else None
+    judged = reuse.judge_rows(
+        pl.concat(source.batches_between(shard.start, shard.stop, 1 << 16)),
+        kept=kept,
+        judge=state.judge_key(job.spec_text),
         scorer=use,
         access=sources.catalog_access(job.catalog_uri, use.spec, job.image_roots),
         cache=cache,
         tally=tally,
+        batch_size=job.batch_size,
     )
+    if kept is not None:
+        keep(kept, judged, cache)
     if cache is not None:
         cache.flush()  # before the part: a finished part's embeddings are kept
     counts = dict(tally.counts)
-    write_parquet(images_uri(job, shard), tally.usable().to_arrow())
-    write_parquet(texts_uri(job, shard), texts.to_arrow())
-    write_part(part, findings, counts)
-    return ShardResult(shard.index, part, images_uri(job, shard), texts_uri(job, shard), counts, reused=False)
+    write_parquet(images_uri(job, shard), judged.images(kept=kept is not None).to_arrow())
+    write_parquet(texts_uri(job, shard), judged.texts().to_arrow())
+    write_part(part, judged.findings(), counts)
+    return ShardResult(shard.index, part, images_uri(job, shard), texts_uri(job, shard), counts, False, folder)
+
+
+def keep(kept: state.Parts, judged: reuse.Judged, cache: EmbeddingCache | None) -> None:
+    """What changed in a shard, into its state: nothing, a delta, or a new base where deltas would
+    pass ``state.DELTA_SHARE`` of its rows; the embeddings a new base drops (products gone from the
+    shard, images replaced) go to the digest-keyed cache, where a product that moved finds its own."""
+    changed = judged.changed
+    if cache is not None:  # the state keeps these: not twice
+        cache.forget(changed["sha256"].to_list(), changed["location"].to_list())
+    if not changed.height:
+        return
+    if kept.names and changed.height + kept.delta_rows <= state.DELTA_SHARE * judged.rows.height:
+        kept.write(changed, base=False)
+        return
+    old = kept.read(state.STATE_SCHEMA.names()) if kept.names else pl.DataFrame(schema=state.STATE_SCHEMA)
+    same = judged.rows.select("product_id", "sha256").join(changed.select("product_id"), on="product_id", how="anti")
+    base = pl.concat([old.join(same, on=["product_id", "sha256"], how="semi"), changed.select(old.columns)])
+    dropped = old.join(base, on=["product_id", "sha256"], how="anti")
+    if cache is not None and dropped.height:
+        cache.add(dropped["sha256"].to_list(), reuse.embeddings(dropped), dropped["signature"].to_list())
+        cache.add_locations(dropped.select("location", "version", "sha256").iter_rows())
+    kept.write(base, base=True)
 
 
 def write_part(uri: str, findings: pl.DataFrame, counts: dict[str, int]) -> None:
@@ -226,19 +267,32 @@ def totals(results: list[ShardResult]) -> dict[str, int]:
     return {key: summed[key] for key in embedding.COUNT_KEYS}
 
 
-def read_images(parts: list[str], dest: str) -> tuple[pl.DataFrame, np.ndarray]:
-    """(product_id and sha256 of the usable images in the images parts of a run's shards, in order;
-    their signatures, a read-only memory map of the local file ``dest`` written part by part): the
-    signatures of a million images (3 GB) are never in memory at once."""
-    frames = [pl.DataFrame(schema={"product_id": pl.String, "sha256": pl.String})]
+def read_images(results: list[ShardResult]) -> pl.DataFrame:
+    """product_id and sha256 of the usable images of a run's shards, in order."""
+    parts = read_parts([result.images for result in results], embedding.IMAGES_SCHEMA)
+    return pl.concat(
+        [pl.DataFrame(schema={"product_id": pl.String, "sha256": pl.String})] + [p.drop("signature") for p in parts]
+    )
+
+
+def write_signatures(results: list[ShardResult], dest: str) -> np.ndarray:
+    """The signatures of the usable images of a run's shards, in order (``read_images``): a
+    read-only memory map of the local file ``dest``, written shard by shard from the images parts
+    and, where a part leaves them null, the shard's state, so the signatures of a million images
+    (3 GB) are never in memory at once."""
+    rows = 0
     with open(dest, "wb") as out:
-        for part in read_parts(parts, embedding.IMAGES_SCHEMA):
+        for result, part in zip(results, read_parts([result.images for result in results], embedding.IMAGES_SCHEMA)):
+            if part["signature"].null_count() and result.state:
+                kept = state.Parts.of(result.state).read(["product_id", "sha256", "signature"])
+                part = part.join(kept, on=["product_id", "sha256"], how="left", maintain_order="left").select(
+                    "product_id", "sha256", pl.coalesce("signature", "signature_right").alias("signature")
+                )
             out.write(embedding.signature_rows(part).data)  # (its buffer: no copy)
-            frames.append(part.drop("signature"))
-    found = pl.concat(frames)
-    if not found.height:  # (a memory map cannot be empty)
-        return found, np.zeros((0, SIGNATURE_BYTES), np.uint8)
-    return found, np.memmap(dest, np.uint8, mode="r", shape=(found.height, SIGNATURE_BYTES))
+            rows += part.height
+    if not rows:  # (a memory map cannot be empty)
+        return np.zeros((0, SIGNATURE_BYTES), np.uint8)
+    return np.memmap(dest, np.uint8, mode="r", shape=(rows, SIGNATURE_BYTES))
 
 
 def read_parts(parts: list[str], schema: pl.Schema) -> Iterator[pl.DataFrame]:
@@ -262,9 +316,7 @@ def collect(results: list[ShardResult], inputs: audit.AuditInputs, findings_file
         pl.concat([pl.DataFrame(schema=TEXTS_SCHEMA), *parts]), text_calibration, spec
     )
     reported = assemble([result.part for result in results], findings_file, text_findings)
-    usable, signatures = read_images(
-        [result.images for result in results], str(Path(findings_file).with_name("signatures"))
-    )
+    signatures = functools.partial(write_signatures, results, str(Path(findings_file).with_name("signatures")))
     seen = {
         "count": len(results),
         "rows_per_shard": inputs.options.rows_per_shard,
@@ -272,7 +324,7 @@ def collect(results: list[ShardResult], inputs: audit.AuditInputs, findings_file
     }
     return audit.Scored(
         findings_file,
-        usable,
+        read_images(results),
         signatures,
         images_seen,
         [scorer.calibration_for(files, spec)],
