@@ -67,7 +67,7 @@ def write_images(folder: Path, indices: range, generation: int = 0) -> None:
         Image.fromarray(pixels).save(path, compress_level=1)
 
 
-def make_catalog(folder: Path, rows: int) -> Path:
+def make_catalog(folder: Path, rows: int, *, duplicates: bool) -> Path:
     """``rows`` products with the sample spec's columns, values drawn at random (some missing), each
     with its own image; returns the catalog's path."""
     folder.mkdir(parents=True, exist_ok=True)
@@ -87,7 +87,7 @@ def make_catalog(folder: Path, rows: int) -> Path:
         columns[name] = pl.Series(values[rng.integers(0, len(values), rows)].tolist(), dtype=pl.String)
     path = folder / "catalog.parquet"
     pl.DataFrame(columns).write_parquet(path, row_group_size=ROW_GROUP_ROWS)
-    (folder / "spec.yaml").write_text(sample_data.SPEC_YAML)
+    (folder / "spec.yaml").write_text(sample_data.SPEC_YAML + ("" if duplicates else "duplicate_similarity: null\n"))
     return path
 
 
@@ -134,19 +134,25 @@ def main() -> int:
     parser.add_argument(
         "--folder", type=Path, help="keep the catalog, model and runs here (default: a temporary folder)"
     )
+    parser.add_argument(
+        "--no-duplicates", action="store_true", help="a spec without duplicate listings (they are on by default)"
+    )
     parser.add_argument("--check", action="store_true", help="fail unless reruns reuse and findings are identical")
     args = parser.parse_args()
     os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
     with tempfile.TemporaryDirectory() as scratch:
         root = args.folder or Path(scratch)
-        data, model, output = root / f"catalog-{args.rows}", root / "model", root / f"runs-{args.rows}-{args.workers}"
+        name = f"{args.rows}{'-no-duplicates' if args.no_duplicates else ''}"
+        data, model, output = root / f"catalog-{name}", root / "model", root / f"runs-{name}-{args.workers}"
         if not (data / "catalog.parquet").exists():
-            make_catalog(data, args.rows)
+            make_catalog(data, args.rows, duplicates=not args.no_duplicates)
         if not model.exists():
             init = ["init-model", "--spec", str(data / "spec.yaml"), "--arch", "tiny", "--output", str(model)]
             subprocess.run([sys.executable, "-m", "clipdq.cli", *init], check=True, capture_output=True)
         extra = ("--workers", str(args.workers)) if args.workers > 1 else ()
-        print(f"{args.rows:,} products, {IMAGE_SIDE} px PNGs, tiny model, {os.cpu_count()} CPU cores, {extra or ''}")
+        duplicates = "off" if args.no_duplicates else "on"
+        print(f"{args.rows:,} products, {IMAGE_SIDE} px PNGs, tiny model, duplicate listings {duplicates}, ", end="")
+        print(f"{os.cpu_count()} CPU cores, {'--workers ' + str(args.workers) if extra else 'one process'}")
         first = audit(data, model, output, *extra)
         report("first run", args.rows, first)
         again = audit(data, model, output, *extra)

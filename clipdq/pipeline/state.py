@@ -96,13 +96,13 @@ class Parts:
         return cls(folder, tuple(current), delta_rows, tuple(name for name in names if name not in current))
 
     def read(self, columns: list[str]) -> pl.DataFrame:
-        """``columns`` of each product's latest row."""
+        """``columns`` of each product's latest row (in no particular order)."""
         frames = [pl.DataFrame(schema={name: STATE_SCHEMA[name] for name in columns})]
         for name in self.names:
             stream, _ = storage.open_read(storage.join(self.folder, name))
             with stream:
                 frames.append(pl.DataFrame(pq.ParquetFile(stream).read(columns=columns)).cast(frames[0].schema))
-        return pl.concat(frames).unique("product_id", keep="last", maintain_order=True)
+        return pl.concat(frames).unique("product_id", keep="last")
 
     def write(self, frame: pl.DataFrame, *, base: bool) -> None:
         """``frame`` (STATE_SCHEMA) as the next part; a base makes every older part stale and deletes it."""
