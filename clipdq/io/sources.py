@@ -243,15 +243,16 @@ def _read_url(url: str, access: ImageAccess, deadline: float) -> bytes:
         raise ImageError(f"image fetch failed: {type(error).__name__}: {error}"[:300], transient=True) from None
 
 
-def fetch(ref: str | bytes | None, access: ImageAccess) -> bytes:
-    """Image bytes for a catalog cell: raw bytes as they are, else read where ``access`` allows."""
+def fetch(ref: str | bytes | None, access: ImageAccess, *, location: str | None = None) -> bytes:
+    """Image bytes for a catalog cell: raw bytes as they are, else read where ``access`` allows
+    (``location``: where ``versions`` found it allowed, so it is not resolved again)."""
     if ref is None or ref == "" or ref == b"":
         raise ImageError("no image given in the catalog")
     if isinstance(ref, bytes):
         if len(ref) > MAX_IMAGE_BYTES:
             raise ImageError(f"image larger than {MAX_IMAGE_BYTES} bytes")
         return ref
-    uri = locate(ref, access)
+    uri = location or locate(ref, access)
     deadline = time.monotonic() + READ_DEADLINE_S
     if uri.startswith(("http://", "https://")):
         data = _read_url(uri, access, deadline)
@@ -264,17 +265,20 @@ def fetch(ref: str | bytes | None, access: ImageAccess) -> bytes:
     return data
 
 
-def fetch_one(ref: str | bytes | None, access: ImageAccess) -> Fetched:
+def fetch_one(ref: str | bytes | None, access: ImageAccess, location: str | None = None) -> Fetched:
     try:
-        return Fetched(data=fetch(ref, access))
+        return Fetched(data=fetch(ref, access, location=location))
     except ImageError as error:
         return Fetched(error=str(error)[:300], transient=error.transient)
 
 
-def fetch_all(refs: list, access: ImageAccess, *, workers: int = 4) -> list[Fetched]:
-    """One ``Fetched`` per catalog cell, fetched in a thread pool."""
+def fetch_all(
+    refs: list, access: ImageAccess, *, locations: list[str | None] | None = None, workers: int = 4
+) -> list[Fetched]:
+    """One ``Fetched`` per catalog cell, fetched in a thread pool (``locations``: ``versions``'s,
+    where known)."""
     with ThreadPoolExecutor(max_workers=workers) as pool:
-        return list(pool.map(lambda ref: fetch_one(ref, access), refs))
+        return list(pool.map(lambda ref, where: fetch_one(ref, access, where), refs, locations or [None] * len(refs)))
 
 
 def _version(ref: str | bytes | None, access: ImageAccess) -> tuple[str, str] | None:

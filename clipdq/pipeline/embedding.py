@@ -134,7 +134,8 @@ def prepare_batch(
     sha256: list[str | None] = [unchanged[i] if i in cached else None for i in range(len(refs))]
     unread = len(cached)
     to_fetch = [i for i in range(len(refs)) if i not in cached]
-    fetched = dict(zip(to_fetch, fetch_all([refs[i] for i in to_fetch], access)))
+    locations = [where[0] if (where := located[i]) else None for i in to_fetch]
+    fetched = dict(zip(to_fetch, fetch_all([refs[i] for i in to_fetch], access, locations=locations)))
     for i, item in fetched.items():
         sha256[i] = None if item.data is None else digest(item.data)
     if cache is not None:
