@@ -62,13 +62,15 @@ def score_cross_fitted(inputs: audit.AuditInputs, findings_file: str) -> audit.S
 
 
 @task(**IO_RETRIES, cache_policy=NO_CACHE)
-def find_duplicates(scored: audit.Scored, spec: Spec, kept: pl.DataFrame | None) -> pl.DataFrame:
-    return audit.duplicate_listings(scored, spec, kept=kept)
+def find_duplicates(
+    scored: audit.Scored, spec: Spec, kept: tuple[pl.DataFrame | None, pl.DataFrame | None]
+) -> tuple[pl.DataFrame, pl.DataFrame | None]:
+    return audit.duplicate_listings(scored, spec, kept=kept[0], search=kept[1])
 
 
 @task(**IO_RETRIES, cache_policy=NO_CACHE)
 def publish(folder: str, inputs: audit.AuditInputs, scored: audit.Scored, summary: dict, extras: dict) -> str:
-    """The run's files, then its manifest; ``extras``: its changes, catalog checks and duplicate listings."""
+    """The run's files, then its manifest; ``extras``: its changes, catalog checks, duplicate listings and search."""
     findings = pl.scan_parquet(scored.findings_file)
     thumbnails = report.thumbnails(findings, inputs.source, inputs.spec, inputs.access)
     html = report.render_html(findings, summary, thumbnails, extras["changes"], extras["duplicates"])
@@ -79,6 +81,7 @@ def publish(folder: str, inputs: audit.AuditInputs, scored: audit.Scored, summar
         html,
         validation=extras["validation"],
         duplicates=extras["duplicates"],
+        duplicate_search=extras["search"],
     )
 
 
@@ -118,7 +121,8 @@ def audit_catalog(
         findings = pl.scan_parquet(findings_file)
         previous, changes = runs.changes_since_previous(output_uri, catalog_uri, findings)
         key = audit.images_key(scored.usable, spec.duplicate_similarity)
-        duplicates = find_duplicates(scored, spec, runs.kept_duplicates(previous, key))
+        kept = runs.kept_duplicates(previous, key, spec.duplicate_similarity)
+        duplicates, search = find_duplicates(scored, spec, kept)
         record = audit.run_record(scored, inputs, run_id=run_id, started=started, backend=backend)
         summary = report.summarize(
             findings,
@@ -131,7 +135,11 @@ def audit_catalog(
             text=report.text_summary(spec, scored.text_calibration, scored.texts_judged),
         )
         publish(
-            folder, inputs, scored, summary, {"changes": changes, "validation": validation, "duplicates": duplicates}
+            folder,
+            inputs,
+            scored,
+            summary,
+            {"changes": changes, "validation": validation, "duplicates": duplicates, "search": search},
         )
         top = report.problem_table(findings, changes, TOP_PROBLEMS)
     if job:

@@ -158,7 +158,8 @@ def test_real_catalog_images_of_look_alike_products_are_not_grouped_but_their_co
         blobs += [make(blob, image) for make in copies.values()]
     signatures = np.frombuffer(b"".join(map(_signature, blobs)), np.uint8).reshape(len(blobs), -1)
 
-    found = duplicates.find(ids, [digest(blob) for blob in blobs], signatures, threshold=0.99)
+    shas = [digest(blob) for blob in blobs]
+    found, _ = duplicates.find(ids, shas, signatures, threshold=0.99)
 
     groups = found.group_by("group").agg("product_id")["product_id"].to_list()
     assert len(groups) == 20 and all(len({pid.split("-")[0] for pid in group}) == 1 for group in groups)
@@ -177,3 +178,21 @@ def test_real_catalog_images_of_look_alike_products_are_not_grouped_but_their_co
     assert of_whole["product_id"].str.ends_with("-corner85").sum() == 20  # no other copy holds a corner crop
     for row in of_whole.to_dicts():
         assert abs(row["crop_area"] - KEPT[row["product_id"].split("-")[1]] ** 2) < 0.03, row
+
+    # a later night: the copies arrive after a search of the originals, which keeps its links
+    # (here none) and searches only the new images, against all of them: the same groups
+    _, earlier = duplicates.find(ids[: len(data)], shas[: len(data)], signatures[: len(data)], threshold=0.99)
+    calls = []
+    real = duplicates.pair_similarity
+    monkeypatch.setattr(duplicates, "pair_similarity", lambda s, pairs: calls.append(pairs) or real(s, pairs))
+    later, search_later = duplicates.find(ids, shas, signatures, threshold=0.99, searched=earlier)
+    assert groups_of(later) == groups_of(found)
+    assert (calls[0].max(axis=1) >= len(data)).all()  # a copy in every pair compared
+    assert search_later["product_id"].to_list() == ids and search_later["links"].list.len().sum() > 0
+    again, kept_whole = duplicates.find(ids, shas, signatures, threshold=0.99, searched=search_later)
+    assert len(calls) == 1 and groups_of(again) == groups_of(found)  # nothing new: nothing compared
+    assert kept_whole.equals(search_later)
+
+
+def groups_of(listings: pl.DataFrame) -> set[frozenset[str]]:
+    return {frozenset(group) for group in listings.group_by("group").agg("product_id")["product_id"].to_list()}

@@ -28,6 +28,7 @@ from flows.finetune import finetune_model
 
 RUN_FOLDER = re.compile(r"/run_date=(?P<date>\d{4}-\d{2}-\d{2})/run_id=(?P<run_id>[^/]+)$")
 RUN_FILES = [
+    "duplicate_search.parquet",
     "duplicates.parquet",
     "findings.parquet",
     "manifest.json",
@@ -305,21 +306,22 @@ def test_repeated_audits_embed_only_new_or_changed_images(prefect_harness, sampl
     broken = truth.filter(pl.col("planted") == "image_error")["product_id"].n_unique()
     assert broken and readable == rows - broken  # all but the sample's broken images
     lost = {"lost_to_outages": 0}
-    assert counts[0] == {"scored": rows, "from_cache": 0, "unread": 0, "embedded": readable} | lost
-    assert counts[1] == {"scored": rows, "from_cache": readable, "unread": readable, "embedded": 0} | lost
-    assert counts[2] == {"scored": rows, "from_cache": readable - 1, "unread": readable - 1, "embedded": 1} | lost
-    assert counts[3] == {"scored": rows, "from_cache": 0, "unread": 0, "embedded": readable} | lost
+    assert counts[0] == {"scored": rows, "reused": 0, "from_cache": 0, "unread": 0, "embedded": readable} | lost
+    kept = {"from_cache": readable, "unread": readable, "embedded": 0}
+    assert counts[1] == {"scored": rows, "reused": readable} | kept | lost
+    kept = {"from_cache": readable - 1, "unread": readable - 1, "embedded": 1}
+    assert counts[2] == {"scored": rows, "reused": readable - 1} | kept | lost
+    assert counts[3] == {"scored": rows, "reused": 0, "from_cache": 0, "unread": 0, "embedded": readable} | lost
     columns = ["product_id", "attribute", "predicted_value", "status"]
     assert_frame_equal(read_run(first)[0], read_run(unchanged)[0], check_exact=False, rel_tol=1e-6)
     assert read_run(after_change)[0].select(columns).equals(read_run(uncached)[0].select(columns))
-    kept = [name.split("/")[1] for name in storage.list_files(str(tmp_path / "out" / "_embedding_cache"))]
-    assert sorted(kept) == [
-        "embeddings",
-        "embeddings",
-        "locations",
-        "locations",  # first run, the changed image
+    cached = [name.split("/")[1] for name in storage.list_files(str(tmp_path / "out" / "_embedding_cache"))]
+    assert sorted(cached) == [
+        "embeddings",  # the texts': the images' embeddings are kept once, in the shards' states
         f"text-{parse_spec((tmp_path / 'sample' / 'spec.yaml').read_text()).fingerprint()}.safetensors",
     ]
+    states = [name.split("/")[1:] for name in storage.list_files(str(tmp_path / "out" / "_state"))]
+    assert states == [["shard-00000", "00000000.parquet"], ["shard-00000", "00000001.parquet"]]  # a base, a delta
     reused = [read_run(run)[1]["expectations_reused"] for run in (first, unchanged, after_change)]
     assert reused == [False, True, True]  # the catalog's keys did not change, only an image
     assert read_run(first)[1]["expectations"] == read_run(unchanged)[1]["expectations"]

@@ -89,17 +89,21 @@ def test_an_unreadable_previous_run_gives_no_changes_and_the_audit_goes_on(tmp_p
 
 def test_duplicate_listings_are_kept_only_from_a_run_of_the_same_images(tmp_path):
     listings = pl.DataFrame({"group": [0, 0], "product_id": ["p1", "p2"]})
+    search = pl.DataFrame({"product_id": ["p1", "p2"], "sha256": ["a", "a"]})
     run_id, folder = report.new_run(str(tmp_path))
     summary = report.summarize(
         BEFORE,
         products=4,
         validation={},
         run={"run_id": run_id, "catalog": "c.parquet"},
-        duplicates={"images_key": "k1"},
+        duplicates={"images_key": "k1", "similarity_threshold": 0.99},
     )
-    report.publish_run(folder, BEFORE, summary, "<html></html>", duplicates=listings)
+    report.publish_run(folder, BEFORE, summary, "<html></html>", duplicates=listings, duplicate_search=search)
 
-    assert runs.kept_duplicates(folder, "k1").equals(listings)
-    assert runs.kept_duplicates(folder, "k2") is None  # other images, or another threshold
-    assert runs.kept_duplicates(None, "k1") is None  # a first run
-    assert runs.kept_duplicates(folder, None) is None  # the spec asks for no listings
+    kept, kept_search = runs.kept_duplicates(folder, "k1", 0.99)
+    assert kept is not None and kept.equals(listings) and kept_search is not None and kept_search.equals(search)
+    other, other_search = runs.kept_duplicates(folder, "k2", 0.99)  # other images: the search's links are kept
+    assert other is None and other_search is not None and other_search.equals(search)
+    assert runs.kept_duplicates(folder, "k1", 0.98) == (None, None)  # another threshold
+    assert runs.kept_duplicates(None, "k1", 0.99) == (None, None)  # a first run
+    assert runs.kept_duplicates(folder, None, None) == (None, None)  # the spec asks for no listings

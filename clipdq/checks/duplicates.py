@@ -23,6 +23,7 @@ window's area, how much the crop keeps.
 from __future__ import annotations
 
 from collections.abc import Callable
+from dataclasses import astuple, dataclass
 
 import numpy as np
 import polars as pl
@@ -31,7 +32,7 @@ import torch.nn.functional as F
 
 from clipdq.checks import neighbours
 from clipdq.checks.match import Embedded
-from clipdq.checks.schemas import DUPLICATES_SCHEMA
+from clipdq.checks.schemas import DUPLICATE_SEARCH_SCHEMA, DUPLICATES_SCHEMA
 from clipdq.core.splits import connected_components
 from clipdq.io.images import SIGNATURE_SIZE
 
@@ -151,10 +152,11 @@ def _area(boxes: torch.Tensor) -> torch.Tensor:
     return boxes[..., 0] * boxes[..., 1]
 
 
-def _nearest(descriptors: np.ndarray, sha256: list[str]) -> np.ndarray:
+def _nearest(descriptors: np.ndarray, sha256: list[str], queries: np.ndarray | None = None) -> np.ndarray:
     """(p, 2) row pairs, both ways round, whose ``descriptors`` are among each other's nearest
-    (same bytes excluded); an image that is many images' candidate keeps its MAX_PAIRS_PER_IMAGE
-    most similar; searched exactly up to APPROXIMATE_CANDIDATES_ABOVE images, approximately past them."""
+    (same bytes excluded), of the rows ``queries`` (default all); an image that is many images'
+    candidate keeps its MAX_PAIRS_PER_IMAGE most similar; searched exactly up to
+    APPROXIMATE_CANDIDATES_ABOVE images, approximately past them."""
     search: Callable[..., neighbours.Neighbours]
     if len(descriptors) > APPROXIMATE_CANDIDATES_ABOVE:
         from clipdq.checks import index  # faiss: only for catalogs that large
@@ -162,9 +164,12 @@ def _nearest(descriptors: np.ndarray, sha256: list[str]) -> np.ndarray:
         search = index.top_k
     else:
         search = neighbours.top_k
-    found = search(descriptors, descriptors, k=CANDIDATES, query_keys=sha256, reference_keys=sha256)
+    rows = np.arange(len(descriptors)) if queries is None else queries
+    found = search(
+        descriptors[rows], descriptors, k=CANDIDATES, query_keys=[sha256[i] for i in rows], reference_keys=sha256
+    )
     keep = found.indices.ravel() >= 0
-    pairs = np.stack([np.repeat(np.arange(len(descriptors)), CANDIDATES)[keep], found.indices.ravel()[keep]], axis=1)
+    pairs = np.stack([np.repeat(rows, CANDIDATES)[keep], found.indices.ravel()[keep]], axis=1)
     scores = found.scores.ravel()[keep]
     pairs, first = np.unique(np.concatenate([pairs, pairs[:, ::-1]]), axis=0, return_index=True)
     scores = np.concatenate([scores, scores])[first]
@@ -173,13 +178,13 @@ def _nearest(descriptors: np.ndarray, sha256: list[str]) -> np.ndarray:
     return pairs[order][rank < MAX_PAIRS_PER_IMAGE]
 
 
-def candidate_pairs(signatures: np.ndarray, sha256: list[str]) -> np.ndarray:
+def candidate_pairs(signatures: np.ndarray, sha256: list[str], *, queries: np.ndarray | None = None) -> np.ndarray:
     """(p, 2) row pairs, both ways round and sorted, that are among each other's nearest by coarse
-    signature or by colour histogram (same bytes excluded: those are grouped by their digest)."""
+    signature or by colour histogram (same bytes excluded: those are grouped by their digest);
+    ``queries``: only the pairs of these rows' nearest (default: every row's)."""
     coarse = _described(signatures, lambda images: _centred(images, COARSE))
-    return np.unique(
-        np.concatenate([_nearest(coarse, sha256), _nearest(_described(signatures, _colours), sha256)]), axis=0
-    )
+    colours = _described(signatures, _colours)
+    return np.unique(np.concatenate([_nearest(coarse, sha256, queries), _nearest(colours, sha256, queries)]), axis=0)
 
 
 def _described(signatures: np.ndarray, describe) -> np.ndarray:
@@ -226,30 +231,65 @@ def pair_similarity(signatures: np.ndarray, pairs: np.ndarray) -> tuple[np.ndarr
     return out, area
 
 
-def find(ids: list[str], sha256: list[str], signatures: np.ndarray, *, threshold: float) -> pl.DataFrame:
-    """Duplicate listings (DUPLICATES_SCHEMA) among images ``ids`` with their digests and (n, 3 * S * S)
-    uint8 ``signatures``: one row per product in a group of two or more, with its most similar
-    other product, their similarity (1 for the same bytes), its kind (KINDS: identical bytes,
-    near-identical pixels such as a re-encoded or resized copy, or a crop, either way round) and,
-    for a crop, the share of the other image's area it keeps."""
+@dataclass(frozen=True)
+class Links:
+    """Pairs of rows (a, b) at or above the threshold, each from a's side: its similarity, its kind
+    (an index into KINDS) and, for a crop, the share of the other image's area it keeps."""
+
+    pairs: np.ndarray  # (p, 2) int64
+    similarity: np.ndarray  # (p,) float32
+    kind: np.ndarray  # (p,) int64
+    area: np.ndarray  # (p,) float32
+
+    @classmethod
+    def none(cls) -> Links:
+        return cls(np.zeros((0, 2), np.int64), np.zeros(0, np.float32), np.zeros(0, np.int64), np.zeros(0, np.float32))
+
+    def __add__(self, other: Links) -> Links:
+        return Links(*(np.concatenate([mine, theirs]) for mine, theirs in zip(astuple(self), astuple(other))))
+
+
+def find(
+    ids: list[str], sha256: list[str], signatures: np.ndarray, *, threshold: float, searched: pl.DataFrame | None = None
+) -> tuple[pl.DataFrame, pl.DataFrame]:
+    """(duplicate listings (DUPLICATES_SCHEMA), the search (DUPLICATE_SEARCH_SCHEMA)) among images ``ids``
+    with their digests and (n, 3 * S * S) uint8 ``signatures``: one listing per product in a group
+    of two or more, with its most similar other product, their similarity (1 for the same bytes),
+    its kind (KINDS: identical bytes, near-identical pixels such as a re-encoded or resized copy, or
+    a crop, either way round) and, for a crop, the share of the other image's area it keeps.
+
+    ``searched``: an earlier search at the same threshold. Its links between images still there
+    (same product, same bytes) are kept, and only the other images are searched, against all: a
+    night where 1% of the images changed compares 1% of them."""
+    known, kept = _kept_links(ids, sha256, searched)
+    fresh = np.flatnonzero(~known)
+    found = Links.none()
+    if len(ids) >= 2 and len(fresh):
+        pairs = candidate_pairs(signatures, sha256, queries=fresh if known.any() else None)
+        scores, areas = pair_similarity(signatures, pairs)
+        way = better_way(pairs, scores)
+        scores, areas = scores[way], areas[way]
+        # KINDS' index from a's side of each pair (a, b): scored its own way round, a window of a is b
+        kinds = np.where(areas >= CROP_BELOW, 1, np.where(way == np.arange(len(pairs)), 3, 2))
+        keep = scores >= threshold
+        found = Links(pairs[keep], scores[keep], kinds[keep], areas[keep])
+    links = kept + found
+    return _listings(ids, sha256, links), _searched(ids, sha256, links)
+
+
+def _listings(ids: list[str], sha256: list[str], links: Links) -> pl.DataFrame:
+    """(DUPLICATES_SCHEMA) the groups that ``links`` and equal digests make, a row per member."""
     n = len(ids)
     if n < 2:
         return pl.DataFrame(schema=DUPLICATES_SCHEMA)
-    pairs = candidate_pairs(signatures, sha256)
-    scores, areas = pair_similarity(signatures, pairs)
-    way = better_way(pairs, scores)
-    scores, areas = scores[way], areas[way]
-    # KINDS' index from a's side of each pair (a, b): scored its own way round, a window of a is b
-    kinds = np.where(areas >= CROP_BELOW, 1, np.where(way == np.arange(len(pairs)), 3, 2))
-    keep = scores >= threshold
     digests = pl.Series(sha256).cast(pl.Categorical).to_physical().to_numpy().astype(np.int64)
     same = _same_bytes(digests)
-    roots = connected_components(n, np.concatenate([pairs[keep], same]))
+    roots = connected_components(n, np.concatenate([links.pairs, same]))
     sizes = np.bincount(roots, minlength=n)
-    linked = np.concatenate([pairs[keep], same, same[:, ::-1]])  # then each same-bytes link: 1, kind 0, whole
+    linked = np.concatenate([links.pairs, same, same[:, ::-1]])  # then each same-bytes link: 1, kind 0, whole
     similarity, kind, area = (
-        np.concatenate([values[keep], np.full(2 * len(same), fill, values.dtype)])
-        for values, fill in ((scores, 1), (kinds, 0), (areas, 1))
+        np.concatenate([values, np.full(2 * len(same), fill, values.dtype)])
+        for values, fill in ((links.similarity, 1), (links.kind, 0), (links.area, 1))
     )
     members = np.flatnonzero(sizes[roots] >= 2)
     best = _best_link(n, linked, similarity)[members]
@@ -268,6 +308,58 @@ def find(ids: list[str], sha256: list[str], signatures: np.ndarray, *, threshold
         )
         .with_columns(pl.col("crop_area").fill_nan(None))
         .sort("group", "product_id")
+    )
+
+
+def _searched(ids: list[str], sha256: list[str], links: Links) -> pl.DataFrame:
+    """(DUPLICATE_SEARCH_SCHEMA) every image of a search with its links."""
+    a, b = links.pairs[:, 0], links.pairs[:, 1]
+    ids_, shas = np.array(ids, dtype=object), np.array(sha256, dtype=object)
+    linked = (
+        pl.DataFrame(
+            {
+                "row": a,
+                "other_id": pl.Series(ids_[b], dtype=pl.String),
+                "other_sha256": pl.Series(shas[b], dtype=pl.String),
+                "similarity": links.similarity,
+                "kind": links.kind,
+                "area": links.area,
+            }
+        )
+        .group_by("row")
+        .agg(links=pl.struct("other_id", "other_sha256", "similarity", "kind", "area"))
+    )
+    images = pl.DataFrame({"product_id": ids, "sha256": sha256}, schema={"product_id": pl.String, "sha256": pl.String})
+    return (
+        images.with_row_index("row")
+        .join(linked.with_columns(pl.col("row").cast(pl.UInt32)), on="row", how="left", maintain_order="left")
+        .drop("row")
+        .cast(DUPLICATE_SEARCH_SCHEMA)
+    )
+
+
+def _kept_links(ids: list[str], sha256: list[str], searched: pl.DataFrame | None) -> tuple[np.ndarray, Links]:
+    """((n,) whether each image was in ``searched`` as it is now (same product, same bytes); the
+    links of ``searched`` between two such images, as rows of this search)."""
+    if searched is None:
+        return np.zeros(len(ids), bool), Links.none()
+    now = pl.DataFrame({"product_id": ids, "sha256": sha256}, schema={"product_id": pl.String, "sha256": pl.String})
+    now = now.with_row_index("row")
+    before = searched.join(now, on=["product_id", "sha256"], how="inner")
+    known = np.zeros(len(ids), bool)
+    known[before["row"].to_numpy()] = True
+    links = (
+        before.select("row", "links")
+        .explode("links")
+        .drop_nulls("links")
+        .unnest("links")
+        .join(now, left_on=["other_id", "other_sha256"], right_on=["product_id", "sha256"], suffix="_other")
+    )
+    return known, Links(
+        np.stack([links["row"].to_numpy(), links["row_other"].to_numpy()], axis=1).astype(np.int64).reshape(-1, 2),
+        links["similarity"].to_numpy().astype(np.float32),
+        links["kind"].to_numpy().astype(np.int64),
+        links["area"].to_numpy().astype(np.float32),
     )
 
 

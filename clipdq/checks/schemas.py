@@ -56,6 +56,24 @@ DUPLICATES_SCHEMA = pl.Schema(
     }
 )  # duplicate listings (clipdq.checks.duplicates)
 
+DUPLICATE_SEARCH_SCHEMA = pl.Schema(
+    {
+        "product_id": pl.String(),
+        "sha256": pl.String(),
+        "links": pl.List(
+            pl.Struct(
+                {
+                    "other_id": pl.String(),
+                    "other_sha256": pl.String(),
+                    "similarity": pl.Float32(),
+                    "kind": pl.Int64(),  # an index into duplicates.KINDS
+                    "area": pl.Float32(),
+                }
+            )
+        ),
+    }
+)  # a duplicate search's images, each with its links at or above the threshold from its side: kept by the next
+
 MATCHES_SCHEMA = pl.Schema(
     {"query_id": pl.String, "rank": pl.Int32, "reference_id": pl.String, "score": pl.Float32, "detail": pl.String}
 )

@@ -94,29 +94,34 @@ def run_record(scored: Scored, inputs: AuditInputs, *, run_id: str, started: dat
     }
 
 
-def duplicate_listings(scored: Scored, spec: Spec, *, kept: pl.DataFrame | None = None) -> pl.DataFrame:
-    """(DUPLICATES_SCHEMA) duplicate listings among the usable images: ``kept`` (the previous run's,
-    where it saw the same images at the same threshold: ``images_key``), else found afresh; none
-    where the spec does not ask for them."""
+def duplicate_listings(
+    scored: Scored, spec: Spec, *, kept: pl.DataFrame | None = None, search: pl.DataFrame | None = None
+) -> tuple[pl.DataFrame, pl.DataFrame | None]:
+    """(duplicate listings among the usable images (DUPLICATES_SCHEMA), the search that found them
+    (DUPLICATE_SEARCH_SCHEMA)): ``kept`` (the previous run's, where it saw the same images at the
+    same threshold: ``images_key``) with its ``search``; else searched again, keeping the links of
+    the previous ``search`` between images that did not change; none where the spec asks for none."""
     if spec.duplicate_similarity is None:
-        return pl.DataFrame(schema=DUPLICATES_SCHEMA)
-    if kept is not None:
-        return kept
+        return pl.DataFrame(schema=DUPLICATES_SCHEMA), None
+    if kept is not None and search is not None:
+        return kept, search
     from clipdq.checks import duplicates  # imports torch: not needed for a rerun of an unchanged catalog
 
-    found = duplicates.find(
+    found, searched = duplicates.find(
         scored.usable["product_id"].to_list(),
         scored.usable["sha256"].to_list(),
         scored.signatures(),
         threshold=spec.duplicate_similarity,
+        searched=search,
     )
     log.info(
-        "duplicate listings: %d products in %d groups among %d images",
+        "duplicate listings: %d products in %d groups among %d images (%s)",
         found.height,
         found["group"].n_unique(),
         scored.usable.height,
+        "the earlier search's links kept" if search is not None else "searched afresh",
     )
-    return found
+    return found, searched
 
 
 def choose_backend(

@@ -106,7 +106,10 @@ def judge_rows(
     ]
     empty = pl.DataFrame(schema={"row": pl.UInt32, **STATE_SCHEMA})
     now_scored = pl.concat(
-        [empty, *(frame.with_columns(judge=pl.lit(judge)).select(empty.columns) for frame in scored if frame is not None)]
+        [
+            empty,
+            *(frame.with_columns(judge=pl.lit(judge)).select(empty.columns) for frame in scored if frame is not None),
+        ]
     ).sort("row")
     judged = pl.concat([reused, now_scored.select(reused.columns)]).sort("row").drop("row")
     return Judged(judged, now_scored.drop("row"), reused.height)

@@ -200,8 +200,8 @@ def keep(kept: state.Parts, judged: reuse.Judged, cache: EmbeddingCache | None) 
     pass ``state.DELTA_SHARE`` of its rows; the embeddings a new base drops (products gone from the
     shard, images replaced) go to the digest-keyed cache, where a product that moved finds its own."""
     changed = judged.changed
-    if cache is not None:  # the state keeps these: not twice
-        cache.forget(changed["sha256"].to_list(), changed["location"].to_list())
+    if cache is not None:  # the state keeps these (a failed image is read again anyway): not twice
+        cache.forget(changed["sha256"].to_list(), judged.scored["location"].drop_nulls().to_list())
     if not changed.height:
         return
     if kept.names and changed.height + kept.delta_rows <= state.DELTA_SHARE * judged.rows.height:

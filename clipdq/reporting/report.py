@@ -410,9 +410,11 @@ def publish_run(
     *,
     validation: dict | None = None,
     duplicates: pl.DataFrame | None = None,
+    duplicate_search: pl.DataFrame | None = None,
 ) -> str:
     """Write an audit's findings (a frame, or a Parquet file), summary, report, suggested fixes,
-    duplicate listings and the catalog checks' result, then the manifest that marks the run complete."""
+    duplicate listings (and the search that found them, for the next run to keep) and the catalog
+    checks' result, then the manifest that marks the run complete."""
     fixes = suggested_fixes(findings if isinstance(findings, pl.DataFrame) else pl.scan_parquet(findings))
     csv = io.BytesIO()
     fixes.write_csv(csv)
@@ -421,6 +423,7 @@ def publish_run(
         "suggested_fixes.parquet": fixes,
         "suggested_fixes.csv": csv.getvalue(),
         **({} if duplicates is None else {"duplicates.parquet": duplicates}),
+        **({} if duplicate_search is None else {"duplicate_search.parquet": duplicate_search}),
         "validation.json": json.dumps(validation or {}, indent=2, default=str).encode(),
         "report.html": html.encode(),
     }

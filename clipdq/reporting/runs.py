@@ -138,17 +138,30 @@ def changes_since_previous(output: str, catalog: str, findings: pl.LazyFrame) ->
         return None, None
 
 
-def kept_duplicates(previous: str | None, images_key: str | None) -> pl.DataFrame | None:
-    """The duplicate listings of the run ``previous`` where it found them among the same images at
-    the same threshold (``images_key``: a rerun of an unchanged catalog), else None."""
+def kept_duplicates(
+    previous: str | None, images_key: str | None, threshold: float | None
+) -> tuple[pl.DataFrame | None, pl.DataFrame | None]:
+    """(the duplicate listings of the run ``previous`` where it found them among the same images
+    (``images_key``: a rerun of an unchanged catalog), its search (DUPLICATE_SEARCH_SCHEMA) where it
+    searched at ``threshold``), None for each that cannot be kept."""
     if previous is None or images_key is None:
-        return None
+        return None, None
     try:
-        if (summary(previous).get("duplicates") or {}).get("images_key") != images_key:
-            return None
-        kept = pl.read_parquet(io.BytesIO(storage.read_bytes(storage.join(previous, "duplicates.parquet"))))
+        found = summary(previous).get("duplicates") or {}
+        if found.get("similarity_threshold") != threshold:
+            return None, None
+        search = _read_table(previous, "duplicate_search.parquet")
+        listings = _read_table(previous, "duplicates.parquet") if found.get("images_key") == images_key else None
     except (OSError, ValueError, pl.exceptions.PolarsError) as error:
-        log.warning("cannot reuse the duplicate listings of %s (%s): finding them afresh", previous, error)
-        return None
-    log.info("duplicate listings: the same images as run %s, its findings reused", run_id_of(previous))
-    return kept
+        log.warning("cannot reuse the duplicate search of %s (%s): searching afresh", previous, error)
+        return None, None
+    log.info(
+        "duplicate listings: the search of run %s kept (%s)",
+        run_id_of(previous),
+        "whole" if listings is not None else "its links",
+    )
+    return listings, search
+
+
+def _read_table(folder: str, name: str) -> pl.DataFrame:
+    return pl.read_parquet(io.BytesIO(storage.read_bytes(storage.join(folder, name))))
