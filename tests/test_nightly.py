@@ -13,7 +13,8 @@ ROOT = Path(__file__).resolve().parents[1]
 
 def test_the_nightly_benchmark_reuses_unchanged_rows_and_embeds_only_changed_images(tmp_path):
     result = subprocess.run(
-        [sys.executable, str(ROOT / "benchmarks" / "nightly.py"), "--rows", "1500", "--folder", str(tmp_path), "--check"],
+        [sys.executable, str(ROOT / "benchmarks" / "nightly.py"), "--rows", "1500", "--folder", str(tmp_path)]
+        + ["--check"],
         capture_output=True,
         text=True,
         cwd=ROOT,

@@ -71,7 +71,8 @@ def test_the_images_of_every_shard_are_read_back_with_their_signatures_mapped_fr
         kept = None
         if index == 2:  # its state keeps the signatures: the part leaves them null
             kept = str(tmp_path / "state")
-            state.Parts.of(kept).write(pl.concat([pl.DataFrame(schema=state.STATE_SCHEMA), frame], how="diagonal"), base=True)
+            kept_rows = pl.concat([pl.DataFrame(schema=state.STATE_SCHEMA), frame], how="diagonal")
+            state.Parts.of(kept).write(kept_rows, base=True)
         part = frame.with_columns(signature=None) if kept else frame
         shards.write_parquet(str(tmp_path / f"images-{index}.parquet"), part.to_arrow())
         results.append(shards.ShardResult(index, "", str(tmp_path / f"images-{index}.parquet"), "", {}, False, kept))

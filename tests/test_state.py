@@ -9,8 +9,8 @@ from pathlib import Path
 
 import polars as pl
 import pytest
-from polars.testing import assert_frame_equal
 from PIL import Image
+from polars.testing import assert_frame_equal
 
 from clipdq.core.options import AuditOptions
 from clipdq.core.spec import parse_spec
@@ -176,4 +176,3 @@ def test_versions_in_bulk_equal_one_by_one(where, tmp_path, request, monkeypatch
     assert all(found[:10]) and found[10:13] == [None, None, None]  # missing, outside, no reference
     if where == "local":  # a symlink is judged by where it leads
         assert found[-1] is not None and found[-1][0] == str(tmp_path / "images" / "001.png")
-
