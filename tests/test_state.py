@@ -19,10 +19,10 @@ from clipdq.model.files import read_model_files
 from clipdq.pipeline import audit, shards, state
 
 
-def audit_inputs(data: Path, model: Path, output: Path, **options) -> audit.AuditInputs:
+def audit_inputs(data: Path, model: Path, output: Path, catalog_name: str, **options) -> audit.AuditInputs:
     """What the audit flow opens before its shards run, opened the same way."""
     spec_text = (data / "spec.yaml").read_text()
-    spec, uri = parse_spec(spec_text), str(data / "catalog.parquet")
+    spec, uri = parse_spec(spec_text), str(data / catalog_name)
     return audit.AuditInputs(
         uri,
         str(model),
@@ -36,10 +36,12 @@ def audit_inputs(data: Path, model: Path, output: Path, **options) -> audit.Audi
     )
 
 
-def score(data: Path, model: Path, output: Path, **options) -> tuple[pl.DataFrame, dict[str, int], shards.Job]:
+def score(
+    data: Path, model: Path, output: Path, catalog_name: str = "catalog.parquet", **options
+) -> tuple[pl.DataFrame, dict[str, int], shards.Job]:
     """(findings, image counts, job) of one audit of every shard, as a new process would run it."""
     shards.scorer_for.cache_clear()
-    inputs = audit_inputs(data, model, output, **options)
+    inputs = audit_inputs(data, model, output, catalog_name, **options)
     job = shards.job_for(inputs, backend="fp32")
     plan = shards.plan(inputs.source.group_rows, rows_per_shard=inputs.options.rows_per_shard)
     results = [shards.run_shard(job, shard) for shard in plan]
@@ -75,6 +77,10 @@ def test_an_unchanged_rerun_reuses_every_finding_without_reading_an_image(data, 
     assert counts_again["reused"] == counts["scored"] - failed > 0 and counts_again["embedded"] == 0
     assert again.equals(first)
     assert sorted(Path(job.state).rglob("*.parquet")) == parts  # nothing changed: nothing written
+
+    (data / "catalog.parquet").rename(data / "export-2.parquet")  # tonight's export, under a new name
+    _, renamed, _ = score(data, init_model_dir, tmp_path / "out", "export-2.parquet")
+    assert renamed["reused"] == counts_again["reused"]
 
 
 def test_a_changed_value_is_compared_again_from_its_kept_embedding(data, init_model_dir, tmp_path):
@@ -122,7 +128,7 @@ def test_deltas_past_their_share_are_folded_into_a_new_base(tmp_path):
     )
     state.Parts.of(folder).write(rows, base=True)
     state.Parts.of(folder).write(rows.head(2).with_columns(sha256=pl.lit("b")), base=False)
-    (tmp_path / "shard" / "zz-unreadable.parquet").write_bytes(b"not parquet")
+    (tmp_path / "shard" / "00000009-unreadable.parquet").write_bytes(b"not parquet")
 
     kept = state.Parts.of(folder)
     latest = kept.read(["product_id", "sha256"]).sort("product_id")
@@ -130,7 +136,7 @@ def test_deltas_past_their_share_are_folded_into_a_new_base(tmp_path):
     assert kept.delta_rows == 2
 
     kept.write(latest.join(rows.drop("sha256"), on="product_id"), base=True)
-    assert [p.name for p in (tmp_path / "shard").glob("0*.parquet")] == ["00000002.parquet"]
+    assert [p.name[:8] for p in (tmp_path / "shard").glob("0*.parquet")] == ["00000002"]
     assert state.Parts.of(folder).read(["product_id", "sha256"]).sort("product_id").equals(latest)
 
 

@@ -112,17 +112,17 @@ def job_for(inputs: audit.AuditInputs, *, backend: Backend) -> Job:
         model_uri=inputs.model_uri,
         backend=backend,
         cache=cache,
-        state=state_folder(inputs.output_uri, inputs.catalog_uri, cache) if cache else None,
+        state=state_folder(inputs.output_uri, cache) if cache else None,
         image_roots=tuple(sorted(options.image_roots)),
         batch_size=options.batch_size,
     )
 
 
-def state_folder(output_uri: str, catalog_uri: str, cache: str) -> str:
-    """Where the shards of audits of ``catalog_uri`` with the embeddings kept in ``cache`` keep their
-    state: ``<output>/_state/<catalog>-<model and preprocessing>``."""
-    catalog_key = hashlib.sha256(catalog_uri.encode()).hexdigest()[:12]
-    return storage.join(output_uri, "_state", f"{catalog_key}-{cache.rstrip('/').rsplit('/', 1)[-1]}")
+def state_folder(output_uri: str, cache: str) -> str:
+    """Where the shards of audits with the embeddings kept in ``cache`` keep their state:
+    ``<output>/_state/<model and preprocessing>``, shard by shard. Rows are matched by product id, so
+    a catalog read from a new path (a nightly export under a new name) finds its rows' states."""
+    return storage.join(output_uri, "_state", cache.rstrip("/").rsplit("/", 1)[-1])
 
 
 @dataclass(frozen=True)

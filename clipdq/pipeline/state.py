@@ -14,7 +14,8 @@ sorts each row into one of three:
 - *fresh*: anything else, embedded through the digest-keyed cache (images that moved between
   shards, inline bytes and URLs are found there by the bytes' digest).
 
-Parts are named by a sequence number. A *base* holds every product of the shard, a *delta* the rows
+Parts are named by a sequence number (and a random suffix: two runs at once never overwrite each
+other's; every row says what it was judged on, so a state shared by accident stays correct). A *base* holds every product of the shard, a *delta* the rows
 that changed since; a reader takes the latest base and the deltas after it, a product's last row
 winning. Nothing is written when nothing changed, a delta when few rows did, a new base (then the
 older parts are deleted) when many did or deltas pile up. A part is written whole under a new name, so
@@ -25,6 +26,7 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import uuid
 from dataclasses import dataclass
 
 import polars as pl
@@ -106,11 +108,12 @@ class Parts:
 
     def write(self, frame: pl.DataFrame, *, base: bool) -> None:
         """``frame`` (STATE_SCHEMA) as the next part; a base makes every older part stale and deletes it."""
-        number = int(self.names[-1].split(".")[0]) + 1 if self.names else 0
+        number = int(self.names[-1].split("-")[0]) + 1 if self.names else 0
         table = frame.select(STATE_SCHEMA.names()).cast(STATE_SCHEMA).to_arrow()
         buffer = pa.BufferOutputStream()
         pq.write_table(table.replace_schema_metadata({BASE_KEY: b"1" if base else b"0"}), buffer)
-        storage.write_bytes(storage.join(self.folder, f"{number:08d}.parquet"), buffer.getvalue().to_pybytes())
+        name = f"{number:08d}-{uuid.uuid4().hex[:8]}.parquet"  # two runs at once never overwrite each other
+        storage.write_bytes(storage.join(self.folder, name), buffer.getvalue().to_pybytes(), create_only=True)
         for name in (*self.stale, *self.names) if base else ():
             storage.delete(storage.join(self.folder, name))
 
