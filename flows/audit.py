@@ -14,7 +14,7 @@ from prefect.futures import as_completed
 from clipdq.core.options import AuditOptions
 from clipdq.core.spec import Spec, parse_spec
 from clipdq.io import catalog, sources, storage
-from clipdq.pipeline import audit, crossfit, shards
+from clipdq.pipeline import audit, shards
 from clipdq.reporting import report, runs
 from flows.artifacts import TOP_PROBLEMS, announce_audit
 from flows.inputs import read_model, read_spec
@@ -58,6 +58,8 @@ def score_in_shards(inputs: audit.AuditInputs, job: shards.Job, findings_file: s
 
 @task(cache_policy=NO_CACHE)
 def score_cross_fitted(inputs: audit.AuditInputs, findings_file: str) -> audit.Scored:
+    from clipdq.pipeline import crossfit  # imports torch and transformers: seconds a nightly rerun does without
+
     return crossfit.score(inputs, findings_file)
 
 

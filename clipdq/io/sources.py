@@ -28,6 +28,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
+import polars as pl
 from botocore.exceptions import BotoCoreError, ClientError
 
 from clipdq.core.spec import Spec
@@ -304,7 +305,7 @@ def versions(refs: list, access: ImageAccess, *, workers: int = 8) -> list[tuple
     key range a folder's references span, with a HEAD each for what the listing leaves."""
     found: dict[int, tuple[str, str] | None] = {}
     s3: dict[int, str] = {}
-    folders: dict[str, str | None] = {}
+    local: dict[int, str] = {}
     for i, ref in enumerate(refs):
         if not isinstance(ref, str) or not ref or ref.startswith(("http://", "https://")):
             found[i] = None
@@ -314,32 +315,48 @@ def versions(refs: list, access: ImageAccess, *, workers: int = 8) -> list[tuple
             except ImageError:
                 found[i] = None
         else:
-            found[i] = _local_version(ref, access, folders)
+            local[i] = ref
     found |= _s3_versions(s3, workers=workers)
+    found |= dict(zip(local, _local_versions(list(local.values()), access)))
     return [found[i] for i in range(len(refs))]
 
 
-def _local_version(ref: str, access: ImageAccess, folders: dict[str, str | None]) -> tuple[str, str] | None:
-    """(location, version) of a local reference, its folder resolved once per ``folders`` (folder ->
-    resolved folder where allowed, else None)."""
-    path = ref if os.path.isabs(ref) else os.path.join(access.base, ref)
-    folder, name = os.path.split(path)
-    if folder not in folders:
+def _local_versions(refs: list[str], access: ImageAccess) -> list[tuple[str, str] | None]:
+    """(location, version) of local references: the paths split in bulk, each folder resolved
+    once, one ``lstat`` a file; a file that is a symlink is resolved on its own."""
+    column = pl.col("ref")
+    base = access.base.rstrip("/") + "/" if access.base else ""  # as os.path.join joins them
+    parts = (
+        pl.DataFrame({"ref": refs}, schema={"ref": pl.String})
+        .select(
+            pl.when(column.str.starts_with("/")).then(column).otherwise(base + column).str.extract_groups(r"^(?:(.*)/)?([^/]*)$")
+        )
+        .to_series()
+    )
+    folders = {folder: _resolved(folder, access) for folder in parts.struct.field("1").unique().to_list()}
+    found: list[tuple[str, str] | None] = []
+    for ref, folder, name in zip(refs, parts.struct.field("1").to_list(), parts.struct.field("2").to_list()):
+        resolved = folders[folder]
+        if resolved is None or name in ("", ".", ".."):
+            found.append(_version(ref, access))
+            continue
+        location = resolved + "/" + name
         try:
-            folders[folder] = _locate_local(folder, access) if folder else None
-        except ImageError:
-            folders[folder] = None
-    resolved = folders[folder]
-    if resolved is None or name in ("", ".", ".."):
-        return _version(ref, access)
-    location = os.path.join(resolved, name)
+            info = os.lstat(location)
+        except OSError:
+            found.append(None)  # the read reports why
+            continue
+        # a symlink is judged by where it leads
+        found.append((location, storage.stat_version(info)) if stat.S_ISREG(info.st_mode) else _version(ref, access))
+    return found
+
+
+def _resolved(folder: str | None, access: ImageAccess) -> str | None:
+    """``folder`` (None: the working folder, "": the root) resolved where that is allowed, else None."""
     try:
-        info = os.lstat(location)
-    except OSError:
-        return None  # the read reports why
-    if not stat.S_ISREG(info.st_mode):  # a symlink is judged by where it leads
-        return _version(ref, access)
-    return location, storage.stat_version(info)
+        return _locate_local("." if folder is None else folder or "/", access).rstrip("/")
+    except ImageError:
+        return None
 
 
 def _s3_versions(uris: dict[int, str], *, workers: int) -> dict[int, tuple[str, str] | None]:

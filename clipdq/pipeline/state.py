@@ -14,12 +14,13 @@ sorts each row into one of three:
 - *fresh*: anything else, embedded through the digest-keyed cache (images that moved between
   shards, inline bytes and URLs are found there by the bytes' digest).
 
-Parts are named by a sequence number (and a random suffix: two runs at once never overwrite each
-other's; every row says what it was judged on, so a state shared by accident stays correct). A *base* holds every product of the shard, a *delta* the rows
-that changed since; a reader takes the latest base and the deltas after it, a product's last row
-winning. Nothing is written when nothing changed, a delta when few rows did, a new base (then the
-older parts are deleted) when many did or deltas pile up. A part is written whole under a new name, so
-a crash leaves the state as it was, or with one more complete part.
+Parts are named by a sequence number and a random suffix (two runs at once never overwrite each
+other's; every row says what it was judged on, so a state shared by accident stays correct). A
+*base* holds every product of the shard, a *delta* the rows that changed since; a reader takes the
+latest base and the deltas after it, a product's last row winning. Nothing is written when nothing
+changed, a delta when few rows did, a new base (then the older parts are deleted) when many did or
+deltas pile up. A part is written whole under a new name, so a crash leaves the state as it was, or
+with one more complete part.
 """
 
 from __future__ import annotations
