@@ -329,7 +329,10 @@ def _local_versions(refs: list[str], access: ImageAccess) -> list[tuple[str, str
     parts = (
         pl.DataFrame({"ref": refs}, schema={"ref": pl.String})
         .select(
-            pl.when(column.str.starts_with("/")).then(column).otherwise(base + column).str.extract_groups(r"^(?:(.*)/)?([^/]*)$")
+            pl.when(column.str.starts_with("/"))
+            .then(column)
+            .otherwise(base + column)
+            .str.extract_groups(r"^(?:(.*)/)?([^/]*)$")  # (folder, name)
         )
         .to_series()
     )
