@@ -258,9 +258,8 @@ def test_audit_reads_the_catalog_from_s3_and_writes_the_run_to_s3(
     storage.upload_folder(flagging_model_dir, f"{s3_bucket}/models/lite0")
     output = f"{s3_bucket}/reports"
 
-    folder = audit_catalog(
-        f"{s3_bucket}/sample/catalog.parquet", f"{s3_bucket}/sample/spec.yaml", f"{s3_bucket}/models/lite0", output
-    )
+    args = (f"{s3_bucket}/sample/catalog.parquet", f"{s3_bucket}/sample/spec.yaml", f"{s3_bucket}/models/lite0")
+    folder = audit_catalog(*args, output)
 
     assert_run_folder(folder, output)
     findings, summary, _, _ = read_run(folder)
@@ -268,6 +267,23 @@ def test_audit_reads_the_catalog_from_s3_and_writes_the_run_to_s3(
     assert_findings_match_ground_truth(findings, truth)
     assert_planted_flags_found(findings, truth)
     assert summary["catalog"] == f"{s3_bucket}/sample/catalog.parquet"
+
+    # the next night: versions from a listing of the images' prefix, every usable row's findings reused
+    changed, other = truth.filter(pl.col("planted") != "image_error")["product_id"].unique(maintain_order=True)[:2]
+    image = f"{s3_bucket}/sample/images/{changed}.jpg"
+    storage.write_bytes(image, storage.read_bytes(f"{s3_bucket}/sample/images/{other}.jpg"))
+    again = read_run(audit_catalog(*args, output))
+    readable = summary["images"]["embedded"]
+    assert again[1]["images"] == {
+        "scored": summary["images"]["scored"],
+        "reused": readable - 1,
+        "from_cache": readable - 1,
+        "unread": readable - 1,
+        "embedded": 1,  # the image rewritten
+        "lost_to_outages": 0,
+    }
+    same = pl.col("product_id") != changed
+    assert again[0].filter(same).equals(findings.filter(same))
 
 
 def test_finetune_flow_writes_a_loadable_model_with_metrics(prefect_harness, sample_dir, spec, tmp_path):
