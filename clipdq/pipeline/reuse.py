@@ -16,6 +16,7 @@ import polars as pl
 
 from clipdq.checks.compare import compare
 from clipdq.checks.schemas import FINDINGS_SCHEMA
+from clipdq.core.spec import Spec
 from clipdq.io import sources
 from clipdq.io.cache import EmbeddingCache
 from clipdq.io.sources import ImageAccess
@@ -71,9 +72,39 @@ def judge_rows(
 ) -> Judged:
     """Every row of ``rows`` judged: reused where its image, cells and judge are as ``kept``, scored
     again from the kept embedding where only its cells or judge changed, else fetched and embedded."""
-    spec = scorer.spec
+    now = _located(rows, scorer.spec, access).with_row_index("row")
+    before = kept.read(LIGHT_SCHEMA.names()) if kept else pl.DataFrame(schema=LIGHT_SCHEMA)
+    joined = now.join(before, on="product_id", how="left", suffix="_kept", maintain_order="left")
+    same_image = (
+        pl.col("location").is_not_null()
+        & (pl.col("location") == pl.col("location_kept"))
+        & (pl.col("version") == pl.col("version_kept"))
+    )
+    reuse = same_image & (pl.col("cells") == pl.col("cells_kept")) & (pl.col("judge") == judge)
+    reused = joined.filter(reuse).select("row", *LIGHT_SCHEMA.names())
+    tally.add_reused(reused.height)
+    rescore, fresh = joined.filter(same_image & ~reuse), joined.filter(~same_image.fill_null(False))
+    columns = pl.Schema({"row": pl.UInt32(), **STATE_SCHEMA})
+    scored = pl.concat(
+        [
+            pl.DataFrame(schema=columns),
+            *(
+                frame.with_columns(judge=pl.lit(judge)).select(columns.names())
+                for frame in (
+                    *_rescored(rows[rescore["row"]], rescore, kept, scorer, cache, tally, batch_size),
+                    *_fresh(rows, fresh, access, scorer, cache, tally, batch_size),
+                )
+            ),
+        ]
+    ).sort("row")
+    judged = pl.concat([reused, scored.select(reused.columns)]).sort("row").drop("row")
+    return Judged(judged, scored.drop("row"), reused.height)
+
+
+def _located(rows: pl.DataFrame, spec: Spec, access: ImageAccess) -> pl.DataFrame:
+    """product_id, image location and version (``sources.versions``) and cells of each row."""
     located = sources.versions(rows[spec.image_column].to_list(), access)
-    now = pl.DataFrame(
+    return pl.DataFrame(
         {
             "product_id": rows[spec.id_column].cast(pl.String),
             "location": [where[0] if where else None for where in located],
@@ -82,37 +113,6 @@ def judge_rows(
         },
         schema={name: LIGHT_SCHEMA[name] for name in ("product_id", "location", "version", "cells")},
     )
-    light = [name for name in LIGHT_SCHEMA if name not in now.columns or name == "product_id"]
-    before = kept.read(light + ["location", "version", "cells"]) if kept else pl.DataFrame(schema=LIGHT_SCHEMA)
-    joined = now.with_row_index("row").join(before, on="product_id", how="left", suffix="_kept", maintain_order="left")
-    same_image = (
-        pl.col("location").is_not_null()
-        & (pl.col("location") == pl.col("location_kept"))
-        & (pl.col("version") == pl.col("version_kept"))
-    )
-    reuse = same_image & (pl.col("cells") == pl.col("cells_kept")) & (pl.col("judge") == judge)
-    joined = joined.with_columns(
-        kind=pl.when(reuse).then(pl.lit("reuse")).when(same_image).then(pl.lit("rescore")).otherwise(pl.lit("fresh"))
-    )
-    reused = joined.filter(pl.col("kind") == "reuse").select("row", *LIGHT_SCHEMA.names())
-    tally.add_reused(reused.height)
-    rescore = joined.filter(pl.col("kind") == "rescore")
-    fresh = joined.filter(pl.col("kind") == "fresh")
-    scored = [
-        _rescored(rows[rescore["row"]], rescore, kept, scorer=scorer, cache=cache, tally=tally, batch_size=batch_size)
-        if rescore.height
-        else None,
-        *_fresh(rows, fresh, scorer=scorer, access=access, cache=cache, tally=tally, batch_size=batch_size),
-    ]
-    empty = pl.DataFrame(schema={"row": pl.UInt32, **STATE_SCHEMA})
-    now_scored = pl.concat(
-        [
-            empty,
-            *(frame.with_columns(judge=pl.lit(judge)).select(empty.columns) for frame in scored if frame is not None),
-        ]
-    ).sort("row")
-    judged = pl.concat([reused, now_scored.select(reused.columns)]).sort("row").drop("row")
-    return Judged(judged, now_scored.drop("row"), reused.height)
 
 
 def embeddings(frame: pl.DataFrame) -> np.ndarray:
@@ -126,18 +126,17 @@ def _rescored(
     rows: pl.DataFrame,
     rescore: pl.DataFrame,
     kept: Parts | None,
-    *,
     scorer: Scorer,
     cache: EmbeddingCache | None,
     tally: Tally,
     batch_size: int,
-) -> pl.DataFrame:
-    """(row, STATE_SCHEMA) the rows whose image is the one kept, scored again from its embedding."""
-    assert kept is not None
+) -> Iterator[pl.DataFrame]:
+    """(row, STATE_SCHEMA) per batch of the rows whose image is the one kept, scored again from its embedding."""
+    if kept is None or not rescore.height:
+        return
     heavy = rescore.select("row", "product_id", "location", "version", "cells", "sha256").join(
         kept.read(HEAVY), on="product_id", how="left", maintain_order="left"
     )
-    frames = []
     for offset in range(0, rows.height, batch_size):
         part = heavy.slice(offset, batch_size)
         vectors = embeddings(part)
@@ -151,17 +150,15 @@ def _rescored(
             part["signature"].to_list(),
             unread=part.height,
         )
-        frames.append(part.hstack(_judged_batch(batch, vectors, scorer, cache)))
         tally.add(batch, scorer.spec)
-    return pl.concat(frames)
+        yield part.hstack(_judged_batch(batch, vectors, scorer, cache))
 
 
 def _fresh(
     rows: pl.DataFrame,
     fresh: pl.DataFrame,
-    *,
-    scorer: Scorer,
     access: ImageAccess,
+    scorer: Scorer,
     cache: EmbeddingCache | None,
     tally: Tally,
     batch_size: int,
