@@ -79,7 +79,7 @@ def test_cross_fitting_scores_every_row_once_with_one_calibration_per_fold(noisy
     assert len(scored.texts_judged["folds"]) == 2
     assert scored.images["scored"] == source.row_count
     usable = findings.filter(pl.col("status") != "image_error")["product_id"].unique()
-    assert sorted(scored.usable["product_id"]) == sorted(usable) and scored.signatures.shape[0] == len(usable)
+    assert sorted(scored.usable["product_id"]) == sorted(usable) and scored.signatures().shape[0] == len(usable)
 
 
 def test_folds_keep_a_group_together(noisy_catalog):

@@ -307,8 +307,8 @@ def versions(refs: list, access: ImageAccess, *, workers: int = 8) -> list[tuple
     s3: dict[int, str] = {}
     local: dict[int, str] = {}
     for i, ref in enumerate(refs):
-        if not isinstance(ref, str) or not ref or ref.startswith(("http://", "https://")):
-            found[i] = None
+        if not isinstance(ref, str) or not ref or ref.startswith(("http://", "https://")) or "\x00" in ref:
+            found[i] = None  # (the read says why)
         elif storage.is_s3(ref) or (storage.is_s3(access.base) and not ref.startswith("/")):
             try:
                 s3[i] = locate(ref, access)
@@ -371,7 +371,10 @@ def _s3_versions(uris: dict[int, str], *, workers: int) -> dict[int, tuple[str, 
         by_folder.setdefault((bucket, posixpath.dirname(key)), []).append(key)
     listed: dict[str, str | None] = {}
     for (bucket, _), keys in by_folder.items():
-        covered = storage.list_etags(bucket, sorted(keys), min_share=1 / LISTED_SHARE)
+        try:
+            covered = storage.list_etags(bucket, sorted(keys), min_share=1 / LISTED_SHARE)
+        except (ClientError, BotoCoreError):  # asked one by one: each read then says what failed
+            continue
         listed |= {f"s3://{bucket}/{key}": etag for key, etag in covered.items()}
     rest = [uri for uri in set(uris.values()) if uri not in listed]
     with ThreadPoolExecutor(max_workers=workers) as pool:
