@@ -259,26 +259,12 @@ def test_two_dask_workers_started_by_the_cli_give_the_findings_of_one_process_ro
     console_env, prefect_harness, sample_dir, trained_model_dir, tmp_path
 ):
     """The tiny model keeps this quick (each worker loads its own; the EfficientNet tower took a
-    minute more): its findings hold no flags, which tests/test_shards.py compares across workers."""
+    minute more). A rerun through the cluster reuses every usable row's findings from the shards' states."""
     inputs = [str(sample_dir / "catalog.parquet"), str(sample_dir / "spec.yaml"), str(trained_model_dir)]
 
-    result = clipdq(
-        console_env,
-        "audit",
-        "--catalog",
-        inputs[0],
-        "--spec",
-        inputs[1],
-        "--model",
-        inputs[2],
-        "--output",
-        str(tmp_path / "dask"),
-        "--workers",
-        "2",
-        "--rows-per-shard",
-        "25",
-        cwd=tmp_path,
-    )
+    command = ["audit", "--catalog", inputs[0], "--spec", inputs[1], "--model", inputs[2], "--output"]
+    command += [str(tmp_path / "dask"), "--workers", "2", "--rows-per-shard", "25"]
+    result = clipdq(console_env, *command, cwd=tmp_path)
     single = audit_catalog(*inputs, str(tmp_path / "single"), AuditOptions(rows_per_shard=25))
 
     run = printed_folder(result)
@@ -293,6 +279,13 @@ def test_two_dask_workers_started_by_the_cli_give_the_findings_of_one_process_ro
         dask["confidence"].fill_null(-1).to_numpy(), one["confidence"].fill_null(-1).to_numpy(), rtol=1e-5
     )
     assert dask_summary["totals"] == one_summary["totals"] and dask_summary["images"] == one_summary["images"]
+
+    # the next night on the same cluster size: each worker reads its shards' states, nothing is embedded
+    again = clipdq(console_env, *command, cwd=tmp_path)
+    rerun, rerun_summary, _, _ = read_run(str(printed_folder(again)))
+    assert rerun.equals(dask)
+    usable = dask_summary["images"]["embedded"]
+    assert rerun_summary["images"]["reused"] == usable and rerun_summary["images"]["embedded"] == 0
 
 
 # --------------------------------------------------------------------------- the bf16 backend
