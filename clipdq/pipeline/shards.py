@@ -1,13 +1,15 @@
 """The audit in shards: a catalog cut into row ranges along its row groups, each scored by one plain
 call, ``run_shard``, that any process can run (a thread here, a Dask worker elsewhere).
 
-A shard loads the model once per process, scores its rows, keeps its new embeddings in the cache
-and writes the pixel signatures of its images (for duplicate listings) and its texts' scores
-(judged once every shard is done), then its findings as one part with its counts. A part already
-written is reused, so a run killed at any point resumes from its finished shards when the same
-command runs again; the work folder is named after everything that decides the findings, so a
-changed catalog, spec, model or option starts afresh. Only a ``Job`` (URIs and options),
-``Shard``s and small ``ShardResult``s cross a process boundary, never a model or pixels.
+A shard reads its state from the last night (``state``), reuses the findings of its unchanged rows
+and scores the others (``reuse``: the model loads once per process, only where an image must be
+embedded), keeps what changed in its state, and writes its images' digests (their pixel signatures,
+for duplicate listings, stay in the state) and its texts' scores (judged once every shard is done),
+then its findings as one part with its counts. A part already written is reused, so a run killed
+at any point resumes from its finished shards when the same command runs again; the work folder is
+named after everything that decides the findings, so a changed catalog, spec, model or option
+starts afresh. Only a ``Job`` (URIs and options), ``Shard``s and small ``ShardResult``s cross a
+process boundary, never a model or pixels.
 """
 
 from __future__ import annotations
@@ -131,7 +133,7 @@ class ShardResult:
     part: str  # URI of the findings part
     images: str  # URI of its images' ids, digests and signatures (embedding.IMAGES_SCHEMA; null: in ``state``)
     texts: str  # URI of its rows' texts and their scores (schemas.TEXTS_SCHEMA)
-    counts: dict[str, int]  # scored, from_cache, unread, embedded, lost_to_outages
+    counts: dict[str, int]  # embedding.COUNT_KEYS: scored, reused, from_cache, unread, embedded, lost_to_outages
     reused: bool  # written by an earlier, interrupted run
     state: str | None = None  # folder of the shard's state
 
