@@ -366,7 +366,8 @@ def _s3_versions(uris: dict[int, str], *, workers: int) -> dict[int, tuple[str, 
     """(location, ETag) of S3 objects: each folder's keys listed in the range they span, while the
     listing pays (``LISTED_SHARE``); a HEAD for each key it did not reach."""
     by_folder: dict[tuple[str, str], list[str]] = {}
-    for uri in set(uris.values()):
+    distinct = set(uris.values())
+    for uri in distinct:
         bucket, key = storage.split_s3(uri)
         by_folder.setdefault((bucket, posixpath.dirname(key)), []).append(key)
     listed: dict[str, str | None] = {}
@@ -376,7 +377,7 @@ def _s3_versions(uris: dict[int, str], *, workers: int) -> dict[int, tuple[str, 
         except (ClientError, BotoCoreError):  # asked one by one: each read then says what failed
             continue
         listed |= {f"s3://{bucket}/{key}": etag for key, etag in covered.items()}
-    rest = [uri for uri in set(uris.values()) if uri not in listed]
+    rest = [uri for uri in distinct if uri not in listed]
     with ThreadPoolExecutor(max_workers=workers) as pool:
         listed |= dict(zip(rest, pool.map(_etag, rest)))
     return {i: (uri, etag) if (etag := listed[uri]) else None for i, uri in uris.items()}

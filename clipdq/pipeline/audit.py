@@ -310,6 +310,15 @@ def predictions_of(
     return pl.concat(frames)
 
 
+def judge_batch(
+    batch: Batch, image_emb: np.ndarray, scorer: Scorer, cache: EmbeddingCache | None = None
+) -> tuple[pl.DataFrame, pl.DataFrame]:
+    """(findings (FINDINGS_SCHEMA), texts (TEXTS_SCHEMA)) of one batch with its ``embed_batch``."""
+    predictions = score_batch(batch, scorer=scorer, image_emb=image_emb)
+    findings = compare(batch.rows, predictions, spec=scorer.spec, calibration=scorer.calibration)
+    return findings, text_scores(batch, image_emb, scorer, cache)
+
+
 def findings_of(
     row_batches: Iterable[pl.DataFrame],
     *,
@@ -327,9 +336,9 @@ def findings_of(
     spec = scorer.spec
     parts, texts = [pl.DataFrame(schema=FINDINGS_SCHEMA)], [pl.DataFrame(schema=TEXTS_SCHEMA)]
     for batch, image_emb in embedded_batches(row_batches, scorer=scorer, access=access, cache=cache):
-        predictions = score_batch(batch, scorer=scorer, image_emb=image_emb)
-        parts.append(compare(batch.rows, predictions, spec=spec, calibration=scorer.calibration))
-        texts.append(text_scores(batch, image_emb, scorer, cache))
+        findings, scored_texts = judge_batch(batch, image_emb, scorer, cache)
+        parts.append(findings)
+        texts.append(scored_texts)
         if tally is not None:
             tally.add(batch, spec)
     return pl.concat(parts), pl.concat(texts)

@@ -14,7 +14,6 @@ from dataclasses import dataclass
 import numpy as np
 import polars as pl
 
-from clipdq.checks.compare import compare
 from clipdq.checks.schemas import FINDINGS_SCHEMA
 from clipdq.core.spec import Spec
 from clipdq.io import sources
@@ -185,13 +184,10 @@ def _fresh(
 
 
 def _judged_batch(batch: Batch, embeddings: np.ndarray, scorer: Scorer, cache: EmbeddingCache | None) -> pl.DataFrame:
-    """(findings, text) of each row of ``batch``, in its order."""
-    spec = scorer.spec
-    predictions = audit.score_batch(batch, scorer=scorer, image_emb=embeddings)
-    findings = compare(batch.rows, predictions, spec=spec, calibration=scorer.calibration)
-    ids = batch.rows.select(pl.col(spec.id_column).cast(pl.String).alias("product_id"))
+    """(findings, text) of each row of ``batch``, in its order (``audit.judge_batch``, a row each)."""
+    findings, texts = audit.judge_batch(batch, embeddings, scorer, cache)
+    ids = batch.rows.select(pl.col(scorer.spec.id_column).cast(pl.String).alias("product_id"))
     lists = findings.group_by("product_id", maintain_order=True).agg(pl.struct(*FINDING_FIELDS).alias("findings"))
-    texts = audit.text_scores(batch, embeddings, scorer, cache)
     texts = texts.select("product_id", pl.struct(*TEXT_FIELDS).alias("text"))
     return (
         ids.join(lists, on="product_id", how="left", maintain_order="left")
