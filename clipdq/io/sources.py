@@ -23,16 +23,20 @@ import ssl
 import stat
 import time
 import urllib.parse
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TypeVar
 
 import polars as pl
 from botocore.exceptions import BotoCoreError, ClientError
 
 from clipdq.core.spec import Spec
 from clipdq.io import storage
+
+T = TypeVar("T")
+R = TypeVar("R")
 
 MAX_IMAGE_BYTES = 50 * 2**20
 READ_DEADLINE_S = 30.0  # for the whole read of one image, not per socket operation
@@ -273,13 +277,28 @@ def fetch_one(ref: str | bytes | None, access: ImageAccess, location: str | None
         return Fetched(error=str(error)[:300], transient=error.transient)
 
 
+def in_threads(work: Callable[[T], R], items: Sequence[T], *, workers: int) -> list[R]:
+    """``work`` of each item, in order: the items cut into ``workers`` interleaved slices, each done
+    in a thread of its own (one future per thread, not per item: for small items, handing each to
+    a pool cost more than the work); in the calling thread where ``workers`` is 1 or fewer items."""
+    workers = max(1, min(workers, len(items)))
+    if workers == 1:
+        return [work(item) for item in items]
+    with ThreadPoolExecutor(max_workers=workers) as pool:
+        slices = list(pool.map(lambda start: [work(item) for item in items[start::workers]], range(workers)))
+    done: list[R] = [None] * len(items)  # type: ignore[list-item]  # every place is filled below
+    for start, results in enumerate(slices):
+        done[start::workers] = results
+    return done
+
+
 def fetch_all(
     refs: list, access: ImageAccess, *, locations: list[str | None] | None = None, workers: int = 4
 ) -> list[Fetched]:
-    """One ``Fetched`` per catalog cell, fetched in a thread pool (``locations``: ``versions``'s,
-    where known)."""
-    with ThreadPoolExecutor(max_workers=workers) as pool:
-        return list(pool.map(lambda ref, where: fetch_one(ref, access, where), refs, locations or [None] * len(refs)))
+    """One ``Fetched`` per catalog cell, fetched in ``workers`` threads (``locations``:
+    ``versions``'s, where known)."""
+    wheres = locations or [None] * len(refs)
+    return in_threads(lambda i: fetch_one(refs[i], access, wheres[i]), range(len(refs)), workers=workers)
 
 
 def _version(ref: str | bytes | None, access: ImageAccess) -> tuple[str, str] | None:

@@ -26,7 +26,8 @@ from clipdq.io import storage
 from clipdq.io.images import PixelSpec
 from clipdq.model.files import ModelFiles, read_model_files
 
-EMBED_CHUNK = 16  # images per image-tower call: 64 at once raised a first audit's peak RSS by 0.67 GB
+EMBED_PIXELS = 16 * 224 * 224  # pixels per image-tower call: 64 photos at 224 px at once raised a first
+# audit's peak RSS by 0.67 GB; small images go many to a call, as the tower's per-call cost dominates them
 
 if TYPE_CHECKING:
     from clipdq.model.towers import Clip
@@ -94,12 +95,13 @@ class Scorer:
         return self.load()
 
     def embed(self, pixel_values: np.ndarray) -> np.ndarray:
-        """(n, d) image embeddings, ``EMBED_CHUNK`` images per call to the image tower."""
+        """(n, d) image embeddings, ``EMBED_PIXELS`` pixels per call to the image tower."""
         if not len(pixel_values):
             return np.zeros((0, next(iter(self.value_emb.values())).shape[1]), np.float32)
         from clipdq.model import towers
 
-        return towers.embed_images(self.clip, pixel_values, batch_size=EMBED_CHUNK)
+        per_call = max(1, EMBED_PIXELS // (pixel_values.shape[-1] * pixel_values.shape[-2]))
+        return towers.embed_images(self.clip, pixel_values, batch_size=per_call)
 
     def embed_texts(self, texts: list[str]) -> np.ndarray:
         """(n, d) text embeddings (titles, descriptions)."""

@@ -30,7 +30,7 @@ from clipdq.io.catalog import CatalogFile
 from clipdq.io.sources import ImageAccess
 from clipdq.model.files import ModelFiles
 from clipdq.model.scorer import Scorer, load_model, value_embeddings_for
-from clipdq.pipeline.embedding import Batch, Tally, embed_batch, embedded_batches
+from clipdq.pipeline.embedding import Batch, Tally, embed_batch, embedded_batches, grouped
 
 if TYPE_CHECKING:
     from clipdq.model.towers import Clip
@@ -335,7 +335,7 @@ def findings_of(
     """
     spec = scorer.spec
     parts, texts = [pl.DataFrame(schema=FINDINGS_SCHEMA)], [pl.DataFrame(schema=TEXTS_SCHEMA)]
-    for batch, image_emb in embedded_batches(row_batches, scorer=scorer, access=access, cache=cache):
+    for batch, image_emb in grouped(embedded_batches(row_batches, scorer=scorer, access=access, cache=cache)):
         findings, scored_texts = judge_batch(batch, image_emb, scorer, cache)
         parts.append(findings)
         texts.append(scored_texts)

@@ -197,6 +197,43 @@ def embedded_batches(
         yield batch, embed_batch(batch, scorer, cache)
 
 
+JUDGED_ROWS = 4096  # rows judged at once: comparing and counting cost per call, not per row
+
+
+def grouped(
+    embedded: Iterable[tuple[Batch, np.ndarray]], *, rows: int = JUDGED_ROWS
+) -> Iterator[tuple[Batch, np.ndarray]]:
+    """The batches of ``embedded`` (``embedded_batches``) joined, in order, into batches of at least
+    ``rows`` rows (the last may have fewer), with their embeddings; their pixels, once embedded, dropped."""
+    pending: list[tuple[Batch, np.ndarray]] = []
+    for pair in embedded:
+        pending.append(pair)
+        if sum(batch.rows.height for batch, _ in pending) >= rows:
+            yield _joined(pending)
+            pending = []
+    if pending:
+        yield _joined(pending)
+
+
+def _joined(embedded: list[tuple[Batch, np.ndarray]]) -> tuple[Batch, np.ndarray]:
+    if len(embedded) == 1:
+        return embedded[0]
+    starts = np.cumsum([0] + [batch.rows.height for batch, _ in embedded])
+    batches = [batch for batch, _ in embedded]
+    joined = Batch(
+        pl.concat([batch.rows for batch in batches]),
+        [error for batch in batches for error in batch.errors],
+        [sha for batch in batches for sha in batch.sha256],
+        {start + i: vector for start, batch in zip(starts, batches) for i, vector in batch.cached.items()},
+        np.concatenate([start + batch.to_embed for start, batch in zip(starts, batches)]),
+        np.zeros((0, *batches[0].pixels.shape[1:]), np.float32),
+        [sig for batch in batches for sig in batch.signatures],
+        transient=sum(batch.transient for batch in batches),
+        unread=sum(batch.unread for batch in batches),
+    )
+    return joined, np.concatenate([vectors for _, vectors in embedded])
+
+
 class Tally:
     """What became of the images of ``row_count`` catalog rows so far (``COUNT_KEYS``), and the
     usable ones (``IMAGES_SCHEMA``, with ``keep_images``): each batch counted, an outage past

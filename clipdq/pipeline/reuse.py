@@ -21,7 +21,7 @@ from clipdq.io.cache import EmbeddingCache
 from clipdq.io.sources import ImageAccess
 from clipdq.model.scorer import Scorer
 from clipdq.pipeline import audit, state
-from clipdq.pipeline.embedding import Batch, Tally, embedded_batches
+from clipdq.pipeline.embedding import JUDGED_ROWS, Batch, Tally, embedded_batches, grouped
 from clipdq.pipeline.state import FINDING_FIELDS, LIGHT_SCHEMA, STATE_SCHEMA, TEXT_FIELDS, Parts
 
 HEAVY = ["product_id", "embedding", "signature"]
@@ -90,7 +90,7 @@ def judge_rows(
             *(
                 frame.with_columns(judge=pl.lit(judge)).select(columns.names())
                 for frame in (
-                    *_rescored(rows[rescore["row"]], rescore, kept, scorer, cache, tally, batch_size),
+                    *_rescored(rows[rescore["row"]], rescore, kept, scorer, cache, tally),
                     *_fresh(rows, fresh, access, scorer, cache, tally, batch_size),
                 )
             ),
@@ -128,7 +128,6 @@ def _rescored(
     scorer: Scorer,
     cache: EmbeddingCache | None,
     tally: Tally,
-    batch_size: int,
 ) -> Iterator[pl.DataFrame]:
     """(row, STATE_SCHEMA) per batch of the rows whose image is the one kept, scored again from its embedding."""
     if kept is None or not rescore.height:
@@ -136,11 +135,11 @@ def _rescored(
     heavy = rescore.select("row", "product_id", "location", "version", "cells", "sha256").join(
         kept.read(HEAVY), on="product_id", how="left", maintain_order="left"
     )
-    for offset in range(0, rows.height, batch_size):
-        part = heavy.slice(offset, batch_size)
+    for offset in range(0, rows.height, JUDGED_ROWS):  # no image to read: judged as many at once as fresh rows
+        part = heavy.slice(offset, JUDGED_ROWS)
         vectors = embeddings(part)
         batch = Batch(
-            rows.slice(offset, batch_size),
+            rows.slice(offset, JUDGED_ROWS),
             [None] * part.height,
             part["sha256"].to_list(),
             dict(enumerate(vectors)),
@@ -165,9 +164,8 @@ def _fresh(
     """(row, STATE_SCHEMA) per batch of the rows whose image is read now."""
     located = fresh.select("row", "product_id", "location", "version", "cells")
     batches = audit.batches(rows[fresh["row"]], batch_size)
-    for offset, (batch, embeddings) in zip(
-        range(0, fresh.height, batch_size), embedded_batches(batches, scorer=scorer, access=access, cache=cache)
-    ):
+    offset = 0
+    for batch, embeddings in grouped(embedded_batches(batches, scorer=scorer, access=access, cache=cache)):
         full = np.zeros((batch.rows.height, embeddings.shape[1]), np.float32)
         full[batch.ok] = embeddings
         image = pl.DataFrame(
@@ -180,7 +178,8 @@ def _fresh(
         ).select(pl.when(pl.col("usable")).then(pl.exclude("usable")))  # null where the image failed
         judged = _judged_batch(batch, embeddings, scorer, cache)
         tally.add(batch, scorer.spec)
-        yield located.slice(offset, batch_size).hstack(image).hstack(judged)
+        yield located.slice(offset, batch.rows.height).hstack(image).hstack(judged)
+        offset += batch.rows.height
 
 
 def _judged_batch(batch: Batch, embeddings: np.ndarray, scorer: Scorer, cache: EmbeddingCache | None) -> pl.DataFrame:
