@@ -295,10 +295,25 @@ def in_threads(work: Callable[[T], R], items: Sequence[T], *, workers: int) -> l
 def fetch_all(
     refs: list, access: ImageAccess, *, locations: list[str | None] | None = None, workers: int = 4
 ) -> list[Fetched]:
-    """One ``Fetched`` per catalog cell, fetched in ``workers`` threads (``locations``:
-    ``versions``'s, where known)."""
+    """One ``Fetched`` per catalog cell (``locations``: ``versions``'s, where known), in ``workers``
+    threads where some wait on a network; local files are read in the calling thread (a read is a
+    few system calls, and starting threads and sharing the GIL with them cost more than it)."""
     wheres = locations or [None] * len(refs)
-    return in_threads(lambda i: fetch_one(refs[i], access, wheres[i]), range(len(refs)), workers=workers)
+    remote = any(_remote(where or ref, access) for ref, where in zip(refs, wheres))
+    return in_threads(
+        lambda i: fetch_one(refs[i], access, wheres[i]), range(len(refs)), workers=workers if remote else 1
+    )
+
+
+def _remote(target: str | bytes | None, access: ImageAccess) -> bool:
+    """Whether reading ``target`` (a reference or its location) waits on a network: S3 or a URL."""
+    if not isinstance(target, str):
+        return False
+    return (
+        storage.is_s3(target)
+        or target.startswith(("http://", "https://"))
+        or (storage.is_s3(access.base) and not target.startswith("/"))
+    )
 
 
 def _version(ref: str | bytes | None, access: ImageAccess) -> tuple[str, str] | None:

@@ -104,33 +104,35 @@ def counts(batch: Batch) -> dict[str, int]:
 Location = tuple[str, str]  # (location, version) of an image file or object (``sources.versions``)
 
 
-def _unchanged(refs: list, access: ImageAccess, cache: EmbeddingCache) -> tuple[list[Location | None], dict[int, str]]:
-    """(per row: (location, version) or None; row -> sha256 of the rows whose location has the
-    version recorded when their image was read)."""
-    located = sources.versions(refs, access)
-    known = cache.known_digests(dict(entry for entry in located if entry))
-    return located, {i: known[entry[0]] for i, entry in enumerate(located) if entry and entry[0] in known}
-
-
 def _from_cache(
-    cache: EmbeddingCache | None, refs: list, access: ImageAccess
-) -> tuple[list[Location | None], dict[int, str], dict[int, Entry]]:
-    """(per row: its location or None; row -> sha256 of the rows unchanged since they were read;
-    row -> cache entry of those the cache holds)."""
+    cache: EmbeddingCache | None, located: list[Location | None]
+) -> tuple[dict[int, str], dict[int, Entry]]:
+    """(row -> sha256 of the rows whose location has the version recorded when their image was
+    read; row -> cache entry of those the cache holds)."""
     if cache is None:
-        return [None] * len(refs), {}, {}
-    located, unchanged = _unchanged(refs, access, cache)
+        return {}, {}
+    known = cache.known_digests(dict(entry for entry in located if entry))
+    unchanged = {i: known[entry[0]] for i, entry in enumerate(located) if entry and entry[0] in known}
     hits = cache.get_many(unchanged.values())
-    return located, unchanged, {i: hits[sha] for i, sha in unchanged.items() if sha in hits}
+    return unchanged, {i: hits[sha] for i, sha in unchanged.items() if sha in hits}
 
 
 def prepare_batch(
-    rows: pl.DataFrame, *, spec: Spec, access: ImageAccess, pixels: PixelSpec, cache: EmbeddingCache | None = None
+    rows: pl.DataFrame,
+    *,
+    spec: Spec,
+    access: ImageAccess,
+    pixels: PixelSpec,
+    cache: EmbeddingCache | None = None,
+    located: list[Location | None] | None = None,
 ) -> Batch:
     """Take embeddings from the cache for images unchanged since they were read, fetch the rest,
-    take embeddings from the cache by the bytes' digest where it has them, decode what is left."""
+    take embeddings from the cache by the bytes' digest where it has them, decode what is left.
+    ``located``: each row's ``sources.versions``, where the caller has them."""
     refs = rows[spec.image_column].to_list()
-    located, unchanged, cached = _from_cache(cache, refs, access)
+    if located is None:
+        located = sources.versions(refs, access) if cache is not None else [None] * len(refs)
+    unchanged, cached = _from_cache(cache, located)
     sha256: list[str | None] = [unchanged[i] if i in cached else None for i in range(len(refs))]
     unread = len(cached)
     to_fetch = [i for i in range(len(refs)) if i not in cached]
@@ -173,9 +175,10 @@ def embed_batch(batch: Batch, scorer: Scorer, cache: EmbeddingCache | None = Non
     return np.stack([by_row[i] for i in usable]) if usable else fresh[:0]
 
 
-def prepared_batches(row_batches: Iterable[pl.DataFrame], prepare, *, ahead: int = 2) -> Iterator[Batch]:
-    """``prepare`` applied to each batch of rows in a background thread, up to ``ahead`` batches in
-    advance, so fetching and decoding overlap with the model working on the current batch."""
+def prepared_batches(row_batches: Iterable, prepare, *, ahead: int = 2) -> Iterator[Batch]:
+    """``prepare`` applied to each batch of rows (or arguments) in a background thread, up to
+    ``ahead`` batches in advance, so fetching and decoding overlap with the model working on the
+    current batch."""
     with ThreadPoolExecutor(max_workers=1) as pool:
         pending: deque = deque()
         for rows in row_batches:
@@ -187,13 +190,20 @@ def prepared_batches(row_batches: Iterable[pl.DataFrame], prepare, *, ahead: int
 
 
 def embedded_batches(
-    row_batches: Iterable[pl.DataFrame], *, scorer: Scorer, access: ImageAccess, cache: EmbeddingCache | None = None
+    row_batches: Iterable[pl.DataFrame],
+    *,
+    scorer: Scorer,
+    access: ImageAccess,
+    cache: EmbeddingCache | None = None,
+    located: Iterable[list[Location | None]] | None = None,
 ) -> Iterator[tuple[Batch, np.ndarray]]:
     """Each batch of rows with the (usable rows, d) embeddings of its usable images, in row order:
     images fetched and decoded in a background thread a few batches ahead of the model, embeddings
-    taken from ``cache`` where it holds them and added to it where not."""
+    taken from ``cache`` where it holds them and added to it where not. ``located``: each batch's
+    ``sources.versions``, where the caller has them (else they are asked for)."""
     prepare = functools.partial(prepare_batch, spec=scorer.spec, access=access, pixels=scorer.pixels, cache=cache)
-    for batch in prepared_batches(row_batches, prepare):
+    pairs = zip(row_batches, located) if located is not None else ((rows, None) for rows in row_batches)
+    for batch in prepared_batches(pairs, lambda pair: prepare(pair[0], located=pair[1])):
         yield batch, embed_batch(batch, scorer, cache)
 
 

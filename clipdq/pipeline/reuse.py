@@ -164,8 +164,13 @@ def _fresh(
     """(row, STATE_SCHEMA) per batch of the rows whose image is read now."""
     located = fresh.select("row", "product_id", "location", "version", "cells")
     batches = audit.batches(rows[fresh["row"]], batch_size)
+    versions = (  # as judge_rows found them: not asked for again
+        [(where, version) if where is not None else None for where, version in zip(part["location"], part["version"])]
+        for part in audit.batches(located, batch_size)
+    )
+    embedded = embedded_batches(batches, scorer=scorer, access=access, cache=cache, located=versions)
     offset = 0
-    for batch, embeddings in grouped(embedded_batches(batches, scorer=scorer, access=access, cache=cache)):
+    for batch, embeddings in grouped(embedded):
         full = np.zeros((batch.rows.height, embeddings.shape[1]), np.float32)
         full[batch.ok] = embeddings
         image = pl.DataFrame(
