@@ -22,9 +22,11 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import struct
 import subprocess
 import sys
 import tempfile
+import zlib
 from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 
@@ -50,21 +52,35 @@ def image_path(index: int) -> str:
 
 
 def write_images(folder: Path, indices: range, generation: int = 0) -> None:
-    """A distinct small PNG for each index (``generation`` gives other bytes for the same index)."""
-    from PIL import Image
-
+    """A distinct small PNG for each index, drawn at random for the whole range at once
+    (``generation`` gives other bytes for the same indices)."""
+    rng = np.random.default_rng([indices.start, len(indices), generation])
+    pixels = np.full((len(indices), IMAGE_SIDE, IMAGE_SIDE, 3), 255, np.int16)  # products on a white background
+    corners = np.sort(rng.integers(0, IMAGE_SIDE + 1, (len(indices), 2, 2)), axis=2)
+    colours = rng.integers(0, 256, (len(indices), 3))
+    for image, ((top, bottom), (left, right)), colour in zip(pixels, corners, colours):
+        image[top : bottom + 2, left : right + 2] = colour
+    pixels = (pixels + rng.integers(-8, 9, pixels.shape, dtype=np.int16)).clip(0, 255).astype(np.uint8)
     made: set[Path] = set()
-    for index in indices:
+    for index, image in zip(indices, pixels):
         path = folder / image_path(index)
         if path.parent not in made:
             path.parent.mkdir(parents=True, exist_ok=True)
             made.add(path.parent)
-        rng = np.random.default_rng([index, generation])
-        pixels = np.full((IMAGE_SIDE, IMAGE_SIDE, 3), 255, np.int16)  # a product on a white background
-        (top, bottom), (left, right) = np.sort(rng.integers(0, IMAGE_SIDE + 1, (2, 2)), axis=1)
-        pixels[top : bottom + 2, left : right + 2] = rng.integers(0, 256, 3)
-        pixels = (pixels + rng.integers(-8, 9, pixels.shape)).clip(0, 255).astype(np.uint8)
-        Image.fromarray(pixels).save(path, compress_level=1)
+        path.write_bytes(png(image))
+
+
+def png(pixels: np.ndarray) -> bytes:
+    """An 8-bit RGB PNG of (h, w, 3) uint8 ``pixels``, compressed at zlib level 1, no row filters."""
+    height, width, _ = pixels.shape
+    rows = np.concatenate([np.zeros((height, 1), np.uint8), pixels.reshape(height, width * 3)], axis=1)
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+    header = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
+    idat = chunk(b"IDAT", zlib.compress(rows.tobytes(), 1))
+    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + idat + chunk(b"IEND", b"")
 
 
 def make_catalog(folder: Path, rows: int, *, duplicates: bool) -> Path:

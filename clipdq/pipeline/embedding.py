@@ -10,6 +10,7 @@ search compares. The audit (``audit.findings_of``), its shards and cross-fitting
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 from collections import Counter, deque
 from collections.abc import Iterable, Iterator
@@ -216,8 +217,8 @@ def grouped(
     """The batches of ``embedded`` (``embedded_batches``) joined, in order, into batches of at least
     ``rows`` rows (the last may have fewer), with their embeddings; their pixels, once embedded, dropped."""
     pending: list[tuple[Batch, np.ndarray]] = []
-    for pair in embedded:
-        pending.append(pair)
+    for batch, vectors in embedded:  # (a view of no pixels would keep them all)
+        pending.append((dataclasses.replace(batch, pixels=np.zeros((0, *batch.pixels.shape[1:]), np.float32)), vectors))
         if sum(batch.rows.height for batch, _ in pending) >= rows:
             yield _joined(pending)
             pending = []
@@ -236,7 +237,7 @@ def _joined(embedded: list[tuple[Batch, np.ndarray]]) -> tuple[Batch, np.ndarray
         [sha for batch in batches for sha in batch.sha256],
         {start + i: vector for start, batch in zip(starts, batches) for i, vector in batch.cached.items()},
         np.concatenate([start + batch.to_embed for start, batch in zip(starts, batches)]),
-        np.zeros((0, *batches[0].pixels.shape[1:]), np.float32),
+        batches[0].pixels,  # none: ``grouped`` dropped them
         [sig for batch in batches for sig in batch.signatures],
         transient=sum(batch.transient for batch in batches),
         unread=sum(batch.unread for batch in batches),
