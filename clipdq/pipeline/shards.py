@@ -14,6 +14,7 @@ process boundary, never a model or pixels.
 
 from __future__ import annotations
 
+import ctypes
 import functools
 import hashlib
 import json
@@ -165,6 +166,13 @@ def run_shard(job: Job, shard: Shard) -> ShardResult:
     if counts is not None:
         log.info("shard %d: finished by an earlier run, reusing %s", shard.index, part)
         return ShardResult(shard.index, part, images_uri(job, shard), texts_uri(job, shard), counts, True, folder)
+    counts = _score(job, shard, part, folder)
+    release_memory()
+    return ShardResult(shard.index, part, images_uri(job, shard), texts_uri(job, shard), counts, False, folder)
+
+
+def _score(job: Job, shard: Shard, part: str, folder: str | None) -> dict[str, int]:
+    """``run_shard``'s scoring: its parts and state written; returns its counts."""
     use = scorer_for(job)
     source = catalog.CatalogFile(job.catalog_uri, version=job.catalog_version)
     cache = EmbeddingCache(job.cache) if job.cache else None
@@ -194,7 +202,17 @@ def run_shard(job: Job, shard: Shard) -> ShardResult:
     write_parquet(images_uri(job, shard), judged.images(kept=kept is not None).to_arrow())
     write_parquet(texts_uri(job, shard), judged.texts().to_arrow())
     write_part(part, judged.findings(), counts)
-    return ShardResult(shard.index, part, images_uri(job, shard), texts_uri(job, shard), counts, False, folder)
+    return counts
+
+
+def release_memory() -> None:
+    """Hand the memory a shard freed back to the OS where the C library is glibc: it keeps freed
+    heap pages of the threads that read and embedded the shard, and a first run's peak RSS grew by
+    about 45 MB a shard of 20,000 rows without this (flat with it)."""
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):  # another C library: nothing to do
+        pass
 
 
 def keep(kept: state.Parts, judged: reuse.Judged, cache: EmbeddingCache | None) -> None:
