@@ -17,7 +17,7 @@ MAX_DECODED_BYTES = 160 * 2**20  # per decoding worker
 THREADED_BYTES = 32 * 2**10  # images decode in threads where their mean compressed bytes or their
 # model-ready pixels reach this: Pillow's decoding and resizing then run long outside the GIL (2
 # threads decode 800x600 JPEGs for a 224 px tower 2.4x as fast as one); smaller ones (24 px PNGs for
-# a 32 px tower) decode 1.8x as fast in one thread as in two, each call holding the GIL briefly
+# a 32 px tower) decode twice as fast in one thread as in two, each call holding the GIL briefly
 MAX_ASPECT = 4  # longer sides are cropped to this many times the shorter before resizing
 BYTES_PER_PIXEL = {
     "1": 1,

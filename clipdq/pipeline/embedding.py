@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import itertools
 from collections import Counter, deque
 from collections.abc import Iterable, Iterator
 from concurrent.futures import ThreadPoolExecutor
@@ -229,8 +230,8 @@ def grouped(
 def _joined(embedded: list[tuple[Batch, np.ndarray]]) -> tuple[Batch, np.ndarray]:
     if len(embedded) == 1:
         return embedded[0]
-    starts = np.cumsum([0] + [batch.rows.height for batch, _ in embedded])
     batches = [batch for batch, _ in embedded]
+    starts = [0, *itertools.accumulate(batch.rows.height for batch in batches)]  # of each batch's rows
     joined = Batch(
         pl.concat([batch.rows for batch in batches]),
         [error for batch in batches for error in batch.errors],
