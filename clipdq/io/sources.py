@@ -94,9 +94,14 @@ def locate(ref: str, access: ImageAccess) -> str:
     scheme = re.match(r"[a-zA-Z][a-zA-Z0-9+.-]*://", ref)
     if scheme and not storage.is_s3(ref):
         raise ImageError(f"unsupported image reference scheme: {scheme.group(0)}")
-    if storage.is_s3(ref) or (storage.is_s3(access.base) and not ref.startswith("/")):
+    if _on_s3(ref, access):
         return _locate_s3(ref if storage.is_s3(ref) else storage.join(access.base, ref), access)
     return _locate_local(ref if os.path.isabs(ref) else os.path.join(access.base, ref), access)
+
+
+def _on_s3(ref: str, access: ImageAccess) -> bool:
+    """Whether ``ref`` names an S3 object: an s3:// URI, or a relative path under an S3 catalog."""
+    return storage.is_s3(ref) or (storage.is_s3(access.base) and not ref.startswith("/"))
 
 
 def _locate_s3(uri: str, access: ImageAccess) -> str:
@@ -307,13 +312,7 @@ def fetch_all(
 
 def _remote(target: str | bytes | None, access: ImageAccess) -> bool:
     """Whether reading ``target`` (a reference or its location) waits on a network: S3 or a URL."""
-    if not isinstance(target, str):
-        return False
-    return (
-        storage.is_s3(target)
-        or target.startswith(("http://", "https://"))
-        or (storage.is_s3(access.base) and not target.startswith("/"))
-    )
+    return isinstance(target, str) and (target.startswith(("http://", "https://")) or _on_s3(target, access))
 
 
 def _version(ref: str | bytes | None, access: ImageAccess) -> tuple[str, str] | None:
@@ -343,7 +342,7 @@ def versions(refs: list, access: ImageAccess, *, workers: int = 8) -> list[tuple
     for i, ref in enumerate(refs):
         if not isinstance(ref, str) or not ref or ref.startswith(("http://", "https://")) or "\x00" in ref:
             found[i] = None  # (the read says why)
-        elif storage.is_s3(ref) or (storage.is_s3(access.base) and not ref.startswith("/")):
+        elif _on_s3(ref, access):
             try:
                 s3[i] = locate(ref, access)
             except ImageError:

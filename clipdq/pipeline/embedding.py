@@ -218,11 +218,13 @@ def grouped(
     """The batches of ``embedded`` (``embedded_batches``) joined, in order, into batches of at least
     ``rows`` rows (the last may have fewer), with their embeddings; their pixels, once embedded, dropped."""
     pending: list[tuple[Batch, np.ndarray]] = []
+    held = 0  # rows in pending
     for batch, vectors in embedded:  # (a view of no pixels would keep them all)
         pending.append((dataclasses.replace(batch, pixels=np.zeros((0, *batch.pixels.shape[1:]), np.float32)), vectors))
-        if sum(batch.rows.height for batch, _ in pending) >= rows:
+        held += batch.rows.height
+        if held >= rows:
             yield _joined(pending)
-            pending = []
+            pending, held = [], 0
     if pending:
         yield _joined(pending)
 
