@@ -88,6 +88,17 @@ def test_byte_cap_on_files_and_inline_bytes(layout, monkeypatch):
     assert "larger than 16 bytes" in fetch_one(PNG, access).error
 
 
+@pytest.mark.skipif(not os.path.isfile("/proc/self/status"), reason="needs Linux's /proc")
+def test_a_file_read_whole_where_its_size_on_stat_is_short(monkeypatch):
+    # /proc files (and some network filesystems) stat at 0 bytes: the read goes on past the stat's size
+    data = sources._read_local("/proc/self/status")
+    assert os.stat("/proc/self/status").st_size == 0 and b"VmRSS" in data
+
+    monkeypatch.setattr(sources, "MAX_IMAGE_BYTES", 16)
+    with pytest.raises(sources.ImageError, match="larger than 16 bytes"):
+        sources._read_local("/proc/self/status")
+
+
 def test_other_schemes_and_nul_characters_are_refused(layout):
     access = access_for(str(layout["catalog"]))
 

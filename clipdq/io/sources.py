@@ -142,7 +142,9 @@ def _read_local(path: str) -> bytes:
     with os.fdopen(fd, "rb") as handle:
         if info.st_size > MAX_IMAGE_BYTES:
             raise ImageError(f"image file larger than {MAX_IMAGE_BYTES} bytes")
-        data = handle.read(MAX_IMAGE_BYTES + 1)
+        data = handle.read(info.st_size + 1)  # a buffer of the file's size, not of MAX_IMAGE_BYTES
+        if len(data) > info.st_size:  # grown since its stat
+            data += handle.read(MAX_IMAGE_BYTES + 1 - len(data))
     if len(data) > MAX_IMAGE_BYTES:
         raise ImageError(f"image file larger than {MAX_IMAGE_BYTES} bytes")
     return data
