@@ -169,10 +169,9 @@ def text_findings(
     status = np.where(
         ~ok, "image_error", np.where(flagged, "conflict", "match" if threshold is not None else "uncertain")
     )
-    detail = [
-        _text_detail(*row, column=column, calibration=calibration)
-        for row in zip(status, texts["image_error"], score, texts["category"])
-    ]
+    named = ok if threshold is None else flagged
+    shown = np.full(len(score), "", dtype=object)  # the scores a detail names, as f"{score:.2f}" writes them
+    shown[named] = np.char.mod("%.2f", score[named]).tolist()
     frame = pl.DataFrame(
         {
             "product_id": texts["product_id"],
@@ -180,13 +179,19 @@ def text_findings(
             "existing_value": texts["text"],
             "predicted_value": None,
             "confidence": np.where(flagged, mismatch, 1 - mismatch),
-            "status": status.tolist(),
-            "detail": detail,
+            "status": status,
+            "image_error": texts["image_error"],
+            "category": texts["category"],
+            "shown": pl.Series(shown, dtype=pl.String),
         },
-        schema=FINDINGS_SCHEMA,
         strict=False,
     )
-    return frame.with_columns(pl.col("confidence").fill_nan(None))
+    detail = _text_detail(column=column, calibration=calibration)
+    return (
+        frame.with_columns(detail.alias("detail"), pl.col("confidence").fill_nan(None))
+        .select(list(FINDINGS_SCHEMA))
+        .cast(FINDINGS_SCHEMA)
+    )
 
 
 def _highest_conflict(findings: pl.DataFrame, tree: Tree) -> pl.DataFrame:
@@ -244,18 +249,21 @@ def _not_applicable(catalog: pl.DataFrame, findings: pl.DataFrame, spec: Spec) -
     )
 
 
-def _text_detail(
-    status: str, error: str | None, score: float, category: str, *, column: str, calibration: TextCalibration | None
-) -> str | None:
-    if status == "image_error":
-        return error
+def _text_detail(*, column: str, calibration: TextCalibration | None) -> pl.Expr:
+    """Why each text finding is what it is: its image's error, or what the model could judge and
+    how (columns of ``text_findings``' frame; ``shown``: the score as the detail writes it)."""
     if calibration is None:
-        return f"the model was not calibrated on {column!r}: image and text agreement is not judged"
-    if calibration.threshold is None:
-        return f"agreement score {score:.2f}; the model cannot flag mismatched texts at the target precision"
-    if status == "conflict":
-        return (
-            f"the image may not show this product: it agrees with its {column} unusually little for "
-            f"{category or 'the catalog'} (score {score:.2f}, flagged at {calibration.threshold:.2f} or below)"
+        said = pl.lit(f"the model was not calibrated on {column!r}: image and text agreement is not judged")
+    elif calibration.threshold is None:
+        said = pl.format("agreement score {}; the model cannot flag mismatched texts at the target precision", "shown")
+    else:
+        said = pl.when(pl.col("status") == "conflict").then(
+            pl.format(
+                f"the image may not show this product: it agrees with its {column} unusually little for "
+                "{} (score {}, flagged at {} or below)",
+                pl.col("category").fill_null("").replace("", "the catalog"),
+                "shown",
+                pl.lit(f"{calibration.threshold:.2f}"),
+            )
         )
-    return None
+    return pl.when(pl.col("status") == "image_error").then("image_error").otherwise(said)

@@ -6,6 +6,7 @@ The shards (``shards``) and cross-fitting (``crossfit``) call these; tests can c
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import logging
@@ -263,18 +264,27 @@ def text_scores(
 
 def judge_texts(texts: pl.DataFrame, calibration: TextCalibration | None, spec: Spec) -> tuple[pl.DataFrame, dict]:
     """(findings of image and text agreement for ``texts``, what the summary says of how they were
-    judged): every audited row with a text (TEXTS_SCHEMA), its score judged against the audited
-    catalog's own typical score (``text.catalog_shift``)."""
+    judged): every audited row with a text (TEXTS_SCHEMA), judged by ``text_judge``."""
+    judge, judged = text_judge(texts["score"].drop_nulls().to_numpy(), calibration, spec)
+    return judge(texts), judged
+
+
+def text_judge(
+    scores: np.ndarray, calibration: TextCalibration | None, spec: Spec
+) -> tuple[Callable[[pl.DataFrame], pl.DataFrame], dict]:
+    """(what makes the findings of a frame of texts, what the summary says of how they are judged),
+    for an audit whose texts scored ``scores``: each score judged against the audited catalog's
+    own typical score (``text.catalog_shift``), so texts can be judged a part at a time."""
     if spec.text_column is None:
-        return pl.DataFrame(schema=FINDINGS_SCHEMA), {}
-    scores = texts["score"].drop_nulls().to_numpy()
+        return lambda texts: pl.DataFrame(schema=FINDINGS_SCHEMA), {}
     shift = text.catalog_shift(scores)
     judged = {
         "catalog_rows": len(scores),
         "catalog_shift": round(shift or 0.0, 3),
         "against": "validation" if shift is None else "this catalog",
     }
-    return text_findings(texts, column=spec.text_column, calibration=calibration, shift=shift or 0.0), judged
+    judge = functools.partial(text_findings, column=spec.text_column, calibration=calibration, shift=shift or 0.0)
+    return judge, judged
 
 
 def predictions_of(

@@ -20,7 +20,7 @@ import hashlib
 import json
 import logging
 from collections import Counter
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -261,21 +261,19 @@ def read_counts(uri: str) -> dict[str, int] | None:
     return json.loads(meta[COUNTS_KEY]) if COUNTS_KEY in meta else None
 
 
-def assemble(parts: list[str], dest: str, text_findings: pl.DataFrame) -> int:
-    """The parts, in order, then ``text_findings`` (of products the parts report), as one Parquet
-    file at the local path ``dest``, holding one part in memory at a time; returns the products
-    it reports, counted part by part (shards never share a product: their rows differ and ids are unique)."""
+def assemble(parts: list[str], dest: str, texts: list[str], judge: Callable[[pl.DataFrame], pl.DataFrame]) -> int:
+    """The parts, in order, then the findings ``judge`` makes of each texts part (of products the
+    parts report), as one Parquet file at the local path ``dest``, holding one part in memory at a
+    time; returns the products it reports, counted part by part (shards never share a product:
+    their rows differ and ids are unique)."""
     schema = pl.DataFrame(schema=FINDINGS_SCHEMA).to_arrow().schema
     products = 0
     with pq.ParquetWriter(dest, schema) as writer:
-        for part in parts:
-            stream, _ = storage.open_read(part)
-            with stream:
-                # (not ``pq.read_table``: it imports pyarrow.dataset, and that pandas, a second of a rerun)
-                table = pq.ParquetFile(stream).read().replace_schema_metadata(None).cast(schema)
-            writer.write_table(table)
-            products += pl.from_arrow(table["product_id"]).n_unique()
-        writer.write_table(text_findings.to_arrow().cast(schema))
+        for part in read_parts(parts, FINDINGS_SCHEMA):
+            writer.write_table(part.to_arrow().cast(schema))
+            products += part["product_id"].n_unique()
+        for part in read_parts(texts, TEXTS_SCHEMA):
+            writer.write_table(judge(part).to_arrow().cast(schema))
     return products
 
 
@@ -289,10 +287,8 @@ def totals(results: list[ShardResult]) -> dict[str, int]:
 
 def read_images(results: list[ShardResult]) -> pl.DataFrame:
     """product_id and sha256 of the usable images of a run's shards, in order."""
-    parts = read_parts([result.images for result in results], embedding.IMAGES_SCHEMA)
-    return pl.concat(
-        [pl.DataFrame(schema={"product_id": pl.String, "sha256": pl.String})] + [p.drop("signature") for p in parts]
-    )
+    schema = pl.Schema({"product_id": pl.String, "sha256": pl.String})
+    return pl.concat([pl.DataFrame(schema=schema), *read_parts([result.images for result in results], schema)])
 
 
 def write_signatures(results: list[ShardResult], dest: str) -> np.ndarray:
@@ -316,11 +312,16 @@ def write_signatures(results: list[ShardResult], dest: str) -> np.ndarray:
 
 
 def read_parts(parts: list[str], schema: pl.Schema) -> Iterator[pl.DataFrame]:
-    """Each of the parts (images, texts) of a run's shards, in order, as a frame of ``schema``."""
+    """Each of the parts (findings, images, texts) of a run's shards, in order: its columns of
+    ``schema``, read alone (``pq.read_table`` would import pyarrow.dataset, and that pandas: a
+    second of a rerun)."""
     for uri in parts:
         stream, _ = storage.open_read(uri)
         with stream:
-            yield pl.DataFrame(pq.ParquetFile(stream).read()).cast(schema)
+            yield pl.DataFrame(pq.ParquetFile(stream).read(columns=schema.names())).cast(schema)
+
+
+SCORES = pl.Schema({"score": pl.Float64})  # of a texts part (TEXTS_SCHEMA)
 
 
 def collect(results: list[ShardResult], inputs: audit.AuditInputs, findings_file: str) -> audit.Scored:
@@ -330,12 +331,11 @@ def collect(results: list[ShardResult], inputs: audit.AuditInputs, findings_file
     spec, files = inputs.spec, inputs.files
     images_seen = totals(results)
     embedding.check_outage(images_seen["lost_to_outages"], inputs.source.row_count, spec.max_transient_image_errors)
-    parts = read_parts([result.texts for result in results], TEXTS_SCHEMA)
+    texts = [result.texts for result in results]
     text_calibration = scorer.text_calibration_for(files, spec)
-    text_findings, judged = audit.judge_texts(
-        pl.concat([pl.DataFrame(schema=TEXTS_SCHEMA), *parts]), text_calibration, spec
-    )
-    reported = assemble([result.part for result in results], findings_file, text_findings)
+    scores = pl.concat([pl.Series([], dtype=pl.Float64), *(p["score"] for p in read_parts(texts, SCORES))])
+    judge, judged = audit.text_judge(scores.drop_nulls().to_numpy(), text_calibration, spec)
+    reported = assemble([result.part for result in results], findings_file, texts, judge)
     signatures = functools.partial(write_signatures, results, str(Path(findings_file).with_name("signatures")))
     seen = {
         "count": len(results),
