@@ -5,10 +5,13 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import uuid
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
+from filelock import FileLock
 
 from clipdq import sample_data
 from clipdq.core.presets import TrainConfig
@@ -26,6 +29,11 @@ N_FLAGGING_LABELED = 400  # enough validation rows for the colour conflict bar (
 
 
 def pytest_configure(config: pytest.Config) -> None:
+    if os.environ.get("PYTEST_XDIST_WORKER"):  # workers share the cores: a torch thread each, children too
+        os.environ.setdefault("OMP_NUM_THREADS", "1")
+        import torch
+
+        torch.set_num_threads(int(os.environ["OMP_NUM_THREADS"]))
     config.addinivalue_line(
         "markers",
         "subprocess: runs the clipdq console script in a child process (up to ~30 s each when it "
@@ -96,16 +104,35 @@ def flagging_model_dir(tmp_path_factory: pytest.TempPathFactory, flagging_labele
     Half of its labeled products validate, so colour (on every product) has the rows its conflict
     bar needs; the type-specific attributes get gap suggestions but no conflict threshold.
     """
-    clip = towers.init_model(spec, "efficientnet-lite0")
-    config = train.config_for(clip, mode="locked", val_fraction=0.5, test_fraction=0.0, views=1)
-    labeled = read_catalog(str(flagging_labeled_dir / "labeled.parquet"))
-    train.finetune(clip, labeled, spec, access=access_for(str(flagging_labeled_dir)), config=config)
-    folder = tmp_path_factory.mktemp("flagging-model")
-    towers.save_model(clip, str(folder))
+
+    def build(folder: Path) -> None:
+        clip = towers.init_model(spec, "efficientnet-lite0")
+        config = train.config_for(clip, mode="locked", val_fraction=0.5, test_fraction=0.0, views=1)
+        labeled = read_catalog(str(flagging_labeled_dir / "labeled.parquet"))
+        train.finetune(clip, labeled, spec, access=access_for(str(flagging_labeled_dir)), config=config)
+        towers.save_model(clip, str(folder))
+
+    folder = built_once(tmp_path_factory, "flagging-model", build)
     color = json.loads((folder / "clipdq.json").read_text())["calibration"]["color"]
     assert color["gap_threshold"] is not None and color["conflict_threshold"] is not None, (
         f"the flagging model cannot flag colour (calibration {color}): tests of flags would prove nothing"
     )
+    return folder
+
+
+def built_once(tmp_path_factory: pytest.TempPathFactory, name: str, build: Callable[[Path], None]) -> Path:
+    """The folder ``name``, filled by ``build`` once for the whole run: with parallel workers
+    (pytest-xdist) the first to ask builds it while the others wait, then all share it."""
+    root = tmp_path_factory.getbasetemp()
+    root = root.parent if os.environ.get("PYTEST_XDIST_WORKER") else root
+    folder = root / name
+    with FileLock(f"{folder}.lock"):
+        if not folder.exists():
+            partial = root / f"{name}.partial"
+            shutil.rmtree(partial, ignore_errors=True)
+            partial.mkdir()
+            build(partial)
+            partial.rename(folder)  # whole or not at all: a worker that failed leaves no folder
     return folder
 
 
