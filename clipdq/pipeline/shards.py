@@ -321,9 +321,6 @@ def read_parts(parts: list[str], schema: pl.Schema) -> Iterator[pl.DataFrame]:
             yield pl.DataFrame(pq.ParquetFile(stream).read(columns=schema.names())).cast(schema)
 
 
-SCORES = pl.Schema({"score": pl.Float64})  # of a texts part (TEXTS_SCHEMA)
-
-
 def collect(results: list[ShardResult], inputs: audit.AuditInputs, findings_file: str) -> audit.Scored:
     """The run's shards, scored, as one audit: their image counts summed (an outage fails the run
     here too), the texts judged once all are scored, the parts joined into the local Parquet file
@@ -333,8 +330,9 @@ def collect(results: list[ShardResult], inputs: audit.AuditInputs, findings_file
     embedding.check_outage(images_seen["lost_to_outages"], inputs.source.row_count, spec.max_transient_image_errors)
     texts = [result.texts for result in results]
     text_calibration = scorer.text_calibration_for(files, spec)
-    scores = pl.concat([pl.Series([], dtype=pl.Float64), *(p["score"] for p in read_parts(texts, SCORES))])
-    judge, judged = audit.text_judge(scores.drop_nulls().to_numpy(), text_calibration, spec)
+    score_parts = read_parts(texts, pl.Schema({"score": pl.Float64}))  # the column alone: judged below, part by part
+    scores = np.concatenate([np.zeros(0), *(part["score"].drop_nulls().to_numpy() for part in score_parts)])
+    judge, judged = audit.text_judge(scores, text_calibration, spec)
     reported = assemble([result.part for result in results], findings_file, texts, judge)
     signatures = functools.partial(write_signatures, results, str(Path(findings_file).with_name("signatures")))
     seen = {
