@@ -18,10 +18,13 @@ import argparse
 import io
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
 import numpy as np
 import polars as pl
+import torch
+import torch.nn.functional as F
 from grocery import DEFAULT_DATA, catalog_images
 from PIL import Image
 
@@ -63,7 +66,7 @@ def grocery(data: Path) -> None:
     blobs = [Path(path).read_bytes() for path in catalog_images(data)["image"]]
     n, ids = len(blobs), [f"p{i}" for i in range(len(blobs))]
     signatures = _signatures(blobs)
-    pairs = duplicates.candidate_pairs(signatures, [digest(blob) for blob in blobs])
+    pairs = np.concatenate(list(duplicates.candidate_pairs(signatures, np.arange(n), np.arange(n))))
     scores = duplicates.pair_similarity(signatures, pairs)[0]
     print(
         f"{n} distinct products: highest similarity between two of them "
@@ -81,7 +84,7 @@ def grocery(data: Path) -> None:
         sigs, shas = _signatures(both), [digest(blob) for blob in both]
         cells = []
         for threshold in THRESHOLDS:
-            found = duplicates.find(ids + [f"{i}-copy" for i in ids], shas, sigs, threshold=threshold)
+            found, _ = duplicates.find(ids + [f"{i}-copy" for i in ids], shas, sigs, threshold=threshold)
             group = dict(found.select("product_id", "group").rows())
             grouped = sum(f"{i}-copy" in group and group[f"{i}-copy"] == group.get(i) for i in ids)
             wrong = sum(
@@ -101,47 +104,48 @@ def _kinds(copies: pl.DataFrame) -> str:
     )
 
 
+PLANTED = 1000  # the last images of the scale run: copies of the first ones with a little noise added
+
+
+def write_synthetic(path: Path, n: int, *, block: int = 50_000) -> None:
+    """``n`` synthetic signatures (smooth random images: 4 x 4 noise upsampled, plus grain) written
+    to ``path`` block by block, as an audit writes its shards' signatures."""
+    rng, planted, first = np.random.default_rng(0), min(PLANTED, n // 10), None
+    with open(path, "wb") as out:
+        for start in range(0, n, block):
+            rows = min(block, n - start)
+            coarse = torch.from_numpy(rng.random((rows, 3, 4, 4), dtype=np.float32))
+            smooth = F.interpolate(coarse, size=(32, 32), mode="bilinear") * 200 + torch.rand(rows, 3, 32, 32) * 40
+            signatures = smooth.clamp(0, 255).to(torch.uint8).flatten(1).numpy()
+            first = signatures[:planted].copy() if first is None else first
+            for row in range(max(start, n - planted), start + rows):
+                noisy = first[row - (n - planted)].astype(np.int16) + rng.integers(-3, 4, signatures.shape[1])
+                signatures[row - start] = np.clip(noisy, 0, 255).astype(np.uint8)
+            out.write(signatures.tobytes())
+
+
 SCALE = """
-import resource, sys, tempfile, threading, time, numpy as np, polars as pl, torch, torch.nn.functional as F
+import resource, sys, threading, time, polars as pl
 from clipdq.checks import duplicates
-from clipdq.pipeline import audit, shards
-from clipdq.pipeline import embedding
-n, part_rows = int(sys.argv[1]), 50_000
-rng = np.random.default_rng(0)
-planted = min(1000, n // 10)  # the last images: copies of the first ones with a little noise added
-folder, parts, first = tempfile.mkdtemp(), [], None
-for start in range(0, n, part_rows):  # written as an audit's shards write their images parts
-    rows = min(part_rows, n - start)  # smooth random images: 4x4 noise upsampled, plus grain
-    coarse = torch.from_numpy(rng.random((rows, 3, 4, 4), dtype=np.float32))
-    smooth = F.interpolate(coarse, size=(32, 32), mode="bilinear") * 200 + torch.rand(rows, 3, 32, 32) * 40
-    signatures = smooth.clamp(0, 255).to(torch.uint8).flatten(1).numpy()
-    first = signatures[:planted].copy() if first is None else first
-    for row in range(max(start, n - planted), start + rows):
-        noisy = first[row - (n - planted)].astype(np.int16) + rng.integers(-3, 4, signatures.shape[1])
-        signatures[row - start] = np.clip(noisy, 0, 255).astype(np.uint8)
-    ids = [str(i) for i in range(start, start + rows)]
-    part = pl.DataFrame({"product_id": ids, "sha256": ids, "signature": [s.tobytes() for s in signatures]},
-                        schema=embedding.IMAGES_SCHEMA)
-    parts.append(f"{folder}/images-{len(parts):05d}.parquet")
-    shards.write_parquet(parts[-1], part.to_arrow())
-del signatures, part, coarse, smooth
-anonymous = [0]  # peak memory of the process's own (not file-backed) pages, sampled
+from clipdq.io.images import SignatureFile
+path, n, planted = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
+ids = pl.Series([str(i) for i in range(n)])
+own = [0]  # peak memory of the process's own (not file-backed) pages, sampled
 def sample():
     while True:
         status = dict(line.split(":", 1) for line in open("/proc/self/status"))
-        anonymous[0] = max(anonymous[0], int(status["RssAnon"].split()[0]) // 1024)
+        own[0] = max(own[0], int(status["RssAnon"].split()[0]) // 1024)
         time.sleep(0.2)
 threading.Thread(target=sample, daemon=True).start()
 started = time.monotonic()
-images, signatures = shards.read_images(parts, f"{folder}/signatures")  # as the audit flow reads them
-found = duplicates.find(images["product_id"].to_list(), images["sha256"].to_list(), signatures, threshold=0.99)
+found, _ = duplicates.find(ids, ids, SignatureFile(path, n), threshold=0.99)  # as the audit reads them
 group = dict(found.select("product_id", "group").rows())
 pairs = [(group.get(str(i)), group.get(str(n - planted + i))) for i in range(planted)]
 grouped = sum(copy is not None and copy == original for copy, original in pairs)
 peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 print(f"{n:,} images: {time.monotonic() - started:.1f} s, {grouped} of {planted} planted copies grouped with their "
-      f"original, {found.height} images in groups, peak RSS {peak:,.0f} MB "
-      f"(of it the process's own memory at most {anonymous[0]:,} MB; the rest, mapped signatures, the system reclaims)")
+      f"original, {found.height} images in groups, peak RSS {peak:,.0f} MB (the process's own memory at most "
+      f"{own[0]:,} MB)")
 """
 
 
@@ -155,7 +159,11 @@ def main() -> int:
     else:
         print(f"Grocery Store dataset not found at {args.data}: skipping (a)")
     if args.images:
-        subprocess.run([sys.executable, "-c", SCALE, str(args.images)], check=True)
+        with tempfile.TemporaryDirectory() as folder:
+            path = Path(folder) / "signatures"
+            write_synthetic(path, args.images)
+            planted = str(min(PLANTED, args.images // 10))
+            subprocess.run([sys.executable, "-c", SCALE, str(path), str(args.images), planted], check=True)
     return 0
 
 

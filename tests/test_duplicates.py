@@ -196,3 +196,39 @@ def test_real_catalog_images_of_look_alike_products_are_not_grouped_but_their_co
 
 def groups_of(listings: pl.DataFrame) -> set[frozenset[str]]:
     return {frozenset(group) for group in listings.group_by("group").agg("product_id")["product_id"].to_list()}
+
+
+def _smooth_images(count: int, seed: int) -> list[Image.Image]:
+    """``count`` distinct smooth random 96 x 96 images: 6 x 6 colour noise upsampled."""
+    rng = np.random.default_rng(seed)
+    return [
+        Image.fromarray(rng.integers(0, 256, (6, 6, 3), dtype=np.uint8)).resize((96, 96), Image.Resampling.BICUBIC)
+        for _ in range(count)
+    ]
+
+
+def test_the_search_in_blocks_and_from_a_file_finds_what_it_finds_at_once(tmp_path, monkeypatch):
+    originals = _smooth_images(150, seed=3)
+    blobs = [_jpeg(image, quality=95) for image in originals]
+    ids = [f"p{i}" for i in range(len(blobs))]
+    for i in range(0, 150, 5):  # a copy of every fifth: re-encoded, or cropped from its corner
+        image, kind = originals[i], ("reencoded", "corner85")[i % 2]
+        blobs.append(_jpeg(image, quality=40) if kind == "reencoded" else _jpeg(_cropped(image, 0.85, centred=False)))
+        ids.append(f"p{i}-{kind}")
+    shas = [digest(blob) for blob in blobs]
+    signatures = np.frombuffer(b"".join(map(_signature, blobs)), np.uint8).reshape(len(blobs), -1)
+    at_once, search = duplicates.find(ids, shas, signatures, threshold=0.99)
+    assert {frozenset({pid, pid.split("-")[0]}) for pid in ids if "-" in pid} <= groups_of(at_once)
+
+    (tmp_path / "signatures").write_bytes(signatures.tobytes())
+    stored = images.SignatureFile(str(tmp_path / "signatures"), len(blobs))
+    assert len(stored) == len(blobs) and (stored[[3, 1]] == signatures[[3, 1]]).all()
+    assert (stored[10:20] == signatures[10:20]).all()
+    monkeypatch.setattr(duplicates, "QUERY_ROWS", 17)  # ten blocks: pairs across blocks, scored each way in its own
+    in_blocks, search_in_blocks = duplicates.find(pl.Series(ids), pl.Series(shas), stored, threshold=0.99)
+    assert in_blocks.equals(at_once) and search_in_blocks.equals(search)
+
+    # a later night: only the copies are new, searched against all in blocks; the same listings
+    _, earlier = duplicates.find(ids[:150], shas[:150], signatures[:150], threshold=0.99)
+    later, _ = duplicates.find(ids, shas, stored, threshold=0.99, searched=earlier)
+    assert later.equals(at_once)

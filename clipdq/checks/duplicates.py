@@ -8,21 +8,23 @@ re-encoded and half-size copies score above 0.99, and so do crops keeping 80% of
 (centred or not) and most keeping 70%; two distinct products in look-alike packaging at most
 0.983 (docs/benchmarks.md).
 
-Bounded in memory and never all pairs: the signatures may be a memory map (an audit writes
-its shards' signatures to a file and maps it: ``shards.read_images``), read in blocks; each
-image's ``CANDIDATES`` nearest images by its signature at 8 x 8 pixels, and as many by its colour
-histogram (which a crop keeps where its whole-image signature does not), are found blockwise
-(``neighbours.top_k``; past APPROXIMATE_CANDIDATES_ABOVE images, faiss's inverted lists), and only those pairs
-are compared: windows of one image on a grid of sides and positions, ``BLOCK`` images at a time,
-then the best window of each close pair moved and resized in small steps until no step improves
-it (a crop is seldom exactly on the grid). Pairs join into groups (connected components), so
-three copies make one group. The way round that scores best says which image is the crop; its
-window's area, how much the crop keeps.
+Bounded in memory and never all pairs: the signatures may be in a file (an audit writes its
+shards' signatures to one: ``images.SignatureFile``), read a block at a time; each image's
+``CANDIDATES`` nearest images by its signature at 8 x 8 pixels, and as many by its colour
+histogram (which a crop keeps where its whole-image signature does not), are found QUERY_ROWS
+images at a time (``neighbours.top_k``; past APPROXIMATE_CANDIDATES_ABOVE images, faiss's inverted
+lists, the descriptors computed as the index reads them), and only those pairs are compared, the
+pairs of QUERY_ROWS images at a time: windows of one image on a grid of sides and positions,
+``BLOCK`` images at a time, then the best window of each close pair moved and resized in small
+steps until no step improves it (a crop is seldom exactly on the grid). Pairs join into groups
+(connected components), so three copies make one group. The way round that scores best says
+which image is the crop; its window's area, how much the crop keeps.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import functools
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import astuple, dataclass
 
 import numpy as np
@@ -34,12 +36,17 @@ from clipdq.checks import neighbours
 from clipdq.checks.match import Embedded
 from clipdq.checks.schemas import DUPLICATE_SEARCH_SCHEMA, DUPLICATES_SCHEMA
 from clipdq.core.splits import connected_components
-from clipdq.io.images import SIGNATURE_SIZE
+from clipdq.io.images import SIGNATURE_SIZE, Signatures
+
+IMAGES = pl.Schema({"product_id": pl.String, "sha256": pl.String})  # the images searched, a row each
 
 CANDIDATES = 5  # nearest images by each descriptor compared per image
 APPROXIMATE_CANDIDATES_ABOVE = (
     100_000  # images past which candidates come from an approximate index (clipdq.checks.index)
 )
+INDEX_BITS = 4  # a descriptor's values in the approximate index: 96 bytes an image at 8 x 8 RGB
+PROBES = 16  # cells of the approximate index searched per image: a copy sits in its original's or beside it
+QUERY_ROWS = 65_536  # images whose candidates are paired and compared at a time: memory flat in the catalog
 MAX_PAIRS_PER_IMAGE = 32  # an image that is many images' candidate keeps its most similar ones
 BLOCK = 256  # images whose windows exist at a time
 ALIGN_BLOCK = 4096  # pairs aligned at a time
@@ -62,14 +69,20 @@ def _pixels(signatures: np.ndarray) -> torch.Tensor:
 
 
 def _unit(flat: torch.Tensor) -> torch.Tensor:
-    """Each row minus its mean, unit length."""
-    flat = flat - flat.mean(dim=-1, keepdim=True)
-    return flat / torch.linalg.vector_norm(flat, dim=-1, keepdim=True).clamp_min(1e-6)
+    """Each row minus its mean, unit length, in place: every caller's tensor is new (a block's
+    windows are 137 MB, and two more such copies cost more than the arithmetic)."""
+    flat = flat.sub_(flat.mean(dim=-1, keepdim=True))
+    return flat.div_(torch.linalg.vector_norm(flat, dim=-1, keepdim=True).clamp_min_(1e-6))
 
 
 def _centred(images: torch.Tensor, side: int) -> torch.Tensor:
     """(n, 3 * side * side): each image area-resampled to ``side``, minus its mean, unit length."""
     return _unit(F.interpolate(images, size=(side, side), mode="area").flatten(1))
+
+
+def _coarse(images: torch.Tensor) -> torch.Tensor:
+    """(n, 3 * COARSE * COARSE): the images at COARSE pixels, centred, unit length."""
+    return _centred(images, COARSE)
 
 
 def _colours(images: torch.Tensor) -> torch.Tensor:
@@ -152,65 +165,98 @@ def _area(boxes: torch.Tensor) -> torch.Tensor:
     return boxes[..., 0] * boxes[..., 1]
 
 
-def _nearest(descriptors: np.ndarray, sha256: list[str], queries: np.ndarray | None = None) -> np.ndarray:
-    """(p, 2) row pairs, both ways round, whose ``descriptors`` are among each other's nearest
-    (same bytes excluded), of the rows ``queries`` (default all); an image that is many images'
-    candidate keeps its MAX_PAIRS_PER_IMAGE most similar; searched exactly up to
-    APPROXIMATE_CANDIDATES_ABOVE images, approximately past them."""
-    search: Callable[..., neighbours.Neighbours]
-    if len(descriptors) > APPROXIMATE_CANDIDATES_ABOVE:
+class _Described:
+    """The rows of ``signatures`` described as they are read (``describe``: a tensor of images to a
+    tensor of rows): the approximate index takes them in blocks, never all at once."""
+
+    def __init__(self, signatures: Signatures, describe: Callable[[torch.Tensor], torch.Tensor]):
+        self.signatures, self.describe = signatures, describe
+        self.shape = (len(signatures), describe(_pixels(signatures[:1])).shape[1])
+
+    def __len__(self) -> int:
+        return self.shape[0]
+
+    def __getitem__(self, index) -> np.ndarray:
+        rows = np.arange(len(self))[index] if isinstance(index, slice) else np.asarray(index)
+        return np.concatenate(
+            [self.describe(_pixels(self.signatures[rows[i : i + 4096]])).numpy() for i in range(0, len(rows), 4096)]
+            or [np.zeros((0, self.shape[1]), np.float32)]
+        )
+
+
+def _candidates(
+    signatures: Signatures, codes: np.ndarray, queries: np.ndarray, describe
+) -> tuple[np.ndarray, np.ndarray]:
+    """((queries, CANDIDATES) int32 rows, -1 where fewer; their float32 similarities): the nearest
+    other images of each of the rows ``queries`` by ``describe`` (same bytes, equal ``codes``, left
+    out), QUERY_ROWS at a time: exactly up to APPROXIMATE_CANDIDATES_ABOVE images, past them from
+    an index of inverted lists (INDEX_BITS a value) searched PROBES cells deep."""
+    described: neighbours.Rows = _Described(signatures, describe)
+    if len(described) > APPROXIMATE_CANDIDATES_ABOVE:
         from clipdq.checks import index  # faiss: only for catalogs that large
 
-        search = index.top_k
+        built = index.build(described, bits=INDEX_BITS)
+        search = functools.partial(index.top_k, references=described, built=built, probes=PROBES)
     else:
-        search = neighbours.top_k
-    rows = np.arange(len(descriptors)) if queries is None else queries
-    found = search(
-        descriptors[rows], descriptors, k=CANDIDATES, query_keys=[sha256[i] for i in rows], reference_keys=sha256
-    )
-    keep = found.indices.ravel() >= 0
-    pairs = np.stack([np.repeat(rows, CANDIDATES)[keep], found.indices.ravel()[keep]], axis=1)
-    scores = found.scores.ravel()[keep]
-    pairs, first = np.unique(np.concatenate([pairs, pairs[:, ::-1]]), axis=0, return_index=True)
-    scores = np.concatenate([scores, scores])[first]
+        described = described[:]  # (every image's descriptor: a few MB)
+        search = functools.partial(neighbours.top_k, references=described)
+    indices = np.empty((len(queries), CANDIDATES), np.int32)
+    scores = np.empty((len(queries), CANDIDATES), np.float32)
+    for start in range(0, len(queries), QUERY_ROWS):
+        rows = queries[start : start + QUERY_ROWS]
+        found = search(described[rows], k=CANDIDATES, query_keys=codes[rows], reference_keys=codes)
+        indices[start : start + len(rows)], scores[start : start + len(rows)] = found.indices, found.scores
+    return indices, scores
+
+
+def _pairs(queries: np.ndarray, found: tuple[np.ndarray, np.ndarray], rows: range) -> np.ndarray:
+    """(p, 2) int64 pairs (a, b), a among ``rows``, of a query and one of its ``found`` candidates
+    (``_candidates``), either way round; an image that is many images' candidate keeps its
+    MAX_PAIRS_PER_IMAGE most similar."""
+    candidates, similarity = found
+    ours = (queries >= rows.start) & (queries < rows.stop)
+    mine = candidates[ours] >= 0  # the candidates of the queries among ``rows``
+    theirs = (candidates >= rows.start) & (candidates < rows.stop)  # the queries whose candidate is
+    pairs = np.concatenate(
+        [
+            np.stack([np.repeat(queries[ours], CANDIDATES)[mine.ravel()], candidates[ours][mine]], 1),
+            np.stack([candidates[theirs], np.broadcast_to(queries[:, None], theirs.shape)[theirs]], 1),
+        ]
+    ).astype(np.int64)
+    scores = np.concatenate([similarity[ours][mine], similarity[theirs]])
+    pairs, first = np.unique(pairs, axis=0, return_index=True)
+    scores = scores[first]
     order = np.lexsort((-scores, pairs[:, 0]))  # by image, the most similar first
     rank = np.arange(len(order)) - np.searchsorted(pairs[order, 0], pairs[order, 0])
     return pairs[order][rank < MAX_PAIRS_PER_IMAGE]
 
 
-def candidate_pairs(signatures: np.ndarray, sha256: list[str], *, queries: np.ndarray | None = None) -> np.ndarray:
-    """(p, 2) row pairs, both ways round and sorted, that are among each other's nearest by coarse
-    signature or by colour histogram (same bytes excluded: those are grouped by their digest);
-    ``queries``: only the pairs of these rows' nearest (default: every row's)."""
-    coarse = _described(signatures, lambda images: _centred(images, COARSE))
-    colours = _described(signatures, _colours)
-    return np.unique(np.concatenate([_nearest(coarse, sha256, queries), _nearest(colours, sha256, queries)]), axis=0)
+def candidate_pairs(signatures: Signatures, codes: np.ndarray, queries: np.ndarray) -> Iterator[np.ndarray]:
+    """(p, 2) sorted row pairs (a, b), both ways round, of the rows ``queries`` and their nearest
+    images by coarse signature or by colour histogram, QUERY_ROWS values of a at a time; images of
+    equal digest ``codes`` are never paired (the same bytes are grouped by their digest)."""
+    found = [_candidates(signatures, codes, queries, describe) for describe in (_coarse, _colours)]
+    for start in range(0, len(signatures), QUERY_ROWS):
+        rows = range(start, min(start + QUERY_ROWS, len(signatures)))
+        yield np.unique(np.concatenate([_pairs(queries, kind, rows) for kind in found]), axis=0)
 
 
-def _described(signatures: np.ndarray, describe) -> np.ndarray:
-    """``describe`` (a tensor of images to a tensor of rows) of every signature, 4096 at a time:
-    never all images' float pixels at once."""
-    return np.concatenate(
-        [describe(_pixels(signatures[start : start + 4096])).numpy() for start in range(0, len(signatures), 4096)]
-    )
-
-
-def pair_similarity(signatures: np.ndarray, pairs: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+def pair_similarity(signatures: Signatures, pairs: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """((p,) for each (a, b) of the sorted ``pairs`` the best correlation between a window of a and
-    the whole of b, (p,) the share of a's area that window covers); BLOCK images' grid windows at a
-    time, each against its own candidates, then the pairs at ALIGN_FROM or more aligned from their
-    best grid window."""
+    the whole of b, (p,) the share of a's area that window covers); the grid windows of BLOCK of
+    the a images at a time, each against its own candidates, then the pairs at ALIGN_FROM or more
+    aligned from their best grid window."""
     out = np.zeros(len(pairs), np.float32)
     best_window = np.zeros(len(pairs), np.int64)
     grid = _boxes()
-    for start in range(0, len(signatures), BLOCK):
-        lo, hi = np.searchsorted(pairs[:, 0], [start, start + BLOCK])
-        if lo == hi:
-            continue
+    firsts = np.unique(pairs[:, 0])
+    for start in range(0, len(firsts), BLOCK):
+        images = firsts[start : start + BLOCK]
+        lo, hi = np.searchsorted(pairs[:, 0], [images[0], images[-1] + 1])
         block = pairs[lo:hi]
-        rows = torch.from_numpy(block[:, 0] - start)
+        rows = torch.from_numpy(np.searchsorted(images, block[:, 0]))
         slots = torch.from_numpy(np.arange(hi - lo) - np.searchsorted(block[:, 0], block[:, 0]))
-        windows = _windows(_pixels(signatures[start : start + BLOCK]))  # (images, windows, values)
+        windows = _windows(_pixels(signatures[images]))  # (images, windows, values)
         others = torch.zeros(len(windows), int(slots.max()) + 1, windows.shape[2])
         others[rows, slots] = _centred(_pixels(signatures[block[:, 1]]), FINE)
         scores, at = torch.bmm(others, windows.transpose(1, 2)).max(dim=2)  # over windows
@@ -250,7 +296,12 @@ class Links:
 
 
 def find(
-    ids: list[str], sha256: list[str], signatures: np.ndarray, *, threshold: float, searched: pl.DataFrame | None = None
+    ids: Sequence[str] | pl.Series,
+    sha256: Sequence[str] | pl.Series,
+    signatures: Signatures,
+    *,
+    threshold: float,
+    searched: pl.DataFrame | None = None,
 ) -> tuple[pl.DataFrame, pl.DataFrame]:
     """(duplicate listings (DUPLICATES_SCHEMA), the search (DUPLICATE_SEARCH_SCHEMA)) among images ``ids``
     with their digests and (n, 3 * S * S) uint8 ``signatures``: one listing per product in a group
@@ -261,29 +312,52 @@ def find(
     ``searched``: an earlier search at the same threshold. Its links between images still there
     (same product, same bytes) are kept, and only the other images are searched, against all: a
     night where 1% of the images changed compares 1% of them."""
-    known, kept = _kept_links(ids, sha256, searched)
+    images = pl.DataFrame({"product_id": ids, "sha256": sha256}, schema=IMAGES)
+    known, kept = _kept_links(images, searched)
     fresh = np.flatnonzero(~known)
-    found = Links.none()
-    if len(ids) >= 2 and len(fresh):
-        pairs = candidate_pairs(signatures, sha256, queries=fresh if known.any() else None)
-        scores, areas = pair_similarity(signatures, pairs)
-        way = better_way(pairs, scores)
-        scores, areas = scores[way], areas[way]
-        # KINDS' index from a's side of each pair (a, b): scored its own way round, a window of a is b
-        kinds = np.where(areas >= CROP_BELOW, 1, np.where(way == np.arange(len(pairs)), 3, 2))
-        keep = scores >= threshold
-        found = Links(pairs[keep], scores[keep], kinds[keep], areas[keep])
-    links = kept + found
-    return _listings(ids, sha256, links), _searched(ids, sha256, links)
+    above = Links.none()
+    if images.height >= 2 and len(fresh):
+        for pairs in candidate_pairs(signatures, _codes(images["sha256"]), fresh):
+            above += _above(signatures, pairs, threshold)
+    links = kept + _ways(above)
+    return _listings(images, links), _searched(images, links)
 
 
-def _listings(ids: list[str], sha256: list[str], links: Links) -> pl.DataFrame:
-    """(DUPLICATES_SCHEMA) the groups that ``links`` and equal digests make, a row per member."""
-    n = len(ids)
+def _above(signatures: Signatures, pairs: np.ndarray, threshold: float) -> Links:
+    """The sorted ``pairs`` (a, b) where a window of a correlates with the whole of b at least
+    ``threshold`` (their kind not known yet: it takes both ways round, ``_ways``)."""
+    scores, areas = pair_similarity(signatures, pairs)
+    keep = scores >= threshold
+    return Links(pairs[keep], scores[keep], np.zeros(keep.sum(), np.int64), areas[keep])
+
+
+def _ways(above: Links) -> Links:
+    """The links, both ways round, of the pairs that scored at least the threshold either way
+    (``_above``), each pair scored the way round that scores best (the other way, where it is not
+    in ``above``, scored less)."""
+    pairs = np.unique(np.concatenate([above.pairs, above.pairs[:, ::-1]]), axis=0)
+    scores, areas = np.full(len(pairs), -np.inf, np.float32), np.zeros(len(pairs), np.float32)
+    at = _positions(pairs, above.pairs)[0]
+    scores[at], areas[at] = above.similarity, above.area
+    way = better_way(pairs, scores)
+    scores, areas = scores[way], areas[way]
+    # KINDS' index from a's side of each pair (a, b): scored its own way round, a window of a is b
+    kinds = np.where(areas >= CROP_BELOW, 1, np.where(way == np.arange(len(pairs)), 3, 2))
+    return Links(pairs, scores, kinds, areas)
+
+
+def _codes(digests: pl.Series) -> np.ndarray:
+    """(n,) int64: equal codes for equal digests."""
+    return digests.cast(pl.Categorical).to_physical().to_numpy().astype(np.int64)
+
+
+def _listings(images: pl.DataFrame, links: Links) -> pl.DataFrame:
+    """(DUPLICATES_SCHEMA) the groups that ``links`` and equal digests make among ``images``
+    (IMAGES), a row per member."""
+    n = images.height
     if n < 2:
         return pl.DataFrame(schema=DUPLICATES_SCHEMA)
-    digests = pl.Series(sha256).cast(pl.Categorical).to_physical().to_numpy().astype(np.int64)
-    same = _same_bytes(digests)
+    same = _same_bytes(_codes(images["sha256"]))
     roots = connected_components(n, np.concatenate([links.pairs, same]))
     sizes = np.bincount(roots, minlength=n)
     linked = np.concatenate([links.pairs, same, same[:, ::-1]])  # then each same-bytes link: 1, kind 0, whole
@@ -297,9 +371,9 @@ def _listings(ids: list[str], sha256: list[str], links: Links) -> pl.DataFrame:
         pl.DataFrame(
             {
                 "group": np.unique(roots[members], return_inverse=True)[1].astype(np.int64),
-                "product_id": [ids[i] for i in members],
+                "product_id": images["product_id"].gather(members),
                 "group_size": sizes[roots[members]].astype(np.int32),
-                "other_id": [ids[i] for i in linked[best, 1]],
+                "other_id": images["product_id"].gather(linked[best, 1]),
                 "similarity": similarity[best],
                 "kind": [KINDS[k] for k in kind[best]],
                 "crop_area": np.where(kind[best] >= 2, area[best], np.nan),
@@ -311,16 +385,15 @@ def _listings(ids: list[str], sha256: list[str], links: Links) -> pl.DataFrame:
     )
 
 
-def _searched(ids: list[str], sha256: list[str], links: Links) -> pl.DataFrame:
-    """(DUPLICATE_SEARCH_SCHEMA) every image of a search with its links."""
-    a, b = links.pairs[:, 0], links.pairs[:, 1]
-    ids_, shas = np.array(ids, dtype=object), np.array(sha256, dtype=object)
+def _searched(images: pl.DataFrame, links: Links) -> pl.DataFrame:
+    """(DUPLICATE_SEARCH_SCHEMA) every one of ``images`` (IMAGES) with its links."""
+    others = images[links.pairs[:, 1]]
     linked = (
         pl.DataFrame(
             {
-                "row": a,
-                "other_id": pl.Series(ids_[b], dtype=pl.String),
-                "other_sha256": pl.Series(shas[b], dtype=pl.String),
+                "row": links.pairs[:, 0],
+                "other_id": others["product_id"],
+                "other_sha256": others["sha256"],
                 "similarity": links.similarity,
                 "kind": links.kind,
                 "area": links.area,
@@ -329,7 +402,6 @@ def _searched(ids: list[str], sha256: list[str], links: Links) -> pl.DataFrame:
         .group_by("row")
         .agg(links=pl.struct("other_id", "other_sha256", "similarity", "kind", "area"))
     )
-    images = pl.DataFrame({"product_id": ids, "sha256": sha256}, schema={"product_id": pl.String, "sha256": pl.String})
     return (
         images.with_row_index("row")
         .join(linked.with_columns(pl.col("row").cast(pl.UInt32)), on="row", how="left", maintain_order="left")
@@ -338,15 +410,14 @@ def _searched(ids: list[str], sha256: list[str], links: Links) -> pl.DataFrame:
     )
 
 
-def _kept_links(ids: list[str], sha256: list[str], searched: pl.DataFrame | None) -> tuple[np.ndarray, Links]:
-    """((n,) whether each image was in ``searched`` as it is now (same product, same bytes); the
-    links of ``searched`` between two such images, as rows of this search)."""
+def _kept_links(images: pl.DataFrame, searched: pl.DataFrame | None) -> tuple[np.ndarray, Links]:
+    """((n,) whether each of ``images`` (IMAGES) was in ``searched`` as it is now (same product,
+    same bytes); the links of ``searched`` between two such images, as rows of this search)."""
     if searched is None:
-        return np.zeros(len(ids), bool), Links.none()
-    now = pl.DataFrame({"product_id": ids, "sha256": sha256}, schema={"product_id": pl.String, "sha256": pl.String})
-    now = now.with_row_index("row")
+        return np.zeros(images.height, bool), Links.none()
+    now = images.with_row_index("row")
     before = searched.join(now, on=["product_id", "sha256"], how="inner")
-    known = np.zeros(len(ids), bool)
+    known = np.zeros(images.height, bool)
     known[before["row"].to_numpy()] = True
     links = (
         before.select("row", "links")
@@ -381,13 +452,12 @@ def _positions(pairs: np.ndarray, wanted: np.ndarray) -> tuple[np.ndarray, np.nd
     return at, keys[at] == wanted_keys
 
 
-def _same_bytes(digests: np.ndarray) -> np.ndarray:
-    """(p, 2) pairs linking each image to the first image of the same digest."""
-    first: dict[int, int] = {}
-    pairs = [
-        (first.setdefault(code, i), i) for i, code in enumerate(digests.tolist()) if first.setdefault(code, i) != i
-    ]
-    return np.array(pairs, dtype=np.int64).reshape(-1, 2)
+def _same_bytes(codes: np.ndarray) -> np.ndarray:
+    """(p, 2) pairs linking each image to the first image of the same digest ``codes``."""
+    first = np.unique(codes, return_index=True, return_inverse=True)
+    firsts = first[1][first[2]]
+    rows = np.flatnonzero(firsts != np.arange(len(codes)))
+    return np.stack([firsts[rows], rows], axis=1).astype(np.int64).reshape(-1, 2)
 
 
 def _best_link(n: int, pairs: np.ndarray, scores: np.ndarray) -> np.ndarray:

@@ -2,9 +2,9 @@
 inverted lists.
 
 The references are clustered into ``lists`` cells (k-means on a sample of them) and kept at 8
-bits per dimension (a quarter of their float32 size); each query compares itself with the
-references of its ``probes`` nearest cells only. Scores are cosine similarities as in
-``neighbours.top_k``, up to the 8-bit rounding; a reference holding the query's own bytes is left out
+bits per dimension by default (a quarter of their float32 size); each query compares itself with
+the references of its ``probes`` nearest cells only. Scores are cosine similarities as in
+``neighbours.top_k``, up to the rounding; a reference holding the query's own bytes is left out
 among the candidates searched (``k`` plus ``EXTRA_CANDIDATES``).
 
 Building is most of the work for a large catalog searched by few queries, so ``kept`` stores the
@@ -20,7 +20,7 @@ import logging
 import faiss
 import numpy as np
 
-from clipdq.checks.neighbours import Neighbours, normalised, shared_codes
+from clipdq.checks.neighbours import Neighbours, Rows, normalised, shared_codes
 from clipdq.io import storage
 
 log = logging.getLogger(__name__)
@@ -30,6 +30,7 @@ ADD_BLOCK = 65536  # references normalised and added this many at a time: no sec
 QUERY_BLOCK = 4096
 EXTRA_CANDIDATES = 16  # searched beyond k, so that left-out same-byte references still leave k
 PROBES = 64  # cells searched per query (recall against exact: docs/benchmarks.md)
+QUANTIZERS = {8: faiss.ScalarQuantizer.QT_8bit, 6: faiss.ScalarQuantizer.QT_6bit, 4: faiss.ScalarQuantizer.QT_4bit}
 INDEX_VERSION = 1  # bump when ``build`` changes the index it makes
 
 
@@ -38,15 +39,16 @@ def lists_for(references: int) -> int:
     return max(1, min(int(4 * np.sqrt(references)), references // TRAIN_PER_LIST))
 
 
-def build(references: np.ndarray, *, lists: int | None = None, seed: int = 0) -> faiss.Index:
-    """An inverted-list index of the (unnormalised) reference embeddings, by cosine similarity."""
-    references = np.asarray(references, dtype=np.float32)
+def build(references: Rows, *, lists: int | None = None, bits: int = 8, seed: int = 0) -> faiss.Index:
+    """An inverted-list index of the (unnormalised) reference embeddings, by cosine similarity, each
+    value kept in ``bits`` (4, 6 or 8); they are read ADD_BLOCK rows at a time, and may be computed
+    as they are read (``Rows``)."""
     lists = lists or lists_for(len(references))
     index = faiss.IndexIVFScalarQuantizer(
         faiss.IndexFlatIP(references.shape[1]),
         references.shape[1],
         lists,
-        faiss.ScalarQuantizer.QT_8bit,
+        QUANTIZERS[bits],
         faiss.METRIC_INNER_PRODUCT,
     )
     rng = np.random.default_rng(seed)
@@ -86,7 +88,7 @@ def kept(references: np.ndarray, reference_keys: list[str | None], folder: str) 
 
 def top_k(
     queries: np.ndarray,
-    references: np.ndarray,
+    references: Rows,
     *,
     k: int,
     query_keys=None,

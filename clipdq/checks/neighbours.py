@@ -12,12 +12,25 @@ approximate index (``index``) returns the same ``Neighbours``.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Protocol
 
 import numpy as np
 
 QUERY_BLOCK = 1024
 REFERENCE_BLOCK = 16384  # 1024 x 16384 float32 scores: 64 MB at a time
 AGREEMENT_FLOOR = 1e-6  # a value the model rules out costs log(1e-6) = -13.8 per attribute, not -inf
+
+
+class Rows(Protocol):
+    """Rows of a 2-d float array, read like one (``len``, ``shape``, slices, row indices) and
+    possibly computed as they are read."""
+
+    @property
+    def shape(self) -> tuple[int, ...]: ...
+
+    def __len__(self) -> int: ...
+
+    def __getitem__(self, index) -> np.ndarray: ...
 
 
 @dataclass
@@ -181,9 +194,11 @@ def rescore(
 
 def shared_codes(query_keys, reference_keys, m: int, n: int) -> tuple[np.ndarray | None, np.ndarray | None]:
     """(query codes, reference codes): equal non-negative codes mark the same bytes; (None, None)
-    without keys. A missing key (None) matches nothing."""
+    without keys. A missing key (None) matches nothing; integer arrays of keys are codes already."""
     if query_keys is None or reference_keys is None:
         return None, None
+    if isinstance(query_keys, np.ndarray) and isinstance(reference_keys, np.ndarray):  # codes already
+        return query_keys.astype(np.int64).reshape(m), reference_keys.astype(np.int64).reshape(n)
     code_of = {key: i for i, key in enumerate(dict.fromkeys(key for key in reference_keys if key is not None))}
 
     def codes(keys, length):

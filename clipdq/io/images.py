@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+import os
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -138,6 +139,36 @@ def signature(image: Image.Image) -> bytes:
     uint8): what duplicate listings compare, unchanged by re-encoding and resizing."""
     small = image.resize((SIGNATURE_SIZE, SIGNATURE_SIZE), Image.Resampling.BOX)
     return np.asarray(small, dtype=np.uint8).transpose(2, 0, 1).tobytes()
+
+
+class SignatureFile:
+    """(rows, SIGNATURE_BYTES) uint8 pixel signatures in a local file, read on demand like an array
+    (``len``, slices, row indices), a run of consecutive rows in one read. Not mapped: a map keeps
+    the pages it touched in the process, and the system maps 16 pages around each row read, so a
+    search over millions of images would hold most of the file (3 GB a million)."""
+
+    def __init__(self, path: str, rows: int):
+        self.path, self.shape = path, (rows, SIGNATURE_BYTES)
+
+    def __len__(self) -> int:
+        return self.shape[0]
+
+    def __getitem__(self, index) -> np.ndarray:
+        rows = np.arange(*index.indices(len(self))) if isinstance(index, slice) else np.asarray(index)
+        flat = rows.ravel()
+        if flat.size and (flat.min() < 0 or flat.max() >= len(self)):
+            raise IndexError(f"rows outside the {len(self)} signatures")
+        out = np.empty((flat.size, SIGNATURE_BYTES), np.uint8)
+        starts = np.flatnonzero(np.diff(flat, prepend=-2) != 1)  # where each run of consecutive rows starts
+        with open(self.path, "rb", buffering=0) as file:
+            for start, end in zip(starts.tolist(), [*starts[1:].tolist(), flat.size]):
+                wanted = (end - start) * SIGNATURE_BYTES
+                if os.preadv(file.fileno(), [out[start:end].data], int(flat[start]) * SIGNATURE_BYTES) != wanted:
+                    raise OSError(f"{self.path} is shorter than its {len(self)} signatures")
+        return out.reshape(*rows.shape, SIGNATURE_BYTES)
+
+
+Signatures = np.ndarray | SignatureFile  # (n, SIGNATURE_BYTES) uint8, in memory or in a file
 
 
 def _pixels_one(data: bytes, pixel_spec: PixelSpec) -> tuple[np.ndarray, bytes] | str:

@@ -28,6 +28,7 @@ from clipdq.core.text import TextCalibration, texts_of
 from clipdq.io import images
 from clipdq.io.cache import EmbeddingCache, digest
 from clipdq.io.catalog import CatalogFile
+from clipdq.io.images import Signatures
 from clipdq.io.sources import ImageAccess
 from clipdq.model.files import ModelFiles
 from clipdq.model.scorer import Scorer, load_model, value_embeddings_for
@@ -64,7 +65,7 @@ class Scored:
 
     findings_file: str
     usable: pl.DataFrame  # product_id and sha256 of each row whose image is usable
-    signatures: Callable[[], np.ndarray]  # (usable rows, SIGNATURE_BYTES) uint8, a row each: duplicate search's
+    signatures: Callable[[], Signatures]  # (usable rows, SIGNATURE_BYTES) uint8, a row each: duplicate search's
     # input, read only where the search runs
     images: dict[str, int]  # what became of the images (embedding.COUNT_KEYS)
     calibrations: list[dict[str, Calibration]]  # per model that scored: one, or one per fold (cross-fitting)
@@ -109,8 +110,8 @@ def duplicate_listings(
     from clipdq.checks import duplicates  # imports torch: not needed for a rerun of an unchanged catalog
 
     found, searched = duplicates.find(
-        scored.usable["product_id"].to_list(),
-        scored.usable["sha256"].to_list(),
+        scored.usable["product_id"],
+        scored.usable["sha256"],
         scored.signatures(),
         threshold=spec.duplicate_similarity,
         searched=search,

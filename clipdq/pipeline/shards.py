@@ -34,7 +34,7 @@ from clipdq.core.options import Backend
 from clipdq.core.spec import parse_spec
 from clipdq.io import catalog, sources, storage
 from clipdq.io.cache import EmbeddingCache
-from clipdq.io.images import SIGNATURE_BYTES
+from clipdq.io.images import SignatureFile
 from clipdq.model import scorer
 from clipdq.pipeline import audit, embedding, reuse, state
 from clipdq.pipeline.embedding import Tally
@@ -291,11 +291,10 @@ def read_images(results: list[ShardResult]) -> pl.DataFrame:
     return pl.concat([pl.DataFrame(schema=schema), *read_parts([result.images for result in results], schema)])
 
 
-def write_signatures(results: list[ShardResult], dest: str) -> np.ndarray:
-    """The signatures of the usable images of a run's shards, in order (``read_images``): a
-    read-only memory map of the local file ``dest``, written shard by shard from the images parts
-    and, where a part leaves them null, the shard's state, so the signatures of a million images
-    (3 GB) are never in memory at once."""
+def write_signatures(results: list[ShardResult], dest: str) -> SignatureFile:
+    """The signatures of the usable images of a run's shards, in order (``read_images``), in the
+    local file ``dest``, written shard by shard from the images parts and, where a part leaves them
+    null, the shard's state, so the signatures of a million images (3 GB) are never in memory at once."""
     rows = 0
     with open(dest, "wb") as out:
         for result, part in zip(results, read_parts([result.images for result in results], embedding.IMAGES_SCHEMA)):
@@ -306,9 +305,7 @@ def write_signatures(results: list[ShardResult], dest: str) -> np.ndarray:
                 )
             out.write(embedding.signature_rows(part).data)  # (its buffer: no copy)
             rows += part.height
-    if not rows:  # (a memory map cannot be empty)
-        return np.zeros((0, SIGNATURE_BYTES), np.uint8)
-    return np.memmap(dest, np.uint8, mode="r", shape=(rows, SIGNATURE_BYTES))
+    return SignatureFile(dest, rows)
 
 
 def read_parts(parts: list[str], schema: pl.Schema) -> Iterator[pl.DataFrame]:
@@ -324,7 +321,7 @@ def read_parts(parts: list[str], schema: pl.Schema) -> Iterator[pl.DataFrame]:
 def collect(results: list[ShardResult], inputs: audit.AuditInputs, findings_file: str) -> audit.Scored:
     """The run's shards, scored, as one audit: their image counts summed (an outage fails the run
     here too), the texts judged once all are scored, the parts joined into the local Parquet file
-    ``findings_file``, the usable images' signatures mapped from a file beside it."""
+    ``findings_file``, the usable images' signatures in a file beside it."""
     spec, files = inputs.spec, inputs.files
     images_seen = totals(results)
     embedding.check_outage(images_seen["lost_to_outages"], inputs.source.row_count, spec.max_transient_image_errors)
