@@ -177,11 +177,11 @@ class _Described:
         return self.shape[0]
 
     def __getitem__(self, index) -> np.ndarray:
-        rows = np.arange(len(self))[index] if isinstance(index, slice) else np.asarray(index)
-        return np.concatenate(
-            [self.describe(_pixels(self.signatures[rows[i : i + 4096]])).numpy() for i in range(0, len(rows), 4096)]
-            or [np.zeros((0, self.shape[1]), np.float32)]
-        )
+        rows = np.arange(*index.indices(len(self))) if isinstance(index, slice) else np.asarray(index)
+        out = np.empty((len(rows), self.shape[1]), np.float32)
+        for start in range(0, len(rows), 4096):
+            out[start : start + 4096] = self.describe(_pixels(self.signatures[rows[start : start + 4096]])).numpy()
+        return out
 
 
 def _candidates(

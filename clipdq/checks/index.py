@@ -26,6 +26,7 @@ from clipdq.io import storage
 log = logging.getLogger(__name__)
 
 TRAIN_PER_LIST = 64  # k-means sample: faiss asks for 39 to 256 points per list
+MAX_LISTS = 2048  # so the k-means sample stays at most 131,072 rows (100 MB at 192 values, and a copy in training)
 ADD_BLOCK = 65536  # references normalised and added this many at a time: no second float32 copy
 QUERY_BLOCK = 4096
 EXTRA_CANDIDATES = 16  # searched beyond k, so that left-out same-byte references still leave k
@@ -35,8 +36,8 @@ INDEX_VERSION = 1  # bump when ``build`` changes the index it makes
 
 
 def lists_for(references: int) -> int:
-    """About 4 x sqrt(n) cells, with enough references to train each."""
-    return max(1, min(int(4 * np.sqrt(references)), references // TRAIN_PER_LIST))
+    """About 4 x sqrt(n) cells, with enough references to train each, at most MAX_LISTS."""
+    return max(1, min(int(4 * np.sqrt(references)), references // TRAIN_PER_LIST, MAX_LISTS))
 
 
 def build(references: Rows, *, lists: int | None = None, bits: int = 8, seed: int = 0) -> faiss.Index:
@@ -53,7 +54,10 @@ def build(references: Rows, *, lists: int | None = None, bits: int = 8, seed: in
     )
     rng = np.random.default_rng(seed)
     sample = np.sort(rng.choice(len(references), size=min(len(references), lists * TRAIN_PER_LIST), replace=False))
-    index.train(normalised(references[sample]))
+    rows = np.asarray(references[sample], dtype=np.float32)  # (a copy: normalised in place)
+    rows /= np.maximum(np.linalg.norm(rows, axis=1, keepdims=True), 1e-12)
+    index.train(rows)
+    del rows
     for start in range(0, len(references), ADD_BLOCK):
         index.add(normalised(references[start : start + ADD_BLOCK]))
     return index
