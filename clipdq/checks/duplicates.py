@@ -36,7 +36,7 @@ from clipdq.checks import neighbours
 from clipdq.checks.match import Embedded
 from clipdq.checks.schemas import DUPLICATE_SEARCH_SCHEMA, DUPLICATES_SCHEMA
 from clipdq.core.splits import connected_components
-from clipdq.io.images import SIGNATURE_SIZE, Signatures
+from clipdq.io.images import SIGNATURE_SIZE, Signatures, row_indices
 
 IMAGES = pl.Schema({"product_id": pl.String, "sha256": pl.String})  # the images searched, a row each
 
@@ -177,7 +177,7 @@ class _Described:
         return self.shape[0]
 
     def __getitem__(self, index) -> np.ndarray:
-        rows = np.arange(*index.indices(len(self))) if isinstance(index, slice) else np.asarray(index)
+        rows = row_indices(index, len(self))
         out = np.empty((len(rows), self.shape[1]), np.float32)
         for start in range(0, len(rows), 4096):
             out[start : start + 4096] = self.describe(_pixels(self.signatures[rows[start : start + 4096]])).numpy()
@@ -315,12 +315,12 @@ def find(
     images = pl.DataFrame({"product_id": ids, "sha256": sha256}, schema=IMAGES)
     known, kept = _kept_links(images, searched)
     fresh = np.flatnonzero(~known)
-    above = Links.none()
+    above, codes = Links.none(), _codes(images["sha256"])
     if images.height >= 2 and len(fresh):
-        for pairs in candidate_pairs(signatures, _codes(images["sha256"]), fresh):
+        for pairs in candidate_pairs(signatures, codes, fresh):
             above += _above(signatures, pairs, threshold)
     links = kept + _ways(above)
-    return _listings(images, links), _searched(images, links)
+    return _listings(images, codes, links), _searched(images, links)
 
 
 def _above(signatures: Signatures, pairs: np.ndarray, threshold: float) -> Links:
@@ -351,13 +351,13 @@ def _codes(digests: pl.Series) -> np.ndarray:
     return digests.cast(pl.Categorical).to_physical().to_numpy().astype(np.int64)
 
 
-def _listings(images: pl.DataFrame, links: Links) -> pl.DataFrame:
-    """(DUPLICATES_SCHEMA) the groups that ``links`` and equal digests make among ``images``
-    (IMAGES), a row per member."""
+def _listings(images: pl.DataFrame, codes: np.ndarray, links: Links) -> pl.DataFrame:
+    """(DUPLICATES_SCHEMA) the groups that ``links`` and equal digest ``codes`` make among
+    ``images`` (IMAGES), a row per member."""
     n = images.height
     if n < 2:
         return pl.DataFrame(schema=DUPLICATES_SCHEMA)
-    same = _same_bytes(_codes(images["sha256"]))
+    same = _same_bytes(codes)
     roots = connected_components(n, np.concatenate([links.pairs, same]))
     sizes = np.bincount(roots, minlength=n)
     linked = np.concatenate([links.pairs, same, same[:, ::-1]])  # then each same-bytes link: 1, kind 0, whole

@@ -54,10 +54,7 @@ def build(references: Rows, *, lists: int | None = None, bits: int = 8, seed: in
     )
     rng = np.random.default_rng(seed)
     sample = np.sort(rng.choice(len(references), size=min(len(references), lists * TRAIN_PER_LIST), replace=False))
-    rows = np.asarray(references[sample], dtype=np.float32)  # (a copy: normalised in place)
-    rows /= np.maximum(np.linalg.norm(rows, axis=1, keepdims=True), 1e-12)
-    index.train(rows)
-    del rows
+    index.train(normalised(references[sample], in_place=True))  # (a copy already: indexed by rows)
     for start in range(0, len(references), ADD_BLOCK):
         index.add(normalised(references[start : start + ADD_BLOCK]))
     return index

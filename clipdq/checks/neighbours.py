@@ -40,10 +40,13 @@ class Neighbours:
     excluded: np.ndarray  # (m,) int64: references left out for holding the query's own bytes
 
 
-def normalised(embeddings: np.ndarray) -> np.ndarray:
+def normalised(embeddings: np.ndarray, *, in_place: bool = False) -> np.ndarray:
+    """Each row at unit length (zero rows stay zero), as float32; ``in_place``: in the array given
+    where it is float32 already (the caller's own copy), with no second copy."""
     embeddings = np.asarray(embeddings, dtype=np.float32)
     norms = np.linalg.norm(embeddings, axis=1, keepdims=True)
-    return embeddings / np.where(norms > 0, norms, 1)
+    norms[norms == 0] = 1
+    return np.divide(embeddings, norms, out=embeddings if in_place else None)
 
 
 @dataclass

@@ -141,6 +141,11 @@ def signature(image: Image.Image) -> bytes:
     return np.asarray(small, dtype=np.uint8).transpose(2, 0, 1).tobytes()
 
 
+def row_indices(index, length: int) -> np.ndarray:
+    """The rows that ``index`` (a slice or row indices) picks of ``length`` rows, as an array."""
+    return np.arange(*index.indices(length)) if isinstance(index, slice) else np.asarray(index)
+
+
 class SignatureFile:
     """(rows, SIGNATURE_BYTES) uint8 pixel signatures in a local file, read on demand like an array
     (``len``, slices, row indices), a run of consecutive rows in one read. Not mapped: a map keeps
@@ -154,7 +159,7 @@ class SignatureFile:
         return self.shape[0]
 
     def __getitem__(self, index) -> np.ndarray:
-        rows = np.arange(*index.indices(len(self))) if isinstance(index, slice) else np.asarray(index)
+        rows = row_indices(index, len(self))
         flat = rows.ravel()
         if flat.size and (flat.min() < 0 or flat.max() >= len(self)):
             raise IndexError(f"rows outside the {len(self)} signatures")
