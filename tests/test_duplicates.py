@@ -184,7 +184,9 @@ def test_real_catalog_images_of_look_alike_products_are_not_grouped_but_their_co
     _, earlier = duplicates.find(ids[: len(data)], shas[: len(data)], signatures[: len(data)], threshold=0.99)
     calls = []
     real = duplicates.pair_similarity
-    monkeypatch.setattr(duplicates, "pair_similarity", lambda s, pairs: calls.append(pairs) or real(s, pairs))
+    monkeypatch.setattr(
+        duplicates, "pair_similarity", lambda s, pairs, **kw: calls.append(pairs) or real(s, pairs, **kw)
+    )
     later, search_later = duplicates.find(ids, shas, signatures, threshold=0.99, searched=earlier)
     assert groups_of(later) == groups_of(found)
     assert (calls[0].max(axis=1) >= len(data)).all()  # a copy in every pair compared
@@ -232,3 +234,26 @@ def test_the_search_in_blocks_and_from_a_file_finds_what_it_finds_at_once(tmp_pa
     _, earlier = duplicates.find(ids[:150], shas[:150], signatures[:150], threshold=0.99)
     later, _ = duplicates.find(ids, shas, stored, threshold=0.99, searched=earlier)
     assert later.equals(at_once)
+
+
+def test_alignment_stops_pairs_that_cannot_reach_the_threshold_and_finds_crops_as_before(monkeypatch):
+    originals = _smooth_images(40, seed=5)
+    blobs = [_jpeg(image, quality=95) for image in originals[:20]]
+    blobs += [_jpeg(_cropped(image, 0.75, centred=True)) for image in originals[:10]]  # crops of the first ten
+    blobs += [_jpeg(image, quality=95) for image in originals[20:30]]  # distinct images
+    signatures = np.frombuffer(b"".join(map(_signature, blobs)), np.uint8).reshape(len(blobs), -1)
+    pairs = np.array([(i, 20 + i) for i in range(10)] + [(i, 30 + i) for i in range(10)])
+    monkeypatch.setattr(duplicates, "ALIGN_FROM", -1.0)  # every pair aligned
+    scored = []
+    real = duplicates._correlations
+    monkeypatch.setattr(
+        duplicates, "_correlations", lambda images, *rest: scored.append(len(images)) or real(images, *rest)
+    )
+    every, _ = duplicates.pair_similarity(signatures, pairs)
+    moves_every, scored[:] = sum(scored), []
+    early, _ = duplicates.pair_similarity(signatures, pairs, threshold=0.99)
+    crops = every[:10] >= 0.99
+    assert crops.sum() >= 8 and (every[10:] < 0.9).all()  # the crops are found, the distinct images are not
+    assert (early[:10][crops] == every[:10][crops]).all()  # a pair that reaches the threshold scores the same
+    assert (early[10:] <= every[10:]).all()  # the rest stop early: their similarity is a lower bound
+    assert sum(scored) < moves_every

@@ -24,6 +24,7 @@ which image is the crop; its window's area, how much the crop keeps.
 from __future__ import annotations
 
 import functools
+import math
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import astuple, dataclass
 
@@ -59,6 +60,9 @@ ALIGN_FROM = 0.8  # pairs whose best grid window correlates at least this are al
 SMALLEST_SIDE = 0.65  # the smallest window side alignment may reach, as a share of the image's
 ALIGN_STEPS = 16  # alignment moves, each trying every side and centre coordinate both ways
 FIRST_STEP = 0.04  # alignment's first move, in the image's coordinates (-1 to 1 across)
+SETTLED_STEP = FIRST_STEP / 32  # a pair whose move has halved to this (a 50th of a signature pixel) stops
+HOPELESS_AFTER = 4  # moves after which a pair ALIGN_MARGIN or more below the threshold stops: the Grocery
+ALIGN_MARGIN = 0.05  # crops found at 0.99 gained at most 0.017 after their fourth move (the look-alikes stop)
 CROP_BELOW = 0.9  # a copy whose window of the other image covers less of its area than this is a crop
 KINDS = ("identical bytes", "near-identical pixels", "cropped from the other", "the other cropped from it")
 
@@ -121,16 +125,22 @@ def _boxes() -> torch.Tensor:
     )
 
 
-def _render(images: torch.Tensor, boxes: torch.Tensor) -> torch.Tensor:
-    """(n, m, 3 * FINE * FINE) centred, unit-length: the windows ``boxes`` (n, m, 4) of each of the
-    n images, sampled bilinearly (the m windows of an image side by side in one grid)."""
+PIXEL_CENTRES = (torch.arange(FINE, dtype=torch.float32) * 2 + 1) / FINE - 1  # of a window's row, -1 to 1
+
+
+def _correlations(images: torch.Tensor, boxes: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """(n, m): the correlation of each window ``boxes`` (n, m, 4) of the n images, sampled
+    bilinearly at FINE pixels (an image's m windows side by side in one grid), with the centred,
+    unit-length ``target`` (n, 3 * FINE * FINE) of its image."""
     n, m = boxes.shape[:2]
-    sides, centres = boxes[..., None, None, :2], boxes[..., None, None, 2:]
-    steps = (torch.arange(FINE, dtype=torch.float32) * 2 + 1) / FINE - 1  # pixel centres, -1 to 1
-    unit = torch.stack(torch.meshgrid(steps, steps, indexing="xy"), dim=-1)  # (FINE, FINE, (x, y))
-    grid = (unit * sides + centres).reshape(n, m * FINE, FINE, 2)
-    windows = F.grid_sample(images, grid, mode="bilinear", align_corners=False)  # (n, 3, m * FINE, FINE)
-    return _unit(windows.reshape(n, 3, m, FINE * FINE).transpose(1, 2).flatten(2))
+    xs = torch.addcmul(boxes[..., 2, None], PIXEL_CENTRES, boxes[..., 0, None])  # (n, m, FINE)
+    ys = torch.addcmul(boxes[..., 3, None], PIXEL_CENTRES, boxes[..., 1, None])
+    grid = torch.stack([xs[..., None, :].expand(n, m, FINE, FINE), ys[..., None].expand(n, m, FINE, FINE)], -1)
+    windows = F.grid_sample(images, grid.reshape(n, m * FINE, FINE, 2), mode="bilinear", align_corners=False)
+    windows = windows.reshape(n, 3, m, FINE * FINE)
+    windows = windows.sub_(windows.mean((1, 3), keepdim=True))
+    dot = torch.matmul(windows, target.reshape(n, 3, FINE * FINE, 1)).sum((1, 3))
+    return dot / torch.linalg.vector_norm(windows, dim=(1, 3)).clamp_min(1e-6)
 
 
 def _inside(boxes: torch.Tensor) -> torch.Tensor:
@@ -140,23 +150,26 @@ def _inside(boxes: torch.Tensor) -> torch.Tensor:
 
 
 def aligned_similarity(
-    first: torch.Tensor, second: torch.Tensor, boxes: torch.Tensor
+    first: torch.Tensor, second: torch.Tensor, boxes: torch.Tensor, *, threshold: float = -math.inf
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """((n,) the best correlation between a window of each ``first`` image and the whole ``second``
     image, (n, 4) that window), searched from the windows ``boxes`` (n, 4) by moving each side and
-    centre coordinate in steps that halve whenever no move improves it."""
-    target = _centred(second, FINE)[:, None]  # (n, 1, values)
+    centre coordinate in steps that halve whenever no move improves it, until they are SETTLED_STEP;
+    a pair still ALIGN_MARGIN below ``threshold`` after HOPELESS_AFTER moves stops where it is."""
+    target = _centred(second, FINE)
     boxes = _inside(boxes)
-    best = (_render(first, boxes[:, None]) * target).sum(-1)[:, 0]
+    best = _correlations(first, boxes[:, None], target)[:, 0]
     step = torch.full((len(boxes),), FIRST_STEP)
     moves = torch.cat([torch.eye(4), -torch.eye(4)])  # (8, 4)
-    for _ in range(ALIGN_STEPS):
-        tried = _inside(boxes[:, None] + moves * step[:, None, None])  # (n, 8, 4)
-        top, at = (_render(first, tried) * target).sum(-1).max(dim=1)
-        better = top > best
-        best = torch.where(better, top, best)
-        boxes[better] = tried[better, at[better]]
-        step = torch.where(better, step, step / 2)
+    moving = torch.arange(len(boxes))
+    for move in range(ALIGN_STEPS):
+        hopeful = best[moving] >= threshold - ALIGN_MARGIN if move >= HOPELESS_AFTER else True
+        moving = moving[(step[moving] >= SETTLED_STEP) & hopeful]
+        tried = _inside(boxes[moving, None] + moves * step[moving, None, None])  # (moving, 8, 4)
+        top, at = _correlations(first[moving], tried, target[moving]).max(dim=1)
+        better = top > best[moving]
+        best[moving[better]], boxes[moving[better]] = top[better], tried[better, at[better]]
+        step[moving[~better]] /= 2
     return best, boxes
 
 
@@ -241,11 +254,14 @@ def candidate_pairs(signatures: Signatures, codes: np.ndarray, queries: np.ndarr
         yield np.unique(np.concatenate([_pairs(queries, kind, rows) for kind in found]), axis=0)
 
 
-def pair_similarity(signatures: Signatures, pairs: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+def pair_similarity(
+    signatures: Signatures, pairs: np.ndarray, *, threshold: float = -math.inf
+) -> tuple[np.ndarray, np.ndarray]:
     """((p,) for each (a, b) of the sorted ``pairs`` the best correlation between a window of a and
     the whole of b, (p,) the share of a's area that window covers); the grid windows of BLOCK of
     the a images at a time, each against its own candidates, then the pairs at ALIGN_FROM or more
-    aligned from their best grid window."""
+    aligned from their best grid window (a pair that cannot reach ``threshold`` stops early: its
+    similarity is then a lower bound)."""
     out = np.zeros(len(pairs), np.float32)
     best_window = np.zeros(len(pairs), np.int64)
     grid = _boxes()
@@ -269,6 +285,7 @@ def pair_similarity(signatures: Signatures, pairs: np.ndarray) -> tuple[np.ndarr
             _pixels(signatures[pairs[part, 0]]),
             _pixels(signatures[pairs[part, 1]]),
             grid[torch.from_numpy(best_window[part])],
+            threshold=threshold,
         )
         similarity = aligned.numpy()
         better = similarity > out[part]
@@ -326,7 +343,7 @@ def find(
 def _above(signatures: Signatures, pairs: np.ndarray, threshold: float) -> Links:
     """The sorted ``pairs`` (a, b) where a window of a correlates with the whole of b at least
     ``threshold`` (their kind not known yet: it takes both ways round, ``_ways``)."""
-    scores, areas = pair_similarity(signatures, pairs)
+    scores, areas = pair_similarity(signatures, pairs, threshold=threshold)
     keep = scores >= threshold
     return Links(pairs[keep], scores[keep], np.zeros(keep.sum(), np.int64), areas[keep])
 
