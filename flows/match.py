@@ -45,8 +45,8 @@ def read_labels(uri: str, id_column: str, label_column: str) -> dict[str, str | 
 
 @task(**IO_RETRIES, cache_policy=NO_CACHE)
 def read_agreement(
-    uri: str, references: match.Embedded, spec_text: str, model_uri: str, cache: str | None, weight: float
-) -> ValueAgreement | None:
+    uri: str, references: match.Embedded, spec_text: str, model_uri: str, cache: str | None, weight: float | None
+) -> tuple[ValueAgreement | None, str]:
     return matching.agreement_for(
         catalog.CatalogFile(uri),
         references,
@@ -97,8 +97,9 @@ def match_catalogs(
     cache = embedding.cache_folder(output_uri, files, "fp32") if options.embedding_cache else None
     references = embed_catalog(references_uri, spec_text, model_uri, cache, options, "references")
     queries = embed_catalog(queries_uri, spec_text, model_uri, cache, options, "queries")
-    agreement = read_agreement(references_uri, references, spec_text, model_uri, cache, options.attribute_weight)
+    agreement, why = read_agreement(references_uri, references, spec_text, model_uri, cache, options.attribute_weight)
     matches, found = matching.ranked(references, queries, spec, options=options, agreement=agreement, cache=cache)
+    found["score"]["why"] = why
     summary = {
         "run_id": run_id,
         "started_at": started.isoformat(),

@@ -15,7 +15,7 @@ import polars as pl
 import pytest
 from PIL import Image, ImageEnhance
 
-from clipdq.checks import neighbours
+from clipdq.checks import match, neighbours
 from clipdq.core import values
 from clipdq.core.spec import Spec
 from clipdq.io import catalog
@@ -111,6 +111,82 @@ def test_agreement_puts_the_reference_showing_the_querys_value_first() -> None:
         ["a"], value_emb, [20.0], [np.array([-1, -1])]
     )  # no catalog values: the image's
     assert neighbours.top_k(query, references, k=1, agreement=unknown).indices[0, 0] == 0
+
+
+def test_the_agreement_is_on_by_default_only_where_the_references_carry_attribute_columns(
+    sample_dir: Path, spec: Spec, flagging_model_dir: Path, pretrained_dir: Path, tmp_path: Path
+) -> None:
+    rows = pl.read_parquet(sample_dir / "catalog.parquet")
+    references = _embedded(np.zeros((rows.height, 4)), "r")
+    bare = tmp_path / "bare.parquet"
+    rows.select(spec.id_column, spec.image_column).write_parquet(bare)
+    carried = f"the references carry {', '.join(spec.value_columns)}"
+    cases = {  # (references, model, attribute_weight): (why, the weight the score holds; None: image alone)
+        (sample_dir / "catalog.parquet", flagging_model_dir, None): (carried, matching.DEFAULT_ATTRIBUTE_WEIGHT),
+        (bare, flagging_model_dir, None): ("the references carry no attribute column", None),
+        (bare, flagging_model_dir, 0.5): ("attribute_weight as given", 0.5),
+        (sample_dir / "catalog.parquet", flagging_model_dir, 0.0): ("attribute_weight as given", None),
+        (sample_dir / "catalog.parquet", pretrained_dir, None): ("the model was not fine-tuned on the spec", None),
+    }
+    for (path, model, weight), (why, held) in cases.items():
+        agreement, said = matching.agreement_for(
+            catalog.CatalogFile(str(path)), references, spec, model_uri=str(model), text_folder=None, weight=weight
+        )
+        assert said == why and (agreement.weight if agreement else None) == held
+
+
+def _embedded(embeddings: np.ndarray, prefix: str) -> match.Embedded:
+    n = len(embeddings)
+    return match.Embedded(
+        ids=[f"{prefix}{i}" for i in range(n)],
+        sha256=[f"{prefix}-bytes-{i}" for i in range(n)],
+        errors=[None] * n,
+        embeddings=np.asarray(embeddings, np.float32),
+    )
+
+
+# one attribute of two values, read off the first two dimensions; the model reads value 0 in the query
+VALUE_EMB = [np.eye(4)[:2]]
+QUERY = np.array([[1.0, 0.0, 0.4, 0.0]])
+
+
+def test_the_agreement_never_outranks_the_querys_own_photo() -> None:
+    """Reference 0 is the query's own photo (near-identical pixels) whose catalog holds the wrong
+    value; reference 1 shows the query's value on another image. The values alone would rank the
+    wrong product first; the copy is scored by its image alone and stays first."""
+    references = _embedded(np.array([[0.9, 0.05, 0.4, 0.0], [0.5, 0.0, 0.0, 1.0]]), "r")
+    queries = _embedded(QUERY, "q")
+    agreement = neighbours.ValueAgreement(["a"], VALUE_EMB, [20.0], [np.array([1, 0])])  # reference 0 says value 1
+    copies = []
+
+    def near_copies(query_rows: np.ndarray, reference_rows: np.ndarray) -> np.ndarray:
+        copies.append(list(zip(query_rows, reference_rows)))
+        return reference_rows == 0
+
+    by_values, summary = match.match_embedded(references, queries, k=2, agreement=agreement)
+    assert by_values["reference_id"].to_list() == ["r1", "r0"] and "scored_by_image_alone" not in summary["score"]
+    ranked, summary = match.match_embedded(references, queries, k=2, agreement=agreement, near_copies=near_copies)
+    assert ranked["reference_id"].to_list() == ["r0", "r1"]
+    cosine = neighbours.normalised(QUERY) @ neighbours.normalised(references.embeddings).T
+    assert ranked["score"][0] == pytest.approx(cosine[0, 0])  # by image alone
+    assert ranked["score"][1] == pytest.approx(by_values["score"][0])  # the other keeps its score with the values
+    assert summary["score"]["scored_by_image_alone"] == 1
+    assert sorted(copies[0]) == [(0, 0), (0, 1)]  # both nearest by image were checked
+    alone, _ = match.match_embedded(references, queries, k=2, near_copies=near_copies)
+    assert alone["reference_id"].to_list() == ["r0", "r1"] and len(copies) == 1  # without the values: not needed
+
+
+def test_the_agreement_breaks_a_tie_between_look_alike_packages() -> None:
+    """Two references with one image (look-alike packages of two products): the query's value decides."""
+    image = [0.6, 0.6, 1.0, 0.0]
+    references = _embedded(np.array([image, image, [0.0, 0.0, 0.3, 1.0]]), "r")
+    for value, expected in ((0, "r1"), (1, "r0")):
+        query = np.array([[1.0, 0.0, 0.4, 0.0]]) if value == 0 else np.array([[0.0, 1.0, 0.4, 0.0]])
+        agreement = neighbours.ValueAgreement(["a"], VALUE_EMB, [20.0], [np.array([1, 0, 0])])
+        ranked, _ = match.match_embedded(
+            references, _embedded(query, "q"), k=3, agreement=agreement, near_copies=lambda q, r: r < 0
+        )
+        assert ranked["reference_id"][0] == expected
 
 
 def test_only_a_model_trained_on_the_spec_adds_its_reading_of_values(
@@ -309,8 +385,8 @@ def test_a_trained_model_matches_by_image_with_catalog_values_or_through_the_ind
     runs = {}  # one output: the later runs take the images' embeddings from the first run's cache
     for name, flags in {
         "0": ["--attribute-weight", "0"],
-        "1": ["--attribute-weight", "1"],
-        "index": ["--search", "approximate", "--attribute-weight", "1"],
+        "1": [],  # the default: the references carry the spec's attribute columns
+        "index": ["--search", "approximate"],
     }.items():
         command = [sys.executable, "-m", "clipdq.cli", "match", *common, "--output", str(tmp_path), *flags]
         result = subprocess.run(command, capture_output=True, text=True, timeout=600)
@@ -318,6 +394,15 @@ def test_a_trained_model_matches_by_image_with_catalog_values_or_through_the_ind
         folder = Path(result.stdout.strip().splitlines()[-1])
         runs[name] = (pl.read_parquet(folder / "matches.parquet"), json.loads((folder / "summary.json").read_text()))
     assert runs["0"][1]["score"]["attributes"] == {}
+    assert runs["1"][1]["options"]["attribute_weight"] is None
+    assert runs["1"][1]["score"]["formula"].startswith("cosine similarity + 1 x")
+    assert runs["1"][1]["score"]["why"] == f"the references carry {', '.join(spec.value_columns)}"
+    # a query's own photo (near-identical pixels) is scored by its image alone: first, whatever its values say
+    copies = runs["1"][0].filter(pl.col("detail").str.starts_with("near-identical pixels"))
+    assert copies.height and (copies["rank"] == 1).all()
+    assert runs["1"][1]["score"]["scored_by_image_alone"] >= copies.height
+    by_image = copies.join(runs["0"][0], on=["query_id", "reference_id"], suffix="_image")
+    assert by_image.height == copies.height and (by_image["score"] - by_image["score_image"]).abs().max() < 1e-5
     assert [runs[name][1]["search"] for name in runs] == ["exact", "exact", "approximate"]
     # a few hundred references make a handful of cells, all searched: the index's candidates, rescored with the
     # agreement, give the exact search's matches

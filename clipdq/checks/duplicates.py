@@ -485,6 +485,21 @@ def _best_link(n: int, pairs: np.ndarray, scores: np.ndarray) -> np.ndarray:
     return best
 
 
+def pixel_similarity(
+    queries: Embedded, references: Embedded, query_rows: np.ndarray, reference_rows: np.ndarray
+) -> np.ndarray:
+    """(p,) the similarity of each query's and reference's pixels (rows among the usable images of
+    each), the better way round, as duplicate listings score them."""
+    used = np.unique(reference_rows)
+    signatures = np.concatenate([queries.signatures, references.signatures[used]])
+    pairs = np.stack([query_rows, len(queries.signatures) + np.searchsorted(used, reference_rows)], axis=1)
+    both = np.unique(np.concatenate([pairs, pairs[:, ::-1]]), axis=0)
+    if not len(both):
+        return np.zeros(0, np.float32)
+    scores = pair_similarity(signatures, both)[0]
+    return scores[better_way(both, scores)][_positions(both, pairs)[0]]
+
+
 def flag_near_identical(
     matches: pl.DataFrame, references: Embedded, queries: Embedded, *, threshold: float
 ) -> tuple[pl.DataFrame, dict]:
@@ -496,15 +511,8 @@ def flag_near_identical(
     reference_row = {pid: i for i, pid in enumerate(np.array(references.ids, dtype=object)[references.ok])}
     q = np.array([query_row[pid] for pid in matches["query_id"].filter(ranked)], dtype=np.int64)
     r = np.array([reference_row[pid] for pid in matches["reference_id"].filter(ranked)], dtype=np.int64)
-    used = np.unique(r)
-    signatures = np.concatenate([queries.signatures, references.signatures[used]])
-    pairs = np.stack([q, len(queries.signatures) + np.searchsorted(used, r)], axis=1)
-    both = np.unique(np.concatenate([pairs, pairs[:, ::-1]]), axis=0)
-    scores = pair_similarity(signatures, both)[0] if len(both) else np.zeros(0, np.float32)
-    scores = scores[better_way(both, scores)]
-    at = _positions(both, pairs)[0]
     similarity = np.full(matches.height, np.nan, np.float32)
-    similarity[ranked] = scores[at] if len(at) else []
+    similarity[ranked] = pixel_similarity(queries, references, q, r)
     near = np.flatnonzero(similarity >= threshold)
     detail = matches["detail"].to_list()
     for i in near:

@@ -12,16 +12,18 @@ each query's ``RESCORED_CANDIDATES`` nearest references by image. A catalog's im
 from __future__ import annotations
 
 from collections import Counter
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import numpy as np
 import polars as pl
 
-from clipdq.checks.neighbours import Neighbours, ValueAgreement, rescore, top_k
+from clipdq.checks.neighbours import Neighbours, ValueAgreement, normalised, rescore, top_k
 from clipdq.checks.schemas import MATCHES_SCHEMA
 
 APPROXIMATE_ABOVE = 1_000_000  # references past which search "auto" uses the approximate index (clipdq.checks.index)
 RESCORED_CANDIDATES = 64  # approximate search with the agreement: candidates by image, rescored by both
+NEAR_COPY_CANDIDATES = 10  # with the agreement: each query's nearest references by image checked for its own photo
 
 
 @dataclass
@@ -57,18 +59,21 @@ def match_embedded(
     agreement: ValueAgreement | None = None,
     search: str = "exact",
     index_folder: str | None = None,
+    near_copies: Callable[[np.ndarray, np.ndarray], np.ndarray] | None = None,
 ) -> tuple[pl.DataFrame, dict]:
     """(matches, what the summary says of them): k rows per query with a usable image, ranked from
     1, and one row with its error for each query whose image failed, so every query is accounted for.
     ``search``: exact, approximate (faiss's inverted lists) or auto (approximate past a million);
-    ``index_folder``: where the approximate index is kept between runs (None: built every run)."""
+    ``index_folder``: where the approximate index is kept between runs (None: built every run);
+    ``near_copies``: (query rows, reference rows) -> which pairs show one photo; with ``agreement``,
+    such a pair among a query's NEAR_COPY_CANDIDATES nearest by image is scored by image alone."""
     ref_ok, query_ok = references.ok, queries.ok
     keys = {
         "query_keys": [sha for sha, ok in zip(queries.sha256, query_ok) if ok],
         "reference_keys": [sha for sha, ok in zip(references.sha256, ref_ok) if ok],
     }
     method = search_method(search, int(ref_ok.sum()))
-    found, searched = search_references(
+    found, by_image, searched = search_references(
         queries.embeddings,
         references.embeddings,
         keys,
@@ -77,6 +82,9 @@ def match_embedded(
         method=method,
         index_folder=index_folder,
     )
+    score = score_summary(agreement)
+    if agreement is not None and near_copies is not None:
+        found, score["scored_by_image_alone"] = _copies_by_image(found, by_image, near_copies, queries, references, k=k)
     matches = ranked_rows(found, references, queries)
     summary = {
         "queries": len(queries.ids),
@@ -87,9 +95,39 @@ def match_embedded(
         "same_image_excluded": {"queries": int((found.excluded > 0).sum()), "pairs": int(found.excluded.sum())},
         "search": method,
         **searched,
-        "score": score_summary(agreement),
+        "score": score,
     }
     return matches, summary
+
+
+def _copies_by_image(
+    found: Neighbours,
+    by_image: Neighbours,
+    near_copies: Callable[[np.ndarray, np.ndarray], np.ndarray],
+    queries: Embedded,
+    references: Embedded,
+    *,
+    k: int,
+) -> tuple[Neighbours, int]:
+    """(``found`` with each query's near copies among its nearest by image (``by_image``) scored by
+    their cosine similarity alone, the number of such pairs). The agreement only lowers a score (a
+    log-probability), so a copy rises, and one already among ``found`` gives up its lower score."""
+    rows = by_image.indices[:, :NEAR_COPY_CANDIDATES]
+    copy, cosine = np.zeros(rows.shape, bool), np.full(rows.shape, -np.inf, np.float32)
+    q, r = np.nonzero(rows >= 0)
+    if len(q):
+        copy[q, r] = near_copies(q, rows[q, r])
+        q, r = q[copy[q, r]], r[copy[q, r]]
+        pairs = normalised(queries.embeddings[q]) * normalised(references.embeddings[rows[q, r]])
+        cosine[q, r] = pairs.sum(axis=1)
+    extra = np.where(copy, rows, -1)
+    again = ((found.indices[:, :, None] == extra[:, None, :]) & copy[:, None, :]).any(axis=2)
+    scores = np.concatenate([np.where(again, -np.inf, found.scores), cosine], 1)
+    indices = np.concatenate([found.indices, extra], 1)
+    order = np.argsort(-scores, axis=1, kind="stable")[:, :k]
+    scores, indices = np.take_along_axis(scores, order, 1), np.take_along_axis(indices, order, 1)
+    indices[~np.isfinite(scores)] = -1
+    return Neighbours(indices, scores, found.excluded), int(copy.sum())
 
 
 def ranked_rows(found: Neighbours, references: Embedded, queries: Embedded) -> pl.DataFrame:
@@ -132,26 +170,33 @@ def search_references(
     agreement: ValueAgreement | None,
     method: str,
     index_folder: str | None,
-) -> tuple[Neighbours, dict]:
-    """(neighbours, what the summary says of the approximate index): the exact search, or the
+) -> tuple[Neighbours, Neighbours, dict]:
+    """(neighbours, the nearest by image alone (at least NEAR_COPY_CANDIDATES where ``agreement``
+    adds to the score), what the summary says of the approximate index): the exact search, or the
     index's candidates (rescored with ``agreement``), the index kept in ``index_folder``."""
     if method == "exact":
-        return top_k(queries, references, k=k, agreement=agreement, **keys), {}
+        by_image = top_k(queries, references, k=max(k, NEAR_COPY_CANDIDATES) if agreement else k, **keys)
+        if agreement is None:
+            return by_image, by_image, {}
+        return top_k(queries, references, k=k, agreement=agreement, **keys), by_image, {}
     from clipdq.checks import index
 
     built, reused = None, False
     if index_folder is not None and len(references):
         built, reused = index.kept(references, keys["reference_keys"], index_folder)
     wanted = k if agreement is None else max(k, RESCORED_CANDIDATES)
-    found = index.top_k(queries, references, k=wanted, built=built, **keys)
-    if agreement is not None:
-        found = rescore(found, queries, references, agreement, k=k)
-    return found, {
-        "approximate_index": {
-            "read_from_an_earlier_run": reused,
-            "candidates_rescored": wanted if agreement is not None else None,
-        }
-    }
+    by_image = index.top_k(queries, references, k=wanted, built=built, **keys)
+    found = by_image if agreement is None else rescore(by_image, queries, references, agreement, k=k)
+    return (
+        found,
+        by_image,
+        {
+            "approximate_index": {
+                "read_from_an_earlier_run": reused,
+                "candidates_rescored": wanted if agreement is not None else None,
+            }
+        },
+    )
 
 
 def score_summary(agreement: ValueAgreement | None) -> dict:

@@ -178,14 +178,15 @@ class MatchOptions(Options):
     """How product matching runs. Every field has a default."""
 
     k: int = Field(5, ge=1, le=100, description="Nearest references kept per query, best first.")
-    attribute_weight: float = Field(
-        0.0,
+    attribute_weight: float | None = Field(
+        None,
         ge=0,
         description=(
             "With a model fine-tuned on the spec: the score adds this times the log-probability that the query shows "
-            "each reference's attribute values (its catalog values, else the model's reading of its image). Worth 1 "
-            "where image similarity alone is weak (shelf photos against studio images); it misleads where the model "
-            "reads values poorly. 0: image similarity alone."
+            "each reference's attribute values (its catalog values, else the model's reading of its image). A "
+            "reference whose pixels are near-identical to the query's (its own photo, at the spec's "
+            "duplicate_similarity) is scored by image alone. Default: 1 where the references carry any of the spec's "
+            "attribute columns (measured on shelf photos against studio images), else 0 (image similarity alone)."
         ),
     )
     search: Literal["auto", "exact", "approximate"] = Field(

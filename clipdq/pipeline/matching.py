@@ -89,6 +89,9 @@ def value_agreement(scorer: Scorer, labels: dict[str, np.ndarray], *, weight: fl
     )
 
 
+DEFAULT_ATTRIBUTE_WEIGHT = 1.0  # measured on Grocery shelf photos against studio images (docs/benchmarks.md)
+
+
 def agreement_for(
     source: catalog.CatalogFile,
     references: Embedded,
@@ -96,14 +99,22 @@ def agreement_for(
     *,
     model_uri: str,
     text_folder: str | None,
-    weight: float,
-) -> ValueAgreement | None:
-    """The score's second term for the references of ``source`` (``value_agreement``), their values
-    read only where ``weight`` asks for it."""
+    weight: float | None,
+) -> tuple[ValueAgreement | None, str]:
+    """(the score's second term for the references of ``source`` (``value_agreement``), why it
+    holds what it holds). ``weight`` None: DEFAULT_ATTRIBUTE_WEIGHT where the references carry any
+    of the spec's attribute columns, else none."""
+    carried = [name for name in spec.value_columns if name in source.schema]
+    if weight is None:
+        weight = DEFAULT_ATTRIBUTE_WEIGHT if carried else 0.0
+        why = f"the references carry {', '.join(carried)}" if carried else "the references carry no attribute column"
+    else:
+        why = "attribute_weight as given"
     if not weight:
-        return None
+        return None, why
     reading = scorers.of_files(model_uri, spec, text_folder=text_folder)
-    return value_agreement(reading, reference_labels(source, spec, references.ok), weight=weight)
+    agreement = value_agreement(reading, reference_labels(source, spec, references.ok), weight=weight)
+    return agreement, why if agreement is not None else "the model was not fine-tuned on the spec"
 
 
 def ranked(
@@ -116,14 +127,26 @@ def ranked(
     cache: str | None,
 ) -> tuple[pl.DataFrame, dict]:
     """(matches, what the summary says of them): ``options.k`` references per query
-    (``match.match_embedded``, the approximate index kept under ``cache``), and the pairs whose
-    pixels are near-identical marked where the spec asks for duplicate listings."""
+    (``match.match_embedded``, the approximate index kept under ``cache``); where the spec asks for
+    duplicate listings, the pairs whose pixels are near-identical are marked, and scored by image
+    alone (a query's own photo outranks what the values say)."""
     index_folder = storage.join(cache, "approximate_index") if cache else None
+    threshold = spec.duplicate_similarity
+
+    def near_copies(query_rows: np.ndarray, reference_rows: np.ndarray) -> np.ndarray:
+        return duplicates.pixel_similarity(queries, references, query_rows, reference_rows) >= threshold
+
     matches, found = match.match_embedded(
-        references, queries, k=options.k, agreement=agreement, search=options.search, index_folder=index_folder
+        references,
+        queries,
+        k=options.k,
+        agreement=agreement,
+        search=options.search,
+        index_folder=index_folder,
+        near_copies=near_copies if threshold is not None else None,
     )
-    if spec.duplicate_similarity is not None:
+    if threshold is not None:
         matches, found["near_identical_pixels"] = duplicates.flag_near_identical(
-            matches, references, queries, threshold=spec.duplicate_similarity
+            matches, references, queries, threshold=threshold
         )
     return matches, found
