@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-from test_match import agreement_of
+from test_match import agreement_of, embedded
 
 from clipdq.checks import index, match, neighbours
 from clipdq.io import storage
@@ -46,16 +46,6 @@ def test_approximate_top_k_with_fewer_references_than_k() -> None:
     assert np.isneginf(found.scores[:, 2:]).all()
     empty = index.top_k(np.eye(3, dtype=np.float32), np.zeros((0, 3), np.float32), k=2)
     assert (empty.indices == -1).all()
-
-
-def embedded(embeddings: np.ndarray, prefix: str) -> match.Embedded:
-    n = len(embeddings)
-    return match.Embedded(
-        ids=[f"{prefix}{i}" for i in range(n)],
-        sha256=[f"{prefix}-sha-{i}" for i in range(n)],
-        errors=[None] * n,
-        embeddings=embeddings,
-    )
 
 
 def test_search_auto_goes_approximate_past_the_bound(monkeypatch: pytest.MonkeyPatch) -> None:

@@ -17,8 +17,9 @@ from PIL import Image, ImageEnhance
 
 from clipdq.checks import match, neighbours
 from clipdq.core import values
+from clipdq.core.options import MatchOptions
 from clipdq.core.spec import Spec
-from clipdq.io import catalog
+from clipdq.io import catalog, sources
 from clipdq.model import scorer, towers
 from clipdq.pipeline import matching
 
@@ -117,7 +118,7 @@ def test_the_agreement_is_on_by_default_only_where_the_references_carry_attribut
     sample_dir: Path, spec: Spec, flagging_model_dir: Path, pretrained_dir: Path, tmp_path: Path
 ) -> None:
     rows = pl.read_parquet(sample_dir / "catalog.parquet")
-    references = _embedded(np.zeros((rows.height, 4)), "r")
+    references = embedded(np.zeros((rows.height, 4)), "r")
     bare = tmp_path / "bare.parquet"
     rows.select(spec.id_column, spec.image_column).write_parquet(bare)
     carried = f"the references carry {', '.join(spec.value_columns)}"
@@ -135,13 +136,15 @@ def test_the_agreement_is_on_by_default_only_where_the_references_carry_attribut
         assert said == why and (agreement.weight if agreement else None) == held
 
 
-def _embedded(embeddings: np.ndarray, prefix: str) -> match.Embedded:
+def embedded(embeddings: np.ndarray, prefix: str, ids: list[str] | None = None) -> match.Embedded:
+    """A catalog of one image per row (``ids``, default one product per row) and its embeddings."""
     n = len(embeddings)
     return match.Embedded(
-        ids=[f"{prefix}{i}" for i in range(n)],
-        sha256=[f"{prefix}-bytes-{i}" for i in range(n)],
+        ids=ids or [f"{prefix}{i}" for i in range(n)],
+        images=[f"{prefix}-image-{i}.jpg" for i in range(n)],
+        sha256=[f"{prefix}-sha-{i}" for i in range(n)],
         errors=[None] * n,
-        embeddings=np.asarray(embeddings, np.float32),
+        embeddings=embeddings,
     )
 
 
@@ -154,8 +157,8 @@ def test_the_agreement_never_outranks_the_querys_own_photo() -> None:
     """Reference 0 is the query's own photo (near-identical pixels) whose catalog holds the wrong
     value; reference 1 shows the query's value on another image. The values alone would rank the
     wrong product first; the copy is scored by its image alone and stays first."""
-    references = _embedded(np.array([[0.9, 0.05, 0.4, 0.0], [0.5, 0.0, 0.0, 1.0]]), "r")
-    queries = _embedded(QUERY, "q")
+    references = embedded(np.array([[0.9, 0.05, 0.4, 0.0], [0.5, 0.0, 0.0, 1.0]]), "r")
+    queries = embedded(QUERY, "q")
     agreement = neighbours.ValueAgreement(["a"], VALUE_EMB, [20.0], [np.array([1, 0])])  # reference 0 says value 1
     copies = []
 
@@ -179,14 +182,37 @@ def test_the_agreement_never_outranks_the_querys_own_photo() -> None:
 def test_the_agreement_breaks_a_tie_between_look_alike_packages() -> None:
     """Two references with one image (look-alike packages of two products): the query's value decides."""
     image = [0.6, 0.6, 1.0, 0.0]
-    references = _embedded(np.array([image, image, [0.0, 0.0, 0.3, 1.0]]), "r")
+    references = embedded(np.array([image, image, [0.0, 0.0, 0.3, 1.0]]), "r")
     for value, expected in ((0, "r1"), (1, "r0")):
         query = np.array([[1.0, 0.0, 0.4, 0.0]]) if value == 0 else np.array([[0.0, 1.0, 0.4, 0.0]])
         agreement = neighbours.ValueAgreement(["a"], VALUE_EMB, [20.0], [np.array([1, 0, 0])])
         ranked, _ = match.match_embedded(
-            references, _embedded(query, "q"), k=3, agreement=agreement, near_copies=lambda q, r: r < 0
+            references, embedded(query, "q"), k=3, agreement=agreement, near_copies=lambda q, r: r < 0
         )
         assert ranked["reference_id"][0] == expected
+
+
+def test_a_product_with_several_images_is_matched_once_at_its_best_image() -> None:
+    """A gallery: rows of one reference id. Its best image scores for it, and it takes one rank."""
+    references = embedded(
+        np.array([[0.0, 1.0, 0.0], [1.0, 0.1, 0.0], [1.0, 0.2, 0.0], [1.0, 0.0, 0.5], [0.0, 0.0, 1.0]]),
+        "r",
+        ids=["A", "A", "B", "A", "C"],
+    )
+    queries = embedded(np.array([[1.0, 0.0, 0.0], [0.0, 0.0, 1.0]]), "q")
+    for agreement in (None, neighbours.ValueAgreement(["a"], [np.eye(3)[:2]], [1.0], [np.zeros(5, np.int64)])):
+        ranked, summary = match.match_embedded(references, queries, k=3, agreement=agreement)
+        first = ranked.filter(pl.col("query_id") == "q0")
+        assert first["reference_id"].to_list() == ["A", "B", "C"]
+        assert first["reference_image"][0] == "r-image-1.jpg"  # A's nearest image
+        second = ranked.filter(pl.col("query_id") == "q1")
+        assert second["reference_id"].to_list() == ["C", "A", "B"] and second["reference_image"][1] == "r-image-3.jpg"
+        assert summary["references"] == 5 and summary["reference_products"] == 3
+    few, _ = match.match_embedded(references, queries, k=5)
+    assert few.group_by("query_id").agg(pl.col("reference_id").drop_nulls().n_unique())["reference_id"].to_list() == [
+        3,
+        3,
+    ]
 
 
 def test_only_a_model_trained_on_the_spec_adds_its_reading_of_values(
@@ -306,6 +332,39 @@ def _decodes(path: Path) -> bool:
         return True
     except OSError:
         return False
+
+
+def test_a_gallery_is_matched_per_product_and_its_own_photo_found_among_its_images(
+    sample_dir: Path, spec: Spec, pretrained_dir: Path, tmp_path: Path
+) -> None:
+    """References: ten products, each with its catalog image and a second, turned a quarter (two
+    rows of one id, the catalog image first). A query that re-encodes a product's catalog image is
+    matched with that product, once, at that image, and marked as its own photo."""
+    rows = pl.read_parquet(sample_dir / "catalog.parquet")
+    rows = rows.filter(pl.Series([_decodes(sample_dir / image) for image in rows["image"]]))[:10]
+    (tmp_path / "images").mkdir()
+    second = [str(tmp_path / "images" / f"{product}-2.png") for product in rows["product_id"]]
+    for image, turned in zip(rows["image"], second):
+        with Image.open(sample_dir / image) as original:
+            original.transpose(Image.Transpose.ROTATE_90).save(turned)
+    first = rows.with_columns(pl.col("image").map_elements(lambda image: str(sample_dir / image), pl.String))
+    pl.concat([first, rows.with_columns(image=pl.Series(second))]).write_parquet(tmp_path / "references.parquet")
+    with Image.open(first["image"][4]) as image:
+        image.save(tmp_path / "query.png")  # the fifth product's catalog image, re-encoded
+    pl.DataFrame({"product_id": ["Q"], "image": [str(tmp_path / "query.png")]}).write_parquet(
+        tmp_path / "queries.parquet"
+    )
+    reading, access = scorer.of_files(str(pretrained_dir), spec), sources.access_for(str(tmp_path), [str(sample_dir)])
+    references, queries = (
+        matching.embed_catalog(catalog.CatalogFile(str(tmp_path / name)), scorer=reading, access=access)
+        for name in ("references.parquet", "queries.parquet")
+    )
+    matches, found = matching.ranked(references, queries, spec, options=MatchOptions(k=K), agreement=None, cache=None)
+    assert found["references"] == 20 and found["reference_products"] == 10
+    assert matches["reference_id"].n_unique() == K == matches.height  # each product once
+    top = matches.row(0, named=True)
+    assert (top["reference_id"], top["reference_image"]) == (rows["product_id"][4], first["image"][4])
+    assert top["detail"].startswith("near-identical pixels") and found["near_identical_pixels"]["pairs"] == 1
 
 
 @pytest.mark.subprocess

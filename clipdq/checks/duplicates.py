@@ -508,9 +508,11 @@ def flag_near_identical(
     says of them). The same photo on both sides says nothing of the model."""
     ranked = matches["rank"].is_not_null().to_numpy()
     query_row = {pid: i for i, pid in enumerate(np.array(queries.ids, dtype=object)[queries.ok])}
-    reference_row = {pid: i for i, pid in enumerate(np.array(references.ids, dtype=object)[references.ok])}
+    usable = zip(*(np.array(column, dtype=object)[references.ok] for column in (references.ids, references.images)))
+    reference_row = {image: i for i, image in enumerate(usable)}  # (id, image): a product may have several
     q = np.array([query_row[pid] for pid in matches["query_id"].filter(ranked)], dtype=np.int64)
-    r = np.array([reference_row[pid] for pid in matches["reference_id"].filter(ranked)], dtype=np.int64)
+    shown = matches.filter(ranked).select("reference_id", "reference_image").rows()
+    r = np.array([reference_row[image] for image in shown], dtype=np.int64)
     similarity = np.full(matches.height, np.nan, np.float32)
     similarity[ranked] = pixel_similarity(queries, references, q, r)
     near = np.flatnonzero(similarity >= threshold)

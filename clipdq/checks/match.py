@@ -28,10 +28,12 @@ NEAR_COPY_CANDIDATES = 10  # with the agreement: each query's nearest references
 
 @dataclass
 class Embedded:
-    """A catalog's images as embeddings: every row's id, digest and image error, and the
-    embeddings of the rows whose image is usable, in row order."""
+    """A catalog's images as embeddings: every row's id, image, digest and image error, and the
+    embeddings of the rows whose image is usable, in row order. Several rows of one id are one
+    product's gallery."""
 
     ids: list[str] = field(default_factory=list)
+    images: list[str | None] = field(default_factory=list)  # the image column's text (None for bytes)
     sha256: list[str | None] = field(default_factory=list)
     errors: list[str | None] = field(default_factory=list)
     embeddings: np.ndarray = field(default_factory=lambda: np.zeros((0, 0), np.float32))  # (usable rows, d)
@@ -66,29 +68,37 @@ def match_embedded(
     ``search``: exact, approximate (faiss's inverted lists) or auto (approximate past a million);
     ``index_folder``: where the approximate index is kept between runs (None: built every run);
     ``near_copies``: (query rows, reference rows) -> which pairs show one photo; with ``agreement``,
-    such a pair among a query's NEAR_COPY_CANDIDATES nearest by image is scored by image alone."""
+    such a pair among a query's NEAR_COPY_CANDIDATES nearest by image is scored by image alone.
+    A product with several images (rows of one reference id) scores as its best image."""
     ref_ok, query_ok = references.ok, queries.ok
     keys = {
         "query_keys": [sha for sha, ok in zip(queries.sha256, query_ok) if ok],
         "reference_keys": [sha for sha, ok in zip(references.sha256, ref_ok) if ok],
     }
     method = search_method(search, int(ref_ok.sum()))
+    products, gallery = _products(references)
+    wide = k * gallery  # enough images for k products, each with its best image
     found, by_image, searched = search_references(
         queries.embeddings,
         references.embeddings,
         keys,
-        k=k,
+        k=wide,
         agreement=agreement,
         method=method,
         index_folder=index_folder,
     )
     score = score_summary(agreement)
     if agreement is not None and near_copies is not None:
-        found, score["scored_by_image_alone"] = _copies_by_image(found, by_image, near_copies, queries, references, k=k)
+        found, score["scored_by_image_alone"] = _copies_by_image(
+            found, by_image, near_copies, queries, references, k=wide
+        )
+    if gallery > 1:
+        found = _best_per_product(found, products, k=k)
     matches = ranked_rows(found, references, queries)
     summary = {
         "queries": len(queries.ids),
         "references": len(references.ids),
+        "reference_products": len(set(references.ids)),
         "k": k,
         "query_image_errors": int((~query_ok).sum()),
         "reference_image_errors": int((~ref_ok).sum()),
@@ -98,6 +108,33 @@ def match_embedded(
         "score": score,
     }
     return matches, summary
+
+
+def _products(references: Embedded) -> tuple[np.ndarray, int]:
+    """(each usable reference row's product, as a code; the most usable images of one product)."""
+    ids = np.array(references.ids, dtype=object)[references.ok]
+    if not len(ids):
+        return np.zeros(0, np.int64), 1
+    _, codes, counts = np.unique(ids.astype(str), return_inverse=True, return_counts=True)
+    return codes, int(counts.max())
+
+
+def _best_per_product(found: Neighbours, products: np.ndarray, *, k: int) -> Neighbours:
+    """The first ``k`` products of each query's ranked images ``found``, each at its best image."""
+    present = found.indices >= 0
+    product = np.where(present, products[np.where(present, found.indices, 0)], -1)
+    order = np.argsort(product, axis=1, kind="stable")  # a product's images side by side, best first
+    ordered = np.take_along_axis(product, order, 1)
+    best = np.ones(ordered.shape, bool)
+    best[:, 1:] = ordered[:, 1:] != ordered[:, :-1]
+    keep = np.empty_like(best)
+    np.put_along_axis(keep, order, best, 1)
+    keep &= present
+    position = np.argsort(~keep, axis=1, kind="stable")[:, :k]  # the kept, still best first
+    kept = np.take_along_axis(keep, position, 1)
+    indices = np.where(kept, np.take_along_axis(found.indices, position, 1), -1)
+    scores = np.where(kept, np.take_along_axis(found.scores, position, 1), -np.inf).astype(np.float32)
+    return Neighbours(indices, scores, found.excluded)
 
 
 def _copies_by_image(
@@ -134,6 +171,7 @@ def ranked_rows(found: Neighbours, references: Embedded, queries: Embedded) -> p
     """(MATCHES_SCHEMA) the neighbours ``found`` for the usable queries as ranked rows, then one row
     with its error for each query whose image failed."""
     ref_ids = np.array(references.ids, dtype=object)[references.ok]
+    ref_images = np.array(references.images, dtype=object)[references.ok]
     query_ok = queries.ok
     query_ids = np.array(queries.ids, dtype=object)
     kept = found.indices >= 0
@@ -143,6 +181,7 @@ def ranked_rows(found: Neighbours, references: Embedded, queries: Embedded) -> p
             "query_id": query_ids[query_ok][rows[0]].tolist(),
             "rank": (rows[1] + 1).astype(np.int32),
             "reference_id": ref_ids[found.indices[kept]].tolist(),
+            "reference_image": ref_images[found.indices[kept]].tolist(),
             "score": found.scores[kept],
             "detail": None,
         },
@@ -153,6 +192,7 @@ def ranked_rows(found: Neighbours, references: Embedded, queries: Embedded) -> p
             "query_id": query_ids[~query_ok].tolist(),
             "rank": None,
             "reference_id": None,
+            "reference_image": None,
             "score": None,
             "detail": [e for e in queries.errors if e is not None],
         },

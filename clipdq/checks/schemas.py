@@ -75,5 +75,12 @@ DUPLICATE_SEARCH_SCHEMA = pl.Schema(
 )  # a duplicate search's images, each with its links at or above the threshold from its side: kept by the next
 
 MATCHES_SCHEMA = pl.Schema(
-    {"query_id": pl.String, "rank": pl.Int32, "reference_id": pl.String, "score": pl.Float32, "detail": pl.String}
+    {
+        "query_id": pl.String,
+        "rank": pl.Int32,
+        "reference_id": pl.String,
+        "reference_image": pl.String,  # the image of the reference that scored (a product may have several)
+        "score": pl.Float32,
+        "detail": pl.String,
+    }
 )

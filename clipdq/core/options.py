@@ -193,8 +193,8 @@ class MatchOptions(Options):
         "auto",
         description=(
             "exact: every reference scored, a block at a time; approximate: faiss's inverted lists (8-bit vectors, "
-            "the nearest cells only; with attribute_weight, each query's 64 nearest by image are rescored); auto: "
-            "approximate past a million references."
+            "the nearest cells only; with the attribute agreement, each query's 64 nearest by image are "
+            "rescored); auto: approximate past a million references."
         ),
     )
     label_column: str | None = Field(

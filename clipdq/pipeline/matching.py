@@ -54,6 +54,8 @@ def embed_catalog(
         signatures[filled : filled + len(embeddings)] = np.frombuffer(usable, np.uint8).reshape(-1, SIGNATURE_BYTES)
         filled += len(embeddings)
         out.ids += batch.rows[spec.id_column].cast(pl.String).to_list()
+        image = batch.rows[spec.image_column]
+        out.images += image.cast(pl.String).to_list() if image.dtype != pl.Binary else [None] * len(image)
         out.sha256 += batch.sha256
         out.errors += batch.errors
         tally.add(batch, spec)
