@@ -4,8 +4,9 @@
     dataset's 296 ``val`` shelf photos (other sessions than any training photo) as queries, through
     ``clipdq match`` timed from start to exit: top-1 and top-5 accuracy, for the pretrained tower as
     ``clipdq init-model`` makes it and, with ``--finetuned M``, for a model fine-tuned on the
-    ``train`` photos (``benchmarks/grocery_cli.py`` makes one), by image similarity alone and with
-    the references' catalog values of the three levels (``--attribute-weight 1``).
+    ``train`` photos (``benchmarks/grocery_cli.py`` makes one), with the defaults: references
+    without attribute columns (image similarity alone) and with their catalog values of the three
+    levels.
 (b) Scale: ``--queries`` x ``--references`` random 256-d embeddings (the EfficientNet dual
     encoder's size) through the exact blockwise top-k, in a child process: time and the OS's peak RSS.
 (c) The approximate index (``clipdq.checks.index``, faiss's inverted lists) on ``--approximate-references``
@@ -92,37 +93,39 @@ print(build_s, read_s, search_s, exact_s, recall, top1, index.lists_for(n), inde
 """
 
 
-def grocery_catalogs(data: Path, work: Path) -> tuple[Path, Path, Path]:
-    """(references, queries, spec): iconic images by class name, with their catalog values of the
-    three levels; val photos labeled with theirs."""
-    references, queries = work / "references.parquet", work / "queries.parquet"
-    catalog_images(data).select(pl.col("fine").alias("product_id"), "image", *LEVELS).write_parquet(references)
+def grocery_catalogs(data: Path, work: Path) -> tuple[Path, Path, Path, Path]:
+    """(references with their catalog values of the three levels, the same without them, queries,
+    spec): iconic images by class name; val photos labeled with theirs."""
+    references, bare, queries = work / "references.parquet", work / "bare.parquet", work / "queries.parquet"
+    iconic = catalog_images(data).select(pl.col("fine").alias("product_id"), "image", *LEVELS)
+    iconic.write_parquet(references)
+    iconic.select("product_id", "image").write_parquet(bare)
     frame = load_catalog(data)
     val = frame.filter(pl.col("split") == "holdout")
     val.select("product_id", "image", pl.col("fine").alias("expected_id")).write_parquet(queries)
-    return references, queries, write_spec(frame, data, work / "spec.yaml")  # the spec grocery_cli.py uses
+    return references, bare, queries, write_spec(frame, data, work / "spec.yaml")  # the spec grocery_cli.py uses
 
 
 def grocery(data: Path, finetuned: str | None) -> None:
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(tmp)
-        references, queries, spec = grocery_catalogs(data, work)
+        references, bare, queries, spec = grocery_catalogs(data, work)
         seconds, model_dir = clipdq(
             "init-model", "--spec", str(spec), "--arch", "efficientnet-lite0", "--output", str(work / "model")
         )
-        runs = [
-            ("pretrained tower, new projection", model_dir, "0", "exact"),
-            ("fine-tuned", finetuned, "0", "exact"),
-            ("fine-tuned, with the references' category values", finetuned, "1", "exact"),
-            ("the same through the approximate index (81 references: one cell)", finetuned, "1", "approximate"),
+        runs = [  # every run with the defaults but for the last's search
+            ("pretrained tower, new projection", model_dir, references, "auto"),
+            ("fine-tuned, references without attribute columns (by image alone)", finetuned, bare, "auto"),
+            ("fine-tuned, references with their category values", finetuned, references, "auto"),
+            ("the same through the approximate index (81 references: one cell)", finetuned, references, "approximate"),
         ]
-        for name, model_uri, weight, search in runs:
+        for name, model_uri, catalog, search in runs:
             if not model_uri:
                 continue
             seconds, folder = clipdq(
                 "match",
                 "--references",
-                str(references),
+                str(catalog),
                 "--queries",
                 str(queries),
                 "--spec",
@@ -134,8 +137,6 @@ def grocery(data: Path, finetuned: str | None) -> None:
                 "--label-column",
                 "expected_id",
                 "--no-embedding-cache",
-                "--attribute-weight",
-                weight,
                 "--search",
                 search,
             )
@@ -143,7 +144,8 @@ def grocery(data: Path, finetuned: str | None) -> None:
             acc = summary["accuracy"]
             print(
                 f"(a) {name}: top-1 {acc['top_1']:.3f}, top-5 {acc['top_5']:.3f} over {acc['labeled_queries']} "
-                f"val photos, {summary['references']} references; same-image pairs left out: "
+                f"val photos, {summary['references']} references; score: {summary['score']['formula']} "
+                f"({summary['score']['why']}); same-image pairs left out: "
                 f"{summary['same_image_excluded']['pairs']}; clipdq match {seconds:.1f} s",
                 flush=True,
             )
