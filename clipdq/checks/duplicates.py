@@ -332,7 +332,7 @@ def find(
     images = pl.DataFrame({"product_id": ids, "sha256": sha256}, schema=IMAGES)
     known, kept = _kept_links(images, searched)
     fresh = np.flatnonzero(~known)
-    above, codes = Links.none(), _codes(images["sha256"])
+    above, codes = Links.none(), neighbours.equal_codes(images["sha256"])
     if images.height >= 2 and len(fresh):
         for pairs in candidate_pairs(signatures, codes, fresh):
             above += _above(signatures, pairs, threshold)
@@ -361,11 +361,6 @@ def _ways(above: Links) -> Links:
     # KINDS' index from a's side of each pair (a, b): scored its own way round, a window of a is b
     kinds = np.where(areas >= CROP_BELOW, 1, np.where(way == np.arange(len(pairs)), 3, 2))
     return Links(pairs, scores, kinds, areas)
-
-
-def _codes(digests: pl.Series) -> np.ndarray:
-    """(n,) int64: equal codes for equal digests."""
-    return digests.cast(pl.Categorical).to_physical().to_numpy().astype(np.int64)
 
 
 def _listings(images: pl.DataFrame, codes: np.ndarray, links: Links) -> pl.DataFrame:

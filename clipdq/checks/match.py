@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import polars as pl
 
-from clipdq.checks.neighbours import Neighbours, ValueAgreement, normalised, rescore, top_k
+from clipdq.checks.neighbours import Neighbours, ValueAgreement, equal_codes, normalised, rescore, top_k
 from clipdq.checks.schemas import MATCHES_SCHEMA
 
 APPROXIMATE_ABOVE = 1_000_000  # references past which search "auto" uses the approximate index (clipdq.checks.index)
@@ -112,10 +112,10 @@ def match_embedded(
 
 def _products(references: Embedded) -> tuple[np.ndarray, int]:
     """(each usable reference row's product, as a code; the most usable images of one product)."""
-    ids = np.array(references.ids, dtype=object)[references.ok]
+    ids = pl.Series(references.ids, dtype=pl.String).filter(pl.Series(references.ok))
     if not len(ids):
         return np.zeros(0, np.int64), 1
-    _, codes, counts = np.unique(ids.astype(str), return_inverse=True, return_counts=True)
+    _, codes, counts = np.unique(equal_codes(ids), return_inverse=True, return_counts=True)
     return codes, int(counts.max())
 
 

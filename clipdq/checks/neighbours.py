@@ -15,6 +15,7 @@ from dataclasses import dataclass
 from typing import Protocol
 
 import numpy as np
+import polars as pl
 
 QUERY_BLOCK = 1024
 REFERENCE_BLOCK = 16384  # 1024 x 16384 float32 scores: 64 MB at a time
@@ -193,6 +194,11 @@ def rescore(
         indices[rows, : position.shape[1]] = np.take_along_axis(candidate_rows, position.numpy(), 1)
     indices[~np.isfinite(scores)] = -1
     return Neighbours(indices, scores, found.excluded)
+
+
+def equal_codes(values: pl.Series) -> np.ndarray:
+    """(n,) int64: equal codes for equal strings (digests, ids)."""
+    return values.cast(pl.Categorical).to_physical().to_numpy().astype(np.int64)
 
 
 def shared_codes(query_keys, reference_keys, m: int, n: int) -> tuple[np.ndarray | None, np.ndarray | None]:
