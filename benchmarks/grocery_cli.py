@@ -11,7 +11,7 @@ It then scores the audit's findings against the true labels: conflict precision 
 gap-suggestion accuracy and recall, per level and pooled.
 
     python benchmarks/grocery_cli.py [--data DIR] [--work DIR] [--seed 0] [--train-seed 0] [--mode full]
-                                     [--tree] [--catalog-images]
+                                     [--tree] [--catalog-images] [--instances]
 """
 
 from __future__ import annotations
@@ -149,6 +149,12 @@ def main() -> int:
         action="store_true",
         help="fine-tune on each product's catalog image too, beside the train photos (training only)",
     )
+    parser.add_argument(
+        "--instances",
+        action="store_true",
+        help="pull each photo towards its product's catalog image, or its first photo without them "
+        "(clipdq finetune --instance-column fine: each fine class is one product)",
+    )
     args = parser.parse_args()
     if not (args.data / "train.txt").exists():
         print(f"Grocery Store dataset not found at {args.data}; pass --data or set CLIPDQ_GROCERY_DIR", file=sys.stderr)
@@ -189,6 +195,7 @@ def main() -> int:
         str(args.train_seed),
         *(["--mode", args.mode] if args.mode else []),
         *(["--train-only-column", "catalog_image"] if args.catalog_images else []),
+        *(["--instance-column", "fine"] if args.instances else []),
     )
     timings["audit"], run = clipdq(
         "audit",

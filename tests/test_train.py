@@ -24,8 +24,9 @@ from clipdq.model import scorer, towers
 from clipdq.model.card import model_card
 from clipdq.model.meta import ModelMeta
 from clipdq.training import full, prototypes, train
-from clipdq.training.labeled import default_splits, load_labeled
-from clipdq.training.steps import balanced_batches, batch_loss
+from clipdq.training import instances as instances_module
+from clipdq.training.labeled import LabeledSet, default_splits, load_labeled
+from clipdq.training.steps import augment_views, balanced_batches, batch_loss
 
 
 @pytest.fixture(scope="module")
@@ -323,6 +324,7 @@ def test_prototype_mode_trains_saves_and_is_used_by_the_audit(labeled, spec, tmp
         {"label_noise": 0.5},
         {"mode": "probe"},
         {"mode": "locked", "frozen_blocks": 2},
+        {"mode": "locked", "instance_column": "product"},
         {"frozen_blocks": -1},
     ],
 )
@@ -475,3 +477,68 @@ def test_finetune_splits_by_the_group_column(sample_dir, spec):
     assert not (sides[0] & sides[1] or sides[0] & sides[2] or sides[1] & sides[2])
     with pytest.raises(ValueError, match="group column 'nope'"):
         load_labeled(frame, spec, access=access_for(str(sample_dir)), pixel_spec=clip.pixels, group_column="nope")
+    with pytest.raises(ValueError, match="instance column 'nope'"):
+        load_labeled(frame, spec, access=access_for(str(sample_dir)), pixel_spec=clip.pixels, instance_column="nope")
+    shown = load_labeled(
+        frame, spec, access=access_for(str(sample_dir)), pixel_spec=clip.pixels, instance_column="family"
+    ).instances
+    assert shown is not None and ((shown[:, None] == shown) == (data.groups[:, None] == data.groups)).all()
+
+
+def test_the_anchor_bank_keeps_one_anchor_per_product_a_train_only_row_first():
+    instances = np.array([0, 0, 0, 1, 1, 2, -1, 3, 3])
+    train_only = np.array([False, False, True, False, False, False, False, False, False])
+    bank = instances_module.anchor_bank(instances, train_only, np.arange(8))  # row 8 does not train
+
+    assert bank is not None and bank.products == 2  # product 2 shows once, product 3 once in training
+    assert bank.anchor_rows.tolist() == [2, 3]  # product 0's train-only row, product 1's first
+    assert bank.product_of.tolist() == [0, 0, 0, 1, 1, -1, -1, -1, -1]
+    picked = bank.anchors_for(np.array([0, 1, 4, 5]), np.random.default_rng(0))
+    assert picked.tolist() == [2, 3]  # both products' anchors, neither among the rows
+    assert bank.anchors_for(np.array([0, 2, 4, 3]), np.random.default_rng(0)).tolist() == []
+    assert instances_module.anchor_bank(np.array([0, 1, -1]), None, np.arange(3)) is None
+
+
+def test_the_instance_loss_pulls_rows_towards_their_anchor_and_refreshes_the_bank():
+    bank = instances_module.AnchorBank(np.array([0, 0, 1, 1]), None, np.arange(4))
+    bank.fill(torch.eye(4)[[0, 1]])  # anchors: rows 0 and 2
+    away = torch.nn.functional.normalize(torch.tensor([[0.0, 1.0, 0.0, 1.0]]), dim=1)  # row 1, nearer 2's anchor
+    toward = torch.nn.functional.normalize(torch.tensor([[1.0, 0.0, 0.0, 1.0]]), dim=1)
+    rows = np.array([1, 2])
+    anchor = torch.eye(4)[[2]]
+
+    losses = [float(bank.loss(rows, torch.cat([row, anchor]))) for row in (away, toward)]
+
+    assert losses[0] > losses[1]
+    torch.testing.assert_close(bank.embeddings[1], anchor[0])  # row 2 embedded: its anchor refreshed
+    assert bank.loss(np.array([0, 2]), torch.eye(4)[[0, 2]]) is None  # anchors alone: nothing to pull
+
+
+def test_instance_similarity_pulls_a_products_photos_towards_its_catalog_image(labeled, spec):
+    n, views = len(labeled.pixels), 2  # each product: its image as the catalog image, and two cropped photos of it
+    generator = torch.Generator().manual_seed(1)
+    photos = torch.cat([augment_views(labeled.pixels, generator, min_area=0.4) for _ in range(views)])
+    product = np.tile(np.arange(n), views + 1)
+    data = LabeledSet(
+        torch.cat([labeled.pixels, photos]),
+        {name: values.repeat(views + 1) for name, values in labeled.labels.items()},
+        0,
+        train_only=np.arange(len(product)) < n,
+        instances=product,
+    )
+    config = TrainConfig(epochs=4, batch_size=16, warmup_epochs=1, keep_best=False, test_fraction=0.0)
+    parts = default_splits(data, config)
+    margins, products = {}, {}
+    for name, given in (("without", dataclasses.replace(data, instances=None)), ("with", data)):
+        clip = towers.init_model(spec, seed=0)
+        products[name] = full.fit(clip, given, spec, config, parts)["instance_products"]
+        trained = np.setdiff1d(parts[0], np.arange(n))  # the photos that trained
+        similarity = (
+            towers.embed_images(clip, data.pixels[trained].numpy())
+            @ towers.embed_images(clip, labeled.pixels.numpy()).T
+        )
+        own = similarity[np.arange(len(trained)), product[trained]]
+        margins[name] = float(own.mean() - similarity.mean())  # own catalog image against the average one
+
+    assert products == {"without": 0, "with": n}
+    assert margins["with"] > margins["without"] + 0.3, margins

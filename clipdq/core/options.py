@@ -153,6 +153,14 @@ class FinetuneOptions(Options):
             "calibration must not judge the model on."
         ),
     )
+    instance_column: str | None = Field(
+        None,
+        description=(
+            "Full mode: rows sharing this column's value show one product (its catalog image, a train-only row, and "
+            "photos of it); training pulls each photo towards the product's catalog image, so that matching by image "
+            "alone finds the one from the other."
+        ),
+    )
     unlock_blocks: int | None = Field(
         None,
         **BOUNDS["unlock_blocks"],

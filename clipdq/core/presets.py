@@ -77,6 +77,7 @@ class TrainConfig:
     label_noise: float = 0.0  # share of wrong labels: 0 for curated ones, the error rate for a catalog's own
     group_column: str | None = None  # rows sharing its value (product family, photo session) share a split
     train_only_column: str | None = None  # rows where this boolean column is true only train (never calibrate)
+    instance_column: str | None = None  # full mode: rows sharing its value show one product, pulled together
     unlock_blocks: int = 0  # locked mode: top blocks of an EfficientNet image tower that train too
     tower_lr: float | None = None  # the image tower's learning rate (pretrained: gentler than a new text tower's)
     train_size: int | None = None  # full mode: train on random crops of this side in px (FixRes: smaller than the
@@ -104,6 +105,8 @@ class TrainConfig:
             raise ValueError("unlock_blocks applies to locked mode only")
         if self.frozen_blocks and self.mode != "full":
             raise ValueError("frozen_blocks applies to full mode only")
+        if self.instance_column and self.mode != "full":
+            raise ValueError("instance_column applies to full mode only")
 
     @property
     def image_tower_lr(self) -> float:

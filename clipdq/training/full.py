@@ -21,6 +21,7 @@ from clipdq.core.presets import TrainConfig
 from clipdq.core.spec import Spec
 from clipdq.core.splits import Splits
 from clipdq.model import efficientnet, towers
+from clipdq.training.instances import AnchorBank, anchor_bank
 from clipdq.training.labeled import LabeledSet, label_arrays
 from clipdq.training.steps import (
     EVAL_BATCH,
@@ -141,6 +142,48 @@ def _prepare(clip: towers.Clip, spec: Spec, config: TrainConfig) -> towers.Capti
     return captions
 
 
+@torch.no_grad()
+def _anchors(clip: towers.Clip, data: LabeledSet, config: TrainConfig, train_idx: np.ndarray) -> AnchorBank | None:
+    """The bank of the training rows' products (``instances``), filled with their anchors'
+    embeddings at the training size; None without products to pull together."""
+    bank = anchor_bank(data.instances, data.train_only, train_idx)
+    if bank is not None:
+        clip.model.eval()
+        pixels = towers.resized(data.pixels[bank.anchor_rows], config.train_size or towers.tower_size(clip))
+        with autocast(clip, inference=True):
+            bank.fill(
+                torch.cat(
+                    [towers.image_features(clip.model, chunk.to(clip.device)) for chunk in pixels.split(EVAL_BATCH)]
+                )
+            )
+        log.info("instance similarity: %d products, each pulled towards its anchor", bank.products)
+    return bank
+
+
+def _step_loss(
+    clip: towers.Clip,
+    data: LabeledSet,
+    rows: np.ndarray,
+    config: TrainConfig,
+    captions: towers.Captions,
+    generator: torch.Generator,
+    bank: AnchorBank | None,
+) -> torch.Tensor:
+    """A training step's loss on ``rows``: the attributes' cross-entropy, plus the instance loss
+    where there is a bank (the rows' anchors embedded beside them)."""
+    pixels = augmented(data.pixels[rows], config, generator) if config.augment else data.pixels[rows]
+    with autocast(clip):
+        image_emb = towers.image_features(clip.model, pixels.to(clip.device))
+        logits = attribute_logits(clip, image_emb, captions)
+    loss = batch_loss(
+        {k: v.float() for k, v in logits.items()},
+        {k: v[rows].to(clip.device) for k, v in data.labels.items()},
+        smoothing=config.label_smoothing,
+    )
+    instance = bank.loss(rows, image_emb.float()) if bank is not None else None
+    return loss if instance is None else loss + instance
+
+
 def fit(clip: towers.Clip, data: LabeledSet, spec: Spec, config: TrainConfig, splits: Splits) -> dict:
     """Train in place; restores the lowest-validation-loss weights and returns training metrics."""
     torch.manual_seed(config.seed)
@@ -158,18 +201,13 @@ def fit(clip: towers.Clip, data: LabeledSet, spec: Spec, config: TrainConfig, sp
     averaged = MovingAverage(clip.model, config.weight_average_decay) if config.weight_average_decay else None
     judged = replace(clip, model=averaged.module) if averaged is not None else clip  # what validation judges and keeps
 
+    bank = _anchors(clip, data, config, train_idx)
+
     def train_epoch() -> float:
         clip.model.train()
-        for rows in _epoch_batches(labels, train_idx, config, steps_per_epoch, rng):
-            pixels = augmented(data.pixels[rows], config, generator) if config.augment else data.pixels[rows]
-            with autocast(clip):
-                image_emb = towers.image_features(clip.model, pixels.to(clip.device))
-                logits = attribute_logits(clip, image_emb, captions)
-            loss = batch_loss(
-                {k: v.float() for k, v in logits.items()},
-                {k: v[rows].to(clip.device) for k, v in data.labels.items()},
-                smoothing=config.label_smoothing,
-            )
+        for picked in _epoch_batches(labels, train_idx, config, steps_per_epoch, rng):
+            rows = picked if bank is None else np.concatenate([picked, bank.anchors_for(picked, rng)])
+            loss = _step_loss(clip, data, rows, config, captions, generator, bank)
             take_step(loss, optimizer, scheduler)
             if averaged is not None:
                 averaged.update()
@@ -196,6 +234,7 @@ def fit(clip: towers.Clip, data: LabeledSet, spec: Spec, config: TrainConfig, sp
         "best_val_loss": best["val_loss"],
         "epochs_run": len(history),
         "stopped_by": stopped_by,
+        "instance_products": bank.products if bank is not None else 0,
         "minutes": round((time.monotonic() - started) / 60, 2),
         "device": clip.device.type,
         "history": history,

@@ -39,6 +39,7 @@ class LabeledSet:
     texts: np.ndarray | None = None  # (n,) the spec's text column ("" where missing); None without one
     text_categories: np.ndarray | None = None  # (n,) the spec's text category column, "" where missing
     train_only: np.ndarray | None = None  # (n,) bool: rows that only train (``TrainConfig.train_only_column``)
+    instances: np.ndarray | None = None  # (n,) product shown (``TrainConfig.instance_column``), -1 where unknown
 
 
 def load_labeled(
@@ -49,8 +50,10 @@ def load_labeled(
     pixel_spec: images.PixelSpec,
     group_column: str | None = None,
     train_only_column: str | None = None,
+    instance_column: str | None = None,
 ) -> LabeledSet:
     groups, train_only = group_keys(frame, group_column), train_only_rows(frame, train_only_column)
+    instances = instance_keys(frame, instance_column)
     loaded = images.load_images(frame[spec.image_column].to_list(), access, pixel_spec)
     if not loaded.ok.any():
         raise ValueError("no labeled image could be read")
@@ -65,6 +68,7 @@ def load_labeled(
         texts if has_texts else None,
         categories if has_texts else None,
         None if train_only is None else train_only[loaded.ok],
+        None if instances is None else instances[loaded.ok],
     )
 
 
@@ -75,6 +79,17 @@ def group_keys(frame: pl.DataFrame, column: str | None) -> np.ndarray | None:
     if column not in frame.columns:
         raise ValueError(f"group column {column!r} is not in the labeled catalog")
     return frame[column].cast(pl.String).fill_null("").to_numpy()
+
+
+def instance_keys(frame: pl.DataFrame, column: str | None) -> np.ndarray | None:
+    """(n,) the product each row shows, as a code per value of ``column`` (null: -1); None without
+    a column."""
+    if column is None:
+        return None
+    if column not in frame.columns:
+        raise ValueError(f"instance column {column!r} is not in the labeled catalog")
+    key = frame[column].cast(pl.String)
+    return (key.rank("dense").fill_null(0).cast(pl.Int64) - 1).to_numpy()
 
 
 def train_only_rows(frame: pl.DataFrame, column: str | None) -> np.ndarray | None:

@@ -115,6 +115,7 @@ def finetune(
         pixel_spec=decoding,
         group_column=config.group_column,
         train_only_column=config.train_only_column,
+        instance_column=config.instance_column,
     )
     log.info("training on %d labeled products (%d without a readable image)", len(data.pixels), data.dropped)
     plain = locked.plain_activations(clip, data, config.unlock_blocks) if config.mode == "locked" else None
