@@ -4,9 +4,9 @@
     dataset's 296 ``val`` shelf photos (other sessions than any training photo) as queries, through
     ``clipdq match`` timed from start to exit: top-1 and top-5 accuracy, for the pretrained tower as
     ``clipdq init-model`` makes it and, with ``--finetuned M``, for a model fine-tuned on the
-    ``train`` photos (``benchmarks/grocery_cli.py`` makes one), with the defaults: references
-    without attribute columns (image similarity alone) and with their catalog values of the three
-    levels.
+    ``train`` photos (``benchmarks/grocery_cli.py`` makes one; several, one per training seed, give
+    mean and range), with the defaults: references with their catalog values of the three levels,
+    and without attribute columns (image similarity alone).
 (b) Scale: ``--queries`` x ``--references`` random 256-d embeddings (the EfficientNet dual
     encoder's size) through the exact blockwise top-k, in a child process: time and the OS's peak RSS.
 (c) The approximate index (``clipdq.checks.index``, faiss's inverted lists) on ``--approximate-references``
@@ -14,7 +14,7 @@
     for an index to find), ``--approximate-queries`` queries: its recall of the exact top-5, time to
     build and search, and peak RSS, in a child process.
 
-    python benchmarks/match.py [--data DIR] [--finetuned MODEL] [--queries 100000] [--references 1000000]
+    python benchmarks/match.py [--data DIR] [--finetuned MODEL ...] [--queries 100000] [--references 1000000]
         [--approximate-references 2000000] [--approximate-queries 10000]
 """
 
@@ -29,6 +29,7 @@ import tempfile
 import time
 from pathlib import Path
 
+import numpy as np
 import polars as pl
 from grocery import DEFAULT_DATA, LEVELS, catalog_images, load_catalog, write_spec
 from grocery_cli import clipdq
@@ -106,49 +107,58 @@ def grocery_catalogs(data: Path, work: Path) -> tuple[Path, Path, Path, Path]:
     return references, bare, queries, write_spec(frame, data, work / "spec.yaml")  # the spec grocery_cli.py uses
 
 
-def grocery(data: Path, finetuned: str | None) -> None:
+def matched(work: Path, spec: Path, queries: Path, model_uri: str, references: Path, search: str = "auto") -> dict:
+    """One whole ``clipdq match`` with the defaults (``search`` aside): its summary, and its seconds."""
+    seconds, folder = clipdq(
+        "match",
+        *("--references", str(references), "--queries", str(queries), "--spec", str(spec), "--model", model_uri),
+        *("--output", str(work / "out"), "--label-column", "expected_id", "--no-embedding-cache", "--search", search),
+    )
+    return json.loads((Path(folder) / "summary.json").read_text()) | {"seconds": seconds}
+
+
+def report(name: str, summary: dict) -> None:
+    acc = summary["accuracy"]
+    print(
+        f"(a) {name}: top-1 {acc['top_1']:.3f}, top-5 {acc['top_5']:.3f} over {acc['labeled_queries']} val photos, "
+        f"{summary['references']} references; score: {summary['score']['formula']} ({summary['score']['why']}); "
+        f"same-image pairs left out: {summary['same_image_excluded']['pairs']}; "
+        f"clipdq match {summary['seconds']:.1f} s",
+        flush=True,
+    )
+
+
+def grocery(data: Path, finetuned: list[str]) -> None:
+    """The pretrained tower once, then each fine-tuned model (one per training seed) with references
+    that carry their category columns and without them; mean and range over the models."""
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(tmp)
         references, bare, queries, spec = grocery_catalogs(data, work)
-        seconds, model_dir = clipdq(
+        _, pretrained = clipdq(
             "init-model", "--spec", str(spec), "--arch", "efficientnet-lite0", "--output", str(work / "model")
         )
-        runs = [  # every run with the defaults but for the last's search
-            ("pretrained tower, new projection", model_dir, references, "auto"),
-            ("fine-tuned, references without attribute columns (by image alone)", finetuned, bare, "auto"),
-            ("fine-tuned, references with their category values", finetuned, references, "auto"),
-            ("the same through the approximate index (81 references: one cell)", finetuned, references, "approximate"),
-        ]
-        for name, model_uri, catalog, search in runs:
-            if not model_uri:
-                continue
-            seconds, folder = clipdq(
-                "match",
-                "--references",
-                str(catalog),
-                "--queries",
-                str(queries),
-                "--spec",
-                str(spec),
-                "--model",
-                model_uri,
-                "--output",
-                str(work / "out"),
-                "--label-column",
-                "expected_id",
-                "--no-embedding-cache",
-                "--search",
-                search,
-            )
-            summary = json.loads((Path(folder) / "summary.json").read_text())
-            acc = summary["accuracy"]
-            print(
-                f"(a) {name}: top-1 {acc['top_1']:.3f}, top-5 {acc['top_5']:.3f} over {acc['labeled_queries']} "
-                f"val photos, {summary['references']} references; score: {summary['score']['formula']} "
-                f"({summary['score']['why']}); same-image pairs left out: "
-                f"{summary['same_image_excluded']['pairs']}; clipdq match {seconds:.1f} s",
-                flush=True,
-            )
+        report("pretrained tower, new projection", matched(work, spec, queries, pretrained, references))
+        settings = {
+            "references with their category values": references,
+            "references without attribute columns (by image alone)": bare,
+        }
+        figures: dict[str, list[tuple[float, float]]] = {name: [] for name in settings}
+        for model in finetuned:
+            for name, catalog in settings.items():
+                summary = matched(work, spec, queries, model, catalog)
+                report(f"{model}, {name}", summary)
+                figures[name].append((summary["accuracy"]["top_1"], summary["accuracy"]["top_5"]))
+        for name, pairs in figures.items():
+            if len(pairs) > 1:
+                top1, top5 = np.array(pairs).T
+                print(
+                    f"(a) {len(pairs)} models, {name}: top-1 {top1.mean():.3f} ({top1.min():.3f} to {top1.max():.3f}), "
+                    f"top-5 {top5.mean():.3f} ({top5.min():.3f} to {top5.max():.3f})",
+                    flush=True,
+                )
+        if finetuned:
+            summary = matched(work, spec, queries, finetuned[0], references, "approximate")
+            report(f"{finetuned[0]} through the approximate index (81 references: one cell)", summary)
 
 
 def scale(queries: int, references: int) -> None:
@@ -209,7 +219,12 @@ def approximate(queries: int, references: int) -> None:
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--data", type=Path, default=DEFAULT_DATA)
-    parser.add_argument("--finetuned", help="a model fine-tuned on the Grocery train photos")
+    parser.add_argument(
+        "--finetuned",
+        nargs="*",
+        default=[],
+        help="models fine-tuned on the Grocery train photos, one per training seed",
+    )
     parser.add_argument("--queries", type=int, default=100_000)
     parser.add_argument("--references", type=int, default=1_000_000)
     parser.add_argument("--skip-grocery", action="store_true")

@@ -542,3 +542,15 @@ def test_instance_similarity_pulls_a_products_photos_towards_its_catalog_image(l
 
     assert products == {"without": 0, "with": n}
     assert margins["with"] > margins["without"] + 0.3, margins
+
+
+def test_finetune_pulls_the_products_named_by_the_instance_column_and_the_card_says_so(sample_dir, spec):
+    frame = read_catalog(str(sample_dir / "labeled.parquet"))
+    frame = frame.with_columns((pl.int_range(pl.len()) // 4).cast(pl.String).alias("product"))
+    config = TrainConfig(epochs=1, instance_column="product")
+
+    trained = train.finetune(towers.init_model(spec), frame, spec, access=access_for(str(sample_dir)), config=config)
+
+    products = trained.meta.training["instance_products"]
+    assert 0 < products <= frame.height // 4  # those with two training rows
+    assert f"{products} products' photos pulled towards their anchors" in model_card(trained.meta)

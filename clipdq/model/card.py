@@ -63,8 +63,9 @@ def _training_line(meta: ModelMeta) -> str:
 
 
 def _train_only(training: dict) -> str:
-    rows = training.get("train_only_rows")
-    return f" of which {rows} train-only" if rows else ""
+    rows, products = training.get("train_only_rows"), training.get("instance_products")
+    pulled = f"; {products} products' photos pulled towards their anchors" if products else ""
+    return (f" of which {rows} train-only" if rows else "") + pulled
 
 
 def _threshold(value: float | None, rows: int | None) -> str:
