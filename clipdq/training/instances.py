@@ -25,7 +25,7 @@ class AnchorBank:
 
     def __init__(self, instances: np.ndarray, train_only: np.ndarray | None, train_idx: np.ndarray):
         rows = train_idx[instances[train_idx] >= 0]
-        shown, inverse, counts = np.unique(instances[rows], return_inverse=True, return_counts=True)
+        _, inverse, counts = np.unique(instances[rows], return_inverse=True, return_counts=True)
         kept = counts[inverse] >= 2  # a product seen once has nothing to pull together
         rows, inverse = rows[kept], np.unique(inverse[kept], return_inverse=True)[1]
         self.product_of = np.full(len(instances), -1)
