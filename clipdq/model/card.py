@@ -62,7 +62,8 @@ def _training_line(meta: ModelMeta) -> str:
     )
 
 
-def _train_only(training: dict) -> str:
+def _train_detail(training: dict) -> str:
+    """What the training rows held beyond their count: train-only rows, products pulled together."""
     rows, products = training.get("train_only_rows"), training.get("instance_products")
     pulled = f"; {products} products' photos pulled towards their anchors" if products else ""
     return (f" of which {rows} train-only" if rows else "") + pulled
@@ -91,7 +92,7 @@ def model_card(meta: ModelMeta) -> str:
         "# clipdq model",
         "",
         f"Fine-tuned for spec `{meta.spec_fingerprint}`, weights `{meta.fingerprint}`.",
-        f"Labeled rows: {training.get('labeled_rows')} (train {training.get('train_rows')}{_train_only(training)}, "
+        f"Labeled rows: {training.get('labeled_rows')} (train {training.get('train_rows')}{_train_detail(training)}, "
         f"validation {training.get('val_rows')}, test {training.get('test_rows')}).",
         "",
         _training_line(meta),

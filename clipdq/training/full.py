@@ -151,11 +151,8 @@ def _anchors(clip: towers.Clip, data: LabeledSet, config: TrainConfig, train_idx
         clip.model.eval()
         pixels = towers.resized(data.pixels[bank.anchor_rows], config.train_size or towers.tower_size(clip))
         with autocast(clip, inference=True):
-            bank.fill(
-                torch.cat(
-                    [towers.image_features(clip.model, chunk.to(clip.device)) for chunk in pixels.split(EVAL_BATCH)]
-                )
-            )
+            chunks = [towers.image_features(clip.model, chunk.to(clip.device)) for chunk in pixels.split(EVAL_BATCH)]
+        bank.fill(torch.cat(chunks))
         log.info("instance similarity: %d products, each pulled towards its anchor", bank.products)
     return bank
 

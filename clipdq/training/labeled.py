@@ -74,22 +74,25 @@ def load_labeled(
 
 def group_keys(frame: pl.DataFrame, column: str | None) -> np.ndarray | None:
     """(n,) group of each row from ``column`` (nulls form one group); None without a column."""
-    if column is None:
-        return None
-    if column not in frame.columns:
-        raise ValueError(f"group column {column!r} is not in the labeled catalog")
-    return frame[column].cast(pl.String).fill_null("").to_numpy()
+    values = _named_column(frame, column, "group")
+    return None if values is None else values.fill_null("").to_numpy()
 
 
 def instance_keys(frame: pl.DataFrame, column: str | None) -> np.ndarray | None:
     """(n,) the product each row shows, as a code per value of ``column`` (null: -1); None without
     a column."""
+    values = _named_column(frame, column, "instance")
+    return None if values is None else (values.rank("dense").fill_null(0).cast(pl.Int64) - 1).to_numpy()
+
+
+def _named_column(frame: pl.DataFrame, column: str | None, role: str) -> pl.Series | None:
+    """The labeled catalog's ``column`` as strings, None without one; a ValueError naming its
+    ``role`` where the catalog lacks it."""
     if column is None:
         return None
     if column not in frame.columns:
-        raise ValueError(f"instance column {column!r} is not in the labeled catalog")
-    key = frame[column].cast(pl.String)
-    return (key.rank("dense").fill_null(0).cast(pl.Int64) - 1).to_numpy()
+        raise ValueError(f"{role} column {column!r} is not in the labeled catalog")
+    return frame[column].cast(pl.String)
 
 
 def train_only_rows(frame: pl.DataFrame, column: str | None) -> np.ndarray | None:
